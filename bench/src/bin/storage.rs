@@ -1,0 +1,2 @@
+//! Storage benchmark (placeholder until written).
+fn main() {}

@@ -1,0 +1,21 @@
+//! faust: a thread-per-core stream-processing engine in the spirit of Faust and Kafka Streams.
+//!
+//! The engine (apps, agents, streams, tables, windows) is being built on top of the storage
+//! crate. What is usable today is the storage layer, re-exported here: segment logs for
+//! topics and log-structured key-value stores for table partitions.
+//!
+//! ```
+//! use faust::storage::{Store, StoreConfig};
+//!
+//! let dir = tempfile::tempdir()?;
+//! let mut store = Store::open(dir.path(), StoreConfig::default())?;
+//! store.put(b"account-1", b"42")?;
+//! store.checkpoint(b"changelog-offset=1")?;
+//! assert_eq!(store.get(b"account-1").as_deref(), Some(&b"42"[..]));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+/// The storage layer: segment logs and key-value stores (the `faust-storage` crate).
+pub mod storage {
+    pub use faust_storage::*;
+}
