@@ -19,3 +19,8 @@
 pub mod storage {
     pub use faust_storage::*;
 }
+
+/// The README's examples, compiled and run as doctests so the README stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;

@@ -250,14 +250,14 @@ fn parse_record(batch: &[u8], pos: usize) -> Result<RawRecord, FormatError> {
 
 fn validate_headers(mut b: &[u8]) -> Result<(), FormatError> {
     while !b.is_empty() {
-        let (_, _, rest) = split_header(b).ok_or(FormatError::BadHeaders)?;
+        let (_, rest) = split_header(b).ok_or(FormatError::BadHeaders)?;
         b = rest;
     }
     Ok(())
 }
 
 /// Splits one header off the front of a header section: (name, value, rest).
-pub(crate) fn split_header(b: &[u8]) -> Option<(&[u8], Option<&[u8]>, &[u8])> {
+pub(crate) fn split_header(b: &[u8]) -> Option<(Header<'_>, &[u8])> {
     if b.len() < 4 {
         return None;
     }
@@ -270,13 +270,13 @@ pub(crate) fn split_header(b: &[u8]) -> Option<(&[u8], Option<&[u8]>, &[u8])> {
     let value_len = read_u32(b, name_end);
     let value_start = name_end + 4;
     if value_len == NULL_LEN {
-        return Some((name, None, &b[value_start..]));
+        return Some(((name, None), &b[value_start..]));
     }
     let value_end = value_start.checked_add(value_len as usize)?;
     if b.len() < value_end {
         return None;
     }
-    Some((name, Some(&b[value_start..value_end]), &b[value_end..]))
+    Some(((name, Some(&b[value_start..value_end])), &b[value_end..]))
 }
 
 /// Iterates the records of a batch that `validate_batch` accepted. On bytes it did not

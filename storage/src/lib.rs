@@ -9,7 +9,7 @@
 //!   index maps each key to its latest record; gets return slices of the mapped file.
 //!   Checkpoints define state: opening a store gives exactly its last checkpoint.
 //!
-//! Both share one file format (see `docs/format.md` in this crate), so a store's own log can
+//! Both share one file format (see `docs/storage.md` at the repository root), so a store's own log can
 //! serve as a table's changelog. Neither spawns threads: the owner (one core of the engine)
 //! drives appends, syncs and compaction steps.
 //!

@@ -224,9 +224,9 @@ impl<'a> Iterator for Headers<'a> {
     type Item = (&'a [u8], Option<&'a [u8]>);
 
     fn next(&mut self) -> Option<Self::Item> {
-        let (name, value, rest) = split_header(self.rest)?;
+        let (header, rest) = split_header(self.rest)?;
         self.rest = rest;
-        Some((name, value))
+        Some(header)
     }
 }
 
@@ -1009,7 +1009,7 @@ mod tests {
         // Every key's last record survives with its offset; nothing is reordered.
         for k in 0..10 {
             let key = format!("k{k}");
-            let last = recs.iter().filter(|r| r.key.as_deref() == Some(key.as_bytes())).next_back().unwrap();
+            let last = recs.iter().rfind(|r| r.key.as_deref() == Some(key.as_bytes())).unwrap();
             assert_eq!(last.offset, (590 + k) as u64);
         }
         assert!(recs.windows(2).all(|w| w[0].offset < w[1].offset));

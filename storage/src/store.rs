@@ -384,8 +384,9 @@ impl Store {
             let map = self.log.map_of(id).cloned().unwrap_or_default();
             let mut pos = SEGMENT_HEADER_LEN;
             while pos < len as usize {
-                let len_field = read_u32(&map, pos) as usize;
-                let batch = &map[pos..pos + len_field];
+                // The open verified every batch below `len`; stop rather than panic if not.
+                let Some(len_field) = map.get(pos..pos + 4).map(|_| read_u32(&map, pos) as usize) else { break };
+                let Some(batch) = map.get(pos..pos + len_field).filter(|_| len_field > 0) else { break };
                 for r in RawRecords::new(batch) {
                     self.index_record(id, pos as u32, batch, &r);
                 }
