@@ -333,6 +333,7 @@ impl Log {
         };
         if let OpenMode::Log = mode {
             (log.recovery_seq, log.recovery_point) = log.read_recovery_point()?;
+            log.ensure_recovery_point_file()?;
         }
         log.load(mode)?;
         Ok(log)
@@ -699,6 +700,23 @@ impl Log {
             }
         }
         Ok(best)
+    }
+
+    /// Creates the recovery-point file at its full size, so that a sync never needs new disk
+    /// space (a sync on a full disk must still work).
+    fn ensure_recovery_point_file(&self) -> Result<()> {
+        let path = self.dir.join(RECOVERY_POINT_FILE);
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::io("open", &path, e))?;
+        let len = file.metadata().map_err(|e| Error::io("stat", &path, e))?.len();
+        if len < 64 {
+            file.write_all_at(&[0u8; 64][len as usize..], len).map_err(|e| Error::io("write", &path, e))?;
+        }
+        Ok(())
     }
 
     fn write_recovery_point(&mut self, offset: u64) -> Result<()> {

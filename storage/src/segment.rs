@@ -136,12 +136,20 @@ impl Segment {
             .create_new(true)
             .open(&path)
             .map_err(|e| Error::io("create segment", &path, e))?;
-        let mut seg = Segment::from_parts(path, file, id, header, capacity, index_interval)?;
-        seg.ensure_reserved(SEGMENT_HEADER_LEN as u64)?;
-        seg.file.write_all_at(&header.encode(), 0).map_err(|e| Error::io("write segment header", &seg.path, e))?;
-        seg.len = SEGMENT_HEADER_LEN as u64;
-        seg.dirty = true;
-        Ok(seg)
+        let init = |seg: &mut Segment| -> Result<()> {
+            seg.ensure_reserved(SEGMENT_HEADER_LEN as u64)?;
+            seg.file.write_all_at(&header.encode(), 0).map_err(|e| Error::io("write segment header", &seg.path, e))?;
+            seg.len = SEGMENT_HEADER_LEN as u64;
+            seg.dirty = true;
+            Ok(())
+        };
+        let result = Segment::from_parts(path.clone(), file, id, header, capacity, index_interval)
+            .and_then(|mut seg| init(&mut seg).map(|()| seg));
+        if result.is_err() {
+            // Leave no half-made file behind: a later roll creates one with the same name.
+            let _ = std::fs::remove_file(&path);
+        }
+        result
     }
 
     fn from_parts(
