@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
+/// How long a lock that looks taken is retried (see `DirLock::acquire`).
+const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// An exclusive `flock` on `DIR/.lock`, held for the life of a log or store. `flock` locks
 /// belong to the open file description, so a second handle in the same process conflicts too.
 #[derive(Debug)]
@@ -25,16 +28,25 @@ impl DirLock {
             .truncate(false)
             .open(&path)
             .map_err(|e| Error::io("open lock file", &path, e))?;
-        // SAFETY: plain syscall on a valid descriptor.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
+        // A process that forks (to run a command, say) lends its children its open file
+        // descriptions until they exec, and with them any flock: a lock just released by a
+        // dropped handle can look held for a moment. Retry briefly before calling it taken.
+        let deadline = std::time::Instant::now() + LOCK_RETRY;
+        loop {
+            // SAFETY: plain syscall on a valid descriptor.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if rc == 0 {
+                return Ok(DirLock { _file: file });
+            }
             let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(Error::io("lock", &path, err));
+            }
+            if std::time::Instant::now() >= deadline {
                 return Err(Error::Locked { path: dir.to_path_buf() });
             }
-            return Err(Error::io("lock", &path, err));
+            std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        Ok(DirLock { _file: file })
     }
 }
 

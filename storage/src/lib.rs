@@ -25,7 +25,7 @@
 //! store.write(&mut batch)?;
 //! store.checkpoint(b"my offsets")?;
 //! assert_eq!(store.len(), 1000);
-//! # Ok::<(), faust_storage::Error>(())
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 mod compact;

@@ -289,7 +289,7 @@ pub(crate) enum OpenMode {
 /// let values: Vec<_> = batches.iter().flat_map(|b| b.records_from(1)).map(|r| r.value).collect();
 /// assert_eq!(values, vec![Some(bytes::Bytes::from_static(b"world"))]);
 /// assert_eq!(log.high_watermark(), 2);
-/// # Ok::<(), faust_storage::Error>(())
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug)]
 pub struct Log {
@@ -415,7 +415,12 @@ impl Log {
             // Verify checksums wherever the data may be past the trusted point, and everywhere
             // for a store (its index is rebuilt from the records anyway).
             let verify = matches!(mode, OpenMode::Checkpoint(_)) || last || seg.covered_end >= trust || base >= trust;
-            let scan = seg.scan(verify);
+            let mut scan = seg.scan(verify);
+            if !verify && scan.next_offset > trust {
+                // The unchecked headers claim data past the trusted point: a segment sealed after
+                // the last sync (its tail may be torn), or a damaged header. Check every batch.
+                scan = seg.scan(true);
+            }
             self.maps_set(id, seg.map().clone());
             covered_until = seg.covered_end;
             let Scan { end, next_offset, how } = scan;
@@ -616,6 +621,14 @@ impl Log {
         let max = (self.config.segment_bytes as usize).saturating_sub(SEGMENT_HEADER_LEN);
         if size > max {
             return Err(Error::BatchTooLarge { path: self.dir.clone(), size, max });
+        }
+        let hw = self.high_watermark();
+        if hw.checked_add(u64::from(batch.last_offset_delta()) + 1).is_none() {
+            // Only a damaged or forged file puts the high-water mark this close to u64::MAX.
+            return Err(Error::Inconsistent {
+                path: self.dir.clone(),
+                detail: format!("offsets are exhausted: the high-water mark is {hw}"),
+            });
         }
         let needs_roll = match self.segments.last() {
             Some(active) => active.remaining() < size as u64,

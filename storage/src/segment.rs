@@ -246,8 +246,12 @@ impl Segment {
                     found: h.base_offset,
                 });
             }
+            // Unchecked headers may hold any offset: one whose range overflows is invalid.
+            let Some(after) = h.base_offset.checked_add(u64::from(h.last_offset_delta) + 1) else {
+                break ScanEnd::Invalid(FormatError::OffsetOutOfOrder { expected: next, found: h.base_offset });
+            };
             self.note_batch(pos as u64, &h);
-            next = h.last_offset() + 1;
+            next = after;
             pos += h.len as usize;
         };
         self.len = pos as u64;
@@ -307,7 +311,9 @@ impl Segment {
         self.file.write_all_at(batch, pos).map_err(|e| Error::io("append to", &self.path, e))?;
         self.note_batch(pos, &h);
         self.len = end;
-        self.next_offset = h.last_offset() + 1;
+        // A compaction output stands for every offset below its covered end, even past its
+        // last record: appending the kept records must not move its end back.
+        self.next_offset = self.next_offset.max(h.last_offset() + 1);
         self.dirty = true;
         Ok(pos as u32)
     }

@@ -125,7 +125,7 @@ impl Checkpoint {
 /// store.write(&mut batch)?;
 /// assert_eq!(store.get(b"a"), None);
 /// assert_eq!(store.get(b"b").as_deref(), Some(&b"2"[..]));
-/// # Ok::<(), faust_storage::Error>(())
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug, Clone, Default)]
 pub struct WriteBatch {
@@ -304,7 +304,7 @@ impl Liveness for StoreLiveness<'_> {
 /// assert_eq!(store.get(b"alice").as_deref(), Some(&b"3"[..]));
 /// assert_eq!(store.get(b"bob"), None);
 /// assert_eq!(&store.last_checkpoint().metadata[..], b"source offset 10");
-/// # Ok::<(), faust_storage::Error>(())
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct Store {
     dir: PathBuf,
@@ -378,7 +378,10 @@ impl Store {
     }
 
     fn rebuild_index(&mut self) -> Result<()> {
-        self.index.reserve(self.checkpoint.live_keys as usize, |e| e.hash);
+        // The checkpoint's count is only a hint (it is checked below): every live key takes at
+        // least a record header on disk, so a damaged count cannot ask for a huge table.
+        let hint = self.checkpoint.live_keys.min(self.log.size_bytes() / RECORD_HEADER_LEN as u64);
+        self.index.reserve(hint as usize, |e| e.hash);
         let segments: Vec<(u32, u64)> = self.log.segments().iter().map(|s| (s.id, s.len)).collect();
         for (id, len) in segments {
             let map = self.log.map_of(id).cloned().unwrap_or_default();
@@ -566,7 +569,8 @@ impl Store {
             self.last_sync = Instant::now();
         }
         let next = Checkpoint {
-            sequence: self.checkpoint.sequence + 1,
+            // Saturates: only a damaged or forged checkpoint file holds u64::MAX.
+            sequence: self.checkpoint.sequence.saturating_add(1),
             position: self.log.high_watermark(),
             live_keys: self.live_keys,
             metadata: Bytes::copy_from_slice(metadata),
@@ -724,7 +728,9 @@ impl Store {
         let group: Vec<u32> = segs[start..end].iter().map(|s| s.id).collect();
         let mut settled = vec![0u32; segs.iter().map(|s| s.id as usize + 1).max().unwrap_or(0)];
         for s in segs {
-            settled[s.id as usize] = if s.next_offset <= horizon {
+            // The active segment takes more writes while the job runs: only its bytes below
+            // the checkpoint are settled, even when all it holds now is covered.
+            settled[s.id as usize] = if s.sealed && s.next_offset <= horizon {
                 u32::MAX
             } else if s.base_offset < horizon {
                 s.position_of(horizon) as u32
