@@ -109,6 +109,25 @@ impl std::fmt::Debug for Batch {
 }
 
 impl Batch {
+    /// Seals `builder` as a batch whose first record has offset `base_offset`, without
+    /// writing it anywhere (for transports that keep batches in memory). The builder is
+    /// cleared.
+    pub fn from_builder(builder: &mut BatchBuilder, base_offset: u64) -> Batch {
+        let bytes = Bytes::copy_from_slice(builder.seal(base_offset));
+        builder.clear();
+        let header = BatchHeader::peek(&bytes).unwrap_or(BatchHeader {
+            len: 0,
+            crc: 0,
+            base_offset,
+            last_offset_delta: 0,
+            record_count: 0,
+            first_timestamp: 0,
+            max_timestamp: 0,
+            attributes: 0,
+        });
+        Batch { header, bytes }
+    }
+
     /// Offset of the first record.
     pub fn base_offset(&self) -> u64 {
         self.header.base_offset

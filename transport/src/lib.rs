@@ -1,7 +1,89 @@
 //! Transports for the faust engine: where topics live and how records move.
 //!
-//! This crate will hold the `Transport` trait and its implementations (`local://` on the
-//! storage crate's segment log, `memory://` for tests, `kafka://` over io_uring). For now it
-//! re-exports the storage types the transports are built on.
+//! A [`Transport`] serves one worker process. It hands each of the worker's cores a
+//! [`CoreTransport`] — a handle that lives on that core's thread (it need not be `Send`) and
+//! produces, fetches and commits for the partitions that core owns — and tells the worker
+//! which partitions are its own through [`Membership`] events.
+//!
+//! Implementations are chosen by URL: `local://PATH` (segment logs on disk, the default),
+//! `memory://` (for tests) and, later, `kafka://host:port`.
+//!
+//! Records cross the API in the storage crate's formats: a produce takes a
+//! [`BatchBuilder`] (encoded once by the engine; the embedded
+//! transport appends those very bytes), and a fetch returns zero-copy
+//! [`Record`]s whose keys and values are slices of the fetched buffer.
 
-pub use faust_storage::{Log, LogConfig};
+mod error;
+mod memory;
+mod types;
+
+use std::time::Duration;
+
+pub use crate::error::{Error, Result};
+pub use crate::memory::{MemoryMembership, MemoryTransport};
+pub use crate::types::{
+    AssignmentEvent, AutoOffsetReset, Fetched, OffsetSpec, Produced, TopicConfig, TopicMetadata, TopicPartition,
+};
+pub use faust_storage::{BatchBuilder, Record};
+
+/// A transport for one worker process.
+///
+/// `attach_core` is called once on each core's own thread when the worker starts, by all
+/// cores at about the same time (a transport may set up channels between cores, which needs
+/// every core to join).
+#[allow(async_fn_in_trait)] // The futures run on one core's executor and need not be `Send`.
+pub trait Transport: Send + Sync + 'static {
+    /// The handle one core uses.
+    type Core: CoreTransport;
+    /// The source of assignment events.
+    type Membership: Membership;
+
+    /// Sets up core `core` of `cores`.
+    async fn attach_core(&self, core: usize, cores: usize) -> Result<Self::Core>;
+
+    /// Joins the consumer group `group` for `topics` (the worker's source topics).
+    fn membership(&self, group: &str, topics: &[String]) -> Result<Self::Membership>;
+}
+
+/// Assignment and revocation of partitions for this worker, as a stream of events.
+#[allow(async_fn_in_trait)]
+pub trait Membership: 'static {
+    /// The next change. Pending until there is one; `Err(Error::Closed)` once the transport
+    /// shuts down.
+    async fn next_event(&mut self) -> Result<AssignmentEvent>;
+
+    /// Leaves the group (on shutdown), so others take the partitions over at once.
+    async fn leave(&mut self) -> Result<()>;
+}
+
+/// What one core needs from a log: topics, produce, fetch, offsets and commits.
+///
+/// Produce and fetch are batch-oriented. A produce resolves once the records are durable in
+/// the transport's sense (appended to the log on `local://`; acknowledged by the in-sync
+/// replicas on Kafka): only then may the source offsets of the events behind it be committed.
+#[allow(async_fn_in_trait)]
+pub trait CoreTransport: 'static {
+    /// Creates `name` with `config`, or checks that an existing topic has the same partition
+    /// count ([`Error::PartitionMismatch`] otherwise).
+    async fn create_topic(&self, name: &str, config: &TopicConfig) -> Result<TopicMetadata>;
+
+    /// What the transport knows about `name`, or `None` if it does not exist.
+    async fn topic_metadata(&self, name: &str) -> Result<Option<TopicMetadata>>;
+
+    /// Appends `batch` to `tp`. On failure the batch comes back in the error
+    /// ([`Error::into_batch`]).
+    async fn produce(&self, tp: &TopicPartition, batch: BatchBuilder) -> Result<Produced>;
+
+    /// Records of `tp` from `offset` on, about `max_bytes` of them; waits up to `max_wait` for
+    /// records when there are none yet. Reading at the high-water mark returns no record.
+    async fn fetch(&self, tp: &TopicPartition, offset: u64, max_bytes: usize, max_wait: Duration) -> Result<Fetched>;
+
+    /// Looks an offset of `tp` up.
+    async fn list_offset(&self, tp: &TopicPartition, spec: OffsetSpec) -> Result<u64>;
+
+    /// Records `offsets` (the next offset to process, per partition) as committed for `group`.
+    async fn commit(&self, group: &str, offsets: &[(TopicPartition, u64)]) -> Result<()>;
+
+    /// The committed offsets of `group` for `partitions` (`None` where nothing was committed).
+    async fn committed(&self, group: &str, partitions: &[TopicPartition]) -> Result<Vec<Option<u64>>>;
+}

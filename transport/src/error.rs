@@ -1,0 +1,113 @@
+//! Typed transport errors, each naming the topic and partition (and broker or path) it is
+//! about. A failed produce hands the batch back.
+
+use std::path::PathBuf;
+
+use faust_storage::BatchBuilder;
+
+use crate::types::TopicPartition;
+
+/// An error from a transport.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The transport URL cannot be used.
+    #[error("invalid transport URL `{url}`: {reason}")]
+    InvalidUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Another process holds the data directory of an embedded transport.
+    #[error(
+        "{path} is in use by another worker (pid {holder}); stop it first, or give this worker its own data directory"
+    )]
+    DirectoryInUse {
+        /// The data directory.
+        path: PathBuf,
+        /// The process id recorded by the holder, if known.
+        holder: String,
+    },
+    /// The topic does not exist and may not be created.
+    #[error("unknown topic `{topic}`")]
+    UnknownTopic {
+        /// The topic.
+        topic: String,
+    },
+    /// The partition does not exist.
+    #[error("unknown partition {tp}")]
+    UnknownPartition {
+        /// The partition.
+        tp: TopicPartition,
+    },
+    /// An existing topic does not have the settings asked for.
+    #[error("topic `{topic}` exists with {existing} partitions, but {requested} were asked for")]
+    PartitionMismatch {
+        /// The topic.
+        topic: String,
+        /// Its partition count.
+        existing: u32,
+        /// The partition count asked for.
+        requested: u32,
+    },
+    /// A fetch asked for an offset the partition does not hold.
+    #[error("offset {requested} out of range for {tp} (earliest {earliest}, high-water mark {high_watermark})")]
+    OffsetOutOfRange {
+        /// The partition.
+        tp: TopicPartition,
+        /// The offset asked for.
+        requested: u64,
+        /// Its earliest offset.
+        earliest: u64,
+        /// Its high-water mark.
+        high_watermark: u64,
+    },
+    /// A produce failed; the batch is handed back so it can be retried or reported.
+    #[error("produce to {tp} failed: {source}")]
+    Produce {
+        /// The partition.
+        tp: TopicPartition,
+        /// The records that were not written.
+        batch: Box<BatchBuilder>,
+        /// Why.
+        #[source]
+        source: Box<Error>,
+    },
+    /// The storage under an embedded transport failed.
+    #[error("storage of {tp}: {source}")]
+    Storage {
+        /// The partition.
+        tp: TopicPartition,
+        /// The storage error.
+        #[source]
+        source: faust_storage::Error,
+    },
+    /// An I/O operation on the transport's own files failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The transport was shut down while the request was in flight.
+    #[error("the transport is shut down")]
+    Closed,
+}
+
+impl Error {
+    /// Takes the batch back out of a failed produce.
+    pub fn into_batch(self) -> Option<BatchBuilder> {
+        match self {
+            Error::Produce { batch, .. } => Some(*batch),
+            _ => None,
+        }
+    }
+}
+
+/// The transport crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
