@@ -94,6 +94,28 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A topic name Kafka would refuse (1 to 249 of `[a-zA-Z0-9._-]`, not `.` or `..`).
+    #[error("invalid topic name `{name}`: use 1 to 249 characters of a-z, A-Z, 0-9, `.`, `_` and `-`")]
+    InvalidTopicName {
+        /// The name as given.
+        name: String,
+    },
+    /// A consumer group name the embedded transport cannot store (same rules as topics).
+    #[error("invalid group name `{group}`: use 1 to 249 characters of a-z, A-Z, 0-9, `.`, `_` and `-`")]
+    InvalidGroupName {
+        /// The name as given.
+        group: String,
+    },
+    /// A core read a partition another core owns (embedded transport: one core per partition).
+    #[error("{tp} is owned by core {owner}, not by core {core}")]
+    NotOwner {
+        /// The partition.
+        tp: TopicPartition,
+        /// The core that asked.
+        core: usize,
+        /// The core that owns it.
+        owner: usize,
+    },
     /// The transport was shut down while the request was in flight.
     #[error("the transport is shut down")]
     Closed,

@@ -14,12 +14,14 @@
 //! [`Record`]s whose keys and values are slices of the fetched buffer.
 
 mod error;
+mod local;
 mod memory;
 mod types;
 
 use std::time::Duration;
 
 pub use crate::error::{Error, Result};
+pub use crate::local::{LocalCore, LocalMembership, LocalTransport, validate_topic_name};
 pub use crate::memory::{MemoryMembership, MemoryTransport};
 pub use crate::types::{
     AssignmentEvent, AutoOffsetReset, Fetched, OffsetSpec, Produced, TopicConfig, TopicMetadata, TopicPartition,
@@ -86,4 +88,11 @@ pub trait CoreTransport: 'static {
 
     /// The committed offsets of `group` for `partitions` (`None` where nothing was committed).
     async fn committed(&self, group: &str, partitions: &[TopicPartition]) -> Result<Vec<Option<u64>>>;
+
+    /// Stops this core's part of the transport and releases what it holds (open logs,
+    /// connections, background tasks). Called on the core's own thread when the worker stops;
+    /// requests from other cores fail with [`Error::Closed`] afterwards.
+    async fn shutdown(self) -> Result<()>
+    where
+        Self: Sized;
 }

@@ -277,6 +277,10 @@ impl CoreTransport for MemoryTransport {
         let state = self.lock();
         Ok(partitions.iter().map(|tp| state.committed.get(&(group.to_string(), tp.clone())).copied()).collect())
     }
+
+    async fn shutdown(self) -> Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,669 @@
+//! `local://PATH`: the embedded transport. Topics are directories of segment logs under PATH,
+//! owned by one worker process.
+//!
+//! Layout: `PATH/.lock` (held by the worker, with its pid), `PATH/TOPIC/topic.meta` (the
+//! topic's settings), `PATH/TOPIC/PARTITION/` (a segment log), `PATH/.groups/GROUP.offsets`
+//! (committed offsets).
+//!
+//! **Single writer per partition.** Each partition's log is opened by exactly one core, its
+//! *owner*: the core the engine placed the partition on (see
+//! [`LocalTransport::set_owners`]), or `partition mod cores` for partitions this worker only
+//! writes to. A produce from another core travels to the owner over a bounded cross-core
+//! channel and resolves when the owner has appended it. The owner's appender tasks only
+//! append and reply — they never wait on their own core's processing — so two cores sending
+//! to each other cannot deadlock on full channels.
+//!
+//! A produce resolves once the records are in the log (the page cache): they survive a crash
+//! of the process, like records acknowledged by Kafka's replicas survive a broker crash.
+//! Committed offsets are written with `fsync`.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::OpenOptions;
+use std::io::{Read, Seek, Write};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use event_listener::Event;
+use faust_storage::{BatchBuilder, Log, LogConfig};
+use futures_channel::oneshot;
+use glommio::channels::shared_channel::{self, ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender};
+use glommio::{GlommioError, ResourceType};
+
+use crate::error::{Error, Result};
+use crate::types::{AssignmentEvent, Fetched, OffsetSpec, Produced, TopicConfig, TopicMetadata, TopicPartition};
+use crate::{CoreTransport, Membership, Transport};
+
+/// Appends in flight from one core to another.
+const CHANNEL_DEPTH: usize = 256;
+const TOPIC_META: &str = "topic.meta";
+
+/// An append sent to the core that owns the partition.
+struct AppendRequest {
+    tp: TopicPartition,
+    batch: BatchBuilder,
+    reply: oneshot::Sender<Result<Produced>>,
+}
+
+type Endpoints = (Vec<Option<SharedSender<AppendRequest>>>, Vec<Option<SharedReceiver<AppendRequest>>>);
+
+struct Shared {
+    root: PathBuf,
+    cores: usize,
+    _lock: ProcessLock,
+    topics: RwLock<HashMap<Arc<str>, TopicConfig>>,
+    /// Committed offsets by group, loaded from disk on first use.
+    committed: Mutex<HashMap<String, BTreeMap<TopicPartition, u64>>>,
+    owners: RwLock<HashMap<TopicPartition, usize>>,
+    /// Bumped on every change of `owners`, so cores refresh their cached copy.
+    owners_version: AtomicU64,
+    /// Per core: its senders to every other core and its receivers from them, taken when the
+    /// core attaches.
+    endpoints: Mutex<Vec<Option<Endpoints>>>,
+    closed: AtomicBool,
+    closed_event: Event,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalTransport").field("root", &self.root).field("cores", &self.cores).finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section leaves the data consistent, so a panic elsewhere does not matter.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The embedded transport (`local://PATH`).
+///
+/// ```no_run
+/// use faust_transport::LocalTransport;
+///
+/// // Two cores; the engine then calls `attach_core` on each core's executor.
+/// let transport = LocalTransport::open("/var/lib/my-app/topics", 2)?;
+/// # Ok::<(), faust_transport::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct LocalTransport {
+    shared: Arc<Shared>,
+}
+
+/// Checks a topic name the way Kafka does: 1 to 249 of `[a-zA-Z0-9._-]`, not `.` or `..`.
+/// That also makes it a safe directory name.
+pub fn validate_topic_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 249
+        && name != "."
+        && name != ".."
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok { Ok(()) } else { Err(Error::InvalidTopicName { name: name.to_string() }) }
+}
+
+impl LocalTransport {
+    /// Opens (creating if needed) the transport directory `root` for a worker with `cores`
+    /// cores. Fails with [`Error::DirectoryInUse`] while another process holds it.
+    pub fn open(root: impl AsRef<Path>, cores: usize) -> Result<LocalTransport> {
+        let root = root.as_ref().to_path_buf();
+        let cores = cores.max(1);
+        std::fs::create_dir_all(&root).map_err(|e| io("create directory", &root, e))?;
+        let lock = ProcessLock::acquire(&root)?;
+        let topics = load_topics(&root)?;
+        let mut endpoints: Vec<Option<Endpoints>> = (0..cores)
+            .map(|_| Some(((0..cores).map(|_| None).collect(), (0..cores).map(|_| None).collect())))
+            .collect();
+        for from in 0..cores {
+            for to in 0..cores {
+                if from == to {
+                    continue;
+                }
+                let (tx, rx) = shared_channel::new_bounded(CHANNEL_DEPTH);
+                if let Some((senders, _)) = endpoints[from].as_mut() {
+                    senders[to] = Some(tx);
+                }
+                if let Some((_, receivers)) = endpoints[to].as_mut() {
+                    receivers[from] = Some(rx);
+                }
+            }
+        }
+        Ok(LocalTransport {
+            shared: Arc::new(Shared {
+                root,
+                cores,
+                _lock: lock,
+                topics: RwLock::new(topics),
+                committed: Mutex::new(HashMap::new()),
+                owners: RwLock::new(HashMap::new()),
+                owners_version: AtomicU64::new(0),
+                endpoints: Mutex::new(endpoints),
+                closed: AtomicBool::new(false),
+                closed_event: Event::new(),
+            }),
+        })
+    }
+
+    /// The transport's directory.
+    pub fn root(&self) -> &Path {
+        &self.shared.root
+    }
+
+    /// Places partitions on cores: `tp` is appended to and read on `owners[tp]`. Partitions
+    /// not named keep the default owner, `partition mod cores`. Call it before the cores
+    /// touch those partitions (ownership does not move while a core has the log open).
+    pub fn set_owners(&self, owners: impl IntoIterator<Item = (TopicPartition, usize)>) {
+        let mut map = self.shared.owners.write().unwrap_or_else(|p| p.into_inner());
+        for (tp, core) in owners {
+            map.insert(tp, core % self.shared.cores);
+        }
+        self.shared.owners_version.fetch_add(1, Ordering::Release);
+    }
+
+    /// Fails every pending and later request with [`Error::Closed`] and ends membership.
+    pub fn close(&self) {
+        self.shared.closed.store(true, Ordering::Release);
+        self.shared.closed_event.notify(usize::MAX);
+    }
+
+    fn topic_config(&self, name: &str) -> Option<TopicConfig> {
+        self.shared.topics.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+    }
+}
+
+fn io(op: &'static str, path: &Path, source: std::io::Error) -> Error {
+    Error::Io { op, path: path.to_path_buf(), source }
+}
+
+fn encode_meta(config: &TopicConfig) -> String {
+    format!(
+        "partitions={}\ncompacted={}\nretention_ms={}\nretention_bytes={}\n",
+        config.partitions,
+        config.compacted,
+        config.retention.map(|d| d.as_millis().to_string()).unwrap_or_default(),
+        config.retention_bytes.map(|b| b.to_string()).unwrap_or_default(),
+    )
+}
+
+fn decode_meta(text: &str, path: &Path) -> Result<TopicConfig> {
+    let bad = |what: &str| Error::Io {
+        op: "parse topic settings",
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string()),
+    };
+    let mut config = TopicConfig::new(0);
+    for line in text.lines() {
+        let Some((k, v)) = line.split_once('=') else { continue };
+        match k {
+            "partitions" => config.partitions = v.parse().map_err(|_| bad("bad partition count"))?,
+            "compacted" => config.compacted = v == "true",
+            "retention_ms" if !v.is_empty() => {
+                config.retention = Some(Duration::from_millis(v.parse().map_err(|_| bad("bad retention"))?))
+            }
+            "retention_bytes" if !v.is_empty() => {
+                config.retention_bytes = Some(v.parse().map_err(|_| bad("bad retention bytes"))?)
+            }
+            _ => {}
+        }
+    }
+    if config.partitions == 0 {
+        return Err(bad("no partitions"));
+    }
+    Ok(config)
+}
+
+fn load_topics(root: &Path) -> Result<HashMap<Arc<str>, TopicConfig>> {
+    let mut topics = HashMap::new();
+    for entry in std::fs::read_dir(root).map_err(|e| io("list", root, e))? {
+        let entry = entry.map_err(|e| io("list", root, e))?;
+        let meta = entry.path().join(TOPIC_META);
+        let Some(name) = entry.file_name().to_str().map(str::to_string) else { continue };
+        if validate_topic_name(&name).is_err() || !meta.exists() {
+            continue;
+        }
+        let text = std::fs::read_to_string(&meta).map_err(|e| io("read", &meta, e))?;
+        topics.insert(Arc::from(name.as_str()), decode_meta(&text, &meta)?);
+    }
+    Ok(topics)
+}
+
+fn write_atomically(path: &Path, contents: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(|e| io("create", &tmp, e))?;
+    f.write_all(contents).map_err(|e| io("write", &tmp, e))?;
+    f.sync_data().map_err(|e| io("fdatasync", &tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io("rename into place", path, e))?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io("fsync directory", dir, e))?;
+    }
+    Ok(())
+}
+
+/// The exclusive lock on the transport directory, with the holder's pid in the file.
+#[derive(Debug)]
+struct ProcessLock {
+    _file: std::fs::File,
+}
+
+impl ProcessLock {
+    fn acquire(root: &Path) -> Result<ProcessLock> {
+        let path = root.join(".lock");
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| io("open lock file", &path, e))?;
+        // SAFETY: plain syscall on a valid descriptor.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim().to_string();
+                return Err(Error::DirectoryInUse {
+                    path: root.to_path_buf(),
+                    holder: if holder.is_empty() { "unknown".into() } else { holder },
+                });
+            }
+            return Err(io("lock", &path, err));
+        }
+        file.set_len(0).map_err(|e| io("write", &path, e))?;
+        file.rewind().map_err(|e| io("write", &path, e))?;
+        write!(file, "{}", std::process::id()).map_err(|e| io("write", &path, e))?;
+        Ok(ProcessLock { _file: file })
+    }
+}
+
+impl Transport for LocalTransport {
+    type Core = LocalCore;
+    type Membership = LocalMembership;
+
+    async fn attach_core(&self, core: usize, cores: usize) -> Result<LocalCore> {
+        if cores != self.shared.cores || core >= cores {
+            return Err(Error::InvalidUrl {
+                url: format!("local://{}", self.shared.root.display()),
+                reason: format!(
+                    "core {core} of {cores} attached to a transport opened for {} cores",
+                    self.shared.cores
+                ),
+            });
+        }
+        let (senders, receivers) = lock(&self.shared.endpoints)[core].take().ok_or(Error::Closed)?;
+        // Each end's `connect` waits for the other end's: start them all at once, or two cores
+        // connecting their senders first would wait on each other forever.
+        let senders: Vec<_> = senders.into_iter().map(|s| s.map(|s| glommio::spawn_local(s.connect()))).collect();
+        let receivers: Vec<_> = receivers.into_iter().flatten().map(|r| glommio::spawn_local(r.connect())).collect();
+        let mut connected = Vec::with_capacity(cores);
+        for s in senders {
+            connected.push(match s {
+                Some(task) => Some(task.await),
+                None => None,
+            });
+        }
+        let local = LocalCore {
+            transport: self.clone(),
+            core,
+            logs: Rc::new(RefCell::new(HashMap::new())),
+            appended: Rc::new(Event::new()),
+            senders: Rc::new(connected),
+            owners: RefCell::new((u64::MAX, HashMap::new())),
+            servers: RefCell::new(Vec::new()),
+            stop: Rc::new(Stop::default()),
+        };
+        for task in receivers {
+            let rx = task.await;
+            let server = glommio::spawn_local(serve_appends(rx, local.appender(), local.stop.clone()));
+            local.servers.borrow_mut().push(server);
+        }
+        Ok(local)
+    }
+
+    fn membership(&self, _group: &str, topics: &[String]) -> Result<LocalMembership> {
+        Ok(LocalMembership { transport: self.clone(), topics: topics.to_vec(), assigned: false })
+    }
+}
+
+/// The part of a core that appends: what the appender tasks need.
+struct Appender {
+    transport: LocalTransport,
+    logs: Rc<RefCell<HashMap<TopicPartition, Log>>>,
+    appended: Rc<Event>,
+}
+
+/// Serves appends sent by one other core, until that core goes away or this one stops.
+async fn serve_appends(rx: ConnectedReceiver<AppendRequest>, appender: Appender, stop: Rc<Stop>) {
+    loop {
+        let stopped = stop.event.listen();
+        if stop.flag.get() {
+            return;
+        }
+        let next = futures_lite::future::or(rx.recv(), async {
+            stopped.await;
+            None
+        });
+        let Some(req) = next.await else { return };
+        let result = appender.append(&req.tp, req.batch);
+        // The sender may have given up waiting; nothing to do then.
+        let _ = req.reply.send(result);
+    }
+}
+
+/// A core's stop signal for its own tasks.
+#[derive(Default)]
+struct Stop {
+    flag: std::cell::Cell<bool>,
+    event: Event,
+}
+
+impl Appender {
+    fn append(&self, tp: &TopicPartition, mut batch: BatchBuilder) -> Result<Produced> {
+        let result = (|| {
+            let mut logs = self.logs.borrow_mut();
+            let log = open_log(&self.transport, &mut logs, tp)?;
+            log.append(&mut batch).map_err(|source| Error::Storage { tp: tp.clone(), source })
+        })();
+        match result {
+            Ok(a) => {
+                self.appended.notify(usize::MAX);
+                Ok(Produced { base_offset: a.base_offset, last_offset: a.last_offset })
+            }
+            Err(e) => Err(Error::Produce { tp: tp.clone(), batch: Box::new(batch), source: Box::new(e) }),
+        }
+    }
+}
+
+fn open_log<'a>(
+    transport: &LocalTransport,
+    logs: &'a mut HashMap<TopicPartition, Log>,
+    tp: &TopicPartition,
+) -> Result<&'a mut Log> {
+    if !logs.contains_key(tp) {
+        let config =
+            transport.topic_config(&tp.topic).ok_or_else(|| Error::UnknownTopic { topic: tp.topic.to_string() })?;
+        if tp.partition >= config.partitions {
+            return Err(Error::UnknownPartition { tp: tp.clone() });
+        }
+        let dir = transport.shared.root.join(&*tp.topic).join(tp.partition.to_string());
+        let log_config = LogConfig {
+            compact: config.compacted,
+            retention: config.retention,
+            retention_bytes: config.retention_bytes,
+            ..LogConfig::default()
+        };
+        let log = Log::open(&dir, log_config).map_err(|source| Error::Storage { tp: tp.clone(), source })?;
+        logs.insert(tp.clone(), log);
+    }
+    logs.get_mut(tp).ok_or_else(|| Error::UnknownPartition { tp: tp.clone() })
+}
+
+/// One core's handle on the embedded transport.
+pub struct LocalCore {
+    transport: LocalTransport,
+    core: usize,
+    /// The logs of the partitions this core owns, opened on first use.
+    logs: Rc<RefCell<HashMap<TopicPartition, Log>>>,
+    /// Notified after every append on this core, to wake fetches.
+    appended: Rc<Event>,
+    /// Senders to each other core (`None` at this core's own index).
+    senders: Rc<Vec<Option<ConnectedSender<AppendRequest>>>>,
+    /// This core's copy of the owner map, with the version it was taken at.
+    owners: RefCell<(u64, HashMap<TopicPartition, usize>)>,
+    /// The tasks serving appends from other cores, and their stop signal.
+    servers: RefCell<Vec<glommio::Task<()>>>,
+    stop: Rc<Stop>,
+}
+
+impl std::fmt::Debug for LocalCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalCore").field("core", &self.core).finish()
+    }
+}
+
+impl LocalCore {
+    fn appender(&self) -> Appender {
+        Appender { transport: self.transport.clone(), logs: self.logs.clone(), appended: self.appended.clone() }
+    }
+
+    /// The core that owns `tp`.
+    pub fn owner(&self, tp: &TopicPartition) -> usize {
+        let shared = &self.transport.shared;
+        let version = shared.owners_version.load(Ordering::Acquire);
+        let mut cache = self.owners.borrow_mut();
+        if cache.0 != version {
+            let map = shared.owners.read().unwrap_or_else(|p| p.into_inner());
+            *cache = (version, map.clone());
+        }
+        cache.1.get(tp).copied().unwrap_or(tp.partition as usize % shared.cores)
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.transport.shared.closed.load(Ordering::Acquire) { Err(Error::Closed) } else { Ok(()) }
+    }
+
+    fn with_log<T>(&self, tp: &TopicPartition, f: impl FnOnce(&mut Log) -> Result<T>) -> Result<T> {
+        let owner = self.owner(tp);
+        if owner != self.core {
+            return Err(Error::NotOwner { tp: tp.clone(), core: self.core, owner });
+        }
+        let mut logs = self.logs.borrow_mut();
+        f(open_log(&self.transport, &mut logs, tp)?)
+    }
+}
+
+impl CoreTransport for LocalCore {
+    async fn create_topic(&self, name: &str, config: &TopicConfig) -> Result<TopicMetadata> {
+        validate_topic_name(name)?;
+        if config.partitions == 0 {
+            return Err(Error::PartitionMismatch { topic: name.to_string(), existing: 0, requested: 0 });
+        }
+        let shared = &self.transport.shared;
+        let mut topics = shared.topics.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(existing) = topics.get(name) {
+            if existing.partitions != config.partitions {
+                return Err(Error::PartitionMismatch {
+                    topic: name.to_string(),
+                    existing: existing.partitions,
+                    requested: config.partitions,
+                });
+            }
+            return Ok(TopicMetadata { name: Arc::from(name), config: existing.clone() });
+        }
+        let dir = shared.root.join(name);
+        std::fs::create_dir_all(&dir).map_err(|e| io("create directory", &dir, e))?;
+        write_atomically(&dir.join(TOPIC_META), encode_meta(config).as_bytes())?;
+        topics.insert(Arc::from(name), config.clone());
+        Ok(TopicMetadata { name: Arc::from(name), config: config.clone() })
+    }
+
+    async fn topic_metadata(&self, name: &str) -> Result<Option<TopicMetadata>> {
+        Ok(self.transport.topic_config(name).map(|config| TopicMetadata { name: Arc::from(name), config }))
+    }
+
+    async fn produce(&self, tp: &TopicPartition, batch: BatchBuilder) -> Result<Produced> {
+        if let Err(e) = self.check_open() {
+            return Err(Error::Produce { tp: tp.clone(), batch: Box::new(batch), source: Box::new(e) });
+        }
+        let owner = self.owner(tp);
+        if owner == self.core {
+            return self.appender().append(tp, batch);
+        }
+        let Some(Some(sender)) = self.senders.get(owner) else {
+            return Err(Error::Produce { tp: tp.clone(), batch: Box::new(batch), source: Box::new(Error::Closed) });
+        };
+        let (reply, response) = oneshot::channel();
+        if let Err(e) = sender.send(AppendRequest { tp: tp.clone(), batch, reply }).await {
+            // The channel hands the request back when it is closed; keep the batch.
+            let batch = match e {
+                GlommioError::Closed(ResourceType::Channel(req))
+                | GlommioError::WouldBlock(ResourceType::Channel(req)) => req.batch,
+                _ => BatchBuilder::new(),
+            };
+            return Err(Error::Produce { tp: tp.clone(), batch: Box::new(batch), source: Box::new(Error::Closed) });
+        }
+        // The owner always replies unless its executor is gone; then the batch is lost with it,
+        // which only happens when the worker is shutting down.
+        response.await.unwrap_or(Err(Error::Closed))
+    }
+
+    async fn fetch(&self, tp: &TopicPartition, offset: u64, max_bytes: usize, max_wait: Duration) -> Result<Fetched> {
+        let deadline = std::time::Instant::now() + max_wait;
+        loop {
+            self.check_open()?;
+            let listener = self.appended.listen();
+            let fetched = self.with_log(tp, |log| {
+                let batches = log.read(offset, max_bytes).map_err(|e| match e {
+                    faust_storage::Error::OffsetOutOfRange { requested, earliest, high_watermark, .. } => {
+                        Error::OffsetOutOfRange { tp: tp.clone(), requested, earliest, high_watermark }
+                    }
+                    source => Error::Storage { tp: tp.clone(), source },
+                })?;
+                let mut records = Vec::new();
+                let mut next_offset = offset;
+                for b in &batches {
+                    records.extend(b.records_from(offset));
+                    next_offset = b.last_offset() + 1;
+                }
+                Ok(Fetched { records, next_offset, high_watermark: log.high_watermark() })
+            })?;
+            // A batch made only of offsets below `offset` cannot happen (reads start at the batch
+            // holding it), so no records means nothing new yet.
+            let now = std::time::Instant::now();
+            if !fetched.records.is_empty() || fetched.next_offset > offset || now >= deadline {
+                return Ok(fetched);
+            }
+            futures_lite::future::or(listener, glommio::timer::sleep(deadline - now)).await;
+        }
+    }
+
+    async fn list_offset(&self, tp: &TopicPartition, spec: OffsetSpec) -> Result<u64> {
+        self.with_log(tp, |log| match spec {
+            OffsetSpec::Earliest => Ok(log.earliest_offset()),
+            OffsetSpec::Latest => Ok(log.high_watermark()),
+            OffsetSpec::Timestamp(ts) => {
+                let mut next = log.earliest_offset();
+                while next < log.high_watermark() {
+                    let batches =
+                        log.read(next, 1 << 20).map_err(|source| Error::Storage { tp: tp.clone(), source })?;
+                    for b in &batches {
+                        if b.max_timestamp() >= ts
+                            && let Some(r) = b.records_from(next).find(|r| r.timestamp >= ts)
+                        {
+                            return Ok(r.offset);
+                        }
+                        next = b.last_offset() + 1;
+                    }
+                }
+                Ok(log.high_watermark())
+            }
+        })
+    }
+
+    async fn commit(&self, group: &str, offsets: &[(TopicPartition, u64)]) -> Result<()> {
+        validate_topic_name(group).map_err(|_| Error::InvalidGroupName { group: group.to_string() })?;
+        let shared = &self.transport.shared;
+        let mut all = lock(&shared.committed);
+        let committed = load_group(&shared.root, &mut all, group)?;
+        for (tp, offset) in offsets {
+            committed.insert(tp.clone(), *offset);
+        }
+        let mut text = String::new();
+        for (tp, offset) in committed.iter() {
+            text.push_str(&format!("{}\t{}\t{}\n", tp.topic, tp.partition, offset));
+        }
+        let dir = shared.root.join(".groups");
+        std::fs::create_dir_all(&dir).map_err(|e| io("create directory", &dir, e))?;
+        write_atomically(&dir.join(format!("{group}.offsets")), text.as_bytes())
+    }
+
+    async fn committed(&self, group: &str, partitions: &[TopicPartition]) -> Result<Vec<Option<u64>>> {
+        validate_topic_name(group).map_err(|_| Error::InvalidGroupName { group: group.to_string() })?;
+        let shared = &self.transport.shared;
+        let mut all = lock(&shared.committed);
+        let committed = load_group(&shared.root, &mut all, group)?;
+        Ok(partitions.iter().map(|tp| committed.get(tp).copied()).collect())
+    }
+
+    /// Stops serving appends from other cores and closes this core's logs (after syncing
+    /// them), so the directory can be opened again once every core has shut down.
+    async fn shutdown(self) -> Result<()> {
+        self.stop.flag.set(true);
+        self.stop.event.notify(usize::MAX);
+        let servers = std::mem::take(&mut *self.servers.borrow_mut());
+        for server in servers {
+            server.await;
+        }
+        let mut logs = std::mem::take(&mut *self.logs.borrow_mut());
+        for (tp, log) in logs.iter_mut() {
+            log.sync().map_err(|source| Error::Storage { tp: tp.clone(), source })?;
+        }
+        Ok(())
+    }
+}
+
+fn load_group<'a>(
+    root: &Path,
+    all: &'a mut HashMap<String, BTreeMap<TopicPartition, u64>>,
+    group: &str,
+) -> Result<&'a mut BTreeMap<TopicPartition, u64>> {
+    if !all.contains_key(group) {
+        let path = root.join(".groups").join(format!("{group}.offsets"));
+        let mut map = BTreeMap::new();
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                for line in text.lines() {
+                    let mut parts = line.split('\t');
+                    let (Some(t), Some(p), Some(o)) = (parts.next(), parts.next(), parts.next()) else {
+                        continue;
+                    };
+                    if let (Ok(p), Ok(o)) = (p.parse(), o.parse()) {
+                        map.insert(TopicPartition::new(t, p), o);
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("read", &path, e)),
+        }
+        all.insert(group.to_string(), map);
+    }
+    all.get_mut(group).ok_or(Error::Closed)
+}
+
+/// Membership of the one worker of a `local://` transport: every partition of the subscribed
+/// topics, at once.
+#[derive(Debug)]
+pub struct LocalMembership {
+    transport: LocalTransport,
+    topics: Vec<String>,
+    assigned: bool,
+}
+
+impl Membership for LocalMembership {
+    async fn next_event(&mut self) -> Result<AssignmentEvent> {
+        if !self.assigned {
+            self.assigned = true;
+            let mut partitions = Vec::new();
+            for name in &self.topics {
+                let config =
+                    self.transport.topic_config(name).ok_or_else(|| Error::UnknownTopic { topic: name.clone() })?;
+                partitions.extend((0..config.partitions).map(|p| TopicPartition::new(name.as_str(), p)));
+            }
+            return Ok(AssignmentEvent::Assigned { generation: 1, partitions });
+        }
+        loop {
+            let listener = self.transport.shared.closed_event.listen();
+            if self.transport.shared.closed.load(Ordering::Acquire) {
+                return Err(Error::Closed);
+            }
+            listener.await;
+        }
+    }
+
+    async fn leave(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
