@@ -15,6 +15,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod runtime;
+
 /// The storage layer: segment logs and key-value stores (the `faust-storage` crate).
 pub mod storage {
     pub use faust_storage::*;
