@@ -16,6 +16,9 @@
 //! ```
 
 pub mod runtime;
+mod settings;
+
+pub use crate::settings::{Settings, SettingsError};
 
 /// The storage layer: segment logs and key-value stores (the `faust-storage` crate).
 pub mod storage {

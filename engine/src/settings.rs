@@ -1,0 +1,236 @@
+//! The app's settings: Faust's core settings with Faust's defaults where they apply, each
+//! overridable from the environment under Faust's variable names.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use faust_transport::AutoOffsetReset;
+
+/// A setting from the environment that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("environment variable {variable}={value:?}: {reason}")]
+pub struct SettingsError {
+    /// The variable, with its prefix.
+    pub variable: String,
+    /// Its value.
+    pub value: String,
+    /// What a valid value looks like.
+    pub reason: String,
+}
+
+/// How a worker runs. Build with [`Settings::new`], adjust fields, then apply the environment
+/// with [`Settings::from_env`] (the environment wins, as in Faust).
+///
+/// | field | default | environment variable |
+/// |---|---|---|
+/// | `broker` | `local://` (under `datadir`) | `BROKER_URL` |
+/// | `datadir` | `{id}-data` | `APP_DATADIR` |
+/// | `topic_partitions` | 8 | `TOPIC_PARTITIONS` |
+/// | `commit_interval` | 2.8 s | `BROKER_COMMIT_INTERVAL` (seconds) |
+/// | `commit_every` | 10,000 events | `BROKER_COMMIT_EVERY` |
+/// | `stream_buffer_maxsize` | 4,096 | `STREAM_BUFFER_MAXSIZE` |
+/// | `key_serializer` | `raw` | `APP_KEY_SERIALIZER` |
+/// | `value_serializer` | `json` | `APP_VALUE_SERIALIZER` |
+/// | `auto_offset_reset` | earliest | `CONSUMER_AUTO_OFFSET_RESET` |
+/// | `cores` | every usable CPU | `WORKER_CORES` |
+/// | `web_port` | 6066 | `WEB_PORT` |
+///
+/// With `APP_ENV_PREFIX=X`, every variable is read as `X_NAME` instead (Faust's `env_prefix`).
+///
+/// ```
+/// use faust::Settings;
+///
+/// let settings = Settings::new("orders").from_vars([("TOPIC_PARTITIONS", "4")])?;
+/// assert_eq!(settings.topic_partitions, 4);
+/// assert_eq!(settings.datadir, std::path::PathBuf::from("orders-data"));
+/// assert_eq!(settings.broker_url(), "local://orders-data/topics");
+/// # Ok::<(), faust::SettingsError>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Settings {
+    /// The app's id: names its consumer group, internal topics and data directory.
+    pub id: String,
+    /// Transport URL: `local://PATH` (empty path: `{datadir}/topics`), `memory://`, or
+    /// `kafka://host:port[,host:port]`.
+    pub broker: String,
+    /// Where the worker keeps its state (table stores, the embedded log, the control socket).
+    pub datadir: PathBuf,
+    /// Partitions of the topics the app creates.
+    pub topic_partitions: u32,
+    /// How often acked offsets are committed.
+    pub commit_interval: Duration,
+    /// Commit sooner once this many events were acked since the last commit.
+    pub commit_every: u64,
+    /// Events buffered per stream before the partitions feeding it are paused.
+    pub stream_buffer_maxsize: usize,
+    /// Codec of keys unless a topic says otherwise.
+    pub key_serializer: String,
+    /// Codec of values unless a topic says otherwise.
+    pub value_serializer: String,
+    /// Where consumption starts in a partition with no committed offset.
+    pub auto_offset_reset: AutoOffsetReset,
+    /// Cores to run on; `None` means every CPU the process may use.
+    pub cores: Option<usize>,
+    /// Port of the web server (when it exists).
+    pub web_port: u16,
+}
+
+impl Settings {
+    /// Faust's defaults for an app named `id`.
+    pub fn new(id: impl Into<String>) -> Settings {
+        let id = id.into();
+        Settings {
+            datadir: PathBuf::from(format!("{id}-data")),
+            id,
+            broker: "local://".to_string(),
+            topic_partitions: 8,
+            commit_interval: Duration::from_millis(2800),
+            commit_every: 10_000,
+            stream_buffer_maxsize: 4096,
+            key_serializer: "raw".to_string(),
+            value_serializer: "json".to_string(),
+            auto_offset_reset: AutoOffsetReset::Earliest,
+            cores: None,
+            web_port: 6066,
+        }
+    }
+
+    /// Applies the process environment (see the table above).
+    pub fn from_env(self) -> Result<Settings, SettingsError> {
+        self.from_vars(std::env::vars())
+    }
+
+    /// Applies variables from `vars` as if they were the environment.
+    pub fn from_vars<K, V>(mut self, vars: impl IntoIterator<Item = (K, V)>) -> Result<Settings, SettingsError>
+    where
+        K: AsRef<str>,
+        V: AsRef<str>,
+    {
+        let vars: Vec<(String, String)> =
+            vars.into_iter().map(|(k, v)| (k.as_ref().to_string(), v.as_ref().to_string())).collect();
+        let prefix = vars.iter().find(|(k, _)| k == "APP_ENV_PREFIX").map(|(_, v)| format!("{v}_")).unwrap_or_default();
+        let get = |name: &str| {
+            let full = format!("{prefix}{name}");
+            vars.iter().find(|(k, _)| *k == full).map(|(_, v)| (full, v.clone()))
+        };
+        fn parse<T: std::str::FromStr>((variable, value): (String, String), what: &str) -> Result<T, SettingsError> {
+            value.trim().parse().map_err(|_| SettingsError { variable, value, reason: format!("expected {what}") })
+        }
+        if let Some((_, v)) = get("BROKER_URL") {
+            self.broker = v;
+        }
+        if let Some((_, v)) = get("APP_DATADIR") {
+            self.datadir = PathBuf::from(v);
+        }
+        if let Some(kv) = get("TOPIC_PARTITIONS") {
+            let n: u32 = parse(kv.clone(), "a positive number of partitions")?;
+            if n == 0 {
+                return Err(SettingsError {
+                    variable: kv.0,
+                    value: kv.1,
+                    reason: "expected at least 1 partition".into(),
+                });
+            }
+            self.topic_partitions = n;
+        }
+        if let Some(kv) = get("BROKER_COMMIT_INTERVAL") {
+            let secs: f64 = parse(kv.clone(), "seconds, e.g. 2.8")?;
+            if !(secs.is_finite() && secs > 0.0) {
+                return Err(SettingsError {
+                    variable: kv.0,
+                    value: kv.1,
+                    reason: "expected a positive duration".into(),
+                });
+            }
+            self.commit_interval = Duration::from_secs_f64(secs);
+        }
+        if let Some(kv) = get("BROKER_COMMIT_EVERY") {
+            self.commit_every = parse(kv, "a number of events")?;
+        }
+        if let Some(kv) = get("STREAM_BUFFER_MAXSIZE") {
+            self.stream_buffer_maxsize = parse(kv, "a number of events")?;
+        }
+        if let Some((_, v)) = get("APP_KEY_SERIALIZER") {
+            self.key_serializer = v;
+        }
+        if let Some((_, v)) = get("APP_VALUE_SERIALIZER") {
+            self.value_serializer = v;
+        }
+        if let Some((variable, value)) = get("CONSUMER_AUTO_OFFSET_RESET") {
+            self.auto_offset_reset =
+                value.parse().map_err(|reason| SettingsError { variable, value: value.clone(), reason })?;
+        }
+        if let Some(kv) = get("WORKER_CORES") {
+            let n: usize = parse(kv.clone(), "a number of cores")?;
+            if n == 0 {
+                return Err(SettingsError { variable: kv.0, value: kv.1, reason: "expected at least 1 core".into() });
+            }
+            self.cores = Some(n);
+        }
+        if let Some(kv) = get("WEB_PORT") {
+            self.web_port = parse(kv, "a TCP port")?;
+        }
+        Ok(self)
+    }
+
+    /// The transport URL with the embedded default's path filled in.
+    pub fn broker_url(&self) -> String {
+        match self.broker.strip_prefix("local://") {
+            Some("") => format!("local://{}", self.datadir.join("topics").display()),
+            _ => self.broker.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_fausts() {
+        let s = Settings::new("app");
+        assert_eq!(s.topic_partitions, 8);
+        assert_eq!(s.commit_interval, Duration::from_millis(2800));
+        assert_eq!(s.stream_buffer_maxsize, 4096);
+        assert_eq!((s.key_serializer.as_str(), s.value_serializer.as_str()), ("raw", "json"));
+        assert_eq!(s.auto_offset_reset, AutoOffsetReset::Earliest);
+        assert_eq!(s.web_port, 6066);
+        assert_eq!(s.broker_url(), "local://app-data/topics");
+    }
+
+    #[test]
+    fn environment_overrides_with_and_without_prefix() {
+        let vars = [
+            ("BROKER_URL", "memory://"),
+            ("BROKER_COMMIT_INTERVAL", "0.5"),
+            ("CONSUMER_AUTO_OFFSET_RESET", "latest"),
+            ("WORKER_CORES", "2"),
+        ];
+        let s = Settings::new("app").from_vars(vars).unwrap();
+        assert_eq!(s.broker_url(), "memory://");
+        assert_eq!(s.commit_interval, Duration::from_millis(500));
+        assert_eq!(s.auto_offset_reset, AutoOffsetReset::Latest);
+        assert_eq!(s.cores, Some(2));
+
+        let vars = [("APP_ENV_PREFIX", "MYAPP"), ("MYAPP_TOPIC_PARTITIONS", "3"), ("TOPIC_PARTITIONS", "5")];
+        let s = Settings::new("app").from_vars(vars).unwrap();
+        assert_eq!(s.topic_partitions, 3, "the prefixed variable wins; the bare one is ignored");
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        for (k, v) in [
+            ("TOPIC_PARTITIONS", "eight"),
+            ("TOPIC_PARTITIONS", "0"),
+            ("BROKER_COMMIT_INTERVAL", "-1"),
+            ("CONSUMER_AUTO_OFFSET_RESET", "middle"),
+            ("WEB_PORT", "70000"),
+            ("WORKER_CORES", "0"),
+        ] {
+            let err = Settings::new("app").from_vars([(k, v)]).unwrap_err();
+            assert_eq!((err.variable.as_str(), err.value.as_str()), (k, v));
+            assert!(err.to_string().contains(k), "{err}");
+        }
+    }
+}
