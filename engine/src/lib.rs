@@ -16,6 +16,7 @@
 //! ```
 
 mod acks;
+mod context;
 pub mod runtime;
 mod settings;
 

@@ -1,0 +1,147 @@
+//! Per-task context: which event a task is processing, so a table write lands in the shard
+//! of that event's partition.
+//!
+//! Agents interleave on one core, so "the current event" cannot be a thread-local set when an
+//! event is handed out: another task may run before this one touches a table. Instead each
+//! task owns a slot, and the [`InTask`] wrapper installs the task's slot as the thread's
+//! current one for the duration of every poll and restores the previous one afterwards.
+//! Whatever runs inside a poll sees its own task's slot, whatever else ran in between.
+
+// The stream consumer that fills the slots is the next part of the runtime issue; until it
+// lands, only the tests use this module.
+#![cfg_attr(not(test), allow(dead_code))]
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+
+/// The position of an event: enough to route table writes and to ack.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct EventPosition {
+    pub(crate) topic: Rc<str>,
+    pub(crate) partition: u32,
+    pub(crate) offset: u64,
+}
+
+/// One task's slot.
+#[derive(Debug, Default)]
+pub(crate) struct TaskSlot {
+    current: RefCell<Option<EventPosition>>,
+}
+
+impl TaskSlot {
+    pub(crate) fn set(&self, event: Option<EventPosition>) {
+        *self.current.borrow_mut() = event;
+    }
+}
+
+thread_local! {
+    /// The slot of the task being polled on this thread, if it runs inside `InTask`.
+    static POLLING: RefCell<Option<Rc<TaskSlot>>> = const { RefCell::new(None) };
+}
+
+/// The event of the task being polled on this thread.
+pub(crate) fn current_event() -> Option<EventPosition> {
+    POLLING.with(|p| p.borrow().as_ref().and_then(|slot| slot.current.borrow().clone()))
+}
+
+/// The slot of the task being polled, for code that hands this task an event.
+pub(crate) fn current_slot() -> Option<Rc<TaskSlot>> {
+    POLLING.with(|p| p.borrow().clone())
+}
+
+/// Runs `inner` with `slot` installed as the current task's slot on every poll.
+pub(crate) struct InTask<F> {
+    slot: Rc<TaskSlot>,
+    inner: Pin<Box<F>>,
+}
+
+impl<F: Future> InTask<F> {
+    pub(crate) fn new(slot: Rc<TaskSlot>, inner: F) -> Self {
+        InTask { slot, inner: Box::pin(inner) }
+    }
+}
+
+impl<F: Future> Future for InTask<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let previous = POLLING.with(|p| p.replace(Some(self.slot.clone())));
+        // Restore the previous slot even if the inner future panics.
+        struct Restore(Option<Rc<TaskSlot>>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                let previous = self.0.take();
+                POLLING.with(|p| *p.borrow_mut() = previous);
+            }
+        }
+        let _restore = Restore(previous);
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn at(offset: u64) -> EventPosition {
+        EventPosition { topic: Rc::from("t"), partition: (offset % 2) as u32, offset }
+    }
+
+    #[test]
+    fn interleaved_tasks_each_see_their_own_event() {
+        let seen = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .spawn(|| async {
+                let log = Rc::new(RefCell::new(Vec::new()));
+                let mut tasks = Vec::new();
+                for id in 0..3u64 {
+                    let slot = Rc::new(TaskSlot::default());
+                    let log = log.clone();
+                    let task = InTask::new(slot.clone(), async move {
+                        for round in 0..4u64 {
+                            let offset = id * 100 + round;
+                            // What a stream does when it hands this task its next event.
+                            current_slot().expect("inside InTask").set(Some(at(offset)));
+                            // Yield: the other tasks run and set their own events.
+                            glommio::timer::sleep(Duration::from_millis(1 + id)).await;
+                            let seen = current_event().expect("an event");
+                            log.borrow_mut().push((id, seen.offset == offset));
+                        }
+                    });
+                    tasks.push(glommio::spawn_local(task));
+                }
+                for t in tasks {
+                    t.await;
+                }
+                assert_eq!(current_event(), None, "nothing leaks outside the tasks");
+                Rc::try_unwrap(log).expect("tasks done").into_inner()
+            })
+            .expect("executor")
+            .join()
+            .expect("join");
+        assert_eq!(seen.len(), 12);
+        assert!(seen.iter().all(|&(_, ok)| ok), "{seen:?}");
+    }
+
+    #[test]
+    fn nested_and_panicking_polls_restore_the_outer_slot() {
+        let outer = Rc::new(TaskSlot::default());
+        outer.set(Some(at(1)));
+        let inner = Rc::new(TaskSlot::default());
+        inner.set(Some(at(2)));
+        let result = futures_lite::future::block_on(InTask::new(outer, async move {
+            let nested = InTask::new(inner, async { current_event().map(|e| e.offset) }).await;
+            let caught = futures_lite::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(InTask::new(
+                Rc::new(TaskSlot::default()),
+                async { panic!("agent failed") },
+            )))
+            .await;
+            (nested, caught.is_err(), current_event().map(|e| e.offset))
+        }));
+        assert_eq!(result, (Some(2), true, Some(1)));
+        assert_eq!(current_event(), None);
+    }
+}
