@@ -16,10 +16,12 @@
 //! ```
 
 mod acks;
+mod codec;
 mod context;
 pub mod runtime;
 mod settings;
 
+pub use crate::codec::{Codec, CodecError};
 pub use crate::settings::{Settings, SettingsError};
 
 /// The storage layer: segment logs and key-value stores (the `faust-storage` crate).
