@@ -8,10 +8,6 @@
 //! memory grows with the events in flight, never with the span of offsets (faust#86 built a
 //! set of 2.3 billion offsets to fill a gap).
 
-// The stream consumer that drives it is the next part of the runtime issue; until it lands,
-// only the tests use this module.
-#![cfg_attr(not(test), allow(dead_code))]
-
 use std::collections::VecDeque;
 
 /// The ack state of one partition. Single-core: lives on the partition's core.
@@ -94,6 +90,7 @@ impl AckTracker {
     }
 
     /// Events delivered and not yet acked.
+    #[cfg(test)]
     pub(crate) fn pending(&self) -> usize {
         self.in_flight.iter().filter(|(_, acked)| !acked).count()
     }

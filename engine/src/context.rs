@@ -7,22 +7,22 @@
 //! current one for the duration of every poll and restores the previous one afterwards.
 //! Whatever runs inside a poll sees its own task's slot, whatever else ran in between.
 
-// The stream consumer that fills the slots is the next part of the runtime issue; until it
-// lands, only the tests use this module.
-#![cfg_attr(not(test), allow(dead_code))]
-
 use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
 
-/// The position of an event: enough to route table writes and to ack.
+/// Where the event a task is processing came from: enough to route table writes to the
+/// shard of its partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct EventPosition {
-    pub(crate) topic: Rc<str>,
-    pub(crate) partition: u32,
-    pub(crate) offset: u64,
+pub struct EventPosition {
+    /// The topic.
+    pub topic: Rc<str>,
+    /// The partition.
+    pub partition: u32,
+    /// The offset.
+    pub offset: u64,
 }
 
 /// One task's slot.
@@ -42,8 +42,9 @@ thread_local! {
     static POLLING: RefCell<Option<Rc<TaskSlot>>> = const { RefCell::new(None) };
 }
 
-/// The event of the task being polled on this thread.
-pub(crate) fn current_event() -> Option<EventPosition> {
+/// The event the calling agent is processing (Faust's `current_event()`): the one its stream
+/// handed out last. `None` outside an agent, or before its first event.
+pub fn current_event() -> Option<EventPosition> {
     POLLING.with(|p| p.borrow().as_ref().and_then(|slot| slot.current.borrow().clone()))
 }
 

@@ -16,13 +16,23 @@
 //! ```
 
 mod acks;
+mod app;
 mod codec;
 mod context;
+mod partitioner;
 pub mod runtime;
 mod settings;
+mod stream;
+mod transports;
+mod worker;
 
+pub use crate::app::{AgentError, App, SendError, StopSignal, Topic};
 pub use crate::codec::{Codec, CodecError};
+pub use crate::context::{EventPosition, current_event};
 pub use crate::settings::{Settings, SettingsError};
+pub use crate::stream::{Event, Stream};
+pub use crate::worker::WorkerError;
+pub use faust_transport::{MemoryTransport, Produced, TopicPartition};
 
 /// The storage layer: segment logs and key-value stores (the `faust-storage` crate).
 pub mod storage {

@@ -1,0 +1,151 @@
+//! Streams and events: what an agent iterates.
+
+use std::marker::PhantomData;
+use std::rc::Rc;
+
+use bytes::Bytes;
+use faust_transport::TopicPartition;
+use serde::de::DeserializeOwned;
+
+use crate::codec::Codec;
+use crate::context::{EventPosition, current_slot};
+use crate::worker::{AgentRun, CoreRuntime, EventQueue, QueuedEvent};
+
+/// The events of one agent on one core: the core's partitions of the agent's topic.
+///
+/// As in Faust, asking for the next event acks the previous one: an event counts as
+/// processed once the agent moves past it, and only then may its offset be committed. A key
+/// or value that does not decode is logged (topic, partition, offset and a hex preview),
+/// counted and skipped.
+pub struct Stream<K, V> {
+    core: Rc<CoreRuntime>,
+    agent: usize,
+    queue: Rc<EventQueue>,
+    current: Rc<std::cell::RefCell<Option<QueuedEvent>>>,
+    key_codec: Codec,
+    value_codec: Codec,
+    _types: PhantomData<fn() -> (K, V)>,
+}
+
+impl<K, V> std::fmt::Debug for Stream<K, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream").field("core", &self.core.index).field("agent", &self.agent).finish()
+    }
+}
+
+/// One event: the decoded key and value with where they came from.
+#[derive(Debug, Clone)]
+pub struct Event<K, V> {
+    /// The key, or `None` for a null key.
+    pub key: Option<K>,
+    /// The value.
+    pub value: V,
+    /// The topic and partition it was read from.
+    pub tp: TopicPartition,
+    /// Its offset.
+    pub offset: u64,
+    /// Its timestamp (milliseconds).
+    pub timestamp: i64,
+    headers: faust_storage::Record,
+    core: Rc<CoreRuntime>,
+    agent: usize,
+}
+
+impl<K, V> Event<K, V> {
+    /// The record's headers.
+    pub fn headers(&self) -> faust_storage::Headers<'_> {
+        self.headers.headers()
+    }
+
+    /// Acks the event now, before the agent asks for the next one. Acking twice is harmless.
+    pub fn ack(&self) {
+        self.core.ack(self.agent, &self.tp, self.offset);
+    }
+}
+
+fn preview(bytes: &[u8]) -> String {
+    let shown: Vec<String> = bytes.iter().take(32).map(|b| format!("{b:02x}")).collect();
+    format!("{}{}", shown.join(""), if bytes.len() > 32 { "…" } else { "" })
+}
+
+impl<K: DeserializeOwned, V: DeserializeOwned> Stream<K, V> {
+    pub(crate) fn new(run: &AgentRun, key_codec: Codec, value_codec: Codec) -> Self {
+        Stream {
+            core: run.core.clone(),
+            agent: run.agent,
+            queue: run.queue.clone(),
+            current: run.current.clone(),
+            key_codec,
+            value_codec,
+            _types: PhantomData,
+        }
+    }
+
+    fn ack_current(&mut self) {
+        if let Some(e) = self.current.borrow_mut().take() {
+            self.core.ack(self.agent, &e.tp, e.record.offset);
+        }
+    }
+
+    /// The next event, acking the previous one; `None` when the worker stops.
+    pub async fn next_event(&mut self) -> Option<Event<K, V>> {
+        self.ack_current();
+        loop {
+            let queued = self.queue.pop().await?;
+            match self.decode(&queued) {
+                Ok((key, value)) => {
+                    if let Some(slot) = current_slot() {
+                        slot.set(Some(EventPosition {
+                            topic: Rc::from(&*queued.tp.topic),
+                            partition: queued.tp.partition,
+                            offset: queued.record.offset,
+                        }));
+                    }
+                    let event = Event {
+                        key,
+                        value,
+                        tp: queued.tp.clone(),
+                        offset: queued.record.offset,
+                        timestamp: queued.record.timestamp,
+                        headers: queued.record.clone(),
+                        core: self.core.clone(),
+                        agent: self.agent,
+                    };
+                    *self.current.borrow_mut() = Some(queued);
+                    return Some(event);
+                }
+                Err(reason) => {
+                    let raw = queued.record.value.clone().unwrap_or_else(Bytes::new);
+                    tracing::warn!(
+                        topic = %queued.tp.topic, partition = queued.tp.partition, offset = queued.record.offset,
+                        %reason, value = %preview(&raw), "skipping a record that does not decode"
+                    );
+                    self.core.count_decode_error();
+                    self.core.ack(self.agent, &queued.tp, queued.record.offset);
+                }
+            }
+        }
+    }
+
+    fn decode(&self, queued: &QueuedEvent) -> Result<(Option<K>, V), String> {
+        let key = match &queued.record.key {
+            Some(k) => Some(self.key_codec.decode(k).map_err(|e| format!("key: {e}"))?),
+            None => None,
+        };
+        let value = match &queued.record.value {
+            Some(v) => self.value_codec.decode(v).map_err(|e| format!("value: {e}"))?,
+            None => return Err("value: null".into()),
+        };
+        Ok((key, value))
+    }
+
+    /// The next value, acking the previous event; `None` when the worker stops.
+    pub async fn next(&mut self) -> Option<V> {
+        self.next_event().await.map(|e| e.value)
+    }
+
+    /// The next key and value, acking the previous event.
+    pub async fn next_item(&mut self) -> Option<(Option<K>, V)> {
+        self.next_event().await.map(|e| (e.key, e.value))
+    }
+}

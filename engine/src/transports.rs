@@ -1,0 +1,134 @@
+//! The transport a worker runs on, chosen by URL, as an enum over the concrete transports (so
+//! the engine's per-core futures need no boxing).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use faust_transport::{
+    AssignmentEvent, BatchBuilder, CoreTransport, Fetched, LocalCore, LocalMembership, LocalTransport, Membership,
+    MemoryMembership, MemoryTransport, OffsetSpec, Produced, Result, TopicConfig, TopicMetadata, TopicPartition,
+    Transport,
+};
+
+/// A worker's transport.
+#[derive(Debug, Clone)]
+pub(crate) enum AnyTransport {
+    Local(LocalTransport),
+    Memory(MemoryTransport),
+}
+
+/// One core's handle on it.
+#[derive(Debug)]
+pub(crate) enum AnyCore {
+    Local(LocalCore),
+    Memory(MemoryTransport),
+}
+
+pub(crate) enum AnyMembership {
+    Local(LocalMembership),
+    Memory(MemoryMembership),
+}
+
+impl AnyTransport {
+    /// Opens the transport named by `url` for `cores` cores. `memory` serves `memory://`.
+    pub(crate) fn open(url: &str, cores: usize, memory: Option<&MemoryTransport>) -> Result<AnyTransport> {
+        if let Some(path) = url.strip_prefix("local://") {
+            return Ok(AnyTransport::Local(LocalTransport::open(PathBuf::from(path), cores)?));
+        }
+        if url.starts_with("memory://") {
+            return Ok(AnyTransport::Memory(memory.cloned().unwrap_or_default()));
+        }
+        let reason = if url.starts_with("kafka://") || url.starts_with("aiokafka://") {
+            "the Kafka transport is not built yet; use local:// (the default) or memory://".to_string()
+        } else {
+            "use local://PATH, memory:// or kafka://HOST:PORT".to_string()
+        };
+        Err(faust_transport::Error::InvalidUrl { url: url.to_string(), reason })
+    }
+
+    pub(crate) async fn attach_core(&self, core: usize, cores: usize) -> Result<AnyCore> {
+        Ok(match self {
+            AnyTransport::Local(t) => AnyCore::Local(t.attach_core(core, cores).await?),
+            AnyTransport::Memory(t) => AnyCore::Memory(t.attach_core(core, cores).await?),
+        })
+    }
+
+    pub(crate) fn membership(&self, group: &str, topics: &[String]) -> Result<AnyMembership> {
+        Ok(match self {
+            AnyTransport::Local(t) => AnyMembership::Local(t.membership(group, topics)?),
+            AnyTransport::Memory(t) => AnyMembership::Memory(t.membership(group, topics)?),
+        })
+    }
+
+    /// Tells the transport which core processes which partition.
+    pub(crate) fn set_owners(&self, owners: &[(TopicPartition, usize)]) {
+        if let AnyTransport::Local(t) = self {
+            t.set_owners(owners.iter().cloned());
+        }
+    }
+
+    pub(crate) fn close(&self) {
+        match self {
+            AnyTransport::Local(t) => t.close(),
+            AnyTransport::Memory(_) => {}
+        }
+    }
+}
+
+impl AnyMembership {
+    pub(crate) async fn next_event(&mut self) -> Result<AssignmentEvent> {
+        match self {
+            AnyMembership::Local(m) => m.next_event().await,
+            AnyMembership::Memory(m) => m.next_event().await,
+        }
+    }
+}
+
+macro_rules! dispatch {
+    ($self:expr, $t:ident => $call:expr) => {
+        match $self {
+            AnyCore::Local($t) => $call,
+            AnyCore::Memory($t) => $call,
+        }
+    };
+}
+
+impl AnyCore {
+    pub(crate) async fn create_topic(&self, name: &str, config: &TopicConfig) -> Result<TopicMetadata> {
+        dispatch!(self, t => t.create_topic(name, config).await)
+    }
+
+    pub(crate) async fn topic_metadata(&self, name: &str) -> Result<Option<TopicMetadata>> {
+        dispatch!(self, t => t.topic_metadata(name).await)
+    }
+
+    pub(crate) async fn produce(&self, tp: &TopicPartition, batch: BatchBuilder) -> Result<Produced> {
+        dispatch!(self, t => t.produce(tp, batch).await)
+    }
+
+    pub(crate) async fn fetch(
+        &self,
+        tp: &TopicPartition,
+        offset: u64,
+        max_bytes: usize,
+        max_wait: Duration,
+    ) -> Result<Fetched> {
+        dispatch!(self, t => t.fetch(tp, offset, max_bytes, max_wait).await)
+    }
+
+    pub(crate) async fn list_offset(&self, tp: &TopicPartition, spec: OffsetSpec) -> Result<u64> {
+        dispatch!(self, t => t.list_offset(tp, spec).await)
+    }
+
+    pub(crate) async fn commit(&self, group: &str, offsets: &[(TopicPartition, u64)]) -> Result<()> {
+        dispatch!(self, t => t.commit(group, offsets).await)
+    }
+
+    pub(crate) async fn committed(&self, group: &str, partitions: &[TopicPartition]) -> Result<Vec<Option<u64>>> {
+        dispatch!(self, t => t.committed(group, partitions).await)
+    }
+
+    pub(crate) async fn shutdown(self) -> Result<()> {
+        dispatch!(self, t => t.shutdown().await)
+    }
+}

@@ -1,0 +1,616 @@
+//! The worker: start-up, the per-core runtime (consumers, ack tracking, commits, agents),
+//! and shutdown.
+//!
+//! On each core: one consumer task per assigned partition fetches records and hands them to
+//! the queue of every agent subscribed to the topic. A full queue stops that partition's
+//! fetching until the agent catches up (back-pressure, per partition). Agents ack an event
+//! when they ask for the next one; a commit task commits, per partition, the offset below
+//! which every delivered event was acked. An agent's sends are awaited before it moves on,
+//! so an offset is only committed after the records produced for it are durable.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use event_listener::Event;
+use faust_storage::Record;
+use faust_transport::{AssignmentEvent, AutoOffsetReset, OffsetSpec, TopicConfig, TopicPartition};
+
+use crate::acks::AckTracker;
+use crate::app::{AgentError, AgentSpec, App};
+use crate::context::{InTask, TaskSlot};
+use crate::runtime::{RuntimeConfig, RuntimeError, run_on_cores};
+use crate::transports::{AnyCore, AnyTransport};
+
+/// How many times an agent is restarted on the same event before the event is skipped.
+const MAX_RESTARTS_PER_EVENT: u32 = 3;
+/// Bytes asked for per fetch.
+const FETCH_BYTES: usize = 1 << 20;
+/// How long a fetch waits for new records before the consumer checks for a stop.
+const FETCH_WAIT: Duration = Duration::from_millis(100);
+
+/// Why the worker stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkerError {
+    /// The runtime could not start.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// The transport failed at start-up or shutdown.
+    #[error(transparent)]
+    Transport(#[from] faust_transport::Error),
+    /// Start-up failed on a core.
+    #[error("core {core}: {message}")]
+    Core {
+        /// The core.
+        core: usize,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+pub(crate) use crate::partitioner::partition_for_key;
+
+/// An event waiting in an agent's queue: where it came from and the record.
+#[derive(Debug, Clone)]
+pub(crate) struct QueuedEvent {
+    pub(crate) tp: TopicPartition,
+    pub(crate) record: Record,
+}
+
+/// A bounded queue between a core's consumers and one agent on that core.
+#[derive(Debug)]
+pub(crate) struct EventQueue {
+    items: RefCell<VecDeque<QueuedEvent>>,
+    capacity: usize,
+    readable: Event,
+    writable: Event,
+    closed: Cell<bool>,
+}
+
+impl EventQueue {
+    fn new(capacity: usize) -> Self {
+        EventQueue {
+            items: RefCell::new(VecDeque::new()),
+            capacity: capacity.max(1),
+            readable: Event::new(),
+            writable: Event::new(),
+            closed: Cell::new(false),
+        }
+    }
+
+    fn push(&self, event: QueuedEvent) {
+        self.items.borrow_mut().push_back(event);
+        self.readable.notify(1);
+    }
+
+    /// Puts an event back at the front (an agent failed on it and is restarted).
+    pub(crate) fn push_front(&self, event: QueuedEvent) {
+        self.items.borrow_mut().push_front(event);
+        self.readable.notify(1);
+    }
+
+    /// The next event; `None` once the queue is closed and drained.
+    pub(crate) async fn pop(&self) -> Option<QueuedEvent> {
+        loop {
+            let listener = self.readable.listen();
+            if let Some(e) = self.items.borrow_mut().pop_front() {
+                self.writable.notify(usize::MAX);
+                return Some(e);
+            }
+            if self.closed.get() {
+                return None;
+            }
+            listener.await;
+        }
+    }
+
+    /// Waits until the queue has room (or is closed).
+    async fn room(&self) {
+        loop {
+            let listener = self.writable.listen();
+            if self.items.borrow().len() < self.capacity || self.closed.get() {
+                return;
+            }
+            listener.await;
+        }
+    }
+
+    fn close(&self) {
+        self.closed.set(true);
+        self.readable.notify(usize::MAX);
+        self.writable.notify(usize::MAX);
+    }
+}
+
+/// Everything one core needs, shared by its tasks.
+pub(crate) struct CoreRuntime {
+    pub(crate) index: usize,
+    pub(crate) transport: AnyCore,
+    group: String,
+    partitions: HashMap<Arc<str>, u32>,
+    /// Per agent (by index): its queue.
+    queues: Vec<Rc<EventQueue>>,
+    /// Per (agent, partition): what the agent acked.
+    acks: RefCell<HashMap<(usize, TopicPartition), AckTracker>>,
+    /// Offsets committed last, per partition.
+    committed: RefCell<HashMap<TopicPartition, u64>>,
+    rr: Cell<u32>,
+    stopping: Cell<bool>,
+    stop_event: Event,
+    decode_errors: Cell<u64>,
+}
+
+impl std::fmt::Debug for CoreRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoreRuntime").field("index", &self.index).finish()
+    }
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<Rc<CoreRuntime>>> = const { RefCell::new(None) };
+}
+
+impl CoreRuntime {
+    /// The runtime of the core this thread runs, inside a worker.
+    pub(crate) fn current() -> Option<Rc<CoreRuntime>> {
+        CURRENT.with(|c| c.borrow().clone())
+    }
+
+    pub(crate) fn partitions(&self, topic: &str) -> Option<u32> {
+        self.partitions.get(topic).copied()
+    }
+
+    pub(crate) fn round_robin(&self, partitions: u32) -> u32 {
+        let n = self.rr.get();
+        self.rr.set(n.wrapping_add(1));
+        (n.wrapping_add(self.index as u32)) % partitions.max(1)
+    }
+
+    /// Acks `offset` of `tp` for `agent`.
+    pub(crate) fn ack(&self, agent: usize, tp: &TopicPartition, offset: u64) {
+        if let Some(t) = self.acks.borrow_mut().get_mut(&(agent, tp.clone())) {
+            t.ack(offset);
+        }
+    }
+
+    pub(crate) fn count_decode_error(&self) {
+        self.decode_errors.set(self.decode_errors.get() + 1);
+    }
+
+    /// Commits, per partition, the lowest offset every agent may commit.
+    async fn commit_now(&self) -> Result<(), faust_transport::Error> {
+        let mut lowest: HashMap<TopicPartition, u64> = HashMap::new();
+        for ((_, tp), tracker) in self.acks.borrow().iter() {
+            let c = tracker.committable();
+            lowest.entry(tp.clone()).and_modify(|v| *v = (*v).min(c)).or_insert(c);
+        }
+        let offsets: Vec<(TopicPartition, u64)> = {
+            let committed = self.committed.borrow();
+            lowest.into_iter().filter(|(tp, o)| committed.get(tp) != Some(o)).collect()
+        };
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        self.transport.commit(&self.group, &offsets).await?;
+        let mut committed = self.committed.borrow_mut();
+        for (tp, o) in offsets {
+            committed.insert(tp, o);
+        }
+        Ok(())
+    }
+
+    fn stop(&self) {
+        self.stopping.set(true);
+        self.stop_event.notify(usize::MAX);
+    }
+
+    async fn stopped(&self) {
+        loop {
+            let listener = self.stop_event.listen();
+            if self.stopping.get() {
+                return;
+            }
+            listener.await;
+        }
+    }
+}
+
+/// What an agent's supervisor gets on its core.
+#[derive(Clone)]
+pub(crate) struct AgentRun {
+    pub(crate) core: Rc<CoreRuntime>,
+    pub(crate) agent: usize,
+    pub(crate) queue: Rc<EventQueue>,
+    /// The event the agent is processing, shared with the supervisor so a failed event can be
+    /// handed to the restarted agent.
+    pub(crate) current: Rc<RefCell<Option<QueuedEvent>>>,
+}
+
+/// Runs an agent, restarting it when it fails: the event it failed on goes back to the front
+/// of its queue (it was not acked), up to `MAX_RESTARTS_PER_EVENT` times; then the event is
+/// logged and skipped (acked) and the agent restarted on the next one.
+pub(crate) async fn supervise<F, Fut>(run: AgentRun, name: Arc<str>, make: F)
+where
+    F: Fn(&AgentRun) -> Fut,
+    Fut: Future<Output = Result<(), AgentError>>,
+{
+    let slot = Rc::new(TaskSlot::default());
+    let mut failures_on: Option<(TopicPartition, u64, u32)> = None;
+    loop {
+        let fut = make(&run);
+        let outcome =
+            InTask::new(slot.clone(), futures_lite::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(fut))).await;
+        let error = match outcome {
+            Ok(Ok(())) => {
+                if let Some(e) = run.current.borrow_mut().take() {
+                    run.core.ack(run.agent, &e.tp, e.record.offset);
+                }
+                return;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(panic) => panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panic".into()),
+        };
+        let failed = run.current.borrow_mut().take();
+        let Some(event) = failed else {
+            tracing::error!(agent = %name, %error, "agent failed outside an event; restarting it");
+            if run.core.stopping.get() {
+                return;
+            }
+            glommio::timer::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let (tp, offset) = (event.tp.clone(), event.record.offset);
+        let attempts = match &failures_on {
+            Some((t, o, n)) if *t == tp && *o == offset => n + 1,
+            _ => 1,
+        };
+        if attempts > MAX_RESTARTS_PER_EVENT {
+            tracing::error!(agent = %name, topic = %tp.topic, partition = tp.partition, offset, %error,
+                "agent failed {MAX_RESTARTS_PER_EVENT} times on this event; skipping it");
+            run.core.ack(run.agent, &tp, offset);
+            failures_on = None;
+        } else {
+            tracing::warn!(agent = %name, topic = %tp.topic, partition = tp.partition, offset, attempt = attempts, %error,
+                "agent failed; restarting it on the same event");
+            run.queue.push_front(event);
+            failures_on = Some((tp, offset, attempts));
+        }
+    }
+}
+
+/// Fetches one partition and feeds the agents subscribed to its topic.
+async fn consume(core: Rc<CoreRuntime>, tp: TopicPartition, agents: Vec<usize>, reset: AutoOffsetReset) {
+    let committed = core.transport.committed(&core.group, std::slice::from_ref(&tp)).await;
+    let mut next = match committed {
+        Ok(c) if c.first().copied().flatten().is_some() => c[0].unwrap_or(0),
+        _ => {
+            let spec = match reset {
+                AutoOffsetReset::Earliest => OffsetSpec::Earliest,
+                AutoOffsetReset::Latest => OffsetSpec::Latest,
+            };
+            core.transport.list_offset(&tp, spec).await.unwrap_or(0)
+        }
+    };
+    for &a in &agents {
+        core.acks.borrow_mut().insert((a, tp.clone()), AckTracker::new(next));
+    }
+    let mut failures = 0u32;
+    while !core.stopping.get() {
+        for &a in &agents {
+            core.queues[a].room().await;
+        }
+        if core.stopping.get() {
+            break;
+        }
+        match core.transport.fetch(&tp, next, FETCH_BYTES, FETCH_WAIT).await {
+            Ok(fetched) => {
+                failures = 0;
+                for record in fetched.records {
+                    for &a in &agents {
+                        if let Some(t) = core.acks.borrow_mut().get_mut(&(a, tp.clone())) {
+                            t.delivered(record.offset);
+                        }
+                        core.queues[a].push(QueuedEvent { tp: tp.clone(), record: record.clone() });
+                    }
+                }
+                next = fetched.next_offset;
+                for &a in &agents {
+                    if let Some(t) = core.acks.borrow_mut().get_mut(&(a, tp.clone())) {
+                        t.read_through(next);
+                    }
+                }
+            }
+            Err(faust_transport::Error::OffsetOutOfRange { earliest, high_watermark, .. }) => {
+                let to = match reset {
+                    AutoOffsetReset::Earliest => earliest,
+                    AutoOffsetReset::Latest => high_watermark,
+                };
+                tracing::warn!(topic = %tp.topic, partition = tp.partition, offset = next, reset_to = to,
+                    "offset out of range; resetting");
+                next = to;
+                for &a in &agents {
+                    core.acks.borrow_mut().insert((a, tp.clone()), AckTracker::new(next));
+                }
+            }
+            Err(faust_transport::Error::Closed) => break,
+            Err(e) => {
+                failures += 1;
+                let backoff = Duration::from_millis(50 * u64::from(failures.min(20)));
+                tracing::error!(topic = %tp.topic, partition = tp.partition, offset = next, error = %e,
+                    retry_in_ms = backoff.as_millis() as u64, "fetch failed");
+                futures_lite::future::or(glommio::timer::sleep(backoff), core.stopped()).await;
+            }
+        }
+    }
+}
+
+/// Start-up state shared by the cores and the control thread.
+struct Startup {
+    topics_ready: AtomicBool,
+    assigned: Mutex<Option<Result<Vec<Vec<TopicPartition>>, String>>>,
+    event: Event,
+}
+
+impl Startup {
+    async fn wait_until(&self, ready: impl Fn() -> bool) {
+        loop {
+            let listener = self.event.listen();
+            if ready() {
+                return;
+            }
+            listener.await;
+        }
+    }
+}
+
+/// Places partitions on cores: partition number p of every topic goes to the same core (a
+/// source topic and the topics derived from it are co-partitioned by number), and the
+/// partition numbers this worker holds are spread evenly over the cores.
+fn place(partitions: &[TopicPartition], cores: usize) -> Vec<Vec<TopicPartition>> {
+    let mut numbers: Vec<u32> = partitions.iter().map(|tp| tp.partition).collect();
+    numbers.sort_unstable();
+    numbers.dedup();
+    let mut out = vec![Vec::new(); cores.max(1)];
+    for tp in partitions {
+        let rank = numbers.binary_search(&tp.partition).unwrap_or(0);
+        out[rank % cores.max(1)].push(tp.clone());
+    }
+    out
+}
+
+pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
+    let settings = app.inner.settings.clone();
+    let cores = crate::runtime::choose_cpus(settings.cores, &crate::runtime::usable_cpus())?.len();
+    std::fs::create_dir_all(&settings.datadir).map_err(|source| faust_transport::Error::Io {
+        op: "create data directory",
+        path: settings.datadir.clone(),
+        source,
+    })?;
+    let memory = app.inner.memory.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let transport = AnyTransport::open(&settings.broker_url(), cores, memory.as_ref())?;
+    let startup =
+        Arc::new(Startup { topics_ready: AtomicBool::new(false), assigned: Mutex::new(None), event: Event::new() });
+    let sources: Vec<String> = {
+        let agents = app.inner.agents.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s: Vec<String> = agents.iter().filter(|a| !a.topic.is_empty()).map(|a| a.topic.to_string()).collect();
+        s.sort();
+        s.dedup();
+        s
+    };
+
+    // The control thread: membership and placement.
+    let control = {
+        let (transport, startup, group, stop) =
+            (transport.clone(), startup.clone(), settings.id.clone(), app.inner.stop.clone());
+        std::thread::Builder::new()
+            .name(format!("{}-control", settings.id))
+            .spawn(move || {
+                futures_lite::future::block_on(async {
+                    startup.wait_until(|| startup.topics_ready.load(Ordering::Acquire) || stop.is_stopped()).await;
+                    let result = async {
+                        let mut membership = transport.membership(&group, &sources)?;
+                        match membership.next_event().await? {
+                            AssignmentEvent::Assigned { partitions, .. } => Ok(partitions),
+                            AssignmentEvent::Revoked { .. } => Ok(Vec::new()),
+                        }
+                    }
+                    .await
+                    .map(|partitions: Vec<TopicPartition>| {
+                        let placed = place(&partitions, cores);
+                        let owners: Vec<(TopicPartition, usize)> = placed
+                            .iter()
+                            .enumerate()
+                            .flat_map(|(core, tps)| tps.iter().map(move |tp| (tp.clone(), core)))
+                            .collect();
+                        transport.set_owners(&owners);
+                        placed
+                    })
+                    .map_err(|e: faust_transport::Error| e.to_string());
+                    *startup.assigned.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
+                    startup.event.notify(usize::MAX);
+                })
+            })
+            .map_err(|e| WorkerError::Core { core: 0, message: format!("starting the control thread: {e}") })?
+    };
+
+    let config = RuntimeConfig { cores: Some(cores), name: settings.id.clone(), ..RuntimeConfig::default() };
+    let results = {
+        let (app, transport, startup) = (app.clone(), transport.clone(), startup.clone());
+        run_on_cores(&config, move |ctx| {
+            let (app, transport, startup) = (app.clone(), transport.clone(), startup.clone());
+            async move { core_main(ctx.index, ctx.cores, app, transport, startup).await }
+        })
+    };
+    // Whatever happened, let the control thread finish.
+    startup.topics_ready.store(true, Ordering::Release);
+    app.inner.stop.stop();
+    startup.event.notify(usize::MAX);
+    let _ = control.join();
+    transport.close();
+    for (core, r) in results?.into_iter().enumerate() {
+        r.map_err(|message| WorkerError::Core { core, message })?;
+    }
+    Ok(())
+}
+
+async fn core_main(
+    index: usize,
+    cores: usize,
+    app: App,
+    transport: AnyTransport,
+    startup: Arc<Startup>,
+) -> Result<(), String> {
+    let settings = &app.inner.settings;
+    let stop = app.inner.stop.clone();
+    let core = transport.attach_core(index, cores).await.map_err(|e| e.to_string())?;
+    let declared = app.inner.topics.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    if index == 0 {
+        let created: Result<(), faust_transport::Error> = async {
+            for t in &declared {
+                core.create_topic(&t.name, &TopicConfig::new(t.partitions.unwrap_or(settings.topic_partitions)))
+                    .await?;
+            }
+            Ok(())
+        }
+        .await;
+        startup.topics_ready.store(true, Ordering::Release);
+        startup.event.notify(usize::MAX);
+        if let Err(e) = created {
+            stop.stop();
+            let _ = core.shutdown().await;
+            return Err(format!("creating topics: {e}"));
+        }
+    }
+    startup.wait_until(|| startup.assigned.lock().map(|a| a.is_some()).unwrap_or(true)).await;
+    let assignment = startup.assigned.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let assigned = match assignment {
+        Some(Ok(placed)) => placed.get(index).cloned().unwrap_or_default(),
+        Some(Err(e)) => {
+            stop.stop();
+            let _ = core.shutdown().await;
+            return Err(format!("joining the group: {e}"));
+        }
+        None => Vec::new(),
+    };
+    let mut partitions = HashMap::new();
+    for t in &declared {
+        match core.topic_metadata(&t.name).await {
+            Ok(Some(meta)) => {
+                partitions.insert(t.name.clone(), meta.config.partitions);
+            }
+            Ok(None) => {}
+            Err(e) => return Err(format!("reading topic {}: {e}", t.name)),
+        }
+    }
+    let specs: Vec<(String, Arc<str>, crate::app::StartAgent)> = app
+        .inner
+        .agents
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|a: &AgentSpec| (a.name.clone(), a.topic.clone(), a.start.clone()))
+        .collect();
+    let runtime = Rc::new(CoreRuntime {
+        index,
+        transport: core,
+        group: settings.id.clone(),
+        partitions,
+        queues: specs.iter().map(|_| Rc::new(EventQueue::new(settings.stream_buffer_maxsize))).collect(),
+        acks: RefCell::new(HashMap::new()),
+        committed: RefCell::new(HashMap::new()),
+        rr: Cell::new(0),
+        stopping: Cell::new(false),
+        stop_event: Event::new(),
+        decode_errors: Cell::new(0),
+    });
+    CURRENT.with(|c| *c.borrow_mut() = Some(runtime.clone()));
+
+    // Agents on every core; tasks (no topic) on core 0 only, cancelled at shutdown.
+    let mut agent_tasks = Vec::new();
+    let mut background = Vec::new();
+    for (i, (name, topic, start)) in specs.iter().enumerate() {
+        let run = AgentRun {
+            core: runtime.clone(),
+            agent: i,
+            queue: runtime.queues[i].clone(),
+            current: Rc::new(RefCell::new(None)),
+        };
+        if topic.is_empty() {
+            if index == 0 {
+                background.push(glommio::spawn_local(start(run)));
+            }
+            continue;
+        }
+        tracing::debug!(agent = %name, core = index, topic = %topic, "starting agent");
+        agent_tasks.push(glommio::spawn_local(start(run)));
+    }
+    // Consumers.
+    let mut consumers = Vec::new();
+    for tp in assigned {
+        let agents: Vec<usize> =
+            specs.iter().enumerate().filter(|(_, (_, t, _))| **t == *tp.topic).map(|(i, _)| i).collect();
+        if agents.is_empty() {
+            continue;
+        }
+        consumers.push(glommio::spawn_local(consume(runtime.clone(), tp, agents, settings.auto_offset_reset)));
+    }
+    // Commits.
+    let committer = {
+        let (runtime, interval) = (runtime.clone(), settings.commit_interval);
+        glommio::spawn_local(async move {
+            while !runtime.stopping.get() {
+                futures_lite::future::or(glommio::timer::sleep(interval), runtime.stopped()).await;
+                if let Err(e) = runtime.commit_now().await {
+                    tracing::error!(error = %e, "commit failed");
+                }
+            }
+        })
+    };
+
+    stop.wait().await;
+    // Shutdown: stop fetching, let agents drain what they were given, commit, release.
+    drop(background);
+    runtime.stop();
+    for c in consumers {
+        c.await;
+    }
+    for q in &runtime.queues {
+        q.close();
+    }
+    for t in agent_tasks {
+        t.await;
+    }
+    committer.await;
+    let result = runtime.commit_now().await.map_err(|e| format!("final commit: {e}"));
+    CURRENT.with(|c| *c.borrow_mut() = None);
+    let runtime = Rc::try_unwrap(runtime).map_err(|_| "a task still holds the core's runtime".to_string())?;
+    runtime.transport.shutdown().await.map_err(|e| e.to_string())?;
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placement_spreads_partition_numbers_and_keeps_copartitions_together() {
+        let tps: Vec<TopicPartition> =
+            [("a", 1), ("a", 3), ("b", 1), ("b", 3)].iter().map(|(t, p)| TopicPartition::new(*t, *p)).collect();
+        let placed = place(&tps, 2);
+        assert_eq!(placed[0], vec![TopicPartition::new("a", 1), TopicPartition::new("b", 1)]);
+        assert_eq!(placed[1], vec![TopicPartition::new("a", 3), TopicPartition::new("b", 3)]);
+    }
+}
