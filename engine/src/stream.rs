@@ -90,6 +90,9 @@ impl<K: DeserializeOwned, V: DeserializeOwned> Stream<K, V> {
     /// The next event, acking the previous one; `None` when the worker stops.
     pub async fn next_event(&mut self) -> Option<Event<K, V>> {
         self.ack_current();
+        // An agent whose events and sends are all ready would never give the core back: let
+        // the commit task and the other partitions' consumers run when its time slice is up.
+        glommio::yield_if_needed().await;
         loop {
             let queued = self.queue.pop().await?;
             match self.decode(&queued) {

@@ -66,20 +66,32 @@ pub(crate) struct QueuedEvent {
     pub(crate) record: Record,
 }
 
-/// A bounded queue between a core's consumers and one agent on that core.
+/// The queue between a core's consumers and one agent on that core: one bounded sub-queue
+/// per partition, so back-pressure is per partition, and `pop` takes from the partitions in
+/// turn, so one partition's backlog cannot starve the others (Faust round-robins the same
+/// way).
 #[derive(Debug)]
 pub(crate) struct EventQueue {
-    items: RefCell<VecDeque<QueuedEvent>>,
+    lanes: RefCell<Vec<Lane>>,
+    /// The lane `pop` looks at first.
+    next: Cell<usize>,
     capacity: usize,
     readable: Event,
     writable: Event,
     closed: Cell<bool>,
 }
 
+#[derive(Debug)]
+struct Lane {
+    tp: TopicPartition,
+    events: VecDeque<QueuedEvent>,
+}
+
 impl EventQueue {
     fn new(capacity: usize) -> Self {
         EventQueue {
-            items: RefCell::new(VecDeque::new()),
+            lanes: RefCell::new(Vec::new()),
+            next: Cell::new(0),
             capacity: capacity.max(1),
             readable: Event::new(),
             writable: Event::new(),
@@ -87,22 +99,52 @@ impl EventQueue {
         }
     }
 
-    fn push(&self, event: QueuedEvent) {
-        self.items.borrow_mut().push_back(event);
+    /// The lane of `tp`, created on first use.
+    fn lane(&self, tp: &TopicPartition) -> usize {
+        let mut lanes = self.lanes.borrow_mut();
+        if let Some(i) = lanes.iter().position(|l| l.tp == *tp) {
+            return i;
+        }
+        lanes.push(Lane { tp: tp.clone(), events: VecDeque::new() });
+        lanes.len() - 1
+    }
+
+    fn push(&self, lane: usize, event: QueuedEvent) {
+        if let Some(l) = self.lanes.borrow_mut().get_mut(lane) {
+            l.events.push_back(event);
+        }
         self.readable.notify(1);
     }
 
-    /// Puts an event back at the front (an agent failed on it and is restarted).
+    /// Puts an event back at the front of its lane (an agent failed on it and is restarted),
+    /// and makes its lane the next one served.
     pub(crate) fn push_front(&self, event: QueuedEvent) {
-        self.items.borrow_mut().push_front(event);
+        let lane = self.lane(&event.tp);
+        if let Some(l) = self.lanes.borrow_mut().get_mut(lane) {
+            l.events.push_front(event);
+        }
+        self.next.set(lane);
         self.readable.notify(1);
+    }
+
+    fn take(&self) -> Option<QueuedEvent> {
+        let mut lanes = self.lanes.borrow_mut();
+        let n = lanes.len();
+        for k in 0..n {
+            let i = (self.next.get() + k) % n;
+            if let Some(e) = lanes[i].events.pop_front() {
+                self.next.set((i + 1) % n);
+                return Some(e);
+            }
+        }
+        None
     }
 
     /// The next event; `None` once the queue is closed and drained.
     pub(crate) async fn pop(&self) -> Option<QueuedEvent> {
         loop {
             let listener = self.readable.listen();
-            if let Some(e) = self.items.borrow_mut().pop_front() {
+            if let Some(e) = self.take() {
                 self.writable.notify(usize::MAX);
                 return Some(e);
             }
@@ -113,11 +155,12 @@ impl EventQueue {
         }
     }
 
-    /// Waits until the queue has room (or is closed).
-    async fn room(&self) {
+    /// Waits until `lane` has room (or the queue is closed).
+    async fn room(&self, lane: usize) {
         loop {
             let listener = self.writable.listen();
-            if self.items.borrow().len() < self.capacity || self.closed.get() {
+            let len = self.lanes.borrow().get(lane).map_or(0, |l| l.events.len());
+            if len < self.capacity || self.closed.get() {
                 return;
             }
             listener.await;
@@ -307,10 +350,11 @@ async fn consume(core: Rc<CoreRuntime>, tp: TopicPartition, agents: Vec<usize>, 
     for &a in &agents {
         core.acks.borrow_mut().insert((a, tp.clone()), AckTracker::new(next));
     }
+    let lanes: Vec<usize> = agents.iter().map(|&a| core.queues[a].lane(&tp)).collect();
     let mut failures = 0u32;
     while !core.stopping.get() {
-        for &a in &agents {
-            core.queues[a].room().await;
+        for (&a, &lane) in agents.iter().zip(&lanes) {
+            core.queues[a].room(lane).await;
         }
         if core.stopping.get() {
             break;
@@ -319,14 +363,15 @@ async fn consume(core: Rc<CoreRuntime>, tp: TopicPartition, agents: Vec<usize>, 
             Ok(fetched) => {
                 failures = 0;
                 for record in fetched.records {
-                    for &a in &agents {
+                    for (&a, &lane) in agents.iter().zip(&lanes) {
                         if let Some(t) = core.acks.borrow_mut().get_mut(&(a, tp.clone())) {
                             t.delivered(record.offset);
                         }
-                        core.queues[a].push(QueuedEvent { tp: tp.clone(), record: record.clone() });
+                        core.queues[a].push(lane, QueuedEvent { tp: tp.clone(), record: record.clone() });
                     }
                 }
                 next = fetched.next_offset;
+                glommio::yield_if_needed().await;
                 for &a in &agents {
                     if let Some(t) = core.acks.borrow_mut().get_mut(&(a, tp.clone())) {
                         t.read_through(next);

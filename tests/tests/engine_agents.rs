@@ -1,0 +1,124 @@
+//! Agents that fail: the supervisor restarts an agent on the event it failed on, so the event
+//! is neither lost nor skipped silently; an event an agent keeps failing on is given up after
+//! 3 restarts (logged), and everything else is still processed and committed.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use faust::{App, MemoryTransport, Settings, TopicPartition};
+
+/// Runs an app that sends 0..n to `a` and forwards `a` to `b` through `agent`, until `b`
+/// holds `expect` records. Returns b's values with how often each appears.
+fn forward_with<F>(n: u64, expect: u64, agent: F) -> (BTreeMap<u64, usize>, MemoryTransport)
+where
+    F: Fn(u64) -> Result<(), String> + Send + Sync + 'static,
+{
+    let transport = MemoryTransport::new();
+    let mut settings = Settings::new("agents-test");
+    settings.broker = "memory://".into();
+    settings.topic_partitions = 2;
+    settings.cores = Some(1);
+    settings.commit_interval = Duration::from_millis(20);
+    let dir = tempfile::tempdir().unwrap();
+    settings.datadir = dir.path().to_path_buf();
+    let app = App::new(settings).with_memory_transport(transport.clone());
+    let a = app.topic::<String, u64>("a");
+    let b = app.topic::<String, u64>("b");
+    let agent = Arc::new(agent);
+    app.agent("forward", &a, move |mut stream| {
+        let (b, agent) = (b.clone(), agent.clone());
+        async move {
+            while let Some(e) = stream.next_event().await {
+                agent(e.value)?;
+                b.send(e.key.as_ref(), &e.value).await?;
+            }
+            Ok(())
+        }
+    });
+    app.task(move || {
+        let a = a.clone();
+        async move {
+            for i in 0..n {
+                a.send(Some(&format!("k{i}")), &i).await?;
+            }
+            Ok(())
+        }
+    });
+    let stop = app.stop_signal();
+    let watcher = {
+        let transport = transport.clone();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let held: u64 =
+                    (0..2).map(|p| transport.high_watermark(&TopicPartition::new("b", p)).unwrap_or(0)).sum();
+                if held >= expect || Instant::now() > deadline {
+                    // Let a commit happen before stopping (the stop commits too).
+                    std::thread::sleep(Duration::from_millis(50));
+                    stop.stop();
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    app.run().expect("worker");
+    watcher.join().unwrap();
+    let mut counts = BTreeMap::new();
+    for p in 0..2 {
+        for r in transport.records(&TopicPartition::new("b", p)).unwrap() {
+            let v: u64 = serde_json::from_slice(r.value.as_deref().unwrap()).unwrap();
+            *counts.entry(v).or_insert(0) += 1;
+        }
+    }
+    (counts, transport)
+}
+
+#[test]
+fn a_failed_event_is_retried_not_lost() {
+    let failures = Arc::new(AtomicU32::new(0));
+    let seen = failures.clone();
+    let (counts, _) = forward_with(50, 50, move |v| {
+        // Fails on 7 twice (an error, then a panic), then succeeds.
+        if v == 7 {
+            match seen.fetch_add(1, Ordering::SeqCst) {
+                0 => return Err("transient failure".into()),
+                1 => panic!("agent bug on 7"),
+                _ => {}
+            }
+        }
+        Ok(())
+    });
+    assert_eq!(failures.load(Ordering::SeqCst), 3, "two failures and the successful retry");
+    let expected: BTreeMap<u64, usize> = (0..50).map(|v| (v, 1)).collect();
+    assert_eq!(counts, expected, "every event forwarded exactly once");
+}
+
+#[test]
+fn an_event_that_always_fails_is_skipped_after_three_restarts_and_committed_past() {
+    let attempts = Arc::new(AtomicU32::new(0));
+    let seen = attempts.clone();
+    let (counts, transport) = forward_with(30, 29, move |v| {
+        if v == 3 {
+            seen.fetch_add(1, Ordering::SeqCst);
+            return Err("poison".into());
+        }
+        Ok(())
+    });
+    assert_eq!(attempts.load(Ordering::SeqCst), 4, "the first try and 3 restarts");
+    assert!(!counts.contains_key(&3));
+    assert_eq!(counts.len(), 29);
+    assert!(counts.values().all(|&c| c == 1));
+    // The skipped event does not hold the commit back.
+    let tps = [TopicPartition::new("a", 0), TopicPartition::new("a", 1)];
+    let committed = futures_lite::future::block_on(committed_offsets(&transport, &tps));
+    let ends: Vec<Option<u64>> = tps.iter().map(|tp| Some(transport.high_watermark(tp).unwrap())).collect();
+    assert_eq!(committed, ends);
+}
+
+async fn committed_offsets(transport: &MemoryTransport, tps: &[TopicPartition]) -> Vec<Option<u64>> {
+    use faust_transport::CoreTransport;
+    transport.committed("agents-test", tps).await.unwrap()
+}
