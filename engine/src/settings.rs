@@ -74,6 +74,9 @@ pub struct Settings {
     pub cores: Option<usize>,
     /// Port of the web server (when it exists).
     pub web_port: u16,
+    /// After a stop, how long agents may take to finish their current events before they are
+    /// cancelled (their unacked events are processed again after a restart).
+    pub shutdown_timeout: Duration,
 }
 
 impl Settings {
@@ -93,6 +96,7 @@ impl Settings {
             auto_offset_reset: AutoOffsetReset::Earliest,
             cores: None,
             web_port: 6066,
+            shutdown_timeout: Duration::from_secs(10),
         }
     }
 

@@ -635,10 +635,38 @@ async fn core_main(
     for q in &runtime.queues {
         q.close();
     }
-    for t in agent_tasks {
-        t.await;
+    // Agents finish the events they were given; one that does not within the grace period is
+    // cancelled (its unacked event will be processed again after a restart).
+    let grace = settings.shutdown_timeout;
+    let deadline = std::time::Instant::now() + grace;
+    for (i, t) in agent_tasks.into_iter().enumerate() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let finished = futures_lite::future::or(
+            async {
+                t.await;
+                true
+            },
+            async {
+                glommio::timer::sleep(left).await;
+                false
+            },
+        )
+        .await;
+        if !finished {
+            tracing::error!(
+                core = index,
+                agent = i,
+                grace_ms = grace.as_millis() as u64,
+                "agent did not finish after stop; cancelled it"
+            );
+        }
     }
     committer.await;
+    // Cancelled tasks release the runtime when the executor drops them.
+    let release_deadline = std::time::Instant::now() + Duration::from_secs(1);
+    while Rc::strong_count(&runtime) > 1 && std::time::Instant::now() < release_deadline {
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+    }
     let result = runtime.commit_now().await.map_err(|e| format!("final commit: {e}"));
     CURRENT.with(|c| *c.borrow_mut() = None);
     let runtime = Rc::try_unwrap(runtime).map_err(|_| "a task still holds the core's runtime".to_string())?;

@@ -122,3 +122,31 @@ async fn committed_offsets(transport: &MemoryTransport, tps: &[TopicPartition]) 
     use faust_transport::CoreTransport;
     transport.committed("agents-test", tps).await.unwrap()
 }
+
+#[test]
+fn stop_is_bounded_even_when_an_agent_never_returns() {
+    let mut settings = Settings::new("stuck-agent");
+    settings.broker = "memory://".into();
+    settings.cores = Some(1);
+    settings.topic_partitions = 1;
+    settings.shutdown_timeout = Duration::from_millis(200);
+    let dir = tempfile::tempdir().unwrap();
+    settings.datadir = dir.path().to_path_buf();
+    let app = App::new(settings);
+    let a = app.topic::<String, u64>("a");
+    app.agent("stuck", &a, |_stream| async {
+        // Ignores its stream and never returns.
+        loop {
+            glommio::timer::sleep(Duration::from_secs(3600)).await;
+        }
+    });
+    let stop = app.stop_signal();
+    let stopper = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        stop.stop();
+    });
+    let start = Instant::now();
+    app.run().expect("worker");
+    stopper.join().unwrap();
+    assert!(start.elapsed() < Duration::from_secs(5), "stop took {:?}", start.elapsed());
+}
