@@ -21,9 +21,11 @@ pub struct Stream<K, V> {
     core: Rc<CoreRuntime>,
     agent: usize,
     queue: Rc<EventQueue>,
-    current: Rc<std::cell::RefCell<Option<QueuedEvent>>>,
+    current: Rc<std::cell::RefCell<Vec<QueuedEvent>>>,
     key_codec: Codec,
     value_codec: Codec,
+    /// Values for which this is false are acked and skipped (`filter`).
+    keep: Option<Box<dyn Fn(&V) -> bool>>,
     _types: PhantomData<fn() -> (K, V)>,
 }
 
@@ -77,12 +79,26 @@ impl<K: DeserializeOwned, V: DeserializeOwned> Stream<K, V> {
             current: run.current.clone(),
             key_codec,
             value_codec,
+            keep: None,
             _types: PhantomData,
         }
     }
 
+    /// Only the events whose value satisfies `predicate`; the others are acked and skipped
+    /// (as Faust's `filter`), so they never hold a commit back.
+    pub fn filter(mut self, predicate: impl Fn(&V) -> bool + 'static) -> Self
+    where
+        V: 'static,
+    {
+        self.keep = Some(match self.keep.take() {
+            Some(previous) => Box::new(move |v: &V| previous(v) && predicate(v)),
+            None => Box::new(predicate),
+        });
+        self
+    }
+
     fn ack_current(&mut self) {
-        if let Some(e) = self.current.borrow_mut().take() {
+        for e in self.current.borrow_mut().drain(..) {
             self.core.ack(self.agent, &e.tp, e.record.offset);
         }
     }
@@ -90,12 +106,31 @@ impl<K: DeserializeOwned, V: DeserializeOwned> Stream<K, V> {
     /// The next event, acking the previous one; `None` when the worker stops.
     pub async fn next_event(&mut self) -> Option<Event<K, V>> {
         self.ack_current();
+        self.pull(None).await
+    }
+
+    /// The next event that decodes and passes the filter, added to the events in hand.
+    /// With a deadline, gives up (returning `None`) when it passes.
+    async fn pull(&mut self, deadline: Option<std::time::Instant>) -> Option<Event<K, V>> {
         // An agent whose events and sends are all ready would never give the core back: let
         // the commit task and the other partitions' consumers run when its time slice is up.
         glommio::yield_if_needed().await;
         loop {
-            let queued = self.queue.pop().await?;
+            let queued = match deadline {
+                None => self.queue.pop().await?,
+                Some(d) => {
+                    let left = d.saturating_duration_since(std::time::Instant::now());
+                    futures_lite::future::or(self.queue.pop(), async {
+                        glommio::timer::sleep(left).await;
+                        None
+                    })
+                    .await?
+                }
+            };
             match self.decode(&queued) {
+                Ok((_, value)) if self.keep.as_ref().is_some_and(|keep| !keep(&value)) => {
+                    self.core.ack(self.agent, &queued.tp, queued.record.offset);
+                }
                 Ok((key, value)) => {
                     if let Some(slot) = current_slot() {
                         slot.set(Some(EventPosition {
@@ -114,7 +149,7 @@ impl<K: DeserializeOwned, V: DeserializeOwned> Stream<K, V> {
                         core: self.core.clone(),
                         agent: self.agent,
                     };
-                    *self.current.borrow_mut() = Some(queued);
+                    self.current.borrow_mut().push(queued);
                     return Some(event);
                 }
                 Err(reason) => {
@@ -150,5 +185,29 @@ impl<K: DeserializeOwned, V: DeserializeOwned> Stream<K, V> {
     /// The next key and value, acking the previous event.
     pub async fn next_item(&mut self) -> Option<(Option<K>, V)> {
         self.next_event().await.map(|e| (e.key, e.value))
+    }
+
+    /// Up to `max` events, waiting at most `within` after the first for the rest (Faust's
+    /// `take_events`). The batch is acked when the agent asks for more; an agent that fails
+    /// gets the whole batch again. Empty only when the worker stops.
+    pub async fn take_events(&mut self, max: usize, within: std::time::Duration) -> Vec<Event<K, V>> {
+        self.ack_current();
+        let mut batch = Vec::new();
+        let Some(first) = self.pull(None).await else { return batch };
+        batch.push(first);
+        let deadline = std::time::Instant::now() + within;
+        while batch.len() < max.max(1) {
+            match self.pull(Some(deadline)).await {
+                Some(e) => batch.push(e),
+                None => break,
+            }
+        }
+        batch
+    }
+
+    /// Up to `max` values, waiting at most `within` after the first for the rest (Faust's
+    /// `take`); see [`Stream::take_events`].
+    pub async fn take(&mut self, max: usize, within: std::time::Duration) -> Vec<V> {
+        self.take_events(max, within).await.into_iter().map(|e| e.value).collect()
     }
 }

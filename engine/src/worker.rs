@@ -273,9 +273,9 @@ pub(crate) struct AgentRun {
     pub(crate) core: Rc<CoreRuntime>,
     pub(crate) agent: usize,
     pub(crate) queue: Rc<EventQueue>,
-    /// The event the agent is processing, shared with the supervisor so a failed event can be
-    /// handed to the restarted agent.
-    pub(crate) current: Rc<RefCell<Option<QueuedEvent>>>,
+    /// The events the agent holds (one, or a batch from `take`), shared with the supervisor
+    /// so that what an agent failed on is handed to the restarted agent.
+    pub(crate) current: Rc<RefCell<Vec<QueuedEvent>>>,
 }
 
 /// Runs an agent, restarting it when it fails: the event it failed on goes back to the front
@@ -294,7 +294,7 @@ where
             InTask::new(slot.clone(), futures_lite::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(fut))).await;
         let error = match outcome {
             Ok(Ok(())) => {
-                if let Some(e) = run.current.borrow_mut().take() {
+                for e in run.current.borrow_mut().drain(..) {
                     run.core.ack(run.agent, &e.tp, e.record.offset);
                 }
                 return;
@@ -306,8 +306,8 @@ where
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "panic".into()),
         };
-        let failed = run.current.borrow_mut().take();
-        let Some(event) = failed else {
+        let failed: Vec<QueuedEvent> = run.current.borrow_mut().drain(..).collect();
+        let Some(event) = failed.first().cloned() else {
             tracing::error!(agent = %name, %error, "agent failed outside an event; restarting it");
             if run.core.stopping.get() {
                 return;
@@ -321,14 +321,19 @@ where
             _ => 1,
         };
         if attempts > MAX_RESTARTS_PER_EVENT {
-            tracing::error!(agent = %name, topic = %tp.topic, partition = tp.partition, offset, %error,
-                "agent failed {MAX_RESTARTS_PER_EVENT} times on this event; skipping it");
-            run.core.ack(run.agent, &tp, offset);
+            tracing::error!(agent = %name, topic = %tp.topic, partition = tp.partition, offset, events = failed.len(), %error,
+                "agent failed {MAX_RESTARTS_PER_EVENT} times on these events; skipping them");
+            for e in &failed {
+                run.core.ack(run.agent, &e.tp, e.record.offset);
+            }
             failures_on = None;
         } else {
-            tracing::warn!(agent = %name, topic = %tp.topic, partition = tp.partition, offset, attempt = attempts, %error,
-                "agent failed; restarting it on the same event");
-            run.queue.push_front(event);
+            tracing::warn!(agent = %name, topic = %tp.topic, partition = tp.partition, offset, events = failed.len(),
+                attempt = attempts, %error, "agent failed; restarting it on the same events");
+            // Back in their original order, ahead of everything not yet handed out.
+            for e in failed.into_iter().rev() {
+                run.queue.push_front(e);
+            }
             failures_on = Some((tp, offset, attempts));
         }
     }
@@ -591,7 +596,7 @@ async fn core_main(
             core: runtime.clone(),
             agent: i,
             queue: runtime.queues[i].clone(),
-            current: Rc::new(RefCell::new(None)),
+            current: Rc::new(RefCell::new(Vec::new())),
         };
         if topic.is_empty() {
             if index == 0 {

@@ -7,13 +7,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use faust::{App, MemoryTransport, Settings, TopicPartition};
+use faust::{AgentError, App, MemoryTransport, Settings, Stream, Topic, TopicPartition};
 
-/// Runs an app that sends 0..n to `a` and forwards `a` to `b` through `agent`, until `b`
-/// holds `expect` records. Returns b's values with how often each appears.
-fn forward_with<F>(n: u64, expect: u64, agent: F) -> (BTreeMap<u64, usize>, MemoryTransport)
+/// Runs an app that sends 0..n to `a` and runs `agent` over `a` with a handle on `b`, until
+/// `b` holds `expect` records. Returns b's values with how often each appears.
+fn run_agent<F, Fut>(n: u64, expect: u64, agent: F) -> (BTreeMap<u64, usize>, MemoryTransport)
 where
-    F: Fn(u64) -> Result<(), String> + Send + Sync + 'static,
+    F: Fn(Stream<String, u64>, Topic<String, u64>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), AgentError>> + 'static,
 {
     let transport = MemoryTransport::new();
     let mut settings = Settings::new("agents-test");
@@ -26,17 +27,7 @@ where
     let app = App::new(settings).with_memory_transport(transport.clone());
     let a = app.topic::<String, u64>("a");
     let b = app.topic::<String, u64>("b");
-    let agent = Arc::new(agent);
-    app.agent("forward", &a, move |mut stream| {
-        let (b, agent) = (b.clone(), agent.clone());
-        async move {
-            while let Some(e) = stream.next_event().await {
-                agent(e.value)?;
-                b.send(e.key.as_ref(), &e.value).await?;
-            }
-            Ok(())
-        }
-    });
+    app.agent("agent", &a, move |stream| agent(stream, b.clone()));
     app.task(move || {
         let a = a.clone();
         async move {
@@ -51,17 +42,17 @@ where
         let transport = transport.clone();
         std::thread::spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                let held: u64 =
-                    (0..2).map(|p| transport.high_watermark(&TopicPartition::new("b", p)).unwrap_or(0)).sum();
-                if held >= expect || Instant::now() > deadline {
-                    // Let a commit happen before stopping (the stop commits too).
-                    std::thread::sleep(Duration::from_millis(50));
-                    stop.stop();
-                    return;
-                }
+            let held =
+                || -> u64 { (0..2).map(|p| transport.high_watermark(&TopicPartition::new("b", p)).unwrap_or(0)).sum() };
+            let a_done = || -> bool {
+                (0..2).map(|p| transport.high_watermark(&TopicPartition::new("a", p)).unwrap_or(0)).sum::<u64>() == n
+            };
+            while !(held() >= expect && a_done()) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
             }
+            // Let the agent finish what it holds and a commit happen (the stop commits too).
+            std::thread::sleep(Duration::from_millis(100));
+            stop.stop();
         })
     };
     app.run().expect("worker");
@@ -74,6 +65,31 @@ where
         }
     }
     (counts, transport)
+}
+
+/// `run_agent` with a forwarding agent that first calls `check` on each value.
+fn forward_with<F>(n: u64, expect: u64, check: F) -> (BTreeMap<u64, usize>, MemoryTransport)
+where
+    F: Fn(u64) -> Result<(), String> + Send + Sync + 'static,
+{
+    let check = Arc::new(check);
+    run_agent(n, expect, move |mut stream, b| {
+        let check = check.clone();
+        async move {
+            while let Some(e) = stream.next_event().await {
+                check(e.value)?;
+                b.send(e.key.as_ref(), &e.value).await?;
+            }
+            Ok(())
+        }
+    })
+}
+
+fn assert_committed_to_the_end(transport: &MemoryTransport) {
+    let tps = [TopicPartition::new("a", 0), TopicPartition::new("a", 1)];
+    let committed = futures_lite::future::block_on(committed_offsets(transport, &tps));
+    let ends: Vec<Option<u64>> = tps.iter().map(|tp| Some(transport.high_watermark(tp).unwrap())).collect();
+    assert_eq!(committed, ends);
 }
 
 #[test]
@@ -112,10 +128,53 @@ fn an_event_that_always_fails_is_skipped_after_three_restarts_and_committed_past
     assert_eq!(counts.len(), 29);
     assert!(counts.values().all(|&c| c == 1));
     // The skipped event does not hold the commit back.
-    let tps = [TopicPartition::new("a", 0), TopicPartition::new("a", 1)];
-    let committed = futures_lite::future::block_on(committed_offsets(&transport, &tps));
-    let ends: Vec<Option<u64>> = tps.iter().map(|tp| Some(transport.high_watermark(tp).unwrap())).collect();
-    assert_eq!(committed, ends);
+    assert_committed_to_the_end(&transport);
+}
+
+#[test]
+fn filter_acks_what_it_drops() {
+    let (counts, transport) = run_agent(40, 20, |stream, b| async move {
+        let mut evens = stream.filter(|v| v % 2 == 0);
+        while let Some(e) = evens.next_event().await {
+            b.send(e.key.as_ref(), &e.value).await?;
+        }
+        Ok(())
+    });
+    let expected: BTreeMap<u64, usize> = (0..40).filter(|v| v % 2 == 0).map(|v| (v, 1)).collect();
+    assert_eq!(counts, expected);
+    assert_committed_to_the_end(&transport);
+}
+
+#[test]
+fn take_batches_and_redelivers_a_failed_batch_whole() {
+    let failed = Arc::new(AtomicU32::new(0));
+    let max_batch = Arc::new(AtomicU32::new(0));
+    let (f, m) = (failed.clone(), max_batch.clone());
+    let (counts, transport) = run_agent(100, 100, move |mut stream, b| {
+        let (failed, max_batch) = (f.clone(), m.clone());
+        async move {
+            loop {
+                let batch = stream.take_events(10, Duration::from_millis(20)).await;
+                if batch.is_empty() {
+                    return Ok(());
+                }
+                max_batch.fetch_max(batch.len() as u32, Ordering::SeqCst);
+                // Check the whole batch before sending any of it, so a failure sends nothing.
+                if batch.iter().any(|e| e.value == 42) && failed.fetch_add(1, Ordering::SeqCst) == 0 {
+                    return Err("the batch with 42 fails once".into());
+                }
+                for e in &batch {
+                    b.send(e.key.as_ref(), &e.value).await?;
+                }
+            }
+        }
+    });
+    assert_eq!(failed.load(Ordering::SeqCst), 2, "failed once, then the redelivered batch succeeded");
+    let m = max_batch.load(Ordering::SeqCst);
+    assert!((2..=10).contains(&m), "batches of at most 10 (largest {m})");
+    let expected: BTreeMap<u64, usize> = (0..100).map(|v| (v, 1)).collect();
+    assert_eq!(counts, expected);
+    assert_committed_to_the_end(&transport);
 }
 
 async fn committed_offsets(transport: &MemoryTransport, tps: &[TopicPartition]) -> Vec<Option<u64>> {
