@@ -11,6 +11,9 @@ use crate::codec::Codec;
 use crate::context::{EventPosition, current_slot};
 use crate::worker::{AgentRun, CoreRuntime, EventQueue, QueuedEvent};
 
+/// A `filter` predicate.
+type Predicate<V> = Box<dyn Fn(&V) -> bool>;
+
 /// The events of one agent on one core: the core's partitions of the agent's topic.
 ///
 /// As in Faust, asking for the next event acks the previous one: an event counts as
@@ -25,7 +28,7 @@ pub struct Stream<K, V> {
     key_codec: Codec,
     value_codec: Codec,
     /// Values for which this is false are acked and skipped (`filter`).
-    keep: Option<Box<dyn Fn(&V) -> bool>>,
+    keep: Option<Predicate<V>>,
     _types: PhantomData<fn() -> (K, V)>,
 }
 
