@@ -296,16 +296,30 @@ impl<K: Serialize, V: Serialize> Topic<K, V> {
         }
         let mut value_bytes = Vec::new();
         self.inner.value_codec.encode(value, &mut value_bytes).map_err(codec_err)?;
-        let partitions = core
-            .partitions(&self.inner.name)
-            .ok_or_else(|| SendError::UnknownTopic { topic: self.name().to_string() })?;
+        self.inner.send_raw(&core, key.map(|_| &key_bytes[..]), Some(&value_bytes), &[]).await
+    }
+}
+
+impl TopicInner {
+    /// Sends already-encoded bytes: partition by Kafka's murmur2 of the key, or round-robin
+    /// for a null key; resolves once the transport has the record.
+    pub(crate) async fn send_raw(
+        &self,
+        core: &crate::worker::CoreRuntime,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[faust_storage::Header<'_>],
+    ) -> Result<Produced, SendError> {
+        let partitions =
+            core.partitions(&self.name).ok_or_else(|| SendError::UnknownTopic { topic: self.name.to_string() })?;
         let partition = match key {
-            Some(_) => crate::worker::partition_for_key(&key_bytes, partitions),
+            Some(k) => crate::worker::partition_for_key(k, partitions),
             None => core.round_robin(partitions),
         };
-        let mut batch = faust_storage::BatchBuilder::with_capacity(key_bytes.len() + value_bytes.len() + 128);
-        batch.push(crate::worker::now_ms(), key.map(|_| &key_bytes[..]), Some(&value_bytes), &[]);
-        let tp = TopicPartition::new(self.inner.name.clone(), partition);
+        let size = key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len) + 128;
+        let mut batch = faust_storage::BatchBuilder::with_capacity(size);
+        batch.push(crate::worker::now_ms(), key, value, headers);
+        let tp = TopicPartition::new(self.name.clone(), partition);
         Ok(core.transport.produce(&tp, batch).await?)
     }
 }

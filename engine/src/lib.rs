@@ -32,7 +32,7 @@ pub use crate::context::{EventPosition, current_event};
 pub use crate::settings::{Settings, SettingsError};
 pub use crate::stream::{Event, Stream};
 pub use crate::worker::WorkerError;
-pub use faust_transport::{MemoryTransport, Produced, TopicPartition};
+pub use faust_transport::{MemoryTransport, Produced, TopicConfig, TopicPartition};
 
 /// The storage layer: segment logs and key-value stores (the `faust-storage` crate).
 pub mod storage {

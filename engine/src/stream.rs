@@ -5,11 +5,14 @@ use std::rc::Rc;
 
 use bytes::Bytes;
 use faust_transport::TopicPartition;
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::app::{SendError, Topic};
 use crate::codec::Codec;
 use crate::context::{EventPosition, current_slot};
 use crate::worker::{AgentRun, CoreRuntime, EventQueue, QueuedEvent};
+use faust_transport::Produced;
 
 /// A `filter` predicate.
 type Predicate<V> = Box<dyn Fn(&V) -> bool>;
@@ -65,6 +68,22 @@ impl<K, V> Event<K, V> {
     /// Acks the event now, before the agent asks for the next one. Acking twice is harmless.
     pub fn ack(&self) {
         self.core.ack(self.agent, &self.tp, self.offset);
+    }
+
+    /// Sends the event's raw key, value and headers, as they were read, to `topic` (Faust's
+    /// `event.forward`): nothing is decoded or encoded again.
+    pub async fn forward<K2, V2>(&self, topic: &Topic<K2, V2>) -> Result<Produced, SendError> {
+        let record = &self.headers;
+        let headers: Vec<faust_storage::Header<'_>> = record.headers().collect();
+        topic.inner.send_raw(&self.core, record.key.as_deref(), record.value.as_deref(), &headers).await
+    }
+}
+
+impl<K: Serialize, V: Serialize> Event<K, V> {
+    /// Sends the event's decoded key and value to `topic`, encoded with that topic's codecs
+    /// (Faust's `event.send`).
+    pub async fn send(&self, topic: &Topic<K, V>) -> Result<Produced, SendError> {
+        topic.send(self.key.as_ref(), &self.value).await
     }
 }
 

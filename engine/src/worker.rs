@@ -530,6 +530,11 @@ async fn core_main(
     if index == 0 {
         let created: Result<(), faust_transport::Error> = async {
             for t in &declared {
+                // `topic_partitions` is the default for new topics: an existing topic declared
+                // without a partition count keeps its own; an explicit count must match.
+                if t.partitions.is_none() && core.topic_metadata(&t.name).await?.is_some() {
+                    continue;
+                }
                 core.create_topic(&t.name, &TopicConfig::new(t.partitions.unwrap_or(settings.topic_partitions)))
                     .await?;
             }

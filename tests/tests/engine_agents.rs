@@ -209,3 +209,48 @@ fn stop_is_bounded_even_when_an_agent_never_returns() {
     stopper.join().unwrap();
     assert!(start.elapsed() < Duration::from_secs(5), "stop took {:?}", start.elapsed());
 }
+
+#[test]
+fn forward_keeps_raw_bytes_and_headers_send_re_encodes() {
+    use faust::TopicConfig;
+    let transport = MemoryTransport::new();
+    for t in ["a", "b", "c"] {
+        transport.create_topic_now(t, &TopicConfig::new(1)).unwrap();
+    }
+    // Valid JSON for a u64, but not as serde_json would write it.
+    let mut batch = faust_storage::BatchBuilder::new();
+    batch.push(5, Some(b"k"), Some(b" 7 "), &[(b"trace", Some(b"abc"))]);
+    futures_lite::future::block_on(async {
+        use faust_transport::CoreTransport;
+        transport.produce(&TopicPartition::new("a", 0), batch).await.unwrap();
+    });
+    let mut settings = Settings::new("forward-test");
+    settings.broker = "memory://".into();
+    settings.cores = Some(1);
+    let dir = tempfile::tempdir().unwrap();
+    settings.datadir = dir.path().to_path_buf();
+    let app = App::new(settings).with_memory_transport(transport.clone());
+    let a = app.topic::<String, u64>("a");
+    let b = app.topic::<String, u64>("b");
+    let c = app.topic::<String, u64>("c");
+    let stop = app.stop_signal();
+    app.agent("fan-out", &a, move |mut stream| {
+        let (b, c, stop) = (b.clone(), c.clone(), stop.clone());
+        async move {
+            while let Some(e) = stream.next_event().await {
+                e.forward(&b).await?;
+                e.send(&c).await?;
+                stop.stop();
+            }
+            Ok(())
+        }
+    });
+    app.run().unwrap();
+    let forwarded = transport.records(&TopicPartition::new("b", 0)).unwrap();
+    assert_eq!(forwarded[0].value.as_deref(), Some(&b" 7 "[..]));
+    assert_eq!(forwarded[0].key.as_deref(), Some(&b"k"[..]));
+    assert_eq!(forwarded[0].headers().collect::<Vec<_>>(), vec![(&b"trace"[..], Some(&b"abc"[..]))]);
+    let sent = transport.records(&TopicPartition::new("c", 0)).unwrap();
+    assert_eq!(sent[0].value.as_deref(), Some(&b"7"[..]));
+    assert_eq!(sent[0].headers().count(), 0);
+}
