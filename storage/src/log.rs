@@ -324,6 +324,8 @@ pub struct Log {
     /// Offsets below this were made durable by `sync`.
     recovery_point: u64,
     recovery_seq: u64,
+    /// The recovery-point file (plain logs only; a store's checkpoint plays that part).
+    recovery_file: Option<std::fs::File>,
     /// Directory entries changed since the directory was last synced.
     dir_dirty: bool,
 }
@@ -348,11 +350,12 @@ impl Log {
             free_ids: Vec::new(),
             recovery_point: 0,
             recovery_seq: 0,
+            recovery_file: None,
             dir_dirty: false,
         };
         if let OpenMode::Log = mode {
             (log.recovery_seq, log.recovery_point) = log.read_recovery_point()?;
-            log.ensure_recovery_point_file()?;
+            log.open_recovery_point_file()?;
         }
         log.load(mode)?;
         Ok(log)
@@ -734,9 +737,9 @@ impl Log {
         Ok(best)
     }
 
-    /// Creates the recovery-point file at its full size, so that a sync never needs new disk
-    /// space (a sync on a full disk must still work).
-    fn ensure_recovery_point_file(&self) -> Result<()> {
+    /// Opens the recovery-point file, created at its full size so that a sync never needs new
+    /// disk space (a sync on a full disk must still work), and keeps it for `sync`.
+    fn open_recovery_point_file(&mut self) -> Result<()> {
         let path = self.dir.join(RECOVERY_POINT_FILE);
         let file = OpenOptions::new()
             .write(true)
@@ -748,24 +751,21 @@ impl Log {
         if len < 64 {
             file.write_all_at(&[0u8; 64][len as usize..], len).map_err(|e| Error::io("write", &path, e))?;
         }
+        self.recovery_file = Some(file);
         Ok(())
     }
 
     fn write_recovery_point(&mut self, offset: u64) -> Result<()> {
-        let path = self.dir.join(RECOVERY_POINT_FILE);
         let seq = self.recovery_seq + 1;
         let mut slot = [0u8; 32];
         slot[0..8].copy_from_slice(&seq.to_le_bytes());
         slot[8..16].copy_from_slice(&offset.to_le_bytes());
         let crc = crc32c::crc32c(&slot[..24]);
         slot[24..28].copy_from_slice(&crc.to_le_bytes());
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|e| Error::io("open", &path, e))?;
-        file.write_all_at(&slot, (seq % 2) * 32).map_err(|e| Error::io("write", &path, e))?;
+        if let Some(file) = &self.recovery_file {
+            let path = self.dir.join(RECOVERY_POINT_FILE);
+            file.write_all_at(&slot, (seq % 2) * 32).map_err(|e| Error::io("write", &path, e))?;
+        }
         self.recovery_seq = seq;
         self.recovery_point = offset;
         Ok(())

@@ -826,6 +826,19 @@ fn damaged_header_below_the_recovery_point_deletes_nothing() -> TestResult {
     Ok(())
 }
 
+/// Overwrites the u64 at `at` in a store's CHECKPOINT file and re-seals its checksum, as a
+/// forged or damaged-but-valid file would be.
+fn forge_checkpoint_field(dir: &std::path::Path, at: usize, value: u64) -> TestResult {
+    let path = dir.join("CHECKPOINT");
+    let mut b = std::fs::read(&path)?;
+    b[at..at + 8].copy_from_slice(&value.to_le_bytes());
+    let n = b.len();
+    let crc = crc32c::crc32c(&b[..n - 4]);
+    b[n - 4..].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&path, b)?;
+    Ok(())
+}
+
 /// Found by the fuzz target: a checkpoint (with a valid checksum) claiming a huge live-key
 /// count made the open reserve an index of that size (abort, or a capacity-overflow panic).
 #[test]
@@ -836,13 +849,7 @@ fn checkpoint_with_an_impossible_key_count_is_an_error() -> TestResult {
         store.put(b"a", b"1")?;
         store.checkpoint(b"m")?;
     }
-    let path = dir.path().join("CHECKPOINT");
-    let mut b = std::fs::read(&path)?;
-    b[32..40].copy_from_slice(&u64::MAX.to_le_bytes()); // live keys
-    let n = b.len();
-    let crc = crc32c::crc32c(&b[..n - 4]);
-    b[n - 4..].copy_from_slice(&crc.to_le_bytes());
-    std::fs::write(&path, b)?;
+    forge_checkpoint_field(dir.path(), 32, u64::MAX)?; // live keys
     let err = Store::open(dir.path(), store_config()).err().ok_or("opened")?;
     assert!(err.is_corruption(), "{err:?}");
     Ok(())
@@ -858,13 +865,7 @@ fn checkpoint_sequence_at_u64_max_does_not_overflow() -> TestResult {
         store.put(b"a", b"1")?;
         store.checkpoint(b"m")?;
     }
-    let path = dir.path().join("CHECKPOINT");
-    let mut b = std::fs::read(&path)?;
-    b[16..24].copy_from_slice(&u64::MAX.to_le_bytes()); // sequence
-    let n = b.len();
-    let crc = crc32c::crc32c(&b[..n - 4]);
-    b[n - 4..].copy_from_slice(&crc.to_le_bytes());
-    std::fs::write(&path, b)?;
+    forge_checkpoint_field(dir.path(), 16, u64::MAX)?; // sequence
     let mut store = Store::open(dir.path(), store_config())?;
     assert_eq!(store.last_checkpoint().sequence, u64::MAX);
     store.put(b"b", b"2")?;
