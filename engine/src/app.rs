@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -23,10 +24,9 @@ pub type AgentError = Box<dyn std::error::Error + Send + Sync>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SendError {
-    /// Sends go through the worker's cores: call `send` from an agent (or other code running
-    /// on a worker core).
-    #[error("`{topic}`.send() was called outside a worker core; send from an agent")]
-    NotOnWorker {
+    /// The worker has stopped: nothing takes records any more.
+    #[error("cannot send to `{topic}`: the worker has stopped")]
+    Stopped {
         /// The topic.
         topic: String,
     },
@@ -57,6 +57,8 @@ pub(crate) struct AgentSpec {
     pub(crate) name: String,
     pub(crate) topic: Arc<str>,
     pub(crate) start: StartAgent,
+    /// Instances per core, sharing the core's events of the topic.
+    pub(crate) concurrency: usize,
 }
 
 /// A topic declared by the app.
@@ -64,6 +66,91 @@ pub(crate) struct AgentSpec {
 pub(crate) struct TopicDecl {
     pub(crate) name: Arc<str>,
     pub(crate) partitions: Option<u32>,
+    pub(crate) kind: TopicKind,
+}
+
+/// Whether a topic lives in the transport or only in this process's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TopicKind {
+    /// A topic of the transport: durable, partitioned, consumed by offset.
+    Log,
+    /// An in-memory channel (Faust's `app.channel()`): a send hands the event straight to
+    /// the agents of the core it is sent from; nothing is durable or committed.
+    Channel,
+}
+
+/// Whether the worker takes records from outside its cores (0: not started yet, records wait).
+const OUTBOX_RUNNING: u8 = 1;
+const OUTBOX_STOPPED: u8 = 2;
+
+/// Records sent from threads that are not worker cores (a web handler, a test, a load
+/// generator): core 0 takes them in turn. Sends made before the worker starts wait for it.
+#[derive(Default)]
+pub(crate) struct Outbox {
+    queue: Mutex<std::collections::VecDeque<Outbound>>,
+    pub(crate) event: Event,
+    /// 0 until a worker starts, then `OUTBOX_RUNNING`, then `OUTBOX_STOPPED`.
+    state: std::sync::atomic::AtomicU8,
+}
+
+/// One record sent from outside the worker; `reply` is set for `send` (which waits), not for
+/// `send_soon`.
+pub(crate) struct Outbound {
+    pub(crate) topic: Arc<TopicInner>,
+    pub(crate) key: Option<Vec<u8>>,
+    pub(crate) value: Vec<u8>,
+    pub(crate) reply: Option<Arc<Reply>>,
+}
+
+/// Where core 0 puts the outcome of a `send` made from outside the worker.
+#[derive(Default)]
+pub(crate) struct Reply {
+    result: Mutex<Option<Result<Produced, SendError>>>,
+    event: Event,
+}
+
+impl Reply {
+    pub(crate) fn set(&self, result: Result<Produced, SendError>) {
+        *lock(&self.result) = Some(result);
+        self.event.notify(usize::MAX);
+    }
+
+    async fn wait(&self) -> Result<Produced, SendError> {
+        loop {
+            let listener = self.event.listen();
+            if let Some(r) = lock(&self.result).take() {
+                return r;
+            }
+            listener.await;
+        }
+    }
+}
+
+impl Outbox {
+    fn push(&self, record: Outbound) -> Result<(), SendError> {
+        let mut queue = lock(&self.queue);
+        if self.state.load(Ordering::Acquire) == OUTBOX_STOPPED {
+            return Err(SendError::Stopped { topic: record.topic.name.to_string() });
+        }
+        queue.push_back(record);
+        drop(queue);
+        self.event.notify(1);
+        Ok(())
+    }
+
+    /// Opens the outbox for a worker that starts.
+    pub(crate) fn open(&self) {
+        self.state.store(OUTBOX_RUNNING, Ordering::Release);
+    }
+
+    /// Everything sent so far; with `close`, later sends fail with [`SendError::Stopped`].
+    pub(crate) fn take(&self, close: bool) -> Vec<Outbound> {
+        let mut queue = lock(&self.queue);
+        if close {
+            self.state.store(OUTBOX_STOPPED, Ordering::Release);
+        }
+        queue.drain(..).collect()
+    }
 }
 
 pub(crate) struct AppInner {
@@ -72,6 +159,7 @@ pub(crate) struct AppInner {
     pub(crate) agents: Mutex<Vec<AgentSpec>>,
     pub(crate) memory: Mutex<Option<MemoryTransport>>,
     pub(crate) stop: Arc<StopSignal>,
+    pub(crate) outbox: Arc<Outbox>,
 }
 
 /// Tells a running worker to stop; cheap to clone and usable from any thread.
@@ -164,6 +252,7 @@ impl App {
                 agents: Mutex::new(Vec::new()),
                 memory: Mutex::new(None),
                 stop: Arc::new(StopSignal::default()),
+                outbox: Arc::new(Outbox::default()),
             }),
         }
     }
@@ -197,17 +286,33 @@ impl App {
 
     /// Declares a topic with explicit codecs.
     pub fn topic_with<K, V>(&self, name: &str, key_codec: Codec, value_codec: Codec) -> Topic<K, V> {
+        self.declare(name, key_codec, value_codec, TopicKind::Log)
+    }
+
+    /// Declares an in-memory channel (Faust's `app.channel()`): agents consume it like a
+    /// topic, but a send hands the event to the agents on the core it is sent from (core 0
+    /// for sends from outside the worker), without a log: nothing is durable, events still
+    /// queued when the worker stops are dropped, and there is nothing to commit.
+    pub fn channel<K, V>(&self, name: &str) -> Topic<K, V> {
+        self.declare(name, Codec::Json, Codec::Json, TopicKind::Channel)
+    }
+
+    fn declare<K, V>(&self, name: &str, key_codec: Codec, value_codec: Codec, kind: TopicKind) -> Topic<K, V> {
         let mut topics = lock(&self.inner.topics);
         if !topics.iter().any(|t| &*t.name == name) {
-            topics.push(TopicDecl { name: Arc::from(name), partitions: None });
+            topics.push(TopicDecl { name: Arc::from(name), partitions: None, kind });
         }
-        Topic { inner: Arc::new(TopicInner { name: Arc::from(name), key_codec, value_codec }), _types: PhantomData }
+        let inner = TopicInner { name: Arc::from(name), key_codec, value_codec, kind, outbox: self.inner.outbox.clone() };
+        Topic { inner: Arc::new(inner), _types: PhantomData }
     }
 
     /// Registers an agent: `f` is called on every core with a stream of that core's events of
     /// `topic`, and its future runs there. When it fails, it is restarted with the event it
     /// failed on (up to 3 times for one event, after which the event is logged and skipped).
-    pub fn agent<K, V, F, Fut>(&self, name: &str, topic: &Topic<K, V>, f: F)
+    ///
+    /// The returned handle sends to the agent ([`Agent::send`], [`Agent::cast`]) and sets
+    /// its [`concurrency`](Agent::concurrency).
+    pub fn agent<K, V, F, Fut>(&self, name: &str, topic: &Topic<K, V>, f: F) -> Agent<K, V>
     where
         K: DeserializeOwned + 'static,
         V: DeserializeOwned + 'static,
@@ -223,7 +328,9 @@ impl App {
                 f(Stream::new(run, topic.key_codec, topic.value_codec))
             }))
         });
-        lock(&self.inner.agents).push(AgentSpec { name: name.to_string(), topic: topic.inner.name.clone(), start });
+        let mut agents = lock(&self.inner.agents);
+        agents.push(AgentSpec { name: name.to_string(), topic: topic.inner.name.clone(), start, concurrency: 1 });
+        Agent { app: self.inner.clone(), index: agents.len() - 1, topic: topic.clone() }
     }
 
     /// Registers work that runs once on core 0 when the worker starts (Faust's `@app.task`).
@@ -244,6 +351,7 @@ impl App {
                     }
                 })
             }),
+            concurrency: 1,
         });
     }
 
@@ -255,10 +363,63 @@ impl App {
     }
 }
 
+/// A registered agent: sends to it, and its settings.
+pub struct Agent<K, V> {
+    app: Arc<AppInner>,
+    index: usize,
+    topic: Topic<K, V>,
+}
+
+impl<K, V> Clone for Agent<K, V> {
+    fn clone(&self) -> Self {
+        Agent { app: self.app.clone(), index: self.index, topic: self.topic.clone() }
+    }
+}
+
+impl<K, V> std::fmt::Debug for Agent<K, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent").field("index", &self.index).field("topic", &self.topic.inner.name).finish()
+    }
+}
+
+impl<K, V> Agent<K, V> {
+    /// Runs `n` instances of the agent on every core (Faust's `concurrency`), taking events
+    /// from the same per-core queue: events of one partition may then finish out of order,
+    /// and an offset is committed only once every event below it is done. Set it before
+    /// the worker starts.
+    pub fn concurrency(self, n: usize) -> Self {
+        if let Some(spec) = lock(&self.app.agents).get_mut(self.index) {
+            spec.concurrency = n.max(1);
+        }
+        self
+    }
+
+    /// The topic (or channel) the agent consumes.
+    pub fn topic(&self) -> &Topic<K, V> {
+        &self.topic
+    }
+}
+
+impl<K: Serialize, V: Serialize> Agent<K, V> {
+    /// Sends a record to the agent's topic and waits until it is durable (Faust's
+    /// `agent.send`).
+    pub async fn send(&self, key: Option<&K>, value: &V) -> Result<Produced, SendError> {
+        self.topic.send(key, value).await
+    }
+
+    /// Sends a record to the agent's topic without waiting (Faust's `agent.cast`); see
+    /// [`Topic::send_soon`].
+    pub fn cast(&self, key: Option<&K>, value: &V) -> Result<(), SendError> {
+        self.topic.send_soon(key, value)
+    }
+}
+
 pub(crate) struct TopicInner {
     pub(crate) name: Arc<str>,
     pub(crate) key_codec: Codec,
     pub(crate) value_codec: Codec,
+    pub(crate) kind: TopicKind,
+    outbox: Arc<Outbox>,
 }
 
 /// A typed handle on a topic: keys `K`, values `V`. Cheap to clone, usable from any core.
@@ -287,39 +448,99 @@ impl<K: Serialize, V: Serialize> Topic<K, V> {
 
     /// Sends one record and waits until the transport has it durably (appended on `local://`).
     /// The partition is Kafka's murmur2 of the encoded key, or round-robin for `None`.
+    ///
+    /// Works from anywhere: on a worker core the record goes straight to the transport; from
+    /// another thread (a web handler, a test) it is handed to core 0, and a send made before
+    /// the worker starts waits for it. On a channel, "durable" means handed to the agents.
     pub async fn send(&self, key: Option<&K>, value: &V) -> Result<Produced, SendError> {
-        let core = CoreRuntime::current().ok_or_else(|| SendError::NotOnWorker { topic: self.name().to_string() })?;
-        let codec_err = |source| SendError::Codec { topic: self.name().to_string(), source };
-        let mut key_bytes = Vec::new();
-        if let Some(k) = key {
-            self.inner.key_codec.encode(k, &mut key_bytes).map_err(codec_err)?;
+        let (key_bytes, value_bytes) = self.encode(key, value)?;
+        match CoreRuntime::current() {
+            Some(core) => self.inner.send_raw(&core, key_bytes.as_deref(), Some(&value_bytes), &[]).await,
+            None => {
+                let reply = Arc::new(Reply::default());
+                self.inner.outbox.push(Outbound {
+                    topic: self.inner.clone(),
+                    key: key_bytes,
+                    value: value_bytes,
+                    reply: Some(reply.clone()),
+                })?;
+                reply.wait().await
+            }
         }
-        let mut value_bytes = Vec::new();
+    }
+
+    /// Sends one record without waiting (Faust's `send_soon`): it is buffered with the
+    /// core's other sends and written in batches, at the latest before the offsets of the
+    /// events being processed are committed, so a commit never covers an event whose sends
+    /// could still be lost. Fails only if the record does not encode or the worker stopped.
+    pub fn send_soon(&self, key: Option<&K>, value: &V) -> Result<(), SendError> {
+        let (key_bytes, value_bytes) = self.encode(key, value)?;
+        match CoreRuntime::current() {
+            Some(core) => self.inner.send_soon_raw(&core, key_bytes.as_deref(), &value_bytes),
+            None => self.inner.outbox.push(Outbound {
+                topic: self.inner.clone(),
+                key: key_bytes,
+                value: value_bytes,
+                reply: None,
+            }),
+        }
+    }
+
+    fn encode(&self, key: Option<&K>, value: &V) -> Result<(Option<Vec<u8>>, Vec<u8>), SendError> {
+        let codec_err = |source| SendError::Codec { topic: self.name().to_string(), source };
+        let key_bytes = match key {
+            Some(k) => {
+                let mut bytes = Vec::new();
+                self.inner.key_codec.encode(k, &mut bytes).map_err(codec_err)?;
+                Some(bytes)
+            }
+            None => None,
+        };
+        let mut value_bytes = Vec::with_capacity(64);
         self.inner.value_codec.encode(value, &mut value_bytes).map_err(codec_err)?;
-        self.inner.send_raw(&core, key.map(|_| &key_bytes[..]), Some(&value_bytes), &[]).await
+        Ok((key_bytes, value_bytes))
     }
 }
 
 impl TopicInner {
-    /// Sends already-encoded bytes: partition by Kafka's murmur2 of the key, or round-robin
-    /// for a null key; resolves once the transport has the record.
-    pub(crate) async fn send_raw(
-        &self,
-        core: &crate::worker::CoreRuntime,
-        key: Option<&[u8]>,
-        value: Option<&[u8]>,
-        headers: &[faust_storage::Header<'_>],
-    ) -> Result<Produced, SendError> {
+    /// The partition a record goes to: Kafka's murmur2 of the key, or round-robin for a null
+    /// key.
+    fn route(&self, core: &CoreRuntime, key: Option<&[u8]>) -> Result<TopicPartition, SendError> {
         let partitions =
             core.partitions(&self.name).ok_or_else(|| SendError::UnknownTopic { topic: self.name.to_string() })?;
         let partition = match key {
             Some(k) => crate::worker::partition_for_key(k, partitions),
             None => core.round_robin(partitions),
         };
+        Ok(TopicPartition::new(self.name.clone(), partition))
+    }
+
+    /// Sends already-encoded bytes; resolves once the transport has the record.
+    pub(crate) async fn send_raw(
+        &self,
+        core: &Rc<CoreRuntime>,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[faust_storage::Header<'_>],
+    ) -> Result<Produced, SendError> {
+        if self.kind == TopicKind::Channel {
+            return core.deliver(&self.name, key, value, true).await;
+        }
+        let tp = self.route(core, key)?;
         let size = key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len) + 128;
         let mut batch = faust_storage::BatchBuilder::with_capacity(size);
         batch.push(crate::worker::now_ms(), key, value, headers);
-        let tp = TopicPartition::new(self.name.clone(), partition);
         Ok(core.transport.produce(&tp, batch).await?)
+    }
+
+    /// Buffers already-encoded bytes on this core (see [`Topic::send_soon`]).
+    pub(crate) fn send_soon_raw(&self, core: &Rc<CoreRuntime>, key: Option<&[u8]>, value: &[u8]) -> Result<(), SendError> {
+        if self.kind == TopicKind::Channel {
+            core.deliver_now(&self.name, key, Some(value));
+            return Ok(());
+        }
+        let tp = self.route(core, key)?;
+        core.buffer(tp, key, value);
+        Ok(())
     }
 }

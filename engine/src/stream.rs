@@ -1,6 +1,5 @@
 //! Streams and events: what an agent iterates.
 
-use std::marker::PhantomData;
 use std::rc::Rc;
 
 use bytes::Bytes;
@@ -14,8 +13,10 @@ use crate::context::{EventPosition, current_slot};
 use crate::worker::{AgentRun, CoreRuntime, EventQueue, QueuedEvent};
 use faust_transport::Produced;
 
-/// A `filter` predicate.
-type Predicate<V> = Box<dyn Fn(&V) -> bool>;
+/// What a stream's processors (decode, `filter`, `map`, `enumerate`, `echo`) make of one
+/// record: `Ok(Some(..))` to hand out, `Ok(None)` to ack and skip (filtered), `Err` when it
+/// cannot be processed (logged, counted, acked and skipped).
+type Stage<K, V> = Box<dyn Fn(&QueuedEvent) -> Result<Option<(Option<K>, V)>, String>>;
 
 /// The events of one agent on one core: the core's partitions of the agent's topic.
 ///
@@ -28,11 +29,7 @@ pub struct Stream<K, V> {
     agent: usize,
     queue: Rc<EventQueue>,
     current: Rc<std::cell::RefCell<Vec<QueuedEvent>>>,
-    key_codec: Codec,
-    value_codec: Codec,
-    /// Values for which this is false are acked and skipped (`filter`).
-    keep: Option<Predicate<V>>,
-    _types: PhantomData<fn() -> (K, V)>,
+    stage: Stage<K, V>,
 }
 
 impl<K, V> std::fmt::Debug for Stream<K, V> {
@@ -92,31 +89,97 @@ fn preview(bytes: &[u8]) -> String {
     format!("{}{}", shown.join(""), if bytes.len() > 32 { "…" } else { "" })
 }
 
-impl<K: DeserializeOwned, V: DeserializeOwned> Stream<K, V> {
+impl<K: DeserializeOwned + 'static, V: DeserializeOwned + 'static> Stream<K, V> {
     pub(crate) fn new(run: &AgentRun, key_codec: Codec, value_codec: Codec) -> Self {
         Stream {
             core: run.core.clone(),
             agent: run.agent,
             queue: run.queue.clone(),
             current: run.current.clone(),
-            key_codec,
-            value_codec,
-            keep: None,
-            _types: PhantomData,
+            stage: Box::new(move |queued: &QueuedEvent| {
+                let key = match &queued.record.key {
+                    Some(k) => Some(key_codec.decode(k).map_err(|e| format!("key: {e}"))?),
+                    None => None,
+                };
+                let value = match &queued.record.value {
+                    Some(v) => value_codec.decode(v).map_err(|e| format!("value: {e}"))?,
+                    None => return Err("value: null".into()),
+                };
+                Ok(Some((key, value)))
+            }),
+        }
+    }
+}
+
+impl<K: 'static, V: 'static> Stream<K, V> {
+    /// The same stream with another last processor.
+    fn then<K2, V2>(
+        self,
+        next: impl Fn(Option<K>, V) -> Result<Option<(Option<K2>, V2)>, String> + 'static,
+    ) -> Stream<K2, V2> {
+        let previous = self.stage;
+        Stream {
+            core: self.core,
+            agent: self.agent,
+            queue: self.queue,
+            current: self.current,
+            stage: Box::new(move |queued: &QueuedEvent| match previous(queued)? {
+                Some((k, v)) => next(k, v),
+                None => Ok(None),
+            }),
         }
     }
 
     /// Only the events whose value satisfies `predicate`; the others are acked and skipped
     /// (as Faust's `filter`), so they never hold a commit back.
-    pub fn filter(mut self, predicate: impl Fn(&V) -> bool + 'static) -> Self
+    pub fn filter(self, predicate: impl Fn(&V) -> bool + 'static) -> Self {
+        self.then(move |k, v| Ok(predicate(&v).then_some((k, v))))
+    }
+
+    /// Each value turned into another by `f` (Faust's processors / `map`); keys, positions,
+    /// acks and `forward` (which sends the record as read) are unchanged.
+    ///
+    /// ```no_run
+    /// # use faust::{App, Settings};
+    /// # let app = App::new(Settings::new("doc"));
+    /// let orders = app.topic::<String, u64>("orders");
+    /// app.agent("double", &orders, |stream| async move {
+    ///     let mut doubled = stream.filter(|cents| *cents > 0).map(|cents| cents * 2);
+    ///     while let Some(cents) = doubled.next().await {
+    ///         println!("{cents}");
+    ///     }
+    ///     Ok(())
+    /// });
+    /// ```
+    pub fn map<W: 'static>(self, f: impl Fn(V) -> W + 'static) -> Stream<K, W> {
+        self.then(move |k, v| Ok(Some((k, f(v)))))
+    }
+
+    /// Each value with its position in this stream, counting from 0 (Faust's `enumerate`).
+    /// The count is per stream instance: an agent runs one per core, and a restarted agent
+    /// starts again from 0.
+    pub fn enumerate(self) -> Stream<K, (u64, V)> {
+        let count = std::cell::Cell::new(0u64);
+        self.then(move |k, v| {
+            let n = count.get();
+            count.set(n + 1);
+            Ok(Some((k, (n, v))))
+        })
+    }
+
+    /// Sends every key and value that passes to `topic` as well (Faust's `echo`), with
+    /// [`Topic::send_soon`]: buffered, and durable before the offsets of the events behind
+    /// them are committed.
+    pub fn echo(self, topic: &Topic<K, V>) -> Self
     where
-        V: 'static,
+        K: Serialize,
+        V: Serialize,
     {
-        self.keep = Some(match self.keep.take() {
-            Some(previous) => Box::new(move |v: &V| previous(v) && predicate(v)),
-            None => Box::new(predicate),
-        });
-        self
+        let topic = topic.clone();
+        self.then(move |k, v| {
+            topic.send_soon(k.as_ref(), &v).map_err(|e| format!("echo to `{}`: {e}", topic.name()))?;
+            Ok(Some((k, v)))
+        })
     }
 
     fn ack_current(&mut self) {
@@ -131,12 +194,14 @@ impl<K: DeserializeOwned, V: DeserializeOwned> Stream<K, V> {
         self.pull(None).await
     }
 
-    /// The next event that decodes and passes the filter, added to the events in hand.
-    /// With a deadline, gives up (returning `None`) when it passes.
+    /// The next event that gets through the stream's processors, added to the events in
+    /// hand. With a deadline, gives up (returning `None`) when it passes.
     async fn pull(&mut self, deadline: Option<std::time::Instant>) -> Option<Event<K, V>> {
         // An agent whose events and sends are all ready would never give the core back: let
         // the commit task and the other partitions' consumers run when its time slice is up.
         glommio::yield_if_needed().await;
+        // Buffered sends past their limit are written before more events are taken.
+        self.core.flush_if_full().await;
         loop {
             let queued = match deadline {
                 None => self.queue.pop().await?,
@@ -149,11 +214,9 @@ impl<K: DeserializeOwned, V: DeserializeOwned> Stream<K, V> {
                     .await?
                 }
             };
-            match self.decode(&queued) {
-                Ok((_, value)) if self.keep.as_ref().is_some_and(|keep| !keep(&value)) => {
-                    self.core.ack(self.agent, &queued.tp, queued.record.offset);
-                }
-                Ok((key, value)) => {
+            match (self.stage)(&queued) {
+                Ok(None) => self.core.ack(self.agent, &queued.tp, queued.record.offset),
+                Ok(Some((key, value))) => {
                     if let Some(slot) = current_slot() {
                         slot.set(Some(EventPosition {
                             topic: Rc::from(&*queued.tp.topic),
@@ -178,25 +241,13 @@ impl<K: DeserializeOwned, V: DeserializeOwned> Stream<K, V> {
                     let raw = queued.record.value.clone().unwrap_or_else(Bytes::new);
                     tracing::warn!(
                         topic = %queued.tp.topic, partition = queued.tp.partition, offset = queued.record.offset,
-                        %reason, value = %preview(&raw), "skipping a record that does not decode"
+                        %reason, value = %preview(&raw), "skipping a record that cannot be processed"
                     );
                     self.core.count_decode_error();
                     self.core.ack(self.agent, &queued.tp, queued.record.offset);
                 }
             }
         }
-    }
-
-    fn decode(&self, queued: &QueuedEvent) -> Result<(Option<K>, V), String> {
-        let key = match &queued.record.key {
-            Some(k) => Some(self.key_codec.decode(k).map_err(|e| format!("key: {e}"))?),
-            None => None,
-        };
-        let value = match &queued.record.value {
-            Some(v) => self.value_codec.decode(v).map_err(|e| format!("value: {e}"))?,
-            None => return Err("value: null".into()),
-        };
-        Ok((key, value))
     }
 
     /// The next value, acking the previous event; `None` when the worker stops.

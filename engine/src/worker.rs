@@ -18,10 +18,10 @@ use std::time::Duration;
 
 use event_listener::Event;
 use faust_storage::Record;
-use faust_transport::{AssignmentEvent, AutoOffsetReset, OffsetSpec, TopicConfig, TopicPartition};
+use faust_transport::{AssignmentEvent, AutoOffsetReset, OffsetSpec, Produced, TopicConfig, TopicPartition};
 
 use crate::acks::AckTracker;
-use crate::app::{AgentError, AgentSpec, App};
+use crate::app::{AgentError, AgentSpec, App, TopicKind};
 use crate::context::{InTask, TaskSlot};
 use crate::runtime::{RuntimeConfig, RuntimeError, run_on_cores};
 use crate::transports::{AnyCore, AnyTransport};
@@ -32,6 +32,9 @@ const MAX_RESTARTS_PER_EVENT: u32 = 3;
 const FETCH_BYTES: usize = 1 << 20;
 /// How long a fetch waits for new records before the consumer checks for a stop.
 const FETCH_WAIT: Duration = Duration::from_millis(100);
+/// Buffered sends (`send_soon`) past this many bytes are written before an agent takes its
+/// next event: the buffer is bounded, and a busy agent feeds the log in large batches.
+const PENDING_FLUSH_BYTES: usize = 1 << 20;
 
 /// Why the worker stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +54,20 @@ pub enum WorkerError {
         /// What went wrong.
         message: String,
     },
+}
+
+/// Why buffered sends, or a commit that waits for them, failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum FlushError {
+    /// A batch could not be written; it is kept and written again by the next flush.
+    #[error("writing buffered sends to {tp}: {message}")]
+    Write { tp: TopicPartition, message: String },
+    /// Buffered records were lost, so no offset may be committed any more.
+    #[error("buffered sends were lost; offsets are no longer committed")]
+    SendsLost,
+    /// The transport refused the commit.
+    #[error(transparent)]
+    Transport(#[from] faust_transport::Error),
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -190,6 +207,23 @@ pub(crate) struct CoreRuntime {
     stopping: Cell<bool>,
     stop_event: Event,
     decode_errors: Cell<u64>,
+    /// Buffered sends (`send_soon`), one batch per partition, in send order.
+    pending: RefCell<HashMap<TopicPartition, faust_storage::BatchBuilder>>,
+    pending_bytes: Cell<usize>,
+    /// Wakes the flusher when something is buffered.
+    pending_event: Event,
+    /// Batches whose write failed, to be written (in order) before anything newer.
+    retry: RefCell<Vec<(TopicPartition, faust_storage::BatchBuilder)>>,
+    /// One flush at a time, so batches of a partition reach the log in send order.
+    flush_lock: glommio::sync::Semaphore,
+    /// Set when buffered records were lost: nothing may be committed any more.
+    sends_lost: Cell<bool>,
+    /// Per channel: the queues of the agents that consume it.
+    channel_agents: HashMap<Arc<str>, Vec<usize>>,
+    /// Numbers events delivered through channels.
+    channel_seq: Cell<u64>,
+    /// The app's stop signal (a core stops the worker when sends were lost).
+    app_stop: Arc<crate::app::StopSignal>,
 }
 
 impl std::fmt::Debug for CoreRuntime {
@@ -229,12 +263,138 @@ impl CoreRuntime {
         self.decode_errors.set(self.decode_errors.get() + 1);
     }
 
-    /// Commits, per partition, the lowest offset every agent may commit.
-    async fn commit_now(&self) -> Result<(), faust_transport::Error> {
+    /// Buffers a record for `tp` (`send_soon`) and wakes the flusher.
+    pub(crate) fn buffer(&self, tp: TopicPartition, key: Option<&[u8]>, value: &[u8]) {
+        let mut pending = self.pending.borrow_mut();
+        let batch = pending.entry(tp).or_insert_with(|| faust_storage::BatchBuilder::with_capacity(16 * 1024));
+        batch.push(now_ms(), key, Some(value), &[]);
+        self.pending_bytes.set(self.pending_bytes.get() + key.map_or(0, <[u8]>::len) + value.len() + 32);
+        self.pending_event.notify(1);
+    }
+
+    /// Writes every buffered send (earlier failures first); resolves when they are durable.
+    /// On failure the batches are kept for the next flush, except when the transport lost
+    /// them, after which this core refuses to commit (and stops the worker).
+    pub(crate) async fn flush(self: &Rc<Self>) -> Result<(), FlushError> {
+        let Ok(_permit) = self.flush_lock.acquire_permit(1).await else {
+            return Err(FlushError::Transport(faust_transport::Error::Closed));
+        };
+        // Earlier failures first, one at a time, so a partition's records stay in order.
+        loop {
+            let Some((tp, batch)) = (!self.retry.borrow().is_empty()).then(|| self.retry.borrow_mut().remove(0))
+            else {
+                break;
+            };
+            if let Err(e) = self.transport.produce(&tp, batch).await {
+                return Err(self.keep_failed(tp, e));
+            }
+        }
+        let batches: Vec<(TopicPartition, faust_storage::BatchBuilder)> = self.pending.borrow_mut().drain().collect();
+        self.pending_bytes.set(0);
+        if batches.is_empty() {
+            return Ok(());
+        }
+        // The partitions' batches are written concurrently (they may live on other cores).
+        let writes: Vec<_> = batches
+            .into_iter()
+            .map(|(tp, batch)| {
+                let core = self.clone();
+                glommio::spawn_local(async move {
+                    let result = core.transport.produce(&tp, batch).await;
+                    (tp, result)
+                })
+            })
+            .collect();
+        let mut first_error = None;
+        for write in writes {
+            let (tp, result) = write.await;
+            if let Err(e) = result {
+                let e = self.keep_failed(tp, e);
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Keeps the batch of a failed write for a retry, or marks the core's sends as lost.
+    fn keep_failed(&self, tp: TopicPartition, error: faust_transport::Error) -> FlushError {
+        let message = error.to_string();
+        match error.into_batch() {
+            Some(batch) => {
+                tracing::warn!(topic = %tp.topic, partition = tp.partition, error = %message,
+                    "writing buffered sends failed; will retry");
+                self.retry.borrow_mut().push((tp.clone(), batch));
+            }
+            None => {
+                tracing::error!(topic = %tp.topic, partition = tp.partition, error = %message,
+                    "buffered sends were lost; refusing to commit and stopping the worker");
+                self.sends_lost.set(true);
+                self.app_stop.stop();
+            }
+        }
+        FlushError::Write { tp, message }
+    }
+
+    /// Flushes when the buffer has grown past its bound.
+    pub(crate) async fn flush_if_full(self: &Rc<Self>) {
+        if self.pending_bytes.get() >= PENDING_FLUSH_BYTES
+            && let Err(e) = self.flush().await
+        {
+            tracing::error!(error = %e, "writing buffered sends failed");
+        }
+    }
+
+    /// Hands an event sent to channel `name` to the agents of this core that consume it,
+    /// waiting for room in their queues when `wait` is set.
+    pub(crate) async fn deliver(
+        &self,
+        name: &str,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        wait: bool,
+    ) -> Result<Produced, crate::app::SendError> {
+        let tp = TopicPartition::new(name, self.index as u32);
+        if wait {
+            for &a in self.channel_agents.get(name).map(Vec::as_slice).unwrap_or_default() {
+                let lane = self.queues[a].lane(&tp);
+                self.queues[a].room(lane).await;
+            }
+        }
+        let offset = self.deliver_now(name, key, value);
+        Ok(Produced { base_offset: offset, last_offset: offset })
+    }
+
+    /// Hands an event sent to channel `name` to this core's agents now; returns its number.
+    pub(crate) fn deliver_now(&self, name: &str, key: Option<&[u8]>, value: Option<&[u8]>) -> u64 {
+        let offset = self.channel_seq.get();
+        self.channel_seq.set(offset + 1);
+        let tp = TopicPartition::new(name, self.index as u32);
+        let record = Record::new(
+            offset,
+            now_ms(),
+            key.map(bytes::Bytes::copy_from_slice),
+            value.map(bytes::Bytes::copy_from_slice),
+        );
+        for &a in self.channel_agents.get(name).map(Vec::as_slice).unwrap_or_default() {
+            let lane = self.queues[a].lane(&tp);
+            self.queues[a].push(lane, QueuedEvent { tp: tp.clone(), record: record.clone() });
+        }
+        offset
+    }
+
+    /// Commits, per partition, the lowest offset every agent may commit, once the sends
+    /// buffered so far are durable.
+    async fn commit_now(self: &Rc<Self>) -> Result<(), FlushError> {
         let mut lowest: HashMap<TopicPartition, u64> = HashMap::new();
         for ((_, tp), tracker) in self.acks.borrow().iter() {
             let c = tracker.committable();
             lowest.entry(tp.clone()).and_modify(|v| *v = (*v).min(c)).or_insert(c);
+        }
+        // The offsets were read before the flush: every send made for the events they cover
+        // was buffered by then, so it is in this flush (or an earlier one).
+        self.flush().await?;
+        if self.sends_lost.get() {
+            return Err(FlushError::SendsLost);
         }
         let offsets: Vec<(TopicPartition, u64)> = {
             let committed = self.committed.borrow();
@@ -407,6 +567,65 @@ async fn consume(core: Rc<CoreRuntime>, tp: TopicPartition, agents: Vec<usize>, 
     }
 }
 
+/// Writes buffered sends soon after they are made: waits until something is buffered, lets
+/// the agents add to the batches once, then writes them.
+async fn flush_buffered(core: Rc<CoreRuntime>) {
+    let mut failures = 0u32;
+    while !core.stopping.get() {
+        let listener = core.pending_event.listen();
+        if core.pending.borrow().is_empty() && core.retry.borrow().is_empty() {
+            futures_lite::future::or(listener, core.stopped()).await;
+            continue;
+        }
+        futures_lite::future::yield_now().await;
+        match core.flush().await {
+            Ok(()) => failures = 0,
+            Err(e) => {
+                failures += 1;
+                let backoff = Duration::from_millis(50 * u64::from(failures.min(20)));
+                tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "writing buffered sends failed");
+                futures_lite::future::or(glommio::timer::sleep(backoff), core.stopped()).await;
+            }
+        }
+    }
+}
+
+/// Takes the records sent from outside the worker, on core 0, until the worker stops.
+async fn serve_outbox(core: Rc<CoreRuntime>, outbox: Arc<crate::app::Outbox>) {
+    while !core.stopping.get() {
+        let listener = outbox.event.listen();
+        let records = outbox.take(false);
+        if records.is_empty() {
+            futures_lite::future::or(listener, core.stopped()).await;
+            continue;
+        }
+        take_outbound(&core, records);
+        glommio::yield_if_needed().await;
+    }
+}
+
+/// Sends records that came from outside the worker: `send_soon`s join this core's buffer,
+/// `send`s are written now and answered.
+fn take_outbound(core: &Rc<CoreRuntime>, records: Vec<crate::app::Outbound>) {
+    for record in records {
+        match record.reply {
+            None => {
+                if let Err(e) = record.topic.send_soon_raw(core, record.key.as_deref(), &record.value) {
+                    tracing::error!(topic = %record.topic.name, error = %e, "dropping a record sent from outside the worker");
+                }
+            }
+            Some(reply) => {
+                let core = core.clone();
+                let (topic, key, value) = (record.topic, record.key, record.value);
+                glommio::spawn_local(async move {
+                    reply.set(topic.send_raw(&core, key.as_deref(), Some(&value), &[]).await);
+                })
+                .detach();
+            }
+        }
+    }
+}
+
 /// Start-up state shared by the cores and the control thread.
 struct Startup {
     topics_ready: AtomicBool,
@@ -453,9 +672,17 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
     let transport = AnyTransport::open(&settings.broker_url(), cores, memory.as_ref())?;
     let startup =
         Arc::new(Startup { topics_ready: AtomicBool::new(false), assigned: Mutex::new(None), event: Event::new() });
+    let channels: Vec<Arc<str>> = {
+        let topics = app.inner.topics.lock().unwrap_or_else(|p| p.into_inner());
+        topics.iter().filter(|t| t.kind == TopicKind::Channel).map(|t| t.name.clone()).collect()
+    };
     let sources: Vec<String> = {
         let agents = app.inner.agents.lock().unwrap_or_else(|p| p.into_inner());
-        let mut s: Vec<String> = agents.iter().filter(|a| !a.topic.is_empty()).map(|a| a.topic.to_string()).collect();
+        let mut s: Vec<String> = agents
+            .iter()
+            .filter(|a| !a.topic.is_empty() && !channels.contains(&a.topic))
+            .map(|a| a.topic.to_string())
+            .collect();
         s.sort();
         s.dedup();
         s
@@ -496,6 +723,7 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
             .map_err(|e| WorkerError::Core { core: 0, message: format!("starting the control thread: {e}") })?
     };
 
+    app.inner.outbox.open();
     let config = RuntimeConfig { cores: Some(cores), name: settings.id.clone(), ..RuntimeConfig::default() };
     let results = {
         let (app, transport, startup) = (app.clone(), transport.clone(), startup.clone());
@@ -529,7 +757,7 @@ async fn core_main(
     let declared = app.inner.topics.lock().unwrap_or_else(|p| p.into_inner()).clone();
     if index == 0 {
         let created: Result<(), faust_transport::Error> = async {
-            for t in &declared {
+            for t in declared.iter().filter(|t| t.kind == TopicKind::Log) {
                 // `topic_partitions` is the default for new topics: an existing topic declared
                 // without a partition count keeps its own; an explicit count must match.
                 if t.partitions.is_none() && core.topic_metadata(&t.name).await?.is_some() {
@@ -561,7 +789,7 @@ async fn core_main(
         None => Vec::new(),
     };
     let mut partitions = HashMap::new();
-    for t in &declared {
+    for t in declared.iter().filter(|t| t.kind == TopicKind::Log) {
         match core.topic_metadata(&t.name).await {
             Ok(Some(meta)) => {
                 partitions.insert(t.name.clone(), meta.config.partitions);
@@ -570,14 +798,19 @@ async fn core_main(
             Err(e) => return Err(format!("reading topic {}: {e}", t.name)),
         }
     }
-    let specs: Vec<(String, Arc<str>, crate::app::StartAgent)> = app
+    let specs: Vec<(String, Arc<str>, crate::app::StartAgent, usize)> = app
         .inner
         .agents
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .iter()
-        .map(|a: &AgentSpec| (a.name.clone(), a.topic.clone(), a.start.clone()))
+        .map(|a: &AgentSpec| (a.name.clone(), a.topic.clone(), a.start.clone(), a.concurrency))
         .collect();
+    let mut channel_agents: HashMap<Arc<str>, Vec<usize>> = HashMap::new();
+    for t in declared.iter().filter(|t| t.kind == TopicKind::Channel) {
+        let agents = specs.iter().enumerate().filter(|(_, s)| s.1 == t.name).map(|(i, _)| i).collect();
+        channel_agents.insert(t.name.clone(), agents);
+    }
     let runtime = Rc::new(CoreRuntime {
         index,
         transport: core,
@@ -590,14 +823,23 @@ async fn core_main(
         stopping: Cell::new(false),
         stop_event: Event::new(),
         decode_errors: Cell::new(0),
+        pending: RefCell::new(HashMap::new()),
+        pending_bytes: Cell::new(0),
+        pending_event: Event::new(),
+        retry: RefCell::new(Vec::new()),
+        flush_lock: glommio::sync::Semaphore::new(1),
+        sends_lost: Cell::new(false),
+        channel_agents,
+        channel_seq: Cell::new(0),
+        app_stop: stop.clone(),
     });
     CURRENT.with(|c| *c.borrow_mut() = Some(runtime.clone()));
 
     // Agents on every core; tasks (no topic) on core 0 only, cancelled at shutdown.
     let mut agent_tasks = Vec::new();
     let mut background = Vec::new();
-    for (i, (name, topic, start)) in specs.iter().enumerate() {
-        let run = AgentRun {
+    for (i, (name, topic, start, concurrency)) in specs.iter().enumerate() {
+        let run = || AgentRun {
             core: runtime.clone(),
             agent: i,
             queue: runtime.queues[i].clone(),
@@ -605,18 +847,20 @@ async fn core_main(
         };
         if topic.is_empty() {
             if index == 0 {
-                background.push(glommio::spawn_local(start(run)));
+                background.push(glommio::spawn_local(start(run())));
             }
             continue;
         }
-        tracing::debug!(agent = %name, core = index, topic = %topic, "starting agent");
-        agent_tasks.push(glommio::spawn_local(start(run)));
+        tracing::debug!(agent = %name, core = index, topic = %topic, concurrency, "starting agent");
+        // Instances share the queue; each has its own events in hand.
+        for _ in 0..*concurrency {
+            agent_tasks.push(glommio::spawn_local(start(run())));
+        }
     }
     // Consumers.
     let mut consumers = Vec::new();
     for tp in assigned {
-        let agents: Vec<usize> =
-            specs.iter().enumerate().filter(|(_, (_, t, _))| **t == *tp.topic).map(|(i, _)| i).collect();
+        let agents: Vec<usize> = specs.iter().enumerate().filter(|(_, s)| *s.1 == *tp.topic).map(|(i, _)| i).collect();
         if agents.is_empty() {
             continue;
         }
@@ -634,6 +878,12 @@ async fn core_main(
             }
         })
     };
+
+    // Buffered sends.
+    let flusher = glommio::spawn_local(flush_buffered(runtime.clone()));
+    // Sends from outside the worker.
+    let outbox = app.inner.outbox.clone();
+    let outbox_task = (index == 0).then(|| glommio::spawn_local(serve_outbox(runtime.clone(), outbox.clone())));
 
     stop.wait().await;
     // Shutdown: stop fetching, let agents drain what they were given, commit, release.
@@ -672,6 +922,12 @@ async fn core_main(
         }
     }
     committer.await;
+    flusher.await;
+    if let Some(task) = outbox_task {
+        task.await;
+        // Whatever was sent from outside until now is still sent (and flushed below).
+        take_outbound(&runtime, outbox.take(true));
+    }
     // Cancelled tasks release the runtime when the executor drops them.
     let release_deadline = std::time::Instant::now() + Duration::from_secs(1);
     while Rc::strong_count(&runtime) > 1 && std::time::Instant::now() < release_deadline {

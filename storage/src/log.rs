@@ -227,6 +227,12 @@ impl std::fmt::Debug for Record {
 }
 
 impl Record {
+    /// A record without headers, made in memory rather than read from a log (in-memory
+    /// channels hand these to streams).
+    pub fn new(offset: u64, timestamp: i64, key: Option<Bytes>, value: Option<Bytes>) -> Self {
+        Record { offset, timestamp, key, value, headers: Bytes::new() }
+    }
+
     /// The record's headers, in the order they were written.
     pub fn headers(&self) -> Headers<'_> {
         Headers { rest: &self.headers }
