@@ -45,6 +45,15 @@ pub enum SendError {
         /// The topic.
         topic: String,
     },
+    /// Records sent earlier to the partition with `send_soon` could not be written, so this
+    /// one was not sent either (it would have overtaken them).
+    #[error("sending to `{topic}`: earlier buffered sends failed: {message}")]
+    Buffered {
+        /// The topic.
+        topic: String,
+        /// Why the buffered sends failed.
+        message: String,
+    },
     /// The transport refused the records.
     #[error(transparent)]
     Transport(#[from] faust_transport::Error),
@@ -53,6 +62,7 @@ pub enum SendError {
 pub(crate) type StartAgent = Arc<dyn Fn(AgentRun) -> Pin<Box<dyn Future<Output = ()>>> + Send + Sync>;
 
 /// A registered agent.
+#[derive(Clone)]
 pub(crate) struct AgentSpec {
     pub(crate) name: String,
     pub(crate) topic: Arc<str>,
@@ -88,6 +98,8 @@ const OUTBOX_STOPPED: u8 = 2;
 #[derive(Default)]
 pub(crate) struct Outbox {
     queue: Mutex<std::collections::VecDeque<Outbound>>,
+    /// Questions from tests: "has every agent finished this event?"
+    probes: Mutex<Vec<Probe>>,
     pub(crate) event: Event,
     /// 0 until a worker starts, then `OUTBOX_RUNNING`, then `OUTBOX_STOPPED`.
     state: std::sync::atomic::AtomicU8,
@@ -100,6 +112,13 @@ pub(crate) struct Outbound {
     pub(crate) key: Option<Vec<u8>>,
     pub(crate) value: Vec<u8>,
     pub(crate) reply: Option<Arc<Reply>>,
+}
+
+/// Asks core 0 to answer once every agent of `tp`'s topic has finished the event at `offset`.
+pub(crate) struct Probe {
+    pub(crate) tp: TopicPartition,
+    pub(crate) offset: u64,
+    pub(crate) reply: Arc<Reply>,
 }
 
 /// Where core 0 puts the outcome of a `send` made from outside the worker.
@@ -115,7 +134,7 @@ impl Reply {
         self.event.notify(usize::MAX);
     }
 
-    async fn wait(&self) -> Result<Produced, SendError> {
+    pub(crate) async fn wait(&self) -> Result<Produced, SendError> {
         loop {
             let listener = self.event.listen();
             if let Some(r) = lock(&self.result).take() {
@@ -136,6 +155,15 @@ impl Outbox {
         drop(queue);
         self.event.notify(1);
         Ok(())
+    }
+
+    pub(crate) fn probe(&self, probe: Probe) {
+        lock(&self.probes).push(probe);
+        self.event.notify(1);
+    }
+
+    pub(crate) fn take_probes(&self) -> Vec<Probe> {
+        std::mem::take(&mut *lock(&self.probes))
     }
 
     /// Opens the outbox for a worker that starts.
@@ -194,7 +222,7 @@ impl StopSignal {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -302,7 +330,8 @@ impl App {
         if !topics.iter().any(|t| &*t.name == name) {
             topics.push(TopicDecl { name: Arc::from(name), partitions: None, kind });
         }
-        let inner = TopicInner { name: Arc::from(name), key_codec, value_codec, kind, outbox: self.inner.outbox.clone() };
+        let inner =
+            TopicInner { name: Arc::from(name), key_codec, value_codec, kind, outbox: self.inner.outbox.clone() };
         Topic { inner: Arc::new(inner), _types: PhantomData }
     }
 
@@ -527,6 +556,12 @@ impl TopicInner {
             return core.deliver(&self.name, key, value, true).await;
         }
         let tp = self.route(core, key)?;
+        // Records of a partition land in the order they were sent, buffered or not.
+        if core.has_pending(&tp) {
+            core.flush()
+                .await
+                .map_err(|e| SendError::Buffered { topic: self.name.to_string(), message: e.to_string() })?;
+        }
         let size = key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len) + 128;
         let mut batch = faust_storage::BatchBuilder::with_capacity(size);
         batch.push(crate::worker::now_ms(), key, value, headers);
@@ -534,7 +569,12 @@ impl TopicInner {
     }
 
     /// Buffers already-encoded bytes on this core (see [`Topic::send_soon`]).
-    pub(crate) fn send_soon_raw(&self, core: &Rc<CoreRuntime>, key: Option<&[u8]>, value: &[u8]) -> Result<(), SendError> {
+    pub(crate) fn send_soon_raw(
+        &self,
+        core: &Rc<CoreRuntime>,
+        key: Option<&[u8]>,
+        value: &[u8],
+    ) -> Result<(), SendError> {
         if self.kind == TopicKind::Channel {
             core.deliver_now(&self.name, key, Some(value));
             return Ok(());

@@ -23,14 +23,16 @@ mod partitioner;
 pub mod runtime;
 mod settings;
 mod stream;
+mod testing;
 mod transports;
 mod worker;
 
-pub use crate::app::{AgentError, App, SendError, StopSignal, Topic};
+pub use crate::app::{Agent, AgentError, App, SendError, StopSignal, Topic};
 pub use crate::codec::{Codec, CodecError};
 pub use crate::context::{EventPosition, current_event};
 pub use crate::settings::{Settings, SettingsError};
 pub use crate::stream::{Event, Stream};
+pub use crate::testing::{TestContext, TestError};
 pub use crate::worker::WorkerError;
 pub use faust_transport::{MemoryTransport, Produced, TopicConfig, TopicPartition};
 

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use event_listener::Event;
+use event_listener::{Event, IntoNotification};
 use faust_storage::Record;
 use faust_transport::{AssignmentEvent, AutoOffsetReset, OffsetSpec, Produced, TopicConfig, TopicPartition};
 
@@ -130,7 +130,9 @@ impl EventQueue {
         if let Some(l) = self.lanes.borrow_mut().get_mut(lane) {
             l.events.push_back(event);
         }
-        self.readable.notify(1);
+        // One more reader per event, even if one is already woken and has not run yet:
+        // instances of an agent with `concurrency` all wait here.
+        self.readable.notify(1.additional());
     }
 
     /// Puts an event back at the front of its lane (an agent failed on it and is restarted),
@@ -259,6 +261,13 @@ impl CoreRuntime {
         }
     }
 
+    /// Whether every agent consuming `tp` on this core has finished the event at `offset`.
+    pub(crate) fn processed(&self, tp: &TopicPartition, offset: u64) -> bool {
+        let acks = self.acks.borrow();
+        let mut trackers = acks.iter().filter(|((_, t), _)| t == tp).peekable();
+        trackers.peek().is_some() && trackers.all(|(_, tracker)| tracker.committable() > offset)
+    }
+
     pub(crate) fn count_decode_error(&self) {
         self.decode_errors.set(self.decode_errors.get() + 1);
     }
@@ -281,8 +290,7 @@ impl CoreRuntime {
         };
         // Earlier failures first, one at a time, so a partition's records stay in order.
         loop {
-            let Some((tp, batch)) = (!self.retry.borrow().is_empty()).then(|| self.retry.borrow_mut().remove(0))
-            else {
+            let Some((tp, batch)) = (!self.retry.borrow().is_empty()).then(|| self.retry.borrow_mut().remove(0)) else {
                 break;
             };
             if let Err(e) = self.transport.produce(&tp, batch).await {
@@ -335,6 +343,11 @@ impl CoreRuntime {
         FlushError::Write { tp, message }
     }
 
+    /// Whether sends to `tp` are buffered (or waiting for a retry).
+    pub(crate) fn has_pending(&self, tp: &TopicPartition) -> bool {
+        self.pending.borrow().contains_key(tp) || self.retry.borrow().iter().any(|(t, _)| t == tp)
+    }
+
     /// Flushes when the buffer has grown past its bound.
     pub(crate) async fn flush_if_full(self: &Rc<Self>) {
         if self.pending_bytes.get() >= PENDING_FLUSH_BYTES
@@ -361,7 +374,7 @@ impl CoreRuntime {
             }
         }
         let offset = self.deliver_now(name, key, value);
-        Ok(Produced { base_offset: offset, last_offset: offset })
+        Ok(Produced { partition: tp.partition, base_offset: offset, last_offset: offset })
     }
 
     /// Hands an event sent to channel `name` to this core's agents now; returns its number.
@@ -376,6 +389,8 @@ impl CoreRuntime {
             value.map(bytes::Bytes::copy_from_slice),
         );
         for &a in self.channel_agents.get(name).map(Vec::as_slice).unwrap_or_default() {
+            // Tracked like a partition's events (so tests can wait for them), never committed.
+            self.acks.borrow_mut().entry((a, tp.clone())).or_insert_with(|| AckTracker::new(offset)).delivered(offset);
             let lane = self.queues[a].lane(&tp);
             self.queues[a].push(lane, QueuedEvent { tp: tp.clone(), record: record.clone() });
         }
@@ -387,6 +402,9 @@ impl CoreRuntime {
     async fn commit_now(self: &Rc<Self>) -> Result<(), FlushError> {
         let mut lowest: HashMap<TopicPartition, u64> = HashMap::new();
         for ((_, tp), tracker) in self.acks.borrow().iter() {
+            if self.channel_agents.contains_key(&tp.topic) {
+                continue;
+            }
             let c = tracker.committable();
             lowest.entry(tp.clone()).and_modify(|v| *v = (*v).min(c)).or_insert(c);
         }
@@ -595,18 +613,40 @@ async fn serve_outbox(core: Rc<CoreRuntime>, outbox: Arc<crate::app::Outbox>) {
     while !core.stopping.get() {
         let listener = outbox.event.listen();
         let records = outbox.take(false);
+        let probes = outbox.take_probes();
+        for probe in probes {
+            let core = core.clone();
+            glommio::spawn_local(async move {
+                // Polled: acks are the hot path and do not notify anyone.
+                while !core.processed(&probe.tp, probe.offset) {
+                    if core.stopping.get() {
+                        probe.reply.set(Err(crate::app::SendError::Stopped { topic: probe.tp.topic.to_string() }));
+                        return;
+                    }
+                    glommio::timer::sleep(Duration::from_millis(1)).await;
+                }
+                // Whatever the agents sent for it is written before the answer.
+                if let Err(e) = core.flush().await {
+                    tracing::error!(error = %e, "writing buffered sends failed");
+                }
+                let (partition, offset) = (probe.tp.partition, probe.offset);
+                probe.reply.set(Ok(Produced { partition, base_offset: offset, last_offset: offset }));
+            })
+            .detach();
+        }
         if records.is_empty() {
             futures_lite::future::or(listener, core.stopped()).await;
             continue;
         }
-        take_outbound(&core, records);
+        take_outbound(&core, records).await;
         glommio::yield_if_needed().await;
     }
 }
 
-/// Sends records that came from outside the worker: `send_soon`s join this core's buffer,
-/// `send`s are written now and answered.
-fn take_outbound(core: &Rc<CoreRuntime>, records: Vec<crate::app::Outbound>) {
+/// Sends records that came from outside the worker, in the order they were sent:
+/// `send_soon`s join this core's buffer, `send`s are written (after what is buffered for
+/// their partition) and answered.
+async fn take_outbound(core: &Rc<CoreRuntime>, records: Vec<crate::app::Outbound>) {
     for record in records {
         match record.reply {
             None => {
@@ -615,12 +655,7 @@ fn take_outbound(core: &Rc<CoreRuntime>, records: Vec<crate::app::Outbound>) {
                 }
             }
             Some(reply) => {
-                let core = core.clone();
-                let (topic, key, value) = (record.topic, record.key, record.value);
-                glommio::spawn_local(async move {
-                    reply.set(topic.send_raw(&core, key.as_deref(), Some(&value), &[]).await);
-                })
-                .detach();
+                reply.set(record.topic.send_raw(core, record.key.as_deref(), Some(&record.value), &[]).await)
             }
         }
     }
@@ -663,11 +698,14 @@ fn place(partitions: &[TopicPartition], cores: usize) -> Vec<Vec<TopicPartition>
 pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
     let settings = app.inner.settings.clone();
     let cores = crate::runtime::choose_cpus(settings.cores, &crate::runtime::usable_cpus())?.len();
-    std::fs::create_dir_all(&settings.datadir).map_err(|source| faust_transport::Error::Io {
-        op: "create data directory",
-        path: settings.datadir.clone(),
-        source,
-    })?;
+    // Only what is kept on disk needs the data directory (tests on memory:// leave none).
+    if settings.broker_url().starts_with("local://") {
+        std::fs::create_dir_all(&settings.datadir).map_err(|source| faust_transport::Error::Io {
+            op: "create data directory",
+            path: settings.datadir.clone(),
+            source,
+        })?;
+    }
     let memory = app.inner.memory.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let transport = AnyTransport::open(&settings.broker_url(), cores, memory.as_ref())?;
     let startup =
@@ -738,6 +776,16 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
     startup.event.notify(usize::MAX);
     let _ = control.join();
     transport.close();
+    // Whoever still waits on the worker (sends from outside, test probes) hears it stopped.
+    let outbox = &app.inner.outbox;
+    for record in outbox.take(true) {
+        if let Some(reply) = record.reply {
+            reply.set(Err(crate::app::SendError::Stopped { topic: record.topic.name.to_string() }));
+        }
+    }
+    for probe in outbox.take_probes() {
+        probe.reply.set(Err(crate::app::SendError::Stopped { topic: probe.tp.topic.to_string() }));
+    }
     for (core, r) in results?.into_iter().enumerate() {
         r.map_err(|message| WorkerError::Core { core, message })?;
     }
@@ -926,7 +974,7 @@ async fn core_main(
     if let Some(task) = outbox_task {
         task.await;
         // Whatever was sent from outside until now is still sent (and flushed below).
-        take_outbound(&runtime, outbox.take(true));
+        take_outbound(&runtime, outbox.take(true)).await;
     }
     // Cancelled tasks release the runtime when the executor drops them.
     let release_deadline = std::time::Instant::now() + Duration::from_secs(1);

@@ -1,7 +1,8 @@
 //! End to end on `local://`, with real worker processes (`src/bin/forwarder.rs`, topic `a`
 //! forwarded to topic `b`):
 //!
-//! - A worker SIGKILLed at random points and restarted loses nothing: every event of `a` is in
+//! - A worker SIGKILLed at random points and restarted loses nothing (half of the workers
+//!   await each send, half buffer them with `send_soon`): every event of `a` is in
 //!   `b`, in partition order. The guarantee is at-least-once, and the duplicates are bounded
 //!   exactly: after a restart a partition resumes at the offset committed when the previous
 //!   worker died, so the only repeats are that worker's uncommitted tail. The test reads the
@@ -93,7 +94,10 @@ fn a_forwarding_worker_killed_at_random_loses_nothing() {
     let mut kills_after_commit = 0;
     for k in 0..kills {
         let before = committed(&datadir);
-        let mut child = forwarder(&datadir, &["forward"]).spawn().unwrap();
+        // Kills 0,1 await sends, 2,3 buffer them, and so on: both kinds are killed early and
+        // after a commit.
+        let args: &[&str] = if (k / 2) % 2 == 0 { &["forward"] } else { &["forward", "soon"] };
+        let mut child = forwarder(&datadir, args).spawn().unwrap();
         if k % 2 == 0 {
             // Early, at a random point: maybe before the first commit.
             std::thread::sleep(Duration::from_millis(rng.gen_range(30..400)));
@@ -120,7 +124,7 @@ fn a_forwarding_worker_killed_at_random_loses_nothing() {
     }
     assert!(kills_mid_stream >= 2, "only {kills_mid_stream} kills landed while events were flowing");
     assert!(kills_after_commit >= 2, "only {kills_after_commit} workers committed before they were killed");
-    run_to_end(&datadir, &["drain"], Duration::from_secs(120));
+    run_to_end(&datadir, &["drain", "soon"], Duration::from_secs(120));
 
     let a = read_topic(&datadir, "a");
     let b = read_topic(&datadir, "b");

@@ -370,7 +370,7 @@ impl Appender {
         match result {
             Ok(a) => {
                 self.appended.notify(usize::MAX);
-                Ok(Produced { base_offset: a.base_offset, last_offset: a.last_offset })
+                Ok(Produced { partition: tp.partition, base_offset: a.base_offset, last_offset: a.last_offset })
             }
             Err(e) => Err(Error::Produce { tp: tp.clone(), batch: Box::new(batch), source: Box::new(e) }),
         }

@@ -113,13 +113,17 @@ impl MemoryTransport {
             Err(e) => return Err(Error::Produce { tp: tp.clone(), batch: Box::new(batch), source: Box::new(e) }),
         };
         if batch.is_empty() {
-            return Ok(Produced { base_offset: part.next_offset, last_offset: part.next_offset.wrapping_sub(1) });
+            return Ok(Produced {
+                partition: tp.partition,
+                base_offset: part.next_offset,
+                last_offset: part.next_offset.wrapping_sub(1),
+            });
         }
         let base = part.next_offset;
         let sealed = Batch::from_builder(&mut batch, base);
         part.records.extend(sealed.records());
         part.next_offset = sealed.last_offset() + 1;
-        let produced = Produced { base_offset: base, last_offset: sealed.last_offset() };
+        let produced = Produced { partition: tp.partition, base_offset: base, last_offset: sealed.last_offset() };
         drop(state);
         self.shared.appended.notify(usize::MAX);
         Ok(produced)

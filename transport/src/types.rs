@@ -137,6 +137,8 @@ pub struct Fetched {
 /// Where a produced batch landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Produced {
+    /// The partition it was written to.
+    pub partition: u32,
     /// Offset of the batch's first record.
     pub base_offset: u64,
     /// Offset of its last record.

@@ -2,8 +2,14 @@
 //!
 //! ```text
 //! forwarder DATADIR produce N      create a and b (4 partitions) and write N events to a
-//! forwarder DATADIR forward        forward a -> b until stopped (or killed)
-//! forwarder DATADIR drain          forward until no event arrived for a second, then stop
+//! forwarder DATADIR forward [soon] forward a -> b until stopped (or killed)
+//! forwarder DATADIR drain [soon]   forward until no event arrived for a second, then stop
+//! ```
+//!
+//! With `soon`, the agent sends with `send_soon` (buffered, flushed before each commit)
+//! instead of awaiting each send.
+//!
+//! ```text
 //! ```
 //!
 //! Keys are `k{i % 16}`, values the event number `i`, so each key's values increase.
@@ -48,6 +54,7 @@ fn main() {
             });
         }
         "forward" | "drain" => {
+            let soon = args.get(3).is_some_and(|a| a == "soon");
             let last_event = Arc::new(AtomicI64::new(0));
             let start = Instant::now();
             {
@@ -56,7 +63,11 @@ fn main() {
                     let (b, last_event) = (b.clone(), last_event.clone());
                     async move {
                         while let Some(event) = stream.next_event().await {
-                            b.send(event.key.as_ref(), &event.value).await?;
+                            if soon {
+                                b.send_soon(event.key.as_ref(), &event.value)?;
+                            } else {
+                                b.send(event.key.as_ref(), &event.value).await?;
+                            }
                             last_event.store(start.elapsed().as_millis() as i64, Ordering::Relaxed);
                         }
                         Ok(())

@@ -1,0 +1,212 @@
+//! Stream processors, buffered sends, sends from outside the worker, channels, agent
+//! handles and concurrency, on real workers over `memory://` (most through the
+//! `test_context` harness).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use faust::{App, SendError, Settings, TopicPartition};
+use faust_transport::CoreTransport;
+
+fn settings(id: &str, partitions: u32) -> Settings {
+    let mut s = Settings::new(id);
+    s.topic_partitions = partitions;
+    s.commit_interval = Duration::from_millis(20);
+    s
+}
+
+#[test]
+fn filter_echo_map_and_enumerate_compose() {
+    let app = App::new(settings("stages", 2));
+    let numbers = app.topic::<String, u64>("numbers");
+    let evens = app.topic::<String, u64>("evens");
+    let out = app.topic::<String, (u64, u64)>("out");
+    let (evens2, out2) = (evens.clone(), out.clone());
+    app.agent("stages", &numbers, move |stream| {
+        let (evens, out) = (evens2.clone(), out2.clone());
+        async move {
+            let mut stream = stream.filter(|n| n % 2 == 0).echo(&evens).map(|n| n * 10).enumerate();
+            while let Some((key, (i, n))) = stream.next_item().await {
+                out.send_soon(key.as_ref(), &(i, n))?;
+            }
+            Ok(())
+        }
+    });
+    let test = app.test_context().unwrap();
+    for n in 0..20u64 {
+        test.put(&numbers, Some(&format!("k{n}")), &n).unwrap();
+    }
+    let echoed: BTreeSet<u64> = test.records(&evens).unwrap().into_iter().map(|(_, v)| v).collect();
+    assert_eq!(echoed, (0..20).filter(|n| n % 2 == 0).collect());
+    let mut mapped: Vec<(u64, u64)> = test.records(&out).unwrap().into_iter().map(|(_, v)| v).collect();
+    mapped.sort();
+    // Put one at a time, so the count follows the order they were put in.
+    let expected: Vec<(u64, u64)> = (0..10).map(|i| (i, i * 20)).collect();
+    assert_eq!(mapped, expected);
+    // Keys are kept through map and enumerate.
+    assert!(test.records(&out).unwrap().iter().all(|(k, (_, n))| k.as_deref() == Some(&*format!("k{}", n / 10))));
+    test.stop().unwrap();
+}
+
+#[test]
+fn buffered_sends_are_written_when_the_worker_stops() {
+    let mut s = settings("flush-at-stop", 3);
+    s.broker = "memory://".into();
+    s.cores = Some(1);
+    let transport = faust::MemoryTransport::new();
+    let app = App::new(s).with_memory_transport(transport.clone());
+    let out = app.topic::<String, u64>("out");
+    let stop = app.stop_signal();
+    app.task(move || {
+        let (out, stop) = (out.clone(), stop.clone());
+        async move {
+            for n in 0..1000u64 {
+                out.send_soon(Some(&format!("k{n}")), &n)?;
+            }
+            // Stop at once: nothing gave the buffer a chance to be written yet.
+            stop.stop();
+            Ok(())
+        }
+    });
+    app.run().unwrap();
+    let held: u64 = (0..3).map(|p| transport.high_watermark(&TopicPartition::new("out", p)).unwrap()).sum();
+    assert_eq!(held, 1000);
+}
+
+#[test]
+fn sends_from_other_threads_reach_the_worker_and_fail_clearly_after_it_stops() {
+    let mut s = settings("outside", 2);
+    s.broker = "memory://".into();
+    s.cores = Some(2);
+    let transport = faust::MemoryTransport::new();
+    let app = App::new(s).with_memory_transport(transport.clone());
+    let input = app.topic::<String, u64>("input");
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counter = seen.clone();
+    app.agent("count", &input, move |mut stream| {
+        let counter = counter.clone();
+        async move {
+            while stream.next().await.is_some() {
+                counter.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(())
+        }
+    });
+    // Sent before the worker starts: kept until it does.
+    for n in 0..50u64 {
+        input.send_soon(Some(&format!("early{n}")), &n).unwrap();
+    }
+    let stop = app.stop_signal();
+    let sender = {
+        let input = input.clone();
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            let mut offsets = Vec::new();
+            for n in 0..50u64 {
+                let produced = futures_lite::future::block_on(input.send(Some(&format!("late{n}")), &n)).unwrap();
+                offsets.push(produced);
+            }
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while seen.load(Ordering::SeqCst) < 100 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            stop.stop();
+            offsets
+        })
+    };
+    app.run().unwrap();
+    let produced = sender.join().unwrap();
+    assert_eq!(seen.load(Ordering::SeqCst), 100);
+    assert!(produced.iter().all(|p| p.partition < 2 && p.base_offset == p.last_offset));
+    let held: u64 = (0..2).map(|p| transport.high_watermark(&TopicPartition::new("input", p)).unwrap()).sum();
+    assert_eq!(held, 100);
+    match input.send_soon(None, &1) {
+        Err(SendError::Stopped { topic }) => assert_eq!(topic, "input"),
+        other => panic!("expected Stopped, got {other:?}"),
+    }
+    let awaited = futures_lite::future::block_on(input.send(None, &1));
+    assert!(matches!(awaited, Err(SendError::Stopped { .. })), "{awaited:?}");
+}
+
+#[test]
+fn channels_hand_events_to_agents_in_memory() {
+    let app = App::new(settings("channels", 2));
+    let commands = app.channel::<String, String>("commands");
+    let log = app.topic::<String, String>("log");
+    let out = log.clone();
+    app.agent("shout", &commands, move |mut stream| {
+        let out = out.clone();
+        async move {
+            while let Some((key, command)) = stream.next_item().await {
+                out.send(key.as_ref(), &command.to_uppercase()).await?;
+            }
+            Ok(())
+        }
+    });
+    let test = app.test_context().unwrap();
+    test.put(&commands, Some(&"a".to_string()), &"start".to_string()).unwrap();
+    test.put(&commands, None, &"stop".to_string()).unwrap();
+    let mut logged: Vec<String> = test.records(&log).unwrap().into_iter().map(|(_, v)| v).collect();
+    logged.sort();
+    assert_eq!(logged, vec!["START".to_string(), "STOP".to_string()]);
+    // Nothing of the channel reaches the transport: no topic, no commits.
+    let channel_topic = futures_lite::future::block_on(test.transport().topic_metadata("commands")).unwrap();
+    assert!(channel_topic.is_none());
+    assert!(test.records(&commands).unwrap().is_empty());
+    test.stop().unwrap();
+}
+
+#[test]
+fn agent_handles_send_and_cast_and_concurrency_overlaps_events() {
+    let app = App::new(settings("concurrent", 1));
+    let jobs = app.topic::<String, u64>("jobs");
+    let (running, max_running, done) =
+        (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let counters = (running.clone(), max_running.clone(), done.clone());
+    let agent = app
+        .agent("slow", &jobs, move |mut stream| {
+            let (running, max_running, done) = counters.clone();
+            async move {
+                while stream.next().await.is_some() {
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    max_running.fetch_max(now, Ordering::SeqCst);
+                    glommio::timer::sleep(Duration::from_millis(20)).await;
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    done.fetch_add(1, Ordering::SeqCst);
+                }
+                Ok(())
+            }
+        })
+        .concurrency(4);
+    let test = app.test_context().unwrap();
+    for n in 0..39u64 {
+        agent.cast(Some(&format!("k{n}")), &n).unwrap();
+    }
+    // `put` waits for the last one and, as offsets commit in order, everything before it.
+    test.put(agent.topic(), Some(&"last".to_string()), &39).unwrap();
+    assert_eq!(done.load(Ordering::SeqCst), 40);
+    let overlap = max_running.load(Ordering::SeqCst);
+    assert!((2..=4).contains(&overlap), "at most 4 and more than 1 at a time, saw {overlap}");
+    let transport = test.transport().clone();
+    test.stop().unwrap();
+    let tp = TopicPartition::new("jobs", 0);
+    let committed = futures_lite::future::block_on(transport.committed("concurrent", std::slice::from_ref(&tp)));
+    assert_eq!(committed.unwrap(), vec![Some(40)], "committed through the last event");
+}
+
+#[test]
+fn agent_send_waits_for_the_record_to_be_written() {
+    let app = App::new(settings("agent-send", 1));
+    let jobs = app.topic::<String, u64>("jobs");
+    let agent = app.agent("sink", &jobs, |mut stream| async move {
+        while stream.next().await.is_some() {}
+        Ok(())
+    });
+    let test = app.test_context().unwrap();
+    let produced = futures_lite::future::block_on(agent.send(None, &7)).unwrap();
+    assert_eq!((produced.partition, produced.base_offset), (0, 0));
+    assert_eq!(test.transport().high_watermark(&TopicPartition::new("jobs", 0)).unwrap(), 1);
+    test.stop().unwrap();
+}
