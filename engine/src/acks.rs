@@ -62,8 +62,15 @@ impl AckTracker {
         if offset < front {
             return Acked::Ignored;
         }
-        // Offsets are increasing, so the event is found by binary search.
-        let Ok(i) = self.in_flight.binary_search_by_key(&offset, |&(o, _)| o) else { return Acked::Ignored };
+        // Offsets are increasing: in-order acks hit the front (or the slot `offset - front`
+        // when there are no gaps); otherwise binary search.
+        let i = match offset - front {
+            d if (d as usize) < self.in_flight.len() && self.in_flight[d as usize].0 == offset => d as usize,
+            _ => match self.in_flight.binary_search_by_key(&offset, |&(o, _)| o) {
+                Ok(i) => i,
+                Err(_) => return Acked::Ignored,
+            },
+        };
         if self.in_flight[i].1 {
             return Acked::Ignored;
         }

@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventPosition {
     /// The topic.
-    pub topic: Rc<str>,
+    pub topic: std::sync::Arc<str>,
     /// The partition.
     pub partition: u32,
     /// The offset.
@@ -89,7 +89,7 @@ mod tests {
     use std::time::Duration;
 
     fn at(offset: u64) -> EventPosition {
-        EventPosition { topic: Rc::from("t"), partition: (offset % 2) as u32, offset }
+        EventPosition { topic: std::sync::Arc::from("t"), partition: (offset % 2) as u32, offset }
     }
 
     #[test]

@@ -106,6 +106,12 @@ pub struct CoreContext {
     pub cpu: usize,
 }
 
+/// The index (`0..cores`) of the worker core the caller runs on, or `None` outside a worker
+/// (an agent can use it to keep per-core state, such as counters, without sharing).
+pub fn current_core() -> Option<usize> {
+    crate::worker::CoreRuntime::current().map(|core| core.index)
+}
+
 /// The CPUs this process may run on (its affinity mask), in order.
 pub fn usable_cpus() -> Vec<usize> {
     // SAFETY: `set` is a plain bit set the syscall fills; we only read it afterwards.

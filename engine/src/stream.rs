@@ -219,7 +219,7 @@ impl<K: 'static, V: 'static> Stream<K, V> {
                 Ok(Some((key, value))) => {
                     if let Some(slot) = current_slot() {
                         slot.set(Some(EventPosition {
-                            topic: Rc::from(&*queued.tp.topic),
+                            topic: queued.tp.topic.clone(),
                             partition: queued.tp.partition,
                             offset: queued.record.offset,
                         }));

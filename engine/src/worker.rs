@@ -9,7 +9,7 @@
 //! so an offset is only committed after the records produced for it are durable.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,6 +21,9 @@ use faust_storage::Record;
 use faust_transport::{AssignmentEvent, AutoOffsetReset, OffsetSpec, Produced, TopicConfig, TopicPartition};
 
 use crate::acks::AckTracker;
+
+/// The maps on the per-event path hash with foldhash (SipHash showed in profiles).
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 use crate::app::{AgentError, AgentSpec, App, TopicKind};
 use crate::context::{InTask, TaskSlot};
 use crate::runtime::{RuntimeConfig, RuntimeError, run_on_cores};
@@ -95,6 +98,12 @@ pub(crate) struct EventQueue {
     capacity: usize,
     readable: Event,
     writable: Event,
+    /// Readers (agent instances) and writers (consumers) waiting on the events above: a
+    /// notification is only sent when someone waits, which keeps it off the per-event path.
+    readers_waiting: Cell<usize>,
+    writers_waiting: Cell<usize>,
+    /// What was left in the lane of the event taken last.
+    last_remaining: Cell<usize>,
     closed: Cell<bool>,
 }
 
@@ -112,6 +121,9 @@ impl EventQueue {
             capacity: capacity.max(1),
             readable: Event::new(),
             writable: Event::new(),
+            readers_waiting: Cell::new(0),
+            writers_waiting: Cell::new(0),
+            last_remaining: Cell::new(0),
             closed: Cell::new(false),
         }
     }
@@ -132,7 +144,9 @@ impl EventQueue {
         }
         // One more reader per event, even if one is already woken and has not run yet:
         // instances of an agent with `concurrency` all wait here.
-        self.readable.notify(1.additional());
+        if self.readers_waiting.get() > 0 {
+            self.readable.notify(1.additional());
+        }
     }
 
     /// Puts an event back at the front of its lane (an agent failed on it and is restarted),
@@ -153,6 +167,7 @@ impl EventQueue {
             let i = (self.next.get() + k) % n;
             if let Some(e) = lanes[i].events.pop_front() {
                 self.next.set((i + 1) % n);
+                self.last_remaining.set(lanes[i].events.len());
                 return Some(e);
             }
         }
@@ -161,27 +176,48 @@ impl EventQueue {
 
     /// The next event; `None` once the queue is closed and drained.
     pub(crate) async fn pop(&self) -> Option<QueuedEvent> {
+        // The common case, an event waiting, without registering a listener.
+        if let Some(e) = self.take() {
+            self.taken();
+            return Some(e);
+        }
         loop {
             let listener = self.readable.listen();
             if let Some(e) = self.take() {
-                self.writable.notify(usize::MAX);
+                self.taken();
                 return Some(e);
             }
             if self.closed.get() {
                 return None;
             }
+            self.readers_waiting.set(self.readers_waiting.get() + 1);
+            // Counted down however the wait ends (the future may be dropped while waiting).
+            let _waiting = WaitGuard(&self.readers_waiting);
             listener.await;
+        }
+    }
+
+    /// After an event was taken: wakes consumers waiting for room once the lane is half
+    /// empty, so a consumer refills it with a whole fetch rather than one event at a time.
+    fn taken(&self) {
+        if self.writers_waiting.get() > 0 && self.last_remaining.get() <= self.capacity / 2 {
+            self.writable.notify(usize::MAX);
         }
     }
 
     /// Waits until `lane` has room (or the queue is closed).
     async fn room(&self, lane: usize) {
-        loop {
-            let listener = self.writable.listen();
+        let has_room = || {
             let len = self.lanes.borrow().get(lane).map_or(0, |l| l.events.len());
-            if len < self.capacity || self.closed.get() {
+            len < self.capacity || self.closed.get()
+        };
+        while !has_room() {
+            let listener = self.writable.listen();
+            if has_room() {
                 return;
             }
+            self.writers_waiting.set(self.writers_waiting.get() + 1);
+            let _waiting = WaitGuard(&self.writers_waiting);
             listener.await;
         }
     }
@@ -190,6 +226,15 @@ impl EventQueue {
         self.closed.set(true);
         self.readable.notify(usize::MAX);
         self.writable.notify(usize::MAX);
+    }
+}
+
+/// Counts a waiter down when its wait ends.
+struct WaitGuard<'a>(&'a Cell<usize>);
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        self.0.set(self.0.get().saturating_sub(1));
     }
 }
 
@@ -400,7 +445,7 @@ impl CoreRuntime {
     /// Commits, per partition, the lowest offset every agent may commit, once the sends
     /// buffered so far are durable.
     async fn commit_now(self: &Rc<Self>) -> Result<(), FlushError> {
-        let mut lowest: HashMap<TopicPartition, u64> = HashMap::new();
+        let mut lowest: HashMap<TopicPartition, u64> = HashMap::default();
         for ((_, tp), tracker) in self.acks.borrow().iter() {
             if self.channel_agents.contains_key(&tp.topic) {
                 continue;
@@ -546,11 +591,17 @@ async fn consume(core: Rc<CoreRuntime>, tp: TopicPartition, agents: Vec<usize>, 
             Ok(fetched) => {
                 failures = 0;
                 for record in fetched.records {
-                    for (&a, &lane) in agents.iter().zip(&lanes) {
+                    let mut record = Some(record);
+                    for (i, (&a, &lane)) in agents.iter().zip(&lanes).enumerate() {
+                        let Some(r) = record.as_ref() else { break };
                         if let Some(t) = core.acks.borrow_mut().get_mut(&(a, tp.clone())) {
-                            t.delivered(record.offset);
+                            t.delivered(r.offset);
                         }
-                        core.queues[a].push(lane, QueuedEvent { tp: tp.clone(), record: record.clone() });
+                        // The last agent gets the record itself, the others a clone.
+                        let r = if i + 1 == agents.len() { record.take() } else { record.clone() };
+                        if let Some(r) = r {
+                            core.queues[a].push(lane, QueuedEvent { tp: tp.clone(), record: r });
+                        }
                     }
                 }
                 next = fetched.next_offset;
@@ -836,7 +887,7 @@ async fn core_main(
         }
         None => Vec::new(),
     };
-    let mut partitions = HashMap::new();
+    let mut partitions = HashMap::default();
     for t in declared.iter().filter(|t| t.kind == TopicKind::Log) {
         match core.topic_metadata(&t.name).await {
             Ok(Some(meta)) => {
@@ -854,7 +905,7 @@ async fn core_main(
         .iter()
         .map(|a: &AgentSpec| (a.name.clone(), a.topic.clone(), a.start.clone(), a.concurrency))
         .collect();
-    let mut channel_agents: HashMap<Arc<str>, Vec<usize>> = HashMap::new();
+    let mut channel_agents: HashMap<Arc<str>, Vec<usize>> = HashMap::default();
     for t in declared.iter().filter(|t| t.kind == TopicKind::Channel) {
         let agents = specs.iter().enumerate().filter(|(_, s)| s.1 == t.name).map(|(i, _)| i).collect();
         channel_agents.insert(t.name.clone(), agents);
@@ -865,13 +916,13 @@ async fn core_main(
         group: settings.id.clone(),
         partitions,
         queues: specs.iter().map(|_| Rc::new(EventQueue::new(settings.stream_buffer_maxsize))).collect(),
-        acks: RefCell::new(HashMap::new()),
-        committed: RefCell::new(HashMap::new()),
+        acks: RefCell::new(HashMap::default()),
+        committed: RefCell::new(HashMap::default()),
         rr: Cell::new(0),
         stopping: Cell::new(false),
         stop_event: Event::new(),
         decode_errors: Cell::new(0),
-        pending: RefCell::new(HashMap::new()),
+        pending: RefCell::new(HashMap::default()),
         pending_bytes: Cell::new(0),
         pending_event: Event::new(),
         retry: RefCell::new(Vec::new()),

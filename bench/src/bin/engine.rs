@@ -1,0 +1,437 @@
+//! Engine benchmark, workload W1 (stateless): decode JSON orders, filter, map, forward to a
+//! topic, on a pre-loaded `local://` log with nothing else running.
+//!
+//! Measured in one run, so the ratios compare like with like on a shared, noisy machine:
+//!
+//! - W1 throughput on 1 and 2 cores (events/s from the first event to the last, two
+//!   partitions so both cores have work), with the process's peak RSS during each run;
+//! - the floor: the same decode, filter, map and count done by 1 and 2 plain threads over
+//!   the same orders held in memory (no log, no runtime, no output);
+//! - latency from send to processed (p50/p99/p999, hdrhistogram) on a 1-core worker at an
+//!   offered load of 50 % of its measured maximum, the generator thread pinned to the other
+//!   CPU and sending from outside the worker.
+//!
+//! ```text
+//! cargo run --release -p faust-bench --bin engine -- --quick --json
+//! ```
+
+use std::hint::black_box;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use faust::{App, Settings};
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+#[derive(Parser, Debug)]
+#[command(about = "Benchmark the faust engine on workload W1 (decode, filter, map, forward)")]
+struct Args {
+    /// A shorter run (under 60 s).
+    #[arg(long)]
+    quick: bool,
+    /// Print one JSON object on stdout instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Orders pre-loaded for the throughput runs (default 2,000,000, or 400,000 with --quick).
+    #[arg(long)]
+    events: Option<u64>,
+    /// Seconds of the latency run (default 10, or 4 with --quick).
+    #[arg(long)]
+    latency_secs: Option<u64>,
+    /// Only the 1-core W1 run, once (for profiling).
+    #[arg(long)]
+    only_w1: bool,
+}
+
+/// An order as the generator writes it (about 150 bytes of JSON).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Order {
+    id: u64,
+    customer: String,
+    product: String,
+    quantity: u32,
+    price_cents: u64,
+    country: String,
+    /// When the generator made it: nanoseconds since the benchmark's clock started.
+    created_ns: u64,
+}
+
+/// What W1 forwards: the orders worth forwarding, reduced to a sale.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Sale {
+    id: u64,
+    customer: String,
+    total_cents: u64,
+}
+
+const COUNTRIES: [&str; 4] = ["US", "DE", "FR", "JP"];
+
+fn order(i: u64, created_ns: u64) -> Order {
+    // A cheap deterministic mix, so every run sees the same orders.
+    let h = i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    Order {
+        id: i,
+        customer: format!("customer-{:05}", h % 10_000),
+        product: format!("sku-{:04}", (h >> 20) % 1_000),
+        quantity: ((h >> 40) % 5) as u32,
+        price_cents: 100 + (h >> 12) % 20_000,
+        country: COUNTRIES[((h >> 50) % 4) as usize].to_string(),
+        created_ns,
+    }
+}
+
+/// W1's filter: orders with something in them (4 in 5).
+fn keep(o: &Order) -> bool {
+    o.quantity > 0
+}
+
+/// W1's map.
+fn to_sale(o: Order) -> Sale {
+    Sale { total_cents: o.price_cents * u64::from(o.quantity), id: o.id, customer: o.customer }
+}
+
+fn progress(args: &Args, msg: &str) {
+    if args.json {
+        eprintln!("{msg}");
+    } else {
+        eprintln!("  .. {msg}");
+    }
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// Resets the peak RSS to the current RSS (Linux `clear_refs` 5).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn settings(id: &str, datadir: &Path, cores: usize) -> Settings {
+    let mut s = Settings::new(id);
+    s.datadir = datadir.to_path_buf();
+    s.topic_partitions = 2;
+    s.cores = Some(cores);
+    s
+}
+
+/// Writes `n` orders to `orders` (two partitions) with `send_soon` from one core.
+fn preload(datadir: &Path, n: u64) -> Duration {
+    let app = App::new(settings("w1-load", datadir, 1));
+    let orders = app.topic::<String, Order>("orders");
+    let stop = app.stop_signal();
+    app.task(move || {
+        let (orders, stop) = (orders.clone(), stop.clone());
+        async move {
+            for i in 0..n {
+                let o = order(i, 0);
+                orders.send_soon(Some(&o.customer), &o)?;
+                if i % 4096 == 0 {
+                    // Let the flusher write what is buffered.
+                    glommio::yield_if_needed().await;
+                }
+            }
+            stop.stop();
+            Ok(())
+        }
+    });
+    let start = Instant::now();
+    app.run().expect("preload worker");
+    start.elapsed()
+}
+
+/// One counter per core, on its own cache line.
+#[repr(align(128))]
+#[derive(Default)]
+struct Counter(AtomicU64);
+
+/// Runs W1 over the pre-loaded orders on `cores` cores; returns (events/s, peak RSS MB).
+fn w1_throughput(datadir: &Path, n: u64, cores: usize) -> (f64, f64) {
+    reset_peak_rss();
+    let app = App::new(settings(&format!("w1-{cores}core-{}", rand::random::<u32>()), datadir, cores));
+    let orders = app.topic::<String, Order>("orders");
+    let sales = app.topic::<String, Sale>(&format!("sales-{cores}"));
+    let counters: Arc<Vec<Counter>> = Arc::new((0..cores).map(|_| Counter::default()).collect());
+    let base = Instant::now();
+    let first_ns = Arc::new(AtomicU64::new(u64::MAX));
+    {
+        let (counters, first_ns) = (counters.clone(), first_ns.clone());
+        app.agent("w1", &orders, move |stream| {
+            let (sales, counters, first_ns) = (sales.clone(), counters.clone(), first_ns.clone());
+            async move {
+                let core = faust::runtime::current_core().unwrap_or(0);
+                let mut stream = stream
+                    .filter(move |o| {
+                        counter_add(&counters[core]);
+                        keep(o)
+                    })
+                    .map(to_sale);
+                while let Some((key, sale)) = stream.next_item().await {
+                    if first_ns.load(Ordering::Relaxed) == u64::MAX {
+                        first_ns.fetch_min(base.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                    }
+                    sales.send_soon(key.as_ref(), &sale)?;
+                }
+                Ok(())
+            }
+        });
+    }
+    let stop = app.stop_signal();
+    let done_at = Arc::new(Mutex::new(None));
+    let watcher = {
+        let (counters, done_at) = (counters.clone(), done_at.clone());
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(600);
+            while Instant::now() < deadline {
+                let seen: u64 = counters.iter().map(|c| c.0.load(Ordering::Relaxed)).sum();
+                if seen >= n {
+                    *done_at.lock().unwrap() = Some(base.elapsed());
+                    break;
+                }
+                std::thread::sleep(Duration::from_micros(500));
+            }
+            stop.stop();
+        })
+    };
+    app.run().expect("W1 worker");
+    watcher.join().unwrap();
+    let rss = peak_rss_mb();
+    let end = done_at.lock().unwrap().expect("W1 did not process every order in time");
+    let start = Duration::from_nanos(first_ns.load(Ordering::Relaxed));
+    (n as f64 / (end - start).as_secs_f64(), rss)
+}
+
+fn counter_add(c: &Counter) {
+    c.0.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The floor: decode, filter, map and count the same orders from memory on `threads` plain
+/// threads. Returns events/s (best of 3).
+fn floor(encoded: &[Vec<u8>], threads: usize) -> f64 {
+    let mut best = Duration::MAX;
+    for _ in 0..3 {
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            for chunk in encoded.chunks(encoded.len().div_ceil(threads)) {
+                s.spawn(move || {
+                    let mut kept = 0u64;
+                    for bytes in chunk {
+                        let o: Order = serde_json::from_slice(bytes).expect("order");
+                        if keep(&o) {
+                            kept += black_box(to_sale(o)).total_cents & 1;
+                        }
+                    }
+                    black_box(kept)
+                });
+            }
+        });
+        best = best.min(start.elapsed());
+    }
+    encoded.len() as f64 / best.as_secs_f64()
+}
+
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; we set one bit and pass its size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+struct Latency {
+    p50_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+    max_us: f64,
+    offered: f64,
+    achieved: f64,
+    samples: u64,
+}
+
+/// A 1-core worker processes orders that a thread pinned to the other CPU sends at `rate`
+/// per second for `secs`; latency is from the generator stamping an order to the agent
+/// handling it. The first second is warm-up and not recorded.
+fn latency(datadir: &Path, rate: f64, secs: u64) -> Latency {
+    let app = App::new(settings("w1-latency", datadir, 1));
+    let orders = app.topic::<String, Order>("live-orders");
+    let sales = app.topic::<String, Sale>("live-sales");
+    let histogram = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap()));
+    let base = Instant::now();
+    let warmup_ns = 1_000_000_000u64;
+    let handled = Arc::new(AtomicU64::new(0));
+    {
+        let (histogram, handled) = (histogram.clone(), handled.clone());
+        app.agent("w1", &orders, move |stream| {
+            let (sales, histogram, handled) = (sales.clone(), histogram.clone(), handled.clone());
+            async move {
+                let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+                let mut stream = stream.filter(keep).map(|o| {
+                    let created = o.created_ns;
+                    (created, to_sale(o))
+                });
+                while let Some((key, (created, sale))) = stream.next_item().await {
+                    sales.send_soon(key.as_ref(), &sale)?;
+                    if created >= warmup_ns {
+                        let now = base.elapsed().as_nanos() as u64;
+                        local.saturating_record(now.saturating_sub(created) / 1000);
+                    }
+                    handled.fetch_add(1, Ordering::Relaxed);
+                }
+                histogram.lock().unwrap().add(&local).unwrap();
+                Ok(())
+            }
+        });
+    }
+    let stop = app.stop_signal();
+    let running = Arc::new(AtomicBool::new(true));
+    let generator_cpu = faust::runtime::usable_cpus().get(1).copied();
+    let generator = {
+        let orders = orders.clone();
+        std::thread::spawn(move || {
+            if let Some(cpu) = generator_cpu {
+                pin_to_cpu(cpu);
+            }
+            // Sends in ticks of 100 µs, each with the orders due by then.
+            let total = (rate * secs as f64) as u64;
+            let start = Instant::now();
+            let mut sent = 0u64;
+            while sent < total {
+                let due = ((start.elapsed().as_secs_f64() * rate) as u64).min(total);
+                while sent < due {
+                    let o = order(sent, base.elapsed().as_nanos() as u64);
+                    orders.send_soon(Some(&o.customer), &o).expect("send");
+                    sent += 1;
+                }
+                let next_tick = start + Duration::from_secs_f64((sent + 1) as f64 / rate);
+                let now = Instant::now();
+                if next_tick > now {
+                    std::thread::sleep((next_tick - now).min(Duration::from_micros(100)));
+                }
+            }
+            let elapsed = start.elapsed();
+            // Give the worker a moment to finish what was sent, then stop it.
+            std::thread::sleep(Duration::from_millis(500));
+            stop.stop();
+            (sent, elapsed)
+        })
+    };
+    app.run().expect("latency worker");
+    running.store(false, Ordering::Relaxed);
+    let (sent, elapsed) = generator.join().unwrap();
+    let h = histogram.lock().unwrap();
+    Latency {
+        p50_us: h.value_at_quantile(0.50) as f64,
+        p99_us: h.value_at_quantile(0.99) as f64,
+        p999_us: h.value_at_quantile(0.999) as f64,
+        max_us: h.max() as f64,
+        offered: rate,
+        achieved: sent as f64 / elapsed.as_secs_f64(),
+        samples: h.len(),
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    let n = args.events.unwrap_or(if args.quick { 400_000 } else { 2_000_000 });
+    let latency_secs = args.latency_secs.unwrap_or(if args.quick { 4 } else { 10 });
+    let dir = tempfile::tempdir().expect("temp dir");
+    let datadir = dir.path().join("data");
+    let cpus = faust::runtime::usable_cpus().len();
+
+    progress(&args, &format!("pre-loading {n} orders"));
+    let load = preload(&datadir, n);
+    progress(
+        &args,
+        &format!("pre-loaded in {:.2} s ({:.0} orders/s)", load.as_secs_f64(), n as f64 / load.as_secs_f64()),
+    );
+
+    if args.only_w1 {
+        let (events_s, rss) = w1_throughput(&datadir, n, 1);
+        println!("W1 1 core: {events_s:.0} events/s, peak RSS {rss:.0} MB");
+        return;
+    }
+    let runs = if args.quick { 1 } else { 3 };
+    let mut w1_1 = (0.0f64, 0.0f64);
+    let mut w1_2 = (0.0f64, 0.0f64);
+    for r in 0..runs {
+        let one = w1_throughput(&datadir, n, 1);
+        progress(&args, &format!("W1 1 core run {r}: {:.0} events/s, peak RSS {:.0} MB", one.0, one.1));
+        if one.0 > w1_1.0 {
+            w1_1 = one;
+        }
+        if cpus >= 2 {
+            let two = w1_throughput(&datadir, n, 2);
+            progress(&args, &format!("W1 2 cores run {r}: {:.0} events/s, peak RSS {:.0} MB", two.0, two.1));
+            if two.0 > w1_2.0 {
+                w1_2 = two;
+            }
+        }
+    }
+
+    let encoded: Vec<Vec<u8>> = (0..n).map(|i| serde_json::to_vec(&order(i, 0)).unwrap()).collect();
+    let floor_1 = floor(&encoded, 1);
+    let floor_2 = floor(&encoded, 2);
+    let avg_bytes = encoded.iter().map(Vec::len).sum::<usize>() as f64 / n as f64;
+    drop(encoded);
+    progress(&args, &format!("floor: {floor_1:.0} events/s on 1 thread, {floor_2:.0} on 2"));
+
+    let rate = w1_1.0 * 0.5;
+    progress(&args, &format!("latency at {rate:.0} events/s for {latency_secs} s"));
+    let lat = latency(&datadir, rate, latency_secs);
+
+    let ratio = w1_1.0 / floor_1;
+    let scaling = if w1_1.0 > 0.0 { w1_2.0 / w1_1.0 } else { f64::NAN };
+    let floor_scaling = floor_2 / floor_1;
+    if args.json {
+        let out = serde_json::json!({
+            "events": n,
+            "order_bytes": avg_bytes,
+            "w1_events_s_1core": w1_1.0,
+            "w1_events_s_2core": w1_2.0,
+            "w1_peak_rss_mb_1core": w1_1.1,
+            "w1_peak_rss_mb_2core": w1_2.1,
+            "floor_events_s_1thread": floor_1,
+            "floor_events_s_2thread": floor_2,
+            "w1_vs_floor_ratio": ratio,
+            "w1_2core_scaling": scaling,
+            "floor_2thread_scaling": floor_scaling,
+            "w1_scaling_vs_floor_scaling": scaling / floor_scaling,
+            "latency_offered_events_s": lat.offered,
+            "latency_achieved_events_s": lat.achieved,
+            "latency_samples": lat.samples,
+            "w1_p50_us": lat.p50_us,
+            "w1_p99_us": lat.p99_us,
+            "w1_p999_us": lat.p999_us,
+            "w1_max_us": lat.max_us,
+        });
+        println!("{out}");
+    } else {
+        println!("W1 stateless (decode JSON order ~{avg_bytes:.0} B, filter, map, forward), {n} orders on local://");
+        println!("| | figure | vs | ratio (target) |");
+        println!("|---|---|---|---|");
+        println!("| W1 1 core | {:.0} events/s | floor 1 thread {floor_1:.0} | {ratio:.2} (≥ 0.6) |", w1_1.0);
+        println!(
+            "| W1 2 cores | {:.0} events/s | floor 2 threads {floor_2:.0} | scaling {scaling:.2} vs floor's {floor_scaling:.2} = {:.2} (≥ 0.9) |",
+            w1_2.0,
+            scaling / floor_scaling
+        );
+        println!("| peak RSS | {:.0} MB (1 core), {:.0} MB (2 cores) | | |", w1_1.1, w1_2.1);
+        println!(
+            "| latency at {:.0} events/s (50 %) | p50 {:.0} µs, p99 {:.0} µs, p999 {:.0} µs, max {:.0} µs | | p99 ≤ 200 µs |",
+            lat.offered, lat.p50_us, lat.p99_us, lat.p999_us, lat.max_us
+        );
+    }
+}
