@@ -58,6 +58,11 @@ struct Shared {
     topics: RwLock<HashMap<Arc<str>, TopicConfig>>,
     /// Committed offsets by group, loaded from disk on first use.
     committed: Mutex<HashMap<String, BTreeMap<TopicPartition, u64>>>,
+    /// Numbers every change of `committed`; per group, the newest number on disk. Offsets
+    /// files are written off the core threads and may finish out of order: an older state
+    /// never overwrites a newer one.
+    commit_version: AtomicU64,
+    commit_written: Mutex<HashMap<String, u64>>,
     owners: RwLock<HashMap<TopicPartition, usize>>,
     /// Bumped on every change of `owners`, so cores refresh their cached copy.
     owners_version: AtomicU64,
@@ -137,6 +142,8 @@ impl LocalTransport {
                 _lock: lock,
                 topics: RwLock::new(topics),
                 committed: Mutex::new(HashMap::new()),
+                commit_version: AtomicU64::new(0),
+                commit_written: Mutex::new(HashMap::new()),
                 owners: RwLock::new(HashMap::new()),
                 owners_version: AtomicU64::new(0),
                 endpoints: Mutex::new(endpoints),
@@ -566,18 +573,34 @@ impl CoreTransport for LocalCore {
     async fn commit(&self, group: &str, offsets: &[(TopicPartition, u64)]) -> Result<()> {
         validate_topic_name(group).map_err(|_| Error::InvalidGroupName { group: group.to_string() })?;
         let shared = &self.transport.shared;
-        let mut all = lock(&shared.committed);
-        let committed = load_group(&shared.root, &mut all, group)?;
-        for (tp, offset) in offsets {
-            committed.insert(tp.clone(), *offset);
-        }
-        let mut text = String::new();
-        for (tp, offset) in committed.iter() {
-            text.push_str(&format!("{}\t{}\t{}\n", tp.topic, tp.partition, offset));
-        }
-        let dir = shared.root.join(".groups");
-        std::fs::create_dir_all(&dir).map_err(|e| io("create directory", &dir, e))?;
-        write_atomically(&dir.join(format!("{group}.offsets")), text.as_bytes())
+        let (text, version) = {
+            let mut all = lock(&shared.committed);
+            let committed = load_group(&shared.root, &mut all, group)?;
+            for (tp, offset) in offsets {
+                committed.insert(tp.clone(), *offset);
+            }
+            let mut text = String::new();
+            for (tp, offset) in committed.iter() {
+                text.push_str(&format!("{}\t{}\t{}\n", tp.topic, tp.partition, offset));
+            }
+            (text, shared.commit_version.fetch_add(1, Ordering::AcqRel) + 1)
+        };
+        // The fsyncs take milliseconds: they run on the executor's blocking thread, so the
+        // core keeps processing (and its latency stays flat) while the file is written.
+        let (shared, group) = (shared.clone(), group.to_string());
+        glommio::executor()
+            .spawn_blocking(move || {
+                let mut written = lock(&shared.commit_written);
+                if written.get(&group).is_some_and(|&w| w >= version) {
+                    return Ok(()); // A newer state (which includes this one) is on disk.
+                }
+                let dir = shared.root.join(".groups");
+                std::fs::create_dir_all(&dir).map_err(|e| io("create directory", &dir, e))?;
+                write_atomically(&dir.join(format!("{group}.offsets")), text.as_bytes())?;
+                written.insert(group, version);
+                Ok(())
+            })
+            .await
     }
 
     async fn committed(&self, group: &str, partitions: &[TopicPartition]) -> Result<Vec<Option<u64>>> {

@@ -44,6 +44,9 @@ struct Args {
     /// Only the 1-core W1 run, once (for profiling).
     #[arg(long)]
     only_w1: bool,
+    /// Only the latency run, at this many events/s (for profiling).
+    #[arg(long)]
+    only_latency: Option<f64>,
 }
 
 /// An order as the generator writes it (about 150 bytes of JSON).
@@ -351,13 +354,23 @@ fn main() {
     let datadir = dir.path().join("data");
     let cpus = faust::runtime::usable_cpus().len();
 
-    progress(&args, &format!("pre-loading {n} orders"));
-    let load = preload(&datadir, n);
+    if args.only_latency.is_none() {
+        progress(&args, &format!("pre-loading {n} orders"));
+    }
+    let load = if args.only_latency.is_none() { preload(&datadir, n) } else { Duration::ZERO };
     progress(
         &args,
         &format!("pre-loaded in {:.2} s ({:.0} orders/s)", load.as_secs_f64(), n as f64 / load.as_secs_f64()),
     );
 
+    if let Some(rate) = args.only_latency {
+        let lat = latency(&datadir, rate, latency_secs);
+        println!(
+            "latency at {rate:.0}/s: p50 {:.0} µs, p99 {:.0} µs, p999 {:.0} µs, max {:.0} µs",
+            lat.p50_us, lat.p99_us, lat.p999_us, lat.max_us
+        );
+        return;
+    }
     if args.only_w1 {
         let (events_s, rss) = w1_throughput(&datadir, n, 1);
         println!("W1 1 core: {events_s:.0} events/s, peak RSS {rss:.0} MB");
