@@ -20,6 +20,7 @@ mod app;
 mod codec;
 mod context;
 mod partitioner;
+mod placement;
 pub mod runtime;
 mod settings;
 mod stream;

@@ -731,21 +731,6 @@ impl Startup {
     }
 }
 
-/// Places partitions on cores: partition number p of every topic goes to the same core (a
-/// source topic and the topics derived from it are co-partitioned by number), and the
-/// partition numbers this worker holds are spread evenly over the cores.
-fn place(partitions: &[TopicPartition], cores: usize) -> Vec<Vec<TopicPartition>> {
-    let mut numbers: Vec<u32> = partitions.iter().map(|tp| tp.partition).collect();
-    numbers.sort_unstable();
-    numbers.dedup();
-    let mut out = vec![Vec::new(); cores.max(1)];
-    for tp in partitions {
-        let rank = numbers.binary_search(&tp.partition).unwrap_or(0);
-        out[rank % cores.max(1)].push(tp.clone());
-    }
-    out
-}
-
 pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
     let settings = app.inner.settings.clone();
     let cores = crate::runtime::choose_cpus(settings.cores, &crate::runtime::usable_cpus())?.len();
@@ -795,7 +780,9 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
                     }
                     .await
                     .map(|partitions: Vec<TopicPartition>| {
-                        let placed = place(&partitions, cores);
+                        // No tables yet, so no co-partitioned groups: each topic is its own.
+                        let placed =
+                            crate::placement::place(&partitions, cores, &[], &std::collections::HashMap::new());
                         let owners: Vec<(TopicPartition, usize)> = placed
                             .iter()
                             .enumerate()
@@ -1037,18 +1024,4 @@ async fn core_main(
     let runtime = Rc::try_unwrap(runtime).map_err(|_| "a task still holds the core's runtime".to_string())?;
     runtime.transport.shutdown().await.map_err(|e| e.to_string())?;
     result
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn placement_spreads_partition_numbers_and_keeps_copartitions_together() {
-        let tps: Vec<TopicPartition> =
-            [("a", 1), ("a", 3), ("b", 1), ("b", 3)].iter().map(|(t, p)| TopicPartition::new(*t, *p)).collect();
-        let placed = place(&tps, 2);
-        assert_eq!(placed[0], vec![TopicPartition::new("a", 1), TopicPartition::new("b", 1)]);
-        assert_eq!(placed[1], vec![TopicPartition::new("a", 3), TopicPartition::new("b", 3)]);
-    }
 }
