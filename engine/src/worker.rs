@@ -685,11 +685,12 @@ async fn serve_outbox(core: Rc<CoreRuntime>, outbox: Arc<crate::app::Outbox>) {
             })
             .detach();
         }
-        if records.is_empty() {
+        if records.records.is_empty() {
+            outbox.recycle(records);
             futures_lite::future::or(listener, core.stopped()).await;
             continue;
         }
-        take_outbound(&core, records).await;
+        take_outbound(&core, &outbox, records).await;
         glommio::yield_if_needed().await;
     }
 }
@@ -697,19 +698,24 @@ async fn serve_outbox(core: Rc<CoreRuntime>, outbox: Arc<crate::app::Outbox>) {
 /// Sends records that came from outside the worker, in the order they were sent:
 /// `send_soon`s join this core's buffer, `send`s are written (after what is buffered for
 /// their partition) and answered.
-async fn take_outbound(core: &Rc<CoreRuntime>, records: Vec<crate::app::Outbound>) {
+async fn take_outbound(core: &Rc<CoreRuntime>, outbox: &crate::app::Outbox, mut outgoing: crate::app::Outgoing) {
+    let topics = outbox.topics();
+    let records = std::mem::take(&mut outgoing.records);
     for record in records {
+        let Some(topic) = topics.get(record.topic) else { continue };
+        let bytes = &outgoing.bytes;
+        let key = record.key.map(|k| &bytes[k]);
+        let value = &bytes[record.value];
         match record.reply {
             None => {
-                if let Err(e) = record.topic.send_soon_raw(core, record.key.as_deref(), &record.value) {
-                    tracing::error!(topic = %record.topic.name, error = %e, "dropping a record sent from outside the worker");
+                if let Err(e) = topic.send_soon_raw(core, key, value) {
+                    tracing::error!(topic = %topic.name, error = %e, "dropping a record sent from outside the worker");
                 }
             }
-            Some(reply) => {
-                reply.set(record.topic.send_raw(core, record.key.as_deref(), Some(&record.value), &[]).await)
-            }
+            Some(reply) => reply.set(topic.send_raw(core, key, Some(value), &[]).await),
         }
     }
+    outbox.recycle(outgoing);
 }
 
 /// Start-up state shared by the cores and the control thread.
@@ -816,9 +822,11 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
     transport.close();
     // Whoever still waits on the worker (sends from outside, test probes) hears it stopped.
     let outbox = &app.inner.outbox;
-    for record in outbox.take(true) {
+    let topics = outbox.topics();
+    for record in outbox.take(true).records {
         if let Some(reply) = record.reply {
-            reply.set(Err(crate::app::SendError::Stopped { topic: record.topic.name.to_string() }));
+            let topic = topics.get(record.topic).map_or_else(String::new, |t| t.name.to_string());
+            reply.set(Err(crate::app::SendError::Stopped { topic }));
         }
     }
     for probe in outbox.take_probes() {
@@ -1012,7 +1020,7 @@ async fn core_main(
     if let Some(task) = outbox_task {
         task.await;
         // Whatever was sent from outside until now is still sent (and flushed below).
-        take_outbound(&runtime, outbox.take(true)).await;
+        take_outbound(&runtime, &outbox, outbox.take(true)).await;
     }
     // Cancelled tasks release the runtime when the executor drops them.
     let release_deadline = std::time::Instant::now() + Duration::from_secs(1);
