@@ -112,6 +112,17 @@ pub fn current_core() -> Option<usize> {
     crate::worker::CoreRuntime::current().map(|core| core.index)
 }
 
+/// Lets the core's other tasks run if this one has used up its time slice, after writing the
+/// core's buffered sends if they have grown past their bound. A task that loops without
+/// awaiting anything else (a generator calling [`Topic::send_soon`](crate::Topic::send_soon)
+/// in a tight loop) should await this now and then; agents need not, their streams do it.
+pub async fn yield_if_needed() {
+    if let Some(core) = crate::worker::CoreRuntime::current() {
+        core.flush_if_full().await;
+    }
+    glommio::yield_if_needed().await;
+}
+
 /// The CPUs this process may run on (its affinity mask), in order.
 pub fn usable_cpus() -> Vec<usize> {
     // SAFETY: `set` is a plain bit set the syscall fills; we only read it afterwards.

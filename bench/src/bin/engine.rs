@@ -143,7 +143,7 @@ fn preload(datadir: &Path, n: u64) -> Duration {
                 orders.send_soon(Some(&o.customer), &o)?;
                 if i % 4096 == 0 {
                     // Let the flusher write what is buffered.
-                    glommio::yield_if_needed().await;
+                    faust::runtime::yield_if_needed().await;
                 }
             }
             stop.stop();
