@@ -178,7 +178,7 @@ impl Outbox {
     }
 
     /// Encodes a record into the queue (nothing is queued when encoding fails).
-    fn push<K: Serialize, V: Serialize>(
+    fn push<K: Serialize + 'static, V: Serialize + 'static>(
         &self,
         topic: &TopicInner,
         key: Option<&K>,
@@ -195,13 +195,13 @@ impl Outbox {
         let encoded = (|| {
             let key = match key {
                 Some(k) => {
-                    topic.key_codec.encode(k, bytes).map_err(codec_err)?;
+                    topic.key_codec.encode_owned(k, bytes).map_err(codec_err)?;
                     Some(start..bytes.len())
                 }
                 None => None,
             };
             let value_start = bytes.len();
-            topic.value_codec.encode(value, bytes).map_err(codec_err)?;
+            topic.value_codec.encode_owned(value, bytes).map_err(codec_err)?;
             Ok((key, value_start..bytes.len()))
         })();
         let (key, value) = match encoded {
@@ -288,6 +288,11 @@ impl StopSignal {
             listener.await;
         }
     }
+}
+
+thread_local! {
+    /// Where a core encodes a buffered send before copying it into the partition's batch.
+    static SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<u8>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -504,7 +509,7 @@ impl<K, V> Agent<K, V> {
     }
 }
 
-impl<K: Serialize, V: Serialize> Agent<K, V> {
+impl<K: Serialize + 'static, V: Serialize + 'static> Agent<K, V> {
     /// Sends a record to the agent's topic and waits until it is durable (Faust's
     /// `agent.send`).
     pub async fn send(&self, key: Option<&K>, value: &V) -> Result<Produced, SendError> {
@@ -546,7 +551,7 @@ impl<K, V> std::fmt::Debug for Topic<K, V> {
     }
 }
 
-impl<K: Serialize, V: Serialize> Topic<K, V> {
+impl<K: Serialize + 'static, V: Serialize + 'static> Topic<K, V> {
     /// The topic's name.
     pub fn name(&self) -> &str {
         &self.inner.name
@@ -578,27 +583,38 @@ impl<K: Serialize, V: Serialize> Topic<K, V> {
     /// could still be lost. Fails only if the record does not encode or the worker stopped.
     pub fn send_soon(&self, key: Option<&K>, value: &V) -> Result<(), SendError> {
         match CoreRuntime::current() {
-            Some(core) => {
-                let (key_bytes, value_bytes) = self.encode(key, value)?;
-                self.inner.send_soon_raw(&core, key_bytes.as_deref(), &value_bytes)
-            }
+            // Encoded into this thread's scratch buffers: no allocation per record.
+            Some(core) => SCRATCH.with(|scratch| {
+                let (key_bytes, value_bytes) = &mut *scratch.borrow_mut();
+                key_bytes.clear();
+                value_bytes.clear();
+                let has_key = self.encode_into(key, value, key_bytes, value_bytes)?;
+                self.inner.send_soon_raw(&core, has_key.then_some(&key_bytes[..]), value_bytes)
+            }),
             None => self.inner.outbox.push(&self.inner, key, value, None),
         }
     }
 
     fn encode(&self, key: Option<&K>, value: &V) -> Result<(Option<Vec<u8>>, Vec<u8>), SendError> {
+        let (mut key_bytes, mut value_bytes) = (Vec::new(), Vec::with_capacity(64));
+        let has_key = self.encode_into(key, value, &mut key_bytes, &mut value_bytes)?;
+        Ok((has_key.then_some(key_bytes), value_bytes))
+    }
+
+    /// Appends the encoded key and value; says whether there is a key.
+    fn encode_into(
+        &self,
+        key: Option<&K>,
+        value: &V,
+        key_bytes: &mut Vec<u8>,
+        value_bytes: &mut Vec<u8>,
+    ) -> Result<bool, SendError> {
         let codec_err = |source| SendError::Codec { topic: self.name().to_string(), source };
-        let key_bytes = match key {
-            Some(k) => {
-                let mut bytes = Vec::new();
-                self.inner.key_codec.encode(k, &mut bytes).map_err(codec_err)?;
-                Some(bytes)
-            }
-            None => None,
-        };
-        let mut value_bytes = Vec::with_capacity(64);
-        self.inner.value_codec.encode(value, &mut value_bytes).map_err(codec_err)?;
-        Ok((key_bytes, value_bytes))
+        if let Some(k) = key {
+            self.inner.key_codec.encode_owned(k, key_bytes).map_err(codec_err)?;
+        }
+        self.inner.value_codec.encode_owned(value, value_bytes).map_err(codec_err)?;
+        Ok(key.is_some())
     }
 }
 

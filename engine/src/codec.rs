@@ -73,6 +73,23 @@ impl Codec {
         }
     }
 
+    /// [`encode`](Codec::encode), with the common raw cases (a `String` or `Vec<u8>` key)
+    /// copied straight in rather than through serde.
+    pub(crate) fn encode_owned<T: Serialize + 'static>(self, value: &T, out: &mut Vec<u8>) -> Result<(), CodecError> {
+        if self == Codec::Raw {
+            let any = value as &dyn std::any::Any;
+            if let Some(s) = any.downcast_ref::<String>() {
+                out.extend_from_slice(s.as_bytes());
+                return Ok(());
+            }
+            if let Some(bytes) = any.downcast_ref::<Vec<u8>>() {
+                out.extend_from_slice(bytes);
+                return Ok(());
+            }
+        }
+        self.encode(value, out)
+    }
+
     /// Decodes a `T` from `bytes`.
     pub fn decode<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T, CodecError> {
         let err = |message: String| CodecError { codec: self.name(), message };
@@ -172,6 +189,21 @@ mod tests {
         assert!(Codec::Raw.encode(&42u64, &mut Vec::new()).is_err());
         let err = Codec::Raw.decode::<String>(&[0xff, 0xfe]).unwrap_err();
         assert!(err.message.contains("UTF-8"), "{err}");
+    }
+
+    #[test]
+    fn the_raw_fast_path_encodes_like_serde() {
+        for value in ["", "account-7", "ünïcode"] {
+            let (mut fast, mut slow) = (Vec::new(), Vec::new());
+            Codec::Raw.encode_owned(&value.to_string(), &mut fast).unwrap();
+            Codec::Raw.encode(&value.to_string(), &mut slow).unwrap();
+            assert_eq!(fast, slow);
+        }
+        let (mut fast, mut slow) = (Vec::new(), Vec::new());
+        Codec::Raw.encode_owned(&vec![0u8, 255], &mut fast).unwrap();
+        Codec::Raw.encode(&vec![0u8, 255], &mut slow).unwrap();
+        assert_eq!(fast, slow);
+        assert!(Codec::Raw.encode_owned(&42u64, &mut Vec::new()).is_err());
     }
 
     #[test]

@@ -76,7 +76,7 @@ impl<K, V> Event<K, V> {
     }
 }
 
-impl<K: Serialize, V: Serialize> Event<K, V> {
+impl<K: Serialize + 'static, V: Serialize + 'static> Event<K, V> {
     /// Sends the event's decoded key and value to `topic`, encoded with that topic's codecs
     /// (Faust's `event.send`).
     pub async fn send(&self, topic: &Topic<K, V>) -> Result<Produced, SendError> {

@@ -117,7 +117,7 @@ impl App {
 impl TestContext {
     /// Sends an event to `topic` (or channel) and waits until every agent consuming it has
     /// processed it (moved past it or acked it) and what they sent for it is written.
-    pub fn put<K: Serialize, V: Serialize>(
+    pub fn put<K: Serialize + 'static, V: Serialize + 'static>(
         &self,
         topic: &Topic<K, V>,
         key: Option<&K>,

@@ -24,6 +24,19 @@ use crate::acks::AckTracker;
 
 /// The maps on the per-event path hash with foldhash (SipHash showed in profiles).
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
+/// Ack trackers by (agent, partition), looked up on every event without cloning the key.
+type AckMap = hashbrown::HashMap<(usize, TopicPartition), AckTracker, foldhash::fast::RandomState>;
+
+/// A borrowed `AckMap` key; hashes exactly as the owned one (same fields, same order).
+#[derive(Hash)]
+struct AckKey<'a>(usize, &'a TopicPartition);
+
+impl hashbrown::Equivalent<(usize, TopicPartition)> for AckKey<'_> {
+    fn equivalent(&self, key: &(usize, TopicPartition)) -> bool {
+        self.0 == key.0 && *self.1 == key.1
+    }
+}
 use crate::app::{AgentError, AgentSpec, App, TopicKind};
 use crate::context::{InTask, TaskSlot};
 use crate::runtime::{RuntimeConfig, RuntimeError, run_on_cores};
@@ -247,7 +260,7 @@ pub(crate) struct CoreRuntime {
     /// Per agent (by index): its queue.
     queues: Vec<Rc<EventQueue>>,
     /// Per (agent, partition): what the agent acked.
-    acks: RefCell<HashMap<(usize, TopicPartition), AckTracker>>,
+    acks: RefCell<AckMap>,
     /// Offsets committed last, per partition.
     committed: RefCell<HashMap<TopicPartition, u64>>,
     rr: Cell<u32>,
@@ -301,7 +314,7 @@ impl CoreRuntime {
 
     /// Acks `offset` of `tp` for `agent`.
     pub(crate) fn ack(&self, agent: usize, tp: &TopicPartition, offset: u64) {
-        if let Some(t) = self.acks.borrow_mut().get_mut(&(agent, tp.clone())) {
+        if let Some(t) = self.acks.borrow_mut().get_mut(&AckKey(agent, tp)) {
             t.ack(offset);
         }
     }
@@ -594,7 +607,7 @@ async fn consume(core: Rc<CoreRuntime>, tp: TopicPartition, agents: Vec<usize>, 
                     let mut record = Some(record);
                     for (i, (&a, &lane)) in agents.iter().zip(&lanes).enumerate() {
                         let Some(r) = record.as_ref() else { break };
-                        if let Some(t) = core.acks.borrow_mut().get_mut(&(a, tp.clone())) {
+                        if let Some(t) = core.acks.borrow_mut().get_mut(&AckKey(a, &tp)) {
                             t.delivered(r.offset);
                         }
                         // The last agent gets the record itself, the others a clone.
@@ -607,7 +620,7 @@ async fn consume(core: Rc<CoreRuntime>, tp: TopicPartition, agents: Vec<usize>, 
                 next = fetched.next_offset;
                 glommio::yield_if_needed().await;
                 for &a in &agents {
-                    if let Some(t) = core.acks.borrow_mut().get_mut(&(a, tp.clone())) {
+                    if let Some(t) = core.acks.borrow_mut().get_mut(&AckKey(a, &tp)) {
                         t.read_through(next);
                     }
                 }
@@ -911,7 +924,7 @@ async fn core_main(
         group: settings.id.clone(),
         partitions,
         queues: specs.iter().map(|_| Rc::new(EventQueue::new(settings.stream_buffer_maxsize))).collect(),
-        acks: RefCell::new(HashMap::default()),
+        acks: RefCell::new(AckMap::default()),
         committed: RefCell::new(HashMap::default()),
         rr: Cell::new(0),
         stopping: Cell::new(false),
