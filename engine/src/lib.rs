@@ -20,7 +20,6 @@ mod app;
 mod codec;
 mod context;
 mod partitioner;
-mod placement;
 pub mod runtime;
 mod settings;
 mod stream;

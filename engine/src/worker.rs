@@ -731,6 +731,29 @@ async fn take_outbound(core: &Rc<CoreRuntime>, outbox: &crate::app::Outbox, mut 
     outbox.recycle(outgoing);
 }
 
+/// Places the worker's partitions on its cores with the sticky, balanced, co-partition aware
+/// assignor (cores are members of weight 1). No tables yet, so no co-partitioned groups: each
+/// topic is a group of its own. Placement happens once, at start-up, so nothing is previous.
+fn place(partitions: &[TopicPartition], cores: usize) -> Vec<Vec<TopicPartition>> {
+    let members: Vec<(usize, u32)> = (0..cores.max(1)).map(|c| (c, 1)).collect();
+    let input = faust_transport::AssignInput {
+        members: &members,
+        groups: &[],
+        partitions,
+        previous: &std::collections::HashMap::new(),
+    };
+    match faust_transport::assign(&input) {
+        Ok(placed) => placed.into_values().collect(),
+        // Unreachable with at least one member of weight 1; fall back to everything on core 0.
+        Err(e) => {
+            tracing::error!(error = %e, "placing partitions on cores failed; using core 0");
+            let mut out = vec![Vec::new(); cores.max(1)];
+            out[0] = partitions.to_vec();
+            out
+        }
+    }
+}
+
 /// Start-up state shared by the cores and the control thread.
 struct Startup {
     topics_ready: AtomicBool,
@@ -799,9 +822,7 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
                     }
                     .await
                     .map(|partitions: Vec<TopicPartition>| {
-                        // No tables yet, so no co-partitioned groups: each topic is its own.
-                        let placed =
-                            crate::placement::place(&partitions, cores, &[], &std::collections::HashMap::new());
+                        let placed = place(&partitions, cores);
                         let owners: Vec<(TopicPartition, usize)> = placed
                             .iter()
                             .enumerate()

@@ -13,6 +13,7 @@
 //! transport appends those very bytes), and a fetch returns zero-copy
 //! [`Record`]s whose keys and values are slices of the fetched buffer.
 
+mod assign;
 mod error;
 mod local;
 mod memory;
@@ -20,6 +21,7 @@ mod types;
 
 use std::time::Duration;
 
+pub use crate::assign::{AssignError, AssignInput, assign};
 pub use crate::error::{Error, Result};
 pub use crate::local::{LocalCore, LocalMembership, LocalTransport, validate_topic_name};
 pub use crate::memory::{MemoryMembership, MemoryTransport};
