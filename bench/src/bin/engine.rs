@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use faust::{App, Settings};
+use faust_bench::{peak_rss_mb, progress, reset_peak_rss};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
@@ -94,32 +95,6 @@ fn keep(o: &Order) -> bool {
 /// W1's map.
 fn to_sale(o: Order) -> Sale {
     Sale { total_cents: o.price_cents * u64::from(o.quantity), id: o.id, customer: o.customer }
-}
-
-fn progress(args: &Args, msg: &str) {
-    if args.json {
-        eprintln!("{msg}");
-    } else {
-        eprintln!("  .. {msg}");
-    }
-}
-
-fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
-}
-
-/// Resets the peak RSS to the current RSS (Linux `clear_refs` 5).
-fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 fn settings(id: &str, datadir: &Path, cores: usize) -> Settings {
@@ -355,11 +330,11 @@ fn main() {
     let cpus = faust::runtime::usable_cpus().len();
 
     if args.only_latency.is_none() {
-        progress(&args, &format!("pre-loading {n} orders"));
+        progress(args.json, &format!("pre-loading {n} orders"));
     }
     let load = if args.only_latency.is_none() { preload(&datadir, n) } else { Duration::ZERO };
     progress(
-        &args,
+        args.json,
         &format!("pre-loaded in {:.2} s ({:.0} orders/s)", load.as_secs_f64(), n as f64 / load.as_secs_f64()),
     );
 
@@ -381,13 +356,13 @@ fn main() {
     let mut w1_2 = (0.0f64, 0.0f64);
     for r in 0..runs {
         let one = w1_throughput(&datadir, n, 1);
-        progress(&args, &format!("W1 1 core run {r}: {:.0} events/s, peak RSS {:.0} MB", one.0, one.1));
+        progress(args.json, &format!("W1 1 core run {r}: {:.0} events/s, peak RSS {:.0} MB", one.0, one.1));
         if one.0 > w1_1.0 {
             w1_1 = one;
         }
         if cpus >= 2 {
             let two = w1_throughput(&datadir, n, 2);
-            progress(&args, &format!("W1 2 cores run {r}: {:.0} events/s, peak RSS {:.0} MB", two.0, two.1));
+            progress(args.json, &format!("W1 2 cores run {r}: {:.0} events/s, peak RSS {:.0} MB", two.0, two.1));
             if two.0 > w1_2.0 {
                 w1_2 = two;
             }
@@ -399,16 +374,16 @@ fn main() {
     let floor_2 = floor(&encoded, 2);
     let avg_bytes = encoded.iter().map(Vec::len).sum::<usize>() as f64 / n as f64;
     drop(encoded);
-    progress(&args, &format!("floor: {floor_1:.0} events/s on 1 thread, {floor_2:.0} on 2"));
+    progress(args.json, &format!("floor: {floor_1:.0} events/s on 1 thread, {floor_2:.0} on 2"));
 
     let rate = w1_1.0 * 0.5;
-    progress(&args, &format!("latency at {rate:.0} events/s for {latency_secs} s"));
+    progress(args.json, &format!("latency at {rate:.0} events/s for {latency_secs} s"));
     let lat = latency(&datadir, rate, latency_secs);
     // The same at half that load: on local:// the worker core also appends the input (the
     // broker's work) and takes it from the generator, so at 50 % of W1's maximum it is close
     // to saturated; this shows the latency with headroom.
     let quarter = w1_1.0 * 0.25;
-    progress(&args, &format!("latency at {quarter:.0} events/s for {latency_secs} s"));
+    progress(args.json, &format!("latency at {quarter:.0} events/s for {latency_secs} s"));
     let lat_quarter = latency(&datadir, quarter, latency_secs);
 
     let ratio = w1_1.0 / floor_1;

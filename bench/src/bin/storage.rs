@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use faust_bench::{peak_rss_mb, progress};
 use faust_storage::{BatchBuilder, Log, LogConfig, Store, StoreConfig, WriteBatch};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -50,14 +51,6 @@ struct Args {
 const KEY_LEN: usize = 16;
 const VALUE_LEN: usize = 100;
 const BATCH: usize = 1000;
-
-fn progress(args: &Args, msg: &str) {
-    if args.json {
-        eprintln!("{msg}");
-    } else {
-        eprintln!("  .. {msg}");
-    }
-}
 
 fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
@@ -197,19 +190,6 @@ fn map_get(map: &FastMap, data: &KvData) -> Duration {
     start.elapsed()
 }
 
-fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
-}
-
 fn best<T>(runs: usize, mut f: impl FnMut() -> (Duration, T)) -> (Duration, T) {
     let mut best: Option<(Duration, T)> = None;
     for _ in 0..runs {
@@ -233,7 +213,7 @@ fn main() {
     let records = (log_mb << 20) as usize / record_disk_bytes / BATCH * BATCH;
 
     // Log append vs plain write, alternating, best of each.
-    progress(&args, &format!("log append: {records} records of {VALUE_LEN} B, {repeats} runs"));
+    progress(args.json, &format!("log append: {records} records of {VALUE_LEN} B, {repeats} runs"));
     let log_dir = root.path().join("log");
     let plain = root.path().join("plain.bin");
     let mut best_log = (Duration::MAX, 0u64);
@@ -251,7 +231,7 @@ fn main() {
     let log_append_records_s = records as f64 / secs(log_t);
     let file_write_mb_s = mb / secs(best_file);
 
-    progress(&args, "log sequential read");
+    progress(args.json, "log sequential read");
     let (read_t, read_records) = best(repeats, || {
         let (t, n, _) = log_read(&log_dir);
         (t, n)
@@ -263,7 +243,7 @@ fn main() {
 
     // KV put/get vs an in-memory map.
     let n = args.keys;
-    progress(&args, &format!("KV: {n} keys of {KEY_LEN} B, values of {VALUE_LEN} B"));
+    progress(args.json, &format!("KV: {n} keys of {KEY_LEN} B, values of {VALUE_LEN} B"));
     let data = kv_data(n);
     let kv_dir = root.path().join("kv");
     let mut kv_put_t = Duration::MAX;
@@ -289,7 +269,7 @@ fn main() {
     let map_get_t = (0..repeats).map(|_| map_get(&map, &data)).min().expect("runs");
     drop(map);
 
-    progress(&args, "KV checkpoint, reopen");
+    progress(args.json, "KV checkpoint, reopen");
     let ckpt_start = Instant::now();
     store.checkpoint(b"bench").expect("checkpoint");
     let kv_checkpoint_ms = secs(ckpt_start.elapsed()) * 1e3;
