@@ -545,6 +545,13 @@ impl<K, V> Clone for Topic<K, V> {
     }
 }
 
+impl<K, V> Topic<K, V> {
+    /// The topic's name (whatever its types).
+    pub(crate) fn name_str(&self) -> &str {
+        &self.inner.name
+    }
+}
+
 impl<K, V> std::fmt::Debug for Topic<K, V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Topic").field("name", &self.inner.name).finish()
@@ -589,7 +596,7 @@ impl<K: Serialize + 'static, V: Serialize + 'static> Topic<K, V> {
                 key_bytes.clear();
                 value_bytes.clear();
                 let has_key = self.encode_into(key, value, key_bytes, value_bytes)?;
-                self.inner.send_soon_raw(&core, has_key.then_some(&key_bytes[..]), value_bytes)
+                self.inner.send_soon_raw(&core, has_key.then_some(&key_bytes[..]), value_bytes, &[])
             }),
             None => self.inner.outbox.push(&self.inner, key, value, None),
         }
@@ -661,13 +668,14 @@ impl TopicInner {
         core: &Rc<CoreRuntime>,
         key: Option<&[u8]>,
         value: &[u8],
+        headers: &[faust_storage::Header<'_>],
     ) -> Result<(), SendError> {
         if self.kind == TopicKind::Channel {
             core.deliver_now(&self.name, key, Some(value));
             return Ok(());
         }
         let tp = self.route(core, key)?;
-        core.buffer(tp, key, value);
+        core.buffer(tp, key, value, headers);
         Ok(())
     }
 }

@@ -74,6 +74,16 @@ impl<K, V> Event<K, V> {
         let headers: Vec<faust_storage::Header<'_>> = record.headers().collect();
         topic.inner.send_raw(&self.core, record.key.as_deref(), record.value.as_deref(), &headers).await
     }
+
+    /// [`forward`](Event::forward) without waiting: buffered like
+    /// [`Topic::send_soon`](crate::Topic::send_soon), durable before this event's offset is
+    /// committed. A record with a null value (a tombstone) is not forwarded.
+    pub fn forward_soon<K2, V2>(&self, topic: &Topic<K2, V2>) -> Result<(), SendError> {
+        let record = &self.headers;
+        let Some(value) = record.value.as_deref() else { return Ok(()) };
+        let headers: Vec<faust_storage::Header<'_>> = record.headers().collect();
+        topic.inner.send_soon_raw(&self.core, record.key.as_deref(), value, &headers)
+    }
 }
 
 impl<K: Serialize + 'static, V: Serialize + 'static> Event<K, V> {

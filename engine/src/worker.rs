@@ -331,10 +331,16 @@ impl CoreRuntime {
     }
 
     /// Buffers a record for `tp` (`send_soon`) and wakes the flusher.
-    pub(crate) fn buffer(&self, tp: TopicPartition, key: Option<&[u8]>, value: &[u8]) {
+    pub(crate) fn buffer(
+        &self,
+        tp: TopicPartition,
+        key: Option<&[u8]>,
+        value: &[u8],
+        headers: &[faust_storage::Header<'_>],
+    ) {
         let mut pending = self.pending.borrow_mut();
         let batch = pending.entry(tp).or_insert_with(|| faust_storage::BatchBuilder::with_capacity(16 * 1024));
-        batch.push(now_ms(), key, Some(value), &[]);
+        batch.push(now_ms(), key, Some(value), headers);
         self.pending_bytes.set(self.pending_bytes.get() + key.map_or(0, <[u8]>::len) + value.len() + 32);
         self.pending_event.notify(1);
     }
@@ -721,7 +727,7 @@ async fn take_outbound(core: &Rc<CoreRuntime>, outbox: &crate::app::Outbox, mut 
         let value = &bytes[record.value];
         match record.reply {
             None => {
-                if let Err(e) = topic.send_soon_raw(core, key, value) {
+                if let Err(e) = topic.send_soon_raw(core, key, value, &[]) {
                     tracing::error!(topic = %topic.name, error = %e, "dropping a record sent from outside the worker");
                 }
             }

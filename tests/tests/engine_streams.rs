@@ -210,3 +210,86 @@ fn agent_send_waits_for_the_record_to_be_written() {
     assert_eq!(test.transport().high_watermark(&TopicPartition::new("jobs", 0)).unwrap(), 1);
     test.stop().unwrap();
 }
+
+#[test]
+fn agents_yield_to_topic_agent_and_callback_sinks() {
+    let app = App::new(settings("sinks", 2));
+    let words = app.topic::<String, String>("words");
+    let lengths = app.topic::<String, u64>("lengths");
+    let relayed = app.topic::<String, u64>("relayed");
+    // A second agent receives the lengths through an agent sink and relays them.
+    let relay_out = relayed.clone();
+    let relay = app.agent("relay", &app.topic::<String, u64>("relay-in"), move |mut stream| {
+        let out = relay_out.clone();
+        async move {
+            while let Some(n) = stream.next().await {
+                out.send_soon(None, &(n * 100))?;
+            }
+            Ok(())
+        }
+    });
+    let called = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = called.clone();
+    let sinks = vec![
+        faust::Sink::topic(&lengths),
+        faust::Sink::agent(&relay),
+        faust::Sink::callback(move |n: &u64| log.lock().unwrap().push(*n)),
+    ];
+    app.agent_with_sinks("lengths", &words, sinks, |mut stream, sinks| async move {
+        while let Some(word) = stream.next().await {
+            sinks.emit(&(word.len() as u64))?;
+        }
+        Ok(())
+    });
+    let test = app.test_context().unwrap();
+    for word in ["a", "bb", "ccc"] {
+        test.put(&words, Some(&word.to_string()), &word.to_string()).unwrap();
+    }
+    // The relay agent's input was cast, not waited for: wait for its output.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while test.records(&relayed).unwrap().len() < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let sorted = |mut v: Vec<u64>| {
+        v.sort();
+        v
+    };
+    let values = |records: Vec<(Option<String>, u64)>| sorted(records.into_iter().map(|(_, v)| v).collect());
+    assert_eq!(values(test.records(&lengths).unwrap()), vec![1, 2, 3]);
+    assert_eq!(values(test.records(&relayed).unwrap()), vec![100, 200, 300]);
+    assert_eq!(sorted(called.lock().unwrap().clone()), vec![1, 2, 3]);
+    test.stop().unwrap();
+}
+
+#[test]
+fn through_moves_records_to_another_topic_for_its_agents() {
+    let app = App::new(settings("through", 2));
+    let raw = app.topic::<String, u64>("raw");
+    let by_key = app.topic_with::<String, u64>("by-key", faust::Codec::Raw, faust::Codec::Json);
+    app.through(&raw, &by_key);
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counter = seen.clone();
+    app.agent("count", &by_key, move |mut stream| {
+        let counter = counter.clone();
+        async move {
+            while let Some(event) = stream.next_event().await {
+                assert_eq!(event.tp.topic.as_ref(), "by-key");
+                counter.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(())
+        }
+    });
+    let test = app.test_context().unwrap();
+    for n in 0..20u64 {
+        test.put(&raw, Some(&format!("k{n}")), &n).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while seen.load(Ordering::SeqCst) < 20 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(seen.load(Ordering::SeqCst), 20);
+    let mut moved: Vec<u64> = test.records(&by_key).unwrap().into_iter().map(|(_, v)| v).collect();
+    moved.sort();
+    assert_eq!(moved, (0..20).collect::<Vec<_>>());
+    test.stop().unwrap();
+}
