@@ -155,10 +155,15 @@ impl EventQueue {
         if let Some(l) = self.lanes.borrow_mut().get_mut(lane) {
             l.events.push_back(event);
         }
-        // One more reader per event, even if one is already woken and has not run yet:
-        // instances of an agent with `concurrency` all wait here.
-        if self.readers_waiting.get() > 0 {
-            self.readable.notify(1.additional());
+    }
+
+    /// Wakes readers for `pushed` new events: one more per event (instances of an agent with
+    /// `concurrency` all wait here), even if some are woken and have not run yet. Called once
+    /// per batch pushed, not per event, so the notification stays off the per-event path.
+    fn wake(&self, pushed: usize) {
+        let waiting = self.readers_waiting.get();
+        if waiting > 0 && pushed > 0 {
+            self.readable.notify(pushed.min(waiting).additional());
         }
     }
 
@@ -457,6 +462,7 @@ impl CoreRuntime {
             self.acks.borrow_mut().entry((a, tp.clone())).or_insert_with(|| AckTracker::new(offset)).delivered(offset);
             let lane = self.queues[a].lane(&tp);
             self.queues[a].push(lane, QueuedEvent { tp: tp.clone(), record: record.clone() });
+            self.queues[a].wake(1);
         }
         offset
     }
@@ -609,6 +615,7 @@ async fn consume(core: Rc<CoreRuntime>, tp: TopicPartition, agents: Vec<usize>, 
         match core.transport.fetch(&tp, next, FETCH_BYTES, FETCH_WAIT).await {
             Ok(fetched) => {
                 failures = 0;
+                let fetched_count = fetched.records.len();
                 for record in fetched.records {
                     let mut record = Some(record);
                     for (i, (&a, &lane)) in agents.iter().zip(&lanes).enumerate() {
@@ -624,6 +631,9 @@ async fn consume(core: Rc<CoreRuntime>, tp: TopicPartition, agents: Vec<usize>, 
                     }
                 }
                 next = fetched.next_offset;
+                for &a in &agents {
+                    core.queues[a].wake(fetched_count);
+                }
                 glommio::yield_if_needed().await;
                 for &a in &agents {
                     if let Some(t) = core.acks.borrow_mut().get_mut(&AckKey(a, &tp)) {
