@@ -273,6 +273,11 @@ impl StopSignal {
         self.event.notify(usize::MAX);
     }
 
+    /// Clears an earlier stop, for a worker that starts again (a second test context).
+    pub(crate) fn reset(&self) {
+        self.stopped.store(false, Ordering::Release);
+    }
+
     /// Whether a stop was asked for.
     pub fn is_stopped(&self) -> bool {
         self.stopped.load(Ordering::Acquire)

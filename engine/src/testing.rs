@@ -92,6 +92,10 @@ impl App {
     /// ```
     pub fn test_context(&self) -> Result<TestContext, TestError> {
         let transport = MemoryTransport::new();
+        // A context started after an earlier one stopped starts afresh: not stopped, and
+        // taking sends at once (the worker thread may not have started when `put` is called).
+        self.inner.stop.reset();
+        self.inner.outbox.open();
         let mut settings = self.inner.settings.clone();
         settings.broker = "memory://".into();
         settings.cores = Some(1);

@@ -293,3 +293,27 @@ fn through_moves_records_to_another_topic_for_its_agents() {
     assert_eq!(moved, (0..20).collect::<Vec<_>>());
     test.stop().unwrap();
 }
+
+#[test]
+fn a_second_test_context_on_the_same_app_starts_afresh() {
+    let app = App::new(settings("twice", 1));
+    let input = app.topic::<String, u64>("input");
+    let output = app.topic::<String, u64>("output");
+    let out = output.clone();
+    app.agent("copy", &input, move |mut stream| {
+        let out = out.clone();
+        async move {
+            while let Some((key, n)) = stream.next_item().await {
+                out.send_soon(key.as_ref(), &n)?;
+            }
+            Ok(())
+        }
+    });
+    for round in 0..2u64 {
+        let test = app.test_context().unwrap();
+        test.put(&input, None, &round).unwrap();
+        // Each context has its own memory:// transport: only this round's record.
+        assert_eq!(test.records(&output).unwrap(), vec![(None, round)]);
+        test.stop().unwrap();
+    }
+}
