@@ -551,8 +551,8 @@ impl<K, V> Clone for Topic<K, V> {
 }
 
 impl<K, V> Topic<K, V> {
-    /// The topic's name (whatever its types).
-    pub(crate) fn name_str(&self) -> &str {
+    /// The topic's name.
+    pub fn name(&self) -> &str {
         &self.inner.name
     }
 }
@@ -564,11 +564,6 @@ impl<K, V> std::fmt::Debug for Topic<K, V> {
 }
 
 impl<K: Serialize + 'static, V: Serialize + 'static> Topic<K, V> {
-    /// The topic's name.
-    pub fn name(&self) -> &str {
-        &self.inner.name
-    }
-
     /// Sends one record and waits until the transport has it durably (appended on `local://`).
     /// The partition is Kafka's murmur2 of the encoded key, or round-robin for `None`.
     ///
@@ -652,7 +647,7 @@ impl TopicInner {
         headers: &[faust_storage::Header<'_>],
     ) -> Result<Produced, SendError> {
         if self.kind == TopicKind::Channel {
-            return core.deliver(&self.name, key, value, true).await;
+            return core.deliver(&self.name, key, value).await;
         }
         let tp = self.route(core, key)?;
         // Records of a partition land in the order they were sent, buffered or not.

@@ -99,7 +99,7 @@ impl App {
         V2: 'static,
     {
         let target = target.clone();
-        let name = format!("through:{}->{}", source.name_str(), target.name_str());
+        let name = format!("through:{}->{}", source.name(), target.name());
         self.agent(&name, source, move |mut stream| {
             let target = target.clone();
             async move {

@@ -21,6 +21,10 @@ use faust_storage::Record;
 use faust_transport::{AssignmentEvent, AutoOffsetReset, OffsetSpec, Produced, TopicConfig, TopicPartition};
 
 use crate::acks::AckTracker;
+use crate::app::{AgentError, AgentSpec, App, TopicKind};
+use crate::context::{InTask, TaskSlot};
+use crate::runtime::{RuntimeConfig, RuntimeError, run_on_cores};
+use crate::transports::{AnyCore, AnyTransport};
 
 /// The maps on the per-event path hash with foldhash (SipHash showed in profiles).
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
@@ -37,10 +41,6 @@ impl hashbrown::Equivalent<(usize, TopicPartition)> for AckKey<'_> {
         self.0 == key.0 && *self.1 == key.1
     }
 }
-use crate::app::{AgentError, AgentSpec, App, TopicKind};
-use crate::context::{InTask, TaskSlot};
-use crate::runtime::{RuntimeConfig, RuntimeError, run_on_cores};
-use crate::transports::{AnyCore, AnyTransport};
 
 /// How many times an agent is restarted on the same event before the event is skipped.
 const MAX_RESTARTS_PER_EVENT: u32 = 3;
@@ -427,20 +427,17 @@ impl CoreRuntime {
     }
 
     /// Hands an event sent to channel `name` to the agents of this core that consume it,
-    /// waiting for room in their queues when `wait` is set.
+    /// once their queues have room.
     pub(crate) async fn deliver(
         &self,
         name: &str,
         key: Option<&[u8]>,
         value: Option<&[u8]>,
-        wait: bool,
     ) -> Result<Produced, crate::app::SendError> {
         let tp = TopicPartition::new(name, self.index as u32);
-        if wait {
-            for &a in self.channel_agents.get(name).map(Vec::as_slice).unwrap_or_default() {
-                let lane = self.queues[a].lane(&tp);
-                self.queues[a].room(lane).await;
-            }
+        for &a in self.channel_agents.get(name).map(Vec::as_slice).unwrap_or_default() {
+            let lane = self.queues[a].lane(&tp);
+            self.queues[a].room(lane).await;
         }
         let offset = self.deliver_now(name, key, value);
         Ok(Produced { partition: tp.partition, base_offset: offset, last_offset: offset })

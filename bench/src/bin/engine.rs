@@ -17,7 +17,7 @@
 
 use std::hint::black_box;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -274,7 +274,6 @@ fn latency(datadir: &Path, rate: f64, secs: u64) -> Latency {
         });
     }
     let stop = app.stop_signal();
-    let running = Arc::new(AtomicBool::new(true));
     let generator_cpu = faust::runtime::usable_cpus().get(1).copied();
     let generator = {
         let orders = orders.clone();
@@ -307,7 +306,6 @@ fn latency(datadir: &Path, rate: f64, secs: u64) -> Latency {
         })
     };
     app.run().expect("latency worker");
-    running.store(false, Ordering::Relaxed);
     let (sent, elapsed) = generator.join().unwrap();
     let h = histogram.lock().unwrap();
     Latency {
