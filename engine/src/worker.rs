@@ -278,7 +278,7 @@ pub(crate) struct CoreRuntime {
     /// Wakes the flusher when something is buffered.
     pending_event: Event,
     /// Batches whose write failed, to be written (in order) before anything newer.
-    retry: RefCell<Vec<(TopicPartition, faust_storage::BatchBuilder)>>,
+    retry: RefCell<VecDeque<(TopicPartition, faust_storage::BatchBuilder)>>,
     /// One flush at a time, so batches of a partition reach the log in send order.
     flush_lock: glommio::sync::Semaphore,
     /// Set when buffered records were lost: nothing may be committed any more.
@@ -357,13 +357,12 @@ impl CoreRuntime {
         let Ok(_permit) = self.flush_lock.acquire_permit(1).await else {
             return Err(FlushError::Transport(faust_transport::Error::Closed));
         };
-        // Earlier failures first, one at a time, so a partition's records stay in order.
+        // Earlier failures first, one at a time, so a partition's records stay in order: one
+        // that fails again goes back to the front, ahead of the batches that came after it.
         loop {
-            let Some((tp, batch)) = (!self.retry.borrow().is_empty()).then(|| self.retry.borrow_mut().remove(0)) else {
-                break;
-            };
+            let Some((tp, batch)) = self.retry.borrow_mut().pop_front() else { break };
             if let Err(e) = self.transport.produce(&tp, batch).await {
-                return Err(self.keep_failed(tp, e));
+                return Err(self.keep_failed(tp, e, true));
             }
         }
         let batches: Vec<(TopicPartition, faust_storage::BatchBuilder)> = self.pending.borrow_mut().drain().collect();
@@ -386,21 +385,27 @@ impl CoreRuntime {
         for write in writes {
             let (tp, result) = write.await;
             if let Err(e) = result {
-                let e = self.keep_failed(tp, e);
+                let e = self.keep_failed(tp, e, false);
                 first_error.get_or_insert(e);
             }
         }
         first_error.map_or(Ok(()), Err)
     }
 
-    /// Keeps the batch of a failed write for a retry, or marks the core's sends as lost.
-    fn keep_failed(&self, tp: TopicPartition, error: faust_transport::Error) -> FlushError {
+    /// Keeps the batch of a failed write for a retry (at the front when it was itself a
+    /// retry), or marks the core's sends as lost.
+    fn keep_failed(&self, tp: TopicPartition, error: faust_transport::Error, front: bool) -> FlushError {
         let message = error.to_string();
         match error.into_batch() {
             Some(batch) => {
                 tracing::warn!(topic = %tp.topic, partition = tp.partition, error = %message,
                     "writing buffered sends failed; will retry");
-                self.retry.borrow_mut().push((tp.clone(), batch));
+                let mut retry = self.retry.borrow_mut();
+                if front {
+                    retry.push_front((tp.clone(), batch));
+                } else {
+                    retry.push_back((tp.clone(), batch));
+                }
             }
             None => {
                 tracing::error!(topic = %tp.topic, partition = tp.partition, error = %message,
@@ -967,7 +972,7 @@ async fn core_main(
         pending: RefCell::new(HashMap::default()),
         pending_bytes: Cell::new(0),
         pending_event: Event::new(),
-        retry: RefCell::new(Vec::new()),
+        retry: RefCell::new(VecDeque::new()),
         flush_lock: glommio::sync::Semaphore::new(1),
         sends_lost: Cell::new(false),
         channel_agents,
