@@ -69,6 +69,8 @@ pub(crate) struct AgentSpec {
     pub(crate) start: StartAgent,
     /// Instances per core, sharing the core's events of the topic.
     pub(crate) concurrency: usize,
+    /// For work without a topic: runs on every core (timers) rather than on core 0 (tasks).
+    pub(crate) every_core: bool,
 }
 
 /// A topic declared by the app.
@@ -137,6 +139,8 @@ pub(crate) struct Probe {
     pub(crate) tp: TopicPartition,
     pub(crate) offset: u64,
     pub(crate) reply: Arc<Reply>,
+    /// Commit (tables included) before answering.
+    pub(crate) commit: bool,
 }
 
 /// Where core 0 puts the outcome of a `send` made from outside the worker.
@@ -253,6 +257,7 @@ pub(crate) struct AppInner {
     pub(crate) settings: Settings,
     pub(crate) topics: Mutex<Vec<TopicDecl>>,
     pub(crate) agents: Mutex<Vec<AgentSpec>>,
+    pub(crate) tables: Mutex<Vec<Arc<dyn crate::table::TableMeta>>>,
     pub(crate) memory: Mutex<Option<MemoryTransport>>,
     pub(crate) stop: Arc<StopSignal>,
     pub(crate) outbox: Arc<Outbox>,
@@ -356,6 +361,7 @@ impl App {
                 settings,
                 topics: Mutex::new(Vec::new()),
                 agents: Mutex::new(Vec::new()),
+                tables: Mutex::new(Vec::new()),
                 memory: Mutex::new(None),
                 stop: Arc::new(StopSignal::default()),
                 outbox: Arc::new(Outbox::default()),
@@ -443,8 +449,31 @@ impl App {
             }))
         });
         let mut agents = lock(&self.inner.agents);
-        agents.push(AgentSpec { name: name.to_string(), topic: topic.inner.name.clone(), start, concurrency: 1 });
+        agents.push(AgentSpec {
+            name: name.to_string(),
+            topic: topic.inner.name.clone(),
+            start,
+            concurrency: 1,
+            every_core: false,
+        });
         Agent { app: self.inner.clone(), index: agents.len() - 1, topic: topic.clone() }
+    }
+
+    /// Declares a table (Faust's `app.Table`) with keys `K` and values `V`, encoded with the
+    /// app's default codecs; see [`Table`](crate::Table). Its changelog topic,
+    /// `{app}-{name}-changelog`, is created (compacted) when the worker starts.
+    pub fn table<K, V>(&self, name: &str) -> crate::Table<K, V>
+    where
+        K: Serialize + DeserializeOwned + std::hash::Hash + Eq + Clone + 'static,
+        V: Serialize + DeserializeOwned + Clone + 'static,
+    {
+        let settings = &self.inner.settings;
+        let key = settings.key_serializer.parse().unwrap_or(Codec::Raw);
+        let value = settings.value_serializer.parse().unwrap_or(Codec::Json);
+        let mut tables = lock(&self.inner.tables);
+        let table = crate::Table::new(name, &settings.id, tables.len(), key, value);
+        tables.push(table.shared.clone());
+        table
     }
 
     /// Registers work that runs once on core 0 when the worker starts (Faust's `@app.task`).
@@ -466,6 +495,37 @@ impl App {
                 })
             }),
             concurrency: 1,
+            every_core: false,
+        });
+    }
+
+    /// Registers `f` to run every `interval` on every core, from one interval after start-up
+    /// until the worker stops (Faust's `@app.timer`, which runs once per worker: here each core
+    /// runs it, and a table read in it sees that core's shards). A failing run is logged.
+    pub fn timer<F, Fut>(&self, interval: std::time::Duration, f: F)
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), AgentError>> + 'static,
+    {
+        let f = Arc::new(f);
+        lock(&self.inner.agents).push(AgentSpec {
+            name: "timer".to_string(),
+            topic: Arc::from(""),
+            start: Arc::new(move |run: AgentRun| {
+                let f = f.clone();
+                Box::pin(async move {
+                    loop {
+                        if !run.core.sleep_unless_stopped(interval).await {
+                            return;
+                        }
+                        if let Err(e) = f().await {
+                            tracing::error!(error = %e, "timer failed");
+                        }
+                    }
+                })
+            }),
+            concurrency: 1,
+            every_core: true,
         });
     }
 

@@ -23,18 +23,53 @@ pub struct EventPosition {
     pub partition: u32,
     /// The offset.
     pub offset: u64,
+    /// The event's timestamp (milliseconds).
+    pub timestamp: i64,
 }
 
 /// One task's slot.
 #[derive(Debug, Default)]
 pub(crate) struct TaskSlot {
     current: RefCell<Option<EventPosition>>,
+    /// The agent the task runs (its index), which owns the acks of its events.
+    agent: std::cell::Cell<usize>,
 }
 
 impl TaskSlot {
+    pub(crate) fn for_agent(agent: usize) -> Self {
+        TaskSlot { current: RefCell::new(None), agent: std::cell::Cell::new(agent) }
+    }
+
     pub(crate) fn set(&self, event: Option<EventPosition>) {
         *self.current.borrow_mut() = event;
     }
+
+    /// Clears the current event if it is the one at `offset` of `tp` (it was acked).
+    pub(crate) fn clear_if(&self, tp: &faust_transport::TopicPartition, offset: u64) {
+        let mut current = self.current.borrow_mut();
+        if current.as_ref().is_some_and(|e| e.offset == offset && e.partition == tp.partition && *e.topic == *tp.topic)
+        {
+            *current = None;
+        }
+    }
+}
+
+/// The event the calling task is processing, with its agent: what table writes are tagged
+/// with until the event is acked.
+pub(crate) fn current_token() -> Option<crate::table::Token> {
+    POLLING.with(|p| {
+        let slot = p.borrow();
+        let slot = slot.as_ref()?;
+        let current = slot.current.borrow();
+        let e = current.as_ref()?;
+        Some(crate::table::Token {
+            agent: slot.agent.get(),
+            topic: e.topic.clone(),
+            partition: e.partition,
+            offset: e.offset,
+            timestamp: e.timestamp,
+        })
+    })
 }
 
 thread_local! {
@@ -89,7 +124,7 @@ mod tests {
     use std::time::Duration;
 
     fn at(offset: u64) -> EventPosition {
-        EventPosition { topic: std::sync::Arc::from("t"), partition: (offset % 2) as u32, offset }
+        EventPosition { topic: std::sync::Arc::from("t"), partition: (offset % 2) as u32, offset, timestamp: 0 }
     }
 
     #[test]

@@ -34,6 +34,7 @@ pub struct SettingsError {
 /// | `auto_offset_reset` | earliest | `CONSUMER_AUTO_OFFSET_RESET` |
 /// | `cores` | every usable CPU | `WORKER_CORES` |
 /// | `web_port` | 6066 | `WEB_PORT` |
+/// | `store` | `mmap://` (table shards in stores under `datadir/tables`) | `STORE` (`mmap://` or `memory://`) |
 ///
 /// With `APP_ENV_PREFIX=X`, every variable is read as `X_NAME` instead (Faust's `env_prefix`).
 ///
@@ -74,6 +75,9 @@ pub struct Settings {
     pub cores: Option<usize>,
     /// Port of the web server (when it exists).
     pub web_port: u16,
+    /// Where table shards keep their state: `mmap://` (a log-structured store per shard under
+    /// `{datadir}/tables`) or `memory://` (rebuilt from the changelog at every start).
+    pub store: String,
     /// After a stop, how long agents may take to finish their current events before they are
     /// cancelled (their unacked events are processed again after a restart).
     pub shutdown_timeout: Duration,
@@ -96,6 +100,7 @@ impl Settings {
             auto_offset_reset: AutoOffsetReset::Earliest,
             cores: None,
             web_port: 6066,
+            store: "mmap://".to_string(),
             shutdown_timeout: Duration::from_secs(10),
         }
     }
@@ -171,6 +176,12 @@ impl Settings {
                 return Err(SettingsError { variable: kv.0, value: kv.1, reason: "expected at least 1 core".into() });
             }
             self.cores = Some(n);
+        }
+        if let Some((variable, value)) = get("STORE") {
+            if value != "mmap://" && value != "memory://" {
+                return Err(SettingsError { variable, value, reason: "expected mmap:// or memory://".into() });
+            }
+            self.store = value;
         }
         if let Some(kv) = get("WEB_PORT") {
             self.web_port = parse(kv, "a TCP port")?;

@@ -65,6 +65,10 @@ impl<K, V> Event<K, V> {
     /// Acks the event now, before the agent asks for the next one. Acking twice is harmless.
     pub fn ack(&self) {
         self.core.ack(self.agent, &self.tp, self.offset);
+        // Table writes made after this belong to no event: it is done.
+        if let Some(slot) = current_slot() {
+            slot.clear_if(&self.tp, self.offset);
+        }
     }
 
     /// Sends the event's raw key, value and headers, as they were read, to `topic` (Faust's
@@ -196,6 +200,11 @@ impl<K: 'static, V: 'static> Stream<K, V> {
         for e in self.current.borrow_mut().drain(..) {
             self.core.ack(self.agent, &e.tp, e.record.offset);
         }
+        // Until the next event is handed out, the task processes none (table writes then
+        // need an explicit partition).
+        if let Some(slot) = current_slot() {
+            slot.set(None);
+        }
     }
 
     /// The next event, acking the previous one; `None` when the worker stops.
@@ -232,6 +241,7 @@ impl<K: 'static, V: 'static> Stream<K, V> {
                             topic: queued.tp.topic.clone(),
                             partition: queued.tp.partition,
                             offset: queued.record.offset,
+                            timestamp: queued.record.timestamp,
                         }));
                     }
                     let event = Event {

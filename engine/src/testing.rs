@@ -99,12 +99,15 @@ impl App {
         let mut settings = self.inner.settings.clone();
         settings.broker = "memory://".into();
         settings.cores = Some(1);
+        // Tables start empty with the transport: in memory.
+        settings.store = "memory://".into();
         // The same topics, agents, stop signal and outbox (which the topic handles send to),
         // with the test's settings and transport.
         let inner = Arc::new(AppInner {
             settings,
             topics: std::sync::Mutex::new(crate::app::lock(&self.inner.topics).clone()),
             agents: std::sync::Mutex::new(crate::app::lock(&self.inner.agents).clone()),
+            tables: std::sync::Mutex::new(crate::app::lock(&self.inner.tables).clone()),
             memory: std::sync::Mutex::new(Some(transport.clone())),
             stop: self.inner.stop.clone(),
             outbox: self.inner.outbox.clone(),
@@ -131,7 +134,7 @@ impl TestContext {
             let produced = topic.send(key, value).await?;
             let reply = Arc::new(Reply::default());
             let tp = TopicPartition::new(topic.inner.name.clone(), produced.partition);
-            self.inner.outbox.probe(Probe { tp, offset: produced.base_offset, reply: reply.clone() });
+            self.inner.outbox.probe(Probe { tp, offset: produced.base_offset, reply: reply.clone(), commit: false });
             reply.wait().await?;
             Ok(produced)
         })
@@ -162,6 +165,44 @@ impl TestContext {
                 let value =
                     topic.inner.value_codec.decode(r.value.as_deref().unwrap_or_default()).map_err(decode_err)?;
                 out.push((key, value));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The committed contents of `table`: commits now (as the commit interval would), then
+    /// reads the table's changelog, so what it shows is what a restarted worker recovers.
+    pub fn table<K, V>(&self, table: &crate::Table<K, V>) -> Result<std::collections::HashMap<K, V>, TestError>
+    where
+        K: DeserializeOwned + std::hash::Hash + Eq,
+        V: DeserializeOwned,
+    {
+        futures_lite::future::block_on(async {
+            let reply = Arc::new(Reply::default());
+            let tp = TopicPartition::new(table.changelog_topic(), 0);
+            self.inner.outbox.probe(Probe { tp, offset: 0, reply: reply.clone(), commit: true });
+            reply.wait().await
+        })?;
+        let name = table.changelog_topic();
+        let (key_codec, value_codec) = table.codecs();
+        let mut out = std::collections::HashMap::new();
+        let Some(meta) = futures_lite::future::block_on(self.transport.topic_metadata(name))? else {
+            return Ok(out);
+        };
+        for p in 0..meta.config.partitions {
+            let tp = TopicPartition::new(name, p);
+            for r in self.transport.records(&tp)? {
+                let decode_err = |source| TestError::Decode { tp: tp.clone(), offset: r.offset, source };
+                let Some(k) = &r.key else { continue };
+                let key: K = key_codec.decode(k).map_err(decode_err)?;
+                match &r.value {
+                    Some(v) => {
+                        out.insert(key, value_codec.decode(v).map_err(decode_err)?);
+                    }
+                    None => {
+                        out.remove(&key);
+                    }
+                }
             }
         }
         Ok(out)

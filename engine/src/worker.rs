@@ -24,6 +24,7 @@ use crate::acks::AckTracker;
 use crate::app::{AgentError, AgentSpec, App, TopicKind};
 use crate::context::{InTask, TaskSlot};
 use crate::runtime::{RuntimeConfig, RuntimeError, run_on_cores};
+use crate::table::{AnyShard, CommitFailure, TableMeta, Token};
 use crate::transports::{AnyCore, AnyTransport};
 
 /// The maps on the per-event path hash with foldhash (SipHash showed in profiles).
@@ -84,6 +85,9 @@ pub(crate) enum FlushError {
     /// The transport refused the commit.
     #[error(transparent)]
     Transport(#[from] faust_transport::Error),
+    /// A table's state could not be written; nothing is committed any more.
+    #[error("writing table state: {0}; offsets are no longer committed")]
+    Tables(String),
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -289,6 +293,12 @@ pub(crate) struct CoreRuntime {
     channel_seq: Cell<u64>,
     /// The app's stop signal (a core stops the worker when sends were lost).
     app_stop: Arc<crate::app::StopSignal>,
+    /// The table shards of this core, by table then partition.
+    shards: Vec<Vec<Option<Rc<dyn AnyShard>>>>,
+    /// Shards holding writes of events not yet acked, by event.
+    pending_writes: RefCell<Vec<(Token, Rc<dyn AnyShard>)>>,
+    /// Commits in a row that waited because table state ran ahead of committable offsets.
+    deferred_commits: Cell<u32>,
 }
 
 impl std::fmt::Debug for CoreRuntime {
@@ -317,11 +327,52 @@ impl CoreRuntime {
         (n.wrapping_add(self.index as u32)) % partitions.max(1)
     }
 
-    /// Acks `offset` of `tp` for `agent`.
+    /// Acks `offset` of `tp` for `agent`, and applies the table writes made for that event.
     pub(crate) fn ack(&self, agent: usize, tp: &TopicPartition, offset: u64) {
         if let Some(t) = self.acks.borrow_mut().get_mut(&AckKey(agent, tp)) {
             t.ack(offset);
         }
+        if !self.pending_writes.borrow().is_empty() {
+            self.settle_writes(agent, tp, offset, true);
+        }
+    }
+
+    /// Applies (or drops) the pending table writes of one event.
+    fn settle_writes(&self, agent: usize, tp: &TopicPartition, offset: u64, apply: bool) {
+        let settled: Vec<(Token, Rc<dyn AnyShard>)> =
+            self.pending_writes.borrow_mut().extract_if(.., |(t, _)| t.matches(agent, tp, offset)).collect();
+        for (token, shard) in settled {
+            if apply {
+                shard.apply_pending(&token);
+            } else {
+                shard.discard_pending(&token);
+            }
+        }
+    }
+
+    /// Drops the table writes of events an agent failed on (they will be processed again).
+    pub(crate) fn discard_writes(&self, agent: usize, events: &[QueuedEvent]) {
+        if self.pending_writes.borrow().is_empty() {
+            return;
+        }
+        for e in events {
+            self.settle_writes(agent, &e.tp, e.record.offset, false);
+        }
+    }
+
+    /// Notes that `shard` holds writes of the event of `token`, to apply when it is acked.
+    pub(crate) fn register_pending(&self, token: Token, shard: Rc<dyn AnyShard>) {
+        self.pending_writes.borrow_mut().push((token, shard));
+    }
+
+    /// The shard of `table`'s `partition`, if this core holds it.
+    pub(crate) fn shard(&self, table: usize, partition: u32) -> Option<Rc<dyn AnyShard>> {
+        self.shards.get(table)?.get(partition as usize)?.clone()
+    }
+
+    /// The shards of `table` this core holds.
+    pub(crate) fn shards_of(&self, table: usize) -> Vec<Rc<dyn AnyShard>> {
+        self.shards.get(table).map(|s| s.iter().flatten().cloned().collect()).unwrap_or_default()
     }
 
     /// Whether every agent consuming `tp` on this core has finished the event at `offset`.
@@ -470,8 +521,13 @@ impl CoreRuntime {
     }
 
     /// Commits, per partition, the lowest offset every agent may commit, once the sends
-    /// buffered so far are durable.
-    async fn commit_now(self: &Rc<Self>) -> Result<(), FlushError> {
+    /// buffered so far and the table state those events produced are durable (the commit
+    /// protocol of `table.rs`). Returns `false` when it had to wait: table state held writes
+    /// of events acked out of order, past the committable offsets.
+    async fn commit_now(self: &Rc<Self>) -> Result<bool, FlushError> {
+        if self.sends_lost.get() {
+            return Err(FlushError::SendsLost);
+        }
         let mut lowest: HashMap<TopicPartition, u64> = HashMap::default();
         for ((_, tp), tracker) in self.acks.borrow().iter() {
             if self.channel_agents.contains_key(&tp.topic) {
@@ -480,25 +536,95 @@ impl CoreRuntime {
             let c = tracker.committable();
             lowest.entry(tp.clone()).and_modify(|v| *v = (*v).min(c)).or_insert(c);
         }
+        // 1. Freeze the tables' dirty entries in the same instant as the offsets are read (no
+        // await in between), so the frozen state holds exactly the effects of the events below
+        // them: writes are applied when their event is acked, so only events acked out of
+        // order (past the committable offset) could add more; then this commit waits.
+        let shards: Vec<Rc<dyn AnyShard>> = self.shards.iter().flatten().flatten().cloned().collect();
+        let committable = |tp: &TopicPartition| lowest.get(tp).copied();
+        if shards.iter().any(|s| s.applied_beyond(&committable)) {
+            let deferred = self.deferred_commits.get() + 1;
+            self.deferred_commits.set(deferred);
+            if deferred.is_multiple_of(100) {
+                tracing::warn!(
+                    core = self.index,
+                    deferred,
+                    "commits keep waiting: table writes of events acked out of order (concurrency > 1, or several agents on one topic) run ahead of the committable offsets"
+                );
+            }
+            return Ok(false);
+        }
+        self.deferred_commits.set(0);
+        let frozen: Vec<(Rc<dyn AnyShard>, Box<dyn crate::table::FrozenSet>)> =
+            shards.iter().filter(|s| s.is_dirty()).map(|s| (s.clone(), s.freeze())).collect();
+        // 2. The changelog records and the buffered sends, durable.
+        let mut changelog_ends: Vec<(Rc<dyn AnyShard>, u64)> = Vec::new();
+        for (shard, set) in frozen {
+            match crate::table::write_frozen(&self.transport, &shard, set).await {
+                Ok(Some(end)) => changelog_ends.push((shard, end)),
+                Ok(None) => {}
+                Err(e) => return Err(self.tables_failed(e)),
+            }
+        }
         // The offsets were read before the flush: every send made for the events they cover
         // was buffered by then, so it is in this flush (or an earlier one).
         self.flush().await?;
         if self.sends_lost.get() {
             return Err(FlushError::SendsLost);
         }
-        let offsets: Vec<(TopicPartition, u64)> = {
+        // 3. Source offsets and changelog ends, in one commit: recovery replays a changelog
+        // exactly to the offset committed with the source offsets.
+        let mut offsets: Vec<(TopicPartition, u64)> = {
             let committed = self.committed.borrow();
-            lowest.into_iter().filter(|(tp, o)| committed.get(tp) != Some(o)).collect()
+            lowest.iter().filter(|(tp, o)| committed.get(*tp) != Some(*o)).map(|(tp, o)| (tp.clone(), *o)).collect()
         };
-        if offsets.is_empty() {
-            return Ok(());
+        offsets.extend(changelog_ends.iter().map(|(s, end)| (s.changelog().clone(), *end)));
+        if !offsets.is_empty() {
+            self.transport.commit(&self.group, &offsets).await?;
+            let mut committed = self.committed.borrow_mut();
+            for (tp, o) in offsets {
+                committed.insert(tp, o);
+            }
         }
-        self.transport.commit(&self.group, &offsets).await?;
-        let mut committed = self.committed.borrow_mut();
-        for (tp, o) in offsets {
-            committed.insert(tp, o);
+        // 4. Checkpoint the stores at what is now committed: a checkpoint never claims more.
+        for (shard, end) in &changelog_ends {
+            let sources: Vec<(String, u32, u64)> = lowest
+                .iter()
+                .filter(|(tp, _)| tp.partition == shard.partition())
+                .map(|(tp, o)| (tp.topic.to_string(), tp.partition, *o))
+                .collect();
+            if let Err(e) = shard.checkpoint(*end, sources) {
+                // The changelog has the state; the store's next open replays it.
+                tracing::warn!(table = shard.name(), partition = shard.partition(), error = %e, "checkpoint failed");
+            }
+            shard.evict();
         }
-        Ok(())
+        Ok(true)
+    }
+
+    /// A table's frozen state could not be written: stop committing and stop the worker (a
+    /// restart recovers from the last commit).
+    fn tables_failed(&self, error: CommitFailure) -> FlushError {
+        tracing::error!(error = %error, "writing table state failed; refusing to commit and stopping the worker");
+        self.sends_lost.set(true);
+        self.app_stop.stop();
+        FlushError::Tables(error.to_string())
+    }
+
+    /// Sleeps for `duration`; `false` when the worker stopped meanwhile.
+    pub(crate) async fn sleep_unless_stopped(&self, duration: Duration) -> bool {
+        futures_lite::future::or(
+            async {
+                glommio::timer::sleep(duration).await;
+                true
+            },
+            async {
+                self.stopped().await;
+                false
+            },
+        )
+        .await
+            && !self.stopping.get()
     }
 
     fn stop(&self) {
@@ -536,7 +662,7 @@ where
     F: Fn(&AgentRun) -> Fut,
     Fut: Future<Output = Result<(), AgentError>>,
 {
-    let slot = Rc::new(TaskSlot::default());
+    let slot = Rc::new(TaskSlot::for_agent(run.agent));
     let mut failures_on: Option<(TopicPartition, u64, u32)> = None;
     loop {
         let fut = make(&run);
@@ -557,6 +683,9 @@ where
                 .unwrap_or_else(|| "panic".into()),
         };
         let failed: Vec<QueuedEvent> = run.current.borrow_mut().drain(..).collect();
+        // Whatever the agent wrote to tables for these events is undone: they are retried
+        // (or skipped), and their writes must not count twice (or at all).
+        run.core.discard_writes(run.agent, &failed);
         let Some(event) = failed.first().cloned() else {
             tracing::error!(agent = %name, %error, "agent failed outside an event; restarting it");
             if run.core.stopping.get() {
@@ -698,6 +827,27 @@ async fn serve_outbox(core: Rc<CoreRuntime>, outbox: Arc<crate::app::Outbox>) {
         let probes = outbox.take_probes();
         for probe in probes {
             let core = core.clone();
+            if probe.commit {
+                glommio::spawn_local(async move {
+                    let mut result = Err(crate::app::SendError::Stopped { topic: probe.tp.topic.to_string() });
+                    for _ in 0..500 {
+                        match core.commit_now().await {
+                            Ok(true) => {
+                                result = Ok(Produced { partition: 0, base_offset: 0, last_offset: 0 });
+                                break;
+                            }
+                            Ok(false) => glommio::timer::sleep(Duration::from_millis(2)).await,
+                            Err(e) => {
+                                tracing::error!(error = %e, "commit asked by a test failed");
+                                break;
+                            }
+                        }
+                    }
+                    probe.reply.set(result);
+                })
+                .detach();
+                continue;
+            }
             glommio::spawn_local(async move {
                 // Polled: acks are the hot path and do not notify anyone.
                 while !core.processed(&probe.tp, probe.offset) {
@@ -750,32 +900,87 @@ async fn take_outbound(core: &Rc<CoreRuntime>, outbox: &crate::app::Outbox, mut 
 }
 
 /// Places the worker's partitions on its cores with the sticky, balanced, co-partition aware
-/// assignor (cores are members of weight 1). No tables yet, so no co-partitioned groups: each
-/// topic is a group of its own. Placement happens once, at start-up, so nothing is previous.
+/// assignor (cores are members of weight 1). Topics with the same number of partitions are
+/// co-partitioned, as in Faust: partition `p` of each lands on the same core, where the table
+/// shards of partition `p` live. Placement happens once, at start-up, so nothing is previous.
 fn place(partitions: &[TopicPartition], cores: usize) -> Vec<Vec<TopicPartition>> {
     let members: Vec<(usize, u32)> = (0..cores.max(1)).map(|c| (c, 1)).collect();
+    let groups = copartitioned(partitions);
     let input = faust_transport::AssignInput {
         members: &members,
-        groups: &[],
+        groups: &groups,
         partitions,
         previous: &std::collections::HashMap::new(),
     };
+    let mut out = vec![Vec::new(); cores.max(1)];
     match faust_transport::assign(&input) {
-        Ok(placed) => placed.into_values().collect(),
+        Ok(placed) => {
+            for (core, tps) in placed {
+                out[core] = tps;
+            }
+        }
         // Unreachable with at least one member of weight 1; fall back to everything on core 0.
         Err(e) => {
             tracing::error!(error = %e, "placing partitions on cores failed; using core 0");
-            let mut out = vec![Vec::new(); cores.max(1)];
             out[0] = partitions.to_vec();
-            out
         }
     }
+    out
+}
+
+/// The partition count of each topic among `partitions` (one past its highest partition).
+fn partition_counts(partitions: &[TopicPartition]) -> std::collections::BTreeMap<Arc<str>, u32> {
+    let mut counts = std::collections::BTreeMap::new();
+    for tp in partitions {
+        let c = counts.entry(tp.topic.clone()).or_insert(0);
+        *c = (*c).max(tp.partition + 1);
+    }
+    counts
+}
+
+/// Topics grouped by partition count: each group is co-partitioned.
+fn copartitioned(partitions: &[TopicPartition]) -> Vec<Vec<Arc<str>>> {
+    let mut by_count: std::collections::BTreeMap<u32, Vec<Arc<str>>> = std::collections::BTreeMap::new();
+    for (topic, count) in partition_counts(partitions) {
+        by_count.entry(count).or_default().push(topic);
+    }
+    by_count.into_values().collect()
+}
+
+/// Which core holds each table shard: the core owning partition `p` of a source topic with the
+/// table's partition count (so stream processing finds the shard of its event's partition
+/// on its own core), or core `p % cores` when no source has that count. Per core: (table,
+/// partition) pairs.
+fn place_shards(placed: &[Vec<TopicPartition>], table_partitions: &[u32], cores: usize) -> Vec<Vec<(usize, u32)>> {
+    let all: Vec<TopicPartition> = placed.iter().flatten().cloned().collect();
+    let counts = partition_counts(&all);
+    let mut out = vec![Vec::new(); cores.max(1)];
+    for (table, &n) in table_partitions.iter().enumerate() {
+        let source = counts.iter().find(|(_, c)| **c == n).map(|(t, _)| t.clone());
+        for p in 0..n {
+            let core = source
+                .as_ref()
+                .and_then(|t| placed.iter().position(|tps| tps.iter().any(|tp| tp.topic == *t && tp.partition == p)))
+                .unwrap_or(p as usize % cores.max(1));
+            out[core].push((table, p));
+        }
+    }
+    out
+}
+
+/// Where partitions and table shards go: per core.
+#[derive(Clone)]
+struct Placement {
+    partitions: Vec<Vec<TopicPartition>>,
+    shards: Vec<Vec<(usize, u32)>>,
 }
 
 /// Start-up state shared by the cores and the control thread.
 struct Startup {
     topics_ready: AtomicBool,
-    assigned: Mutex<Option<Result<Vec<Vec<TopicPartition>>, String>>>,
+    /// Partition counts of the tables' changelogs, by table (set with `topics_ready`).
+    table_partitions: Mutex<Vec<u32>>,
+    assigned: Mutex<Option<Result<Placement, String>>>,
     event: Event,
 }
 
@@ -802,10 +1007,23 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
             source,
         })?;
     }
+    let tables: Vec<Arc<dyn TableMeta>> = app.inner.tables.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let store_backed = settings.store != "memory://" && tables.iter().any(|t| !t.in_memory());
+    if store_backed {
+        std::fs::create_dir_all(&settings.datadir).map_err(|source| faust_transport::Error::Io {
+            op: "create data directory",
+            path: settings.datadir.clone(),
+            source,
+        })?;
+    }
     let memory = app.inner.memory.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let transport = AnyTransport::open(&settings.broker_url(), cores, memory.as_ref())?;
-    let startup =
-        Arc::new(Startup { topics_ready: AtomicBool::new(false), assigned: Mutex::new(None), event: Event::new() });
+    let startup = Arc::new(Startup {
+        topics_ready: AtomicBool::new(false),
+        table_partitions: Mutex::new(Vec::new()),
+        assigned: Mutex::new(None),
+        event: Event::new(),
+    });
     let channels: Vec<Arc<str>> = {
         let topics = app.inner.topics.lock().unwrap_or_else(|p| p.into_inner());
         topics.iter().filter(|t| t.kind == TopicKind::Channel).map(|t| t.name.clone()).collect()
@@ -826,6 +1044,7 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
     let control = {
         let (transport, startup, group, stop) =
             (transport.clone(), startup.clone(), settings.id.clone(), app.inner.stop.clone());
+        let tables = tables.clone();
         std::thread::Builder::new()
             .name(format!("{}-control", settings.id))
             .spawn(move || {
@@ -841,13 +1060,24 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
                     .await
                     .map(|partitions: Vec<TopicPartition>| {
                         let placed = place(&partitions, cores);
-                        let owners: Vec<(TopicPartition, usize)> = placed
+                        let table_partitions =
+                            startup.table_partitions.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                        let shards = place_shards(&placed, &table_partitions, cores);
+                        let mut owners: Vec<(TopicPartition, usize)> = placed
                             .iter()
                             .enumerate()
                             .flat_map(|(core, tps)| tps.iter().map(move |tp| (tp.clone(), core)))
                             .collect();
+                        // A shard's changelog partition is appended by the shard's core.
+                        for (core, list) in shards.iter().enumerate() {
+                            for &(table, p) in list {
+                                if let Some(t) = tables.get(table) {
+                                    owners.push((TopicPartition::new(t.changelog().clone(), p), core));
+                                }
+                            }
+                        }
                         transport.set_owners(&owners);
-                        placed
+                        Placement { partitions: placed, shards }
                     })
                     .map_err(|e: faust_transport::Error| e.to_string());
                     *startup.assigned.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
@@ -901,6 +1131,7 @@ async fn core_main(
     let stop = app.inner.stop.clone();
     let core = transport.attach_core(index, cores).await.map_err(|e| e.to_string())?;
     let declared = app.inner.topics.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let tables: Vec<Arc<dyn TableMeta>> = app.inner.tables.lock().unwrap_or_else(|p| p.into_inner()).clone();
     if index == 0 {
         let created: Result<(), faust_transport::Error> = async {
             for t in declared.iter().filter(|t| t.kind == TopicKind::Log) {
@@ -912,6 +1143,24 @@ async fn core_main(
                 core.create_topic(&t.name, &TopicConfig::new(t.partitions.unwrap_or(settings.topic_partitions)))
                     .await?;
             }
+            // Changelogs: compacted; an existing one keeps its partition count unless the table
+            // names another (then it must match).
+            let mut counts = Vec::new();
+            for t in &tables {
+                let existing = core.topic_metadata(t.changelog()).await?;
+                let count = match (existing, t.partitions()) {
+                    (Some(meta), None) => meta.config.partitions,
+                    (_, wanted) => {
+                        let config = TopicConfig {
+                            compacted: true,
+                            ..TopicConfig::new(wanted.unwrap_or(settings.topic_partitions))
+                        };
+                        core.create_topic(t.changelog(), &config).await?.config.partitions
+                    }
+                };
+                counts.push(count);
+            }
+            *startup.table_partitions.lock().unwrap_or_else(|p| p.into_inner()) = counts;
             Ok(())
         }
         .await;
@@ -925,14 +1174,26 @@ async fn core_main(
     }
     startup.wait_until(|| startup.assigned.lock().map(|a| a.is_some()).unwrap_or(true)).await;
     let assignment = startup.assigned.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let assigned = match assignment {
-        Some(Ok(placed)) => placed.get(index).cloned().unwrap_or_default(),
+    let (assigned, my_shards) = match assignment {
+        Some(Ok(placed)) => (
+            placed.partitions.get(index).cloned().unwrap_or_default(),
+            placed.shards.get(index).cloned().unwrap_or_default(),
+        ),
         Some(Err(e)) => {
             stop.stop();
             let _ = core.shutdown().await;
             return Err(format!("joining the group: {e}"));
         }
-        None => Vec::new(),
+        None => (Vec::new(), Vec::new()),
+    };
+    // Table shards: opened and recovered before any event is processed.
+    let shards = match open_shards(&app, &tables, &my_shards, &core).await {
+        Ok(shards) => shards,
+        Err(e) => {
+            stop.stop();
+            let _ = core.shutdown().await;
+            return Err(e);
+        }
     };
     let mut partitions = HashMap::default();
     for t in declared.iter().filter(|t| t.kind == TopicKind::Log) {
@@ -944,13 +1205,13 @@ async fn core_main(
             Err(e) => return Err(format!("reading topic {}: {e}", t.name)),
         }
     }
-    let specs: Vec<(String, Arc<str>, crate::app::StartAgent, usize)> = app
+    let specs: Vec<(String, Arc<str>, crate::app::StartAgent, usize, bool)> = app
         .inner
         .agents
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .iter()
-        .map(|a: &AgentSpec| (a.name.clone(), a.topic.clone(), a.start.clone(), a.concurrency))
+        .map(|a: &AgentSpec| (a.name.clone(), a.topic.clone(), a.start.clone(), a.concurrency, a.every_core))
         .collect();
     let mut channel_agents: HashMap<Arc<str>, Vec<usize>> = HashMap::default();
     for t in declared.iter().filter(|t| t.kind == TopicKind::Channel) {
@@ -978,13 +1239,16 @@ async fn core_main(
         channel_agents,
         channel_seq: Cell::new(0),
         app_stop: stop.clone(),
+        shards,
+        pending_writes: RefCell::new(Vec::new()),
+        deferred_commits: Cell::new(0),
     });
     CURRENT.with(|c| *c.borrow_mut() = Some(runtime.clone()));
 
     // Agents on every core; tasks (no topic) on core 0 only, cancelled at shutdown.
     let mut agent_tasks = Vec::new();
     let mut background = Vec::new();
-    for (i, (name, topic, start, concurrency)) in specs.iter().enumerate() {
+    for (i, (name, topic, start, concurrency, every_core)) in specs.iter().enumerate() {
         let run = || AgentRun {
             core: runtime.clone(),
             agent: i,
@@ -992,7 +1256,7 @@ async fn core_main(
             current: Rc::new(RefCell::new(Vec::new())),
         };
         if topic.is_empty() {
-            if index == 0 {
+            if index == 0 || *every_core {
                 background.push(glommio::spawn_local(start(run())));
             }
             continue;
@@ -1018,8 +1282,21 @@ async fn core_main(
         glommio::spawn_local(async move {
             while !runtime.stopping.get() {
                 futures_lite::future::or(glommio::timer::sleep(interval), runtime.stopped()).await;
-                if let Err(e) = runtime.commit_now().await {
-                    tracing::error!(error = %e, "commit failed");
+                // A commit that had to wait is tried again soon rather than a whole interval later.
+                let mut attempts = 0;
+                loop {
+                    match runtime.commit_now().await {
+                        Ok(true) => break,
+                        Ok(false) if attempts < 200 && !runtime.stopping.get() => {
+                            attempts += 1;
+                            glommio::timer::sleep(Duration::from_millis(10)).await;
+                        }
+                        Ok(false) => break,
+                        Err(e) => {
+                            tracing::error!(error = %e, "commit failed");
+                            break;
+                        }
+                    }
                 }
             }
         })
@@ -1079,9 +1356,37 @@ async fn core_main(
     while Rc::strong_count(&runtime) > 1 && std::time::Instant::now() < release_deadline {
         glommio::timer::sleep(Duration::from_millis(1)).await;
     }
-    let result = runtime.commit_now().await.map_err(|e| format!("final commit: {e}"));
+    let result = match runtime.commit_now().await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err("final commit: table state ran ahead of the committable offsets".to_string()),
+        Err(e) => Err(format!("final commit: {e}")),
+    };
     CURRENT.with(|c| *c.borrow_mut() = None);
     let runtime = Rc::try_unwrap(runtime).map_err(|_| "a task still holds the core's runtime".to_string())?;
     runtime.transport.shutdown().await.map_err(|e| e.to_string())?;
     result
+}
+
+/// Opens this core's table shards and recovers each from its changelog.
+async fn open_shards(
+    app: &App,
+    tables: &[Arc<dyn TableMeta>],
+    mine: &[(usize, u32)],
+    core: &AnyCore,
+) -> Result<Vec<Vec<Option<Rc<dyn AnyShard>>>>, String> {
+    let settings = &app.inner.settings;
+    let mut shards: Vec<Vec<Option<Rc<dyn AnyShard>>>> = tables.iter().map(|_| Vec::new()).collect();
+    for &(table, partition) in mine {
+        let Some(meta) = tables.get(table) else { continue };
+        let dir = (settings.store != "memory://" && !meta.in_memory())
+            .then(|| settings.datadir.join("tables").join(&**meta.name()).join(partition.to_string()));
+        let shard = meta.open(crate::table::ShardArgs { partition, dir }).map_err(|e| e.to_string())?;
+        crate::table::recover(core, &settings.id, &shard).await.map_err(|e| e.to_string())?;
+        let list = &mut shards[table];
+        if list.len() <= partition as usize {
+            list.resize(partition as usize + 1, None);
+        }
+        list[partition as usize] = Some(shard);
+    }
+    Ok(shards)
 }
