@@ -1072,6 +1072,7 @@ pub(crate) async fn write_frozen(
                 message: source.to_string(),
             })?;
             end = Some(produced.last_offset + 1);
+            crate::runtime::crash_point("commit:changelog-batch");
         }
         if left == 0 {
             return Ok(end);
@@ -1155,6 +1156,7 @@ pub(crate) async fn recover(core: &AnyCore, group: &str, shard: &Rc<dyn AnyShard
         glommio::yield_if_needed().await;
     }
     progress.finish();
+    crate::runtime::crash_point("recover:replayed");
     let mut end = committed;
     if high_watermark > committed {
         end = neutralize(core, group, shard, committed, high_watermark).await?;
@@ -1207,6 +1209,7 @@ async fn neutralize(
         }
         let produced = core.produce(&tp, batch).await.map_err(transport_err)?;
         end = produced.last_offset + 1;
+        crate::runtime::crash_point("recover:neutralizing");
     }
     core.commit(group, &[(tp, end)]).await.map_err(transport_err)?;
     tracing::warn!(

@@ -557,6 +557,7 @@ impl CoreRuntime {
         self.deferred_commits.set(0);
         let frozen: Vec<(Rc<dyn AnyShard>, Box<dyn crate::table::FrozenSet>)> =
             shards.iter().filter(|s| s.is_dirty()).map(|s| (s.clone(), s.freeze())).collect();
+        crate::runtime::crash_point("commit:frozen");
         // 2. The changelog records and the buffered sends, durable.
         let mut changelog_ends: Vec<(Rc<dyn AnyShard>, u64)> = Vec::new();
         for (shard, set) in frozen {
@@ -566,12 +567,14 @@ impl CoreRuntime {
                 Err(e) => return Err(self.tables_failed(e)),
             }
         }
+        crate::runtime::crash_point("commit:changelog");
         // The offsets were read before the flush: every send made for the events they cover
         // was buffered by then, so it is in this flush (or an earlier one).
         self.flush().await?;
         if self.sends_lost.get() {
             return Err(FlushError::SendsLost);
         }
+        crate::runtime::crash_point("commit:flushed");
         // 3. Source offsets and changelog ends, in one commit: recovery replays a changelog
         // exactly to the offset committed with the source offsets.
         let mut offsets: Vec<(TopicPartition, u64)> = {
@@ -586,6 +589,7 @@ impl CoreRuntime {
                 committed.insert(tp, o);
             }
         }
+        crate::runtime::crash_point("commit:committed");
         // 4. Checkpoint the stores at what is now committed: a checkpoint never claims more.
         for (shard, end) in &changelog_ends {
             let sources: Vec<(String, u32, u64)> = lowest
@@ -598,6 +602,7 @@ impl CoreRuntime {
                 tracing::warn!(table = shard.name(), partition = shard.partition(), error = %e, "checkpoint failed");
             }
             shard.evict();
+            crate::runtime::crash_point("commit:checkpoint");
         }
         Ok(true)
     }

@@ -1,0 +1,129 @@
+//! A worker for the table crash tests: counts events per key, and sums their values, in two
+//! tables on `local://`.
+//!
+//! ```text
+//! counter DATADIR load N SEED    create `events` (4 partitions) and write N events to it
+//! counter DATADIR count N OUT    count until the tables hold N events, write them to OUT (JSON)
+//! ```
+//!
+//! Keys are `acct-{r}` for a random `r` below 50 (from SEED); the value of event `i` is `i`.
+//! With `FAUST_CRASH_AT=<point>:<n>` the engine aborts at that step of its commit protocol.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use faust::{App, Settings};
+use rand::{Rng, SeedableRng};
+
+type Snapshot = HashMap<usize, (Vec<(String, u64)>, Vec<(String, u64)>)>;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let (Some(datadir), Some(mode), Some(n)) = (args.get(1), args.get(2), args.get(3).and_then(|n| n.parse().ok()))
+    else {
+        eprintln!("usage: counter DATADIR load N SEED | count N OUT");
+        std::process::exit(2);
+    };
+    let n: u64 = n;
+    let mut settings = Settings::new("counter");
+    settings.datadir = datadir.into();
+    settings.topic_partitions = 4;
+    settings.commit_interval = Duration::from_millis(30);
+    let app = App::new(settings);
+    let events = app.topic::<String, u64>("events");
+    let stop = app.stop_signal();
+    match mode.as_str() {
+        "load" => {
+            let seed: u64 = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(1);
+            let stop = stop.clone();
+            app.task(move || {
+                let (events, stop) = (events.clone(), stop.clone());
+                async move {
+                    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+                    for i in 0..n {
+                        events.send_soon(Some(&format!("acct-{}", rng.gen_range(0..50))), &i)?;
+                    }
+                    events.send(Some(&"acct-0".to_string()), &n).await?;
+                    stop.stop();
+                    Ok(())
+                }
+            });
+            if let Err(e) = app.run() {
+                eprintln!("counter: {e}");
+                std::process::exit(1);
+            }
+        }
+        "count" => {
+            let Some(out) = args.get(4).cloned() else {
+                eprintln!("usage: counter DATADIR count N OUT");
+                std::process::exit(2);
+            };
+            // `load` writes one extra event (its last, awaited send).
+            let expected = n + 1;
+            let counts = app.table::<String, u64>("counts").with_default(|| 0);
+            let sums = app.table::<String, u64>("sums").with_default(|| 0);
+            {
+                let (counts, sums) = (counts.clone(), sums.clone());
+                app.agent("count", &events, move |mut stream| {
+                    let (counts, sums) = (counts.clone(), sums.clone());
+                    async move {
+                        while let Some((key, value)) = stream.next_item().await {
+                            let key = key.ok_or("events are keyed")?;
+                            counts.update(&key, |c| *c += 1)?;
+                            sums.update(&key, |s| *s += value)?;
+                        }
+                        Ok(())
+                    }
+                });
+            }
+            let snapshot: Arc<Mutex<Snapshot>> = Arc::default();
+            let total = Arc::new(AtomicU64::new(0));
+            {
+                let (counts, sums, snapshot, total) = (counts.clone(), sums.clone(), snapshot.clone(), total.clone());
+                app.timer(Duration::from_millis(10), move || {
+                    let (counts, sums, snapshot, total) = (counts.clone(), sums.clone(), snapshot.clone(), total.clone());
+                    async move {
+                        let core = faust::runtime::current_core().ok_or("timers run on cores")?;
+                        let mine = (counts.local_items()?, sums.local_items()?);
+                        let mut all = snapshot.lock().map_err(|_| "poisoned")?;
+                        all.insert(core, mine);
+                        total.store(all.values().flat_map(|(c, _)| c.iter().map(|(_, n)| n)).sum(), Ordering::SeqCst);
+                        Ok(())
+                    }
+                });
+            }
+            let watcher = {
+                let (stop, total) = (stop.clone(), total.clone());
+                std::thread::spawn(move || {
+                    let deadline = Instant::now() + Duration::from_secs(120);
+                    while total.load(Ordering::SeqCst) < expected && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    stop.stop();
+                })
+            };
+            if let Err(e) = app.run() {
+                eprintln!("counter: {e}");
+                std::process::exit(1);
+            }
+            let _ = watcher.join();
+            let all = snapshot.lock().map(|s| s.clone()).unwrap_or_default();
+            let mut dump: BTreeMap<&str, BTreeMap<String, u64>> = BTreeMap::new();
+            for (c, s) in all.values() {
+                dump.entry("counts").or_default().extend(c.iter().cloned());
+                dump.entry("sums").or_default().extend(s.iter().cloned());
+            }
+            let text = serde_json::to_string(&dump).unwrap_or_default();
+            if let Err(e) = std::fs::write(&out, text) {
+                eprintln!("counter: writing {out}: {e}");
+                std::process::exit(1);
+            }
+        }
+        other => {
+            eprintln!("counter: unknown mode {other}");
+            std::process::exit(2);
+        }
+    }
+}
