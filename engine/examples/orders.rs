@@ -1,121 +1,177 @@
-//! Orders, end to end on the embedded log: a task writes orders to a topic, an agent on every
-//! core decodes them, keeps the ones with something in them, turns each into a sale and
-//! forwards it to another topic, counting sales per country on its core.
+//! The Faust README's program: JSON orders counted per account in a table, on the embedded
+//! log, with a built-in generator so it runs alone.
 //!
 //! ```text
-//! cargo run --release --example orders            # 1,000,000 orders
-//! ORDERS=100000 cargo run --release --example orders
+//! cargo run --release --example orders                  # 1,000,000 orders, 10,000 accounts
+//! ORDERS=100000 ACCOUNTS=500 cargo run --release --example orders
+//! ORDERS_DATADIR=orders-data cargo run --release --example orders   # keep the state; rerun to resume
 //! ```
 //!
-//! (Counting per country across cores, in a table replicated through a changelog, is the
-//! next step of the engine; here each core keeps its own counts.)
+//! The generator writes `ORDERS` orders keyed by account (it records its progress once what it
+//! sent is durable, so a restarted run continues where it left off); the `count` agent counts
+//! them per account in the `order_count` table, whose changelog and stores make the counts
+//! survive crashes exactly; a timer on each core reads its shards four times a second, and the
+//! count is printed every second. The run ends once the
+//! generator is done and every order is counted. `ORDERS_DUMP=FILE` writes every account's
+//! count to FILE as JSON at the end.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use faust::{App, Settings};
 use serde::{Deserialize, Serialize};
 
+/// Faust's `Order` record.
 #[derive(Debug, Serialize, Deserialize)]
 struct Order {
-    id: u64,
-    customer: String,
-    country: String,
-    quantity: u32,
-    price_cents: u64,
+    account_id: String,
+    product_id: String,
+    amount: u32,
+    price: f64,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct Sale {
-    id: u64,
-    country: String,
-    total_cents: u64,
+fn env_u64(name: &str, default: u64) -> Result<u64, String> {
+    match std::env::var(name) {
+        Ok(v) => v.trim().parse().map_err(|_| format!("{name}={v}: expected a number")),
+        Err(_) => Ok(default),
+    }
 }
 
-const COUNTRIES: [&str; 4] = ["US", "DE", "FR", "JP"];
+/// Per core: (orders counted, accounts), as its timer last saw its shards.
+type Totals = Arc<Mutex<BTreeMap<usize, (u64, u64)>>>;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let n: u64 = std::env::var("ORDERS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
-    let dir = tempfile::tempdir()?;
+    let orders_total = env_u64("ORDERS", 1_000_000)?;
+    let accounts = env_u64("ACCOUNTS", 10_000)?.max(1);
+    let temp = tempfile::tempdir()?;
+    let datadir = std::env::var("ORDERS_DATADIR").map(PathBuf::from).unwrap_or_else(|_| temp.path().join("data"));
     let mut settings = Settings::new("orders").from_env()?;
-    settings.datadir = dir.path().join("data");
+    settings.datadir = datadir.clone();
     let app = App::new(settings);
     let orders = app.topic::<String, Order>("orders");
-    let sales = app.topic::<String, Sale>("sales");
+    let order_count = app.table::<String, u64>("order_count").with_default(|| 0);
 
-    let seen = Arc::new(AtomicU64::new(0));
-    let totals = Arc::new(Mutex::new(BTreeMap::<String, (u64, u64)>::new()));
+    // @app.agent(orders_topic): async for order in orders: order_count[order.account_id] += 1
     {
-        let (seen, totals) = (seen.clone(), totals.clone());
-        app.agent("sales", &orders, move |stream| {
-            let (sales, seen, totals) = (sales.clone(), seen.clone(), totals.clone());
+        let order_count = order_count.clone();
+        app.agent("count", &orders, move |mut stream| {
+            let order_count = order_count.clone();
             async move {
-                let counted = seen.clone();
-                let mut stream = stream
-                    .filter(move |o| {
-                        counted.fetch_add(1, Ordering::Relaxed);
-                        o.quantity > 0
-                    })
-                    .map(|o| Sale { id: o.id, total_cents: o.price_cents * u64::from(o.quantity), country: o.country });
-                // This core's counts: (sales, cents) per country.
-                let mut mine = BTreeMap::<String, (u64, u64)>::new();
-                while let Some(sale) = stream.next().await {
-                    let entry = mine.entry(sale.country.clone()).or_default();
-                    entry.0 += 1;
-                    entry.1 += sale.total_cents;
-                    sales.send_soon(Some(&sale.country), &sale)?;
-                }
-                let mut all = totals.lock().map_err(|_| "totals lock poisoned")?;
-                for (country, (count, cents)) in mine {
-                    let entry = all.entry(country).or_default();
-                    entry.0 += count;
-                    entry.1 += cents;
+                while let Some(order) = stream.next().await {
+                    order_count.update(&order.account_id, |n| *n += 1)?;
                 }
                 Ok(())
             }
         });
     }
+
+    // The generator, resuming from its recorded progress.
+    let generated_all = Arc::new(AtomicBool::new(false));
+    {
+        let (orders, done, progress_file) = (orders.clone(), generated_all.clone(), datadir.join("generator.progress"));
+        app.task(move || {
+            let (orders, done, progress_file) = (orders.clone(), done.clone(), progress_file.clone());
+            async move {
+                let from: u64 =
+                    std::fs::read_to_string(&progress_file).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+                for id in from..orders_total {
+                    let h = id.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                    let order = Order {
+                        account_id: format!("account-{}", h % accounts),
+                        product_id: format!("product-{}", (h >> 24) % 1_000),
+                        amount: 1 + ((h >> 40) % 10) as u32,
+                        price: ((h >> 12) % 100_000) as f64 / 100.0,
+                    };
+                    orders.send_soon(Some(&order.account_id), &order)?;
+                    if (id + 1) % 50_000 == 0 || id + 1 == orders_total {
+                        // Durable first, then recorded: a restart may repeat orders, never skip.
+                        faust::runtime::flush().await?;
+                        std::fs::write(&progress_file, (id + 1).to_string())?;
+                    } else if id % 4096 == 0 {
+                        faust::runtime::yield_if_needed().await;
+                    }
+                }
+                done.store(true, Ordering::SeqCst);
+                Ok(())
+            }
+        });
+    }
+
+    // Each core reports what its shards hold.
+    let totals: Totals = Arc::default();
+    let counted = Arc::new(AtomicU64::new(0));
+    let dump: Arc<Mutex<BTreeMap<usize, Vec<(String, u64)>>>> = Arc::default();
     let start = Instant::now();
-    app.task(move || {
-        let orders = orders.clone();
-        async move {
-            for id in 0..n {
-                let h = id.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                let order = Order {
-                    id,
-                    customer: format!("customer-{}", h % 10_000),
-                    country: COUNTRIES[(h >> 50) as usize % 4].to_string(),
-                    quantity: ((h >> 40) % 5) as u32,
-                    price_cents: 100 + (h >> 12) % 20_000,
-                };
-                orders.send_soon(Some(&order.customer), &order)?;
-                if id % 4096 == 0 {
-                    faust::runtime::yield_if_needed().await;
+    {
+        let (order_count, totals, counted, dump) = (order_count.clone(), totals.clone(), counted.clone(), dump.clone());
+        app.timer(Duration::from_millis(250), move || {
+            let (order_count, totals, counted, dump) =
+                (order_count.clone(), totals.clone(), counted.clone(), dump.clone());
+            async move {
+                let core = faust::runtime::current_core().ok_or("timers run on a core")?;
+                let items = order_count.local_items()?;
+                let mine = (items.iter().map(|(_, n)| n).sum::<u64>(), items.len() as u64);
+                dump.lock().map_err(|_| "poisoned")?.insert(core, items);
+                let mut all = totals.lock().map_err(|_| "poisoned")?;
+                all.insert(core, mine);
+                counted.store(all.values().map(|(n, _)| n).sum(), Ordering::SeqCst);
+                Ok(())
+            }
+        });
+    }
+
+    // Stop once the generator is done and the count has not moved for a second.
+    let stop = app.stop_signal();
+    let watcher = {
+        let (counted, generated_all) = (counted.clone(), generated_all.clone());
+        std::thread::spawn(move || {
+            let (mut last, mut still_since, mut last_print) = (u64::MAX, Instant::now(), Instant::now());
+            let mut finished_at = None;
+            while start.elapsed() < Duration::from_secs(600) {
+                std::thread::sleep(Duration::from_millis(50));
+                let now = counted.load(Ordering::SeqCst);
+                if now != last {
+                    (last, still_since) = (now, Instant::now());
+                    if now >= orders_total && finished_at.is_none() {
+                        finished_at = Some(start.elapsed());
+                    }
+                }
+                if last_print.elapsed() >= Duration::from_secs(1) {
+                    last_print = Instant::now();
+                    println!("[{:5.1} s] {now} orders counted", start.elapsed().as_secs_f64());
+                }
+                if generated_all.load(Ordering::SeqCst) && still_since.elapsed() >= Duration::from_secs(1) {
+                    break;
                 }
             }
-            Ok(())
-        }
-    });
-    let stop = app.stop_signal();
-    let watcher = std::thread::spawn(move || {
-        while seen.load(Ordering::Relaxed) < n && start.elapsed() < Duration::from_secs(300) {
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        let elapsed = start.elapsed();
-        stop.stop();
-        elapsed
-    });
+            stop.stop();
+            finished_at
+        })
+    };
     app.run()?;
-    let elapsed = watcher.join().map_err(|_| "watcher panicked")?;
-    println!(
-        "{n} orders written and processed in {:.2} s: {:.0} orders/s end to end",
-        elapsed.as_secs_f64(),
-        n as f64 / elapsed.as_secs_f64()
-    );
-    for (country, (count, cents)) in totals.lock().map_err(|_| "totals lock poisoned")?.iter() {
-        println!("{country}: {count} sales, {:.2} total", *cents as f64 / 100.0);
+    let finished_at = watcher.join().map_err(|_| "watcher panicked")?;
+
+    let all: BTreeMap<String, u64> =
+        dump.lock().map_err(|_| "poisoned")?.values().flat_map(|items| items.iter().cloned()).collect();
+    let total: u64 = all.values().sum();
+    println!("{total} orders counted across {} accounts (state in {})", all.len(), datadir.display());
+    if let Some(t) = finished_at {
+        println!(
+            "{orders_total} orders generated, written and counted in {:.2} s: {:.0} orders/s end to end",
+            t.as_secs_f64(),
+            orders_total as f64 / t.as_secs_f64()
+        );
+    }
+    let mut top: Vec<(&String, &u64)> = all.iter().collect();
+    top.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    for (account, n) in top.iter().take(3) {
+        println!("  {account}: {n} orders");
+    }
+    if let Ok(path) = std::env::var("ORDERS_DUMP") {
+        std::fs::write(&path, serde_json::to_string(&all)?)?;
     }
     Ok(())
 }

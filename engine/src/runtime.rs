@@ -123,6 +123,14 @@ pub async fn yield_if_needed() {
     glommio::yield_if_needed().await;
 }
 
+/// Writes the calling core's buffered sends ([`Topic::send_soon`](crate::Topic::send_soon))
+/// now and waits until they are durable (Faust's `producer.flush()`): a generator can record
+/// its progress once what it sent so far is safe. Outside a worker there is nothing to flush.
+pub async fn flush() -> Result<(), crate::SendError> {
+    let Some(core) = crate::worker::CoreRuntime::current() else { return Ok(()) };
+    core.flush().await.map_err(|e| crate::SendError::Buffered { topic: String::new(), message: e.to_string() })
+}
+
 /// The CPUs this process may run on (its affinity mask), in order.
 pub fn usable_cpus() -> Vec<usize> {
     // SAFETY: `set` is a plain bit set the syscall fills; we only read it afterwards.

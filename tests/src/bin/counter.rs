@@ -83,7 +83,8 @@ fn main() {
             {
                 let (counts, sums, snapshot, total) = (counts.clone(), sums.clone(), snapshot.clone(), total.clone());
                 app.timer(Duration::from_millis(10), move || {
-                    let (counts, sums, snapshot, total) = (counts.clone(), sums.clone(), snapshot.clone(), total.clone());
+                    let (counts, sums, snapshot, total) =
+                        (counts.clone(), sums.clone(), snapshot.clone(), total.clone());
                     async move {
                         let core = faust::runtime::current_core().ok_or("timers run on cores")?;
                         let mine = (counts.local_items()?, sums.local_items()?);
