@@ -42,6 +42,8 @@ fn env_u64(name: &str, default: u64) -> Result<u64, String> {
 
 /// Per core: (orders counted, accounts), as its timer last saw its shards.
 type Totals = Arc<Mutex<BTreeMap<usize, (u64, u64)>>>;
+/// Per core: every account's count in its shards.
+type Counts = Arc<Mutex<BTreeMap<usize, Vec<(String, u64)>>>>;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let orders_total = env_u64("ORDERS", 1_000_000)?;
@@ -103,7 +105,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Each core reports what its shards hold.
     let totals: Totals = Arc::default();
     let counted = Arc::new(AtomicU64::new(0));
-    let dump: Arc<Mutex<BTreeMap<usize, Vec<(String, u64)>>>> = Arc::default();
+    let dump: Counts = Arc::default();
     let start = Instant::now();
     {
         let (order_count, totals, counted, dump) = (order_count.clone(), totals.clone(), counted.clone(), dump.clone());

@@ -350,6 +350,29 @@ where
     }
 }
 
+/// Crash points for crash tests. With `FAUST_CRASH_AT=<point>:<n>` in the environment, the
+/// process aborts (no destructors, no flushing: as a `SIGKILL` would stop it) the `n`-th time
+/// it passes `point`. Points are named where they are placed (`commit:frozen`, ...); without
+/// the variable this is one relaxed load.
+pub(crate) fn crash_point(point: &str) {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static TARGET: OnceLock<Option<(String, u64)>> = OnceLock::new();
+    static PASSED: AtomicU64 = AtomicU64::new(0);
+    let target = TARGET.get_or_init(|| {
+        let spec = std::env::var("FAUST_CRASH_AT").ok()?;
+        let (name, n) = spec.rsplit_once(':')?;
+        Some((name.to_string(), n.parse().ok()?))
+    });
+    if let Some((name, n)) = target
+        && name == point
+        && PASSED.fetch_add(1, Ordering::Relaxed) + 1 >= *n
+    {
+        eprintln!("crash point {point} reached: aborting");
+        std::process::abort();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -408,28 +431,5 @@ mod tests {
 
         let err = run_on_cores(&config, |_| async { panic!("boom") }).unwrap_err();
         assert!(matches!(&err, RuntimeError::Panicked { core: 0, message } if message == "boom"), "{err}");
-    }
-}
-
-/// Crash points for crash tests. With `FAUST_CRASH_AT=<point>:<n>` in the environment, the
-/// process aborts (no destructors, no flushing: as a `SIGKILL` would stop it) the `n`-th time
-/// it passes `point`. Points are named where they are placed (`commit:frozen`, ...); without
-/// the variable this is one relaxed load.
-pub(crate) fn crash_point(point: &str) {
-    use std::sync::OnceLock;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static TARGET: OnceLock<Option<(String, u64)>> = OnceLock::new();
-    static PASSED: AtomicU64 = AtomicU64::new(0);
-    let target = TARGET.get_or_init(|| {
-        let spec = std::env::var("FAUST_CRASH_AT").ok()?;
-        let (name, n) = spec.rsplit_once(':')?;
-        Some((name.to_string(), n.parse().ok()?))
-    });
-    if let Some((name, n)) = target
-        && name == point
-        && PASSED.fetch_add(1, Ordering::Relaxed) + 1 >= *n
-    {
-        eprintln!("crash point {point} reached: aborting");
-        std::process::abort();
     }
 }
