@@ -1,4 +1,6 @@
-//! Helpers shared by the benchmark binaries (`storage`, `engine`).
+//! Helpers shared by the benchmark binaries (`storage`, `engine`), and workload W2.
+
+pub mod w2;
 
 /// Prints a progress line on stderr (plain when stdout carries JSON, indented otherwise).
 pub fn progress(json: bool, msg: &str) {

@@ -1,8 +1,9 @@
 //! faust: a thread-per-core stream-processing engine in the spirit of Faust and Kafka Streams.
 //!
-//! The engine (apps, agents, streams, tables, windows) is being built on top of the storage
-//! crate. What is usable today is the storage layer, re-exported here: segment logs for
-//! topics and log-structured key-value stores for table partitions.
+//! An [`App`] declares topics, agents that process their streams on every core, and
+//! [`Table`]s sharded by partition and replicated through changelogs; [`App::run`] runs them
+//! on pinned cores over the embedded log (`local://`) or `memory://`. The storage layer
+//! (segment logs, key-value stores) is re-exported as [`storage`]:
 //!
 //! ```
 //! use faust::storage::{Store, StoreConfig};

@@ -48,6 +48,104 @@ struct Args {
     /// Only the latency run, at this many events/s (for profiling).
     #[arg(long)]
     only_latency: Option<f64>,
+    /// Only the 1-core W2 run (10,000 accounts), once (for profiling).
+    #[arg(long)]
+    only_w2: bool,
+    /// Skip W1 and the latency runs (W2 and recovery only).
+    #[arg(long)]
+    skip_w1: bool,
+}
+
+/// W2's figures.
+struct W2Figures {
+    one: f64,
+    two: f64,
+    floor_1: f64,
+    floor_2: f64,
+    million: f64,
+    million_accounts: u64,
+    recovery_records_s: f64,
+    recovery_records: u64,
+    reopen_s: f64,
+}
+
+/// W2 (the orders count, 10,000 and 1,000,000 accounts), its floor, and table recovery.
+fn run_w2(dir: &Path, n: u64, json: bool, runs: usize) -> W2Figures {
+    use faust_bench::w2;
+    let small = dir.join("w2-10k");
+    progress(json, &format!("W2: pre-loading {n} orders over 10,000 accounts"));
+    w2::preload(&small, n, 10_000);
+    let (mut one, mut two) = (0.0f64, 0.0f64);
+    for r in 0..runs {
+        let a = w2::run(&small, &format!("w2-1core-{r}"), n, 1);
+        assert_eq!(a.accounts, 10_000, "W2 counted {} accounts", a.accounts);
+        progress(json, &format!("W2 1 core run {r}: {:.0} events/s", a.events_s));
+        one = one.max(a.events_s);
+        let b = w2::run(&small, &format!("w2-2core-{r}"), n, 2);
+        progress(json, &format!("W2 2 cores run {r}: {:.0} events/s", b.events_s));
+        two = two.max(b.events_s);
+    }
+    let encoded: Vec<Vec<u8>> = (0..n).map(|i| serde_json::to_vec(&w2::order(i, 10_000)).unwrap()).collect();
+    let floor_1 = w2::floor(&encoded, 1);
+    let floor_2 = w2::floor(&encoded, 2);
+    drop(encoded);
+    progress(json, &format!("W2 floor: {floor_1:.0} events/s on 1 thread, {floor_2:.0} on 2"));
+    let big = dir.join("w2-1m");
+    let big_n = n.max(1_000_000);
+    progress(json, &format!("W2: pre-loading {big_n} orders over 1,000,000 accounts"));
+    w2::preload(&big, big_n, 1_000_000);
+    let m = w2::run(&big, "w2-1m", big_n, 1);
+    progress(json, &format!("W2 1M accounts, 1 core: {:.0} events/s, {} accounts", m.events_s, m.accounts));
+    // Recovery into an empty shard: the stores go, the changelog stays.
+    let records = w2::changelog_records(&big, "w2-1m");
+    std::fs::remove_dir_all(big.join("tables").join("counts")).expect("remove the table's stores");
+    let replay = w2::time_to_ready(&big, "w2-1m");
+    progress(json, &format!("recovery of {records} changelog records: {:.2} s", replay.as_secs_f64()));
+    let reopen = w2::time_to_ready(&big, "w2-1m");
+    progress(json, &format!("reopen of {} keys from the checkpoint: {:.2} s", m.accounts, reopen.as_secs_f64()));
+    W2Figures {
+        one,
+        two,
+        floor_1,
+        floor_2,
+        million: m.events_s,
+        million_accounts: m.accounts,
+        recovery_records_s: records as f64 / replay.as_secs_f64(),
+        recovery_records: records,
+        reopen_s: reopen.as_secs_f64(),
+    }
+}
+
+fn print_w2(w: &W2Figures, n: u64) {
+    println!();
+    println!("W2 stateful (decode JSON order, count per account in a table, changelog on), {n} orders on local://");
+    println!("| | figure | vs | ratio (target) |");
+    println!("|---|---|---|---|");
+    println!(
+        "| W2 1 core, 10k accounts | {:.0} events/s (≥ 1,000,000) | floor 1 thread {:.0} | {:.2} (≥ 0.5) |",
+        w.one,
+        w.floor_1,
+        w.one / w.floor_1
+    );
+    let scaling = w.two / w.one;
+    let floor_scaling = w.floor_2 / w.floor_1;
+    println!(
+        "| W2 2 cores, 10k accounts | {:.0} events/s | floor 2 threads {:.0} | scaling {scaling:.2} vs floor's {floor_scaling:.2} = {:.2} (≥ 0.9) |",
+        w.two,
+        w.floor_2,
+        scaling / floor_scaling
+    );
+    println!(
+        "| W2 1 core, 1M accounts | {:.0} events/s ({} accounts) | 10k accounts | {:.2} (≥ 0.5) |",
+        w.million,
+        w.million_accounts,
+        w.million / w.one
+    );
+    println!(
+        "| recovery into an empty shard | {:.0} changelog records/s ({} records) | | (≥ 1,000,000) |",
+        w.recovery_records_s, w.recovery_records
+    );
+    println!("| reopen 1M keys from the checkpoint | {:.2} s | | (≤ 1 s) |", w.reopen_s);
 }
 
 /// An order as the generator writes it (about 150 bytes of JSON).
@@ -344,12 +442,24 @@ fn main() {
         );
         return;
     }
+    if args.only_w2 {
+        let small = dir.path().join("w2-only");
+        faust_bench::w2::preload(&small, n, 10_000);
+        let r = faust_bench::w2::run(&small, "w2-only", n, 1);
+        println!("W2 1 core: {:.0} events/s ({} accounts)", r.events_s, r.accounts);
+        return;
+    }
+    let runs = if args.quick { 1 } else { 3 };
+    if args.skip_w1 {
+        let w = run_w2(dir.path(), n, args.json, runs);
+        print_w2(&w, n);
+        return;
+    }
     if args.only_w1 {
         let (events_s, rss) = w1_throughput(&datadir, n, 1);
         println!("W1 1 core: {events_s:.0} events/s, peak RSS {rss:.0} MB");
         return;
     }
-    let runs = if args.quick { 1 } else { 3 };
     let mut w1_1 = (0.0f64, 0.0f64);
     let mut w1_2 = (0.0f64, 0.0f64);
     for r in 0..runs {
@@ -384,6 +494,8 @@ fn main() {
     progress(args.json, &format!("latency at {quarter:.0} events/s for {latency_secs} s"));
     let lat_quarter = latency(&datadir, quarter, latency_secs);
 
+    let w2 = run_w2(dir.path(), n, args.json, runs);
+
     let ratio = w1_1.0 / floor_1;
     let scaling = if w1_1.0 > 0.0 { w1_2.0 / w1_1.0 } else { f64::NAN };
     let floor_scaling = floor_2 / floor_1;
@@ -412,6 +524,16 @@ fn main() {
             "w1_p50_us_25pct": lat_quarter.p50_us,
             "w1_p99_us_25pct": lat_quarter.p99_us,
             "w1_p999_us_25pct": lat_quarter.p999_us,
+            "w2_events_s_1core": w2.one,
+            "w2_events_s_2core": w2.two,
+            "w2_floor_events_s_1thread": w2.floor_1,
+            "w2_floor_events_s_2thread": w2.floor_2,
+            "w2_vs_floor_ratio": w2.one / w2.floor_1,
+            "w2_scaling_vs_floor_scaling": (w2.two / w2.one) / (w2.floor_2 / w2.floor_1),
+            "w2_1m_keys_events_s_1core": w2.million,
+            "w2_1m_vs_10k_ratio": w2.million / w2.one,
+            "recovery_records_s": w2.recovery_records_s,
+            "reopen_1m_keys_s": w2.reopen_s,
         });
         println!("{out}");
     } else {
@@ -433,5 +555,6 @@ fn main() {
             "| latency at {:.0} events/s (25 %) | p50 {:.0} µs, p99 {:.0} µs, p999 {:.0} µs, max {:.0} µs | | |",
             lat_quarter.offered, lat_quarter.p50_us, lat_quarter.p99_us, lat_quarter.p999_us, lat_quarter.max_us
         );
+        print_w2(&w2, n);
     }
 }

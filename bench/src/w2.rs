@@ -1,0 +1,209 @@
+//! Workload W2, stateful: the Faust README's order count — decode JSON orders, count them per
+//! account in a table with its changelog on — over orders pre-loaded into a `local://` log;
+//! its floor (the same decode and count in plain threads over the orders in memory); and
+//! table recovery: changelog records replayed into an empty shard per second, and the time
+//! to reopen a 1M-key shard from its checkpoint.
+
+use std::hint::black_box;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use faust::storage::{Log, LogConfig};
+use faust::{App, Settings};
+use serde::{Deserialize, Serialize};
+
+/// Faust's README `Order` record (about 90 bytes of JSON here).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Order {
+    /// The account, the topic's key and the table's.
+    pub account_id: String,
+    /// The product.
+    pub product_id: String,
+    /// Items ordered.
+    pub amount: u32,
+    /// Unit price.
+    pub price: f64,
+}
+
+/// The `i`-th order over `accounts` accounts (deterministic, so every run sees the same).
+pub fn order(i: u64, accounts: u64) -> Order {
+    let h = i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    Order {
+        account_id: format!("account-{:07}", h % accounts),
+        product_id: format!("product-{:04}", (h >> 24) % 1_000),
+        amount: 1 + ((h >> 40) % 10) as u32,
+        price: ((h >> 12) % 100_000) as f64 / 100.0,
+    }
+}
+
+fn settings(id: &str, datadir: &Path, cores: usize) -> Settings {
+    let mut s = Settings::new(id);
+    s.datadir = datadir.to_path_buf();
+    s.topic_partitions = 2;
+    s.cores = Some(cores);
+    s
+}
+
+/// Writes `n` orders over `accounts` accounts to topic `orders` (2 partitions, keyed by
+/// account) in `datadir`, from one core.
+pub fn preload(datadir: &Path, n: u64, accounts: u64) {
+    let app = App::new(settings("w2-load", datadir, 1));
+    let orders = app.topic::<String, Order>("orders");
+    let stop = app.stop_signal();
+    app.task(move || {
+        let (orders, stop) = (orders.clone(), stop.clone());
+        async move {
+            for i in 0..n {
+                let o = order(i, accounts);
+                orders.send_soon(Some(&o.account_id), &o)?;
+                if i % 4096 == 0 {
+                    faust::runtime::yield_if_needed().await;
+                }
+            }
+            stop.stop();
+            Ok(())
+        }
+    });
+    app.run().expect("W2 preload worker");
+}
+
+/// One counter per core, on its own cache line.
+#[repr(align(128))]
+#[derive(Default)]
+struct Counter(AtomicU64);
+
+/// What a W2 run measured.
+#[derive(Debug, Clone, Copy)]
+pub struct W2Run {
+    /// Events per second from the first event to the last.
+    pub events_s: f64,
+    /// Accounts in the table at the end.
+    pub accounts: u64,
+}
+
+/// Runs W2 as app `id` over the pre-loaded orders on `cores` cores, checks that the table
+/// counted every order, and returns the rate.
+pub fn run(datadir: &Path, id: &str, n: u64, cores: usize) -> W2Run {
+    let app = App::new(settings(id, datadir, cores));
+    let orders = app.topic::<String, Order>("orders");
+    let counts = app.table::<String, u64>("counts").with_default(|| 0);
+    let counters: Arc<Vec<Counter>> = Arc::new((0..cores).map(|_| Counter::default()).collect());
+    let base = Instant::now();
+    let first_ns = Arc::new(AtomicU64::new(u64::MAX));
+    // (orders counted, accounts) per core, read from its shards when its agent ends.
+    let tallies: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
+    {
+        let (counters, first_ns, tallies) = (counters.clone(), first_ns.clone(), tallies.clone());
+        app.agent("count", &orders, move |mut stream| {
+            let (counts, counters, first_ns, tallies) =
+                (counts.clone(), counters.clone(), first_ns.clone(), tallies.clone());
+            async move {
+                let core = faust::runtime::current_core().unwrap_or(0);
+                while let Some(order) = stream.next().await {
+                    if first_ns.load(Ordering::Relaxed) == u64::MAX {
+                        first_ns.fetch_min(base.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                    }
+                    counts.update(&order.account_id, |c| *c += 1)?;
+                    counters[core].0.fetch_add(1, Ordering::Relaxed);
+                }
+                let items = counts.local_items()?;
+                let counted = items.iter().map(|(_, c)| c).sum();
+                tallies.lock().map_err(|_| "poisoned")?.push((counted, items.len() as u64));
+                Ok(())
+            }
+        });
+    }
+    let stop = app.stop_signal();
+    let done_at = Arc::new(Mutex::new(None));
+    let watcher = {
+        let (counters, done_at) = (counters.clone(), done_at.clone());
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(600);
+            while Instant::now() < deadline {
+                let seen: u64 = counters.iter().map(|c| c.0.load(Ordering::Relaxed)).sum();
+                if seen >= n {
+                    *done_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(base.elapsed());
+                    break;
+                }
+                std::thread::sleep(Duration::from_micros(500));
+            }
+            stop.stop();
+        })
+    };
+    app.run().expect("W2 worker");
+    watcher.join().expect("watcher");
+    let end = done_at.lock().unwrap_or_else(|p| p.into_inner()).expect("W2 did not count every order in time");
+    let start = Duration::from_nanos(first_ns.load(Ordering::Relaxed));
+    let tallies = tallies.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let counted: u64 = tallies.iter().map(|t| t.0).sum();
+    let accounts: u64 = tallies.iter().map(|t| t.1).sum();
+    assert_eq!(counted, n, "W2 ({id}): the table counted {counted} orders, not {n}");
+    W2Run { events_s: n as f64 / (end - start).as_secs_f64(), accounts }
+}
+
+/// The floor: the same decode and count per account (a foldhash map) by `threads` plain
+/// threads over the orders in memory. Events/s, best of 3.
+pub fn floor(encoded: &[Vec<u8>], threads: usize) -> f64 {
+    let mut best = Duration::MAX;
+    for _ in 0..3 {
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            for chunk in encoded.chunks(encoded.len().div_ceil(threads)) {
+                s.spawn(move || {
+                    let mut counts: hashbrown::HashMap<String, u64, foldhash::fast::RandomState> = Default::default();
+                    for bytes in chunk {
+                        let o: Order = serde_json::from_slice(bytes).expect("order");
+                        match counts.get_mut(&o.account_id) {
+                            Some(c) => *c += 1,
+                            None => {
+                                counts.insert(o.account_id, 1);
+                            }
+                        }
+                    }
+                    black_box(counts.len())
+                });
+            }
+        });
+        best = best.min(start.elapsed());
+    }
+    encoded.len() as f64 / best.as_secs_f64()
+}
+
+/// Starts app `id` (1 core) on `datadir` with nothing new to process and returns the time
+/// until a task on core 0 runs, which is after every shard was opened and recovered.
+pub fn time_to_ready(datadir: &Path, id: &str) -> Duration {
+    let app = App::new(settings(id, datadir, 1));
+    let _orders = app.topic::<String, Order>("orders");
+    let _counts = app.table::<String, u64>("counts").with_default(|| 0);
+    let ready = Arc::new(Mutex::new(None));
+    let stop = app.stop_signal();
+    let start = Instant::now();
+    {
+        let ready = ready.clone();
+        app.task(move || {
+            let (ready, stop) = (ready.clone(), stop.clone());
+            async move {
+                *ready.lock().map_err(|_| "poisoned")? = Some(start.elapsed());
+                stop.stop();
+                Ok(())
+            }
+        });
+    }
+    app.run().expect("W2 recovery worker");
+    let ready = *ready.lock().unwrap_or_else(|p| p.into_inner());
+    ready.expect("the task ran")
+}
+
+/// Records in app `id`'s `counts` changelog (what recovery into an empty shard replays).
+pub fn changelog_records(datadir: &Path, id: &str) -> u64 {
+    let topic = datadir.join("topics").join(format!("{id}-counts-changelog"));
+    let mut total = 0;
+    for p in 0..2 {
+        if let Ok(log) = Log::open(topic.join(p.to_string()), LogConfig::default()) {
+            total += log.high_watermark() - log.earliest_offset();
+        }
+    }
+    total
+}
