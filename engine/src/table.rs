@@ -1211,7 +1211,7 @@ async fn neutralize(
         end = produced.last_offset + 1;
         crate::runtime::crash_point("recover:neutralizing");
     }
-    core.commit(group, &[(tp, end)]).await.map_err(transport_err)?;
+    core.commit(group, None, &[(tp, end)]).await.map_err(transport_err)?;
     tracing::warn!(
         table,
         partition,

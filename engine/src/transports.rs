@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use faust_transport::{
-    AssignmentEvent, BatchBuilder, CoreTransport, Fetched, LocalCore, LocalMembership, LocalTransport, Membership,
-    MemoryMembership, MemoryTransport, OffsetSpec, Produced, Result, TopicConfig, TopicMetadata, TopicPartition,
-    Transport,
+    AssignmentEvent, BatchBuilder, CoreTransport, Fence, Fetched, JoinRequest, LocalCore, LocalMembership,
+    LocalTransport, Membership, MemoryMembership, MemoryTransport, OffsetSpec, Produced, Result, TopicConfig,
+    TopicMetadata, TopicPartition, Transport,
 };
 
 /// A worker's transport.
@@ -53,10 +53,10 @@ impl AnyTransport {
         })
     }
 
-    pub(crate) fn membership(&self, group: &str, topics: &[String]) -> Result<AnyMembership> {
+    pub(crate) fn membership(&self, group: &str, join: &JoinRequest) -> Result<AnyMembership> {
         Ok(match self {
-            AnyTransport::Local(t) => AnyMembership::Local(t.membership(group, topics)?),
-            AnyTransport::Memory(t) => AnyMembership::Memory(t.membership(group, topics)?),
+            AnyTransport::Local(t) => AnyMembership::Local(t.membership(group, join)?),
+            AnyTransport::Memory(t) => AnyMembership::Memory(t.membership(group, join)?),
         })
     }
 
@@ -120,8 +120,13 @@ impl AnyCore {
         dispatch!(self, t => t.list_offset(tp, spec).await)
     }
 
-    pub(crate) async fn commit(&self, group: &str, offsets: &[(TopicPartition, u64)]) -> Result<()> {
-        dispatch!(self, t => t.commit(group, offsets).await)
+    pub(crate) async fn commit(
+        &self,
+        group: &str,
+        fence: Option<&Fence>,
+        offsets: &[(TopicPartition, u64)],
+    ) -> Result<()> {
+        dispatch!(self, t => t.commit(group, fence, offsets).await)
     }
 
     pub(crate) async fn committed(&self, group: &str, partitions: &[TopicPartition]) -> Result<Vec<Option<u64>>> {

@@ -583,7 +583,7 @@ impl CoreRuntime {
         };
         offsets.extend(changelog_ends.iter().map(|(s, end)| (s.changelog().clone(), *end)));
         if !offsets.is_empty() {
-            self.transport.commit(&self.group, &offsets).await?;
+            self.transport.commit(&self.group, None, &offsets).await?;
             let mut committed = self.committed.borrow_mut();
             for (tp, o) in offsets {
                 committed.insert(tp, o);
@@ -1056,7 +1056,12 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
                 futures_lite::future::block_on(async {
                     startup.wait_until(|| startup.topics_ready.load(Ordering::Acquire) || stop.is_stopped()).await;
                     let result = async {
-                        let mut membership = transport.membership(&group, &sources)?;
+                        let join = faust_transport::JoinRequest {
+                            topics: sources.clone(),
+                            copartitioned: Vec::new(),
+                            weight: cores as u32,
+                        };
+                        let mut membership = transport.membership(&group, &join)?;
                         match membership.next_event().await? {
                             AssignmentEvent::Assigned { partitions, .. } => Ok(partitions),
                             AssignmentEvent::Revoked { .. } => Ok(Vec::new()),

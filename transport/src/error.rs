@@ -116,6 +116,20 @@ pub enum Error {
         /// The core that owns it.
         owner: usize,
     },
+    /// A group member's commit or membership request was refused: it does not own the
+    /// partition (any more), or it was removed from the group (left, or presumed dead after
+    /// missing the rebalance deadline).
+    #[error("group `{group}`: member {member} was fenced{}: {reason}", tp.as_ref().map(|t| format!(" on {t}")).unwrap_or_default())]
+    Fenced {
+        /// The consumer group.
+        group: String,
+        /// The member's id.
+        member: String,
+        /// The partition concerned, if one.
+        tp: Option<TopicPartition>,
+        /// Why.
+        reason: String,
+    },
     /// The transport was shut down while the request was in flight.
     #[error("the transport is shut down")]
     Closed,

@@ -19,6 +19,7 @@ mod local;
 mod memory;
 mod types;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use crate::assign::{AssignError, AssignInput, assign};
@@ -26,7 +27,8 @@ pub use crate::error::{Error, Result};
 pub use crate::local::{LocalCore, LocalMembership, LocalTransport, validate_topic_name};
 pub use crate::memory::{MemoryMembership, MemoryTransport};
 pub use crate::types::{
-    AssignmentEvent, AutoOffsetReset, Fetched, OffsetSpec, Produced, TopicConfig, TopicMetadata, TopicPartition,
+    AssignmentEvent, AutoOffsetReset, Fence, Fetched, JoinRequest, OffsetSpec, Produced, TopicConfig, TopicMetadata,
+    TopicPartition,
 };
 pub use faust_storage::{BatchBuilder, Record};
 
@@ -45,16 +47,31 @@ pub trait Transport: Send + Sync + 'static {
     /// Sets up core `core` of `cores`.
     async fn attach_core(&self, core: usize, cores: usize) -> Result<Self::Core>;
 
-    /// Joins the consumer group `group` for `topics` (the worker's source topics).
-    fn membership(&self, group: &str, topics: &[String]) -> Result<Self::Membership>;
+    /// Joins the consumer group `group` with `join` (the topics whose partitions the worker
+    /// takes, how they are co-partitioned, the worker's weight).
+    fn membership(&self, group: &str, join: &JoinRequest) -> Result<Self::Membership>;
 }
 
 /// Assignment and revocation of partitions for this worker, as a stream of events.
+///
+/// A partition moves between workers in two steps: its owner gets
+/// [`AssignmentEvent::Revoked`], stops processing it, commits, and confirms with
+/// [`revoked`](Membership::revoked); only then does the new owner get it in an
+/// [`AssignmentEvent::Assigned`]. So two workers never process a partition at once, and the
+/// new owner starts from what the old one committed.
 #[allow(async_fn_in_trait)]
 pub trait Membership: 'static {
     /// The next change. Pending until there is one; `Err(Error::Closed)` once the transport
-    /// shuts down.
+    /// shuts down, `Err(Error::Fenced)` once this member was removed from the group.
     async fn next_event(&mut self) -> Result<AssignmentEvent>;
+
+    /// Confirms that the partitions revoked in `generation` are released: nothing more of
+    /// them will be processed, and their offsets are committed.
+    async fn revoked(&mut self, generation: u64) -> Result<()>;
+
+    /// This member's id in the group, when the transport has groups (commits then carry a
+    /// [`Fence`]).
+    fn member_id(&self) -> Option<Arc<str>>;
 
     /// Leaves the group (on shutdown), so others take the partitions over at once.
     async fn leave(&mut self) -> Result<()>;
@@ -86,7 +103,9 @@ pub trait CoreTransport: 'static {
     async fn list_offset(&self, tp: &TopicPartition, spec: OffsetSpec) -> Result<u64>;
 
     /// Records `offsets` (the next offset to process, per partition) as committed for `group`.
-    async fn commit(&self, group: &str, offsets: &[(TopicPartition, u64)]) -> Result<()>;
+    /// With a `fence`, the commit is refused ([`Error::Fenced`]) unless that member owns every
+    /// partition in it.
+    async fn commit(&self, group: &str, fence: Option<&Fence>, offsets: &[(TopicPartition, u64)]) -> Result<()>;
 
     /// The committed offsets of `group` for `partitions` (`None` where nothing was committed).
     async fn committed(&self, group: &str, partitions: &[TopicPartition]) -> Result<Vec<Option<u64>>>;

@@ -35,7 +35,9 @@ use glommio::channels::shared_channel::{self, ConnectedReceiver, ConnectedSender
 use glommio::{GlommioError, ResourceType};
 
 use crate::error::{Error, Result};
-use crate::types::{AssignmentEvent, Fetched, OffsetSpec, Produced, TopicConfig, TopicMetadata, TopicPartition};
+use crate::types::{
+    AssignmentEvent, Fence, Fetched, JoinRequest, OffsetSpec, Produced, TopicConfig, TopicMetadata, TopicPartition,
+};
 use crate::{CoreTransport, Membership, Transport};
 
 /// Appends in flight from one core to another.
@@ -330,8 +332,8 @@ impl Transport for LocalTransport {
         Ok(local)
     }
 
-    fn membership(&self, _group: &str, topics: &[String]) -> Result<LocalMembership> {
-        Ok(LocalMembership { transport: self.clone(), topics: topics.to_vec(), assigned: false })
+    fn membership(&self, _group: &str, join: &JoinRequest) -> Result<LocalMembership> {
+        Ok(LocalMembership { transport: self.clone(), topics: join.topics.clone(), assigned: false })
     }
 }
 
@@ -570,7 +572,8 @@ impl CoreTransport for LocalCore {
         })
     }
 
-    async fn commit(&self, group: &str, offsets: &[(TopicPartition, u64)]) -> Result<()> {
+    /// One worker owns a `local://` directory, so there is no one to fence: `fence` is ignored.
+    async fn commit(&self, group: &str, _fence: Option<&Fence>, offsets: &[(TopicPartition, u64)]) -> Result<()> {
         validate_topic_name(group).map_err(|_| Error::InvalidGroupName { group: group.to_string() })?;
         let shared = &self.transport.shared;
         let (text, version) = {
@@ -684,6 +687,14 @@ impl Membership for LocalMembership {
             }
             listener.await;
         }
+    }
+
+    async fn revoked(&mut self, _generation: u64) -> Result<()> {
+        Ok(())
+    }
+
+    fn member_id(&self) -> Option<Arc<str>> {
+        None
     }
 
     async fn leave(&mut self) -> Result<()> {

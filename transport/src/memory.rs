@@ -9,7 +9,9 @@ use event_listener::Event;
 use faust_storage::{Batch, BatchBuilder, Record};
 
 use crate::error::{Error, Result};
-use crate::types::{AssignmentEvent, Fetched, OffsetSpec, Produced, TopicConfig, TopicMetadata, TopicPartition};
+use crate::types::{
+    AssignmentEvent, Fence, Fetched, JoinRequest, OffsetSpec, Produced, TopicConfig, TopicMetadata, TopicPartition,
+};
 use crate::{CoreTransport, Membership, Transport};
 
 #[derive(Debug, Default)]
@@ -180,8 +182,8 @@ impl Transport for MemoryTransport {
         Ok(self.clone())
     }
 
-    fn membership(&self, _group: &str, topics: &[String]) -> Result<MemoryMembership> {
-        Ok(MemoryMembership { transport: self.clone(), topics: topics.to_vec(), assigned: false })
+    fn membership(&self, _group: &str, join: &JoinRequest) -> Result<MemoryMembership> {
+        Ok(MemoryMembership { transport: self.clone(), topics: join.topics.clone(), assigned: false })
     }
 }
 
@@ -214,6 +216,14 @@ impl Membership for MemoryMembership {
             }
             listener.await;
         }
+    }
+
+    async fn revoked(&mut self, _generation: u64) -> Result<()> {
+        Ok(())
+    }
+
+    fn member_id(&self) -> Option<Arc<str>> {
+        None
     }
 
     async fn leave(&mut self) -> Result<()> {
@@ -268,7 +278,7 @@ impl CoreTransport for MemoryTransport {
         })
     }
 
-    async fn commit(&self, group: &str, offsets: &[(TopicPartition, u64)]) -> Result<()> {
+    async fn commit(&self, group: &str, _fence: Option<&Fence>, offsets: &[(TopicPartition, u64)]) -> Result<()> {
         let mut state = self.lock();
         for (tp, offset) in offsets {
             partition(&state, tp)?;
@@ -350,7 +360,7 @@ mod tests {
             let err = t.create_topic("a", &TopicConfig::new(3)).await.unwrap_err();
             assert!(matches!(err, Error::PartitionMismatch { existing: 2, requested: 3, .. }));
             let tps = [TopicPartition::new("a", 0), TopicPartition::new("a", 1)];
-            t.commit("g", &[(tps[1].clone(), 5)]).await.unwrap();
+            t.commit("g", None, &[(tps[1].clone(), 5)]).await.unwrap();
             assert_eq!(t.committed("g", &tps).await.unwrap(), vec![None, Some(5)]);
             assert_eq!(t.committed("other", &tps).await.unwrap(), vec![None, None]);
             let err = t.produce(&TopicPartition::new("nope", 0), batch(&["x"])).await.unwrap_err();
@@ -362,7 +372,8 @@ mod tests {
     fn a_single_worker_is_assigned_every_partition_then_waits_for_close() {
         let t = MemoryTransport::new();
         t.create_topic_now("a", &TopicConfig::new(3)).unwrap();
-        let mut m = t.membership("g", &["a".to_string()]).unwrap();
+        let join = JoinRequest { topics: vec!["a".to_string()], copartitioned: Vec::new(), weight: 1 };
+        let mut m = t.membership("g", &join).unwrap();
         let event = block_on(m.next_event()).unwrap();
         let AssignmentEvent::Assigned { generation, partitions } = event else { panic!("{event:?}") };
         assert_eq!(generation, 1);

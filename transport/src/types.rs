@@ -123,6 +123,33 @@ pub enum AssignmentEvent {
     },
 }
 
+/// What a worker tells its group when it joins: which partitions it can take and how much.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct JoinRequest {
+    /// The topics whose partitions are shared out among the group's workers: the sources the
+    /// worker consumes, and the changelogs of its tables (whose partition *p* holds the state
+    /// of partition *p* of the sources it is co-partitioned with).
+    pub topics: Vec<String>,
+    /// Topics whose partition *p* must go to the same worker, as groups (a source, its
+    /// repartition topics, the changelogs of the tables it updates). A topic in no group is
+    /// placed on its own.
+    pub copartitioned: Vec<Vec<String>>,
+    /// The worker's share of the work relative to the others: its number of cores.
+    pub weight: u32,
+}
+
+/// Who commits: a member of a consumer group and the generation it was last told of. A
+/// transport with groups refuses a commit from a member that no longer owns a partition in
+/// it ([`Error::Fenced`](crate::Error::Fenced)), so a worker that was presumed dead cannot
+/// overwrite the offsets of the worker that took over.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Fence {
+    /// The member's id in the group.
+    pub member: Arc<str>,
+    /// The generation of its latest assignment event.
+    pub generation: u64,
+}
+
 /// The result of a fetch.
 #[derive(Debug, Clone, Default)]
 pub struct Fetched {

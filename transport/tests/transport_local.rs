@@ -68,7 +68,7 @@ fn cross_core_produce_fetch_commit_and_reopen() {
                     let f = local.fetch(&t0, 0, 1 << 20, Duration::from_secs(10)).await.unwrap();
                     let err = local.fetch(&t1, 0, 1 << 20, Duration::ZERO).await.unwrap_err();
                     assert!(matches!(err, Error::NotOwner { core: 0, owner: 1, .. }), "{err}");
-                    local.commit("app", &[(t0.clone(), 2)]).await.unwrap();
+                    local.commit("app", None, &[(t0.clone(), 2)]).await.unwrap();
                     local.shutdown().await.unwrap();
                     values(&f.records)
                 } else {
@@ -81,7 +81,7 @@ fn cross_core_produce_fetch_commit_and_reopen() {
                     assert_eq!(p.base_offset, 0);
                     let f = local.fetch(&t1, 0, 1 << 20, Duration::ZERO).await.unwrap();
                     assert_eq!(local.list_offset(&t1, OffsetSpec::Latest).await.unwrap(), 1);
-                    local.commit("app", &[(t1.clone(), 1)]).await.unwrap();
+                    local.commit("app", None, &[(t1.clone(), 1)]).await.unwrap();
                     local.shutdown().await.unwrap();
                     values(&f.records)
                 }
