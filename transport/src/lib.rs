@@ -6,7 +6,8 @@
 //! which partitions are its own through [`Membership`] events.
 //!
 //! Implementations are chosen by URL: `local://PATH` (segment logs on disk, the default),
-//! `memory://` (for tests) and, later, `kafka://host:port`.
+//! `memory://` (in RAM, for tests: one in-process broker that several workers can share as a
+//! consumer group) and, later, `kafka://host:port`.
 //!
 //! Records cross the API in the storage crate's formats: a produce takes a
 //! [`BatchBuilder`] (encoded once by the engine; the embedded
@@ -15,6 +16,7 @@
 
 mod assign;
 mod error;
+mod group;
 mod local;
 mod memory;
 mod types;
