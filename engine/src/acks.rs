@@ -91,6 +91,11 @@ impl AckTracker {
         };
     }
 
+    /// One past the highest offset delivered or read through.
+    pub(crate) fn position(&self) -> u64 {
+        self.position
+    }
+
     /// The offset to commit: the next offset to process after a restart.
     pub(crate) fn committable(&self) -> u64 {
         self.committable

@@ -261,6 +261,7 @@ pub(crate) struct AppInner {
     pub(crate) memory: Mutex<Option<MemoryTransport>>,
     pub(crate) stop: Arc<StopSignal>,
     pub(crate) outbox: Arc<Outbox>,
+    pub(crate) stats: Arc<crate::rebalance::Counters>,
 }
 
 /// Tells a running worker to stop; cheap to clone and usable from any thread.
@@ -365,6 +366,7 @@ impl App {
                 memory: Mutex::new(None),
                 stop: Arc::new(StopSignal::default()),
                 outbox: Arc::new(Outbox::default()),
+                stats: Arc::default(),
             }),
         }
     }
@@ -379,6 +381,12 @@ impl App {
     pub fn with_memory_transport(self, transport: MemoryTransport) -> App {
         *lock(&self.inner.memory) = Some(transport);
         self
+    }
+
+    /// What the worker did about assignment changes so far (partitions taken and released,
+    /// shards recovered or resumed in place), counted over every run of this app.
+    pub fn stats(&self) -> crate::WorkerStats {
+        self.inner.stats.snapshot()
     }
 
     /// A handle that stops the running worker.

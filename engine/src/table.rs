@@ -44,7 +44,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use faust_storage::{BatchBuilder, Record, Store, StoreConfig, SyncPolicy, WriteBatch};
-use faust_transport::{OffsetSpec, TopicPartition};
+use faust_transport::{Fence, OffsetSpec, TopicPartition};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -1093,8 +1093,14 @@ pub(crate) enum CommitFailure {
 
 /// Recovers `shard` before the core processes its partition: replays the changelog from the
 /// store's checkpoint to the committed changelog offset, neutralizes records past it, and
-/// checkpoints. Returns the committed changelog offset the shard now stands at.
-pub(crate) async fn recover(core: &AnyCore, group: &str, shard: &Rc<dyn AnyShard>) -> Result<u64, TableError> {
+/// checkpoints. Returns the committed changelog offset the shard now stands at and how many
+/// records were replayed. `fence` is the worker's, for the commit of a neutralization.
+pub(crate) async fn recover(
+    core: &AnyCore,
+    group: &str,
+    fence: Option<&Fence>,
+    shard: &Rc<dyn AnyShard>,
+) -> Result<Recovered, TableError> {
     let tp = shard.changelog().clone();
     let (table, partition) = (shard.name().to_string(), shard.partition());
     let transport_err = |source| TableError::Transport { table: table.clone(), partition, source };
@@ -1159,7 +1165,7 @@ pub(crate) async fn recover(core: &AnyCore, group: &str, shard: &Rc<dyn AnyShard
     crate::runtime::crash_point("recover:replayed");
     let mut end = committed;
     if high_watermark > committed {
-        end = neutralize(core, group, shard, committed, high_watermark).await?;
+        end = neutralize(core, group, fence, shard, committed, high_watermark).await?;
     }
     // The state now is the changelog's up to `end`: checkpoint it so the next start skips it.
     shard.checkpoint(end, Vec::new())?;
@@ -1167,7 +1173,16 @@ pub(crate) async fn recover(core: &AnyCore, group: &str, shard: &Rc<dyn AnyShard
         tracing::info!(table = %shard.name(), partition, replayed = total, orphans = high_watermark - committed,
             elapsed_ms = started.elapsed().as_millis() as u64, "recovered table partition");
     }
-    Ok(end)
+    Ok(Recovered { end, replayed: total })
+}
+
+/// Where a recovered shard stands.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Recovered {
+    /// The committed changelog offset.
+    pub(crate) end: u64,
+    /// Changelog records replayed to get there.
+    pub(crate) replayed: u64,
 }
 
 /// Appends, for every key written past the committed changelog offset, its committed value
@@ -1176,6 +1191,7 @@ pub(crate) async fn recover(core: &AnyCore, group: &str, shard: &Rc<dyn AnyShard
 async fn neutralize(
     core: &AnyCore,
     group: &str,
+    fence: Option<&Fence>,
     shard: &Rc<dyn AnyShard>,
     committed: u64,
     high_watermark: u64,
@@ -1211,7 +1227,7 @@ async fn neutralize(
         end = produced.last_offset + 1;
         crate::runtime::crash_point("recover:neutralizing");
     }
-    core.commit(group, None, &[(tp, end)]).await.map_err(transport_err)?;
+    core.commit(group, fence, &[(tp, end)]).await.map_err(transport_err)?;
     tracing::warn!(
         table,
         partition,

@@ -111,6 +111,7 @@ impl App {
             memory: std::sync::Mutex::new(Some(transport.clone())),
             stop: self.inner.stop.clone(),
             outbox: self.inner.outbox.clone(),
+            stats: self.inner.stats.clone(),
         });
         let app = App { inner: inner.clone() };
         let worker = std::thread::Builder::new()

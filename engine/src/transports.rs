@@ -82,6 +82,27 @@ impl AnyMembership {
             AnyMembership::Memory(m) => m.next_event().await,
         }
     }
+
+    pub(crate) async fn revoked(&mut self, generation: u64) -> Result<()> {
+        match self {
+            AnyMembership::Local(m) => m.revoked(generation).await,
+            AnyMembership::Memory(m) => m.revoked(generation).await,
+        }
+    }
+
+    pub(crate) fn member_id(&self) -> Option<std::sync::Arc<str>> {
+        match self {
+            AnyMembership::Local(m) => m.member_id(),
+            AnyMembership::Memory(m) => m.member_id(),
+        }
+    }
+
+    pub(crate) async fn leave(&mut self) -> Result<()> {
+        match self {
+            AnyMembership::Local(m) => m.leave().await,
+            AnyMembership::Memory(m) => m.leave().await,
+        }
+    }
 }
 
 macro_rules! dispatch {

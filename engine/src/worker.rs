@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use event_listener::{Event, IntoNotification};
 use faust_storage::Record;
-use faust_transport::{AssignmentEvent, AutoOffsetReset, OffsetSpec, Produced, TopicConfig, TopicPartition};
+use faust_transport::{AutoOffsetReset, OffsetSpec, Produced, TopicConfig, TopicPartition};
 
 use crate::acks::AckTracker;
 use crate::app::{AgentError, AgentSpec, App, TopicKind};
@@ -32,6 +32,9 @@ type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState
 
 /// Ack trackers by (agent, partition), looked up on every event without cloning the key.
 type AckMap = hashbrown::HashMap<(usize, TopicPartition), AckTracker, foldhash::fast::RandomState>;
+
+/// Table shards by table, then partition.
+pub(crate) type ShardsByTable = Vec<Vec<Option<Rc<dyn AnyShard>>>>;
 
 /// A borrowed `AckMap` key; hashes exactly as the owned one (same fields, same order).
 #[derive(Hash)]
@@ -244,6 +247,17 @@ impl EventQueue {
         }
     }
 
+    /// Drops the events of `tp` waiting in the queue (its partition was released): returns
+    /// how many, and the first one's offset.
+    pub(crate) fn purge(&self, tp: &TopicPartition) -> (usize, Option<u64>) {
+        let mut lanes = self.lanes.borrow_mut();
+        let Some(lane) = lanes.iter_mut().find(|l| l.tp == *tp) else { return (0, None) };
+        let first = lane.events.front().map(|e| e.record.offset);
+        let n = lane.events.len();
+        lane.events.clear();
+        (n, first)
+    }
+
     fn close(&self) {
         self.closed.set(true);
         self.readable.notify(usize::MAX);
@@ -264,14 +278,14 @@ impl Drop for WaitGuard<'_> {
 pub(crate) struct CoreRuntime {
     pub(crate) index: usize,
     pub(crate) transport: AnyCore,
-    group: String,
+    pub(crate) group: String,
     partitions: HashMap<Arc<str>, u32>,
     /// Per agent (by index): its queue.
-    queues: Vec<Rc<EventQueue>>,
+    pub(crate) queues: Vec<Rc<EventQueue>>,
     /// Per (agent, partition): what the agent acked.
-    acks: RefCell<AckMap>,
+    pub(crate) acks: RefCell<AckMap>,
     /// Offsets committed last, per partition.
-    committed: RefCell<HashMap<TopicPartition, u64>>,
+    pub(crate) committed: RefCell<HashMap<TopicPartition, u64>>,
     rr: Cell<u32>,
     stopping: Cell<bool>,
     stop_event: Event,
@@ -288,17 +302,35 @@ pub(crate) struct CoreRuntime {
     /// Set when buffered records were lost: nothing may be committed any more.
     sends_lost: Cell<bool>,
     /// Per channel: the queues of the agents that consume it.
-    channel_agents: HashMap<Arc<str>, Vec<usize>>,
+    pub(crate) channel_agents: HashMap<Arc<str>, Vec<usize>>,
     /// Numbers events delivered through channels.
     channel_seq: Cell<u64>,
     /// The app's stop signal (a core stops the worker when sends were lost).
     app_stop: Arc<crate::app::StopSignal>,
     /// The table shards of this core, by table then partition.
-    shards: Vec<Vec<Option<Rc<dyn AnyShard>>>>,
+    pub(crate) shards: RefCell<ShardsByTable>,
+    /// Shards of revoked partitions, kept open in case they come back (by changelog
+    /// partition).
+    pub(crate) suspended: RefCell<HashMap<TopicPartition, crate::rebalance::Suspended>>,
+    /// The consumer of each source partition this core processes.
+    pub(crate) consumers: RefCell<HashMap<TopicPartition, crate::rebalance::Consumer>>,
+    /// Who commits, for transports with groups.
+    pub(crate) fence: RefCell<Option<faust_transport::Fence>>,
+    /// One commit at a time: two interleaved commits could record offsets out of order.
+    commit_lock: glommio::sync::Semaphore,
+    /// The app's tables, and the table of each changelog topic.
+    pub(crate) tables: Vec<Arc<dyn TableMeta>>,
+    pub(crate) changelog_tables: HashMap<Arc<str>, usize>,
+    /// The agents consuming each topic.
+    pub(crate) agents_by_topic: HashMap<Arc<str>, Vec<usize>>,
+    pub(crate) app: App,
+    pub(crate) stats: Arc<crate::rebalance::Counters>,
     /// Shards holding writes of events not yet acked, by event.
-    pending_writes: RefCell<Vec<(Token, Rc<dyn AnyShard>)>>,
+    pub(crate) pending_writes: RefCell<Vec<(Token, Rc<dyn AnyShard>)>>,
     /// Commits in a row that waited because table state ran ahead of committable offsets.
     deferred_commits: Cell<u32>,
+    /// Why applying an assignment failed on this core (the worker stops with it).
+    pub(crate) failure: RefCell<Option<String>>,
 }
 
 impl std::fmt::Debug for CoreRuntime {
@@ -367,12 +399,20 @@ impl CoreRuntime {
 
     /// The shard of `table`'s `partition`, if this core holds it.
     pub(crate) fn shard(&self, table: usize, partition: u32) -> Option<Rc<dyn AnyShard>> {
-        self.shards.get(table)?.get(partition as usize)?.clone()
+        self.shards.borrow().get(table)?.get(partition as usize)?.clone()
     }
 
     /// The shards of `table` this core holds.
     pub(crate) fn shards_of(&self, table: usize) -> Vec<Rc<dyn AnyShard>> {
-        self.shards.get(table).map(|s| s.iter().flatten().cloned().collect()).unwrap_or_default()
+        self.shards.borrow().get(table).map(|s| s.iter().flatten().cloned().collect()).unwrap_or_default()
+    }
+
+    pub(crate) fn settings(&self) -> &crate::settings::Settings {
+        &self.app.inner.settings
+    }
+
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.stopping.get()
     }
 
     /// Whether every agent consuming `tp` on this core has finished the event at `offset`.
@@ -524,7 +564,10 @@ impl CoreRuntime {
     /// buffered so far and the table state those events produced are durable (the commit
     /// protocol of `table.rs`). Returns `false` when it had to wait: table state held writes
     /// of events acked out of order, past the committable offsets.
-    async fn commit_now(self: &Rc<Self>) -> Result<bool, FlushError> {
+    pub(crate) async fn commit_now(self: &Rc<Self>) -> Result<bool, FlushError> {
+        let Ok(_permit) = self.commit_lock.acquire_permit(1).await else {
+            return Err(FlushError::Transport(faust_transport::Error::Closed));
+        };
         if self.sends_lost.get() {
             return Err(FlushError::SendsLost);
         }
@@ -540,7 +583,7 @@ impl CoreRuntime {
         // await in between), so the frozen state holds exactly the effects of the events below
         // them: writes are applied when their event is acked, so only events acked out of
         // order (past the committable offset) could add more; then this commit waits.
-        let shards: Vec<Rc<dyn AnyShard>> = self.shards.iter().flatten().flatten().cloned().collect();
+        let shards: Vec<Rc<dyn AnyShard>> = self.shards.borrow().iter().flatten().flatten().cloned().collect();
         let committable = |tp: &TopicPartition| lowest.get(tp).copied();
         if shards.iter().any(|s| s.applied_beyond(&committable)) {
             let deferred = self.deferred_commits.get() + 1;
@@ -583,7 +626,8 @@ impl CoreRuntime {
         };
         offsets.extend(changelog_ends.iter().map(|(s, end)| (s.changelog().clone(), *end)));
         if !offsets.is_empty() {
-            self.transport.commit(&self.group, None, &offsets).await?;
+            let fence = self.fence.borrow().clone();
+            self.transport.commit(&self.group, fence.as_ref(), &offsets).await?;
             let mut committed = self.committed.borrow_mut();
             for (tp, o) in offsets {
                 committed.insert(tp, o);
@@ -637,7 +681,7 @@ impl CoreRuntime {
         self.stop_event.notify(usize::MAX);
     }
 
-    async fn stopped(&self) {
+    pub(crate) async fn stopped(&self) {
         loop {
             let listener = self.stop_event.listen();
             if self.stopping.get() {
@@ -714,17 +758,27 @@ where
         } else {
             tracing::warn!(agent = %name, topic = %tp.topic, partition = tp.partition, offset, events = failed.len(),
                 attempt = attempts, %error, "agent failed; restarting it on the same events");
-            // Back in their original order, ahead of everything not yet handed out.
+            // Back in their original order, ahead of everything not yet handed out; events of
+            // a partition released meanwhile are dropped (its next owner processes them).
             for e in failed.into_iter().rev() {
-                run.queue.push_front(e);
+                if !run.core.released(&e.tp) {
+                    run.queue.push_front(e);
+                }
             }
             failures_on = Some((tp, offset, attempts));
         }
     }
 }
 
-/// Fetches one partition and feeds the agents subscribed to its topic.
-async fn consume(core: Rc<CoreRuntime>, tp: TopicPartition, agents: Vec<usize>, reset: AutoOffsetReset) {
+/// Fetches one partition and feeds the agents subscribed to its topic, until the worker
+/// stops or `cancel` is set (the partition was released).
+pub(crate) async fn consume(
+    core: Rc<CoreRuntime>,
+    tp: TopicPartition,
+    agents: Vec<usize>,
+    reset: AutoOffsetReset,
+    cancel: Rc<crate::rebalance::Cancel>,
+) {
     let committed = core.transport.committed(&core.group, std::slice::from_ref(&tp)).await;
     let mut next = match committed {
         Ok(c) if c.first().copied().flatten().is_some() => c[0].unwrap_or(0),
@@ -741,11 +795,12 @@ async fn consume(core: Rc<CoreRuntime>, tp: TopicPartition, agents: Vec<usize>, 
     }
     let lanes: Vec<usize> = agents.iter().map(|&a| core.queues[a].lane(&tp)).collect();
     let mut failures = 0u32;
-    while !core.stopping.get() {
+    let running = || !core.stopping.get() && !cancel.is_cancelled();
+    while running() {
         for (&a, &lane) in agents.iter().zip(&lanes) {
-            core.queues[a].room(lane).await;
+            futures_lite::future::or(core.queues[a].room(lane), cancel.cancelled()).await;
         }
-        if core.stopping.get() {
+        if !running() {
             break;
         }
         match core.transport.fetch(&tp, next, FETCH_BYTES, FETCH_WAIT).await {
@@ -904,88 +959,23 @@ async fn take_outbound(core: &Rc<CoreRuntime>, outbox: &crate::app::Outbox, mut 
     outbox.recycle(outgoing);
 }
 
-/// Places the worker's partitions on its cores with the sticky, balanced, co-partition aware
-/// assignor (cores are members of weight 1). Topics with the same number of partitions are
-/// co-partitioned, as in Faust: partition `p` of each lands on the same core, where the table
-/// shards of partition `p` live. Placement happens once, at start-up, so nothing is previous.
-fn place(partitions: &[TopicPartition], cores: usize) -> Vec<Vec<TopicPartition>> {
-    let members: Vec<(usize, u32)> = (0..cores.max(1)).map(|c| (c, 1)).collect();
-    let groups = copartitioned(partitions);
-    let input = faust_transport::AssignInput {
-        members: &members,
-        groups: &groups,
-        partitions,
-        previous: &std::collections::HashMap::new(),
-    };
-    let mut out = vec![Vec::new(); cores.max(1)];
-    match faust_transport::assign(&input) {
-        Ok(placed) => {
-            for (core, tps) in placed {
-                out[core] = tps;
-            }
-        }
-        // Unreachable with at least one member of weight 1; fall back to everything on core 0.
-        Err(e) => {
-            tracing::error!(error = %e, "placing partitions on cores failed; using core 0");
-            out[0] = partitions.to_vec();
-        }
-    }
-    out
-}
-
-/// The partition count of each topic among `partitions` (one past its highest partition).
-fn partition_counts(partitions: &[TopicPartition]) -> std::collections::BTreeMap<Arc<str>, u32> {
-    let mut counts = std::collections::BTreeMap::new();
-    for tp in partitions {
-        let c = counts.entry(tp.topic.clone()).or_insert(0);
-        *c = (*c).max(tp.partition + 1);
-    }
-    counts
-}
-
-/// Topics grouped by partition count: each group is co-partitioned.
-fn copartitioned(partitions: &[TopicPartition]) -> Vec<Vec<Arc<str>>> {
+/// Topics grouped by partition count: each group is co-partitioned, as in Faust (a source,
+/// its repartition topics and the changelogs of its tables have the same count), so
+/// partition `p` of each lands on the same worker and core.
+fn copartitioned(counts: &std::collections::BTreeMap<Arc<str>, u32>) -> Vec<Vec<Arc<str>>> {
     let mut by_count: std::collections::BTreeMap<u32, Vec<Arc<str>>> = std::collections::BTreeMap::new();
-    for (topic, count) in partition_counts(partitions) {
-        by_count.entry(count).or_default().push(topic);
+    for (topic, count) in counts {
+        by_count.entry(*count).or_default().push(topic.clone());
     }
     by_count.into_values().collect()
-}
-
-/// Which core holds each table shard: the core owning partition `p` of a source topic with the
-/// table's partition count (so stream processing finds the shard of its event's partition
-/// on its own core), or core `p % cores` when no source has that count. Per core: (table,
-/// partition) pairs.
-fn place_shards(placed: &[Vec<TopicPartition>], table_partitions: &[u32], cores: usize) -> Vec<Vec<(usize, u32)>> {
-    let all: Vec<TopicPartition> = placed.iter().flatten().cloned().collect();
-    let counts = partition_counts(&all);
-    let mut out = vec![Vec::new(); cores.max(1)];
-    for (table, &n) in table_partitions.iter().enumerate() {
-        let source = counts.iter().find(|(_, c)| **c == n).map(|(t, _)| t.clone());
-        for p in 0..n {
-            let core = source
-                .as_ref()
-                .and_then(|t| placed.iter().position(|tps| tps.iter().any(|tp| tp.topic == *t && tp.partition == p)))
-                .unwrap_or(p as usize % cores.max(1));
-            out[core].push((table, p));
-        }
-    }
-    out
-}
-
-/// Where partitions and table shards go: per core.
-#[derive(Clone)]
-struct Placement {
-    partitions: Vec<Vec<TopicPartition>>,
-    shards: Vec<Vec<(usize, u32)>>,
 }
 
 /// Start-up state shared by the cores and the control thread.
 struct Startup {
     topics_ready: AtomicBool,
-    /// Partition counts of the tables' changelogs, by table (set with `topics_ready`).
-    table_partitions: Mutex<Vec<u32>>,
-    assigned: Mutex<Option<Result<Placement, String>>>,
+    /// Partition counts of the topics whose partitions the worker takes (sources and
+    /// changelogs), set with `topics_ready`.
+    counts: Mutex<std::collections::BTreeMap<Arc<str>, u32>>,
     event: Event,
 }
 
@@ -1025,73 +1015,49 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
     let transport = AnyTransport::open(&settings.broker_url(), cores, memory.as_ref())?;
     let startup = Arc::new(Startup {
         topics_ready: AtomicBool::new(false),
-        table_partitions: Mutex::new(Vec::new()),
-        assigned: Mutex::new(None),
+        counts: Mutex::new(std::collections::BTreeMap::new()),
         event: Event::new(),
     });
-    let channels: Vec<Arc<str>> = {
-        let topics = app.inner.topics.lock().unwrap_or_else(|p| p.into_inner());
-        topics.iter().filter(|t| t.kind == TopicKind::Channel).map(|t| t.name.clone()).collect()
-    };
-    let sources: Vec<String> = {
-        let agents = app.inner.agents.lock().unwrap_or_else(|p| p.into_inner());
-        let mut s: Vec<String> = agents
-            .iter()
-            .filter(|a| !a.topic.is_empty() && !channels.contains(&a.topic))
-            .map(|a| a.topic.to_string())
-            .collect();
-        s.sort();
-        s.dedup();
-        s
-    };
+    let commands: Vec<Arc<crate::rebalance::Commands>> = (0..cores).map(|_| Arc::default()).collect();
+    let cores_done = Arc::new(crate::app::StopSignal::default());
 
     // The control thread: membership and placement.
     let control = {
-        let (transport, startup, group, stop) =
-            (transport.clone(), startup.clone(), settings.id.clone(), app.inner.stop.clone());
-        let tables = tables.clone();
+        let (transport, startup, stop) = (transport.clone(), startup.clone(), app.inner.stop.clone());
+        let (commands, cores_done, counters) = (commands.clone(), cores_done.clone(), app.inner.stats.clone());
+        let settings = settings.clone();
         std::thread::Builder::new()
             .name(format!("{}-control", settings.id))
             .spawn(move || {
                 futures_lite::future::block_on(async {
                     startup.wait_until(|| startup.topics_ready.load(Ordering::Acquire) || stop.is_stopped()).await;
-                    let result = async {
-                        let join = faust_transport::JoinRequest {
-                            topics: sources.clone(),
-                            copartitioned: Vec::new(),
-                            weight: cores as u32,
-                        };
-                        let mut membership = transport.membership(&group, &join)?;
-                        match membership.next_event().await? {
-                            AssignmentEvent::Assigned { partitions, .. } => Ok(partitions),
-                            AssignmentEvent::Revoked { .. } => Ok(Vec::new()),
-                        }
+                    if !startup.topics_ready.load(Ordering::Acquire) {
+                        return;
                     }
-                    .await
-                    .map(|partitions: Vec<TopicPartition>| {
-                        let placed = place(&partitions, cores);
-                        let table_partitions =
-                            startup.table_partitions.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                        let shards = place_shards(&placed, &table_partitions, cores);
-                        let mut owners: Vec<(TopicPartition, usize)> = placed
-                            .iter()
-                            .enumerate()
-                            .flat_map(|(core, tps)| tps.iter().map(move |tp| (tp.clone(), core)))
-                            .collect();
-                        // A shard's changelog partition is appended by the shard's core.
-                        for (core, list) in shards.iter().enumerate() {
-                            for &(table, p) in list {
-                                if let Some(t) = tables.get(table) {
-                                    owners.push((TopicPartition::new(t.changelog().clone(), p), core));
-                                }
-                            }
-                        }
-                        transport.set_owners(&owners);
-                        Placement { partitions: placed, shards }
-                    })
-                    .map_err(|e: faust_transport::Error| e.to_string());
-                    *startup.assigned.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
-                    startup.event.notify(usize::MAX);
+                    let counts = startup.counts.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    let groups = copartitioned(&counts);
+                    let join = faust_transport::JoinRequest {
+                        topics: counts.keys().map(|t| t.to_string()).collect(),
+                        copartitioned: groups.iter().map(|g| g.iter().map(|t| t.to_string()).collect()).collect(),
+                        weight: cores as u32,
+                    };
+                    // A core releases within the shutdown timeout (agents finishing their
+                    // events) plus a commit; the rest is margin for a loaded machine.
+                    let timeout = settings.shutdown_timeout + Duration::from_secs(60);
+                    let placement =
+                        crate::rebalance::Placement::new(transport.clone(), cores, groups, commands, timeout);
+                    crate::rebalance::Control {
+                        transport,
+                        group: settings.id.clone(),
+                        join,
+                        placement,
+                        stop,
+                        cores_done,
+                        counters,
+                        first_wait: Duration::from_secs(1),
+                    }
+                    .run()
+                    .await;
                 })
             })
             .map_err(|e| WorkerError::Core { core: 0, message: format!("starting the control thread: {e}") })?
@@ -1100,16 +1066,22 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
     app.inner.outbox.open();
     let config = RuntimeConfig { cores: Some(cores), name: settings.id.clone(), ..RuntimeConfig::default() };
     let results = {
-        let (app, transport, startup) = (app.clone(), transport.clone(), startup.clone());
+        let (app, transport, startup, commands) = (app.clone(), transport.clone(), startup.clone(), commands.clone());
         run_on_cores(&config, move |ctx| {
             let (app, transport, startup) = (app.clone(), transport.clone(), startup.clone());
-            async move { core_main(ctx.index, ctx.cores, app, transport, startup).await }
+            let commands = commands[ctx.index].clone();
+            async move { core_main(ctx.index, ctx.cores, app, transport, startup, commands).await }
         })
     };
-    // Whatever happened, let the control thread finish.
+    // Whatever happened, let the control thread finish: it leaves the group now that the
+    // cores made their last commits.
     startup.topics_ready.store(true, Ordering::Release);
     app.inner.stop.stop();
     startup.event.notify(usize::MAX);
+    for c in &commands {
+        c.close();
+    }
+    cores_done.stop();
     let _ = control.join();
     transport.close();
     // Whoever still waits on the worker (sends from outside, test probes) hears it stopped.
@@ -1130,91 +1102,63 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
     Ok(())
 }
 
+/// Creates the declared topics and the tables' changelogs (core 0, before anything else
+/// runs); returns the partition count of every topic whose partitions the worker takes.
+async fn create_topics(
+    core: &AnyCore,
+    settings: &crate::settings::Settings,
+    declared: &[crate::app::TopicDecl],
+    tables: &[Arc<dyn TableMeta>],
+    sources: &[Arc<str>],
+) -> Result<std::collections::BTreeMap<Arc<str>, u32>, faust_transport::Error> {
+    let mut counts = std::collections::BTreeMap::new();
+    for t in declared.iter().filter(|t| t.kind == TopicKind::Log) {
+        // `topic_partitions` is the default for new topics: an existing topic declared
+        // without a partition count keeps its own; an explicit count must match.
+        let existing = core.topic_metadata(&t.name).await?;
+        let count = match (existing, t.partitions) {
+            (Some(meta), None) => meta.config.partitions,
+            (_, wanted) => {
+                core.create_topic(&t.name, &TopicConfig::new(wanted.unwrap_or(settings.topic_partitions)))
+                    .await?
+                    .config
+                    .partitions
+            }
+        };
+        if sources.contains(&t.name) {
+            counts.insert(t.name.clone(), count);
+        }
+    }
+    // Changelogs: compacted; an existing one keeps its partition count unless the table
+    // names another (then it must match).
+    for t in tables {
+        let existing = core.topic_metadata(t.changelog()).await?;
+        let count = match (existing, t.partitions()) {
+            (Some(meta), None) => meta.config.partitions,
+            (_, wanted) => {
+                let config =
+                    TopicConfig { compacted: true, ..TopicConfig::new(wanted.unwrap_or(settings.topic_partitions)) };
+                core.create_topic(t.changelog(), &config).await?.config.partitions
+            }
+        };
+        counts.insert(t.changelog().clone(), count);
+    }
+    Ok(counts)
+}
+
 async fn core_main(
     index: usize,
     cores: usize,
     app: App,
     transport: AnyTransport,
     startup: Arc<Startup>,
+    commands: Arc<crate::rebalance::Commands>,
 ) -> Result<(), String> {
     let settings = &app.inner.settings;
     let stop = app.inner.stop.clone();
     let core = transport.attach_core(index, cores).await.map_err(|e| e.to_string())?;
     let declared = app.inner.topics.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let tables: Vec<Arc<dyn TableMeta>> = app.inner.tables.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    if index == 0 {
-        let created: Result<(), faust_transport::Error> = async {
-            for t in declared.iter().filter(|t| t.kind == TopicKind::Log) {
-                // `topic_partitions` is the default for new topics: an existing topic declared
-                // without a partition count keeps its own; an explicit count must match.
-                if t.partitions.is_none() && core.topic_metadata(&t.name).await?.is_some() {
-                    continue;
-                }
-                core.create_topic(&t.name, &TopicConfig::new(t.partitions.unwrap_or(settings.topic_partitions)))
-                    .await?;
-            }
-            // Changelogs: compacted; an existing one keeps its partition count unless the table
-            // names another (then it must match).
-            let mut counts = Vec::new();
-            for t in &tables {
-                let existing = core.topic_metadata(t.changelog()).await?;
-                let count = match (existing, t.partitions()) {
-                    (Some(meta), None) => meta.config.partitions,
-                    (_, wanted) => {
-                        let config = TopicConfig {
-                            compacted: true,
-                            ..TopicConfig::new(wanted.unwrap_or(settings.topic_partitions))
-                        };
-                        core.create_topic(t.changelog(), &config).await?.config.partitions
-                    }
-                };
-                counts.push(count);
-            }
-            *startup.table_partitions.lock().unwrap_or_else(|p| p.into_inner()) = counts;
-            Ok(())
-        }
-        .await;
-        startup.topics_ready.store(true, Ordering::Release);
-        startup.event.notify(usize::MAX);
-        if let Err(e) = created {
-            stop.stop();
-            let _ = core.shutdown().await;
-            return Err(format!("creating topics: {e}"));
-        }
-    }
-    startup.wait_until(|| startup.assigned.lock().map(|a| a.is_some()).unwrap_or(true)).await;
-    let assignment = startup.assigned.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let (assigned, my_shards) = match assignment {
-        Some(Ok(placed)) => (
-            placed.partitions.get(index).cloned().unwrap_or_default(),
-            placed.shards.get(index).cloned().unwrap_or_default(),
-        ),
-        Some(Err(e)) => {
-            stop.stop();
-            let _ = core.shutdown().await;
-            return Err(format!("joining the group: {e}"));
-        }
-        None => (Vec::new(), Vec::new()),
-    };
-    // Table shards: opened and recovered before any event is processed.
-    let shards = match open_shards(&app, &tables, &my_shards, &core).await {
-        Ok(shards) => shards,
-        Err(e) => {
-            stop.stop();
-            let _ = core.shutdown().await;
-            return Err(e);
-        }
-    };
-    let mut partitions = HashMap::default();
-    for t in declared.iter().filter(|t| t.kind == TopicKind::Log) {
-        match core.topic_metadata(&t.name).await {
-            Ok(Some(meta)) => {
-                partitions.insert(t.name.clone(), meta.config.partitions);
-            }
-            Ok(None) => {}
-            Err(e) => return Err(format!("reading topic {}: {e}", t.name)),
-        }
-    }
     let specs: Vec<(String, Arc<str>, crate::app::StartAgent, usize, bool)> = app
         .inner
         .agents
@@ -1228,6 +1172,39 @@ async fn core_main(
         let agents = specs.iter().enumerate().filter(|(_, s)| s.1 == t.name).map(|(i, _)| i).collect();
         channel_agents.insert(t.name.clone(), agents);
     }
+    let mut agents_by_topic: HashMap<Arc<str>, Vec<usize>> = HashMap::default();
+    for (i, spec) in specs.iter().enumerate() {
+        if !spec.1.is_empty() && !channel_agents.contains_key(&spec.1) {
+            agents_by_topic.entry(spec.1.clone()).or_default().push(i);
+        }
+    }
+    if index == 0 {
+        let sources: Vec<Arc<str>> = agents_by_topic.keys().cloned().collect();
+        let created = create_topics(&core, settings, &declared, &tables, &sources).await;
+        if let Ok(counts) = &created {
+            *startup.counts.lock().unwrap_or_else(|p| p.into_inner()) = counts.clone();
+        }
+        startup.topics_ready.store(true, Ordering::Release);
+        startup.event.notify(usize::MAX);
+        if let Err(e) = created {
+            stop.stop();
+            let _ = core.shutdown().await;
+            return Err(format!("creating topics: {e}"));
+        }
+    }
+    futures_lite::future::or(startup.wait_until(|| startup.topics_ready.load(Ordering::Acquire)), stop.wait()).await;
+    let mut partitions = HashMap::default();
+    for t in declared.iter().filter(|t| t.kind == TopicKind::Log) {
+        match core.topic_metadata(&t.name).await {
+            Ok(Some(meta)) => {
+                partitions.insert(t.name.clone(), meta.config.partitions);
+            }
+            Ok(None) => {}
+            Err(e) => return Err(format!("reading topic {}: {e}", t.name)),
+        }
+    }
+    let changelog_tables: HashMap<Arc<str>, usize> =
+        tables.iter().enumerate().map(|(i, t)| (t.changelog().clone(), i)).collect();
     let runtime = Rc::new(CoreRuntime {
         index,
         transport: core,
@@ -1249,11 +1226,41 @@ async fn core_main(
         channel_agents,
         channel_seq: Cell::new(0),
         app_stop: stop.clone(),
-        shards,
+        shards: RefCell::new(tables.iter().map(|_| Vec::new()).collect()),
+        suspended: RefCell::new(HashMap::default()),
+        consumers: RefCell::new(HashMap::default()),
+        fence: RefCell::new(None),
+        commit_lock: glommio::sync::Semaphore::new(1),
+        tables,
+        changelog_tables,
+        agents_by_topic,
+        app: app.clone(),
+        stats: app.inner.stats.clone(),
+        failure: RefCell::new(None),
         pending_writes: RefCell::new(Vec::new()),
         deferred_commits: Cell::new(0),
     });
     CURRENT.with(|c| *c.borrow_mut() = Some(runtime.clone()));
+
+    // The first assignment, before any agent or task runs: table shards are recovered before
+    // their partitions are consumed, and tasks send to partitions already placed.
+    let first = futures_lite::future::or(commands.next(&runtime), async {
+        stop.wait().await;
+        None
+    })
+    .await;
+    if let Some(command) = first {
+        runtime.apply(command).await;
+    }
+    // Later assignment changes, one at a time.
+    let control_task = {
+        let (runtime, commands) = (runtime.clone(), commands.clone());
+        glommio::spawn_local(async move {
+            while let Some(command) = commands.next(&runtime).await {
+                runtime.apply(command).await;
+            }
+        })
+    };
 
     // Agents on every core; tasks (no topic) on core 0 only, cancelled at shutdown.
     let mut agent_tasks = Vec::new();
@@ -1276,15 +1283,6 @@ async fn core_main(
         for _ in 0..*concurrency {
             agent_tasks.push(glommio::spawn_local(start(run())));
         }
-    }
-    // Consumers.
-    let mut consumers = Vec::new();
-    for tp in assigned {
-        let agents: Vec<usize> = specs.iter().enumerate().filter(|(_, s)| *s.1 == *tp.topic).map(|(i, _)| i).collect();
-        if agents.is_empty() {
-            continue;
-        }
-        consumers.push(glommio::spawn_local(consume(runtime.clone(), tp, agents, settings.auto_offset_reset)));
     }
     // Commits.
     let committer = {
@@ -1322,8 +1320,12 @@ async fn core_main(
     // Shutdown: stop fetching, let agents drain what they were given, commit, release.
     drop(background);
     runtime.stop();
+    commands.close();
+    control_task.await;
+    let consumers: Vec<crate::rebalance::Consumer> = runtime.consumers.borrow_mut().drain().map(|(_, c)| c).collect();
     for c in consumers {
-        c.await;
+        c.cancel.cancel();
+        c.task.await;
     }
     for q in &runtime.queues {
         q.close();
@@ -1371,32 +1373,15 @@ async fn core_main(
         Ok(false) => Err("final commit: table state ran ahead of the committable offsets".to_string()),
         Err(e) => Err(format!("final commit: {e}")),
     };
+    let failure = runtime.failure.borrow_mut().take();
     CURRENT.with(|c| *c.borrow_mut() = None);
     let runtime = Rc::try_unwrap(runtime).map_err(|_| "a task still holds the core's runtime".to_string())?;
+    // Suspended shards were checkpointed when they were suspended: closing them is enough.
+    drop(runtime.suspended);
+    drop(runtime.shards);
     runtime.transport.shutdown().await.map_err(|e| e.to_string())?;
-    result
-}
-
-/// Opens this core's table shards and recovers each from its changelog.
-async fn open_shards(
-    app: &App,
-    tables: &[Arc<dyn TableMeta>],
-    mine: &[(usize, u32)],
-    core: &AnyCore,
-) -> Result<Vec<Vec<Option<Rc<dyn AnyShard>>>>, String> {
-    let settings = &app.inner.settings;
-    let mut shards: Vec<Vec<Option<Rc<dyn AnyShard>>>> = tables.iter().map(|_| Vec::new()).collect();
-    for &(table, partition) in mine {
-        let Some(meta) = tables.get(table) else { continue };
-        let dir = (settings.store != "memory://" && !meta.in_memory())
-            .then(|| settings.datadir.join("tables").join(&**meta.name()).join(partition.to_string()));
-        let shard = meta.open(crate::table::ShardArgs { partition, dir }).map_err(|e| e.to_string())?;
-        crate::table::recover(core, &settings.id, &shard).await.map_err(|e| e.to_string())?;
-        let list = &mut shards[table];
-        if list.len() <= partition as usize {
-            list.resize(partition as usize + 1, None);
-        }
-        list[partition as usize] = Some(shard);
+    match failure {
+        Some(e) => Err(e),
+        None => result,
     }
-    Ok(shards)
 }

@@ -1,0 +1,778 @@
+//! Assignment changes: partitions moving onto and off this worker and between its cores.
+//!
+//! The control thread follows the group's [`AssignmentEvent`]s and keeps the placement of the
+//! worker's partitions on its cores (sticky and balanced, with the same assignor the group
+//! uses for workers). Each change becomes one [`Command`] per core, applied in two phases so
+//! a partition is released everywhere before anyone opens it:
+//!
+//! 1. **Release** (revoked partitions, and those moving to another core): the core stops
+//!    their consumers, drops the events no agent has taken yet (*abandoned*: the next owner
+//!    fetches them again from the committed offset), waits a bounded time for the events the
+//!    agents hold, commits, then suspends the table shards of those partitions — kept open
+//!    with their cache, so that if the partitions come back they resume in place, without
+//!    replaying the changelog. A shard whose state could not be committed, or that moves to
+//!    another core, is closed instead.
+//! 2. **Take** (assigned partitions): the core resumes the suspended shard if nobody
+//!    committed to its changelog meanwhile, or opens and recovers it, and only then starts
+//!    fetching from the committed offset.
+//!
+//! Only after every core released does the control thread confirm a revocation to the group,
+//! which then hands the partitions to their new owner. Events of a released partition are
+//! never processed or committed afterwards: its consumer is gone, its queued events are
+//! dropped, its ack trackers removed (late acks are ignored), the writes its events left
+//! pending are discarded, and its shard is no longer reachable from stream processing. Every
+//! wait is bounded and logs what it waits for.
+
+use std::cell::Cell;
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use event_listener::Event;
+use faust_transport::{AssignmentEvent, Fence, JoinRequest, TopicPartition};
+
+use crate::app::lock;
+use crate::table::AnyShard;
+use crate::transports::AnyTransport;
+use crate::worker::CoreRuntime;
+
+/// How often a long wait says what it waits for.
+const WAIT_LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// What the worker did about assignment changes since the app was created, for monitoring
+/// and tests: see [`App::stats`](crate::App::stats).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkerStats {
+    /// Assignment changes applied (each `Assigned` or `Revoked` from the group).
+    pub rebalances: u64,
+    /// Source partitions this worker started consuming.
+    pub partitions_assigned: u64,
+    /// Source partitions it stopped consuming (revoked, or moved between its cores).
+    pub partitions_revoked: u64,
+    /// Table shards opened and recovered from their changelog.
+    pub shards_recovered: u64,
+    /// Suspended table shards resumed in place, without replaying their changelog.
+    pub shards_resumed: u64,
+    /// Changelog records replayed while recovering shards.
+    pub changelog_records_replayed: u64,
+    /// Fetched events dropped unprocessed when their partition was revoked (the next owner
+    /// fetches them again from the committed offset).
+    pub events_abandoned: u64,
+}
+
+/// The counters behind [`WorkerStats`], shared by the cores and the control thread.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) rebalances: AtomicU64,
+    pub(crate) partitions_assigned: AtomicU64,
+    pub(crate) partitions_revoked: AtomicU64,
+    pub(crate) shards_recovered: AtomicU64,
+    pub(crate) shards_resumed: AtomicU64,
+    pub(crate) changelog_records_replayed: AtomicU64,
+    pub(crate) events_abandoned: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn snapshot(&self) -> WorkerStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        WorkerStats {
+            rebalances: get(&self.rebalances),
+            partitions_assigned: get(&self.partitions_assigned),
+            partitions_revoked: get(&self.partitions_revoked),
+            shards_recovered: get(&self.shards_recovered),
+            shards_resumed: get(&self.shards_resumed),
+            changelog_records_replayed: get(&self.changelog_records_replayed),
+            events_abandoned: get(&self.events_abandoned),
+        }
+    }
+}
+
+/// A cancellation flag one task sets and another awaits (single core).
+#[derive(Debug, Default)]
+pub(crate) struct Cancel {
+    flag: Cell<bool>,
+    event: Event,
+}
+
+impl Cancel {
+    pub(crate) fn cancel(&self) {
+        self.flag.set(true);
+        self.event.notify(usize::MAX);
+    }
+
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.flag.get()
+    }
+
+    pub(crate) async fn cancelled(&self) {
+        loop {
+            let listener = self.event.listen();
+            if self.flag.get() {
+                return;
+            }
+            listener.await;
+        }
+    }
+}
+
+/// One partition's consumer on a core.
+pub(crate) struct Consumer {
+    pub(crate) cancel: Rc<Cancel>,
+    pub(crate) task: glommio::Task<()>,
+}
+
+/// A shard kept open after its partition was revoked, with the changelog offset committed
+/// for it then: if the committed offset is still that when the partition returns, nobody
+/// changed the table partition meanwhile and the shard resumes as it is.
+pub(crate) struct Suspended {
+    pub(crate) shard: Rc<dyn AnyShard>,
+    pub(crate) committed_end: u64,
+}
+
+/// What one core is told to do for one assignment change.
+#[derive(Debug, Default)]
+pub(crate) struct Command {
+    /// The fence for commits from now on.
+    pub(crate) fence: Option<Fence>,
+    /// Partitions to stop processing (sources) or to suspend (changelogs).
+    pub(crate) release: Vec<TopicPartition>,
+    /// Changelog partitions whose suspended shards are to be closed (they go elsewhere).
+    pub(crate) close: Vec<TopicPartition>,
+    /// Partitions to start processing (sources) or to open (changelogs).
+    pub(crate) take: Vec<TopicPartition>,
+    pub(crate) done: Arc<Done>,
+}
+
+/// What a core reports when it applied a command.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Report {
+    /// Changelog partitions whose shards it now holds suspended.
+    pub(crate) suspended: Vec<TopicPartition>,
+}
+
+/// A core's answer to a command, awaited on the control thread.
+#[derive(Debug, Default)]
+pub(crate) struct Done {
+    result: Mutex<Option<Result<Report, String>>>,
+    event: Event,
+}
+
+impl Done {
+    fn set(&self, result: Result<Report, String>) {
+        *lock(&self.result) = Some(result);
+        self.event.notify(usize::MAX);
+    }
+
+    /// The answer, or `None` if there is none within `timeout`.
+    async fn wait(&self, timeout: Duration) -> Option<Result<Report, String>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let listener = self.event.listen();
+            if let Some(r) = lock(&self.result).take() {
+                return Some(r);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            futures_lite::future::or(
+                async {
+                    listener.await;
+                },
+                futures_timer::Delay::new(deadline - now),
+            )
+            .await;
+        }
+    }
+}
+
+/// The commands waiting for one core, pushed by the control thread.
+#[derive(Debug, Default)]
+pub(crate) struct Commands {
+    queue: Mutex<VecDeque<Command>>,
+    event: Event,
+    /// Set when the worker stops: commands sent later are answered at once with an error.
+    closed: AtomicBool,
+}
+
+impl Commands {
+    fn push(&self, command: Command) {
+        if self.closed.load(Ordering::Acquire) {
+            command.done.set(Err("the core has stopped".into()));
+            return;
+        }
+        lock(&self.queue).push_back(command);
+        self.event.notify(usize::MAX);
+    }
+
+    fn pop(&self) -> Option<Command> {
+        lock(&self.queue).pop_front()
+    }
+
+    /// The next command, or `None` once `core` stops.
+    pub(crate) async fn next(&self, core: &CoreRuntime) -> Option<Command> {
+        loop {
+            let listener = self.event.listen();
+            if let Some(c) = self.pop() {
+                return Some(c);
+            }
+            if core.is_stopping() {
+                return None;
+            }
+            futures_lite::future::or(
+                async {
+                    listener.await;
+                },
+                core.stopped(),
+            )
+            .await;
+        }
+    }
+
+    /// Refuses later commands and answers the queued ones (the core stopped).
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        while let Some(c) = self.pop() {
+            c.done.set(Err("the core has stopped".into()));
+        }
+    }
+}
+
+impl CoreRuntime {
+    /// Applies one command: release, close, take. Answers it, also on failure.
+    pub(crate) async fn apply(self: &Rc<Self>, command: Command) {
+        let Command { fence, release, close, take, done } = command;
+        if fence.is_some() {
+            *self.fence.borrow_mut() = fence;
+        }
+        let mut report = Report::default();
+        if !release.is_empty() {
+            report.suspended = self.release(&release).await;
+        }
+        for tp in &close {
+            if self.suspended.borrow_mut().remove(tp).is_some() {
+                tracing::debug!(core = self.index, changelog = %tp, "closed a suspended shard (moved elsewhere)");
+            }
+        }
+        match self.take(&take).await {
+            Ok(()) => done.set(Ok(report)),
+            Err(e) => {
+                tracing::error!(core = self.index, error = %e, "taking assigned partitions failed; stopping the worker");
+                *self.failure.borrow_mut() = Some(e.clone());
+                self.app.stop_signal().stop();
+                done.set(Err(e));
+            }
+        }
+    }
+
+    fn is_changelog(&self, tp: &TopicPartition) -> Option<usize> {
+        self.changelog_tables.get(&tp.topic).copied()
+    }
+
+    /// Stops processing `partitions` (sources) and suspends or closes their shards
+    /// (changelogs). Returns the changelog partitions whose shards are now suspended.
+    async fn release(self: &Rc<Self>, partitions: &[TopicPartition]) -> Vec<TopicPartition> {
+        let (changelogs, sources): (Vec<TopicPartition>, Vec<TopicPartition>) =
+            partitions.iter().cloned().partition(|tp| self.is_changelog(tp).is_some());
+        // 1. Stop fetching. A consumer ends within one fetch wait (its waits for queue room
+        // end at once when cancelled).
+        let stopping: Vec<(TopicPartition, Consumer)> =
+            sources.iter().filter_map(|tp| self.consumers.borrow_mut().remove(tp).map(|c| (tp.clone(), c))).collect();
+        for (_, c) in &stopping {
+            c.cancel.cancel();
+        }
+        for (tp, c) in stopping {
+            let started = Instant::now();
+            let mut task = std::pin::pin!(c.task);
+            loop {
+                let finished = futures_lite::future::or(
+                    async {
+                        (&mut task).await;
+                        true
+                    },
+                    async {
+                        glommio::timer::sleep(WAIT_LOG_EVERY).await;
+                        false
+                    },
+                )
+                .await;
+                if finished {
+                    break;
+                }
+                tracing::warn!(core = self.index, partition = %tp, waited_ms = started.elapsed().as_millis() as u64,
+                    "waiting for the consumer of a revoked partition to stop");
+            }
+        }
+        // 2. Abandon what no agent has taken: fetched again by the next owner.
+        let mut boundaries: Vec<(usize, TopicPartition, u64)> = Vec::new();
+        let mut abandoned = 0u64;
+        for (agent, queue) in self.queues.iter().enumerate() {
+            for tp in &sources {
+                let Some(position) = self.acks.borrow().get(&(agent, tp.clone())).map(|t| t.position()) else {
+                    continue;
+                };
+                let (n, first) = queue.purge(tp);
+                abandoned += n as u64;
+                boundaries.push((agent, tp.clone(), first.unwrap_or(position)));
+            }
+        }
+        // 3. Let the agents finish the events they hold (everything below the first abandoned
+        // offset), for at most the shutdown timeout.
+        let grace = self.settings().shutdown_timeout;
+        let started = Instant::now();
+        let mut last_log = Instant::now();
+        loop {
+            let holding: Vec<String> = boundaries
+                .iter()
+                .filter(|(agent, tp, boundary)| {
+                    self.acks.borrow().get(&(*agent, tp.clone())).is_some_and(|t| t.committable() < *boundary)
+                })
+                .map(|(agent, tp, _)| format!("{tp} (agent #{agent})"))
+                .collect();
+            if holding.is_empty() {
+                break;
+            }
+            if started.elapsed() >= grace {
+                tracing::error!(core = self.index, partitions = ?holding, grace_ms = grace.as_millis() as u64,
+                    "agents did not finish the events of revoked partitions in time; abandoning them (the next owner processes them again)");
+                break;
+            }
+            if last_log.elapsed() >= WAIT_LOG_EVERY {
+                last_log = Instant::now();
+                tracing::warn!(core = self.index, partitions = ?holding, waited_ms = started.elapsed().as_millis() as u64,
+                    "waiting for agents to finish the events of revoked partitions");
+            }
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
+        // 4. Commit what was processed.
+        let committed = self.commit_for_release().await;
+        // 5. Release, with no await from here on: a commit that starts later no longer sees
+        // these partitions, and nothing of them is processed any more.
+        {
+            let mut acks = self.acks.borrow_mut();
+            acks.retain(|(_, tp), _| !sources.contains(tp));
+        }
+        {
+            let mut committed_offsets = self.committed.borrow_mut();
+            for tp in sources.iter().chain(&changelogs) {
+                committed_offsets.remove(tp);
+            }
+        }
+        let discarded: Vec<_> = self
+            .pending_writes
+            .borrow_mut()
+            .extract_if(.., |(token, _)| {
+                sources.iter().any(|tp| token.partition == tp.partition && *token.topic == *tp.topic)
+            })
+            .collect();
+        for (token, shard) in discarded {
+            shard.discard_pending(&token);
+        }
+        let mut suspended = Vec::new();
+        for tp in &changelogs {
+            let Some(table) = self.is_changelog(tp) else { continue };
+            let shard = {
+                let mut shards = self.shards.borrow_mut();
+                shards.get_mut(table).and_then(|list| list.get_mut(tp.partition as usize)).and_then(Option::take)
+            };
+            let Some(shard) = shard else { continue };
+            match committed.as_ref().and_then(|ends| ends.get(tp).copied()) {
+                Some(end) if !shard.is_dirty() => {
+                    self.suspended.borrow_mut().insert(tp.clone(), Suspended { shard, committed_end: end });
+                    suspended.push(tp.clone());
+                }
+                _ => {
+                    tracing::warn!(core = self.index, changelog = %tp,
+                        "closing the shard of a revoked partition: its latest state was not committed");
+                }
+            }
+        }
+        let stats = &self.stats;
+        stats.partitions_revoked.fetch_add(sources.len() as u64, Ordering::Relaxed);
+        stats.events_abandoned.fetch_add(abandoned, Ordering::Relaxed);
+        tracing::info!(core = self.index, revoked = ?sources, suspended = suspended.len(), abandoned,
+            elapsed_ms = started.elapsed().as_millis() as u64, "released partitions");
+        suspended
+    }
+
+    /// The commit of a release, retried while table state runs ahead of the committable
+    /// offsets (bounded). Returns the changelog ends committed (by partition), or `None`
+    /// when the commit failed: then the shards are closed, and the next owner starts from the
+    /// previous commit.
+    async fn commit_for_release(self: &Rc<Self>) -> Option<HashMap<TopicPartition, u64>> {
+        for _ in 0..200 {
+            match self.commit_now().await {
+                Ok(true) => {
+                    let committed = self.committed.borrow();
+                    return Some(committed.iter().map(|(tp, o)| (tp.clone(), *o)).collect());
+                }
+                Ok(false) => glommio::timer::sleep(Duration::from_millis(10)).await,
+                Err(e) => {
+                    tracing::error!(core = self.index, error = %e, "commit before releasing partitions failed");
+                    return None;
+                }
+            }
+        }
+        tracing::error!(core = self.index, "commit before releasing partitions kept waiting for out-of-order acks");
+        None
+    }
+
+    /// Opens (or resumes) the shards of the changelog partitions in `partitions`, then
+    /// starts consuming its source partitions.
+    async fn take(self: &Rc<Self>, partitions: &[TopicPartition]) -> Result<(), String> {
+        let (changelogs, sources): (Vec<TopicPartition>, Vec<TopicPartition>) =
+            partitions.iter().cloned().partition(|tp| self.is_changelog(tp).is_some());
+        for tp in &changelogs {
+            let Some(table) = self.is_changelog(tp) else { continue };
+            let shard = match self.resume(tp).await? {
+                Some(shard) => shard,
+                None => self.open_shard(table, tp.partition).await?,
+            };
+            let mut shards = self.shards.borrow_mut();
+            let list = &mut shards[table];
+            if list.len() <= tp.partition as usize {
+                list.resize(tp.partition as usize + 1, None);
+            }
+            list[tp.partition as usize] = Some(shard);
+        }
+        for tp in sources {
+            if self.consumers.borrow().contains_key(&tp) {
+                continue;
+            }
+            let agents = self.agents_by_topic.get(&tp.topic).cloned().unwrap_or_default();
+            if agents.is_empty() {
+                continue;
+            }
+            let cancel = Rc::new(Cancel::default());
+            let reset = self.settings().auto_offset_reset;
+            let task =
+                glommio::spawn_local(crate::worker::consume(self.clone(), tp.clone(), agents, reset, cancel.clone()));
+            self.consumers.borrow_mut().insert(tp, Consumer { cancel, task });
+            self.stats.partitions_assigned.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// The suspended shard of `tp`, if it can resume as it is: nobody committed to its
+    /// changelog since it was suspended. A stale one is closed.
+    async fn resume(&self, tp: &TopicPartition) -> Result<Option<Rc<dyn AnyShard>>, String> {
+        let Some(suspended) = self.suspended.borrow_mut().remove(tp) else { return Ok(None) };
+        let now = self
+            .transport
+            .committed(&self.group, std::slice::from_ref(tp))
+            .await
+            .map_err(|e| format!("reading the committed offset of {tp}: {e}"))?;
+        let now = now.first().copied().flatten().unwrap_or(0);
+        if now != suspended.committed_end {
+            tracing::info!(core = self.index, changelog = %tp, suspended_at = suspended.committed_end, committed = now,
+                "the changelog moved on while the shard was suspended; reopening it");
+            return Ok(None);
+        }
+        self.committed.borrow_mut().insert(tp.clone(), now);
+        self.stats.shards_resumed.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(core = self.index, changelog = %tp, "resumed a suspended shard in place");
+        Ok(Some(suspended.shard))
+    }
+
+    /// Opens the shard of `table`'s `partition` and recovers it from its changelog.
+    async fn open_shard(&self, table: usize, partition: u32) -> Result<Rc<dyn AnyShard>, String> {
+        let settings = self.settings();
+        let meta = self.tables.get(table).ok_or_else(|| format!("no table #{table}"))?;
+        let dir = (settings.store != "memory://" && !meta.in_memory())
+            .then(|| settings.datadir.join("tables").join(&**meta.name()).join(partition.to_string()));
+        let shard = meta.open(crate::table::ShardArgs { partition, dir }).map_err(|e| e.to_string())?;
+        let fence = self.fence.borrow().clone();
+        let recovered = crate::table::recover(&self.transport, &self.group, fence.as_ref(), &shard)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.committed.borrow_mut().insert(shard.changelog().clone(), recovered.end);
+        self.stats.shards_recovered.fetch_add(1, Ordering::Relaxed);
+        self.stats.changelog_records_replayed.fetch_add(recovered.replayed, Ordering::Relaxed);
+        Ok(shard)
+    }
+
+    /// Whether the events of `tp` are no longer this core's to process (its partition was
+    /// released): a failed event of it is dropped rather than retried.
+    pub(crate) fn released(&self, tp: &TopicPartition) -> bool {
+        !self.channel_agents.contains_key(&tp.topic) && !self.consumers.borrow().contains_key(tp)
+    }
+}
+
+/// The control thread's view of where this worker's partitions are.
+pub(crate) struct Placement {
+    transport: AnyTransport,
+    cores: usize,
+    /// Co-partitioned groups of topics: partition p of each goes to the same core.
+    groups: Vec<Vec<Arc<str>>>,
+    commands: Vec<Arc<Commands>>,
+    /// The core processing each partition this worker owns.
+    placed: HashMap<TopicPartition, usize>,
+    /// The core holding the suspended shard of each changelog partition.
+    suspended: HashMap<TopicPartition, usize>,
+    /// How long a core may take to apply a command before the worker gives up.
+    timeout: Duration,
+}
+
+impl Placement {
+    pub(crate) fn new(
+        transport: AnyTransport,
+        cores: usize,
+        groups: Vec<Vec<Arc<str>>>,
+        commands: Vec<Arc<Commands>>,
+        timeout: Duration,
+    ) -> Placement {
+        Placement { transport, cores, groups, commands, placed: HashMap::new(), suspended: HashMap::new(), timeout }
+    }
+
+    /// Where each of `owned` goes: sticky (to its core, or to the core holding its suspended
+    /// shard) and balanced over the cores, co-partitioned groups together.
+    pub(crate) fn target(&self, owned: &BTreeSet<TopicPartition>) -> HashMap<TopicPartition, usize> {
+        let members: Vec<(usize, u32)> = (0..self.cores.max(1)).map(|c| (c, 1)).collect();
+        let partitions: Vec<TopicPartition> = owned.iter().cloned().collect();
+        let mut previous = self.suspended.clone();
+        previous.extend(self.placed.iter().map(|(tp, c)| (tp.clone(), *c)));
+        let input = faust_transport::AssignInput {
+            members: &members,
+            groups: &self.groups,
+            partitions: &partitions,
+            previous: &previous,
+        };
+        match faust_transport::assign(&input) {
+            Ok(placed) => {
+                placed.into_iter().flat_map(|(core, tps)| tps.into_iter().map(move |tp| (tp, core))).collect()
+            }
+            // Unreachable with at least one member of weight 1; fall back to core 0.
+            Err(e) => {
+                tracing::error!(error = %e, "placing partitions on cores failed; using core 0");
+                partitions.into_iter().map(|tp| (tp, 0)).collect()
+            }
+        }
+    }
+
+    /// Moves the worker to `target`: releases what leaves a core, then takes what arrives.
+    /// Every core gets a command (with the new fence) even when nothing changes for it.
+    pub(crate) async fn apply(
+        &mut self,
+        target: &HashMap<TopicPartition, usize>,
+        fence: Option<Fence>,
+    ) -> Result<(), String> {
+        let n = self.cores.max(1);
+        let mut release: Vec<Vec<TopicPartition>> = vec![Vec::new(); n];
+        let mut close: Vec<Vec<TopicPartition>> = vec![Vec::new(); n];
+        let mut take: Vec<Vec<TopicPartition>> = vec![Vec::new(); n];
+        for (tp, &core) in &self.placed {
+            if target.get(tp) != Some(&core) {
+                release[core].push(tp.clone());
+                if target.contains_key(tp) {
+                    // Moves to another core: its shard must be closed here before it opens there.
+                    close[core].push(tp.clone());
+                }
+            }
+        }
+        for (tp, &core) in &self.suspended {
+            if target.get(tp).is_some_and(|&c| c != core) {
+                close[core].push(tp.clone());
+            }
+        }
+        for (tp, &core) in target {
+            if self.placed.get(tp) != Some(&core) {
+                take[core].push(tp.clone());
+            }
+        }
+        for list in release.iter_mut().chain(close.iter_mut()).chain(take.iter_mut()) {
+            list.sort();
+        }
+        // Phase 1: release and close.
+        let busy: Vec<usize> = (0..n).filter(|&c| !release[c].is_empty() || !close[c].is_empty()).collect();
+        let phase1: Vec<(usize, Arc<Done>)> = busy
+            .into_iter()
+            .map(|c| {
+                let done = Arc::new(Done::default());
+                let command = Command {
+                    fence: fence.clone(),
+                    release: std::mem::take(&mut release[c]),
+                    close: close[c].clone(),
+                    take: Vec::new(),
+                    done: done.clone(),
+                };
+                self.commands[c].push(command);
+                (c, done)
+            })
+            .collect();
+        for (core, report) in self.wait_all(phase1, "release revoked partitions").await? {
+            for tp in report.suspended {
+                self.suspended.insert(tp, core);
+            }
+        }
+        for (core, list) in close.iter().enumerate() {
+            for tp in list {
+                if self.suspended.get(tp) == Some(&core) {
+                    self.suspended.remove(tp);
+                }
+            }
+        }
+        self.placed.retain(|tp, core| target.get(tp) == Some(core));
+        // Phase 2: take (every core, for the fence). The embedded transport learns first which
+        // core appends and reads each partition.
+        let owners: Vec<(TopicPartition, usize)> = target.iter().map(|(tp, c)| (tp.clone(), *c)).collect();
+        self.transport.set_owners(&owners);
+        let phase2: Vec<(usize, Arc<Done>)> = (0..n)
+            .map(|c| {
+                let done = Arc::new(Done::default());
+                let command = Command {
+                    fence: fence.clone(),
+                    release: Vec::new(),
+                    close: Vec::new(),
+                    take: std::mem::take(&mut take[c]),
+                    done: done.clone(),
+                };
+                self.commands[c].push(command);
+                (c, done)
+            })
+            .collect();
+        self.wait_all(phase2, "take assigned partitions").await?;
+        for (tp, &core) in target {
+            self.placed.insert(tp.clone(), core);
+            if self.suspended.get(tp) == Some(&core) {
+                self.suspended.remove(tp);
+            }
+        }
+        Ok(())
+    }
+
+    /// The cores' answers, each awaited for at most the timeout (logging while it waits).
+    async fn wait_all(&self, pending: Vec<(usize, Arc<Done>)>, what: &str) -> Result<Vec<(usize, Report)>, String> {
+        let mut out = Vec::new();
+        for (core, done) in pending {
+            let started = Instant::now();
+            loop {
+                match done.wait(WAIT_LOG_EVERY).await {
+                    Some(Ok(report)) => {
+                        out.push((core, report));
+                        break;
+                    }
+                    Some(Err(e)) => return Err(format!("core {core} could not {what}: {e}")),
+                    None if started.elapsed() >= self.timeout => {
+                        return Err(format!("core {core} did not {what} within {} ms", self.timeout.as_millis()));
+                    }
+                    None => tracing::warn!(
+                        core,
+                        waited_ms = started.elapsed().as_millis() as u64,
+                        "waiting for a core to {what}"
+                    ),
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Follows the group for the worker: joins with `join`, applies each assignment change to
+/// the cores, confirms revocations, and leaves once the cores have finished (`cores_done`).
+pub(crate) struct Control {
+    pub(crate) transport: AnyTransport,
+    pub(crate) group: String,
+    pub(crate) join: JoinRequest,
+    pub(crate) placement: Placement,
+    pub(crate) stop: Arc<crate::app::StopSignal>,
+    pub(crate) cores_done: Arc<crate::app::StopSignal>,
+    pub(crate) counters: Arc<Counters>,
+    /// How long to wait for the first assignment before letting the cores start without
+    /// partitions (a worker joining a busy group gets its share only after others release it).
+    pub(crate) first_wait: Duration,
+}
+
+impl Control {
+    pub(crate) async fn run(mut self) {
+        let mut membership = match self.transport.membership(&self.group, &self.join) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(group = %self.group, error = %e, "joining the group failed; stopping the worker");
+                self.stop.stop();
+                return;
+            }
+        };
+        let member = membership.member_id();
+        let mut owned: BTreeSet<TopicPartition> = BTreeSet::new();
+        let mut generation = 0;
+        // The first assignment, so that the cores start with their partitions placed.
+        let first = futures_lite::future::or(async { Some(membership.next_event().await) }, async {
+            futures_timer::Delay::new(self.first_wait).await;
+            None
+        })
+        .await;
+        let mut next = match first {
+            Some(event) => Some(event),
+            None => {
+                let fence = member.clone().map(|member| Fence { member, generation });
+                if let Err(e) = self.placement.apply(&HashMap::new(), fence).await {
+                    self.fail(&e);
+                }
+                None
+            }
+        };
+        while !self.stop.is_stopped() {
+            let event = match next.take() {
+                Some(event) => event,
+                None => {
+                    let stop = self.stop.clone();
+                    let event = futures_lite::future::or(async { Some(membership.next_event().await) }, async {
+                        stop.wait().await;
+                        None
+                    })
+                    .await;
+                    match event {
+                        Some(event) => event,
+                        None => break,
+                    }
+                }
+            };
+            let event = match event {
+                Ok(event) => event,
+                Err(faust_transport::Error::Closed) => break,
+                Err(e) => {
+                    self.fail(&format!("the group dropped this worker: {e}"));
+                    break;
+                }
+            };
+            let (g, revoked) = match &event {
+                AssignmentEvent::Assigned { generation, partitions } => {
+                    owned.extend(partitions.iter().cloned());
+                    (*generation, false)
+                }
+                AssignmentEvent::Revoked { generation, partitions } => {
+                    for tp in partitions {
+                        owned.remove(tp);
+                    }
+                    (*generation, true)
+                }
+            };
+            generation = generation.max(g);
+            tracing::debug!(group = %self.group, ?event, "assignment change");
+            let target = self.placement.target(&owned);
+            let fence = member.clone().map(|member| Fence { member, generation });
+            if let Err(e) = self.placement.apply(&target, fence).await {
+                self.fail(&e);
+                break;
+            }
+            self.counters.rebalances.fetch_add(1, Ordering::Relaxed);
+            if revoked && let Err(e) = membership.revoked(g).await {
+                self.fail(&format!("confirming the revocation of generation {g}: {e}"));
+                break;
+            }
+        }
+        // Leave once the cores committed their last offsets, so others take over from there.
+        self.cores_done.wait().await;
+        if let Err(e) = membership.leave().await {
+            tracing::warn!(group = %self.group, error = %e, "leaving the group failed");
+        }
+    }
+
+    fn fail(&self, message: &str) {
+        tracing::error!(group = %self.group, "{message}; stopping the worker");
+        self.stop.stop();
+    }
+}
