@@ -78,6 +78,9 @@ pub(crate) struct AgentSpec {
 pub(crate) struct TopicDecl {
     pub(crate) name: Arc<str>,
     pub(crate) partitions: Option<u32>,
+    /// Created with the partition count of this (earlier declared) topic: a repartition
+    /// topic has its source's.
+    pub(crate) partitions_like: Option<Arc<str>>,
     pub(crate) kind: TopicKind,
 }
 
@@ -417,10 +420,23 @@ impl App {
         self.declare(name, Codec::Json, Codec::Json, TopicKind::Channel)
     }
 
-    fn declare<K, V>(&self, name: &str, key_codec: Codec, value_codec: Codec, kind: TopicKind) -> Topic<K, V> {
+    /// Makes the declared topic `name` take the partition count of `like` when created.
+    pub(crate) fn copartition_with(&self, name: &str, like: &Arc<str>) {
+        if let Some(t) = lock(&self.inner.topics).iter_mut().find(|t| &*t.name == name) {
+            t.partitions_like = Some(like.clone());
+        }
+    }
+
+    pub(crate) fn declare<K, V>(
+        &self,
+        name: &str,
+        key_codec: Codec,
+        value_codec: Codec,
+        kind: TopicKind,
+    ) -> Topic<K, V> {
         let mut topics = lock(&self.inner.topics);
         if !topics.iter().any(|t| &*t.name == name) {
-            topics.push(TopicDecl { name: Arc::from(name), partitions: None, kind });
+            topics.push(TopicDecl { name: Arc::from(name), partitions: None, partitions_like: None, kind });
         }
         let outbox = self.inner.outbox.clone();
         let inner = self.inner.outbox.register(|outbox_index| TopicInner {
@@ -440,7 +456,22 @@ impl App {
     ///
     /// The returned handle sends to the agent ([`Agent::send`], [`Agent::cast`]) and sets
     /// its [`concurrency`](Agent::concurrency).
-    pub fn agent<K, V, F, Fut>(&self, name: &str, topic: &Topic<K, V>, f: F) -> Agent<K, V>
+    ///
+    /// `source` is a [`Topic`] (or channel), or a re-keyed one from [`Topic::group_by`].
+    pub fn agent<K, V, S, F, Fut>(&self, name: &str, source: &S, f: F) -> Agent<K, V>
+    where
+        K: DeserializeOwned + 'static,
+        V: DeserializeOwned + 'static,
+        S: crate::group_by::Source<K, V>,
+        F: Fn(Stream<K, V>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), AgentError>> + 'static,
+    {
+        let topic = source.consumed_by(self, name);
+        self.agent_on(name, &topic, f)
+    }
+
+    /// Registers an agent on `topic` itself (see [`App::agent`]).
+    pub(crate) fn agent_on<K, V, F, Fut>(&self, name: &str, topic: &Topic<K, V>, f: F) -> Agent<K, V>
     where
         K: DeserializeOwned + 'static,
         V: DeserializeOwned + 'static,
@@ -631,6 +662,26 @@ impl<K, V> std::fmt::Debug for Topic<K, V> {
     }
 }
 
+impl<K: Serialize + 'static, V> Topic<K, V> {
+    /// Buffers an encoded value under `key`, encoded here (see [`Topic::send_soon`]).
+    pub(crate) fn send_soon_keyed_raw(
+        &self,
+        core: &Rc<CoreRuntime>,
+        timestamp: Option<i64>,
+        key: &K,
+        value: &[u8],
+        headers: &[faust_storage::Header<'_>],
+    ) -> Result<(), SendError> {
+        SCRATCH.with(|scratch| {
+            let (key_bytes, _) = &mut *scratch.borrow_mut();
+            key_bytes.clear();
+            let codec_err = |source| SendError::Codec { topic: self.name().to_string(), source };
+            self.inner.key_codec.encode_owned(key, key_bytes).map_err(codec_err)?;
+            self.inner.send_soon_raw(core, timestamp, Some(&key_bytes[..]), value, headers)
+        })
+    }
+}
+
 impl<K: Serialize + 'static, V: Serialize + 'static> Topic<K, V> {
     /// Sends one record and waits until the transport has it durably (appended on `local://`).
     /// The partition is Kafka's murmur2 of the encoded key, or round-robin for `None`.
@@ -664,7 +715,7 @@ impl<K: Serialize + 'static, V: Serialize + 'static> Topic<K, V> {
                 key_bytes.clear();
                 value_bytes.clear();
                 let has_key = self.encode_into(key, value, key_bytes, value_bytes)?;
-                self.inner.send_soon_raw(&core, has_key.then_some(&key_bytes[..]), value_bytes, &[])
+                self.inner.send_soon_raw(&core, None, has_key.then_some(&key_bytes[..]), value_bytes, &[])
             }),
             None => self.inner.outbox.push(&self.inner, key, value, None),
         }
@@ -734,6 +785,7 @@ impl TopicInner {
     pub(crate) fn send_soon_raw(
         &self,
         core: &Rc<CoreRuntime>,
+        timestamp: Option<i64>,
         key: Option<&[u8]>,
         value: &[u8],
         headers: &[faust_storage::Header<'_>],
@@ -743,7 +795,7 @@ impl TopicInner {
             return Ok(());
         }
         let tp = self.route(core, key)?;
-        core.buffer(tp, key, value, headers);
+        core.buffer(tp, timestamp, key, value, headers);
         Ok(())
     }
 }

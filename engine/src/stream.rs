@@ -86,7 +86,22 @@ impl<K, V> Event<K, V> {
         let record = &self.headers;
         let Some(value) = record.value.as_deref() else { return Ok(()) };
         let headers: Vec<faust_storage::Header<'_>> = record.headers().collect();
-        topic.inner.send_soon_raw(&self.core, record.key.as_deref(), value, &headers)
+        topic.inner.send_soon_raw(&self.core, None, record.key.as_deref(), value, &headers)
+    }
+}
+
+impl<K, V> Event<K, V> {
+    /// Sends the event's raw value and headers, with `key` instead of its key and with its
+    /// timestamp, to `topic` without waiting (the re-keying of `group_by`).
+    pub(crate) fn forward_keyed_soon<K2: Serialize + 'static, V2>(
+        &self,
+        topic: &Topic<K2, V2>,
+        key: &K2,
+    ) -> Result<(), SendError> {
+        let record = &self.headers;
+        let Some(value) = record.value.as_deref() else { return Ok(()) };
+        let headers: Vec<faust_storage::Header<'_>> = record.headers().collect();
+        topic.send_soon_keyed_raw(&self.core, Some(self.timestamp), key, value, &headers)
     }
 }
 

@@ -137,8 +137,33 @@ impl TestContext {
             let tp = TopicPartition::new(topic.inner.name.clone(), produced.partition);
             self.inner.outbox.probe(Probe { tp, offset: produced.base_offset, reply: reply.clone(), commit: false });
             reply.wait().await?;
+            self.settle_repartitioned().await?;
             Ok(produced)
         })
+    }
+
+    /// Waits until the agents consuming repartition topics (`group_by`) have processed every
+    /// record in them, so that `put` also covers what the event became after re-keying.
+    async fn settle_repartitioned(&self) -> Result<(), TestError> {
+        let repartitioned: Vec<Arc<str>> = crate::app::lock(&self.inner.topics)
+            .iter()
+            .filter(|t| t.partitions_like.is_some())
+            .map(|t| t.name.clone())
+            .collect();
+        for name in repartitioned {
+            let Some(meta) = self.transport.topic_metadata(&name).await? else { continue };
+            for p in 0..meta.config.partitions {
+                let tp = TopicPartition::new(name.clone(), p);
+                let high_watermark = self.transport.high_watermark(&tp)?;
+                if high_watermark == 0 {
+                    continue;
+                }
+                let reply = Arc::new(Reply::default());
+                self.inner.outbox.probe(Probe { tp, offset: high_watermark - 1, reply: reply.clone(), commit: false });
+                reply.wait().await?;
+            }
+        }
+        Ok(())
     }
 
     /// Every record of `topic`, decoded: partition 0 first, each partition in offset order.

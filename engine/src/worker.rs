@@ -430,13 +430,14 @@ impl CoreRuntime {
     pub(crate) fn buffer(
         &self,
         tp: TopicPartition,
+        timestamp: Option<i64>,
         key: Option<&[u8]>,
         value: &[u8],
         headers: &[faust_storage::Header<'_>],
     ) {
         let mut pending = self.pending.borrow_mut();
         let batch = pending.entry(tp).or_insert_with(|| faust_storage::BatchBuilder::with_capacity(16 * 1024));
-        batch.push(now_ms(), key, Some(value), headers);
+        batch.push(timestamp.unwrap_or_else(now_ms), key, Some(value), headers);
         self.pending_bytes.set(self.pending_bytes.get() + key.map_or(0, <[u8]>::len) + value.len() + 32);
         self.pending_event.notify(1);
     }
@@ -949,7 +950,7 @@ async fn take_outbound(core: &Rc<CoreRuntime>, outbox: &crate::app::Outbox, mut 
         let value = &bytes[record.value];
         match record.reply {
             None => {
-                if let Err(e) = topic.send_soon_raw(core, key, value, &[]) {
+                if let Err(e) = topic.send_soon_raw(core, None, key, value, &[]) {
                     tracing::error!(topic = %topic.name, error = %e, "dropping a record sent from outside the worker");
                 }
             }
@@ -1112,11 +1113,14 @@ async fn create_topics(
     sources: &[Arc<str>],
 ) -> Result<std::collections::BTreeMap<Arc<str>, u32>, faust_transport::Error> {
     let mut counts = std::collections::BTreeMap::new();
+    let mut created: std::collections::BTreeMap<Arc<str>, u32> = std::collections::BTreeMap::new();
     for t in declared.iter().filter(|t| t.kind == TopicKind::Log) {
         // `topic_partitions` is the default for new topics: an existing topic declared
-        // without a partition count keeps its own; an explicit count must match.
+        // without a partition count keeps its own; an explicit count must match. A
+        // repartition topic has its source's count.
         let existing = core.topic_metadata(&t.name).await?;
-        let count = match (existing, t.partitions) {
+        let wanted = t.partitions.or_else(|| t.partitions_like.as_ref().and_then(|like| created.get(like).copied()));
+        let count = match (existing, wanted) {
             (Some(meta), None) => meta.config.partitions,
             (_, wanted) => {
                 core.create_topic(&t.name, &TopicConfig::new(wanted.unwrap_or(settings.topic_partitions)))
@@ -1125,6 +1129,7 @@ async fn create_topics(
                     .partitions
             }
         };
+        created.insert(t.name.clone(), count);
         if sources.contains(&t.name) {
             counts.insert(t.name.clone(), count);
         }

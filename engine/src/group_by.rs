@@ -1,0 +1,140 @@
+//! `group_by`: re-keying a stream through a repartition topic, so that each key meets its
+//! table shard on the core (and worker) that owns the key's partition.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::app::{App, Topic, TopicKind};
+use crate::codec::Codec;
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// What an agent consumes: a [`Topic`] (or channel), or a topic re-keyed by
+/// [`Topic::group_by`]. Implemented by those two only.
+pub trait Source<K, V>: sealed::Sealed {
+    /// Declares what `agent` of `app` needs to consume this source; returns the topic whose
+    /// events it gets.
+    #[doc(hidden)]
+    fn consumed_by(&self, app: &App, agent: &str) -> Topic<K, V>;
+}
+
+impl<K, V> sealed::Sealed for Topic<K, V> {}
+
+impl<K, V> Source<K, V> for Topic<K, V> {
+    fn consumed_by(&self, _app: &App, _agent: &str) -> Topic<K, V> {
+        self.clone()
+    }
+}
+
+/// Registers the agent that re-keys the source into the repartition topic.
+type Register<K, V> = Arc<dyn Fn(&App, &str, &Topic<K, V>) + Send + Sync>;
+
+/// A topic's events re-keyed by a function of their value (Faust's
+/// `stream.group_by(key, name=...)`): give it to [`App::agent`] instead of the topic. See
+/// [`Topic::group_by`].
+pub struct GroupBy<K, V> {
+    source: Arc<str>,
+    name: String,
+    value_codec: Codec,
+    register: Register<K, V>,
+}
+
+impl<K, V> std::fmt::Debug for GroupBy<K, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupBy").field("source", &self.source).field("name", &self.name).finish()
+    }
+}
+
+impl<K, V> sealed::Sealed for GroupBy<K, V> {}
+
+impl<K: 'static, V: 'static> Source<K, V> for GroupBy<K, V> {
+    fn consumed_by(&self, app: &App, agent: &str) -> Topic<K, V> {
+        let name = format!("{}-{}-{}-{}-repartition", app.settings().id, agent, self.source, self.name);
+        let key_codec = app.settings().key_serializer.parse().unwrap_or(Codec::Raw);
+        let topic = app.declare::<K, V>(&name, key_codec, self.value_codec, TopicKind::Log);
+        app.copartition_with(&name, &self.source);
+        (self.register)(app, agent, &topic);
+        topic
+    }
+}
+
+impl<K, V> Topic<K, V>
+where
+    K: DeserializeOwned + 'static,
+    V: DeserializeOwned + 'static,
+{
+    /// This topic's events re-keyed by `key_fn` of their value (Faust's
+    /// `stream.group_by(Order.account_id)`): an agent given the result gets each event on the
+    /// core that owns its new key's partition, so its table writes for that key go to the
+    /// shard there — also when that core belongs to another worker.
+    ///
+    /// The events travel through the repartition topic
+    /// `{app}-{agent}-{topic}-{name}-repartition`, created with this topic's partition
+    /// count (so it is co-partitioned with it and with the tables of the same count), value
+    /// bytes and headers as read (not re-encoded), the event's timestamp kept, the new key
+    /// encoded with the app's key serializer. Offsets of this topic are committed only once the
+    /// re-keyed records are durable. Declared with the agent rather than inside it, because the
+    /// repartition topic must exist, and be consumed by its owners, before events flow.
+    ///
+    /// ```
+    /// use faust::{App, Settings};
+    /// use serde::{Deserialize, Serialize};
+    ///
+    /// #[derive(Serialize, Deserialize)]
+    /// struct Order { account_id: String, amount: u32 }
+    ///
+    /// let app = App::new(Settings::new("shop"));
+    /// let orders = app.topic::<String, Order>("orders");
+    /// let counts = app.table::<String, u64>("order_count").with_default(|| 0);
+    /// let by_account = orders.group_by(|o: &Order| o.account_id.clone(), "account_id");
+    /// let table = counts.clone();
+    /// app.agent("count", &by_account, move |mut orders| {
+    ///     let counts = table.clone();
+    ///     async move {
+    ///         while let Some(order) = orders.next().await {
+    ///             counts.update(&order.account_id, |n| *n += 1)?;
+    ///         }
+    ///         Ok(())
+    ///     }
+    /// });
+    /// let test = app.test_context()?;
+    /// for account in ["a", "b", "a"] {
+    ///     // Keyed by order, not by account: group_by moves each to its account's partition.
+    ///     test.put(&orders, Some(&format!("order-{account}")), &Order { account_id: account.into(), amount: 1 })?;
+    /// }
+    /// let table = test.table(&counts)?;
+    /// assert_eq!((table["a"], table["b"]), (2, 1));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn group_by<K2, F>(&self, key_fn: F, name: &str) -> GroupBy<K2, V>
+    where
+        K2: Serialize + 'static,
+        F: Fn(&V) -> K2 + Send + Sync + 'static,
+    {
+        let source = self.clone();
+        let key_fn = Arc::new(key_fn);
+        let group = name.to_string();
+        let register: Register<K2, V> = Arc::new(move |app: &App, agent: &str, target: &Topic<K2, V>| {
+            let (key_fn, target) = (key_fn.clone(), target.clone());
+            app.agent_on(&format!("{agent}:group_by:{group}"), &source, move |mut stream| {
+                let (key_fn, target) = (key_fn.clone(), target.clone());
+                async move {
+                    while let Some(event) = stream.next_event().await {
+                        event.forward_keyed_soon(&target, &key_fn(&event.value))?;
+                    }
+                    Ok(())
+                }
+            });
+        });
+        GroupBy {
+            source: self.inner.name.clone(),
+            name: name.to_string(),
+            value_codec: self.inner.value_codec,
+            register,
+        }
+    }
+}
