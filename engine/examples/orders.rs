@@ -1,5 +1,5 @@
-//! The Faust README's program: JSON orders counted per account in a table, on the embedded
-//! log, with a built-in generator so it runs alone.
+//! The Faust README's program: JSON orders re-keyed by account with `group_by` and counted
+//! per account in a table, on the embedded log, with a built-in generator so it runs alone.
 //!
 //! ```text
 //! cargo run --release --example orders                  # 1,000,000 orders, 10,000 accounts
@@ -7,9 +7,11 @@
 //! ORDERS_DATADIR=orders-data cargo run --release --example orders   # keep the state; rerun to resume
 //! ```
 //!
-//! The generator writes `ORDERS` orders keyed by account (it records its progress once what it
-//! sent is durable, so a restarted run continues where it left off); the `count` agent counts
-//! them per account in the `order_count` table, whose changelog and stores make the counts
+//! The generator writes `ORDERS` orders keyed by order id (it records its progress once what
+//! it sent is durable, so a restarted run continues where it left off); the `count` agent
+//! takes them grouped by account — through the repartition topic
+//! `orders-count-orders-account_id-repartition`, so each account's orders reach the core that
+//! holds its shard — and counts them per account in the `order_count` table, whose changelog and stores make the counts
 //! survive crashes exactly; a timer on each core reads its shards four times a second, and the
 //! count is printed every second. The run ends once the
 //! generator is done and every order is counted. `ORDERS_DUMP=FILE` writes every account's
@@ -56,10 +58,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let orders = app.topic::<String, Order>("orders");
     let order_count = app.table::<String, u64>("order_count").with_default(|| 0);
 
-    // @app.agent(orders_topic): async for order in orders: order_count[order.account_id] += 1
+    // @app.agent(orders_topic)
+    // async for order in orders.group_by(Order.account_id): order_count[order.account_id] += 1
     {
         let order_count = order_count.clone();
-        app.agent("count", &orders, move |mut stream| {
+        let by_account = orders.group_by(|order: &Order| order.account_id.clone(), "account_id");
+        app.agent("count", &by_account, move |mut stream| {
             let order_count = order_count.clone();
             async move {
                 while let Some(order) = stream.next().await {
@@ -87,7 +91,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         amount: 1 + ((h >> 40) % 10) as u32,
                         price: ((h >> 12) % 100_000) as f64 / 100.0,
                     };
-                    orders.send_soon(Some(&order.account_id), &order)?;
+                    orders.send_soon(Some(&format!("order-{id}")), &order)?;
                     if (id + 1) % 50_000 == 0 || id + 1 == orders_total {
                         // Durable first, then recorded: a restart may repeat orders, never skip.
                         faust::runtime::flush().await?;

@@ -446,6 +446,7 @@ impl App {
             kind,
             outbox,
             outbox_index,
+            positions: std::sync::OnceLock::new(),
         });
         Topic { inner, _types: PhantomData }
     }
@@ -484,7 +485,7 @@ impl App {
         let start: StartAgent = Arc::new(move |run: AgentRun| {
             let (f, topic, name) = (f.clone(), topic_inner.clone(), agent_name.clone());
             Box::pin(crate::worker::supervise(run, name, move |run: &AgentRun| {
-                f(Stream::new(run, topic.key_codec, topic.value_codec))
+                f(Stream::new(run, topic.key_codec, topic.value_codec).deduplicated_by(topic.positions.get().cloned()))
             }))
         });
         let mut agents = lock(&self.inner.agents);
@@ -635,6 +636,9 @@ pub(crate) struct TopicInner {
     outbox: Arc<Outbox>,
     /// This handle's number in the outbox.
     outbox_index: usize,
+    /// For a repartition topic: the table of the latest source offset taken per source
+    /// partition, which drops records re-sent after a crash (see `group_by`).
+    pub(crate) positions: std::sync::OnceLock<crate::Table<u32, u64>>,
 }
 
 /// A typed handle on a topic: keys `K`, values `V`. Cheap to clone, usable from any core.

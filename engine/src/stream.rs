@@ -30,6 +30,8 @@ pub struct Stream<K, V> {
     queue: Rc<EventQueue>,
     current: Rc<std::cell::RefCell<Vec<QueuedEvent>>>,
     stage: Stage<K, V>,
+    /// On a repartition topic: drops records the re-keying agent sent again after a crash.
+    positions: Option<crate::Table<u32, u64>>,
 }
 
 impl<K, V> std::fmt::Debug for Stream<K, V> {
@@ -100,7 +102,9 @@ impl<K, V> Event<K, V> {
     ) -> Result<(), SendError> {
         let record = &self.headers;
         let Some(value) = record.value.as_deref() else { return Ok(()) };
-        let headers: Vec<faust_storage::Header<'_>> = record.headers().collect();
+        let position = crate::group_by::encode_position(self.tp.partition, self.offset);
+        let mut headers: Vec<faust_storage::Header<'_>> = record.headers().collect();
+        headers.push((crate::group_by::POSITION_HEADER, Some(&position[..])));
         topic.send_soon_keyed_raw(&self.core, Some(self.timestamp), key, value, &headers)
     }
 }
@@ -125,6 +129,7 @@ impl<K: DeserializeOwned + 'static, V: DeserializeOwned + 'static> Stream<K, V> 
             agent: run.agent,
             queue: run.queue.clone(),
             current: run.current.clone(),
+            positions: None,
             stage: Box::new(move |queued: &QueuedEvent| {
                 let key = match &queued.record.key {
                     Some(k) => Some(key_codec.decode(k).map_err(|e| format!("key: {e}"))?),
@@ -141,6 +146,35 @@ impl<K: DeserializeOwned + 'static, V: DeserializeOwned + 'static> Stream<K, V> 
 }
 
 impl<K: 'static, V: 'static> Stream<K, V> {
+    pub(crate) fn deduplicated_by(mut self, positions: Option<crate::Table<u32, u64>>) -> Self {
+        self.positions = positions;
+        self
+    }
+
+    /// Whether a record of a repartition topic is new: its source position (stamped by the
+    /// re-keying agent) is past the latest one taken from that source partition. A re-keying
+    /// agent restarted after a crash sends again what it sent since its last commit, in the
+    /// same order, so anything at or below the latest position was taken already. The
+    /// position is a table write of the event, committed with its offset.
+    fn admit(&self, positions: &crate::Table<u32, u64>, queued: &QueuedEvent) -> bool {
+        let Some((partition, offset)) = crate::group_by::source_position(&queued.record) else { return true };
+        match positions.latest(&partition) {
+            Ok(Some(latest)) if offset <= latest => false,
+            Ok(_) => {
+                if let Err(e) = positions.insert(partition, offset) {
+                    tracing::warn!(topic = %queued.tp.topic, partition = queued.tp.partition, error = %e,
+                        "recording a repartitioned record's source position failed");
+                }
+                true
+            }
+            Err(e) => {
+                tracing::warn!(topic = %queued.tp.topic, partition = queued.tp.partition, error = %e,
+                    "reading the latest source position failed; taking the record");
+                true
+            }
+        }
+    }
+
     /// The same stream with another last processor.
     fn then<K2, V2>(
         self,
@@ -152,6 +186,7 @@ impl<K: 'static, V: 'static> Stream<K, V> {
             agent: self.agent,
             queue: self.queue,
             current: self.current,
+            positions: self.positions,
             stage: Box::new(move |queued: &QueuedEvent| match previous(queued)? {
                 Some((k, v)) => next(k, v),
                 None => Ok(None),
@@ -258,6 +293,15 @@ impl<K: 'static, V: 'static> Stream<K, V> {
                             offset: queued.record.offset,
                             timestamp: queued.record.timestamp,
                         }));
+                    }
+                    if let Some(positions) = &self.positions
+                        && !self.admit(positions, &queued)
+                    {
+                        self.core.ack(self.agent, &queued.tp, queued.record.offset);
+                        if let Some(slot) = current_slot() {
+                            slot.set(None);
+                        }
+                        continue;
                     }
                     let event = Event {
                         key,

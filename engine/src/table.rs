@@ -172,6 +172,8 @@ pub enum TableError {
 struct Config<V> {
     default: Option<Arc<dyn Fn() -> V + Send + Sync>>,
     partitions: Option<u32>,
+    /// Take the partition count of this topic (a repartition topic's positions table).
+    partitions_like: Option<Arc<str>>,
     in_memory: bool,
     reset_bad_values: bool,
     key_codec: Codec,
@@ -183,6 +185,7 @@ impl<V> Clone for Config<V> {
         Config {
             default: self.default.clone(),
             partitions: self.partitions,
+            partitions_like: self.partitions_like.clone(),
             in_memory: self.in_memory,
             reset_bad_values: self.reset_bad_values,
             key_codec: self.key_codec,
@@ -196,6 +199,7 @@ pub(crate) trait TableMeta: Send + Sync {
     fn name(&self) -> &Arc<str>;
     fn changelog(&self) -> &Arc<str>;
     fn partitions(&self) -> Option<u32>;
+    fn partitions_like(&self) -> Option<Arc<str>>;
     fn in_memory(&self) -> bool;
     fn open(&self, args: ShardArgs) -> Result<Rc<dyn AnyShard>, TableError>;
 }
@@ -323,6 +327,7 @@ where
                 config: Mutex::new(Config {
                     default: None,
                     partitions: None,
+                    partitions_like: None,
                     in_memory: false,
                     reset_bad_values: false,
                     key_codec,
@@ -346,6 +351,18 @@ where
     pub fn with_partitions(self, partitions: u32) -> Self {
         lock(&self.shared.config).partitions = Some(partitions.max(1));
         self
+    }
+
+    /// Gives the changelog the partition count of `topic` when the worker creates it.
+    pub(crate) fn with_partitions_like(self, topic: Arc<str>) -> Self {
+        lock(&self.shared.config).partitions_like = Some(topic);
+        self
+    }
+
+    /// The latest value of `key` in the current event's shard, counting the writes of every
+    /// event not yet acked (in the order they were made), not only the current event's.
+    pub(crate) fn latest(&self, key: &K) -> Result<Option<V>, TableError> {
+        self.with_shard(None, |s, _| s.latest(key))
     }
 
     /// Keeps the shards in memory only (Faust's `store="memory://"`): they are rebuilt from
@@ -521,6 +538,10 @@ where
 
     fn partitions(&self) -> Option<u32> {
         lock(&self.config).partitions
+    }
+
+    fn partitions_like(&self) -> Option<Arc<str>> {
+        lock(&self.config).partitions_like.clone()
     }
 
     fn in_memory(&self) -> bool {
@@ -699,6 +720,14 @@ where
         if let Some(t) = token
             && let Some((_, _, v)) = state.pending.iter().rev().find(|(pt, k, _)| pt == t && k == key)
         {
+            return Ok(v.clone());
+        }
+        self.read_committed(&mut state, key)
+    }
+
+    fn latest(&self, key: &K) -> Result<Option<V>, TableError> {
+        let mut state = self.state.borrow_mut();
+        if let Some((_, _, v)) = state.pending.iter().rev().find(|(_, k, _)| k == key) {
             return Ok(v.clone());
         }
         self.read_committed(&mut state, key)

@@ -1138,7 +1138,8 @@ async fn create_topics(
     // names another (then it must match).
     for t in tables {
         let existing = core.topic_metadata(t.changelog()).await?;
-        let count = match (existing, t.partitions()) {
+        let wanted = t.partitions().or_else(|| t.partitions_like().and_then(|like| created.get(&like).copied()));
+        let count = match (existing, wanted) {
             (Some(meta), None) => meta.config.partitions,
             (_, wanted) => {
                 let config =

@@ -5,6 +5,11 @@
 //! orders twice after a restart — it records its progress only once orders are durable — and
 //! the ground truth includes such repeats: the table must count every order in the topic
 //! exactly once.)
+//!
+//! The example counts through `group_by` (orders are keyed by order id, counted by account),
+//! so every order crosses the repartition topic, mostly to the other core. A killed worker
+//! sends again, after its restart, what it had re-keyed since its last commit: the test also
+//! counts those repeats in the repartition topic, which the counting side must drop.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -31,10 +36,10 @@ fn orders(datadir: &Path, dump: Option<&Path>) -> Command {
     cmd
 }
 
-/// Every order in the `orders` topic, counted per account: read from the log files.
-fn ground_truth(datadir: &Path) -> BTreeMap<String, u64> {
-    let mut counts = BTreeMap::new();
-    let topic = datadir.join("topics").join("orders");
+/// Every record of `topic`, from the log files.
+fn records(datadir: &Path, topic: &str) -> Vec<faust_storage::Record> {
+    let mut out = Vec::new();
+    let topic = datadir.join("topics").join(topic);
     for entry in std::fs::read_dir(&topic).unwrap() {
         let path = entry.unwrap().path();
         if !path.is_dir() || path.file_name().and_then(|n| n.to_str()).is_none_or(|n| n.parse::<u32>().is_err()) {
@@ -44,13 +49,20 @@ fn ground_truth(datadir: &Path) -> BTreeMap<String, u64> {
         let mut next = log.earliest_offset();
         while next < log.high_watermark() {
             for batch in log.read(next, 1 << 20).unwrap() {
-                for r in batch.records_from(next) {
-                    let order: serde_json::Value = serde_json::from_slice(r.value.as_deref().unwrap()).unwrap();
-                    *counts.entry(order["account_id"].as_str().unwrap().to_string()).or_default() += 1;
-                }
+                out.extend(batch.records_from(next));
                 next = batch.last_offset() + 1;
             }
         }
+    }
+    out
+}
+
+/// Every order in the `orders` topic, counted per account.
+fn ground_truth(datadir: &Path) -> BTreeMap<String, u64> {
+    let mut counts = BTreeMap::new();
+    for r in records(datadir, "orders") {
+        let order: serde_json::Value = serde_json::from_slice(r.value.as_deref().unwrap()).unwrap();
+        *counts.entry(order["account_id"].as_str().unwrap().to_string()).or_default() += 1;
     }
     counts
 }
@@ -86,4 +98,13 @@ fn the_orders_example_counts_exactly_across_sigkills() {
     let wrong: Vec<_> = truth.iter().filter(|(k, v)| counted.get(*k) != Some(v)).take(5).collect();
     assert!(wrong.is_empty(), "accounts counted wrongly (truth shown): {wrong:?}");
     assert_eq!(counted, truth);
+    // Every order went through the repartition topic; some more than once (re-sent after a
+    // kill), and those repeats were not counted.
+    let repartitioned = records(&data, "orders-count-orders-account_id-repartition");
+    let positions: std::collections::HashSet<Vec<u8>> = repartitioned
+        .iter()
+        .map(|r| r.headers().find(|(k, _)| *k == b"faust-source-position").and_then(|(_, v)| v).unwrap().to_vec())
+        .collect();
+    eprintln!("{} records re-keyed, {} of them repeats", repartitioned.len(), repartitioned.len() - positions.len());
+    assert_eq!(positions.len() as u64, total, "each order re-keyed (at least) once");
 }

@@ -1,0 +1,285 @@
+//! Several workers sharing one `memory://` group while orders flow: workers join and leave
+//! at random (seeded), and the orders example's logic (`group_by` account, count per account
+//! in a table) must end with every account's count exact.
+//!
+//! The guarantee checked: with workers that join and leave gracefully (a leaving worker
+//! stops, commits and leaves; a revoked partition is released — consumer stopped, queued
+//! events abandoned, held events finished, committed — before the group hands it over),
+//! every order is counted exactly once: the table's committed changelog equals the
+//! producer's own count per account. Also checked at the end: every partition of the
+//! group's topics has exactly one owner, no revocation is pending, and the partitions are
+//! balanced (equal weights: each worker holds ⌊n/w⌋ or ⌈n/w⌉ of the source's partitions).
+//! A second test checks that a revoked shard that comes back unchanged is resumed in place,
+//! without replaying its changelog.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use faust::{App, MemoryTransport, Settings, TopicConfig, TopicPartition, WorkerError};
+use faust_storage::BatchBuilder;
+use faust_transport::CoreTransport;
+use futures_lite::future::block_on;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+const GROUP: &str = "orders";
+const PARTITIONS: u32 = 8;
+const CHANGELOG: &str = "orders-order_count-changelog";
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Order {
+    account_id: String,
+    amount: u32,
+}
+
+struct Worker {
+    app: App,
+    thread: JoinHandle<Result<(), WorkerError>>,
+}
+
+impl Worker {
+    fn start(transport: &MemoryTransport, dir: &Path, n: usize) -> Worker {
+        let mut settings = Settings::new(GROUP);
+        settings.broker = "memory://".into();
+        settings.cores = Some(1);
+        settings.datadir = dir.join(format!("worker-{n}"));
+        settings.commit_interval = Duration::from_millis(100);
+        settings.topic_partitions = PARTITIONS;
+        let app = App::new(settings).with_memory_transport(transport.clone());
+        let orders = app.topic::<String, Order>("orders");
+        let counts = app.table::<String, u64>("order_count").with_default(|| 0);
+        let by_account = orders.group_by(|o: &Order| o.account_id.clone(), "account_id");
+        app.agent("count", &by_account, move |mut stream| {
+            let counts = counts.clone();
+            async move {
+                while let Some(order) = stream.next().await {
+                    counts.update(&order.account_id, |n| *n += 1)?;
+                }
+                Ok(())
+            }
+        });
+        let runner = app.clone();
+        let thread = std::thread::Builder::new().name(format!("worker-{n}")).spawn(move || runner.run()).unwrap();
+        Worker { app, thread }
+    }
+
+    fn stop(self) {
+        self.app.stop_signal().stop();
+        self.thread.join().expect("worker thread panicked").expect("worker failed");
+    }
+}
+
+fn order(i: u64, accounts: u64) -> (String, Vec<u8>, String) {
+    let account = format!("account-{}", i.wrapping_mul(0x9e37_79b9_7f4a_7c15) % accounts);
+    let value = serde_json::to_vec(&Order { account_id: account.clone(), amount: 1 }).unwrap();
+    (format!("order-{i}"), value, account)
+}
+
+/// Writes `total` orders in batches of 100, spread over about `over`; returns the count per
+/// account.
+fn produce(transport: &MemoryTransport, total: u64, accounts: u64, over: Duration) -> BTreeMap<String, u64> {
+    let mut expected = BTreeMap::new();
+    let batches = total.div_ceil(100);
+    let pause = over / batches as u32;
+    for b in 0..batches {
+        let mut batch = BatchBuilder::new();
+        for i in b * 100..((b + 1) * 100).min(total) {
+            let (key, value, account) = order(i, accounts);
+            batch.push(0, Some(key.as_bytes()), Some(&value), &[]);
+            *expected.entry(account).or_default() += 1;
+        }
+        let tp = TopicPartition::new("orders", (b % u64::from(PARTITIONS)) as u32);
+        block_on(transport.produce(&tp, batch)).unwrap();
+        std::thread::sleep(pause);
+    }
+    expected
+}
+
+fn topic_partitions(transport: &MemoryTransport, topic: &str) -> Vec<TopicPartition> {
+    let meta = block_on(transport.topic_metadata(topic)).unwrap().unwrap_or_else(|| panic!("no topic {topic}"));
+    (0..meta.config.partitions).map(|p| TopicPartition::new(topic, p)).collect()
+}
+
+/// The group's topics whose records must all be committed: the source and the repartition
+/// topic.
+fn consumed(transport: &MemoryTransport) -> Vec<TopicPartition> {
+    let mut tps = topic_partitions(transport, "orders");
+    tps.extend(topic_partitions(transport, "orders-count-orders-account_id-repartition"));
+    tps
+}
+
+/// Waits until the group committed every record of the consumed topics.
+fn wait_until_committed(transport: &MemoryTransport, within: Duration) {
+    let tps = consumed(transport);
+    let start = Instant::now();
+    loop {
+        let committed = block_on(transport.committed(GROUP, &tps)).unwrap();
+        let behind: Vec<String> = tps
+            .iter()
+            .zip(&committed)
+            .filter_map(|(tp, c)| {
+                let hw = transport.high_watermark(tp).unwrap();
+                (c.unwrap_or(0) < hw).then(|| format!("{tp}: {}/{hw}", c.unwrap_or(0)))
+            })
+            .collect();
+        if behind.is_empty() {
+            return;
+        }
+        assert!(start.elapsed() < within, "still not committed after {within:?}: {behind:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The table as committed: its changelog folded up to the committed offset of each partition.
+fn committed_counts(transport: &MemoryTransport) -> BTreeMap<String, u64> {
+    let tps = topic_partitions(transport, CHANGELOG);
+    let committed = block_on(transport.committed(GROUP, &tps)).unwrap();
+    let mut counts = BTreeMap::new();
+    for (tp, end) in tps.iter().zip(committed) {
+        let end = end.unwrap_or(0);
+        for r in transport.records(tp).unwrap().into_iter().filter(|r| r.offset < end) {
+            let key = String::from_utf8(r.key.unwrap().to_vec()).unwrap();
+            match r.value {
+                Some(v) => counts.insert(key, serde_json::from_slice(&v).unwrap()),
+                None => counts.remove(&key),
+            };
+        }
+    }
+    counts
+}
+
+/// Waits until no revocation is pending and the group's members hold `members` shares.
+fn wait_until_stable(
+    transport: &MemoryTransport,
+    members: usize,
+    within: Duration,
+) -> BTreeMap<String, Vec<TopicPartition>> {
+    let start = Instant::now();
+    loop {
+        let assignment = transport.group_assignment(GROUP);
+        if transport.pending_revokes(GROUP) == 0 && assignment.len() == members {
+            return assignment;
+        }
+        assert!(start.elapsed() < within, "group not stable after {within:?}: {assignment:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Every partition of the group's topics has one owner, and the source's partitions are
+/// spread evenly over the members (all of weight 1).
+fn check_assignment(transport: &MemoryTransport, assignment: &BTreeMap<String, Vec<TopicPartition>>) {
+    let mut owners: HashMap<TopicPartition, usize> = HashMap::new();
+    for tps in assignment.values() {
+        for tp in tps {
+            *owners.entry(tp.clone()).or_default() += 1;
+        }
+    }
+    for topic in ["orders", "orders-count-orders-account_id-repartition", CHANGELOG] {
+        for tp in topic_partitions(transport, topic) {
+            assert_eq!(owners.get(&tp), Some(&1), "{tp} must have exactly one owner: {assignment:?}");
+        }
+    }
+    let n = assignment.len() as u32;
+    let (low, high) = (PARTITIONS / n, PARTITIONS.div_ceil(n));
+    for (member, tps) in assignment {
+        let sources = tps.iter().filter(|tp| &*tp.topic == "orders").count() as u32;
+        assert!((low..=high).contains(&sources), "{member} holds {sources} of {PARTITIONS} source partitions");
+        // Co-partitioned: the member holds partition p of the changelog iff it holds p of the source.
+        for tp in tps.iter().filter(|tp| &*tp.topic == "orders") {
+            assert!(tps.iter().any(|c| &*c.topic == CHANGELOG && c.partition == tp.partition), "{member}: {tps:?}");
+        }
+    }
+}
+
+#[test]
+fn workers_joining_and_leaving_at_random_count_every_order_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let transport = MemoryTransport::new();
+    transport.create_topic_now("orders", &TopicConfig::new(PARTITIONS)).unwrap();
+    let (total, accounts) = (40_000, 500);
+    let producer = {
+        let transport = transport.clone();
+        std::thread::spawn(move || produce(&transport, total, accounts, Duration::from_secs(5)))
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let mut running: Vec<Worker> = Vec::new();
+    let mut started = 0;
+    for _ in 0..3 {
+        running.push(Worker::start(&transport, dir.path(), started));
+        started += 1;
+    }
+    let (mut joins, mut leaves) = (3, 0);
+    let chaos = Instant::now();
+    while chaos.elapsed() < Duration::from_secs(6) {
+        std::thread::sleep(Duration::from_millis(rng.gen_range(150..600)));
+        if running.len() > 1 && (running.len() >= 4 || rng.gen_bool(0.5)) {
+            let w = running.remove(rng.gen_range(0..running.len()));
+            w.stop();
+            leaves += 1;
+        } else {
+            running.push(Worker::start(&transport, dir.path(), started));
+            started += 1;
+            joins += 1;
+        }
+    }
+    while running.len() < 3 {
+        running.push(Worker::start(&transport, dir.path(), started));
+        started += 1;
+        joins += 1;
+    }
+    let expected = producer.join().unwrap();
+    eprintln!("{joins} joins, {leaves} leaves");
+    assert!(leaves >= 3, "the chaos should have removed workers");
+    wait_until_committed(&transport, Duration::from_secs(60));
+    let assignment = wait_until_stable(&transport, running.len(), Duration::from_secs(30));
+    check_assignment(&transport, &assignment);
+    let stats: Vec<faust::WorkerStats> = running.iter().map(|w| w.app.stats()).collect();
+    for w in running {
+        w.stop();
+    }
+    eprintln!("stats of the last workers: {stats:?}");
+    let counted = committed_counts(&transport);
+    assert_eq!(counted.values().sum::<u64>(), total, "every order counted once");
+    assert_eq!(counted, expected);
+}
+
+#[test]
+fn a_revoked_shard_that_comes_back_unchanged_resumes_without_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let transport = MemoryTransport::new();
+    transport.create_topic_now("orders", &TopicConfig::new(PARTITIONS)).unwrap();
+    let first = Worker::start(&transport, dir.path(), 0);
+    let expected = produce(&transport, 4_000, 50, Duration::from_millis(100));
+    wait_until_committed(&transport, Duration::from_secs(30));
+    let before = first.app.stats();
+    assert_eq!(before.shards_resumed, 0);
+    // A second worker takes half, then leaves with nothing new processed: the first worker's
+    // suspended shards come back unchanged.
+    let second = Worker::start(&transport, dir.path(), 1);
+    wait_until_stable(&transport, 2, Duration::from_secs(30));
+    let start = Instant::now();
+    while second.app.stats().partitions_assigned < u64::from(PARTITIONS) {
+        // The second worker consumes half the source and half the repartition partitions.
+        assert!(start.elapsed() < Duration::from_secs(30), "second worker never started: {:?}", second.app.stats());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let taken = second.app.stats().shards_recovered;
+    second.stop();
+    let start = Instant::now();
+    loop {
+        let stats = first.app.stats();
+        if stats.shards_resumed >= taken {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "shards not resumed: {stats:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let after = first.app.stats();
+    assert_eq!(after.changelog_records_replayed, before.changelog_records_replayed, "nothing replayed: {after:?}");
+    assert_eq!(after.shards_recovered, before.shards_recovered, "no shard reopened: {after:?}");
+    // And the counts are still right after one more order per account round.
+    first.stop();
+    assert_eq!(committed_counts(&transport), expected);
+}
