@@ -54,8 +54,15 @@ impl Worker {
         app.agent("count", &by_account, move |mut stream| {
             let counts = counts.clone();
             async move {
+                let mut n = 0u64;
                 while let Some(order) = stream.next().await {
                     counts.update(&order.account_id, |n| *n += 1)?;
+                    // A little slower than the orders arrive in bursts, so revocations find
+                    // events still queued (abandoned, then fetched again by the next owner).
+                    n += 1;
+                    if n.is_multiple_of(16) {
+                        glommio::timer::sleep(Duration::from_millis(1)).await;
+                    }
                 }
                 Ok(())
             }
@@ -65,9 +72,11 @@ impl Worker {
         Worker { app, thread }
     }
 
-    fn stop(self) {
+    /// Stops the worker; returns what it did.
+    fn stop(self) -> faust::WorkerStats {
         self.app.stop_signal().stop();
         self.thread.join().expect("worker thread panicked").expect("worker failed");
+        self.app.stats()
     }
 }
 
@@ -211,12 +220,13 @@ fn workers_joining_and_leaving_at_random_count_every_order_exactly_once() {
         started += 1;
     }
     let (mut joins, mut leaves) = (3, 0);
+    let mut stats: Vec<faust::WorkerStats> = Vec::new();
     let chaos = Instant::now();
     while chaos.elapsed() < Duration::from_secs(6) {
         std::thread::sleep(Duration::from_millis(rng.gen_range(150..600)));
         if running.len() > 1 && (running.len() >= 4 || rng.gen_bool(0.5)) {
             let w = running.remove(rng.gen_range(0..running.len()));
-            w.stop();
+            stats.push(w.stop());
             leaves += 1;
         } else {
             running.push(Worker::start(&transport, dir.path(), started));
@@ -235,11 +245,13 @@ fn workers_joining_and_leaving_at_random_count_every_order_exactly_once() {
     wait_until_committed(&transport, Duration::from_secs(60));
     let assignment = wait_until_stable(&transport, running.len(), Duration::from_secs(30));
     check_assignment(&transport, &assignment);
-    let stats: Vec<faust::WorkerStats> = running.iter().map(|w| w.app.stats()).collect();
     for w in running {
-        w.stop();
+        stats.push(w.stop());
     }
-    eprintln!("stats of the last workers: {stats:?}");
+    let abandoned: u64 = stats.iter().map(|s| s.events_abandoned).sum();
+    let revoked: u64 = stats.iter().map(|s| s.partitions_revoked).sum();
+    eprintln!("{revoked} partitions revoked, {abandoned} queued events abandoned; per worker: {stats:?}");
+    assert!(revoked > 0 && abandoned > 0, "revocations should have found queued events");
     let counted = committed_counts(&transport);
     assert_eq!(counted.values().sum::<u64>(), total, "every order counted once");
     assert_eq!(counted, expected);
@@ -266,6 +278,7 @@ fn a_revoked_shard_that_comes_back_unchanged_resumes_without_replay() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let taken = second.app.stats().shards_recovered;
+    assert!(taken > 0);
     second.stop();
     let start = Instant::now();
     loop {
