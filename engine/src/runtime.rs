@@ -313,7 +313,11 @@ where
             .spawn(move || {
                 let mut reported = vec![false; watchdog.beats.len()];
                 while !watchdog.done.load(Ordering::Relaxed) {
-                    std::thread::sleep(tick);
+                    // Woken early when the cores are done, so stopping does not wait a tick.
+                    std::thread::park_timeout(tick);
+                    if watchdog.done.load(Ordering::Relaxed) {
+                        break;
+                    }
                     let stalled = watchdog.stalled(threshold);
                     for (core, flag) in reported.iter_mut().enumerate() {
                         match stalled.iter().find(|(c, _)| *c == core) {
@@ -343,6 +347,7 @@ where
         }
     }
     watchdog.done.store(true, Ordering::Relaxed);
+    checker.thread().unpark();
     let _ = checker.join();
     match first_error {
         Some(e) => Err(e),
