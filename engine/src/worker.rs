@@ -1369,9 +1369,10 @@ async fn core_main(
         // Whatever was sent from outside until now is still sent (and flushed below).
         take_outbound(&runtime, &outbox, outbox.take(true)).await;
     }
-    // Cancelled tasks release the runtime when the executor drops them.
+    // Cancelled tasks release the runtime when the executor drops them. Two references stay:
+    // this one and the thread's `CURRENT`.
     let release_deadline = std::time::Instant::now() + Duration::from_secs(1);
-    while Rc::strong_count(&runtime) > 1 && std::time::Instant::now() < release_deadline {
+    while Rc::strong_count(&runtime) > 2 && std::time::Instant::now() < release_deadline {
         glommio::timer::sleep(Duration::from_millis(1)).await;
     }
     let result = match runtime.commit_now().await {
