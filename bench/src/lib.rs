@@ -1,5 +1,7 @@
-//! Helpers shared by the benchmark binaries (`storage`, `engine`), and workload W2.
+//! Helpers shared by the benchmark binaries (`storage`, `engine`), workloads W2 and W4, and
+//! the takeover measurement.
 
+pub mod takeover;
 pub mod w2;
 
 /// Prints a progress line on stderr (plain when stdout carries JSON, indented otherwise).

@@ -86,6 +86,16 @@ pub struct W2Run {
 /// Runs W2 as app `id` over the pre-loaded orders on `cores` cores, checks that the table
 /// counted every order, and returns the rate.
 pub fn run(datadir: &Path, id: &str, n: u64, cores: usize) -> W2Run {
+    run_counting(datadir, id, n, cores, false)
+}
+
+/// W4: W2 with the orders re-keyed by account through `group_by` first (one more hop through
+/// the log: the repartition topic), as the Faust README writes it.
+pub fn run_grouped(datadir: &Path, id: &str, n: u64, cores: usize) -> W2Run {
+    run_counting(datadir, id, n, cores, true)
+}
+
+fn run_counting(datadir: &Path, id: &str, n: u64, cores: usize, grouped: bool) -> W2Run {
     let app = App::new(settings(id, datadir, cores));
     let orders = app.topic::<String, Order>("orders");
     let counts = app.table::<String, u64>("counts").with_default(|| 0);
@@ -96,7 +106,7 @@ pub fn run(datadir: &Path, id: &str, n: u64, cores: usize) -> W2Run {
     let tallies: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
     {
         let (counters, first_ns, tallies) = (counters.clone(), first_ns.clone(), tallies.clone());
-        app.agent("count", &orders, move |mut stream| {
+        let count = move |mut stream: faust::Stream<String, Order>| {
             let (counts, counters, first_ns, tallies) =
                 (counts.clone(), counters.clone(), first_ns.clone(), tallies.clone());
             async move {
@@ -111,9 +121,14 @@ pub fn run(datadir: &Path, id: &str, n: u64, cores: usize) -> W2Run {
                 let items = counts.local_items()?;
                 let counted = items.iter().map(|(_, c)| c).sum();
                 tallies.lock().map_err(|_| "poisoned")?.push((counted, items.len() as u64));
-                Ok(())
+                Ok::<(), faust::AgentError>(())
             }
-        });
+        };
+        if grouped {
+            app.agent("count", &orders.group_by(|o: &Order| o.account_id.clone(), "account"), count);
+        } else {
+            app.agent("count", &orders, count);
+        }
     }
     let stop = app.stop_signal();
     let done_at = Arc::new(Mutex::new(None));

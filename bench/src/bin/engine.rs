@@ -51,9 +51,15 @@ struct Args {
     /// Only the 1-core W2 run (10,000 accounts), once (for profiling).
     #[arg(long)]
     only_w2: bool,
-    /// Skip W1 and the latency runs (W2 and recovery only).
+    /// Skip W1 and the latency runs (W2, recovery, W4 and the takeover only).
     #[arg(long)]
     skip_w1: bool,
+    /// Only the 1-core W4 run (group_by, then count), once (for profiling).
+    #[arg(long)]
+    only_w4: bool,
+    /// Only the takeover on memory://, once.
+    #[arg(long)]
+    only_takeover: bool,
 }
 
 /// W2's figures.
@@ -67,15 +73,21 @@ struct W2Figures {
     recovery_records_s: f64,
     recovery_records: u64,
     reopen_s: f64,
+    /// W4 (group_by then count), best of the runs, on the same orders.
+    w4_one: f64,
+    w4_two: f64,
+    takeover: faust_bench::takeover::Takeover,
 }
 
-/// W2 (the orders count, 10,000 and 1,000,000 accounts), its floor, and table recovery.
+/// W2 (the orders count, 10,000 and 1,000,000 accounts), its floor, table recovery, W4 (the
+/// same count behind a `group_by`) and the takeover on `memory://`.
 fn run_w2(dir: &Path, n: u64, json: bool, runs: usize) -> W2Figures {
     use faust_bench::w2;
     let small = dir.join("w2-10k");
     progress(json, &format!("W2: pre-loading {n} orders over 10,000 accounts"));
     w2::preload(&small, n, 10_000);
     let (mut one, mut two) = (0.0f64, 0.0f64);
+    let (mut w4_one, mut w4_two) = (0.0f64, 0.0f64);
     for r in 0..runs {
         let a = w2::run(&small, &format!("w2-1core-{r}"), n, 1);
         assert_eq!(a.accounts, 10_000, "W2 counted {} accounts", a.accounts);
@@ -83,6 +95,12 @@ fn run_w2(dir: &Path, n: u64, json: bool, runs: usize) -> W2Figures {
         one = one.max(a.events_s);
         let b = w2::run(&small, &format!("w2-2core-{r}"), n, 2);
         progress(json, &format!("W2 2 cores run {r}: {:.0} events/s", b.events_s));
+        let c = w2::run_grouped(&small, &format!("w4-1core-{r}"), n, 1);
+        progress(json, &format!("W4 1 core run {r}: {:.0} events/s", c.events_s));
+        let d = w2::run_grouped(&small, &format!("w4-2core-{r}"), n, 2);
+        progress(json, &format!("W4 2 cores run {r}: {:.0} events/s", d.events_s));
+        w4_one = w4_one.max(c.events_s);
+        w4_two = w4_two.max(d.events_s);
         two = two.max(b.events_s);
     }
     let encoded: Vec<Vec<u8>> = (0..n).map(|i| serde_json::to_vec(&w2::order(i, 10_000)).unwrap()).collect();
@@ -113,7 +131,24 @@ fn run_w2(dir: &Path, n: u64, json: bool, runs: usize) -> W2Figures {
         recovery_records_s: records as f64 / replay.as_secs_f64(),
         recovery_records: records,
         reopen_s: reopen.as_secs_f64(),
+        w4_one,
+        w4_two,
+        takeover: run_takeover(dir, n, json),
     }
+}
+
+fn run_takeover(dir: &Path, n: u64, json: bool) -> faust_bench::takeover::Takeover {
+    let preload = (n / 4).max(10_000);
+    progress(json, &format!("takeover on memory:// after {preload} orders counted"));
+    let t = faust_bench::takeover::run(&dir.join("takeover"), preload);
+    progress(
+        json,
+        &format!(
+            "takeover of {} partitions: {:.1} ms after the leave ({:.1} ms after the stop), {} changelog records replayed",
+            t.moved, t.takeover_ms, t.stop_to_processed_ms, t.replayed
+        ),
+    );
+    t
 }
 
 fn print_w2(w: &W2Figures, n: u64) {
@@ -146,6 +181,31 @@ fn print_w2(w: &W2Figures, n: u64) {
         w.recovery_records_s, w.recovery_records
     );
     println!("| reopen 1M keys from the checkpoint | {:.2} s | | (≤ 1 s) |", w.reopen_s);
+    println!(
+        "| W4 1 core (group_by, then count) | {:.0} events/s | W2 1 core {:.0} | {:.2} (≥ 0.4) |",
+        w.w4_one,
+        w.one,
+        w.w4_one / w.one
+    );
+    println!("| W4 2 cores | {:.0} events/s | W2 2 cores {:.0} | {:.2} |", w.w4_two, w.two, w.w4_two / w.two);
+    let t = &w.takeover;
+    println!(
+        "| takeover on memory:// ({} partitions) | {:.1} ms after the leave, {:.1} ms after the stop | replayed {} changelog records | (≤ 100 ms + tail replay) |",
+        t.moved, t.takeover_ms, t.stop_to_processed_ms, t.replayed
+    );
+}
+
+/// The W4 and takeover keys of `--json`.
+fn w4_json(w: &W2Figures) -> serde_json::Value {
+    serde_json::json!({
+        "w4_events_s_1core": w.w4_one,
+        "w4_events_s_2core": w.w4_two,
+        "w4_vs_w2_ratio": w.w4_one / w.one,
+        "w4_vs_w2_ratio_2core": w.w4_two / w.two,
+        "memory_takeover_ms": w.takeover.takeover_ms,
+        "memory_stop_to_processed_ms": w.takeover.stop_to_processed_ms,
+        "memory_takeover_replayed_records": w.takeover.replayed,
+    })
 }
 
 /// An order as the generator writes it (about 150 bytes of JSON).
@@ -452,7 +512,23 @@ fn main() {
     let runs = if args.quick { 1 } else { 3 };
     if args.skip_w1 {
         let w = run_w2(dir.path(), n, args.json, runs);
-        print_w2(&w, n);
+        if args.json {
+            println!("{}", w4_json(&w));
+        } else {
+            print_w2(&w, n);
+        }
+        return;
+    }
+    if args.only_w4 {
+        let small = dir.path().join("w4-only");
+        faust_bench::w2::preload(&small, n, 10_000);
+        let r = faust_bench::w2::run_grouped(&small, "w4-only", n, 1);
+        println!("W4 1 core: {:.0} events/s ({} accounts)", r.events_s, r.accounts);
+        return;
+    }
+    if args.only_takeover {
+        let t = run_takeover(dir.path(), n, args.json);
+        println!("takeover: {t:?}");
         return;
     }
     if args.only_w1 {
@@ -535,6 +611,10 @@ fn main() {
             "recovery_records_s": w2.recovery_records_s,
             "reopen_1m_keys_s": w2.reopen_s,
         });
+        let mut out = out;
+        if let (Some(o), serde_json::Value::Object(w4)) = (out.as_object_mut(), w4_json(&w2)) {
+            o.extend(w4);
+        }
         println!("{out}");
     } else {
         println!("W1 stateless (decode JSON order ~{avg_bytes:.0} B, filter, map, forward), {n} orders on local://");
