@@ -103,8 +103,13 @@ impl<K, V> Event<K, V> {
         let record = &self.headers;
         let Some(value) = record.value.as_deref() else { return Ok(()) };
         let position = crate::group_by::encode_position(self.tp.partition, self.offset);
-        let mut headers: Vec<faust_storage::Header<'_>> = record.headers().collect();
-        headers.push((crate::group_by::POSITION_HEADER, Some(&position[..])));
+        let stamp: faust_storage::Header<'_> = (crate::group_by::POSITION_HEADER, Some(&position[..]));
+        let mut headers = record.headers().peekable();
+        if headers.peek().is_none() {
+            // The common case, no headers of its own: no allocation.
+            return topic.send_soon_keyed_raw(&self.core, Some(self.timestamp), key, value, &[stamp]);
+        }
+        let headers: Vec<faust_storage::Header<'_>> = headers.chain(std::iter::once(stamp)).collect();
         topic.send_soon_keyed_raw(&self.core, Some(self.timestamp), key, value, &headers)
     }
 }
@@ -158,21 +163,11 @@ impl<K: 'static, V: 'static> Stream<K, V> {
     /// position is a table write of the event, committed with its offset.
     fn admit(&self, positions: &crate::Table<u32, u64>, queued: &QueuedEvent) -> bool {
         let Some((partition, offset)) = crate::group_by::source_position(&queued.record) else { return true };
-        match positions.latest(&partition) {
-            Ok(Some(latest)) if offset <= latest => false,
-            Ok(_) => {
-                if let Err(e) = positions.insert(partition, offset) {
-                    tracing::warn!(topic = %queued.tp.topic, partition = queued.tp.partition, error = %e,
-                        "recording a repartitioned record's source position failed");
-                }
-                true
-            }
-            Err(e) => {
-                tracing::warn!(topic = %queued.tp.topic, partition = queued.tp.partition, error = %e,
-                    "reading the latest source position failed; taking the record");
-                true
-            }
-        }
+        positions.advance(partition, offset).unwrap_or_else(|e| {
+            tracing::warn!(topic = %queued.tp.topic, partition = queued.tp.partition, offset = queued.record.offset,
+                error = %e, "checking a repartitioned record's source position failed; taking the record");
+            true
+        })
     }
 
     /// The same stream with another last processor.

@@ -359,10 +359,20 @@ where
         self
     }
 
-    /// The latest value of `key` in the current event's shard, counting the writes of every
-    /// event not yet acked (in the order they were made), not only the current event's.
-    pub(crate) fn latest(&self, key: &K) -> Result<Option<V>, TableError> {
-        self.with_shard(None, |s, _| s.latest(key))
+    /// Sets `key` to `value` in the current event's shard if `value` is past its latest
+    /// value — counting the writes of every event not yet acked, in the order they were made,
+    /// not only the current event's — and says whether it was.
+    pub(crate) fn advance(&self, key: K, value: V) -> Result<bool, TableError>
+    where
+        V: PartialOrd,
+    {
+        self.with_shard(None, |s, token| {
+            if s.latest(&key)?.is_some_and(|latest| value <= latest) {
+                return Ok(false);
+            }
+            s.write(token, key, Some(value))?;
+            Ok(true)
+        })
     }
 
     /// Keeps the shards in memory only (Faust's `store="memory://"`): they are rebuilt from
