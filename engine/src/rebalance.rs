@@ -284,10 +284,17 @@ impl CoreRuntime {
         for (_, c) in &stopping {
             c.cancel.cancel();
         }
+        let grace = self.settings().shutdown_timeout;
         for (tp, c) in stopping {
             let started = Instant::now();
             let mut task = std::pin::pin!(c.task);
             loop {
+                if started.elapsed() >= grace {
+                    // Dropped below, which cancels it: what it fetched is not processed.
+                    tracing::error!(core = self.index, partition = %tp, grace_ms = grace.as_millis() as u64,
+                        "the consumer of a revoked partition did not stop in time; cancelling it");
+                    break;
+                }
                 let finished = futures_lite::future::or(
                     async {
                         (&mut task).await;
@@ -321,7 +328,6 @@ impl CoreRuntime {
         }
         // 3. Let the agents finish the events they hold (everything below the first abandoned
         // offset), for at most the shutdown timeout.
-        let grace = self.settings().shutdown_timeout;
         let started = Instant::now();
         let mut last_log = Instant::now();
         loop {

@@ -41,9 +41,13 @@ struct Worker {
 
 impl Worker {
     fn start(transport: &MemoryTransport, dir: &Path, n: usize) -> Worker {
+        Worker::start_on(transport, dir, n, 1)
+    }
+
+    fn start_on(transport: &MemoryTransport, dir: &Path, n: usize, cores: usize) -> Worker {
         let mut settings = Settings::new(GROUP);
         settings.broker = "memory://".into();
-        settings.cores = Some(1);
+        settings.cores = Some(cores);
         settings.datadir = dir.join(format!("worker-{n}"));
         settings.commit_interval = Duration::from_millis(100);
         settings.topic_partitions = PARTITIONS;
@@ -294,5 +298,40 @@ fn a_revoked_shard_that_comes_back_unchanged_resumes_without_replay() {
     assert_eq!(after.shards_recovered, before.shards_recovered, "no shard reopened: {after:?}");
     // And the counts are still right after one more order per account round.
     first.stop();
+    assert_eq!(committed_counts(&transport), expected);
+}
+
+#[test]
+fn a_two_core_worker_moves_partitions_between_its_cores_as_others_come_and_go() {
+    if faust::runtime::usable_cpus().len() < 2 {
+        eprintln!("skipped: needs 2 usable CPUs");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let transport = MemoryTransport::new();
+    transport.create_topic_now("orders", &TopicConfig::new(PARTITIONS)).unwrap();
+    let producer = {
+        let transport = transport.clone();
+        std::thread::spawn(move || produce(&transport, 20_000, 200, Duration::from_secs(3)))
+    };
+    // Weight 2 against 1: the big worker keeps about two thirds, and what it gives away
+    // leaves its cores uneven, so it moves partitions from one core to the other.
+    let big = Worker::start_on(&transport, dir.path(), 0, 2);
+    let mut small = 1;
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(300));
+        let w = Worker::start(&transport, dir.path(), small);
+        small += 1;
+        let assignment = wait_until_stable(&transport, 2, Duration::from_secs(30));
+        let sizes: Vec<usize> =
+            assignment.values().map(|tps| tps.iter().filter(|tp| &*tp.topic == "orders").count()).collect();
+        assert!(sizes.contains(&5) || sizes.contains(&6), "weights 2:1 of 8 give 5 or 6 to the big worker: {sizes:?}");
+        std::thread::sleep(Duration::from_millis(300));
+        w.stop();
+    }
+    let expected = producer.join().unwrap();
+    wait_until_committed(&transport, Duration::from_secs(60));
+    let stats = big.stop();
+    eprintln!("big worker: {stats:?}");
     assert_eq!(committed_counts(&transport), expected);
 }
