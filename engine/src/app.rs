@@ -616,7 +616,8 @@ impl<K, V> Agent<K, V> {
 
 impl<K: Serialize + 'static, V: Serialize + 'static> Agent<K, V> {
     /// Sends a record to the agent's topic and waits until it is durable (Faust's
-    /// `agent.send`).
+    /// `agent.send`). For an agent on a [`Topic::group_by`], that is the repartition topic:
+    /// `key` is then the grouping key.
     pub async fn send(&self, key: Option<&K>, value: &V) -> Result<Produced, SendError> {
         self.topic.send(key, value).await
     }

@@ -317,11 +317,9 @@ fn a_two_core_worker_moves_partitions_between_its_cores_as_others_come_and_go() 
     // Weight 2 against 1: the big worker keeps about two thirds, and what it gives away
     // leaves its cores uneven, so it moves partitions from one core to the other.
     let big = Worker::start_on(&transport, dir.path(), 0, 2);
-    let mut small = 1;
-    for _ in 0..3 {
+    for small in 1..=3 {
         std::thread::sleep(Duration::from_millis(300));
         let w = Worker::start(&transport, dir.path(), small);
-        small += 1;
         let assignment = wait_until_stable(&transport, 2, Duration::from_secs(30));
         let sizes: Vec<usize> =
             assignment.values().map(|tps| tps.iter().filter(|tp| &*tp.topic == "orders").count()).collect();
