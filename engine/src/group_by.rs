@@ -150,7 +150,8 @@ where
             app.agent_on(&format!("{agent}:group_by:{group}"), &source, move |mut stream| {
                 let (key_fn, target) = (key_fn.clone(), target.clone());
                 async move {
-                    while let Some(event) = stream.next_event().await {
+                    // The source's key is never used: not decoded.
+                    while let Some(event) = stream.next_event_keyless().await {
                         event.forward_keyed_soon(&target, &key_fn(&event.value))?;
                     }
                     Ok(())

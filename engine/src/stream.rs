@@ -23,7 +23,9 @@ type Stage<K, V> = Box<dyn Fn(&QueuedEvent) -> Result<Option<(Option<K>, V)>, St
 /// As in Faust, asking for the next event acks the previous one: an event counts as
 /// processed once the agent moves past it, and only then may its offset be committed. A key
 /// or value that does not decode is logged (topic, partition, offset and a hex preview),
-/// counted and skipped.
+/// counted and skipped. Keys are decoded only once something can see them: a stream read
+/// with [`next`](Stream::next) or [`take`](Stream::take) alone hands out values and leaves
+/// keys as they are.
 pub struct Stream<K, V> {
     core: Rc<CoreRuntime>,
     agent: usize,
@@ -32,6 +34,10 @@ pub struct Stream<K, V> {
     stage: Stage<K, V>,
     /// On a repartition topic: drops records the re-keying agent sent again after a crash.
     positions: Option<crate::Table<u32, u64>>,
+    /// Whether keys are decoded: from the first call that can show one (`next_event`,
+    /// `next_item`, `take_events`, or an `echo` stage); an agent that only ever asks for
+    /// values (`next`, `take`) never pays for decoding keys.
+    keys: Rc<std::cell::Cell<bool>>,
 }
 
 impl<K, V> std::fmt::Debug for Stream<K, V> {
@@ -129,16 +135,19 @@ fn preview(bytes: &[u8]) -> String {
 
 impl<K: DeserializeOwned + 'static, V: DeserializeOwned + 'static> Stream<K, V> {
     pub(crate) fn new(run: &AgentRun, key_codec: Codec, value_codec: Codec) -> Self {
+        let keys = Rc::new(std::cell::Cell::new(false));
+        let decode_keys = keys.clone();
         Stream {
             core: run.core.clone(),
             agent: run.agent,
             queue: run.queue.clone(),
             current: run.current.clone(),
             positions: None,
+            keys,
             stage: Box::new(move |queued: &QueuedEvent| {
                 let key = match &queued.record.key {
-                    Some(k) => Some(key_codec.decode(k).map_err(|e| format!("key: {e}"))?),
-                    None => None,
+                    Some(k) if decode_keys.get() => Some(key_codec.decode(k).map_err(|e| format!("key: {e}"))?),
+                    _ => None,
                 };
                 let value = match &queued.record.value {
                     Some(v) => value_codec.decode(v).map_err(|e| format!("value: {e}"))?,
@@ -182,6 +191,7 @@ impl<K: 'static, V: 'static> Stream<K, V> {
             queue: self.queue,
             current: self.current,
             positions: self.positions,
+            keys: self.keys,
             stage: Box::new(move |queued: &QueuedEvent| match previous(queued)? {
                 Some((k, v)) => next(k, v),
                 None => Ok(None),
@@ -235,6 +245,7 @@ impl<K: 'static, V: 'static> Stream<K, V> {
         V: Serialize,
     {
         let topic = topic.clone();
+        self.keys.set(true);
         self.then(move |k, v| {
             topic.send_soon(k.as_ref(), &v).map_err(|e| format!("echo to `{}`: {e}", topic.name()))?;
             Ok(Some((k, v)))
@@ -254,6 +265,13 @@ impl<K: 'static, V: 'static> Stream<K, V> {
 
     /// The next event, acking the previous one; `None` when the worker stops.
     pub async fn next_event(&mut self) -> Option<Event<K, V>> {
+        self.keys.set(true);
+        self.next_event_keyless().await
+    }
+
+    /// [`next_event`](Stream::next_event) for callers that never look at the key (it is
+    /// `None` unless something else asked for keys).
+    pub(crate) async fn next_event_keyless(&mut self) -> Option<Event<K, V>> {
         self.ack_current();
         self.pull(None).await
     }
@@ -326,7 +344,7 @@ impl<K: 'static, V: 'static> Stream<K, V> {
 
     /// The next value, acking the previous event; `None` when the worker stops.
     pub async fn next(&mut self) -> Option<V> {
-        self.next_event().await.map(|e| e.value)
+        self.next_event_keyless().await.map(|e| e.value)
     }
 
     /// The next key and value, acking the previous event.
@@ -338,6 +356,11 @@ impl<K: 'static, V: 'static> Stream<K, V> {
     /// `take_events`). The batch is acked when the agent asks for more; an agent that fails
     /// gets the whole batch again. Empty only when the worker stops.
     pub async fn take_events(&mut self, max: usize, within: std::time::Duration) -> Vec<Event<K, V>> {
+        self.keys.set(true);
+        self.take_events_keyless(max, within).await
+    }
+
+    async fn take_events_keyless(&mut self, max: usize, within: std::time::Duration) -> Vec<Event<K, V>> {
         self.ack_current();
         let mut batch = Vec::new();
         let Some(first) = self.pull(None).await else { return batch };
@@ -355,6 +378,6 @@ impl<K: 'static, V: 'static> Stream<K, V> {
     /// Up to `max` values, waiting at most `within` after the first for the rest (Faust's
     /// `take`); see [`Stream::take_events`].
     pub async fn take(&mut self, max: usize, within: std::time::Duration) -> Vec<V> {
-        self.take_events(max, within).await.into_iter().map(|e| e.value).collect()
+        self.take_events_keyless(max, within).await.into_iter().map(|e| e.value).collect()
     }
 }

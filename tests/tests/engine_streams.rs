@@ -317,3 +317,48 @@ fn a_second_test_context_on_the_same_app_starts_afresh() {
         test.stop().unwrap();
     }
 }
+
+#[test]
+fn keys_are_decoded_only_for_agents_that_can_see_them() {
+    // Keys that do not decode as the topic's key type (`u64` under the raw codec): an agent
+    // reading values only (`next`) never decodes them, one reading events skips such records.
+    let app = App::new(settings("lazy-keys", 1));
+    let numbers = app.topic::<u64, u64>("numbers");
+    let values = app.topic::<String, u64>("values");
+    let events = app.topic::<String, u64>("events");
+    let (values2, events2) = (values.clone(), events.clone());
+    app.agent("values", &numbers, move |mut stream| {
+        let values = values2.clone();
+        async move {
+            while let Some(n) = stream.next().await {
+                values.send_soon(None, &n)?;
+            }
+            Ok(())
+        }
+    });
+    app.agent("events", &numbers, move |mut stream| {
+        let events = events2.clone();
+        async move {
+            while let Some(e) = stream.next_event().await {
+                events.send_soon(None, &e.value)?;
+            }
+            Ok(())
+        }
+    });
+    let test = app.test_context().unwrap();
+    let tp = TopicPartition::new("numbers", 0);
+    // The worker may not have created it yet (it keeps an existing one).
+    test.transport().create_topic_now("numbers", &faust::TopicConfig::new(1)).unwrap();
+    for n in 0..3u64 {
+        let mut batch = faust::storage::BatchBuilder::new();
+        batch.push(0, Some(b"not-a-number"), Some(n.to_string().as_bytes()), &[]);
+        let produced = futures_lite::future::block_on(test.transport().produce(&tp, batch)).unwrap();
+        assert_eq!(produced.base_offset, n);
+    }
+    // A good record after them, put through the harness so it waits for both agents.
+    test.put(&numbers, None, &3).unwrap();
+    let seen = |topic| test.records(topic).unwrap().into_iter().map(|(_, v)| v).collect::<Vec<u64>>();
+    assert_eq!(seen(&values), vec![0, 1, 2, 3]);
+    assert_eq!(seen(&events), vec![3], "records whose key does not decode are skipped by next_event");
+    test.stop().unwrap();
+}
