@@ -143,6 +143,9 @@ pub(crate) struct Command {
     pub(crate) close: Vec<TopicPartition>,
     /// Partitions to start processing (sources) or to open (changelogs).
     pub(crate) take: Vec<TopicPartition>,
+    /// The released partitions were lost (the group dropped this worker): nothing of them
+    /// is committed (the commit would be refused) and their shards are closed.
+    pub(crate) lost: bool,
     pub(crate) done: Arc<Done>,
 }
 
@@ -244,13 +247,13 @@ impl Commands {
 impl CoreRuntime {
     /// Applies one command: release, close, take. Answers it, also on failure.
     pub(crate) async fn apply(self: &Rc<Self>, command: Command) {
-        let Command { fence, release, close, take, done } = command;
+        let Command { fence, release, close, take, lost, done } = command;
         if fence.is_some() {
             *self.fence.borrow_mut() = fence;
         }
         let mut report = Report::default();
         if !release.is_empty() {
-            report.suspended = self.release(&release).await;
+            report.suspended = self.release(&release, lost).await;
         }
         for tp in &close {
             if self.suspended.borrow_mut().remove(tp).is_some() {
@@ -273,8 +276,9 @@ impl CoreRuntime {
     }
 
     /// Stops processing `partitions` (sources) and suspends or closes their shards
-    /// (changelogs). Returns the changelog partitions whose shards are now suspended.
-    async fn release(self: &Rc<Self>, partitions: &[TopicPartition]) -> Vec<TopicPartition> {
+    /// (changelogs). Returns the changelog partitions whose shards are now suspended. With
+    /// `lost`, nothing is waited for or committed, and every shard is closed.
+    async fn release(self: &Rc<Self>, partitions: &[TopicPartition], lost: bool) -> Vec<TopicPartition> {
         let (changelogs, sources): (Vec<TopicPartition>, Vec<TopicPartition>) =
             partitions.iter().cloned().partition(|tp| self.is_changelog(tp).is_some());
         // 1. Stop fetching. A consumer ends within one fetch wait (its waits for queue room
@@ -327,9 +331,12 @@ impl CoreRuntime {
             }
         }
         // 3. Let the agents finish the events they hold (everything below the first abandoned
-        // offset), for at most the shutdown timeout.
+        // offset), for at most the shutdown timeout. Lost partitions wait for nothing.
         let started = Instant::now();
         let mut last_log = Instant::now();
+        if lost {
+            boundaries.clear();
+        }
         loop {
             let holding: Vec<String> = boundaries
                 .iter()
@@ -353,8 +360,9 @@ impl CoreRuntime {
             }
             glommio::timer::sleep(Duration::from_millis(1)).await;
         }
-        // 4. Commit what was processed.
-        let committed = self.commit_for_release().await;
+        // 4. Commit what was processed (a lost partition's commit would be refused: its events
+        // are processed again by its new owner).
+        let committed = if lost { None } else { self.commit_for_release().await };
         // 5. Release, with no await from here on: a commit that starts later no longer sees
         // these partitions, and nothing of them is processed any more.
         {
@@ -390,6 +398,7 @@ impl CoreRuntime {
                     self.suspended.borrow_mut().insert(tp.clone(), Suspended { shard, committed_end: end });
                     suspended.push(tp.clone());
                 }
+                _ if lost => {}
                 _ => {
                     tracing::warn!(core = self.index, changelog = %tp,
                         "closing the shard of a revoked partition: its latest state was not committed");
@@ -602,6 +611,7 @@ impl Placement {
                     release: std::mem::take(&mut release[c]),
                     close: close[c].clone(),
                     take: Vec::new(),
+                    lost: false,
                     done: done.clone(),
                 };
                 self.commands[c].push(command);
@@ -633,6 +643,7 @@ impl Placement {
                     release: Vec::new(),
                     close: Vec::new(),
                     take: std::mem::take(&mut take[c]),
+                    lost: false,
                     done: done.clone(),
                 };
                 self.commands[c].push(command);
@@ -647,6 +658,40 @@ impl Placement {
             }
         }
         Ok(())
+    }
+
+    /// Drops every partition and suspended shard at once, committing nothing: the group
+    /// dropped this worker, so others own them already.
+    pub(crate) async fn lose_everything(&mut self) -> Result<(), String> {
+        let n = self.cores.max(1);
+        let mut release: Vec<Vec<TopicPartition>> = vec![Vec::new(); n];
+        let mut close: Vec<Vec<TopicPartition>> = vec![Vec::new(); n];
+        for (tp, &core) in &self.placed {
+            release[core].push(tp.clone());
+            close[core].push(tp.clone());
+        }
+        for (tp, &core) in &self.suspended {
+            close[core].push(tp.clone());
+        }
+        let pending: Vec<(usize, Arc<Done>)> = (0..n)
+            .map(|c| {
+                let done = Arc::new(Done::default());
+                let command = Command {
+                    fence: None,
+                    release: std::mem::take(&mut release[c]),
+                    close: std::mem::take(&mut close[c]),
+                    take: Vec::new(),
+                    lost: true,
+                    done: done.clone(),
+                };
+                self.commands[c].push(command);
+                (c, done)
+            })
+            .collect();
+        let result = self.wait_all(pending, "drop lost partitions").await.map(|_| ());
+        self.placed.clear();
+        self.suspended.clear();
+        result
     }
 
     /// The cores' answers, each awaited for at most the timeout (logging while it waits).
@@ -686,6 +731,8 @@ pub(crate) struct Control {
     pub(crate) stop: Arc<crate::app::StopSignal>,
     pub(crate) cores_done: Arc<crate::app::StopSignal>,
     pub(crate) counters: Arc<Counters>,
+    /// Why the control thread stopped the worker, if it did.
+    pub(crate) failure: Arc<Mutex<Option<String>>>,
     /// How long to wait for the first assignment before letting the cores start without
     /// partitions (a worker joining a busy group gets its share only after others release it).
     pub(crate) first_wait: Duration,
@@ -696,12 +743,11 @@ impl Control {
         let mut membership = match self.transport.membership(&self.group, &self.join) {
             Ok(m) => m,
             Err(e) => {
-                tracing::error!(group = %self.group, error = %e, "joining the group failed; stopping the worker");
-                self.stop.stop();
+                self.fail(&format!("joining the group: {e}"));
                 return;
             }
         };
-        let member = membership.member_id();
+        let mut member = membership.member_id();
         let mut owned: BTreeSet<TopicPartition> = BTreeSet::new();
         let mut generation = 0;
         // The first assignment, so that the cores start with their partitions placed.
@@ -714,7 +760,9 @@ impl Control {
             Some(event) => Some(event),
             None => {
                 let fence = member.clone().map(|member| Fence { member, generation });
-                if let Err(e) = self.placement.apply(&HashMap::new(), fence).await {
+                if let Err(e) = self.placement.apply(&HashMap::new(), fence).await
+                    && !self.stop.is_stopped()
+                {
                     self.fail(&e);
                 }
                 None
@@ -739,8 +787,31 @@ impl Control {
             let event = match event {
                 Ok(event) => event,
                 Err(faust_transport::Error::Closed) => break,
+                Err(e @ faust_transport::Error::Fenced { .. }) => {
+                    // Kafka's "partitions lost": drop everything uncommitted, then join again.
+                    tracing::warn!(group = %self.group, error = %e,
+                        "the group dropped this worker; dropping its partitions without committing and joining again");
+                    if let Err(e) = self.placement.lose_everything().await {
+                        if !self.stop.is_stopped() {
+                            self.fail(&e);
+                        }
+                        break;
+                    }
+                    owned.clear();
+                    match self.transport.membership(&self.group, &self.join) {
+                        Ok(m) => {
+                            membership = m;
+                            member = membership.member_id();
+                            continue;
+                        }
+                        Err(e) => {
+                            self.fail(&format!("joining the group again: {e}"));
+                            break;
+                        }
+                    }
+                }
                 Err(e) => {
-                    self.fail(&format!("the group dropped this worker: {e}"));
+                    self.fail(&format!("the group failed: {e}"));
                     break;
                 }
             };
@@ -761,11 +832,19 @@ impl Control {
             let target = self.placement.target(&owned);
             let fence = member.clone().map(|member| Fence { member, generation });
             if let Err(e) = self.placement.apply(&target, fence).await {
-                self.fail(&e);
+                // A stop asked for meanwhile ends the cores' commands: not a failure.
+                if !self.stop.is_stopped() {
+                    self.fail(&e);
+                }
                 break;
             }
             self.counters.rebalances.fetch_add(1, Ordering::Relaxed);
             if revoked && let Err(e) = membership.revoked(g).await {
+                if matches!(e, faust_transport::Error::Fenced { .. }) {
+                    // Too late: the group dropped this worker meanwhile; the next event says so.
+                    tracing::warn!(group = %self.group, error = %e, "confirming a revocation was refused");
+                    continue;
+                }
                 self.fail(&format!("confirming the revocation of generation {g}: {e}"));
                 break;
             }
@@ -779,6 +858,7 @@ impl Control {
 
     fn fail(&self, message: &str) {
         tracing::error!(group = %self.group, "{message}; stopping the worker");
+        lock(&self.failure).get_or_insert_with(|| message.to_string());
         self.stop.stop();
     }
 }

@@ -74,6 +74,15 @@ pub enum WorkerError {
         /// What went wrong.
         message: String,
     },
+    /// The worker stopped because of its consumer group (joining failed, an assignment change
+    /// could not be applied, ...).
+    #[error("group `{group}`: {message}")]
+    Group {
+        /// The group (the app id).
+        group: String,
+        /// What went wrong.
+        message: String,
+    },
 }
 
 /// Why buffered sends, or a commit that waits for them, failed.
@@ -572,6 +581,14 @@ impl CoreRuntime {
         if self.sends_lost.get() {
             return Err(FlushError::SendsLost);
         }
+        // A worker the group dropped (it missed a rebalance deadline) must not write
+        // changelog records its successor could later replay as committed: ask first (an
+        // empty fenced commit checks membership and writes nothing). This narrows the window
+        // to this commit's duration; closing it needs producer fencing.
+        let fence = self.fence.borrow().clone();
+        if let Some(fence) = &fence {
+            self.transport.commit(&self.group, Some(fence), &[]).await?;
+        }
         let mut lowest: HashMap<TopicPartition, u64> = HashMap::default();
         for ((_, tp), tracker) in self.acks.borrow().iter() {
             if self.channel_agents.contains_key(&tp.topic) {
@@ -1021,11 +1038,13 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
     });
     let commands: Vec<Arc<crate::rebalance::Commands>> = (0..cores).map(|_| Arc::default()).collect();
     let cores_done = Arc::new(crate::app::StopSignal::default());
+    let group_failure: Arc<Mutex<Option<String>>> = Arc::default();
 
     // The control thread: membership and placement.
     let control = {
         let (transport, startup, stop) = (transport.clone(), startup.clone(), app.inner.stop.clone());
         let (commands, cores_done, counters) = (commands.clone(), cores_done.clone(), app.inner.stats.clone());
+        let failure = group_failure.clone();
         let settings = settings.clone();
         std::thread::Builder::new()
             .name(format!("{}-control", settings.id))
@@ -1055,6 +1074,7 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
                         stop,
                         cores_done,
                         counters,
+                        failure,
                         first_wait: Duration::from_secs(1),
                     }
                     .run()
@@ -1100,7 +1120,10 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
     for (core, r) in results?.into_iter().enumerate() {
         r.map_err(|message| WorkerError::Core { core, message })?;
     }
-    Ok(())
+    match group_failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        Some(message) => Err(WorkerError::Group { group: settings.id.clone(), message }),
+        None => Ok(()),
+    }
 }
 
 /// Creates the declared topics and the tables' changelogs (core 0, before anything else
