@@ -113,7 +113,8 @@ impl App {
 
     /// Registers an agent whose values go to `sinks` (Faust's `sink=[...]`): `f` gets the
     /// stream and a [`Sinks`] handle, and calls [`Sinks::emit`] for each value it yields.
-    /// Otherwise as [`App::agent`].
+    /// Otherwise as [`App::agent`] (`source` is a topic or a [`Topic::group_by`]).
+
     ///
     /// ```
     /// use std::sync::{Arc, Mutex};
@@ -137,21 +138,16 @@ impl App {
     /// assert_eq!(*seen.lock().unwrap(), vec![5]);
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
-    pub fn agent_with_sinks<K, V, O, F, Fut>(
-        &self,
-        name: &str,
-        topic: &Topic<K, V>,
-        sinks: Vec<Sink<O>>,
-        f: F,
-    ) -> Agent<K, V>
+    pub fn agent_with_sinks<K, V, S, O, F, Fut>(&self, name: &str, source: &S, sinks: Vec<Sink<O>>, f: F) -> Agent<K, V>
     where
         K: DeserializeOwned + 'static,
         V: DeserializeOwned + 'static,
+        S: crate::Source<K, V>,
         O: 'static,
         F: Fn(Stream<K, V>, Sinks<O>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), AgentError>> + 'static,
     {
         let sinks = Sinks { sinks: sinks.into() };
-        self.agent(name, topic, move |stream| f(stream, sinks.clone()))
+        self.agent(name, source, move |stream| f(stream, sinks.clone()))
     }
 }
