@@ -114,7 +114,6 @@ impl App {
     /// Registers an agent whose values go to `sinks` (Faust's `sink=[...]`): `f` gets the
     /// stream and a [`Sinks`] handle, and calls [`Sinks::emit`] for each value it yields.
     /// Otherwise as [`App::agent`] (`source` is a topic or a [`Topic::group_by`]).
-
     ///
     /// ```
     /// use std::sync::{Arc, Mutex};
