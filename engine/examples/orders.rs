@@ -55,6 +55,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut settings = Settings::new("orders").from_env()?;
     settings.datadir = datadir.clone();
     let app = App::new(settings);
+    // Ctrl-C (or SIGTERM) stops gracefully: the counts are committed, a rerun resumes.
+    app.stop_on_signals()?;
     let orders = app.topic::<String, Order>("orders");
     let order_count = app.table::<String, u64>("order_count").with_default(|| 0);
 
@@ -136,7 +138,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::thread::spawn(move || {
             let (mut last, mut still_since, mut last_print) = (u64::MAX, Instant::now(), Instant::now());
             let mut finished_at = None;
-            while start.elapsed() < Duration::from_secs(600) {
+            // Until the work is done, or the worker is stopped otherwise (a signal).
+            while start.elapsed() < Duration::from_secs(600) && !stop.is_stopped() {
                 std::thread::sleep(Duration::from_millis(50));
                 let now = counted.load(Ordering::SeqCst);
                 if now != last {

@@ -392,6 +392,44 @@ impl App {
         self.inner.stats.snapshot()
     }
 
+    /// Makes SIGINT and SIGTERM stop the worker gracefully, as Faust's worker does: the first
+    /// signal asks for a stop (fetching stops, agents finish the events they hold within
+    /// `shutdown_timeout`, offsets are committed and stores checkpointed, the worker leaves its
+    /// group, [`App::run`] returns); a second one, while that is under way, exits the process
+    /// at once with status 128 + the signal. Call it before [`App::run`]; it applies to the
+    /// whole process, so a library embedding the engine may prefer its own handling and
+    /// [`App::stop_signal`].
+    ///
+    /// ```no_run
+    /// # use faust::{App, Settings};
+    /// let app = App::new(Settings::new("shop"));
+    /// app.stop_on_signals()?;
+    /// app.run()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn stop_on_signals(&self) -> std::io::Result<()> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+        let stop = self.inner.stop.clone();
+        std::thread::Builder::new().name(format!("{}-signals", self.inner.settings.id)).spawn(move || {
+            let mut received = 0;
+            for signal in signals.forever() {
+                received += 1;
+                if received == 1 {
+                    tracing::warn!(
+                        signal,
+                        "stopping: finishing in-flight events and committing (a second signal exits at once)"
+                    );
+                    stop.stop();
+                } else {
+                    tracing::error!(signal, "second signal: exiting now without committing");
+                    std::process::exit(128 + signal);
+                }
+            }
+        })?;
+        Ok(())
+    }
+
     /// A handle that stops the running worker.
     pub fn stop_signal(&self) -> Arc<StopSignal> {
         self.inner.stop.clone()

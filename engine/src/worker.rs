@@ -991,10 +991,23 @@ fn copartitioned(counts: &std::collections::BTreeMap<Arc<str>, u32>) -> Vec<Vec<
 /// Start-up state shared by the cores and the control thread.
 struct Startup {
     topics_ready: AtomicBool,
+    /// Cores past their final commit (or that ended early): a core keeps its transport (its
+    /// appenders, which other cores' final commits may write through) until all are.
+    cores_committed: std::sync::atomic::AtomicUsize,
     /// Partition counts of the topics whose partitions the worker takes (sources and
     /// changelogs), set with `topics_ready`.
     counts: Mutex<std::collections::BTreeMap<Arc<str>, u32>>,
     event: Event,
+}
+
+/// Counts a core as past its final commit when dropped (also on an early return).
+struct Committed<'a>(&'a Startup);
+
+impl Drop for Committed<'_> {
+    fn drop(&mut self) {
+        self.0.cores_committed.fetch_add(1, Ordering::AcqRel);
+        self.0.event.notify(usize::MAX);
+    }
 }
 
 impl Startup {
@@ -1033,6 +1046,7 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
     let transport = AnyTransport::open(&settings.broker_url(), cores, memory.as_ref())?;
     let startup = Arc::new(Startup {
         topics_ready: AtomicBool::new(false),
+        cores_committed: std::sync::atomic::AtomicUsize::new(0),
         counts: Mutex::new(std::collections::BTreeMap::new()),
         event: Event::new(),
     });
@@ -1185,6 +1199,7 @@ async fn core_main(
 ) -> Result<(), String> {
     let settings = &app.inner.settings;
     let stop = app.inner.stop.clone();
+    let committed_guard = Committed(&startup);
     let core = transport.attach_core(index, cores).await.map_err(|e| e.to_string())?;
     let declared = app.inner.topics.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let tables: Vec<Arc<dyn TableMeta>> = app.inner.tables.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -1404,6 +1419,23 @@ async fn core_main(
         Err(e) => Err(format!("final commit: {e}")),
     };
     let failure = runtime.failure.borrow_mut().take();
+    // Other cores' final commits may still write through this core's appenders: keep the
+    // transport until every core committed (bounded: a core that hangs is logged and left).
+    drop(committed_guard);
+    let all_committed = futures_lite::future::or(
+        async {
+            startup.wait_until(|| startup.cores_committed.load(Ordering::Acquire) >= cores).await;
+            true
+        },
+        async {
+            glommio::timer::sleep(settings.shutdown_timeout + Duration::from_secs(30)).await;
+            false
+        },
+    )
+    .await;
+    if !all_committed {
+        tracing::error!(core = index, "other cores did not finish their final commits in time; shutting down anyway");
+    }
     CURRENT.with(|c| *c.borrow_mut() = None);
     let runtime = Rc::try_unwrap(runtime).map_err(|_| "a task still holds the core's runtime".to_string())?;
     // Suspended shards were checkpointed when they were suspended: closing them is enough.

@@ -10,6 +10,9 @@
 //! so every order crosses the repartition topic, mostly to the other core. A killed worker
 //! sends again, after its restart, what it had re-keyed since its last commit: the test also
 //! counts those repeats in the repartition topic, which the counting side must drop.
+//!
+//! Also: SIGTERM stops the example gracefully (exit 0, and a rerun counts exactly), and a
+//! second signal during a slow graceful stop ends the process at once.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -107,4 +110,62 @@ fn the_orders_example_counts_exactly_across_sigkills() {
         .collect();
     eprintln!("{} records re-keyed, {} of them repeats", repartitioned.len(), repartitioned.len() - positions.len());
     assert_eq!(positions.len() as u64, total, "each order re-keyed (at least) once");
+}
+
+#[test]
+fn sigterm_stops_the_example_gracefully_and_a_rerun_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut child = orders(&data, None).env("ORDERS", "5000000").spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(child.try_wait().unwrap().is_none(), "5M orders take longer than 1.5 s");
+    let signalled = Instant::now();
+    // SAFETY: the pid is our own child's, still waited for below.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(signalled.elapsed() < Duration::from_secs(20), "no graceful stop within 20 s");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    eprintln!("stopped {:?} after SIGTERM ({status})", signalled.elapsed());
+    assert!(status.success(), "a graceful stop exits 0: {status}");
+    // What was generated so far is counted exactly once after a rerun (which generates no
+    // more than ORDERS in all: it resumes the generator from its recorded progress).
+    let dump = dir.path().join("counts.json");
+    let status = orders(&data, Some(&dump)).status().unwrap();
+    assert!(status.success());
+    let counted: BTreeMap<String, u64> = serde_json::from_slice(&std::fs::read(&dump).unwrap()).unwrap();
+    assert_eq!(counted, ground_truth(&data));
+}
+
+#[test]
+fn a_second_signal_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_slow_stop"))
+        .arg(dir.path().join("data"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line.trim(), "holding");
+    // SAFETY: the pid is our own child's, still waited for below.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(child.try_wait().unwrap().is_none(), "the graceful stop waits for the held event");
+    let second = Instant::now();
+    // SAFETY: as above.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(second.elapsed() < Duration::from_secs(5), "the second signal did not end the process");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(status.code(), Some(128 + libc::SIGINT), "{status}");
 }

@@ -1,0 +1,40 @@
+//! A worker for the signal test: its agent holds its first event for a minute, so a
+//! graceful stop (SIGINT/SIGTERM) has to wait for it — up to `shutdown_timeout` (30 s here) —
+//! and a second signal must end the process at once.
+//!
+//! ```text
+//! slow_stop DATADIR     prints "holding" once the agent holds its event
+//! ```
+
+use std::time::Duration;
+
+use faust::{App, Settings};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let datadir = std::env::args().nth(1).ok_or("usage: slow_stop DATADIR")?;
+    let mut settings = Settings::new("slow-stop");
+    settings.datadir = datadir.into();
+    settings.topic_partitions = 1;
+    settings.cores = Some(1);
+    settings.shutdown_timeout = Duration::from_secs(30);
+    let app = App::new(settings);
+    app.stop_on_signals()?;
+    let topic = app.topic::<String, u64>("work");
+    app.agent("hold", &topic, |mut stream| async move {
+        while stream.next().await.is_some() {
+            println!("holding");
+            glommio::timer::sleep(Duration::from_secs(60)).await;
+        }
+        Ok(())
+    });
+    app.task(move || {
+        let topic = topic.clone();
+        async move {
+            topic.send(None, &1).await?;
+            Ok(())
+        }
+    });
+    app.run()?;
+    println!("stopped");
+    Ok(())
+}
