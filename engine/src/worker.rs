@@ -296,8 +296,8 @@ pub(crate) struct CoreRuntime {
     /// Offsets committed last, per partition.
     pub(crate) committed: RefCell<HashMap<TopicPartition, u64>>,
     rr: Cell<u32>,
-    stopping: Cell<bool>,
-    stop_event: Event,
+    /// Set when the worker stops (the core's tasks wind down).
+    stopping: crate::rebalance::Cancel,
     decode_errors: Cell<u64>,
     /// Buffered sends (`send_soon`), one batch per partition, in send order.
     pending: RefCell<HashMap<TopicPartition, faust_storage::BatchBuilder>>,
@@ -421,7 +421,7 @@ impl CoreRuntime {
     }
 
     pub(crate) fn is_stopping(&self) -> bool {
-        self.stopping.get()
+        self.stopping.is_cancelled()
     }
 
     /// Whether every agent consuming `tp` on this core has finished the event at `offset`.
@@ -691,22 +691,15 @@ impl CoreRuntime {
             },
         )
         .await
-            && !self.stopping.get()
+            && !self.stopping.is_cancelled()
     }
 
     fn stop(&self) {
-        self.stopping.set(true);
-        self.stop_event.notify(usize::MAX);
+        self.stopping.cancel();
     }
 
     pub(crate) async fn stopped(&self) {
-        loop {
-            let listener = self.stop_event.listen();
-            if self.stopping.get() {
-                return;
-            }
-            listener.await;
-        }
+        self.stopping.cancelled().await;
     }
 }
 
@@ -755,7 +748,7 @@ where
         run.core.discard_writes(run.agent, &failed);
         let Some(event) = failed.first().cloned() else {
             tracing::error!(agent = %name, %error, "agent failed outside an event; restarting it");
-            if run.core.stopping.get() {
+            if run.core.stopping.is_cancelled() {
                 return;
             }
             glommio::timer::sleep(Duration::from_millis(100)).await;
@@ -813,7 +806,7 @@ pub(crate) async fn consume(
     }
     let lanes: Vec<usize> = agents.iter().map(|&a| core.queues[a].lane(&tp)).collect();
     let mut failures = 0u32;
-    let running = || !core.stopping.get() && !cancel.is_cancelled();
+    let running = || !core.stopping.is_cancelled() && !cancel.is_cancelled();
     while running() {
         for (&a, &lane) in agents.iter().zip(&lanes) {
             futures_lite::future::or(core.queues[a].room(lane), cancel.cancelled()).await;
@@ -878,7 +871,7 @@ pub(crate) async fn consume(
 /// the agents add to the batches once, then writes them.
 async fn flush_buffered(core: Rc<CoreRuntime>) {
     let mut failures = 0u32;
-    while !core.stopping.get() {
+    while !core.stopping.is_cancelled() {
         let listener = core.pending_event.listen();
         if core.pending.borrow().is_empty() && core.retry.borrow().is_empty() {
             futures_lite::future::or(listener, core.stopped()).await;
@@ -899,7 +892,7 @@ async fn flush_buffered(core: Rc<CoreRuntime>) {
 
 /// Takes the records sent from outside the worker, on core 0, until the worker stops.
 async fn serve_outbox(core: Rc<CoreRuntime>, outbox: Arc<crate::app::Outbox>) {
-    while !core.stopping.get() {
+    while !core.stopping.is_cancelled() {
         let listener = outbox.event.listen();
         let records = outbox.take(false);
         let probes = outbox.take_probes();
@@ -929,7 +922,7 @@ async fn serve_outbox(core: Rc<CoreRuntime>, outbox: Arc<crate::app::Outbox>) {
             glommio::spawn_local(async move {
                 // Polled: acks are the hot path and do not notify anyone.
                 while !core.processed(&probe.tp, probe.offset) {
-                    if core.stopping.get() {
+                    if core.stopping.is_cancelled() {
                         probe.reply.set(Err(crate::app::SendError::Stopped { topic: probe.tp.topic.to_string() }));
                         return;
                     }
@@ -1258,8 +1251,7 @@ async fn core_main(
         acks: RefCell::new(AckMap::default()),
         committed: RefCell::new(HashMap::default()),
         rr: Cell::new(0),
-        stopping: Cell::new(false),
-        stop_event: Event::new(),
+        stopping: crate::rebalance::Cancel::default(),
         decode_errors: Cell::new(0),
         pending: RefCell::new(HashMap::default()),
         pending_bytes: Cell::new(0),
@@ -1332,14 +1324,14 @@ async fn core_main(
     let committer = {
         let (runtime, interval) = (runtime.clone(), settings.commit_interval);
         glommio::spawn_local(async move {
-            while !runtime.stopping.get() {
+            while !runtime.stopping.is_cancelled() {
                 futures_lite::future::or(glommio::timer::sleep(interval), runtime.stopped()).await;
                 // A commit that had to wait is tried again soon rather than a whole interval later.
                 let mut attempts = 0;
                 loop {
                     match runtime.commit_now().await {
                         Ok(true) => break,
-                        Ok(false) if attempts < 200 && !runtime.stopping.get() => {
+                        Ok(false) if attempts < 200 && !runtime.stopping.is_cancelled() => {
                             attempts += 1;
                             glommio::timer::sleep(Duration::from_millis(10)).await;
                         }
