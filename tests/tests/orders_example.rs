@@ -120,15 +120,7 @@ fn sigterm_stops_the_example_gracefully_and_a_rerun_resumes_exactly() {
     std::thread::sleep(Duration::from_millis(1500));
     assert!(child.try_wait().unwrap().is_none(), "5M orders take longer than 1.5 s");
     let signalled = Instant::now();
-    // SAFETY: the pid is our own child's, still waited for below.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(signalled.elapsed() < Duration::from_secs(20), "no graceful stop within 20 s");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = signal_and_wait(&mut child, libc::SIGTERM, Duration::from_secs(20));
     eprintln!("stopped {:?} after SIGTERM ({status})", signalled.elapsed());
     assert!(status.success(), "a graceful stop exits 0: {status}");
     // What was generated so far is counted exactly once after a rerun (which generates no
@@ -157,15 +149,20 @@ fn a_second_signal_exits_at_once() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     std::thread::sleep(Duration::from_millis(500));
     assert!(child.try_wait().unwrap().is_none(), "the graceful stop waits for the held event");
-    let second = Instant::now();
-    // SAFETY: as above.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(second.elapsed() < Duration::from_secs(5), "the second signal did not end the process");
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let status = signal_and_wait(&mut child, libc::SIGINT, Duration::from_secs(5));
     assert_eq!(status.code(), Some(128 + libc::SIGINT), "{status}");
+}
+
+/// Sends `signal` to `child` and waits for it to exit, at most `within`.
+fn signal_and_wait(child: &mut std::process::Child, signal: i32, within: Duration) -> std::process::ExitStatus {
+    let sent = Instant::now();
+    // SAFETY: the pid is our own child's, not yet waited for.
+    unsafe { libc::kill(child.id() as i32, signal) };
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(sent.elapsed() < within, "signal {signal}: the process did not exit within {within:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
