@@ -37,7 +37,7 @@ pub use crate::codec::{Codec, CodecError};
 pub use crate::context::{EventPosition, current_event};
 pub use crate::group_by::{GroupBy, Source};
 pub use crate::rebalance::WorkerStats;
-pub use crate::settings::{Settings, SettingsError};
+pub use crate::settings::{BadRecordPolicy, Settings, SettingsError};
 pub use crate::sink::{Sink, Sinks};
 pub use crate::stream::{Event, Stream};
 pub use crate::table::{Table, TableError, TablePartition};

@@ -61,6 +61,8 @@ pub struct WorkerStats {
     /// Fetched events dropped unprocessed when their partition was revoked (the next owner
     /// fetches them again from the committed offset).
     pub events_abandoned: u64,
+    /// Bad records met (see [`BadRecordPolicy`](crate::BadRecordPolicy)).
+    pub bad_records: u64,
 }
 
 /// The counters behind [`WorkerStats`], shared by the cores and the control thread.
@@ -73,6 +75,7 @@ pub(crate) struct Counters {
     pub(crate) shards_resumed: AtomicU64,
     pub(crate) changelog_records_replayed: AtomicU64,
     pub(crate) events_abandoned: AtomicU64,
+    pub(crate) bad_records: AtomicU64,
 }
 
 impl Counters {
@@ -86,6 +89,7 @@ impl Counters {
             shards_resumed: get(&self.shards_resumed),
             changelog_records_replayed: get(&self.changelog_records_replayed),
             events_abandoned: get(&self.events_abandoned),
+            bad_records: get(&self.bad_records),
         }
     }
 }

@@ -35,6 +35,8 @@ pub struct SettingsError {
 /// | `cores` | every usable CPU | `WORKER_CORES` |
 /// | `web_port` | 6066 | `WEB_PORT` |
 /// | `store` | `mmap://` (table shards in stores under `datadir/tables`) | `STORE` (`mmap://` or `memory://`) |
+/// | `bad_record_policy` | skip (and count) | `BAD_RECORD_POLICY` (`skip`, `stop`, `dead-letter`, `dead-letter:TOPIC`) |
+/// | `max_record_bytes` | 1 MiB | `MAX_RECORD_BYTES` |
 ///
 /// With `APP_ENV_PREFIX=X`, every variable is read as `X_NAME` instead (Faust's `env_prefix`).
 ///
@@ -81,6 +83,49 @@ pub struct Settings {
     /// After a stop, how long agents may take to finish their current events before they are
     /// cancelled (their unacked events are processed again after a restart).
     pub shutdown_timeout: Duration,
+    /// What happens to a record whose key or value does not decode, or that is larger than
+    /// `max_record_bytes`.
+    pub bad_record_policy: BadRecordPolicy,
+    /// Records (key and value) larger than this are bad records.
+    pub max_record_bytes: usize,
+}
+
+/// What a stream does with a bad record: one whose key or value does not decode (malformed
+/// JSON, an empty or null value, invalid UTF-8 for a string), or that is larger than
+/// `max_record_bytes`. Whatever the policy, the record is logged with its topic, partition,
+/// offset and a hex preview, and counted ([`WorkerStats::bad_records`](crate::WorkerStats)).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum BadRecordPolicy {
+    /// Skip it (its offset is committed like any other): the default.
+    #[default]
+    Skip,
+    /// Send it, as it was read, to a dead-letter topic (`{id}-dead-letter` unless named),
+    /// with `faust-error` and `faust-source` (`topic/partition@offset`) headers, then skip
+    /// it; its offset is committed only once the dead-letter copy is durable.
+    DeadLetter {
+        /// The topic, or `None` for `{id}-dead-letter`.
+        topic: Option<String>,
+    },
+    /// Stop the worker with an error naming the record; it is not committed, so a restart
+    /// meets it again (nothing after it is lost).
+    Stop,
+}
+
+impl std::str::FromStr for BadRecordPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "skip" => Ok(BadRecordPolicy::Skip),
+            "stop" => Ok(BadRecordPolicy::Stop),
+            "dead-letter" => Ok(BadRecordPolicy::DeadLetter { topic: None }),
+            other => match other.strip_prefix("dead-letter:") {
+                Some(topic) if !topic.is_empty() => Ok(BadRecordPolicy::DeadLetter { topic: Some(topic.to_string()) }),
+                _ => Err("expected skip, stop, dead-letter or dead-letter:TOPIC".to_string()),
+            },
+        }
+    }
 }
 
 impl Settings {
@@ -102,6 +147,18 @@ impl Settings {
             web_port: 6066,
             store: "mmap://".to_string(),
             shutdown_timeout: Duration::from_secs(10),
+            bad_record_policy: BadRecordPolicy::Skip,
+            max_record_bytes: 1 << 20,
+        }
+    }
+
+    /// The dead-letter topic, when the policy has one.
+    pub(crate) fn dead_letter_topic(&self) -> Option<String> {
+        match &self.bad_record_policy {
+            BadRecordPolicy::DeadLetter { topic } => {
+                Some(topic.clone().unwrap_or_else(|| format!("{}-dead-letter", self.id)))
+            }
+            _ => None,
         }
     }
 
@@ -185,6 +242,13 @@ impl Settings {
         }
         if let Some(kv) = get("WEB_PORT") {
             self.web_port = parse(kv, "a TCP port")?;
+        }
+        if let Some((variable, value)) = get("BAD_RECORD_POLICY") {
+            self.bad_record_policy =
+                value.parse().map_err(|reason| SettingsError { variable, value: value.clone(), reason })?;
+        }
+        if let Some(kv) = get("MAX_RECORD_BYTES") {
+            self.max_record_bytes = parse(kv, "a number of bytes")?;
         }
         Ok(self)
     }

@@ -15,8 +15,16 @@ use faust_transport::Produced;
 
 /// What a stream's processors (decode, `filter`, `map`, `enumerate`, `echo`) make of one
 /// record: `Ok(Some(..))` to hand out, `Ok(None)` to ack and skip (filtered), `Err` when it
-/// cannot be processed (logged, counted, acked and skipped).
-type Stage<K, V> = Box<dyn Fn(&QueuedEvent) -> Result<Option<(Option<K>, V)>, String>>;
+/// cannot be processed.
+type Stage<K, V> = Box<dyn Fn(&QueuedEvent) -> Result<Option<(Option<K>, V)>, Rejected>>;
+
+/// Why a stage did not hand a record out.
+enum Rejected {
+    /// The record is bad (its key or value does not decode): the bad-record policy decides.
+    Bad(String),
+    /// A processor failed on it (an `echo` send): logged, counted, acked and skipped.
+    Failed(String),
+}
 
 /// The events of one agent on one core: the core's partitions of the agent's topic.
 ///
@@ -34,6 +42,8 @@ pub struct Stream<K, V> {
     stage: Stage<K, V>,
     /// On a repartition topic: drops records the re-keying agent sent again after a crash.
     positions: Option<crate::Table<u32, u64>>,
+    /// Records larger than this (key and value) are bad records.
+    max_record_bytes: usize,
     /// Whether keys are decoded: from the first call that can show one (`next_event`,
     /// `next_item`, `take_events`, or an `echo` stage); an agent that only ever asks for
     /// values (`next`, `take`) never pays for decoding keys.
@@ -128,7 +138,7 @@ impl<K: Serialize + 'static, V: Serialize + 'static> Event<K, V> {
     }
 }
 
-fn preview(bytes: &[u8]) -> String {
+pub(crate) fn preview(bytes: &[u8]) -> String {
     let shown: Vec<String> = bytes.iter().take(32).map(|b| format!("{b:02x}")).collect();
     format!("{}{}", shown.join(""), if bytes.len() > 32 { "…" } else { "" })
 }
@@ -143,15 +153,18 @@ impl<K: DeserializeOwned + 'static, V: DeserializeOwned + 'static> Stream<K, V> 
             queue: run.queue.clone(),
             current: run.current.clone(),
             positions: None,
+            max_record_bytes: run.core.settings().max_record_bytes,
             keys,
             stage: Box::new(move |queued: &QueuedEvent| {
                 let key = match &queued.record.key {
-                    Some(k) if decode_keys.get() => Some(key_codec.decode(k).map_err(|e| format!("key: {e}"))?),
+                    Some(k) if decode_keys.get() => {
+                        Some(key_codec.decode(k).map_err(|e| Rejected::Bad(format!("key: {e}")))?)
+                    }
                     _ => None,
                 };
                 let value = match &queued.record.value {
-                    Some(v) => value_codec.decode(v).map_err(|e| format!("value: {e}"))?,
-                    None => return Err("value: null".into()),
+                    Some(v) => value_codec.decode(v).map_err(|e| Rejected::Bad(format!("value: {e}")))?,
+                    None => return Err(Rejected::Bad("value: null".into())),
                 };
                 Ok(Some((key, value)))
             }),
@@ -191,9 +204,10 @@ impl<K: 'static, V: 'static> Stream<K, V> {
             queue: self.queue,
             current: self.current,
             positions: self.positions,
+            max_record_bytes: self.max_record_bytes,
             keys: self.keys,
             stage: Box::new(move |queued: &QueuedEvent| match previous(queued)? {
-                Some((k, v)) => next(k, v),
+                Some((k, v)) => next(k, v).map_err(Rejected::Failed),
                 None => Ok(None),
             }),
         }
@@ -296,7 +310,19 @@ impl<K: 'static, V: 'static> Stream<K, V> {
                     .await?
                 }
             };
-            match (self.stage)(&queued) {
+            // A partition stopped at a bad record hands nothing more out (not acked either:
+            // the worker is stopping, and its offset stays at the bad record).
+            if self.core.halted(&queued.tp) {
+                continue;
+            }
+            let size =
+                queued.record.key.as_ref().map_or(0, |k| k.len()) + queued.record.value.as_ref().map_or(0, |v| v.len());
+            let outcome = if size > self.max_record_bytes {
+                Err(Rejected::Bad(format!("{size} bytes, over max_record_bytes ({})", self.max_record_bytes)))
+            } else {
+                (self.stage)(&queued)
+            };
+            match outcome {
                 Ok(None) => self.core.ack(self.agent, &queued.tp, queued.record.offset),
                 Ok(Some((key, value))) => {
                     if let Some(slot) = current_slot() {
@@ -329,7 +355,12 @@ impl<K: 'static, V: 'static> Stream<K, V> {
                     self.current.borrow_mut().push(queued);
                     return Some(event);
                 }
-                Err(reason) => {
+                Err(Rejected::Bad(reason)) => {
+                    if self.core.bad_record(&queued, &reason) {
+                        self.core.ack(self.agent, &queued.tp, queued.record.offset);
+                    }
+                }
+                Err(Rejected::Failed(reason)) => {
                     let raw = queued.record.value.clone().unwrap_or_else(Bytes::new);
                     tracing::warn!(
                         topic = %queued.tp.topic, partition = queued.tp.partition, offset = queued.record.offset,

@@ -340,6 +340,11 @@ pub(crate) struct CoreRuntime {
     deferred_commits: Cell<u32>,
     /// Why applying an assignment failed on this core (the worker stops with it).
     pub(crate) failure: RefCell<Option<String>>,
+    /// Partitions stopped at a bad record (`bad_record_policy = stop`): nothing more of them
+    /// is handed out.
+    halted: RefCell<Vec<TopicPartition>>,
+    /// The dead-letter topic, with `bad_record_policy = dead-letter`.
+    dead_letter: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for CoreRuntime {
@@ -433,6 +438,55 @@ impl CoreRuntime {
 
     pub(crate) fn count_decode_error(&self) {
         self.decode_errors.set(self.decode_errors.get() + 1);
+    }
+
+    /// Whether `tp` stopped at a bad record.
+    pub(crate) fn halted(&self, tp: &TopicPartition) -> bool {
+        let halted = self.halted.borrow();
+        !halted.is_empty() && halted.contains(tp)
+    }
+
+    /// Applies the bad-record policy to `event` (logged and counted whatever the policy).
+    /// Returns whether the stream moves past it (acks it); `false` after a stop.
+    pub(crate) fn bad_record(&self, event: &QueuedEvent, reason: &str) -> bool {
+        use crate::settings::BadRecordPolicy;
+        self.count_decode_error();
+        self.stats.bad_records.fetch_add(1, Ordering::Relaxed);
+        let (tp, record) = (&event.tp, &event.record);
+        let raw = record.value.as_deref().unwrap_or_default();
+        let value = crate::stream::preview(raw);
+        match &self.settings().bad_record_policy {
+            BadRecordPolicy::Stop => {
+                tracing::error!(topic = %tp.topic, partition = tp.partition, offset = record.offset, %reason, %value,
+                    "bad record; stopping the worker (bad_record_policy = stop): it stays uncommitted");
+                self.halted.borrow_mut().push(tp.clone());
+                self.failure.borrow_mut().get_or_insert_with(|| {
+                    format!("bad record at {tp} offset {}: {reason} (bad_record_policy = stop)", record.offset)
+                });
+                self.app_stop.stop();
+                false
+            }
+            BadRecordPolicy::DeadLetter { .. } => {
+                let Some(topic) = &self.dead_letter else { return true };
+                let partitions = self.partitions(topic).unwrap_or(1).max(1);
+                let source = format!("{tp}@{}", record.offset);
+                let mut headers: Vec<faust_storage::Header<'_>> = record.headers().collect();
+                headers.push((b"faust-error", Some(reason.as_bytes())));
+                headers.push((b"faust-source", Some(source.as_bytes())));
+                let to = TopicPartition::new(topic.clone(), tp.partition % partitions);
+                // Buffered like any send: the bad record's offset is committed only once this
+                // copy is durable.
+                self.buffer(to, Some(record.timestamp), record.key.as_deref(), raw, &headers);
+                tracing::warn!(topic = %tp.topic, partition = tp.partition, offset = record.offset, %reason, %value,
+                    dead_letter = %topic, "bad record sent to the dead-letter topic");
+                true
+            }
+            _ => {
+                tracing::warn!(topic = %tp.topic, partition = tp.partition, offset = record.offset, %reason, %value,
+                    "skipping a bad record");
+                true
+            }
+        }
     }
 
     /// Buffers a record for `tp` (`send_soon`) and wakes the flusher.
@@ -1164,6 +1218,12 @@ async fn create_topics(
             counts.insert(t.name.clone(), count);
         }
     }
+    // The dead-letter topic, when bad records go to one.
+    if let Some(topic) = settings.dead_letter_topic()
+        && core.topic_metadata(&topic).await?.is_none()
+    {
+        core.create_topic(&topic, &TopicConfig::new(settings.topic_partitions)).await?;
+    }
     // Changelogs: compacted; an existing one keeps its partition count unless the table
     // names another (then it must match).
     for t in tables {
@@ -1231,13 +1291,15 @@ async fn core_main(
     }
     futures_lite::future::or(startup.wait_until(|| startup.topics_ready.load(Ordering::Acquire)), stop.wait()).await;
     let mut partitions = HashMap::default();
-    for t in declared.iter().filter(|t| t.kind == TopicKind::Log) {
-        match core.topic_metadata(&t.name).await {
+    let dead_letter: Option<Arc<str>> = settings.dead_letter_topic().map(Arc::from);
+    let known = declared.iter().filter(|t| t.kind == TopicKind::Log).map(|t| t.name.clone()).chain(dead_letter);
+    for name in known {
+        match core.topic_metadata(&name).await {
             Ok(Some(meta)) => {
-                partitions.insert(t.name.clone(), meta.config.partitions);
+                partitions.insert(name, meta.config.partitions);
             }
             Ok(None) => {}
-            Err(e) => return Err(format!("reading topic {}: {e}", t.name)),
+            Err(e) => return Err(format!("reading topic {name}: {e}")),
         }
     }
     let changelog_tables: HashMap<Arc<str>, usize> =
@@ -1273,6 +1335,8 @@ async fn core_main(
         app: app.clone(),
         stats: app.inner.stats.clone(),
         failure: RefCell::new(None),
+        halted: RefCell::new(Vec::new()),
+        dead_letter: settings.dead_letter_topic().map(Arc::from),
         pending_writes: RefCell::new(Vec::new()),
         deferred_commits: Cell::new(0),
     });
