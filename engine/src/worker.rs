@@ -1478,17 +1478,22 @@ async fn core_main(
     // Other cores' final commits may still write through this core's appenders: keep the
     // transport until every core committed (bounded: a core that hangs is logged and left).
     drop(committed_guard);
-    let all_committed = futures_lite::future::or(
-        async {
-            startup.wait_until(|| startup.cores_committed.load(Ordering::Acquire) >= cores).await;
-            true
-        },
-        async {
-            glommio::timer::sleep(settings.shutdown_timeout + Duration::from_secs(30)).await;
-            false
-        },
-    )
-    .await;
+    // Checked every few milliseconds as well as on notification: the last core's notification
+    // comes from another thread while this executor may be about to park.
+    let barrier_deadline = std::time::Instant::now() + settings.shutdown_timeout + Duration::from_secs(30);
+    let all_committed = loop {
+        if startup.cores_committed.load(Ordering::Acquire) >= cores {
+            break true;
+        }
+        if std::time::Instant::now() >= barrier_deadline {
+            break false;
+        }
+        futures_lite::future::or(
+            startup.wait_until(|| startup.cores_committed.load(Ordering::Acquire) >= cores),
+            glommio::timer::sleep(Duration::from_millis(5)),
+        )
+        .await;
+    };
     if !all_committed {
         tracing::error!(core = index, "other cores did not finish their final commits in time; shutting down anyway");
     }

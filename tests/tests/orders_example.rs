@@ -11,8 +11,9 @@
 //! sends again, after its restart, what it had re-keyed since its last commit: the test also
 //! counts those repeats in the repartition topic, which the counting side must drop.
 //!
-//! Also: SIGTERM stops the example gracefully (exit 0, and a rerun counts exactly), and a
-//! second signal during a slow graceful stop ends the process at once.
+//! Also, on a worker whose agent holds an event (`slow_stop`): SIGTERM stops it gracefully
+//! once the event is done (exit 0), and a second signal during the graceful stop ends the
+//! process at once.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -112,31 +113,11 @@ fn the_orders_example_counts_exactly_across_sigkills() {
     assert_eq!(positions.len() as u64, total, "each order re-keyed (at least) once");
 }
 
-#[test]
-fn sigterm_stops_the_example_gracefully_and_a_rerun_resumes_exactly() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let mut child = orders(&data, None).env("ORDERS", "5000000").spawn().unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    assert!(child.try_wait().unwrap().is_none(), "5M orders take longer than 1.5 s");
-    let signalled = Instant::now();
-    let status = signal_and_wait(&mut child, libc::SIGTERM, Duration::from_secs(20));
-    eprintln!("stopped {:?} after SIGTERM ({status})", signalled.elapsed());
-    assert!(status.success(), "a graceful stop exits 0: {status}");
-    // What was generated so far is counted exactly once after a rerun (which generates no
-    // more than ORDERS in all: it resumes the generator from its recorded progress).
-    let dump = dir.path().join("counts.json");
-    let status = orders(&data, Some(&dump)).status().unwrap();
-    assert!(status.success());
-    let counted: BTreeMap<String, u64> = serde_json::from_slice(&std::fs::read(&dump).unwrap()).unwrap();
-    assert_eq!(counted, ground_truth(&data));
-}
-
-#[test]
-fn a_second_signal_exits_at_once() {
-    let dir = tempfile::tempdir().unwrap();
+/// Starts the `slow_stop` worker holding its event for `hold_ms` and waits until it holds it.
+fn slow_stop(dir: &Path, hold_ms: u64) -> (std::process::Child, std::io::BufReader<std::process::ChildStdout>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_slow_stop"))
-        .arg(dir.path().join("data"))
+        .arg(dir.join("data"))
+        .arg(hold_ms.to_string())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -145,6 +126,26 @@ fn a_second_signal_exits_at_once() {
     let mut line = String::new();
     std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
     assert_eq!(line.trim(), "holding");
+    (child, stdout)
+}
+
+#[test]
+fn sigterm_stops_gracefully_after_the_held_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, mut stdout) = slow_stop(dir.path(), 1_000);
+    let signalled = Instant::now();
+    let status = signal_and_wait(&mut child, libc::SIGTERM, Duration::from_secs(20));
+    assert!(status.success(), "a graceful stop exits 0: {status}");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    assert_eq!(rest.trim(), "stopped", "App::run returned Ok");
+    eprintln!("stopped {:?} after SIGTERM", signalled.elapsed());
+}
+
+#[test]
+fn a_second_signal_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, _stdout) = slow_stop(dir.path(), 60_000);
     // SAFETY: the pid is our own child's, still waited for below.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     std::thread::sleep(Duration::from_millis(500));

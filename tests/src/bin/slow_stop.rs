@@ -1,9 +1,10 @@
-//! A worker for the signal test: its agent holds its first event for a minute, so a
-//! graceful stop (SIGINT/SIGTERM) has to wait for it — up to `shutdown_timeout` (30 s here) —
-//! and a second signal must end the process at once.
+//! A worker for the signal tests: its agent holds its first event for a while (a minute by
+//! default), so a graceful stop (SIGINT/SIGTERM) has to wait for it — up to
+//! `shutdown_timeout` (30 s here) — and a second signal must end the process at once.
 //!
 //! ```text
-//! slow_stop DATADIR     prints "holding" once the agent holds its event
+//! slow_stop DATADIR [HOLD_MS]    prints "holding" once the agent holds its event, "stopped"
+//!                                after a graceful stop
 //! ```
 
 use std::time::Duration;
@@ -11,7 +12,8 @@ use std::time::Duration;
 use faust::{App, Settings};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let datadir = std::env::args().nth(1).ok_or("usage: slow_stop DATADIR")?;
+    let datadir = std::env::args().nth(1).ok_or("usage: slow_stop DATADIR [HOLD_MS]")?;
+    let hold = Duration::from_millis(std::env::args().nth(2).and_then(|ms| ms.parse().ok()).unwrap_or(60_000));
     let mut settings = Settings::new("slow-stop");
     settings.datadir = datadir.into();
     settings.topic_partitions = 1;
@@ -20,10 +22,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let app = App::new(settings);
     app.stop_on_signals()?;
     let topic = app.topic::<String, u64>("work");
-    app.agent("hold", &topic, |mut stream| async move {
+    app.agent("hold", &topic, move |mut stream| async move {
         while stream.next().await.is_some() {
             println!("holding");
-            glommio::timer::sleep(Duration::from_secs(60)).await;
+            glommio::timer::sleep(hold).await;
         }
         Ok(())
     });
