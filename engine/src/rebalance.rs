@@ -422,21 +422,20 @@ impl CoreRuntime {
     /// when the commit failed: then the shards are closed, and the next owner starts from the
     /// previous commit.
     async fn commit_for_release(self: &Rc<Self>) -> Option<HashMap<TopicPartition, u64>> {
-        for _ in 0..200 {
-            match self.commit_now().await {
-                Ok(true) => {
-                    let committed = self.committed.borrow();
-                    return Some(committed.iter().map(|(tp, o)| (tp.clone(), *o)).collect());
-                }
-                Ok(false) => glommio::timer::sleep(Duration::from_millis(10)).await,
-                Err(e) => {
-                    tracing::error!(core = self.index, error = %e, "commit before releasing partitions failed");
-                    return None;
-                }
+        match self.commit_retrying(|| false).await {
+            Ok(true) => Some(self.committed.borrow().iter().map(|(tp, o)| (tp.clone(), *o)).collect()),
+            Ok(false) => {
+                tracing::error!(
+                    core = self.index,
+                    "commit before releasing partitions kept waiting for out-of-order acks"
+                );
+                None
+            }
+            Err(e) => {
+                tracing::error!(core = self.index, error = %e, "commit before releasing partitions failed");
+                None
             }
         }
-        tracing::error!(core = self.index, "commit before releasing partitions kept waiting for out-of-order acks");
-        None
     }
 
     /// Opens (or resumes) the shards of the changelog partitions in `partitions`, then
@@ -609,17 +608,13 @@ impl Placement {
         let phase1: Vec<(usize, Arc<Done>)> = busy
             .into_iter()
             .map(|c| {
-                let done = Arc::new(Done::default());
                 let command = Command {
                     fence: fence.clone(),
                     release: std::mem::take(&mut release[c]),
                     close: close[c].clone(),
-                    take: Vec::new(),
-                    lost: false,
-                    done: done.clone(),
+                    ..Command::default()
                 };
-                self.commands[c].push(command);
-                (c, done)
+                self.send(c, command)
             })
             .collect();
         for (core, report) in self.wait_all(phase1, "release revoked partitions").await? {
@@ -641,17 +636,7 @@ impl Placement {
         self.transport.set_owners(&owners);
         let phase2: Vec<(usize, Arc<Done>)> = (0..n)
             .map(|c| {
-                let done = Arc::new(Done::default());
-                let command = Command {
-                    fence: fence.clone(),
-                    release: Vec::new(),
-                    close: Vec::new(),
-                    take: std::mem::take(&mut take[c]),
-                    lost: false,
-                    done: done.clone(),
-                };
-                self.commands[c].push(command);
-                (c, done)
+                self.send(c, Command { fence: fence.clone(), take: std::mem::take(&mut take[c]), ..Command::default() })
             })
             .collect();
         self.wait_all(phase2, "take assigned partitions").await?;
@@ -679,23 +664,26 @@ impl Placement {
         }
         let pending: Vec<(usize, Arc<Done>)> = (0..n)
             .map(|c| {
-                let done = Arc::new(Done::default());
                 let command = Command {
-                    fence: None,
                     release: std::mem::take(&mut release[c]),
                     close: std::mem::take(&mut close[c]),
-                    take: Vec::new(),
                     lost: true,
-                    done: done.clone(),
+                    ..Command::default()
                 };
-                self.commands[c].push(command);
-                (c, done)
+                self.send(c, command)
             })
             .collect();
         let result = self.wait_all(pending, "drop lost partitions").await.map(|_| ());
         self.placed.clear();
         self.suspended.clear();
         result
+    }
+
+    /// Queues `command` for `core`; returns what to wait on.
+    fn send(&self, core: usize, command: Command) -> (usize, Arc<Done>) {
+        let done = command.done.clone();
+        self.commands[core].push(command);
+        (core, done)
     }
 
     /// The cores' answers, each awaited for at most the timeout (logging while it waits).

@@ -723,6 +723,22 @@ impl CoreRuntime {
         Ok(true)
     }
 
+    /// [`commit_now`](CoreRuntime::commit_now), tried again every 10 ms (up to 200 times)
+    /// while it has to wait for out-of-order acks, rather than a whole commit interval later;
+    /// `give_up` ends the retries early. `Ok(false)` if it still had to wait.
+    pub(crate) async fn commit_retrying(self: &Rc<Self>, give_up: impl Fn() -> bool) -> Result<bool, FlushError> {
+        for _ in 0..200 {
+            if self.commit_now().await? {
+                return Ok(true);
+            }
+            if give_up() {
+                return Ok(false);
+            }
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+        }
+        self.commit_now().await
+    }
+
     /// A table's frozen state could not be written: stop committing and stop the worker (a
     /// restart recovers from the last commit).
     fn tables_failed(&self, error: CommitFailure) -> FlushError {
@@ -1292,7 +1308,7 @@ async fn core_main(
     futures_lite::future::or(startup.wait_until(|| startup.topics_ready.load(Ordering::Acquire)), stop.wait()).await;
     let mut partitions = HashMap::default();
     let dead_letter: Option<Arc<str>> = settings.dead_letter_topic().map(Arc::from);
-    let known = declared.iter().filter(|t| t.kind == TopicKind::Log).map(|t| t.name.clone()).chain(dead_letter);
+    let known = declared.iter().filter(|t| t.kind == TopicKind::Log).map(|t| t.name.clone()).chain(dead_letter.clone());
     for name in known {
         match core.topic_metadata(&name).await {
             Ok(Some(meta)) => {
@@ -1336,7 +1352,7 @@ async fn core_main(
         stats: app.inner.stats.clone(),
         failure: RefCell::new(None),
         halted: RefCell::new(Vec::new()),
-        dead_letter: settings.dead_letter_topic().map(Arc::from),
+        dead_letter,
         pending_writes: RefCell::new(Vec::new()),
         deferred_commits: Cell::new(0),
     });
@@ -1390,21 +1406,8 @@ async fn core_main(
         glommio::spawn_local(async move {
             while !runtime.stopping.is_cancelled() {
                 futures_lite::future::or(glommio::timer::sleep(interval), runtime.stopped()).await;
-                // A commit that had to wait is tried again soon rather than a whole interval later.
-                let mut attempts = 0;
-                loop {
-                    match runtime.commit_now().await {
-                        Ok(true) => break,
-                        Ok(false) if attempts < 200 && !runtime.stopping.is_cancelled() => {
-                            attempts += 1;
-                            glommio::timer::sleep(Duration::from_millis(10)).await;
-                        }
-                        Ok(false) => break,
-                        Err(e) => {
-                            tracing::error!(error = %e, "commit failed");
-                            break;
-                        }
-                    }
+                if let Err(e) = runtime.commit_retrying(|| runtime.stopping.is_cancelled()).await {
+                    tracing::error!(error = %e, "commit failed");
                 }
             }
         })
