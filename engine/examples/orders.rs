@@ -1,5 +1,8 @@
 //! The Faust README's program: JSON orders re-keyed by account with `group_by` and counted
-//! per account in a table, on the embedded log, with a built-in generator so it runs alone.
+//! per account in a table, on the embedded log.
+//!
+//! Without arguments it runs alone: a built-in generator writes the orders, the run ends once
+//! every order is counted, and it prints the throughput.
 //!
 //! ```text
 //! cargo run --release --example orders                  # 1,000,000 orders, 10,000 accounts
@@ -7,15 +10,25 @@
 //! ORDERS_DATADIR=orders-data cargo run --release --example orders   # keep the state; rerun to resume
 //! ```
 //!
+//! With arguments it is the app's command line ([`faust::App::main`]): a worker that waits for
+//! orders, and the commands that talk to it from another terminal.
+//!
+//! ```text
+//! cargo run --release --example orders -- worker
+//! cargo run --release --example orders -- send orders --key order-1 \
+//!     '{"account_id": "account-1", "product_id": "product-7", "amount": 2, "price": 9.5}'
+//! cargo run --release --example orders -- table get order_count account-1
+//! cargo run --release --example orders -- --help
+//! ```
+//!
 //! The generator writes `ORDERS` orders keyed by order id (it records its progress once what
 //! it sent is durable, so a restarted run continues where it left off); the `count` agent
 //! takes them grouped by account — through the repartition topic
 //! `orders-count-orders-account_id-repartition`, so each account's orders reach the core that
-//! holds its shard — and counts them per account in the `order_count` table, whose changelog and stores make the counts
-//! survive crashes exactly; a timer on each core reads its shards four times a second, and the
-//! count is printed every second. The run ends once the
-//! generator is done and every order is counted. `ORDERS_DUMP=FILE` writes every account's
-//! count to FILE as JSON at the end.
+//! holds its shard — and counts them per account in the `order_count` table, whose changelog
+//! and stores make the counts survive crashes exactly; a timer on each core reads its shards
+//! four times a second, and the count is printed every second. `ORDERS_DUMP=FILE` writes
+//! every account's count to FILE as JSON at the end.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -23,7 +36,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use faust::{App, Settings};
+use faust::{App, Settings, Table, Topic};
 use serde::{Deserialize, Serialize};
 
 /// Faust's `Order` record.
@@ -47,19 +60,10 @@ type Totals = Arc<Mutex<BTreeMap<usize, (u64, u64)>>>;
 /// Per core: every account's count in its shards.
 type Counts = Arc<Mutex<BTreeMap<usize, Vec<(String, u64)>>>>;
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let orders_total = env_u64("ORDERS", 1_000_000)?;
-    let accounts = env_u64("ACCOUNTS", 10_000)?.max(1);
-    let temp = tempfile::tempdir()?;
-    let datadir = std::env::var("ORDERS_DATADIR").map(PathBuf::from).unwrap_or_else(|_| temp.path().join("data"));
-    let mut settings = Settings::new("orders").from_env()?;
-    settings.datadir = datadir.clone();
-    let app = App::new(settings);
-    // Ctrl-C (or SIGTERM) stops gracefully: the counts are committed, a rerun resumes.
-    app.stop_on_signals()?;
+/// Declares the orders topic, the count table and the agent that counts (Faust's program).
+fn declare(app: &App) -> (Topic<String, Order>, Table<String, u64>) {
     let orders = app.topic::<String, Order>("orders");
     let order_count = app.table::<String, u64>("order_count").with_default(|| 0);
-
     // @app.agent(orders_topic)
     // async for order in orders.group_by(Order.account_id): order_count[order.account_id] += 1
     {
@@ -75,6 +79,43 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         });
     }
+    (orders, order_count)
+}
+
+fn main() -> std::process::ExitCode {
+    if std::env::args().len() > 1 {
+        let settings = match Settings::new("orders").from_env() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return std::process::ExitCode::from(2);
+            }
+        };
+        let app = App::new(settings);
+        declare(&app);
+        return app.main();
+    }
+    match run_alone() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The run without arguments: generate, count, report, stop.
+fn run_alone() -> Result<(), Box<dyn std::error::Error>> {
+    let orders_total = env_u64("ORDERS", 1_000_000)?;
+    let accounts = env_u64("ACCOUNTS", 10_000)?.max(1);
+    let temp = tempfile::tempdir()?;
+    let datadir = std::env::var("ORDERS_DATADIR").map(PathBuf::from).unwrap_or_else(|_| temp.path().join("data"));
+    let mut settings = Settings::new("orders").from_env()?;
+    settings.datadir = datadir.clone();
+    let app = App::new(settings);
+    // Ctrl-C (or SIGTERM) stops gracefully: the counts are committed, a rerun resumes.
+    app.stop_on_signals()?;
+    let (orders, order_count) = declare(&app);
 
     // The generator, resuming from its recorded progress.
     let generated_all = Arc::new(AtomicBool::new(false));

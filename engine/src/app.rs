@@ -265,6 +265,8 @@ pub(crate) struct AppInner {
     pub(crate) stop: Arc<StopSignal>,
     pub(crate) outbox: Arc<Outbox>,
     pub(crate) stats: Arc<crate::rebalance::Counters>,
+    /// The app's own commands for its command line.
+    pub(crate) commands: Mutex<Vec<crate::cli::UserCommand>>,
 }
 
 /// Tells a running worker to stop; cheap to clone and usable from any thread.
@@ -370,8 +372,104 @@ impl App {
                 stop: Arc::new(StopSignal::default()),
                 outbox: Arc::new(Outbox::default()),
                 stats: Arc::default(),
+                commands: Mutex::new(Vec::new()),
             }),
         }
+    }
+
+    /// The same app — topics, agents, tables, stop signal, outbox — with other settings (the
+    /// command line's options, a test's transport).
+    pub(crate) fn with_settings(&self, settings: Settings) -> App {
+        let inner = &self.inner;
+        App {
+            inner: Arc::new(AppInner {
+                settings,
+                topics: Mutex::new(lock(&inner.topics).clone()),
+                agents: Mutex::new(lock(&inner.agents).clone()),
+                tables: Mutex::new(lock(&inner.tables).clone()),
+                memory: Mutex::new(lock(&inner.memory).clone()),
+                stop: inner.stop.clone(),
+                outbox: inner.outbox.clone(),
+                stats: inner.stats.clone(),
+                commands: Mutex::new(lock(&inner.commands).clone()),
+            }),
+        }
+    }
+
+    /// Runs the app's command line (Faust's `app.main()`) on the process's arguments and
+    /// returns the exit code, for `fn main() -> ExitCode { app.main() }`.
+    ///
+    /// | command | what it does |
+    /// |---|---|
+    /// | `worker [--cores N] [--web-port P]` | runs the worker until Ctrl-C / SIGTERM (graceful; a second signal exits at once) |
+    /// | `send TOPIC [VALUE] [--key K] [--partition P] [--repeat N]` | sends records through the running worker; without VALUE, one per line of stdin |
+    /// | `table get TABLE KEY`, `table dump TABLE` | reads a table of the running worker |
+    /// | `agents`, `tables`, `topics` | lists what the app declares (`topics` adds record counts when a worker runs) |
+    /// | `reset [--all] [--yes]` | deletes the table stores (with `--all`, the whole data directory), never under a running worker |
+    /// | `completions SHELL` | prints a shell completion script |
+    /// | the app's own | see [`App::command`] |
+    ///
+    /// Options for every command: `--datadir DIR`, `--broker URL`, `--log-level LEVEL` (logs go
+    /// to stderr through `tracing`; default `info` for the worker and `warn` otherwise, or
+    /// `RUST_LOG`), `--json` (results and listings as JSON). A worker that keeps state in its
+    /// data directory listens on `{datadir}/control.sock`; `send` and `table` reach it there
+    /// (on `local://` the worker owns the log).
+    ///
+    /// Exit codes: 0 done; 1 failed (the worker stopped with an error, a request failed);
+    /// 2 usage or bad input (a value that is not valid JSON for a JSON topic, a partition out
+    /// of range); 3 no worker is running for the data directory; 4 no such topic, table or
+    /// key; 130 / 143 a second SIGINT / SIGTERM during a graceful stop.
+    ///
+    /// ```no_run
+    /// use faust::{App, Settings};
+    ///
+    /// fn main() -> std::process::ExitCode {
+    ///     let app = App::new(Settings::new("greetings"));
+    ///     let greetings = app.topic::<String, String>("greetings");
+    ///     app.agent("print", &greetings, |mut stream| async move {
+    ///         while let Some(greeting) = stream.next().await {
+    ///             println!("{greeting}");
+    ///         }
+    ///         Ok(())
+    ///     });
+    ///     app.main()
+    /// }
+    /// ```
+    pub fn main(&self) -> std::process::ExitCode {
+        self.main_from(std::env::args())
+    }
+
+    /// [`App::main`] on these arguments (the program's name first).
+    pub fn main_from<I, T>(&self, args: I) -> std::process::ExitCode
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<String>,
+    {
+        crate::cli::main(self, args.into_iter().map(Into::into).collect())
+    }
+
+    /// Adds a command to the app's command line (Faust's `@app.command`): `name ARGS...` calls
+    /// `run` with the app (its settings changed by `--datadir`, `--broker`) and the
+    /// arguments after the name, which `run` may parse as it likes (with clap, say). An error
+    /// is printed and exits with 1.
+    ///
+    /// ```
+    /// use faust::{App, Settings};
+    ///
+    /// let app = App::new(Settings::new("shop"));
+    /// app.command("greet", "Prints a greeting", |app, args| {
+    ///     println!("hello {} from {}", args.join(" "), app.settings().id);
+    ///     Ok(())
+    /// });
+    /// assert_eq!(app.main_from(["shop", "greet", "world"]), std::process::ExitCode::SUCCESS);
+    /// ```
+    pub fn command<F>(&self, name: &str, about: &str, run: F)
+    where
+        F: Fn(&App, &[String]) -> Result<(), AgentError> + Send + Sync + 'static,
+    {
+        let mut commands = lock(&self.inner.commands);
+        commands.retain(|c| c.name != name);
+        commands.push(crate::cli::UserCommand { name: name.to_string(), about: about.to_string(), run: Arc::new(run) });
     }
 
     /// The app's settings.

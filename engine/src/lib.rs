@@ -18,8 +18,10 @@
 
 mod acks;
 mod app;
+mod cli;
 mod codec;
 mod context;
+mod control;
 mod group_by;
 mod partitioner;
 mod rebalance;

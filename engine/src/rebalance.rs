@@ -43,7 +43,7 @@ const WAIT_LOG_EVERY: Duration = Duration::from_secs(1);
 
 /// What the worker did about assignment changes since the app was created, for monitoring
 /// and tests: see [`App::stats`](crate::App::stats).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct WorkerStats {
     /// Assignment changes applied (each `Assigned` or `Revoked` from the group).

@@ -201,6 +201,8 @@ pub(crate) trait TableMeta: Send + Sync {
     fn partitions(&self) -> Option<u32>;
     fn partitions_like(&self) -> Option<Arc<str>>;
     fn in_memory(&self) -> bool;
+    /// The key and value codecs.
+    fn codecs(&self) -> (Codec, Codec);
     fn open(&self, args: ShardArgs) -> Result<Rc<dyn AnyShard>, TableError>;
 }
 
@@ -558,6 +560,11 @@ where
         lock(&self.config).in_memory
     }
 
+    fn codecs(&self) -> (Codec, Codec) {
+        let config = lock(&self.config);
+        (config.key_codec, config.value_codec)
+    }
+
     fn open(&self, args: ShardArgs) -> Result<Rc<dyn AnyShard>, TableError> {
         let config = lock(&self.config).clone();
         let changelog = TopicPartition::new(self.changelog.clone(), args.partition);
@@ -634,6 +641,11 @@ fn decode_meta(bytes: &[u8]) -> CheckpointMeta {
 pub(crate) trait AnyShard {
     fn as_any(&self) -> &dyn Any;
     fn name(&self) -> &str;
+    /// The committed value of an encoded key, as JSON (`None`: absent), for the control
+    /// socket's `table get`.
+    fn lookup_json(&self, key: &[u8]) -> Result<Option<serde_json::Value>, TableError>;
+    /// Every committed key and value, as JSON, for `table dump`.
+    fn items_json(&self) -> Result<Vec<(serde_json::Value, serde_json::Value)>, TableError>;
     fn partition(&self) -> u32;
     fn changelog(&self) -> &TopicPartition;
     /// Applies the writes made while processing the event of `token` (it was acked).
@@ -715,6 +727,11 @@ where
 {
     fn codec_err(&self, what: impl Into<String>, source: CodecError) -> TableError {
         TableError::Codec { table: self.name.to_string(), partition: self.partition, what: what.into(), source }
+    }
+
+    /// A value that does not turn into JSON (for the control socket's listings).
+    fn json_err(&self, what: &str, e: serde_json::Error) -> TableError {
+        self.codec_err(what, CodecError { codec: "json", message: e.to_string() })
     }
 
     fn store_err(&self, source: faust_storage::Error) -> TableError {
@@ -862,6 +879,26 @@ where
 
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn lookup_json(&self, key: &[u8]) -> Result<Option<serde_json::Value>, TableError> {
+        let key: K = self.config.key_codec.decode(key).map_err(|e| self.codec_err("key", e))?;
+        match self.get(None, &key)? {
+            Some(v) => Ok(Some(serde_json::to_value(&v).map_err(|e| self.json_err("value", e))?)),
+            None => Ok(None),
+        }
+    }
+
+    fn items_json(&self) -> Result<Vec<(serde_json::Value, serde_json::Value)>, TableError> {
+        let mut items = Vec::new();
+        self.items(None, &mut items)?;
+        items
+            .into_iter()
+            .map(|(k, v)| {
+                let key = serde_json::to_value(&k).map_err(|e| self.json_err("key", e))?;
+                Ok((key, serde_json::to_value(&v).map_err(|e| self.json_err("value", e))?))
+            })
+            .collect()
     }
 
     fn partition(&self) -> u32 {

@@ -103,17 +103,9 @@ impl App {
         settings.store = "memory://".into();
         // The same topics, agents, stop signal and outbox (which the topic handles send to),
         // with the test's settings and transport.
-        let inner = Arc::new(AppInner {
-            settings,
-            topics: std::sync::Mutex::new(crate::app::lock(&self.inner.topics).clone()),
-            agents: std::sync::Mutex::new(crate::app::lock(&self.inner.agents).clone()),
-            tables: std::sync::Mutex::new(crate::app::lock(&self.inner.tables).clone()),
-            memory: std::sync::Mutex::new(Some(transport.clone())),
-            stop: self.inner.stop.clone(),
-            outbox: self.inner.outbox.clone(),
-            stats: self.inner.stats.clone(),
-        });
-        let app = App { inner: inner.clone() };
+        let app = self.with_settings(settings);
+        *crate::app::lock(&app.inner.memory) = Some(transport.clone());
+        let inner = app.inner.clone();
         let worker = std::thread::Builder::new()
             .name(format!("{}-test", inner.settings.id))
             .spawn(move || app.run())

@@ -1114,6 +1114,17 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
         event: Event::new(),
     });
     let commands: Vec<Arc<crate::rebalance::Commands>> = (0..cores).map(|_| Arc::default()).collect();
+    // The CLI's commands reach a worker that keeps state in its data directory through a
+    // socket there; a socket that cannot be opened is logged, not fatal.
+    let inboxes: Vec<Arc<crate::control::Inbox>> = (0..cores).map(|_| Arc::default()).collect();
+    let _control_socket = if settings.broker_url().starts_with("local://") || store_backed {
+        crate::control::ControlServer::start(&settings.datadir, app, inboxes.clone()).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "running without a control socket: the CLI cannot reach this worker");
+            None
+        })
+    } else {
+        None
+    };
     let cores_done = Arc::new(crate::app::StopSignal::default());
     let group_failure: Arc<Mutex<Option<String>>> = Arc::default();
 
@@ -1165,10 +1176,11 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
     let config = RuntimeConfig { cores: Some(cores), name: settings.id.clone(), ..RuntimeConfig::default() };
     let results = {
         let (app, transport, startup, commands) = (app.clone(), transport.clone(), startup.clone(), commands.clone());
+        let inboxes = inboxes.clone();
         run_on_cores(&config, move |ctx| {
             let (app, transport, startup) = (app.clone(), transport.clone(), startup.clone());
-            let commands = commands[ctx.index].clone();
-            async move { core_main(ctx.index, ctx.cores, app, transport, startup, commands).await }
+            let (commands, inbox) = (commands[ctx.index].clone(), inboxes[ctx.index].clone());
+            async move { core_main(ctx.index, ctx.cores, app, transport, startup, commands, inbox).await }
         })
     };
     // Whatever happened, let the control thread finish: it leaves the group now that the
@@ -1265,6 +1277,7 @@ async fn core_main(
     transport: AnyTransport,
     startup: Arc<Startup>,
     commands: Arc<crate::rebalance::Commands>,
+    inbox: Arc<crate::control::Inbox>,
 ) -> Result<(), String> {
     let settings = &app.inner.settings;
     let stop = app.inner.stop.clone();
@@ -1415,6 +1428,8 @@ async fn core_main(
 
     // Buffered sends.
     let flusher = glommio::spawn_local(flush_buffered(runtime.clone()));
+    // Queries from the control socket.
+    let queries = glommio::spawn_local(inbox.clone().serve(runtime.clone()));
     // Sends from outside the worker.
     let outbox = app.inner.outbox.clone();
     let outbox_task = (index == 0).then(|| glommio::spawn_local(serve_outbox(runtime.clone(), outbox.clone())));
@@ -1424,7 +1439,9 @@ async fn core_main(
     drop(background);
     runtime.stop();
     commands.close();
+    inbox.close();
     control_task.await;
+    queries.await;
     let consumers: Vec<crate::rebalance::Consumer> = runtime.consumers.borrow_mut().drain().map(|(_, c)| c).collect();
     for c in consumers {
         c.cancel.cancel();

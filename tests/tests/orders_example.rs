@@ -20,7 +20,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use faust_storage::{Log, LogConfig};
+use faust_tests::topic_records as records;
 use rand::{Rng, SeedableRng};
 
 const ORDERS: u64 = 300_000;
@@ -38,27 +38,6 @@ fn orders(datadir: &Path, dump: Option<&Path>) -> Command {
         cmd.env("ORDERS_DUMP", d);
     }
     cmd
-}
-
-/// Every record of `topic`, from the log files.
-fn records(datadir: &Path, topic: &str) -> Vec<faust_storage::Record> {
-    let mut out = Vec::new();
-    let topic = datadir.join("topics").join(topic);
-    for entry in std::fs::read_dir(&topic).unwrap() {
-        let path = entry.unwrap().path();
-        if !path.is_dir() || path.file_name().and_then(|n| n.to_str()).is_none_or(|n| n.parse::<u32>().is_err()) {
-            continue;
-        }
-        let log = Log::open(&path, LogConfig::default()).unwrap();
-        let mut next = log.earliest_offset();
-        while next < log.high_watermark() {
-            for batch in log.read(next, 1 << 20).unwrap() {
-                out.extend(batch.records_from(next));
-                next = batch.last_offset() + 1;
-            }
-        }
-    }
-    out
 }
 
 /// Every order in the `orders` topic, counted per account.

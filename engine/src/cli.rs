@@ -1,0 +1,545 @@
+//! The command line behind [`App::main`](crate::App::main): Faust's `worker`, `send`,
+//! `agents`, `tables`, `reset` and user commands, plus `topics`, `table get|dump` and shell
+//! completions. Commands that need the worker reach it through the control socket in the data
+//! directory ([`crate::control`]).
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use serde_json::{Value, json};
+
+use crate::app::{AgentError, App, TopicKind, lock};
+use crate::control::{self, ClientError, Failure, Request};
+
+/// The command worked.
+pub(crate) const EXIT_OK: u8 = 0;
+/// The command failed (the worker stopped with an error, a request failed).
+pub(crate) const EXIT_FAILED: u8 = 1;
+/// The command line or its input is wrong (also clap's code for usage errors).
+pub(crate) const EXIT_USAGE: u8 = 2;
+/// The command needs a running worker and none answers on the control socket.
+pub(crate) const EXIT_NO_WORKER: u8 = 3;
+/// The topic, table or key does not exist.
+pub(crate) const EXIT_NOT_FOUND: u8 = 4;
+
+/// What runs a user command: the app and the arguments after the command's name.
+pub(crate) type RunCommand = Arc<dyn Fn(&App, &[String]) -> Result<(), AgentError> + Send + Sync>;
+
+/// A command the app adds to its command line ([`App::command`](crate::App::command)).
+pub(crate) struct UserCommand {
+    pub(crate) name: String,
+    pub(crate) about: String,
+    pub(crate) run: RunCommand,
+}
+
+impl Clone for UserCommand {
+    fn clone(&self) -> Self {
+        UserCommand { name: self.name.clone(), about: self.about.clone(), run: self.run.clone() }
+    }
+}
+
+#[derive(Parser, Debug)]
+#[command(version, about = "A faust stream-processing app", propagate_version = true)]
+struct Cli {
+    /// The data directory (default: the app's `datadir`, `{id}-data`, or APP_DATADIR).
+    #[arg(long, global = true, value_name = "DIR")]
+    datadir: Option<PathBuf>,
+    /// The transport: local://PATH, memory:// or kafka://HOST:PORT (default: the app's
+    /// broker, `local://` in the data directory, or BROKER_URL).
+    #[arg(long, short = 'b', global = true, value_name = "URL")]
+    broker: Option<String>,
+    /// Log level (error, warn, info, debug, trace) or a filter such as `faust=debug,info`
+    /// [default: info for the worker, warn for other commands; RUST_LOG when set].
+    #[arg(long, short = 'l', global = true, value_name = "LEVEL")]
+    log_level: Option<String>,
+    /// Print results and listings as JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a worker: the app's agents on this machine's cores, until Ctrl-C or SIGTERM
+    /// (a graceful stop; a second signal exits at once).
+    Worker {
+        /// Cores to run on [default: every CPU the process may use].
+        #[arg(long, short = 'c')]
+        cores: Option<usize>,
+        /// Port of the web server (kept in the settings; the web server is not built yet).
+        #[arg(long, short = 'p')]
+        web_port: Option<u16>,
+    },
+    /// Send records to a topic through the running worker.
+    ///
+    /// VALUE is the record's value as text: a JSON document for a JSON topic, the bytes of
+    /// the text for a raw one. Without VALUE, every non-empty line of stdin is a value.
+    Send {
+        /// The topic, or `@AGENT` for the topic an agent consumes.
+        topic: String,
+        /// The value [default: one per line of stdin].
+        value: Option<String>,
+        /// The key (for a JSON key, text that is not JSON is sent as a JSON string).
+        #[arg(long, short = 'k')]
+        key: Option<String>,
+        /// The partition [default: by the key's hash, round-robin without a key].
+        #[arg(long)]
+        partition: Option<u32>,
+        /// Send every value this many times.
+        #[arg(long, short = 'r', default_value_t = 1)]
+        repeat: u64,
+        /// Encode the key with this codec rather than the topic's (`raw` sends the text's bytes).
+        #[arg(long, value_name = "CODEC")]
+        key_serializer: Option<String>,
+        /// Encode the value with this codec rather than the topic's (`raw` sends the text's
+        /// bytes as they are, valid for the topic or not).
+        #[arg(long, value_name = "CODEC")]
+        value_serializer: Option<String>,
+    },
+    /// List the app's agents.
+    Agents,
+    /// List the app's tables.
+    Tables,
+    /// List the app's topics; with a running worker, with their record counts.
+    Topics,
+    /// Read a table through the running worker.
+    Table {
+        #[command(subcommand)]
+        command: TableCommand,
+    },
+    /// Delete this machine's table state (rebuilt from the changelogs at the next start);
+    /// with --all, the whole data directory (on local://, every topic and offset too).
+    Reset {
+        /// Do not ask for confirmation.
+        #[arg(long, short = 'y')]
+        yes: bool,
+        /// Delete the whole data directory.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TableCommand {
+    /// The value of KEY (exit code 4 when there is none).
+    Get {
+        /// The table.
+        table: String,
+        /// The key, as text (see `send --help`).
+        key: String,
+    },
+    /// Every key and value.
+    Dump {
+        /// The table.
+        table: String,
+    },
+}
+
+/// A command's failure: what to print and the exit code.
+struct Failed {
+    code: u8,
+    message: String,
+}
+
+impl Failed {
+    fn new(code: u8, message: impl Into<String>) -> Failed {
+        Failed { code, message: message.into() }
+    }
+}
+
+impl From<ClientError> for Failed {
+    fn from(e: ClientError) -> Failed {
+        let code = match &e {
+            ClientError::NoWorker { .. } => EXIT_NO_WORKER,
+            ClientError::Refused(Failure::NotFound, _) => EXIT_NOT_FOUND,
+            ClientError::Refused(Failure::BadRequest, _) => EXIT_USAGE,
+            ClientError::Refused(Failure::Failed, _) | ClientError::Io { .. } => EXIT_FAILED,
+        };
+        Failed::new(code, e.to_string())
+    }
+}
+
+/// The program's name, as it was called.
+fn program_name(args: &[String], app: &App) -> String {
+    args.first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| app.settings().id.clone())
+}
+
+/// The clap command: the built-in commands and the app's own.
+fn clap_command(name: String, users: &[UserCommand]) -> clap::Command {
+    let mut cmd = Cli::command().name(name.clone()).bin_name(name);
+    for u in users {
+        cmd = cmd.subcommand(
+            clap::Command::new(u.name.clone()).about(u.about.clone()).arg(
+                clap::Arg::new("args")
+                    .num_args(0..)
+                    .trailing_var_arg(true)
+                    .allow_hyphen_values(true)
+                    .help("Arguments for the command"),
+            ),
+        );
+    }
+    cmd
+}
+
+/// Parses `args` (the program name first) and runs the command.
+pub(crate) fn main(app: &App, args: Vec<String>) -> ExitCode {
+    let users: Vec<UserCommand> = lock(&app.inner.commands).clone();
+    let name = program_name(&args, app);
+    let matches = match clap_command(name.clone(), &users).try_get_matches_from(&args) {
+        Ok(m) => m,
+        Err(e) => {
+            // Help and version go to stdout with 0; usage errors to stderr with 2.
+            let _ = e.print();
+            return ExitCode::from(e.exit_code() as u8);
+        }
+    };
+    let cli = |matches: &clap::ArgMatches| -> (Option<PathBuf>, Option<String>, Option<String>, bool) {
+        (
+            matches.get_one::<PathBuf>("datadir").cloned(),
+            matches.get_one::<String>("broker").cloned(),
+            matches.get_one::<String>("log_level").cloned(),
+            matches.get_flag("json"),
+        )
+    };
+    let (datadir, broker, log_level, json) = cli(&matches);
+    let mut settings = app.settings().clone();
+    if let Some(d) = datadir {
+        settings.datadir = d;
+    }
+    if let Some(b) = broker {
+        settings.broker = b;
+    }
+    let is_worker = matches.subcommand_name() == Some("worker");
+    if let Err(e) = init_logging(log_level.as_deref(), if is_worker { "info" } else { "warn" }) {
+        eprintln!("error: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let result = match matches.subcommand() {
+        Some((sub, sub_matches)) if users.iter().any(|u| u.name == sub) => {
+            let user = users.iter().find(|u| u.name == sub).map(|u| u.run.clone());
+            let rest: Vec<String> = sub_matches.get_many::<String>("args").into_iter().flatten().cloned().collect();
+            let app = app.with_settings(settings);
+            match user {
+                Some(run) => run(&app, &rest).map_err(|e| Failed::new(EXIT_FAILED, e.to_string())),
+                None => Ok(()),
+            }
+        }
+        _ => match Cli::from_arg_matches(&matches) {
+            Ok(parsed) => run(app, settings, parsed.command, json, &name, &users),
+            Err(e) => {
+                let _ = e.print();
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::from(EXIT_OK),
+        Err(Failed { code, message }) => {
+            if !message.is_empty() {
+                eprintln!("error: {message}");
+            }
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// Logs through `tracing` to stderr, at `level` (or RUST_LOG, or `default`).
+fn init_logging(level: Option<&str>, default: &str) -> Result<(), String> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match level {
+        Some(l) => EnvFilter::try_new(l).map_err(|e| format!("--log-level {l}: {e}"))?,
+        None => {
+            EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(default)).map_err(|e| e.to_string())?
+        }
+    };
+    // A program that installed its own subscriber keeps it.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+    Ok(())
+}
+
+fn run(
+    app: &App,
+    settings: crate::Settings,
+    command: Command,
+    json: bool,
+    name: &str,
+    users: &[UserCommand],
+) -> Result<(), Failed> {
+    let datadir = settings.datadir.clone();
+    match command {
+        Command::Worker { cores, web_port } => {
+            let mut settings = settings;
+            if cores.is_some() {
+                settings.cores = cores;
+            }
+            if let Some(p) = web_port {
+                settings.web_port = p;
+            }
+            let app = app.with_settings(settings);
+            app.stop_on_signals().map_err(|e| Failed::new(EXIT_FAILED, format!("installing signal handlers: {e}")))?;
+            let s = app.settings();
+            let cores = s.cores.map_or_else(|| "every CPU".to_string(), |n| n.to_string());
+            tracing::info!(app = %s.id, transport = %s.broker_url(), datadir = %s.datadir.display(), %cores,
+                control_socket = %control::socket_path(&s.datadir).display(), "starting the worker (Ctrl-C stops it)");
+            app.run().map_err(|e| Failed::new(EXIT_FAILED, format!("the worker stopped: {e}")))?;
+            tracing::info!("the worker stopped");
+            Ok(())
+        }
+        Command::Send { topic, value, key, partition, repeat, key_serializer, value_serializer } => {
+            // `@agent` is the agent's topic, as in Faust.
+            let topic = match topic.strip_prefix('@') {
+                Some(agent) => lock(&app.inner.agents)
+                    .iter()
+                    .find(|a| a.name == agent && !a.topic.is_empty())
+                    .map(|a| a.topic.to_string())
+                    .ok_or_else(|| {
+                        Failed::new(EXIT_NOT_FOUND, format!("no agent `{agent}` (see the `agents` command)"))
+                    })?,
+                None => topic,
+            };
+            let values = match value {
+                Some(v) => vec![v],
+                None => read_values()?,
+            };
+            let request = Request::Send {
+                topic: topic.clone(),
+                key,
+                values,
+                partition,
+                repeat,
+                key_serializer,
+                value_serializer,
+            };
+            let result = control::request(&datadir, &request)?;
+            if json {
+                println!("{result}");
+            } else {
+                let sent = result["sent"].as_u64().unwrap_or(0);
+                match (result["partition"].as_u64(), result["offset"].as_u64()) {
+                    (Some(p), Some(o)) => println!("sent 1 record to {topic} (partition {p}, offset {o})"),
+                    _ => println!("sent {sent} records to {topic}"),
+                }
+            }
+            Ok(())
+        }
+        Command::Agents => {
+            let agents: Vec<Value> = lock(&app.inner.agents)
+                .iter()
+                .filter(|a| !a.topic.is_empty())
+                .map(|a| json!({ "agent": a.name, "topic": &*a.topic, "concurrency": a.concurrency }))
+                .collect();
+            print_rows(json, &["agent", "topic", "concurrency"], &agents);
+            Ok(())
+        }
+        Command::Tables => {
+            let tables: Vec<Value> = lock(&app.inner.tables)
+                .iter()
+                .map(|t| {
+                    let (key, value) = t.codecs();
+                    json!({
+                        "table": &**t.name(),
+                        "changelog": &**t.changelog(),
+                        "key_codec": key.name(),
+                        "value_codec": value.name(),
+                        "store": if t.in_memory() || settings.store == "memory://" { "memory" } else { "mmap" },
+                    })
+                })
+                .collect();
+            print_rows(json, &["table", "changelog", "key_codec", "value_codec", "store"], &tables);
+            Ok(())
+        }
+        Command::Topics => {
+            let topics = match control::request(&datadir, &Request::Topics) {
+                Ok(Value::Array(live)) => live,
+                Ok(other) => return Err(Failed::new(EXIT_FAILED, format!("unexpected answer: {other}"))),
+                Err(ClientError::NoWorker { .. }) => {
+                    if !json {
+                        eprintln!("(no worker is running: partitions as declared, no record counts)");
+                    }
+                    declared_topics(app, &settings)
+                }
+                Err(e) => return Err(e.into()),
+            };
+            print_rows(json, &["topic", "kind", "partitions", "records"], &topics);
+            Ok(())
+        }
+        Command::Table { command: TableCommand::Get { table, key } } => {
+            let value = control::request(&datadir, &Request::TableGet { table: table.clone(), key: key.clone() })?;
+            if json {
+                println!("{}", json!({ "table": table, "key": key, "value": value }));
+            } else {
+                println!("{value}");
+            }
+            Ok(())
+        }
+        Command::Table { command: TableCommand::Dump { table } } => {
+            let items = control::request(&datadir, &Request::TableDump { table })?;
+            let items: Vec<Value> = items
+                .as_array()
+                .map(|a| a.iter().map(|kv| json!({ "key": kv[0], "value": kv[1] })).collect())
+                .unwrap_or_default();
+            if json {
+                println!("{}", Value::Array(items));
+            } else {
+                for item in items {
+                    println!("{}\t{}", item["key"], item["value"]);
+                }
+            }
+            Ok(())
+        }
+        Command::Reset { yes, all } => reset(&datadir, yes, all, json),
+        Command::Completions { shell } => {
+            let mut cmd = clap_command(name.to_string(), users);
+            clap_complete::generate(shell, &mut cmd, name.to_string(), &mut std::io::stdout());
+            Ok(())
+        }
+    }
+}
+
+/// The values to send, one per non-empty line of stdin.
+fn read_values() -> Result<Vec<String>, Failed> {
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        return Err(Failed::new(EXIT_USAGE, "give a VALUE, or pipe values on stdin (one per line)"));
+    }
+    let mut values = Vec::new();
+    for line in stdin.lock().lines() {
+        let line = line.map_err(|e| Failed::new(EXIT_FAILED, format!("reading stdin: {e}")))?;
+        if !line.trim().is_empty() {
+            values.push(line);
+        }
+    }
+    if values.is_empty() {
+        return Err(Failed::new(EXIT_USAGE, "stdin held no values"));
+    }
+    Ok(values)
+}
+
+/// The topics as declared, for when no worker runs.
+fn declared_topics(app: &App, settings: &crate::Settings) -> Vec<Value> {
+    let declared = lock(&app.inner.topics).clone();
+    let count = |name: &str| -> Option<u32> {
+        let d = declared.iter().find(|t| &*t.name == name)?;
+        if d.kind == TopicKind::Channel {
+            return None;
+        }
+        let like = d.partitions_like.as_ref().and_then(|l| declared.iter().find(|t| t.name == *l));
+        Some(d.partitions.or(like.and_then(|l| l.partitions)).unwrap_or(settings.topic_partitions))
+    };
+    let tables = lock(&app.inner.tables).clone();
+    control::topic_names(app)
+        .into_iter()
+        .map(|(name, kind)| {
+            let partitions = count(&name).or_else(|| {
+                let t = tables.iter().find(|t| **t.changelog() == *name)?;
+                Some(t.partitions().unwrap_or(settings.topic_partitions))
+            });
+            json!({ "topic": name, "kind": kind, "partitions": partitions })
+        })
+        .collect()
+}
+
+/// Prints `rows` (JSON objects) as a JSON array or as aligned columns.
+fn print_rows(json: bool, columns: &[&str], rows: &[Value]) {
+    if json {
+        println!("{}", Value::Array(rows.to_vec()));
+        return;
+    }
+    let cell = |row: &Value, c: &str| match &row[c] {
+        Value::Null => "-".to_string(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let widths: Vec<usize> = columns
+        .iter()
+        .map(|c| rows.iter().map(|r| cell(r, c).chars().count()).max().unwrap_or(0).max(c.len()))
+        .collect();
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        padded.join("  ").trim_end().to_string()
+    };
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{}", line(columns.iter().map(|c| c.to_string()).collect()));
+    for row in rows {
+        let _ = writeln!(out, "{}", line(columns.iter().map(|c| cell(row, c)).collect()));
+    }
+}
+
+/// `reset`: deletes the table stores (or the whole data directory), never under a running
+/// worker, after confirmation.
+fn reset(datadir: &std::path::Path, yes: bool, all: bool, json: bool) -> Result<(), Failed> {
+    if control::request(datadir, &Request::Ping).is_ok() {
+        return Err(Failed::new(
+            EXIT_FAILED,
+            format!("a worker is running on {}: stop it before resetting its state", datadir.display()),
+        ));
+    }
+    let target = if all { datadir.to_path_buf() } else { datadir.join("tables") };
+    if !target.exists() {
+        if json {
+            println!("{}", json!({ "deleted": Value::Null }));
+        } else {
+            println!("nothing to delete: {} does not exist", target.display());
+        }
+        return Ok(());
+    }
+    if !yes {
+        let stdin = std::io::stdin();
+        if !stdin.is_terminal() {
+            return Err(Failed::new(EXIT_USAGE, format!("not deleting {} without --yes", target.display())));
+        }
+        eprint!("Delete {}? [y/N] ", target.display());
+        let _ = std::io::stderr().flush();
+        let mut answer = String::new();
+        stdin.lock().read_line(&mut answer).map_err(|e| Failed::new(EXIT_FAILED, format!("reading stdin: {e}")))?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            return Err(Failed::new(EXIT_FAILED, "not deleted"));
+        }
+    }
+    std::fs::remove_dir_all(&target)
+        .map_err(|e| Failed::new(EXIT_FAILED, format!("deleting {}: {e}", target.display())))?;
+    if json {
+        println!("{}", json!({ "deleted": target.display().to_string() }));
+    } else {
+        println!("deleted {}", target.display());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        clap_command("app".into(), &[]).debug_assert();
+    }
+
+    #[test]
+    fn user_commands_take_their_arguments() {
+        let user = UserCommand { name: "hello".into(), about: "greets".into(), run: Arc::new(|_, _| Ok(())) };
+        let matches = clap_command("app".into(), &[user])
+            .try_get_matches_from(["app", "--datadir", "d", "hello", "world", "--loud"])
+            .unwrap();
+        let (sub, m) = matches.subcommand().unwrap();
+        assert_eq!(sub, "hello");
+        let args: Vec<&String> = m.get_many::<String>("args").unwrap().collect();
+        assert_eq!(args, ["world", "--loud"]);
+    }
+}

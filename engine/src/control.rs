@@ -1,0 +1,587 @@
+//! The control socket: how the CLI's commands reach a running worker.
+//!
+//! A worker that keeps state in its data directory listens on the Unix socket
+//! `{datadir}/control.sock`. On `local://` the worker owns the log (it holds the log's lock),
+//! so `send`, `table get` and `table dump` from another process go through it. The protocol
+//! is one JSON request per line and one JSON response per line ([`Request`], [`Response`]);
+//! both ends are the same program (the app's own binary), so it is not a stable interface.
+//!
+//! A request that needs a core (a send, a table read) becomes a [`Query`] in that core's
+//! [`Inbox`]; the core runs it as a task of its own and answers through a channel. The socket
+//! thread waits for the answer a bounded time.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+use event_listener::Event;
+use faust_transport::{OffsetSpec, TopicPartition};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::app::{App, TopicKind, lock};
+use crate::codec::Codec;
+use crate::worker::CoreRuntime;
+
+/// The socket's file name in the data directory.
+pub(crate) const SOCKET_NAME: &str = "control.sock";
+/// How long the socket thread waits for a core's answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a connection may sit idle before the worker drops it.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often the accept loop looks at the stop flag.
+const ACCEPT_POLL: Duration = Duration::from_millis(20);
+
+/// Work for one core, sent from the socket thread.
+pub(crate) type Query = Box<dyn FnOnce(Rc<CoreRuntime>) -> Pin<Box<dyn Future<Output = ()>>> + Send>;
+
+/// The queries waiting for one core.
+#[derive(Default)]
+pub(crate) struct Inbox {
+    queue: Mutex<VecDeque<Query>>,
+    event: Event,
+    /// Set when the core stops: later queries are dropped, so their askers hear at once.
+    closed: AtomicBool,
+}
+
+impl Inbox {
+    /// Queues `query`; drops it (its reply channel with it) when the core has stopped.
+    fn push(&self, query: Query) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        lock(&self.queue).push_back(query);
+        self.event.notify(usize::MAX);
+    }
+
+    /// Runs the queries that arrive, each as a task of its own, until the core stops.
+    pub(crate) async fn serve(self: Arc<Self>, core: Rc<CoreRuntime>) {
+        loop {
+            let listener = self.event.listen();
+            let queued: Vec<Query> = lock(&self.queue).drain(..).collect();
+            for query in queued {
+                glommio::spawn_local(query(core.clone())).detach();
+            }
+            if core.is_stopping() {
+                return;
+            }
+            futures_lite::future::or(listener, core.stopped()).await;
+        }
+    }
+
+    /// Refuses later queries and drops the queued ones.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        lock(&self.queue).clear();
+    }
+}
+
+/// A request to the worker.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub(crate) enum Request {
+    /// Is a worker there? Answers with the app's id, the process id and the cores.
+    Ping,
+    /// Sends `values` (each `repeat` times) to `topic`, encoded with the topic's codecs from
+    /// their text (see [`encode_text`]).
+    Send {
+        topic: String,
+        key: Option<String>,
+        values: Vec<String>,
+        partition: Option<u32>,
+        repeat: u64,
+        /// Codecs to use instead of the topic's.
+        #[serde(default)]
+        key_serializer: Option<String>,
+        #[serde(default)]
+        value_serializer: Option<String>,
+    },
+    /// The value of `key` in `table`.
+    TableGet { table: String, key: String },
+    /// Every key and value of `table`.
+    TableDump { table: String },
+    /// The topics with their partitions and record counts.
+    Topics,
+    /// The worker's counters.
+    Stats,
+}
+
+/// What went wrong with a request, for the CLI's exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Failure {
+    /// The topic, table or key does not exist.
+    NotFound,
+    /// The request is wrong (a value that does not encode, a partition out of range).
+    BadRequest,
+    /// The worker could not do it (a transport error, the worker stopping).
+    Failed,
+}
+
+/// The worker's answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Response {
+    /// The result when it worked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) result: Option<Value>,
+    /// Why not, otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) error: Option<(Failure, String)>,
+}
+
+type Answer = Result<Value, (Failure, String)>;
+
+fn not_found(message: String) -> (Failure, String) {
+    (Failure::NotFound, message)
+}
+
+fn bad_request(message: String) -> (Failure, String) {
+    (Failure::BadRequest, message)
+}
+
+fn failed(message: String) -> (Failure, String) {
+    (Failure::Failed, message)
+}
+
+/// The socket path for a data directory.
+pub(crate) fn socket_path(datadir: &Path) -> PathBuf {
+    datadir.join(SOCKET_NAME)
+}
+
+/// Encodes the text a user typed as a key or value with `codec`: for `raw`, the text's
+/// bytes; for JSON, the text must be a JSON document — except for a key, where text that is
+/// not JSON is taken as a JSON string (`--key account-1` means `"account-1"`).
+pub(crate) fn encode_text(codec: Codec, text: &str, is_key: bool) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    match codec {
+        Codec::Raw => codec.encode(text, &mut out).map_err(|e| e.to_string())?,
+        _ => {
+            let value: Value = match serde_json::from_str(text) {
+                Ok(v) => v,
+                Err(_) if is_key => Value::String(text.to_string()),
+                Err(e) => return Err(format!("not valid JSON ({e}) for the {} codec", codec.name())),
+            };
+            codec.encode(&value, &mut out).map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(out)
+}
+
+/// The socket server of a running worker.
+pub(crate) struct ControlServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ControlServer {
+    /// Listens on `{datadir}/control.sock` for `app`, whose cores take queries from
+    /// `inboxes`. A socket file left by a worker that died is replaced; one that answers
+    /// belongs to a running worker and is left alone (`Ok(None)`, logged).
+    pub(crate) fn start(datadir: &Path, app: &App, inboxes: Vec<Arc<Inbox>>) -> std::io::Result<Option<ControlServer>> {
+        let path = socket_path(datadir);
+        if UnixStream::connect(&path).is_ok() {
+            tracing::warn!(socket = %path.display(),
+                "another worker answers on the control socket of this data directory; running without one");
+            return Ok(None);
+        }
+        // Nothing answers: a leftover from a worker that was killed.
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("binding the control socket {}: {e}", path.display()))
+        })?;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (stop, app) = (stop.clone(), app.clone());
+            std::thread::Builder::new()
+                .name(format!("{}-control-socket", app.settings().id))
+                .spawn(move || accept_loop(listener, &app, &inboxes, &stop))?
+        };
+        tracing::debug!(socket = %path.display(), "control socket listening");
+        Ok(Some(ControlServer { path, stop, thread: Some(thread) }))
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn accept_loop(listener: UnixListener, app: &App, inboxes: &[Arc<Inbox>], stop: &AtomicBool) {
+    while !stop.load(Ordering::Acquire) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let (app, inboxes) = (app.clone(), inboxes.to_vec());
+                let spawned = std::thread::Builder::new()
+                    .name("control-connection".into())
+                    .spawn(move || serve_connection(stream, &app, &inboxes));
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "could not start a thread for a control connection");
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(ACCEPT_POLL),
+            Err(e) => {
+                tracing::warn!(error = %e, "control socket accept failed");
+                std::thread::sleep(ACCEPT_POLL);
+            }
+        }
+    }
+}
+
+fn serve_connection(stream: UnixStream, app: &App, inboxes: &[Arc<Inbox>]) {
+    // Accepted sockets inherit non-blocking mode on some platforms: make it blocking, with
+    // a bound on how long an idle client holds the thread.
+    if stream.set_nonblocking(false).is_err() || stream.set_read_timeout(Some(IDLE_TIMEOUT)).is_err() {
+        return;
+    }
+    let Ok(mut writer) = stream.try_clone() else { return };
+    let reader = BufReader::new(stream);
+    for line in reader.lines() {
+        let Ok(line) = line else { return };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let answer = match serde_json::from_str::<Request>(&line) {
+            Ok(request) => handle(request, app, inboxes),
+            Err(e) => Err(bad_request(format!("not a control request: {e}"))),
+        };
+        let response = match answer {
+            Ok(result) => Response { result: Some(result), error: None },
+            Err(error) => Response { result: None, error: Some(error) },
+        };
+        let Ok(mut text) = serde_json::to_string(&response) else { return };
+        text.push('\n');
+        if writer.write_all(text.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// Runs `f` on core `core` and waits for its answer.
+fn ask<F, Fut>(inboxes: &[Arc<Inbox>], core: usize, f: F) -> Answer
+where
+    F: FnOnce(Rc<CoreRuntime>) -> Fut + Send + 'static,
+    Fut: Future<Output = Answer> + 'static,
+{
+    let (tx, rx) = mpsc::sync_channel(1);
+    let Some(inbox) = inboxes.get(core) else { return Err(failed(format!("no core {core}"))) };
+    inbox.push(Box::new(move |runtime| {
+        Box::pin(async move {
+            let _ = tx.send(f(runtime).await);
+        })
+    }));
+    match rx.recv_timeout(ANSWER_TIMEOUT) {
+        Ok(answer) => answer,
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            Err(failed(format!("core {core} did not answer within {} s", ANSWER_TIMEOUT.as_secs())))
+        }
+        Err(mpsc::RecvTimeoutError::Disconnected) => Err(failed("the worker is stopping".into())),
+    }
+}
+
+fn handle(request: Request, app: &App, inboxes: &[Arc<Inbox>]) -> Answer {
+    match request {
+        Request::Ping => Ok(serde_json::json!({
+            "app": app.settings().id,
+            "pid": std::process::id(),
+            "cores": inboxes.len(),
+        })),
+        Request::Stats => serde_json::to_value(app.stats()).map_err(|e| failed(e.to_string())),
+        Request::Send { topic, key, values, partition, repeat, key_serializer, value_serializer } => {
+            let codec = |name: Option<String>| -> Result<Option<Codec>, (Failure, String)> {
+                name.map(|n| n.parse::<Codec>().map_err(|e| bad_request(e.to_string()))).transpose()
+            };
+            let codecs = (codec(key_serializer)?, codec(value_serializer)?);
+            let send = SendRequest { topic, key, values, partition, repeat, codecs };
+            ask(inboxes, 0, move |core| async move { send.run(&core).await })
+        }
+        Request::TableGet { table, key } => {
+            let (index, (key_codec, _)) = find_table(app, &table)?;
+            let key_bytes = encode_text(key_codec, &key, true).map_err(|e| bad_request(format!("key: {e}")))?;
+            // Whichever core holds the key's shard answers; the others find nothing.
+            for core in 0..inboxes.len() {
+                let key_bytes = key_bytes.clone();
+                let found = ask(inboxes, core, move |runtime| async move {
+                    for shard in runtime.shards_of(index) {
+                        if let Some(v) = shard.lookup_json(&key_bytes).map_err(|e| failed(e.to_string()))? {
+                            return Ok(v);
+                        }
+                    }
+                    Ok(Value::Null)
+                })?;
+                if !found.is_null() {
+                    return Ok(found);
+                }
+            }
+            Err(not_found(format!("table `{table}` has no key {key}")))
+        }
+        Request::TableDump { table } => {
+            let (index, _) = find_table(app, &table)?;
+            let mut items: Vec<Value> = Vec::new();
+            for core in 0..inboxes.len() {
+                let part = ask(inboxes, core, move |runtime| async move {
+                    let mut out = Vec::new();
+                    for shard in runtime.shards_of(index) {
+                        let items = shard.items_json().map_err(|e| failed(e.to_string()))?;
+                        out.extend(items.into_iter().map(|(k, v)| serde_json::json!([k, v])));
+                    }
+                    Ok(Value::Array(out))
+                })?;
+                if let Value::Array(part) = part {
+                    items.extend(part);
+                }
+            }
+            items.sort_by_key(|item| item[0].to_string());
+            Ok(Value::Array(items))
+        }
+        Request::Topics => {
+            // On `local://` a partition's log is read by the core that owns it: every core
+            // counts the records of its partitions, and the counts add up.
+            let names: Vec<(String, &'static str)> = topic_names(app);
+            let mut topics: Vec<Value> = Vec::new();
+            for core in 0..inboxes.len() {
+                let asked = names.clone();
+                let counted = ask(inboxes, core, move |runtime| async move {
+                    let mut out = Vec::new();
+                    for (name, _) in &asked {
+                        let partitions = match runtime.transport.topic_metadata(name).await {
+                            Ok(meta) => meta.map(|m| m.config.partitions),
+                            Err(e) => return Err(failed(format!("reading topic `{name}`: {e}"))),
+                        };
+                        let mut records = 0u64;
+                        for p in 0..partitions.unwrap_or(0) {
+                            let tp = TopicPartition::new(name.as_str(), p);
+                            let latest = runtime.transport.list_offset(&tp, OffsetSpec::Latest).await;
+                            let earliest = runtime.transport.list_offset(&tp, OffsetSpec::Earliest).await;
+                            if let (Ok(l), Ok(e)) = (latest, earliest) {
+                                records += l.saturating_sub(e);
+                            }
+                        }
+                        out.push(serde_json::json!([partitions, records]));
+                    }
+                    Ok(Value::Array(out))
+                })?;
+                let counted = counted.as_array().cloned().unwrap_or_default();
+                if topics.is_empty() {
+                    topics = names
+                        .iter()
+                        .zip(&counted)
+                        .map(|((name, kind), c)| {
+                            serde_json::json!({ "topic": name, "kind": kind, "partitions": c[0], "records": 0 })
+                        })
+                        .collect();
+                }
+                for (topic, c) in topics.iter_mut().zip(&counted) {
+                    let sum = topic["records"].as_u64().unwrap_or(0) + c[1].as_u64().unwrap_or(0);
+                    topic["records"] = sum.into();
+                }
+            }
+            Ok(Value::Array(topics))
+        }
+    }
+}
+
+/// The table named `name`: its index and codecs.
+fn find_table(app: &App, name: &str) -> Result<(usize, (Codec, Codec)), (Failure, String)> {
+    let tables = lock(&app.inner.tables);
+    tables
+        .iter()
+        .position(|t| &**t.name() == name)
+        .map(|i| (i, tables[i].codecs()))
+        .ok_or_else(|| not_found(format!("no table `{name}` (see the `tables` command)")))
+}
+
+/// Every topic the app declares, and the changelogs of its tables, with their kind.
+pub(crate) fn topic_names(app: &App) -> Vec<(String, &'static str)> {
+    let mut names: Vec<(String, &'static str)> = lock(&app.inner.topics)
+        .iter()
+        .map(|t| {
+            let kind = match t.kind {
+                TopicKind::Channel => "channel",
+                TopicKind::Log if t.name.ends_with("-repartition") => "repartition",
+                TopicKind::Log => "topic",
+            };
+            (t.name.to_string(), kind)
+        })
+        .collect();
+    for t in lock(&app.inner.tables).iter() {
+        names.push((t.changelog().to_string(), "changelog"));
+    }
+    if let Some(topic) = app.settings().dead_letter_topic() {
+        names.push((topic, "dead-letter"));
+    }
+    names
+}
+
+/// A `send` request, on core 0.
+struct SendRequest {
+    topic: String,
+    key: Option<String>,
+    values: Vec<String>,
+    partition: Option<u32>,
+    repeat: u64,
+    /// Key and value codecs replacing the topic's.
+    codecs: (Option<Codec>, Option<Codec>),
+}
+
+impl SendRequest {
+    async fn run(self, core: &Rc<CoreRuntime>) -> Answer {
+        let SendRequest { topic, key, values, partition, repeat, codecs } = self;
+        let topic = topic.as_str();
+        let topics = core.app.inner.outbox.topics();
+        let inner = topics
+            .iter()
+            .find(|t| &*t.name == topic)
+            .ok_or_else(|| not_found(format!("no topic `{topic}` (see the `topics` command)")))?;
+        if inner.kind == TopicKind::Channel {
+            return Err(bad_request(format!("`{topic}` is an in-memory channel of the worker, not a topic")));
+        }
+        let partitions = core.partitions(topic).ok_or_else(|| failed(format!("topic `{topic}` is not created yet")))?;
+        let (key_codec, value_codec) = (codecs.0.unwrap_or(inner.key_codec), codecs.1.unwrap_or(inner.value_codec));
+        let key_bytes = match &key {
+            Some(k) => Some(encode_text(key_codec, k, true).map_err(|e| bad_request(format!("key: {e}")))?),
+            None => None,
+        };
+        let encoded: Vec<Vec<u8>> = values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| encode_text(value_codec, v, false).map_err(|e| bad_request(format!("value {}: {e}", i + 1))))
+            .collect::<Result<_, _>>()?;
+        if let Some(p) = partition
+            && p >= partitions
+        {
+            return Err(bad_request(format!(
+                "topic `{topic}` has partitions 0..{partitions}; there is no partition {p}"
+            )));
+        }
+        let route = |key: Option<&[u8]>| match (partition, key) {
+            (Some(p), _) => p,
+            (None, Some(k)) => crate::worker::partition_for_key(k, partitions),
+            (None, None) => core.round_robin(partitions),
+        };
+        if repeat == 1 && encoded.len() == 1 {
+            // One record: written on its own, so its offset can be told.
+            let tp = TopicPartition::new(inner.name.clone(), route(key_bytes.as_deref()));
+            let write_err = |e: String| failed(format!("writing to `{topic}`: {e}"));
+            // After what this core buffered for the partition, to keep the partition's order.
+            if core.has_pending(&tp) {
+                core.flush().await.map_err(|e| write_err(e.to_string()))?;
+            }
+            let mut batch = faust_storage::BatchBuilder::new();
+            batch.push(crate::worker::now_ms(), key_bytes.as_deref(), Some(&encoded[0]), &[]);
+            let produced = core.transport.produce(&tp, batch).await.map_err(|e| write_err(e.to_string()))?;
+            return Ok(serde_json::json!({
+                "topic": topic, "sent": 1, "partition": produced.partition, "offset": produced.base_offset,
+            }));
+        }
+        let mut sent = 0u64;
+        for _ in 0..repeat {
+            for value in &encoded {
+                let tp = TopicPartition::new(inner.name.clone(), route(key_bytes.as_deref()));
+                core.buffer(tp, None, key_bytes.as_deref(), value, &[]);
+                sent += 1;
+                if sent.is_multiple_of(4096) {
+                    core.flush_if_full().await;
+                }
+            }
+        }
+        core.flush().await.map_err(|e| failed(format!("writing to `{topic}`: {e}")))?;
+        let result = serde_json::json!({ "topic": topic, "sent": sent });
+        Ok(result)
+    }
+}
+
+/// Why a CLI command could not talk to a worker.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ClientError {
+    /// No worker listens on the socket.
+    #[error(
+        "no worker is running for data directory {datadir} (no control socket answers at {socket}); start one with the `worker` command"
+    )]
+    NoWorker { datadir: PathBuf, socket: PathBuf },
+    /// The worker refused the request.
+    #[error("{1}")]
+    Refused(Failure, String),
+    /// The connection failed mid-request.
+    #[error("talking to the worker at {socket}: {message}")]
+    Io { socket: PathBuf, message: String },
+}
+
+/// Sends `request` to the worker of `datadir` and returns its result.
+pub(crate) fn request(datadir: &Path, request: &Request) -> Result<Value, ClientError> {
+    let socket = socket_path(datadir);
+    let io = |e: std::io::Error| ClientError::Io { socket: socket.clone(), message: e.to_string() };
+    let stream = UnixStream::connect(&socket)
+        .map_err(|_| ClientError::NoWorker { datadir: datadir.to_path_buf(), socket: socket.clone() })?;
+    // A core answers within ANSWER_TIMEOUT or the worker says so; a little more here.
+    stream.set_read_timeout(Some(ANSWER_TIMEOUT * 2 + Duration::from_secs(5))).map_err(io)?;
+    let mut writer = stream.try_clone().map_err(io)?;
+    let mut text = serde_json::to_string(request).map_err(|e| io(std::io::Error::other(e)))?;
+    text.push('\n');
+    writer.write_all(text.as_bytes()).map_err(io)?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).map_err(io)?;
+    if line.is_empty() {
+        return Err(io(std::io::Error::other("the worker closed the connection without answering")));
+    }
+    let response: Response = serde_json::from_str(&line).map_err(|e| io(std::io::Error::other(e)))?;
+    match (response.result, response.error) {
+        (_, Some((failure, message))) => Err(ClientError::Refused(failure, message)),
+        (Some(result), None) => Ok(result),
+        (None, None) => Ok(Value::Null),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_is_encoded_by_codec() {
+        assert_eq!(encode_text(Codec::Raw, "account-1", true).unwrap(), b"account-1");
+        assert_eq!(encode_text(Codec::Json, "account-1", true).unwrap(), br#""account-1""#);
+        assert_eq!(encode_text(Codec::Json, r#"{"a": 1}"#, false).unwrap(), br#"{"a":1}"#);
+        let err = encode_text(Codec::Json, "{not json", false).unwrap_err();
+        assert!(err.contains("not valid JSON"), "{err}");
+    }
+
+    #[test]
+    fn requests_and_responses_round_trip() {
+        let request = Request::Send {
+            topic: "orders".into(),
+            key: Some("k".into()),
+            values: vec!["{}".into()],
+            partition: Some(3),
+            repeat: 2,
+            key_serializer: None,
+            value_serializer: Some("raw".into()),
+        };
+        let text = serde_json::to_string(&request).unwrap();
+        assert!(text.contains(r#""command":"send""#), "{text}");
+        assert!(matches!(serde_json::from_str::<Request>(&text).unwrap(), Request::Send { repeat: 2, .. }));
+        let response = Response { result: None, error: Some((Failure::NotFound, "no".into())) };
+        let back: Response = serde_json::from_str(&serde_json::to_string(&response).unwrap()).unwrap();
+        assert_eq!(back.error, Some((Failure::NotFound, "no".into())));
+    }
+
+    #[test]
+    fn a_missing_worker_is_reported_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = request(dir.path(), &Request::Ping).unwrap_err();
+        assert!(matches!(err, ClientError::NoWorker { .. }), "{err}");
+        assert!(err.to_string().contains("no worker is running"), "{err}");
+    }
+}

@@ -1,0 +1,380 @@
+//! The command line (`app.main()`) as users run it: the `hello` and `orders` examples as
+//! processes, a worker in one and the other commands in others, talking through the control
+//! socket in the data directory. Checks what they print (plain and `--json`) and their exit
+//! codes: 0 done, 1 failed, 2 usage or bad input, 3 no worker running, 4 not found.
+//!
+//! Also the bad-record policies end to end: malformed JSON, an empty value and an oversized
+//! record sent among good orders to the orders worker; the counts of the good orders must be
+//! exact under every policy, the dead-letter topic must hold exactly the bad records, and a
+//! worker stopped by a bad record must lose nothing after it.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const HELLO: &str = env!("CARGO_BIN_EXE_hello");
+const ORDERS: &str = env!("CARGO_BIN_EXE_orders");
+
+/// Runs `bin --datadir DATADIR ARGS...` with `stdin` fed in.
+fn cli(bin: &str, datadir: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(bin)
+        .arg("--datadir")
+        .arg(datadir)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the command");
+    let mut input = child.stdin.take().expect("stdin");
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).expect("write stdin");
+    }
+    drop(input);
+    child.wait_with_output().expect("wait for the command")
+}
+
+fn code(output: &Output) -> i32 {
+    output.status.code().unwrap_or(-1)
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn json(output: &Output) -> Value {
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", stdout(output), stderr(output)))
+}
+
+/// A worker process, killed if the test ends without stopping it.
+struct Worker {
+    child: Child,
+    bin: &'static str,
+    datadir: PathBuf,
+    out: PathBuf,
+    err: PathBuf,
+}
+
+impl Worker {
+    fn start(bin: &'static str, datadir: &Path, env: &[(&str, &str)]) -> Worker {
+        std::fs::create_dir_all(datadir).unwrap();
+        let name = format!("worker-{}", std::fs::read_dir(datadir.parent().unwrap()).unwrap().count());
+        let (out, err) = (datadir.with_file_name(format!("{name}.out")), datadir.with_file_name(format!("{name}.err")));
+        let mut cmd = Command::new(bin);
+        cmd.arg("--datadir")
+            .arg(datadir)
+            .arg("worker")
+            .env("BROKER_COMMIT_INTERVAL", "0.1")
+            .env_remove("RUST_LOG")
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("start the worker");
+        let mut worker = Worker { child, bin, datadir: datadir.to_path_buf(), out, err };
+        worker.wait_ready();
+        worker
+    }
+
+    /// Until the worker answers on its control socket (it created its topics by then), or
+    /// exits.
+    fn wait_ready(&mut self) {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(60) {
+            if self.child.try_wait().unwrap().is_some() {
+                return;
+            }
+            let topics = cli(self.bin, &self.datadir, &["topics", "--json"], None);
+            if code(&topics) == 0 && json(&topics).as_array().is_some_and(|t| t.iter().all(|t| t["records"].is_u64())) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the worker did not answer within 60 s; its log:\n{}", self.log());
+    }
+
+    fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.err).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit code.
+    fn stop(mut self) -> i32 {
+        // SAFETY: signalling the child this test started, by its PID.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.wait(Duration::from_secs(60))
+    }
+
+    /// Waits (bounded) for the worker to exit by itself.
+    fn wait(&mut self, timeout: Duration) -> i32 {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("the worker did not exit within {timeout:?}; its log:\n{}", self.log());
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Polls `check` every 50 ms for up to 30 s.
+fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what}: not within 30 s");
+}
+
+#[test]
+fn hello_prints_what_send_sends() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+
+    // Without a worker: listings from the declarations; commands that need one say so (3).
+    let agents = cli(HELLO, &data, &["agents", "--json"], None);
+    assert_eq!(code(&agents), 0, "{}", stderr(&agents));
+    assert_eq!(json(&agents)[0]["agent"], "greet");
+    assert_eq!(json(&agents)[0]["topic"], "greetings");
+    let send = cli(HELLO, &data, &["send", "@greet", "hi"], None);
+    assert_eq!(code(&send), 3, "{}", stderr(&send));
+    assert!(stderr(&send).contains("no worker is running"), "{}", stderr(&send));
+    let topics = cli(HELLO, &data, &["topics"], None);
+    assert_eq!(code(&topics), 0);
+    assert!(stdout(&topics).contains("greetings"), "{}", stdout(&topics));
+    assert!(stderr(&topics).contains("no worker is running"), "{}", stderr(&topics));
+    // Usage errors are clap's 2; help is 0.
+    assert_eq!(code(&cli(HELLO, &data, &["send"], None)), 2);
+    assert_eq!(code(&cli(HELLO, &data, &["no-such-command"], None)), 2);
+    assert_eq!(code(&cli(HELLO, &data, &["--help"], None)), 0);
+    let completions = cli(HELLO, &data, &["completions", "bash"], None);
+    assert_eq!(code(&completions), 0);
+    assert!(stdout(&completions).contains("hello"), "a bash completion script");
+
+    let worker = Worker::start(HELLO, &data, &[]);
+    let sent = cli(HELLO, &data, &["send", "@greet", "Hello Faust", "--json"], None);
+    assert_eq!(code(&sent), 0, "{}", stderr(&sent));
+    let sent = json(&sent);
+    assert_eq!((sent["topic"].as_str(), sent["sent"].as_u64()), (Some("greetings"), Some(1)));
+    assert!(sent["partition"].as_u64().is_some_and(|p| p < 4) && sent["offset"].is_u64(), "{sent}");
+    // Values from stdin, each sent twice, to one partition.
+    let piped =
+        cli(HELLO, &data, &["send", "greetings", "--repeat", "2", "--partition", "3"], Some("one\ntwo\n\nthree\n"));
+    assert_eq!(code(&piped), 0, "{}", stderr(&piped));
+    assert_eq!(stdout(&piped).trim(), "sent 6 records to greetings");
+    eventually("the worker prints every greeting", || {
+        let out = worker.stdout();
+        out.contains("Hello Faust") && ["one", "two", "three"].iter().all(|g| out.matches(g).count() == 2)
+    });
+    // Bad requests: a partition out of range (2), an unknown topic or agent (4).
+    let wrong = cli(HELLO, &data, &["send", "greetings", "x", "--partition", "9"], None);
+    assert_eq!(code(&wrong), 2, "{}", stderr(&wrong));
+    assert!(stderr(&wrong).contains("no partition 9"), "{}", stderr(&wrong));
+    assert_eq!(code(&cli(HELLO, &data, &["send", "nope", "x"], None)), 4);
+    assert_eq!(code(&cli(HELLO, &data, &["send", "@nobody", "x"], None)), 4);
+    // With a worker, topics have record counts.
+    let topics = json(&cli(HELLO, &data, &["topics", "--json"], None));
+    let greetings = topics.as_array().unwrap().iter().find(|t| t["topic"] == "greetings").unwrap().clone();
+    assert_eq!((greetings["partitions"].as_u64(), greetings["records"].as_u64()), (Some(4), Some(7)), "{topics}");
+    // A reset under a running worker is refused.
+    assert_eq!(code(&cli(HELLO, &data, &["reset", "--yes"], None)), 1);
+
+    assert_eq!(worker.stop(), 0);
+    let after = cli(HELLO, &data, &["send", "greetings", "late"], None);
+    assert_eq!(code(&after), 3, "the socket is gone with the worker: {}", stderr(&after));
+}
+
+/// `count` orders per account, `accounts` accounts, as JSON lines.
+fn order_lines(count: usize, accounts: usize, offset: usize) -> (String, std::collections::BTreeMap<String, u64>) {
+    let mut lines = String::new();
+    let mut expected = std::collections::BTreeMap::new();
+    for i in offset..offset + count {
+        let account = format!("account-{}", i % accounts);
+        lines.push_str(&format!(
+            "{{\"account_id\": \"{account}\", \"product_id\": \"product-{i}\", \"amount\": 1, \"price\": 2.5}}\n"
+        ));
+        *expected.entry(account).or_insert(0) += 1;
+    }
+    (lines, expected)
+}
+
+fn dump(datadir: &Path) -> std::collections::BTreeMap<String, u64> {
+    let out = cli(ORDERS, datadir, &["table", "dump", "order_count", "--json"], None);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    json(&out)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|kv| (kv["key"].as_str().unwrap().to_string(), kv["value"].as_u64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn orders_are_sent_and_counted_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let worker = Worker::start(ORDERS, &data, &[]);
+    let one = r#"{"account_id": "account-1", "product_id": "product-7", "amount": 2, "price": 9.5}"#;
+    let sent = cli(ORDERS, &data, &["send", "orders", "--key", "order-1", one], None);
+    assert_eq!(code(&sent), 0, "{}", stderr(&sent));
+    assert!(stdout(&sent).starts_with("sent 1 record to orders (partition "), "{}", stdout(&sent));
+    eventually("account-1 counted", || {
+        stdout(&cli(ORDERS, &data, &["table", "get", "order_count", "account-1"], None)).trim() == "1"
+    });
+    let (lines, mut expected) = order_lines(500, 7, 0);
+    let piped = cli(ORDERS, &data, &["send", "orders"], Some(&lines));
+    assert_eq!(stdout(&piped).trim(), "sent 500 records to orders", "{}", stderr(&piped));
+    *expected.entry("account-1".into()).or_insert(0) += 1;
+    eventually("every order counted", || dump(&data) == expected);
+    let get = json(&cli(ORDERS, &data, &["table", "get", "order_count", "account-3", "--json"], None));
+    assert_eq!(get, serde_json::json!({ "table": "order_count", "key": "account-3", "value": expected["account-3"] }));
+    // Not found (4), not valid JSON for the JSON topic (2), an unknown table (4).
+    assert_eq!(code(&cli(ORDERS, &data, &["table", "get", "order_count", "account-99"], None)), 4);
+    let bad = cli(ORDERS, &data, &["send", "orders", "{not json"], None);
+    assert_eq!(code(&bad), 2);
+    assert!(stderr(&bad).contains("not valid JSON"), "{}", stderr(&bad));
+    assert_eq!(code(&cli(ORDERS, &data, &["table", "dump", "nope"], None)), 4);
+    let tables = json(&cli(ORDERS, &data, &["tables", "--json"], None));
+    assert!(
+        tables
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["table"] == "order_count" && t["changelog"] == "orders-order_count-changelog")
+    );
+    assert_eq!(worker.stop(), 0);
+
+    // Reset deletes the stores only with --yes (stdin is no terminal here); the counts come
+    // back from the changelog at the next start.
+    let refused = cli(ORDERS, &data, &["reset"], None);
+    assert_eq!(code(&refused), 2, "{}", stderr(&refused));
+    assert!(data.join("tables").exists());
+    let reset = cli(ORDERS, &data, &["reset", "--yes"], None);
+    assert_eq!(code(&reset), 0, "{}", stderr(&reset));
+    assert!(!data.join("tables").exists());
+    let worker = Worker::start(ORDERS, &data, &[]);
+    eventually("the counts recovered from the changelog", || dump(&data) == expected);
+    assert_eq!(worker.stop(), 0);
+}
+
+/// A record's value as the dead-letter topic keeps it.
+fn dead_letters(datadir: &Path) -> Vec<(Vec<u8>, String)> {
+    faust_tests::topic_records(datadir, "orders-dead-letter")
+        .into_iter()
+        .map(|r| {
+            let error =
+                r.headers().find(|(n, _)| *n == b"faust-error").and_then(|(_, v)| v).unwrap_or_default().to_vec();
+            (r.value.map(|v| v.to_vec()).unwrap_or_default(), String::from_utf8_lossy(&error).into_owned())
+        })
+        .collect()
+}
+
+/// The bad records: malformed JSON, an empty value, one past `MAX_RECORD_BYTES` (512).
+fn bad_records() -> [String; 3] {
+    let oversized =
+        format!(r#"{{"account_id": "account-0", "product_id": "{}", "amount": 1, "price": 1.0}}"#, "p".repeat(1000));
+    ["{\"account_id\": ".to_string(), String::new(), oversized]
+}
+
+/// Sends 100 good orders (round `round`) to partition 2, adding them to `expected`.
+fn send_good(datadir: &Path, round: usize, expected: &mut std::collections::BTreeMap<String, u64>) {
+    let (lines, counts) = order_lines(100, 5, round * 100);
+    let out = cli(ORDERS, datadir, &["send", "orders", "--partition", "2"], Some(&lines));
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    for (k, n) in counts {
+        *expected.entry(k).or_insert(0) += n;
+    }
+}
+
+/// Sends one record's bytes as they are to partition 2.
+fn send_raw(datadir: &Path, value: &str) {
+    let out = cli(ORDERS, datadir, &["send", "orders", "--partition", "2", "--value-serializer", "raw", value], None);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+}
+
+#[test]
+fn bad_records_are_skipped_or_dead_lettered_and_the_rest_counted_exactly() {
+    let bad = bad_records();
+    for policy in ["skip", "dead-letter"] {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let worker = Worker::start(ORDERS, &data, &[("BAD_RECORD_POLICY", policy), ("MAX_RECORD_BYTES", "512")]);
+        let mut expected = std::collections::BTreeMap::new();
+        for (round, value) in bad.iter().enumerate() {
+            send_good(&data, round, &mut expected);
+            send_raw(&data, value);
+        }
+        send_good(&data, 3, &mut expected);
+        eventually("every good order counted", || dump(&data) == expected);
+        let log = worker.log();
+        let message =
+            if policy == "skip" { "skipping a bad record" } else { "bad record sent to the dead-letter topic" };
+        assert_eq!(log.matches(message).count(), 3, "{policy}: {log}");
+        assert_eq!(worker.stop(), 0);
+        let letters = dead_letters(&data);
+        if policy == "dead-letter" {
+            let values: Vec<&[u8]> = letters.iter().map(|(v, _)| &v[..]).collect();
+            assert_eq!(values, bad.iter().map(|v| v.as_bytes()).collect::<Vec<_>>());
+            assert!(letters.iter().all(|(_, e)| !e.is_empty()), "every dead letter says why: {letters:?}");
+            assert!(letters[2].1.contains("512"), "the oversized one names the limit: {:?}", letters[2]);
+        } else {
+            assert!(letters.is_empty());
+        }
+    }
+}
+
+#[test]
+fn a_bad_record_stops_the_worker_and_stays_uncommitted() {
+    let bad = bad_records();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let stop = [("BAD_RECORD_POLICY", "stop"), ("MAX_RECORD_BYTES", "512")];
+    let mut expected = std::collections::BTreeMap::new();
+    let mut worker = Worker::start(ORDERS, &data, &stop);
+    send_good(&data, 0, &mut expected);
+    eventually("the good orders counted", || dump(&data) == expected);
+    send_raw(&data, &bad[0]);
+    assert_eq!(worker.wait(Duration::from_secs(60)), 1, "{}", worker.log());
+    assert!(worker.log().contains("bad record; stopping the worker"), "{}", worker.log());
+    assert!(worker.log().contains("offset=100"), "the bad record is named: {}", worker.log());
+    // It was not committed: a restart meets it again and stops again.
+    let mut worker = Worker::start(ORDERS, &data, &stop);
+    assert_eq!(worker.wait(Duration::from_secs(60)), 1, "{}", worker.log());
+    assert!(worker.log().contains("offset=100"), "{}", worker.log());
+    // With `skip`, it is skipped (counted as bad), and everything after it is counted.
+    let worker = Worker::start(ORDERS, &data, &[("MAX_RECORD_BYTES", "512")]);
+    for (round, value) in bad.iter().enumerate().skip(1) {
+        send_good(&data, round, &mut expected);
+        send_raw(&data, value);
+    }
+    send_good(&data, 3, &mut expected);
+    eventually("every good order counted after the restart", || dump(&data) == expected);
+    assert_eq!(worker.log().matches("skipping a bad record").count(), 3, "{}", worker.log());
+    assert_eq!(worker.stop(), 0);
+}
