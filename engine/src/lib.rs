@@ -41,7 +41,7 @@ pub use crate::group_by::{GroupBy, Source};
 pub use crate::rebalance::WorkerStats;
 pub use crate::settings::{BadRecordPolicy, Settings, SettingsError};
 pub use crate::sink::{Sink, Sinks};
-pub use crate::stream::{Event, Stream};
+pub use crate::stream::{BadRecord, Event, RecordPart, Stream};
 pub use crate::table::{Table, TableError, TablePartition};
 pub use crate::testing::{TestContext, TestError};
 pub use crate::worker::WorkerError;

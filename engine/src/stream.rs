@@ -13,6 +13,50 @@ use crate::context::{EventPosition, current_slot};
 use crate::worker::{AgentRun, CoreRuntime, EventQueue, QueuedEvent};
 use faust_transport::Produced;
 
+/// Which part of a record is bad.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RecordPart {
+    /// The key does not decode.
+    Key,
+    /// The value does not decode (or is null).
+    Value,
+    /// The whole record is larger than `max_record_bytes`.
+    Record,
+}
+
+impl std::fmt::Display for RecordPart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RecordPart::Key => "key",
+            RecordPart::Value => "value",
+            RecordPart::Record => "record",
+        })
+    }
+}
+
+/// A record a stream could not hand out: its key or value does not decode (malformed JSON, an
+/// empty or null value, invalid UTF-8 for a string), or it is larger than `max_record_bytes`.
+/// What happens to it is the `bad_record_policy`; under `stop`, [`App::run`](crate::App::run)
+/// returns it as [`WorkerError::BadRecord`](crate::WorkerError::BadRecord).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bad record in {topic} partition {partition} at offset {offset}: {part}: {reason} (starts {preview})")]
+#[non_exhaustive]
+pub struct BadRecord {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: u32,
+    /// The record's offset.
+    pub offset: u64,
+    /// What is bad.
+    pub part: RecordPart,
+    /// Why: the codec's error, or the size.
+    pub reason: String,
+    /// The first bytes of the bad part (the value, for an oversized record), in hex.
+    pub preview: String,
+}
+
 /// What a stream's processors (decode, `filter`, `map`, `enumerate`, `echo`) make of one
 /// record: `Ok(Some(..))` to hand out, `Ok(None)` to ack and skip (filtered), `Err` when it
 /// cannot be processed.
@@ -21,7 +65,7 @@ type Stage<K, V> = Box<dyn Fn(&QueuedEvent) -> Result<Option<(Option<K>, V)>, Re
 /// Why a stage did not hand a record out.
 enum Rejected {
     /// The record is bad (its key or value does not decode): the bad-record policy decides.
-    Bad(String),
+    Bad(RecordPart, String),
     /// A processor failed on it (an `echo` send): logged, counted, acked and skipped.
     Failed(String),
 }
@@ -158,13 +202,13 @@ impl<K: DeserializeOwned + 'static, V: DeserializeOwned + 'static> Stream<K, V> 
             stage: Box::new(move |queued: &QueuedEvent| {
                 let key = match &queued.record.key {
                     Some(k) if decode_keys.get() => {
-                        Some(key_codec.decode(k).map_err(|e| Rejected::Bad(format!("key: {e}")))?)
+                        Some(key_codec.decode(k).map_err(|e| Rejected::Bad(RecordPart::Key, e.to_string()))?)
                     }
                     _ => None,
                 };
                 let value = match &queued.record.value {
-                    Some(v) => value_codec.decode(v).map_err(|e| Rejected::Bad(format!("value: {e}")))?,
-                    None => return Err(Rejected::Bad("value: null".into())),
+                    Some(v) => value_codec.decode(v).map_err(|e| Rejected::Bad(RecordPart::Value, e.to_string()))?,
+                    None => return Err(Rejected::Bad(RecordPart::Value, "null".into())),
                 };
                 Ok(Some((key, value)))
             }),
@@ -318,7 +362,10 @@ impl<K: 'static, V: 'static> Stream<K, V> {
             let size =
                 queued.record.key.as_ref().map_or(0, |k| k.len()) + queued.record.value.as_ref().map_or(0, |v| v.len());
             let outcome = if size > self.max_record_bytes {
-                Err(Rejected::Bad(format!("{size} bytes, over max_record_bytes ({})", self.max_record_bytes)))
+                Err(Rejected::Bad(
+                    RecordPart::Record,
+                    format!("{size} bytes, over max_record_bytes ({})", self.max_record_bytes),
+                ))
             } else {
                 (self.stage)(&queued)
             };
@@ -355,8 +402,8 @@ impl<K: 'static, V: 'static> Stream<K, V> {
                     self.current.borrow_mut().push(queued);
                     return Some(event);
                 }
-                Err(Rejected::Bad(reason)) => {
-                    if self.core.bad_record(&queued, &reason) {
+                Err(Rejected::Bad(part, reason)) => {
+                    if self.core.bad_record(&queued, part, reason) {
                         self.core.ack(self.agent, &queued.tp, queued.record.offset);
                     }
                 }

@@ -21,7 +21,7 @@ use faust_storage::Record;
 use faust_transport::{AutoOffsetReset, OffsetSpec, Produced, TopicConfig, TopicPartition};
 
 use crate::acks::AckTracker;
-use crate::app::{AgentError, AgentSpec, App, TopicKind};
+use crate::app::{AgentError, AgentSpec, App, TopicKind, lock};
 use crate::context::{InTask, TaskSlot};
 use crate::runtime::{RuntimeConfig, RuntimeError, run_on_cores};
 use crate::table::{AnyShard, CommitFailure, TableMeta, Token};
@@ -74,6 +74,10 @@ pub enum WorkerError {
         /// What went wrong.
         message: String,
     },
+    /// A bad record stopped the worker (`bad_record_policy = stop`); it is not committed, so
+    /// a restart meets it again.
+    #[error("{0} (bad_record_policy = stop; it stays uncommitted)")]
+    BadRecord(crate::stream::BadRecord),
     /// The worker stopped because of its consumer group (joining failed, an assignment change
     /// could not be applied, ...).
     #[error("group `{group}`: {message}")]
@@ -345,6 +349,9 @@ pub(crate) struct CoreRuntime {
     halted: RefCell<Vec<TopicPartition>>,
     /// The dead-letter topic, with `bad_record_policy = dead-letter`.
     dead_letter: Option<Arc<str>>,
+    /// The bad record that stopped the worker (`bad_record_policy = stop`), shared by the
+    /// cores: [`App::run`](crate::App::run) returns it.
+    stopped_at: Arc<Mutex<Option<crate::stream::BadRecord>>>,
 }
 
 impl std::fmt::Debug for CoreRuntime {
@@ -448,21 +455,32 @@ impl CoreRuntime {
 
     /// Applies the bad-record policy to `event` (logged and counted whatever the policy).
     /// Returns whether the stream moves past it (acks it); `false` after a stop.
-    pub(crate) fn bad_record(&self, event: &QueuedEvent, reason: &str) -> bool {
+    pub(crate) fn bad_record(&self, event: &QueuedEvent, part: crate::stream::RecordPart, reason: String) -> bool {
         use crate::settings::BadRecordPolicy;
         self.count_decode_error();
         self.stats.bad_records.fetch_add(1, Ordering::Relaxed);
         let (tp, record) = (&event.tp, &event.record);
         let raw = record.value.as_deref().unwrap_or_default();
-        let value = crate::stream::preview(raw);
+        let shown = match part {
+            crate::stream::RecordPart::Key => record.key.as_deref().unwrap_or_default(),
+            _ => raw,
+        };
+        let bad = crate::stream::BadRecord {
+            topic: tp.topic.to_string(),
+            partition: tp.partition,
+            offset: record.offset,
+            part,
+            reason,
+            preview: crate::stream::preview(shown),
+        };
+        let (reason, value) = (format!("{}: {}", bad.part, bad.reason), &bad.preview);
         match &self.settings().bad_record_policy {
             BadRecordPolicy::Stop => {
                 tracing::error!(topic = %tp.topic, partition = tp.partition, offset = record.offset, %reason, %value,
                     "bad record; stopping the worker (bad_record_policy = stop): it stays uncommitted");
                 self.halted.borrow_mut().push(tp.clone());
-                self.failure.borrow_mut().get_or_insert_with(|| {
-                    format!("bad record at {tp} offset {}: {reason} (bad_record_policy = stop)", record.offset)
-                });
+                self.failure.borrow_mut().get_or_insert_with(|| format!("{bad} (bad_record_policy = stop)"));
+                lock(&self.stopped_at).get_or_insert(bad);
                 self.app_stop.stop();
                 false
             }
@@ -1061,6 +1079,8 @@ struct Startup {
     /// changelogs), set with `topics_ready`.
     counts: Mutex<std::collections::BTreeMap<Arc<str>, u32>>,
     event: Event,
+    /// The bad record that stopped the worker, if one did.
+    stopped_at: Arc<Mutex<Option<crate::stream::BadRecord>>>,
 }
 
 /// Counts a core as past its final commit when dropped (also on an early return).
@@ -1112,6 +1132,7 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
         cores_committed: std::sync::atomic::AtomicUsize::new(0),
         counts: Mutex::new(std::collections::BTreeMap::new()),
         event: Event::new(),
+        stopped_at: Arc::default(),
     });
     let commands: Vec<Arc<crate::rebalance::Commands>> = (0..cores).map(|_| Arc::default()).collect();
     // The CLI's commands reach a worker that keeps state in its data directory through a
@@ -1206,7 +1227,11 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
     for probe in outbox.take_probes() {
         probe.reply.set(Err(crate::app::SendError::Stopped { topic: probe.tp.topic.to_string() }));
     }
-    for (core, r) in results?.into_iter().enumerate() {
+    let results = results?;
+    if let Some(bad) = lock(&startup.stopped_at).take() {
+        return Err(WorkerError::BadRecord(bad));
+    }
+    for (core, r) in results.into_iter().enumerate() {
         r.map_err(|message| WorkerError::Core { core, message })?;
     }
     match group_failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
@@ -1366,6 +1391,7 @@ async fn core_main(
         failure: RefCell::new(None),
         halted: RefCell::new(Vec::new()),
         dead_letter,
+        stopped_at: startup.stopped_at.clone(),
         pending_writes: RefCell::new(Vec::new()),
         deferred_commits: Cell::new(0),
     });

@@ -185,8 +185,11 @@ fn dead_letter_keeps_each_bad_record_with_its_error_and_source() {
 fn stop_ends_the_worker_at_the_first_bad_record_and_leaves_it_uncommitted() {
     let run = run(BadRecordPolicy::Stop);
     let first_bad = records().iter().position(|r| !r.2).unwrap();
-    let err = run.result.unwrap_err().to_string();
-    assert!(err.contains(&format!("bad record at orders/0 offset {first_bad}")), "{err}");
+    let err = run.result.unwrap_err();
+    let text = err.to_string();
+    let faust::WorkerError::BadRecord(bad) = err else { panic!("not a bad-record error: {text}") };
+    assert_eq!((bad.topic.as_str(), bad.partition, bad.offset), ("orders", 0, first_bad as u64), "{text}");
+    assert!(text.contains(&format!("bad record in orders partition 0 at offset {first_bad}")), "{text}");
     assert_eq!(run.stats.bad_records, 1);
     let tp = TopicPartition::new("orders", 0);
     let committed = block_on(run.transport.committed("bad-input", std::slice::from_ref(&tp))).unwrap()[0];
