@@ -106,6 +106,10 @@ fn main() -> std::process::ExitCode {
 
 /// The run without arguments: generate, count, report, stop.
 fn run_alone() -> Result<(), Box<dyn std::error::Error>> {
+    // Warnings and errors to stderr (RUST_LOG=info for more); the command line sets up its
+    // own logging (`--log-level`).
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
     let orders_total = env_u64("ORDERS", 1_000_000)?;
     let accounts = env_u64("ACCOUNTS", 10_000)?.max(1);
     let temp = tempfile::tempdir()?;
