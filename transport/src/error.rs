@@ -130,6 +130,64 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A Kafka broker could not be reached, or its connection failed.
+    #[error("kafka broker {broker}: {op}: {source}")]
+    KafkaConnection {
+        /// The broker's address (`host:port`).
+        broker: String,
+        /// What was being done (`connect`, `read`, `write`).
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A Kafka broker did not answer in time.
+    #[error("kafka broker {broker}: no answer to {api}{} within {timeout:?}", tp_suffix(topic, *partition))]
+    KafkaTimeout {
+        /// The broker's address.
+        broker: String,
+        /// The request (`Produce`, `Fetch`, ...).
+        api: &'static str,
+        /// The topic concerned, if one.
+        topic: Option<String>,
+        /// The partition concerned, if one.
+        partition: Option<u32>,
+        /// How long the client waited.
+        timeout: std::time::Duration,
+    },
+    /// A Kafka broker answered with an error code.
+    #[error("kafka broker {broker}: {api}{} failed: {name} (error {code}){}", tp_suffix(topic, *partition), message.as_ref().map(|m| format!(": {m}")).unwrap_or_default())]
+    KafkaBroker {
+        /// The broker's address.
+        broker: String,
+        /// The request.
+        api: &'static str,
+        /// The topic concerned, if one.
+        topic: Option<String>,
+        /// The partition concerned, if one.
+        partition: Option<u32>,
+        /// The Kafka error code.
+        code: i16,
+        /// Its name (`NOT_LEADER_OR_FOLLOWER`, ...).
+        name: String,
+        /// The broker's message, when it sent one.
+        message: Option<String>,
+    },
+    /// A Kafka broker's answer could not be used: it does not speak a version this client
+    /// needs, or it sent bytes this client cannot decode (corrupt or compressed batches).
+    #[error("kafka broker {broker}: {api}{}: {reason}", tp_suffix(topic, *partition))]
+    KafkaProtocol {
+        /// The broker's address.
+        broker: String,
+        /// The request.
+        api: &'static str,
+        /// The topic concerned, if one.
+        topic: Option<String>,
+        /// The partition concerned, if one.
+        partition: Option<u32>,
+        /// What is wrong.
+        reason: String,
+    },
     /// The transport was shut down while the request was in flight.
     #[error("the transport is shut down")]
     Closed,
@@ -142,6 +200,14 @@ impl Error {
             Error::Produce { batch, .. } => Some(*batch),
             _ => None,
         }
+    }
+}
+
+fn tp_suffix(topic: &Option<String>, partition: Option<u32>) -> String {
+    match (topic, partition) {
+        (Some(t), Some(p)) => format!(" for {t}/{p}"),
+        (Some(t), None) => format!(" for `{t}`"),
+        _ => String::new(),
     }
 }
 

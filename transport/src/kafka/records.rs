@@ -1,0 +1,404 @@
+//! Kafka RecordBatch v2 (magic 2), written from a [`BatchBuilder`] and read into
+//! [`Record`]s.
+//!
+//! ```text
+//! batch header (61 bytes, big-endian)
+//!   0  base offset i64          8  batch length i32 (bytes after this field)
+//!   12 partition leader epoch   16 magic i8 (2)             17 crc32c u32 of bytes 21..
+//!   21 attributes i16           23 last offset delta i32    27 base timestamp i64
+//!   35 max timestamp i64        43 producer id i64          51 producer epoch i16
+//!   53 base sequence i32        57 record count i32
+//! record: length varint, attributes i8, timestamp delta varlong, offset delta varint,
+//!   key length varint (-1 = null), key, value length varint, value,
+//!   header count varint, { name length varint, name, value length varint, value }*
+//! ```
+//!
+//! Varints are zig-zag encoded. Only uncompressed batches are written and read; a
+//! compressed batch in a fetch is reported, not skipped.
+
+use bytes::Bytes;
+use faust_storage::{BatchBuilder, Record};
+
+pub(crate) const BATCH_HEADER_LEN: usize = 61;
+const MAGIC: i8 = 2;
+const ATTR_COMPRESSION: i16 = 0x07;
+const ATTR_CONTROL: i16 = 0x20;
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn varint_len(v: i64) -> usize {
+    let mut u = zigzag(v);
+    let mut n = 1;
+    while u >= 0x80 {
+        u >>= 7;
+        n += 1;
+    }
+    n
+}
+
+fn put_varint(buf: &mut Vec<u8>, v: i64) {
+    let mut u = zigzag(v);
+    while u >= 0x80 {
+        buf.push((u as u8) | 0x80);
+        u >>= 7;
+    }
+    buf.push(u as u8);
+}
+
+fn bytes_len(b: Option<&[u8]>) -> usize {
+    match b {
+        Some(b) => varint_len(b.len() as i64) + b.len(),
+        None => 1,
+    }
+}
+
+fn put_bytes(buf: &mut Vec<u8>, b: Option<&[u8]>) {
+    match b {
+        Some(b) => {
+            put_varint(buf, b.len() as i64);
+            buf.extend_from_slice(b);
+        }
+        None => put_varint(buf, -1),
+    }
+}
+
+/// Encodes the records of `batch` as RecordBatches of at most about `max_batch_bytes` each
+/// (a record larger than that gets a batch of its own), concatenated: the `records` field of
+/// one partition in a Produce request. Offsets and timestamps are relative to each batch's
+/// first record; the broker assigns the offsets.
+pub(crate) fn encode(batch: &BatchBuilder, max_batch_bytes: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(batch.encoded_len() + BATCH_HEADER_LEN);
+    let mut records = batch.records().peekable();
+    while records.peek().is_some() {
+        let start = out.len();
+        out.resize(start + BATCH_HEADER_LEN, 0);
+        let mut count: i32 = 0;
+        let mut base_ts = 0i64;
+        let mut max_ts = i64::MIN;
+        while let Some(r) = records.peek() {
+            let headers: Vec<_> = r.headers.clone().collect();
+            let ts_delta = if count == 0 { 0 } else { r.timestamp.wrapping_sub(base_ts) };
+            let body_len = 1
+                + varint_len(ts_delta)
+                + varint_len(i64::from(count))
+                + bytes_len(r.key)
+                + bytes_len(r.value)
+                + varint_len(headers.len() as i64)
+                + headers.iter().map(|(n, v)| bytes_len(Some(n)) + bytes_len(*v)).sum::<usize>();
+            if count > 0 && out.len() - start + body_len + 5 > max_batch_bytes {
+                break;
+            }
+            if count == 0 {
+                base_ts = r.timestamp;
+            }
+            max_ts = max_ts.max(r.timestamp);
+            put_varint(&mut out, body_len as i64);
+            out.push(0); // record attributes: unused
+            put_varint(&mut out, ts_delta);
+            put_varint(&mut out, i64::from(count));
+            put_bytes(&mut out, r.key);
+            put_bytes(&mut out, r.value);
+            put_varint(&mut out, headers.len() as i64);
+            for (name, value) in &headers {
+                put_bytes(&mut out, Some(name));
+                put_bytes(&mut out, *value);
+            }
+            count += 1;
+            records.next();
+        }
+        let h = &mut out[start..];
+        let batch_len = (h.len() - 12) as i32;
+        h[0..8].copy_from_slice(&0i64.to_be_bytes());
+        h[8..12].copy_from_slice(&batch_len.to_be_bytes());
+        h[12..16].copy_from_slice(&(-1i32).to_be_bytes()); // partition leader epoch
+        h[16] = MAGIC as u8;
+        h[21..23].copy_from_slice(&0i16.to_be_bytes()); // create time, no compression
+        h[23..27].copy_from_slice(&(count - 1).to_be_bytes());
+        h[27..35].copy_from_slice(&base_ts.to_be_bytes());
+        h[35..43].copy_from_slice(&max_ts.to_be_bytes());
+        h[43..51].copy_from_slice(&(-1i64).to_be_bytes()); // producer id: not idempotent
+        h[51..53].copy_from_slice(&(-1i16).to_be_bytes());
+        h[53..57].copy_from_slice(&(-1i32).to_be_bytes()); // base sequence
+        h[57..61].copy_from_slice(&count.to_be_bytes());
+        let crc = crc32c::crc32c(&h[21..]);
+        h[17..21].copy_from_slice(&crc.to_be_bytes());
+    }
+    out
+}
+
+/// Why a fetched record set could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum DecodeError {
+    /// A batch's checksum does not match its bytes.
+    Checksum { base_offset: i64 },
+    /// A batch of another format (magic 0 or 1).
+    Magic { base_offset: i64, magic: i8 },
+    /// A compressed batch (this client reads only uncompressed ones).
+    Compressed { base_offset: i64, codec: i16 },
+    /// A record's fields run past its batch, or lengths are negative where they may not be.
+    Malformed { base_offset: i64, what: &'static str },
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecodeError::Checksum { base_offset } => write!(f, "batch at offset {base_offset}: checksum mismatch"),
+            DecodeError::Magic { base_offset, magic } => {
+                write!(f, "batch at offset {base_offset}: message format {magic} is not supported (only 2)")
+            }
+            DecodeError::Compressed { base_offset, codec } => write!(
+                f,
+                "batch at offset {base_offset}: compressed batches (codec {codec}) are not supported yet; produce uncompressed"
+            ),
+            DecodeError::Malformed { base_offset, what } => {
+                write!(f, "batch at offset {base_offset}: malformed {what}")
+            }
+        }
+    }
+}
+
+/// What one fetched record set held.
+#[derive(Debug, Default)]
+pub(crate) struct Decoded {
+    /// Records at or after the requested offset.
+    pub(crate) records: Vec<Record>,
+    /// One past the last offset of the last whole batch (control batches included), if any.
+    pub(crate) next_offset: Option<u64>,
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    base_offset: i64,
+}
+
+impl Reader<'_> {
+    fn malformed(&self, what: &'static str) -> DecodeError {
+        DecodeError::Malformed { base_offset: self.base_offset, what }
+    }
+
+    fn varint(&mut self, what: &'static str) -> Result<i64, DecodeError> {
+        let mut u: u64 = 0;
+        let mut shift = 0;
+        loop {
+            let b = *self.buf.get(self.pos).ok_or_else(|| self.malformed(what))?;
+            self.pos += 1;
+            u |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+            if shift > 63 {
+                return Err(self.malformed(what));
+            }
+        }
+        Ok(((u >> 1) as i64) ^ -((u & 1) as i64))
+    }
+
+    /// A length-prefixed field, as a range of the buffer; `None` for length -1.
+    fn field(&mut self, what: &'static str) -> Result<Option<std::ops::Range<usize>>, DecodeError> {
+        let len = self.varint(what)?;
+        if len < 0 {
+            return Ok(None);
+        }
+        let end =
+            self.pos.checked_add(len as usize).filter(|&e| e <= self.buf.len()).ok_or_else(|| self.malformed(what))?;
+        let r = self.pos..end;
+        self.pos = end;
+        Ok(Some(r))
+    }
+}
+
+fn be_i64(b: &[u8], at: usize) -> i64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    i64::from_be_bytes(a)
+}
+
+fn be_i32(b: &[u8], at: usize) -> i32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    i32::from_be_bytes(a)
+}
+
+fn be_i16(b: &[u8], at: usize) -> i16 {
+    i16::from_be_bytes([b[at], b[at + 1]])
+}
+
+/// Decodes a fetched record set (`records` of one partition in a Fetch response) into
+/// records with offset at least `from`. Keys and values are slices of `set` (no copy); a
+/// record with headers gets its headers re-encoded in the storage format. A partial batch at
+/// the end (the broker cuts at the byte limit) is ignored; control batches are skipped.
+pub(crate) fn decode(set: &Bytes, from: u64) -> Result<Decoded, DecodeError> {
+    let mut out = Decoded::default();
+    let mut pos = 0usize;
+    let mut headers: Vec<(std::ops::Range<usize>, Option<std::ops::Range<usize>>)> = Vec::new();
+    while set.len() - pos >= 17 {
+        let base_offset = be_i64(set, pos);
+        let batch_len = be_i32(set, pos + 8);
+        if batch_len < (BATCH_HEADER_LEN - 12) as i32 {
+            return Err(DecodeError::Malformed { base_offset, what: "batch length" });
+        }
+        let end = pos + 12 + batch_len as usize;
+        if end > set.len() {
+            break; // partial batch
+        }
+        let magic = set[pos + 16] as i8;
+        if magic != MAGIC {
+            return Err(DecodeError::Magic { base_offset, magic });
+        }
+        let b = &set[pos..end];
+        let crc = u32::from_be_bytes([b[17], b[18], b[19], b[20]]);
+        if crc32c::crc32c(&b[21..]) != crc {
+            return Err(DecodeError::Checksum { base_offset });
+        }
+        let attributes = be_i16(b, 21);
+        let last_offset_delta = be_i32(b, 23);
+        let base_ts = be_i64(b, 27);
+        let count = be_i32(b, 57);
+        let batch_next = (base_offset + i64::from(last_offset_delta) + 1).max(0) as u64;
+        if attributes & ATTR_CONTROL != 0 || batch_next <= from {
+            out.next_offset = Some(batch_next);
+            pos = end;
+            continue;
+        }
+        if attributes & ATTR_COMPRESSION != 0 {
+            return Err(DecodeError::Compressed { base_offset, codec: attributes & ATTR_COMPRESSION });
+        }
+        let mut r = Reader { buf: b, pos: BATCH_HEADER_LEN, base_offset };
+        out.records.reserve(count.max(0) as usize);
+        for _ in 0..count.max(0) {
+            let len = r.varint("record length")?;
+            let rec_end = r
+                .pos
+                .checked_add(len.max(0) as usize)
+                .filter(|&e| e <= b.len())
+                .ok_or_else(|| r.malformed("record length"))?;
+            r.pos += 1; // attributes
+            let ts_delta = r.varint("timestamp delta")?;
+            let offset_delta = r.varint("offset delta")?;
+            let key = r.field("key")?;
+            let value = r.field("value")?;
+            let n_headers = r.varint("header count")?;
+            headers.clear();
+            for _ in 0..n_headers.max(0) {
+                let name = r.field("header name")?.ok_or_else(|| r.malformed("header name"))?;
+                let value = r.field("header value")?;
+                headers.push((name, value));
+            }
+            if r.pos != rec_end {
+                return Err(r.malformed("record length"));
+            }
+            let offset = base_offset + offset_delta;
+            if offset < 0 || (offset as u64) < from {
+                continue;
+            }
+            let slice = |range: std::ops::Range<usize>| set.slice(pos + range.start..pos + range.end);
+            let timestamp = base_ts.wrapping_add(ts_delta);
+            let (key, value) = (key.map(slice), value.map(slice));
+            let record = if headers.is_empty() {
+                Record::new(offset as u64, timestamp, key, value)
+            } else {
+                let hs: Vec<(&[u8], Option<&[u8]>)> =
+                    headers.iter().map(|(n, v)| (&b[n.clone()], v.clone().map(|v| &b[v]))).collect();
+                Record::with_headers(offset as u64, timestamp, key, value, &hs)
+            };
+            out.records.push(record);
+        }
+        out.next_offset = Some(batch_next);
+        pos = end;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> BatchBuilder {
+        let mut b = BatchBuilder::new();
+        b.push(1_700_000_000_000, Some(b"k1"), Some(b"v1"), &[(b"h", Some(b"x")), (b"n", None), (b"h", Some(b""))]);
+        b.push(1_699_999_999_000, None, Some(b""), &[]);
+        b.push(1_700_000_000_500, Some(b""), None, &[]);
+        b
+    }
+
+    /// Sets the base offset of every batch of an encoded set, as a broker does.
+    fn place(mut set: Vec<u8>, mut base: i64) -> Bytes {
+        let mut pos = 0;
+        while pos < set.len() {
+            let len = be_i32(&set, pos + 8) as usize;
+            let count = be_i32(&set, pos + 57);
+            set[pos..pos + 8].copy_from_slice(&base.to_be_bytes());
+            base += i64::from(count);
+            pos += 12 + len;
+        }
+        Bytes::from(set)
+    }
+
+    #[test]
+    fn encoded_batches_decode_to_the_same_records() {
+        let b = sample();
+        let set = place(encode(&b, 1 << 20), 100);
+        let d = decode(&set, 0).unwrap();
+        assert_eq!(d.next_offset, Some(103));
+        assert_eq!(d.records.len(), 3);
+        for (i, (got, want)) in d.records.iter().zip(b.records()).enumerate() {
+            assert_eq!(got.offset, 100 + i as u64);
+            assert_eq!(got.timestamp, want.timestamp);
+            assert_eq!(got.key.as_deref(), want.key);
+            assert_eq!(got.value.as_deref(), want.value);
+            assert_eq!(got.headers().collect::<Vec<_>>(), want.headers.collect::<Vec<_>>());
+        }
+        // Keys are slices of the fetched buffer.
+        let k = d.records[0].key.as_ref().unwrap();
+        let range = set.as_ptr() as usize..set.as_ptr() as usize + set.len();
+        assert!(range.contains(&(k.as_ptr() as usize)));
+    }
+
+    #[test]
+    fn small_batch_limit_splits_and_offsets_follow() {
+        let mut b = BatchBuilder::new();
+        for i in 0..100u32 {
+            b.push(i64::from(i), Some(&i.to_be_bytes()), Some(&[7u8; 50]), &[]);
+        }
+        let raw = encode(&b, 1000);
+        let set = place(raw, 0);
+        let d = decode(&set, 0).unwrap();
+        assert_eq!(d.records.len(), 100);
+        assert!(d.records.iter().enumerate().all(|(i, r)| r.offset == i as u64 && r.timestamp == i as i64));
+        // From the middle of a batch, and with the last batch cut short.
+        let d = decode(&set, 42).unwrap();
+        assert_eq!(d.records.first().map(|r| r.offset), Some(42));
+        let cut = set.slice(..set.len() - 10);
+        let d = decode(&cut, 0).unwrap();
+        assert!(d.records.len() < 100 && d.next_offset == Some(d.records.len() as u64));
+    }
+
+    #[test]
+    fn damage_is_an_error_not_a_panic() {
+        let set = place(encode(&sample(), 1 << 20), 0).to_vec();
+        for i in 0..set.len() {
+            let mut bad = set.clone();
+            bad[i] ^= 0x55;
+            let _ = decode(&Bytes::from(bad), 0);
+        }
+        let mut bad = set.clone();
+        bad[30] ^= 1;
+        assert!(matches!(decode(&Bytes::from(bad), 0), Err(DecodeError::Checksum { .. })));
+        assert_eq!(decode(&Bytes::new(), 0).unwrap().records.len(), 0);
+    }
+
+    #[test]
+    fn varints_round_trip() {
+        for v in [0i64, 1, -1, 63, -64, 64, 300, -300, i32::MAX as i64, i64::MIN, i64::MAX] {
+            let mut buf = Vec::new();
+            put_varint(&mut buf, v);
+            assert_eq!(buf.len(), varint_len(v));
+            let mut r = Reader { buf: &buf, pos: 0, base_offset: 0 };
+            assert_eq!(r.varint("v").unwrap(), v);
+        }
+    }
+}
