@@ -156,7 +156,7 @@ pub enum Error {
         timeout: std::time::Duration,
     },
     /// A Kafka broker answered with an error code.
-    #[error("kafka broker {broker}: {api}{} failed: {name} (error {code}){}", tp_suffix(topic, *partition), message.as_ref().map(|m| format!(": {m}")).unwrap_or_default())]
+    #[error("kafka broker {broker}: {api}{} failed: {} (error {code}){}", tp_suffix(topic, *partition), crate::kafka::code_name(*code), message.as_ref().map(|m| format!(": {m}")).unwrap_or_default())]
     KafkaBroker {
         /// The broker's address.
         broker: String,
@@ -166,12 +166,10 @@ pub enum Error {
         topic: Option<String>,
         /// The partition concerned, if one.
         partition: Option<u32>,
-        /// The Kafka error code.
+        /// The Kafka error code (its name is in the message: `NOT_LEADER_OR_FOLLOWER`, ...).
         code: i16,
-        /// Its name (`NOT_LEADER_OR_FOLLOWER`, ...).
-        name: String,
         /// The broker's message, when it sent one.
-        message: Option<String>,
+        message: Option<Box<str>>,
     },
     /// A Kafka broker's answer could not be used: it does not speak a version this client
     /// needs, or it sent bytes this client cannot decode (corrupt or compressed batches).

@@ -167,8 +167,7 @@ impl Connection {
             topic: about.topic.map(str::to_string),
             partition: about.partition,
             code,
-            name: protocol::code_name(code),
-            message,
+            message: message.map(String::into_boxed_str),
         }
     }
 

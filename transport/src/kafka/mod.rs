@@ -38,6 +38,7 @@ use kafka_protocol::protocol::StrBytes;
 
 use self::connection::{About, Connection};
 use self::metadata::Cluster;
+pub(crate) use self::protocol::code_name;
 use crate::error::{Error, Result};
 use crate::types::{
     AssignmentEvent, Fence, Fetched, JoinRequest, OffsetSpec, Produced, TopicConfig, TopicMetadata, TopicPartition,
