@@ -141,7 +141,7 @@ impl Connection {
         self.versions.get(api).ok_or_else(|| Error::KafkaProtocol {
             broker: self.broker.to_string(),
             api: api_name(api),
-            topic: about.topic.map(str::to_string),
+            topic: about.topic.map(std::sync::Arc::from),
             partition: about.partition,
             reason: "the broker supports no version of this request that this client speaks".into(),
         })
@@ -164,7 +164,7 @@ impl Connection {
         Error::KafkaBroker {
             broker: self.broker.to_string(),
             api: api_name(api),
-            topic: about.topic.map(str::to_string),
+            topic: about.topic.map(std::sync::Arc::from),
             partition: about.partition,
             code,
             message: message.map(String::into_boxed_str),
@@ -176,7 +176,7 @@ impl Connection {
         Error::KafkaProtocol {
             broker: self.broker.to_string(),
             api: api_name(api),
-            topic: about.topic.map(str::to_string),
+            topic: about.topic.map(std::sync::Arc::from),
             partition: about.partition,
             reason,
         }
@@ -224,7 +224,7 @@ impl Connection {
                 return Err(Error::KafkaTimeout {
                     broker: self.broker.to_string(),
                     api: api_name(api),
-                    topic: about.topic.map(str::to_string),
+                    topic: about.topic.map(std::sync::Arc::from),
                     partition: about.partition,
                     timeout,
                 });

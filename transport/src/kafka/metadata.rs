@@ -193,7 +193,7 @@ impl KafkaCore {
                 return Err(Error::KafkaTimeout {
                     broker: conn.broker().to_string(),
                     api: "CreateTopics",
-                    topic: Some(name.to_string()),
+                    topic: Some(std::sync::Arc::from(name)),
                     partition: None,
                     timeout,
                 });

@@ -30,7 +30,7 @@ impl KafkaCore {
             let e = Error::KafkaProtocol {
                 broker: String::new(),
                 api: "Produce",
-                topic: Some(tp.topic.to_string()),
+                topic: Some(tp.topic.clone()),
                 partition: Some(tp.partition),
                 reason: "an empty batch cannot be produced".into(),
             };
