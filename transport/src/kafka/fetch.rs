@@ -31,7 +31,8 @@ impl KafkaCore {
         let max_bytes = max_bytes.clamp(1, i32::MAX as usize) as i32;
         let req = FetchRequest::default()
             .with_replica_id(BrokerId(-1))
-            .with_max_wait_ms(ms(max_wait))
+            // tansu leaves the partition out of an answer to max_wait 0.
+            .with_max_wait_ms(ms(max_wait).max(1))
             .with_min_bytes(1)
             .with_max_bytes(max_bytes)
             .with_isolation_level(0)
@@ -65,8 +66,8 @@ impl KafkaCore {
         match part.error_code {
             code::NONE => {}
             code::OFFSET_OUT_OF_RANGE => {
-                let earliest = self.list_offset_once(tp, OffsetSpec::Earliest).await?;
-                let high_watermark = self.list_offset_once(tp, OffsetSpec::Latest).await?;
+                let earliest = self.list_offsets_request(tp, OffsetSpec::Earliest).await?;
+                let high_watermark = self.list_offsets_request(tp, OffsetSpec::Latest).await?;
                 return Err(Error::OffsetOutOfRange { tp: tp.clone(), requested: offset, earliest, high_watermark });
             }
             c => return Err(conn.broker_error(ApiKey::Fetch, about, c, None)),
@@ -77,14 +78,33 @@ impl KafkaCore {
             }
             None => records::Decoded::default(),
         };
+        let high_watermark = part.high_watermark.max(0) as u64;
+        if decoded.records.is_empty() && decoded.next_offset.is_none() && offset > high_watermark {
+            // Some brokers (tansu) answer an empty set rather than OFFSET_OUT_OF_RANGE.
+            let earliest = self.list_offsets_request(tp, OffsetSpec::Earliest).await?;
+            return Err(Error::OffsetOutOfRange { tp: tp.clone(), requested: offset, earliest, high_watermark });
+        }
         Ok(Fetched {
             records: decoded.records,
             next_offset: decoded.next_offset.unwrap_or(offset).max(offset),
-            high_watermark: part.high_watermark.max(0) as u64,
+            high_watermark,
         })
     }
 
+    /// Looks `spec` up with ListOffsets. For [`OffsetSpec::Latest`], the answer is checked
+    /// against the high-water mark of a Fetch at that offset and the larger is taken: on
+    /// Kafka both agree (and the fetch returns nothing), but tansu answers ListOffsets with
+    /// the base offset of the last batch plus one, which would hide the rest of that batch.
     pub(super) async fn list_offset_once(&self, tp: &TopicPartition, spec: OffsetSpec) -> Result<u64> {
+        let listed = self.list_offsets_request(tp, spec).await?;
+        if spec != OffsetSpec::Latest {
+            return Ok(listed);
+        }
+        let f = Box::pin(self.fetch_once(tp, listed, 1, Duration::from_millis(1))).await?;
+        Ok(listed.max(f.high_watermark))
+    }
+
+    async fn list_offsets_request(&self, tp: &TopicPartition, spec: OffsetSpec) -> Result<u64> {
         let conn = self.leader(tp).await?;
         let timestamp = match spec {
             OffsetSpec::Earliest => -2,
@@ -122,6 +142,7 @@ impl KafkaCore {
         // No record at or after the timestamp: the next offset to be written.
         match spec {
             OffsetSpec::Timestamp(_) => Box::pin(self.list_offset_once(tp, OffsetSpec::Latest)).await,
+
             _ => Err(conn.protocol_error(ApiKey::ListOffsets, about, format!("offset {}", part.offset))),
         }
     }

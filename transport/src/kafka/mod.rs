@@ -508,14 +508,17 @@ impl KafkaMembership {
     fn partition_counts(&self) -> Result<HashMap<String, u32>> {
         let shared = &self.transport.shared;
         let opts = &shared.options;
-        let req = MetadataRequest::default().with_topics(Some(
-            self.topics.iter().map(|t| MetadataRequestTopic::default().with_name(Some(topic_name(t)))).collect(),
-        ));
+        let req = MetadataRequest::default()
+            .with_topics(Some(
+                self.topics.iter().map(|t| MetadataRequestTopic::default().with_name(Some(topic_name(t)))).collect(),
+            ))
+            .with_allow_auto_topic_creation(false);
         let mut backoff = opts.retry_backoff;
         let mut last = None;
         for _ in 0..=opts.retries {
             for broker in &shared.bootstrap {
-                match protocol::blocking_request(broker, &req, 1, &shared.client_id, opts.request_timeout) {
+                // Version 4: the first that can ask the broker not to create missing topics.
+                match protocol::blocking_request(broker, &req, 4, &shared.client_id, opts.request_timeout) {
                     Ok(resp) => {
                         let mut counts = HashMap::new();
                         for t in resp.topics {
