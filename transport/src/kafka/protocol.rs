@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use kafka_protocol::messages::{ApiKey, RequestHeader};
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Message, Request, StrBytes};
 
@@ -100,11 +100,11 @@ pub(crate) fn encode_request<R: Request>(
     let header_version = R::header_version(version);
     let size = header.compute_size(header_version).map_err(|e| e.to_string())?
         + req.compute_size(version).map_err(|e| e.to_string())?;
-    let mut buf = BytesMut::with_capacity(size + 4);
+    let mut buf = Vec::with_capacity(size + 4);
     buf.extend_from_slice(&(size as i32).to_be_bytes());
     header.encode(&mut buf, header_version).map_err(|e| e.to_string())?;
     req.encode(&mut buf, version).map_err(|e| e.to_string())?;
-    Ok(buf.to_vec())
+    Ok(buf)
 }
 
 /// The correlation id at the start of an answer's payload.
@@ -254,6 +254,7 @@ pub(crate) fn blocking_request<R: Request>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::BytesMut;
     use kafka_protocol::messages::{MetadataRequest, MetadataResponse};
 
     #[test]
