@@ -166,7 +166,7 @@ pub enum Error {
         topic: Option<std::sync::Arc<str>>,
         /// The partition concerned, if one.
         partition: Option<u32>,
-        /// The Kafka error code (its name is in the message: `NOT_LEADER_OR_FOLLOWER`, ...).
+        /// The Kafka error code (its name, such as `NotLeaderOrFollower`, is in the message).
         code: i16,
         /// The broker's message, when it sent one.
         message: Option<Box<str>>,

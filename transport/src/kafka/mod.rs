@@ -590,3 +590,49 @@ impl KafkaTransport {
         &self.shared.url
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A core's handle holds `Rc`s and stays on its core; the transport crosses threads.
+    #[test]
+    fn auto_traits() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<KafkaTransport>();
+        send_sync::<KafkaOptions>();
+        // KafkaCore is !Send: this would not compile.
+        // fn send<T: Send>() {} send::<KafkaCore>();
+    }
+
+    #[test]
+    fn urls_are_checked() {
+        let ok = KafkaTransport::open("kafka://a:9092, b:9093/", KafkaOptions::default()).unwrap();
+        assert_eq!(ok.bootstrap().iter().map(|b| &**b).collect::<Vec<_>>(), vec!["a:9092", "b:9093"]);
+        for bad in ["kafka://", "kafka://host", "kafka://host:port", "kafka://:9092", "local://x", "kafka://h:70000"] {
+            assert!(
+                matches!(KafkaTransport::open(bad, KafkaOptions::default()), Err(Error::InvalidUrl { .. })),
+                "{bad}"
+            );
+        }
+        let zero = KafkaOptions { request_timeout: Duration::ZERO, ..KafkaOptions::default() };
+        assert!(KafkaTransport::open("kafka://h:1", zero).is_err());
+    }
+
+    #[test]
+    fn retriable_errors() {
+        let broker = |code| Error::KafkaBroker {
+            broker: "b:1".into(),
+            api: "Produce",
+            topic: None,
+            partition: None,
+            code,
+            message: None,
+        };
+        assert!(retriable(&broker(protocol::code::NOT_LEADER_OR_FOLLOWER)));
+        assert!(retriable(&broker(protocol::code::NOT_COORDINATOR)));
+        assert!(!retriable(&broker(protocol::code::TOPIC_ALREADY_EXISTS)));
+        assert!(!retriable(&Error::UnknownTopic { topic: "t".into() }));
+        assert!(broker(6).to_string().contains("NotLeaderOrFollower"), "{}", broker(6));
+    }
+}

@@ -166,7 +166,7 @@ pub(crate) mod code {
     pub(crate) const TOPIC_ALREADY_EXISTS: i16 = 36;
 }
 
-/// The name of a Kafka error code (`NOT_LEADER_OR_FOLLOWER`, ...).
+/// The name of a Kafka error code (`NotLeaderOrFollower`, ...).
 pub(crate) fn code_name(code: i16) -> String {
     match kafka_protocol::ResponseError::try_from_code(code) {
         Some(e) => format!("{e:?}"),
