@@ -391,6 +391,51 @@ mod tests {
         assert_eq!(decode(&Bytes::new(), 0).unwrap().records.len(), 0);
     }
 
+    type Rec = (i64, Option<Vec<u8>>, Option<Vec<u8>>, Vec<(Vec<u8>, Option<Vec<u8>>)>);
+
+    fn arb_record() -> impl proptest::strategy::Strategy<Value = Rec> {
+        use proptest::prelude::*;
+        let bytes = || proptest::collection::vec(any::<u8>(), 0..40);
+        (
+            any::<i64>().prop_map(|t| t / 4), // deltas from the first timestamp stay in range
+            proptest::option::of(bytes()),
+            proptest::option::of(bytes()),
+            proptest::collection::vec((bytes(), proptest::option::of(bytes())), 0..4),
+        )
+    }
+
+    proptest::proptest! {
+        /// Any records, split by any batch limit, placed at any base offset, decode to the
+        /// same records (from any offset on).
+        #[test]
+        fn batches_round_trip(
+            recs in proptest::collection::vec(arb_record(), 1..60),
+            limit in 1usize..4000,
+            base in 0i64..1_000_000,
+            skip in 0usize..70,
+        ) {
+            let mut b = BatchBuilder::new();
+            for (ts, k, v, hs) in &recs {
+                let hs: Vec<(&[u8], Option<&[u8]>)> = hs.iter().map(|(n, v)| (&n[..], v.as_deref())).collect();
+                b.push(*ts, k.as_deref(), v.as_deref(), &hs);
+            }
+            let set = place(encode(&b, limit), base);
+            let from = base as u64 + skip as u64;
+            let d = decode(&set, from).unwrap();
+            proptest::prop_assert_eq!(d.next_offset, Some(base as u64 + recs.len() as u64));
+            let want: Vec<_> = recs.iter().enumerate().skip(skip).collect();
+            proptest::prop_assert_eq!(d.records.len(), want.len());
+            for (r, (i, (ts, k, v, hs))) in d.records.iter().zip(want) {
+                proptest::prop_assert_eq!(r.offset, base as u64 + i as u64);
+                proptest::prop_assert_eq!(r.timestamp, *ts);
+                proptest::prop_assert_eq!(r.key.as_deref(), k.as_deref());
+                proptest::prop_assert_eq!(r.value.as_deref(), v.as_deref());
+                let got: Vec<_> = r.headers().map(|(n, v)| (n.to_vec(), v.map(<[u8]>::to_vec))).collect();
+                proptest::prop_assert_eq!(&got, hs);
+            }
+        }
+    }
+
     #[test]
     fn varints_round_trip() {
         for v in [0i64, 1, -1, 63, -64, 64, 300, -300, i32::MAX as i64, i64::MIN, i64::MAX] {
