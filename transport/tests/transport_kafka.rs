@@ -276,6 +276,38 @@ fn headers_null_keys_and_empty_values_round_trip_through_us() {
 }
 
 #[test]
+fn a_long_poll_on_one_partition_delays_nothing_else() {
+    let broker = require_broker!();
+    let topic = unique("long-poll");
+    on_glommio(&transport(&broker), move |core| async move {
+        let core = std::rc::Rc::new(core);
+        core.create_topic(&topic, &TopicConfig::new(2)).await.expect("create");
+        let (idle, busy) = (TopicPartition::new(topic.as_str(), 0), TopicPartition::new(topic.as_str(), 1));
+        let poll = glommio::spawn_local({
+            let core = core.clone();
+            async move {
+                let start = Instant::now();
+                let f = core.fetch(&idle, 0, 1 << 20, Duration::from_secs(3)).await.expect("long poll");
+                (f.records.len(), start.elapsed())
+            }
+        });
+        glommio::timer::sleep(Duration::from_millis(100)).await;
+        let start = Instant::now();
+        let mut batch = BatchBuilder::new();
+        batch.push(1, None, Some(b"v"), &[]);
+        core.produce(&busy, batch).await.expect("produce");
+        let got = fetch_n(&core, &busy, 0, 1, 1 << 20).await;
+        core.commit(&unique("g"), None, &[(busy.clone(), 1)]).await.expect("commit");
+        let took = start.elapsed();
+        assert_eq!(got.len(), 1);
+        assert!(took < Duration::from_millis(1500), "produce, fetch and commit took {took:?} behind a long poll");
+        let (n, waited) = poll.await;
+        assert_eq!(n, 0);
+        assert!(waited >= Duration::from_secs(2), "the long poll returned after {waited:?}");
+    });
+}
+
+#[test]
 fn a_large_batch_and_a_one_mib_record() {
     let broker = require_broker!();
     let topic = unique("large");

@@ -11,7 +11,7 @@ use kafka_protocol::protocol::StrBytes;
 
 use super::connection::About;
 use super::protocol::code;
-use super::{KafkaCore, records, topic_name};
+use super::{KafkaCore, Lane, records, topic_name};
 use crate::error::{Error, Result};
 use crate::types::{Fetched, OffsetSpec, TopicPartition};
 
@@ -26,8 +26,9 @@ impl KafkaCore {
         offset: u64,
         max_bytes: usize,
         max_wait: Duration,
+        lane: &Lane,
     ) -> Result<Fetched> {
-        let conn = self.leader(tp).await?;
+        let conn = self.leader(tp, lane).await?;
         let max_bytes = max_bytes.clamp(1, i32::MAX as usize) as i32;
         let req = FetchRequest::default()
             .with_replica_id(BrokerId(-1))
@@ -100,12 +101,12 @@ impl KafkaCore {
         if spec != OffsetSpec::Latest {
             return Ok(listed);
         }
-        let f = Box::pin(self.fetch_once(tp, listed, 1, Duration::from_millis(1))).await?;
+        let f = Box::pin(self.fetch_once(tp, listed, 1, Duration::from_millis(1), &Lane::Main)).await?;
         Ok(listed.max(f.high_watermark))
     }
 
     async fn list_offsets_request(&self, tp: &TopicPartition, spec: OffsetSpec) -> Result<u64> {
-        let conn = self.leader(tp).await?;
+        let conn = self.leader(tp, &Lane::Main).await?;
         let timestamp = match spec {
             OffsetSpec::Earliest => -2,
             OffsetSpec::Latest => -1,

@@ -16,7 +16,7 @@ use kafka_protocol::protocol::StrBytes;
 
 use super::connection::{About, Connection};
 use super::protocol::code;
-use super::{KafkaCore, topic_name};
+use super::{KafkaCore, Lane, topic_name};
 use crate::error::{Error, Result};
 use crate::types::{TopicConfig, TopicMetadata, TopicPartition};
 
@@ -84,8 +84,8 @@ impl KafkaCore {
         Ok(self.cluster.borrow().topics.get(name).map(|l| l.len() as u32))
     }
 
-    /// A connection to the leader of `tp`.
-    pub(super) async fn leader(&self, tp: &TopicPartition) -> Result<Rc<Connection>> {
+    /// A connection to the leader of `tp`, on `lane`.
+    pub(super) async fn leader(&self, tp: &TopicPartition, lane: &Lane) -> Result<Rc<Connection>> {
         let mut refreshed = false;
         loop {
             let addr = {
@@ -100,7 +100,7 @@ impl KafkaCore {
                 }
             };
             if let Some(addr) = addr {
-                return self.connection(&addr).await;
+                return self.connection(&addr, lane).await;
             }
             if refreshed {
                 let known = self.cluster.borrow().topics.contains_key(&*tp.topic);
@@ -127,7 +127,7 @@ impl KafkaCore {
             cluster.controller.and_then(|id| cluster.brokers.get(&id).cloned())
         };
         let conn = match controller {
-            Some(addr) => self.connection(&addr).await?,
+            Some(addr) => self.connection(&addr, &Lane::Main).await?,
             None => self.any_connection().await?,
         };
         let mut configs = Vec::new();

@@ -1,8 +1,10 @@
 //! `kafka://host:port[,host:port]`: our own Kafka client, on the `kafka-protocol` crate's
 //! message codecs over glommio's io_uring sockets.
 //!
-//! Each core keeps its own connections (one per broker it talks to) and its own metadata
-//! cache; nothing is shared between cores but the options. A connection negotiates API
+//! Each core keeps its own connections and its own metadata cache; nothing is shared between
+//! cores but the options. A broker serves one connection's requests one at a time, so a core
+//! has one connection per broker for produce, offsets, metadata and commits, and one per
+//! fetched partition, whose long polls then delay nothing else (see `Lane`). A connection negotiates API
 //! versions when it opens (the highest version both sides speak, capped by
 //! `protocol::VERSIONS`), pipelines requests, and is replaced when it fails or a request times
 //! out. Metadata is refreshed when a leader is unknown, a broker answers
@@ -213,8 +215,8 @@ impl Transport for KafkaTransport {
 /// thread (not `Send`).
 pub struct KafkaCore {
     shared: Arc<Shared>,
-    /// Connections by broker address; dead ones are replaced on next use.
-    conns: RefCell<HashMap<Arc<str>, Rc<Connection>>>,
+    /// Connections by broker address and lane; dead ones are replaced on next use.
+    conns: RefCell<Conns>,
     cluster: RefCell<Cluster>,
     /// Group coordinators by group.
     coordinators: RefCell<HashMap<String, Arc<str>>>,
@@ -226,6 +228,21 @@ impl std::fmt::Debug for KafkaCore {
         f.debug_struct("KafkaCore").field("bootstrap", &self.shared.bootstrap).finish()
     }
 }
+
+/// Which of its connections to a broker a request travels on. A broker serves the requests
+/// of one connection one at a time, in order, and a fetch may wait `max_wait` for records:
+/// so each fetched partition has a connection of its own (a long poll delays nothing else),
+/// and every other request (produce, offsets, metadata, commits) shares one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum Lane {
+    /// Produce, ListOffsets, Metadata, CreateTopics, group requests.
+    Main,
+    /// Fetches of this partition.
+    Fetch(TopicPartition),
+}
+
+/// A core's connections, by broker address and lane.
+type Conns = HashMap<(Arc<str>, Lane), Rc<Connection>>;
 
 /// Whether a failed request may succeed if retried.
 fn retriable(e: &Error) -> bool {
@@ -249,10 +266,11 @@ impl KafkaCore {
         if self.closed.get() || self.shared.closed.load(Ordering::Acquire) { Err(Error::Closed) } else { Ok(()) }
     }
 
-    /// A live connection to `broker`, opened if needed.
-    async fn connection(&self, broker: &Arc<str>) -> Result<Rc<Connection>> {
+    /// A live connection to `broker` on `lane`, opened if needed.
+    async fn connection(&self, broker: &Arc<str>, lane: &Lane) -> Result<Rc<Connection>> {
         self.check_open()?;
-        if let Some(c) = self.conns.borrow().get(broker)
+        let key = (broker.clone(), lane.clone());
+        if let Some(c) = self.conns.borrow().get(&key)
             && c.is_alive()
         {
             return Ok(c.clone());
@@ -261,7 +279,7 @@ impl KafkaCore {
             Connection::connect(broker.clone(), self.shared.client_id.clone(), self.options().request_timeout).await?,
         );
         self.check_open()?;
-        self.conns.borrow_mut().insert(broker.clone(), c.clone());
+        self.conns.borrow_mut().insert(key, c.clone());
         Ok(c)
     }
 
@@ -269,8 +287,8 @@ impl KafkaCore {
     /// then the bootstrap list, in order.
     async fn any_connection(&self) -> Result<Rc<Connection>> {
         self.check_open()?;
-        if let Some(c) = self.conns.borrow().values().find(|c| c.is_alive()) {
-            return Ok(c.clone());
+        if let Some(c) = self.conns.borrow().iter().find(|((_, lane), c)| *lane == Lane::Main && c.is_alive()) {
+            return Ok(c.1.clone());
         }
         let mut candidates: Vec<Arc<str>> = self.cluster.borrow().brokers().cloned().collect();
         for b in &self.shared.bootstrap {
@@ -280,7 +298,7 @@ impl KafkaCore {
         }
         let mut last = None;
         for b in &candidates {
-            match self.connection(b).await {
+            match self.connection(b, &Lane::Main).await {
                 Ok(c) => return Ok(c),
                 Err(e) => last = Some(e),
             }
@@ -330,7 +348,7 @@ impl KafkaCore {
     async fn coordinator(&self, group: &str) -> Result<Rc<Connection>> {
         let known = self.coordinators.borrow().get(group).cloned();
         if let Some(addr) = known {
-            return self.connection(&addr).await;
+            return self.connection(&addr, &Lane::Main).await;
         }
         let conn = self.any_connection().await?;
         let req = FindCoordinatorRequest::default().with_key(StrBytes::from_string(group.to_string())).with_key_type(0);
@@ -346,7 +364,7 @@ impl KafkaCore {
         }
         let addr: Arc<str> = Arc::from(format!("{}:{}", resp.host.as_str(), resp.port));
         self.coordinators.borrow_mut().insert(group.to_string(), addr.clone());
-        self.connection(&addr).await
+        self.connection(&addr, &Lane::Main).await
     }
 
     async fn commit_once(&self, group: &str, offsets: &[(TopicPartition, u64)]) -> Result<()> {
@@ -458,7 +476,8 @@ impl CoreTransport for KafkaCore {
     }
 
     async fn fetch(&self, tp: &TopicPartition, offset: u64, max_bytes: usize, max_wait: Duration) -> Result<Fetched> {
-        self.retrying(None, || self.fetch_once(tp, offset, max_bytes, max_wait)).await
+        let lane = Lane::Fetch(tp.clone());
+        self.retrying(None, || self.fetch_once(tp, offset, max_bytes, max_wait, &lane)).await
     }
 
     async fn list_offset(&self, tp: &TopicPartition, spec: OffsetSpec) -> Result<u64> {

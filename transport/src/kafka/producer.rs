@@ -11,7 +11,7 @@ use kafka_protocol::messages::{
 };
 
 use super::connection::About;
-use super::{Acks, KafkaCore, records, topic_name};
+use super::{Acks, KafkaCore, Lane, records, topic_name};
 use crate::BatchBuilder;
 use crate::error::{Error, Result};
 use crate::types::{Produced, TopicPartition};
@@ -45,7 +45,7 @@ impl KafkaCore {
     }
 
     async fn produce_once(&self, tp: &TopicPartition, set: Bytes, count: u64) -> Result<Produced> {
-        let conn = self.leader(tp).await?;
+        let conn = self.leader(tp, &Lane::Main).await?;
         let timeout = self.options().request_timeout;
         let acks = match self.options().acks {
             Acks::All => -1,
