@@ -308,6 +308,39 @@ fn a_long_poll_on_one_partition_delays_nothing_else() {
 }
 
 #[test]
+fn produces_made_in_order_land_in_order_from_a_fresh_core() {
+    let broker = require_broker!();
+    let topic = unique("order");
+    let t = topic.clone();
+    on_glommio(&transport(&broker), move |core| async move {
+        core.create_topic(&t, &TopicConfig::new(1)).await.expect("create");
+    });
+    // A new core: no connection yet, so the produces all wait for the first one to open.
+    on_glommio(&transport(&broker), move |core| async move {
+        let core = std::rc::Rc::new(core);
+        let tp = TopicPartition::new(topic.as_str(), 0);
+        let tasks: Vec<_> = (0..30u8)
+            .map(|i| {
+                let (core, tp) = (core.clone(), tp.clone());
+                glommio::spawn_local(async move {
+                    let mut batch = BatchBuilder::new();
+                    batch.push(1, None, Some(&[i]), &[]);
+                    core.produce(&tp, batch).await.expect("produce").base_offset
+                })
+            })
+            .collect();
+        let mut offsets = Vec::new();
+        for t in tasks {
+            offsets.push(t.await);
+        }
+        assert_eq!(offsets, (0..30).collect::<Vec<u64>>());
+        let got = fetch_n(&core, &tp, 0, 30, 1 << 20).await;
+        let values: Vec<u8> = got.iter().map(|r| r.value.as_deref().map_or(255, |v| v[0])).collect();
+        assert_eq!(values, (0..30).collect::<Vec<u8>>());
+    });
+}
+
+#[test]
 fn a_large_batch_and_a_one_mib_record() {
     let broker = require_broker!();
     let topic = unique("large");

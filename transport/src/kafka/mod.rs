@@ -23,7 +23,7 @@ mod protocol;
 mod records;
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -191,6 +191,8 @@ impl KafkaTransport {
         KafkaCore {
             shared: self.shared.clone(),
             conns: RefCell::new(HashMap::new()),
+            connecting: RefCell::new(HashSet::new()),
+            connected: Event::new(),
             cluster: RefCell::new(Cluster::default()),
             coordinators: RefCell::new(HashMap::new()),
             closed: Rc::new(Cell::new(false)),
@@ -217,6 +219,9 @@ pub struct KafkaCore {
     shared: Arc<Shared>,
     /// Connections by broker address and lane; dead ones are replaced on next use.
     conns: RefCell<Conns>,
+    /// Connections being opened, and the event that tells their waiters it is done.
+    connecting: RefCell<HashSet<(Arc<str>, Lane)>>,
+    connected: Event,
     cluster: RefCell<Cluster>,
     /// Group coordinators by group.
     coordinators: RefCell<HashMap<String, Arc<str>>>,
@@ -239,6 +244,19 @@ pub(crate) enum Lane {
     Main,
     /// Fetches of this partition.
     Fetch(TopicPartition),
+}
+
+/// Marks a connection as being opened while it lives.
+struct Connecting<'a> {
+    core: &'a KafkaCore,
+    key: (Arc<str>, Lane),
+}
+
+impl Drop for Connecting<'_> {
+    fn drop(&mut self) {
+        self.core.connecting.borrow_mut().remove(&self.key);
+        self.core.connected.notify(usize::MAX);
+    }
 }
 
 /// A core's connections, by broker address and lane.
@@ -266,15 +284,29 @@ impl KafkaCore {
         if self.closed.get() || self.shared.closed.load(Ordering::Acquire) { Err(Error::Closed) } else { Ok(()) }
     }
 
-    /// A live connection to `broker` on `lane`, opened if needed.
+    /// A live connection to `broker` on `lane`, opened if needed. Requests that need one
+    /// while it is being opened wait for it rather than open another (so requests made in
+    /// order travel on one connection, in order).
     async fn connection(&self, broker: &Arc<str>, lane: &Lane) -> Result<Rc<Connection>> {
-        self.check_open()?;
         let key = (broker.clone(), lane.clone());
-        if let Some(c) = self.conns.borrow().get(&key)
-            && c.is_alive()
-        {
-            return Ok(c.clone());
+        loop {
+            self.check_open()?;
+            if let Some(c) = self.conns.borrow().get(&key)
+                && c.is_alive()
+            {
+                return Ok(c.clone());
+            }
+            if !self.connecting.borrow().contains(&key) {
+                break;
+            }
+            let listener = self.connected.listen();
+            if self.connecting.borrow().contains(&key) {
+                listener.await;
+            }
         }
+        self.connecting.borrow_mut().insert(key.clone());
+        // Clears the mark however the connect ends (failure, or this future dropped).
+        let _guard = Connecting { core: self, key: key.clone() };
         let c = Rc::new(
             Connection::connect(broker.clone(), self.shared.client_id.clone(), self.options().request_timeout).await?,
         );
