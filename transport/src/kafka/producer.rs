@@ -76,6 +76,6 @@ impl KafkaCore {
             return Err(conn.protocol_error(ApiKey::Produce, about, format!("base offset {}", part.base_offset)));
         }
         let base_offset = part.base_offset as u64;
-        Ok(Produced { partition: tp.partition, base_offset, last_offset: base_offset + count - 1 })
+        Ok(Produced { partition: tp.partition, base_offset, last_offset: base_offset.saturating_add(count - 1) })
     }
 }

@@ -258,7 +258,7 @@ pub(crate) fn decode(set: &Bytes, from: u64) -> Result<Decoded, DecodeError> {
         let last_offset_delta = be_i32(b, 23);
         let base_ts = be_i64(b, 27);
         let count = be_i32(b, 57);
-        let batch_next = (base_offset + i64::from(last_offset_delta) + 1).max(0) as u64;
+        let batch_next = base_offset.saturating_add(i64::from(last_offset_delta)).saturating_add(1).max(0) as u64;
         if attributes & ATTR_CONTROL != 0 || batch_next <= from {
             out.next_offset = Some(batch_next);
             pos = end;
@@ -291,7 +291,7 @@ pub(crate) fn decode(set: &Bytes, from: u64) -> Result<Decoded, DecodeError> {
             if r.pos != rec_end {
                 return Err(r.malformed("record length"));
             }
-            let offset = base_offset + offset_delta;
+            let offset = base_offset.checked_add(offset_delta).ok_or_else(|| r.malformed("offset delta"))?;
             if offset < 0 || (offset as u64) < from {
                 continue;
             }
@@ -332,7 +332,7 @@ mod tests {
             let len = be_i32(&set, pos + 8) as usize;
             let count = be_i32(&set, pos + 57);
             set[pos..pos + 8].copy_from_slice(&base.to_be_bytes());
-            base += i64::from(count);
+            base = base.wrapping_add(i64::from(count));
             pos += 12 + len;
         }
         Bytes::from(set)
@@ -389,6 +389,9 @@ mod tests {
         bad[30] ^= 1;
         assert!(matches!(decode(&Bytes::from(bad), 0), Err(DecodeError::Checksum { .. })));
         assert_eq!(decode(&Bytes::new(), 0).unwrap().records.len(), 0);
+        // Offsets at the end of the range: an error or records, never an overflow.
+        let set = place(encode(&sample(), 1 << 20), i64::MAX - 1);
+        assert!(matches!(decode(&set, 0), Err(DecodeError::Malformed { .. })));
     }
 
     type Rec = (i64, Option<Vec<u8>>, Option<Vec<u8>>, Vec<(Vec<u8>, Option<Vec<u8>>)>);
