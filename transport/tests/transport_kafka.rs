@@ -208,6 +208,31 @@ fn rskafka_produces_and_we_consume() {
 }
 
 #[test]
+fn we_consume_what_rskafka_compressed() {
+    let broker = require_broker!();
+    let topic = unique("compressed");
+    let want: Vec<Plain> = (0..400).map(Plain::sample).collect();
+    let codecs = [Compression::Gzip, Compression::Lz4, Compression::Snappy, Compression::Zstd];
+    let (b, t, w) = (broker.clone(), topic.clone(), want.clone());
+    tokio(async move {
+        let client = rs_client(&b).await;
+        client.controller_client().expect("controller").create_topic(&t, 1, 1, 5_000).await.expect("create");
+        let pc = rs_partition(&client, &t, 0).await;
+        for (chunk, codec) in w.chunks(100).zip(codecs) {
+            pc.produce(chunk.iter().map(Plain::to_rskafka).collect(), codec).await.expect("produce");
+        }
+    });
+    let got = on_glommio(&transport(&broker), move |core| async move {
+        fetch_n(&core, &TopicPartition::new(topic.as_str(), 0), 0, 400, 1 << 20).await
+    });
+    assert_eq!(got.len(), want.len());
+    for (i, (r, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(r.offset, i as u64);
+        assert_eq!(&Plain::from_record(r), w, "record {i}");
+    }
+}
+
+#[test]
 fn we_produce_and_rskafka_consumes() {
     let broker = require_broker!();
     let topic = unique("us-to-rs");

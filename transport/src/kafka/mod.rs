@@ -12,8 +12,9 @@
 //! connection fails. Retriable failures are retried `retries` times with exponential backoff;
 //! every request has a deadline, so nothing waits forever.
 //!
-//! Not yet: consumer groups (membership is static, see [`KafkaMembership`]), compression,
-//! idempotent and transactional producing, TLS and SASL.
+//! Fetched batches may be compressed (gzip, snappy, lz4, zstd); produced ones are not.
+//! Not yet: consumer groups (membership is static, see [`KafkaMembership`]), compressed
+//! produce, idempotent and transactional producing, TLS and SASL.
 
 mod connection;
 mod fetch;

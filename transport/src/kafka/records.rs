@@ -13,8 +13,8 @@
 //!   header count varint, { name length varint, name, value length varint, value }*
 //! ```
 //!
-//! Varints are zig-zag encoded. Only uncompressed batches are written and read; a
-//! compressed batch in a fetch is reported, not skipped.
+//! Varints are zig-zag encoded. Batches are written uncompressed; fetched batches may be
+//! compressed with any of Kafka's codecs (gzip, snappy, lz4, zstd).
 
 use bytes::Bytes;
 use faust_storage::{BatchBuilder, Record};
@@ -135,8 +135,8 @@ pub(crate) enum DecodeError {
     Checksum { base_offset: i64 },
     /// A batch of another format (magic 0 or 1).
     Magic { base_offset: i64, magic: i8 },
-    /// A compressed batch (this client reads only uncompressed ones).
-    Compressed { base_offset: i64, codec: i16 },
+    /// A compressed batch that does not decompress (or of an unknown codec).
+    Compressed { base_offset: i64, codec: i16, reason: String },
     /// A record's fields run past its batch, or lengths are negative where they may not be.
     Malformed { base_offset: i64, what: &'static str },
 }
@@ -148,10 +148,9 @@ impl std::fmt::Display for DecodeError {
             DecodeError::Magic { base_offset, magic } => {
                 write!(f, "batch at offset {base_offset}: message format {magic} is not supported (only 2)")
             }
-            DecodeError::Compressed { base_offset, codec } => write!(
-                f,
-                "batch at offset {base_offset}: compressed batches (codec {codec}) are not supported yet; produce uncompressed"
-            ),
+            DecodeError::Compressed { base_offset, codec, reason } => {
+                write!(f, "batch at offset {base_offset}: cannot decompress (codec {codec}): {reason}")
+            }
             DecodeError::Malformed { base_offset, what } => {
                 write!(f, "batch at offset {base_offset}: malformed {what}")
             }
@@ -211,6 +210,21 @@ impl Reader<'_> {
     }
 }
 
+/// Decompresses the records of a batch compressed with `codec` (1 gzip, 2 snappy in the
+/// framing Kafka's Java client writes, 3 lz4 frames, 4 zstd), with kafka-protocol's codecs.
+fn decompress(codec: i16, mut data: Bytes) -> Result<Bytes, String> {
+    use kafka_protocol::compression::{Decompressor, Gzip, Lz4, Snappy, Zstd};
+    let take = |b: &mut Bytes| Ok(std::mem::take(b));
+    let out = match codec {
+        1 => Gzip::decompress(&mut data, take),
+        2 => Snappy::decompress(&mut data, take),
+        3 => Lz4::decompress(&mut data, take),
+        4 => Zstd::decompress(&mut data, take),
+        other => return Err(format!("unknown codec {other}")),
+    };
+    out.map_err(|e| format!("{e:#}"))
+}
+
 fn be_i64(b: &[u8], at: usize) -> i64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[at..at + 8]);
@@ -264,10 +278,16 @@ pub(crate) fn decode(set: &Bytes, from: u64) -> Result<Decoded, DecodeError> {
             pos = end;
             continue;
         }
-        if attributes & ATTR_COMPRESSION != 0 {
-            return Err(DecodeError::Compressed { base_offset, codec: attributes & ATTR_COMPRESSION });
-        }
-        let mut r = Reader { buf: b, pos: BATCH_HEADER_LEN, base_offset };
+        // The records: a slice of the fetched buffer, or the decompressed copy of it.
+        let data = set.slice(pos + BATCH_HEADER_LEN..end);
+        let data = match attributes & ATTR_COMPRESSION {
+            0 => data,
+            codec => {
+                decompress(codec, data).map_err(|reason| DecodeError::Compressed { base_offset, codec, reason })?
+            }
+        };
+        let b = &data[..];
+        let mut r = Reader { buf: b, pos: 0, base_offset };
         out.records.reserve(count.max(0) as usize);
         for _ in 0..count.max(0) {
             let len = r.varint("record length")?;
@@ -295,7 +315,7 @@ pub(crate) fn decode(set: &Bytes, from: u64) -> Result<Decoded, DecodeError> {
             if offset < 0 || (offset as u64) < from {
                 continue;
             }
-            let slice = |range: std::ops::Range<usize>| set.slice(pos + range.start..pos + range.end);
+            let slice = |range: std::ops::Range<usize>| data.slice(range);
             let timestamp = base_ts.wrapping_add(ts_delta);
             let (key, value) = (key.map(slice), value.map(slice));
             let record = if headers.is_empty() {
@@ -375,6 +395,45 @@ mod tests {
         let cut = set.slice(..set.len() - 10);
         let d = decode(&cut, 0).unwrap();
         assert!(d.records.len() < 100 && d.next_offset == Some(d.records.len() as u64));
+    }
+
+    /// Recompresses the one batch of `set` with `C` as codec `codec`.
+    fn compressed<C: kafka_protocol::compression::Compressor<bytes::BytesMut>>(set: &Bytes, codec: i16) -> Bytes {
+        use bytes::BufMut;
+        let mut data = bytes::BytesMut::new();
+        C::compress(&mut data, |b| {
+            b.put_slice(&set[BATCH_HEADER_LEN..]);
+            Ok(())
+        })
+        .unwrap();
+        let mut out = set[..BATCH_HEADER_LEN].to_vec();
+        out.extend_from_slice(&data);
+        let len = (out.len() - 12) as i32;
+        out[8..12].copy_from_slice(&len.to_be_bytes());
+        out[21..23].copy_from_slice(&codec.to_be_bytes());
+        let crc = crc32c::crc32c(&out[21..]);
+        out[17..21].copy_from_slice(&crc.to_be_bytes());
+        Bytes::from(out)
+    }
+
+    #[test]
+    fn compressed_batches_decode_with_every_codec() {
+        use kafka_protocol::compression::{Gzip, Lz4, Snappy, Zstd};
+        let b = sample();
+        let plain = place(encode(&b, 1 << 20), 7);
+        let want = decode(&plain, 0).unwrap().records;
+        for (codec, set) in [
+            (1, compressed::<Gzip>(&plain, 1)),
+            (2, compressed::<Snappy>(&plain, 2)),
+            (3, compressed::<Lz4>(&plain, 3)),
+            (4, compressed::<Zstd>(&plain, 4)),
+        ] {
+            let d = decode(&set, 8).unwrap();
+            assert_eq!(d.records, want[1..].to_vec(), "codec {codec}");
+            assert_eq!(d.next_offset, Some(10));
+        }
+        let bad = compressed::<Gzip>(&plain, 5);
+        assert!(matches!(decode(&bad, 0), Err(DecodeError::Compressed { codec: 5, .. })));
     }
 
     #[test]
