@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{TimeZone, Utc};
+use faust_transport::Compression as OurCompression;
 use faust_transport::{
     AssignmentEvent, BatchBuilder, CoreTransport, Error, JoinRequest, KafkaCore, KafkaOptions, KafkaTransport,
     Membership, OffsetSpec, Record, TopicConfig, TopicPartition, Transport,
@@ -229,6 +230,36 @@ fn we_consume_what_rskafka_compressed() {
     for (i, (r, w)) in got.iter().zip(&want).enumerate() {
         assert_eq!(r.offset, i as u64);
         assert_eq!(&Plain::from_record(r), w, "record {i}");
+    }
+}
+
+#[test]
+fn rskafka_consumes_what_we_compressed() {
+    let broker = require_broker!();
+    let topic = unique("we-compress");
+    let want: Vec<Plain> = (0..400).map(Plain::sample).collect();
+    let codecs = [OurCompression::Gzip, OurCompression::Snappy, OurCompression::Lz4, OurCompression::Zstd];
+    for (i, (chunk, codec)) in want.chunks(100).zip(codecs).enumerate() {
+        let options = KafkaOptions { compression: codec, ..KafkaOptions::default() };
+        let t = KafkaTransport::open(&format!("kafka://{broker}"), options).expect("open");
+        let (topic, chunk) = (topic.clone(), chunk.to_vec());
+        on_glommio(&t, move |core| async move {
+            if i == 0 {
+                core.create_topic(&topic, &TopicConfig::new(1)).await.expect("create");
+            }
+            let mut batch = BatchBuilder::new();
+            chunk.iter().for_each(|p| p.push(&mut batch));
+            core.produce(&TopicPartition::new(topic.as_str(), 0), batch).await.expect("produce");
+        });
+    }
+    let t = topic.clone();
+    let got = tokio(async move {
+        let client = rs_client(&broker).await;
+        rs_fetch_n(&rs_partition(&client, &t, 0).await, 400).await
+    });
+    for (i, ((offset, r), w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(*offset, i as i64);
+        assert_eq!(r, w, "record {i}");
     }
 }
 

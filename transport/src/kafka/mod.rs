@@ -12,9 +12,9 @@
 //! connection fails. Retriable failures are retried `retries` times with exponential backoff;
 //! every request has a deadline, so nothing waits forever.
 //!
-//! Fetched batches may be compressed (gzip, snappy, lz4, zstd); produced ones are not.
-//! Not yet: consumer groups (membership is static, see [`KafkaMembership`]), compressed
-//! produce, idempotent and transactional producing, TLS and SASL.
+//! Batches are produced uncompressed or with any of Kafka's codecs ([`Compression`]), and
+//! fetched batches of any codec are read. Not yet: consumer groups (membership is static, see
+//! [`KafkaMembership`]), idempotent and transactional producing, TLS and SASL.
 
 mod connection;
 mod fetch;
@@ -59,6 +59,35 @@ pub enum Acks {
     Leader,
 }
 
+/// How produced batches are compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    /// Not at all (the default).
+    #[default]
+    None,
+    /// gzip.
+    Gzip,
+    /// Snappy, in the framing of Kafka's Java client.
+    Snappy,
+    /// LZ4 frames.
+    Lz4,
+    /// Zstandard.
+    Zstd,
+}
+
+impl Compression {
+    /// Kafka's attribute bits for the codec.
+    pub(crate) fn codec(self) -> i16 {
+        match self {
+            Compression::None => 0,
+            Compression::Gzip => 1,
+            Compression::Snappy => 2,
+            Compression::Lz4 => 3,
+            Compression::Zstd => 4,
+        }
+    }
+}
+
 /// Settings of the Kafka client.
 ///
 /// ```
@@ -84,6 +113,8 @@ pub struct KafkaOptions {
     pub max_batch_bytes: usize,
     /// Acknowledgement level of produces ([`Acks::All`]).
     pub acks: Acks,
+    /// Compression of produced batches ([`Compression::None`]). Fetches read every codec.
+    pub compression: Compression,
     /// How often a request failing with a retriable error is retried (5).
     pub retries: u32,
     /// The wait before the first retry (100 ms); it doubles with each retry, up to 1 s.
@@ -101,6 +132,7 @@ impl Default for KafkaOptions {
             linger: Duration::ZERO,
             max_batch_bytes: 1 << 20,
             acks: Acks::All,
+            compression: Compression::None,
             retries: 5,
             retry_backoff: Duration::from_millis(100),
             partitions: None,

@@ -36,7 +36,20 @@ impl KafkaCore {
             };
             return Err(fail(batch, e));
         }
-        let set = Bytes::from(records::encode(&batch, self.options().max_batch_bytes.max(1)));
+        let codec = self.options().compression.codec();
+        let set = match records::encode(&batch, self.options().max_batch_bytes.max(1), codec) {
+            Ok(set) => Bytes::from(set),
+            Err(reason) => {
+                let e = Error::KafkaProtocol {
+                    broker: String::new(),
+                    api: "Produce",
+                    topic: Some(tp.topic.clone()),
+                    partition: Some(tp.partition),
+                    reason: format!("compressing the batch: {reason}"),
+                };
+                return Err(fail(batch, e));
+            }
+        };
         let count = batch.len() as u64;
         match self.retrying(None, || self.produce_once(tp, set.clone(), count)).await {
             Ok(p) => Ok(p),

@@ -65,10 +65,11 @@ fn put_bytes(buf: &mut Vec<u8>, b: Option<&[u8]>) {
 }
 
 /// Encodes the records of `batch` as RecordBatches of at most about `max_batch_bytes` each
-/// (a record larger than that gets a batch of its own), concatenated: the `records` field of
-/// one partition in a Produce request. Offsets and timestamps are relative to each batch's
-/// first record; the broker assigns the offsets.
-pub(crate) fn encode(batch: &BatchBuilder, max_batch_bytes: usize) -> Vec<u8> {
+/// before compression (a record larger than that gets a batch of its own), concatenated: the
+/// `records` field of one partition in a Produce request. Offsets and timestamps are relative
+/// to each batch's first record; the broker assigns the offsets. `codec` is Kafka's
+/// compression attribute (0 none, 1 gzip, 2 snappy, 3 lz4, 4 zstd).
+pub(crate) fn encode(batch: &BatchBuilder, max_batch_bytes: usize, codec: i16) -> Result<Vec<u8>, String> {
     let mut out = Vec::with_capacity(batch.encoded_len() + BATCH_HEADER_LEN);
     let mut records = batch.records().peekable();
     while records.peek().is_some() {
@@ -108,13 +109,18 @@ pub(crate) fn encode(batch: &BatchBuilder, max_batch_bytes: usize) -> Vec<u8> {
             count += 1;
             records.next();
         }
+        if codec != 0 {
+            let packed = compress(codec, &out[start + BATCH_HEADER_LEN..])?;
+            out.truncate(start + BATCH_HEADER_LEN);
+            out.extend_from_slice(&packed);
+        }
         let h = &mut out[start..];
         let batch_len = (h.len() - 12) as i32;
         h[0..8].copy_from_slice(&0i64.to_be_bytes());
         h[8..12].copy_from_slice(&batch_len.to_be_bytes());
         h[12..16].copy_from_slice(&(-1i32).to_be_bytes()); // partition leader epoch
         h[16] = MAGIC as u8;
-        h[21..23].copy_from_slice(&0i16.to_be_bytes()); // create time, no compression
+        h[21..23].copy_from_slice(&(codec & ATTR_COMPRESSION).to_be_bytes()); // create time
         h[23..27].copy_from_slice(&(count - 1).to_be_bytes());
         h[27..35].copy_from_slice(&base_ts.to_be_bytes());
         h[35..43].copy_from_slice(&max_ts.to_be_bytes());
@@ -125,7 +131,27 @@ pub(crate) fn encode(batch: &BatchBuilder, max_batch_bytes: usize) -> Vec<u8> {
         let crc = crc32c::crc32c(&h[21..]);
         h[17..21].copy_from_slice(&crc.to_be_bytes());
     }
-    out
+    Ok(out)
+}
+
+fn compress(codec: i16, data: &[u8]) -> Result<Vec<u8>, String> {
+    use kafka_protocol::compression::{Compressor, Gzip, Lz4, Snappy, Zstd};
+    fn with<C: Compressor<bytes::BytesMut>>(data: &[u8]) -> Result<Vec<u8>, String> {
+        let mut out = bytes::BytesMut::with_capacity(data.len() / 2 + 64);
+        C::compress(&mut out, |b| {
+            bytes::BufMut::put_slice(b, data);
+            Ok(())
+        })
+        .map_err(|e| format!("{e:#}"))?;
+        Ok(out.to_vec())
+    }
+    match codec {
+        1 => with::<Gzip>(data),
+        2 => with::<Snappy>(data),
+        3 => with::<Lz4>(data),
+        4 => with::<Zstd>(data),
+        other => Err(format!("unknown codec {other}")),
+    }
 }
 
 /// Why a fetched record set could not be decoded.
@@ -337,6 +363,10 @@ pub(crate) fn decode(set: &Bytes, from: u64) -> Result<Decoded, DecodeError> {
 mod tests {
     use super::*;
 
+    fn plain(b: &BatchBuilder, max: usize) -> Vec<u8> {
+        encode(b, max, 0).unwrap()
+    }
+
     fn sample() -> BatchBuilder {
         let mut b = BatchBuilder::new();
         b.push(1_700_000_000_000, Some(b"k1"), Some(b"v1"), &[(b"h", Some(b"x")), (b"n", None), (b"h", Some(b""))]);
@@ -361,7 +391,7 @@ mod tests {
     #[test]
     fn encoded_batches_decode_to_the_same_records() {
         let b = sample();
-        let set = place(encode(&b, 1 << 20), 100);
+        let set = place(plain(&b, 1 << 20), 100);
         let d = decode(&set, 0).unwrap();
         assert_eq!(d.next_offset, Some(103));
         assert_eq!(d.records.len(), 3);
@@ -384,7 +414,7 @@ mod tests {
         for i in 0..100u32 {
             b.push(i64::from(i), Some(&i.to_be_bytes()), Some(&[7u8; 50]), &[]);
         }
-        let raw = encode(&b, 1000);
+        let raw = plain(&b, 1000);
         let set = place(raw, 0);
         let d = decode(&set, 0).unwrap();
         assert_eq!(d.records.len(), 100);
@@ -417,10 +447,25 @@ mod tests {
     }
 
     #[test]
+    fn batches_we_compress_decode_to_the_same_records() {
+        let mut b = BatchBuilder::new();
+        for i in 0..300u32 {
+            b.push(i64::from(i), Some(&i.to_be_bytes()), Some(format!("value {i} {}", "z".repeat(40)).as_bytes()), &[]);
+        }
+        let want = decode(&place(plain(&b, 4096), 0), 0).unwrap().records;
+        for codec in 1..=4 {
+            let raw = encode(&b, 4096, codec).unwrap();
+            assert!(raw.len() < b.encoded_len() / 2, "codec {codec}: {} bytes", raw.len());
+            assert_eq!(decode(&place(raw, 0), 0).unwrap().records, want, "codec {codec}");
+        }
+        assert!(encode(&b, 4096, 9).is_err());
+    }
+
+    #[test]
     fn compressed_batches_decode_with_every_codec() {
         use kafka_protocol::compression::{Gzip, Lz4, Snappy, Zstd};
         let b = sample();
-        let plain = place(encode(&b, 1 << 20), 7);
+        let plain = place(plain(&b, 1 << 20), 7);
         let want = decode(&plain, 0).unwrap().records;
         for (codec, set) in [
             (1, compressed::<Gzip>(&plain, 1)),
@@ -438,7 +483,7 @@ mod tests {
 
     #[test]
     fn damage_is_an_error_not_a_panic() {
-        let set = place(encode(&sample(), 1 << 20), 0).to_vec();
+        let set = place(plain(&sample(), 1 << 20), 0).to_vec();
         for i in 0..set.len() {
             let mut bad = set.clone();
             bad[i] ^= 0x55;
@@ -449,7 +494,7 @@ mod tests {
         assert!(matches!(decode(&Bytes::from(bad), 0), Err(DecodeError::Checksum { .. })));
         assert_eq!(decode(&Bytes::new(), 0).unwrap().records.len(), 0);
         // Offsets at the end of the range: an error or records, never an overflow.
-        let set = place(encode(&sample(), 1 << 20), i64::MAX - 1);
+        let set = place(plain(&sample(), 1 << 20), i64::MAX - 1);
         assert!(matches!(decode(&set, 0), Err(DecodeError::Malformed { .. })));
     }
 
@@ -481,7 +526,7 @@ mod tests {
                 let hs: Vec<(&[u8], Option<&[u8]>)> = hs.iter().map(|(n, v)| (&n[..], v.as_deref())).collect();
                 b.push(*ts, k.as_deref(), v.as_deref(), &hs);
             }
-            let set = place(encode(&b, limit), base);
+            let set = place(plain(&b, limit), base);
             let from = base as u64 + skip as u64;
             let d = decode(&set, from).unwrap();
             proptest::prop_assert_eq!(d.next_offset, Some(base as u64 + recs.len() as u64));
