@@ -343,7 +343,7 @@ fn a_long_poll_on_one_partition_delays_nothing_else() {
             let core = core.clone();
             async move {
                 let start = Instant::now();
-                let f = core.fetch(&idle, 0, 1 << 20, Duration::from_secs(3)).await.expect("long poll");
+                let f = core.fetch(&idle, 0, 1 << 20, Duration::from_secs(4)).await.expect("long poll");
                 (f.records.len(), start.elapsed())
             }
         });
@@ -356,10 +356,10 @@ fn a_long_poll_on_one_partition_delays_nothing_else() {
         core.commit(&unique("g"), None, &[(busy.clone(), 1)]).await.expect("commit");
         let took = start.elapsed();
         assert_eq!(got.len(), 1);
-        assert!(took < Duration::from_millis(1500), "produce, fetch and commit took {took:?} behind a long poll");
+        assert!(took < Duration::from_secs(2), "produce, fetch and commit took {took:?} behind a long poll");
         let (n, waited) = poll.await;
         assert_eq!(n, 0);
-        assert!(waited >= Duration::from_secs(2), "the long poll returned after {waited:?}");
+        assert!(waited >= Duration::from_secs(3), "the long poll returned after {waited:?}");
     });
 }
 
