@@ -397,6 +397,62 @@ fn produces_made_in_order_land_in_order_from_a_fresh_core() {
 }
 
 #[test]
+fn lingering_produces_share_requests_and_keep_partition_order() {
+    let broker = require_broker!();
+    let topic = unique("linger");
+    let options = KafkaOptions { linger: Duration::from_millis(100), ..KafkaOptions::default() };
+    let t = KafkaTransport::open(&format!("kafka://{broker}"), options).expect("open");
+    on_glommio(&t, move |core| async move {
+        let core = std::rc::Rc::new(core);
+        core.create_topic(&topic, &TopicConfig::new(4)).await.expect("create");
+        let produce = |p: u32, v: u8| {
+            let (core, tp) = (core.clone(), TopicPartition::new(topic.as_str(), p));
+            glommio::spawn_local(async move {
+                let mut batch = BatchBuilder::new();
+                batch.push(1, None, Some(&[v]), &[]);
+                batch.push(2, None, Some(&[v]), &[]);
+                core.produce(&tp, batch).await.expect("produce")
+            })
+        };
+        let start = Instant::now();
+        // Partitions 0..4 share a request; the second and third batches of partition 0 each
+        // open a queue of their own, sent after it.
+        let tasks: Vec<_> = [(0, 1), (1, 2), (2, 3), (0, 4), (3, 5), (0, 6)].map(|(p, v)| produce(p, v)).into();
+        let mut produced = Vec::new();
+        for t in tasks {
+            produced.push(t.await);
+        }
+        assert!(start.elapsed() >= Duration::from_millis(100), "no linger: {:?}", start.elapsed());
+        let offsets: Vec<_> = produced.iter().map(|p| (p.partition, p.base_offset, p.last_offset)).collect();
+        assert_eq!(offsets, vec![(0, 0, 1), (1, 0, 1), (2, 0, 1), (0, 2, 3), (3, 0, 1), (0, 4, 5)]);
+        let got = fetch_n(&core, &TopicPartition::new(topic.as_str(), 0), 0, 6, 1 << 20).await;
+        let values: Vec<u8> = got.iter().map(|r| r.value.as_deref().map_or(0, |v| v[0])).collect();
+        assert_eq!(values, vec![1, 1, 4, 4, 6, 6]);
+
+        // The produce that holds a queue is dropped while it lingers: the one that joined it
+        // is retried, not lost.
+        let tp1 = TopicPartition::new(topic.as_str(), 1);
+        let dropped = {
+            let (core, tp) = (core.clone(), tp1.clone());
+            glommio::spawn_local(async move {
+                let mut batch = BatchBuilder::new();
+                batch.push(1, None, Some(b"dropped"), &[]);
+                futures_lite::future::or(async { Some(core.produce(&tp, batch).await) }, async {
+                    glommio::timer::sleep(Duration::from_millis(30)).await;
+                    None
+                })
+                .await
+            })
+        };
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+        let joined = produce(2, 9);
+        assert!(dropped.await.is_none());
+        let p = joined.await;
+        assert_eq!((p.partition, p.base_offset), (2, 2));
+    });
+}
+
+#[test]
 fn a_large_batch_and_a_one_mib_record() {
     let broker = require_broker!();
     let topic = unique("large");

@@ -53,7 +53,7 @@ impl KafkaCore {
             ))
             .with_allow_auto_topic_creation(false);
         let (_, resp) = conn.request(ApiKey::Metadata, &req, self.options().request_timeout, About::default()).await?;
-        let mut cluster = self.cluster.borrow_mut();
+        let mut cluster = self.st.cluster.borrow_mut();
         for b in &resp.brokers {
             cluster.brokers.insert(b.node_id.0, Arc::from(format!("{}:{}", b.host.as_str(), b.port)));
         }
@@ -78,10 +78,10 @@ impl KafkaCore {
     /// The number of partitions of `name`, or `None` if the cluster has no such topic.
     /// With `fresh`, asks the cluster even if the topic is known.
     pub(super) async fn partition_count(&self, name: &str, fresh: bool) -> Result<Option<u32>> {
-        if fresh || !self.cluster.borrow().topics.contains_key(name) {
+        if fresh || !self.st.cluster.borrow().topics.contains_key(name) {
             self.refresh_metadata(&[name]).await?;
         }
-        Ok(self.cluster.borrow().topics.get(name).map(|l| l.len() as u32))
+        Ok(self.st.cluster.borrow().topics.get(name).map(|l| l.len() as u32))
     }
 
     /// A connection to the leader of `tp`, on `lane`.
@@ -89,7 +89,7 @@ impl KafkaCore {
         let mut refreshed = false;
         loop {
             let addr = {
-                let cluster = self.cluster.borrow();
+                let cluster = self.st.cluster.borrow();
                 match cluster.topics.get(&*tp.topic) {
                     None => None,
                     Some(leaders) => match leaders.get(tp.partition as usize) {
@@ -103,7 +103,7 @@ impl KafkaCore {
                 return self.connection(&addr, lane).await;
             }
             if refreshed {
-                let known = self.cluster.borrow().topics.contains_key(&*tp.topic);
+                let known = self.st.cluster.borrow().topics.contains_key(&*tp.topic);
                 if !known {
                     return Err(Error::UnknownTopic { topic: tp.topic.to_string() });
                 }
@@ -123,7 +123,7 @@ impl KafkaCore {
 
     pub(super) async fn create_topic_once(&self, name: &str, config: &TopicConfig) -> Result<TopicMetadata> {
         let controller = {
-            let cluster = self.cluster.borrow();
+            let cluster = self.st.cluster.borrow();
             cluster.controller.and_then(|id| cluster.brokers.get(&id).cloned())
         };
         let conn = match controller {
@@ -174,7 +174,7 @@ impl KafkaCore {
         let deadline = Instant::now() + timeout;
         loop {
             self.refresh_metadata(&[name]).await?;
-            let state = self.cluster.borrow().topics.get(name).cloned();
+            let state = self.st.cluster.borrow().topics.get(name).cloned();
             if let Some(leaders) = state {
                 let existing = leaders.len() as u32;
                 if existed && existing != config.partitions {

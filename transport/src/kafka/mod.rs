@@ -104,9 +104,9 @@ pub struct KafkaOptions {
     /// The longest any one request may take, connecting included (30 s). A fetch may take
     /// its `max_wait` on top.
     pub request_timeout: Duration,
-    /// How long a produce may wait for more records before it is sent. Every `produce` call
-    /// already carries a whole batch from the engine and is sent at once; this is kept for
-    /// when calls are coalesced (0, the default).
+    /// How long a produce waits for produces to other partitions of the same broker, to
+    /// send them all in one request (0, the default: each `produce` is sent at once, since it
+    /// already carries a whole batch from the engine).
     pub linger: Duration,
     /// The largest Kafka record batch written (1 MiB); a larger produce is split into several
     /// batches of one request, which the broker appends together.
@@ -223,11 +223,14 @@ impl KafkaTransport {
     pub fn core(&self) -> KafkaCore {
         KafkaCore {
             shared: self.shared.clone(),
-            conns: RefCell::new(HashMap::new()),
-            connecting: RefCell::new(HashSet::new()),
-            connected: Event::new(),
-            cluster: RefCell::new(Cluster::default()),
-            coordinators: RefCell::new(HashMap::new()),
+            st: Box::new(CoreState {
+                conns: RefCell::new(HashMap::new()),
+                connecting: RefCell::new(HashSet::new()),
+                connected: Event::new(),
+                cluster: RefCell::new(Cluster::default()),
+                coordinators: RefCell::new(HashMap::new()),
+                lingering: RefCell::new(HashMap::new()),
+            }),
             closed: Rc::new(Cell::new(false)),
         }
     }
@@ -250,6 +253,13 @@ impl Transport for KafkaTransport {
 /// thread (not `Send`).
 pub struct KafkaCore {
     shared: Arc<Shared>,
+    /// Boxed: the engine keeps cores of every transport in one enum.
+    st: Box<CoreState>,
+    closed: Rc<Cell<bool>>,
+}
+
+/// What a core knows and holds.
+struct CoreState {
     /// Connections by broker address and lane; dead ones are replaced on next use.
     conns: RefCell<Conns>,
     /// Connections being opened, and the event that tells their waiters it is done.
@@ -258,7 +268,8 @@ pub struct KafkaCore {
     cluster: RefCell<Cluster>,
     /// Group coordinators by group.
     coordinators: RefCell<HashMap<String, Arc<str>>>,
-    closed: Rc<Cell<bool>>,
+    /// Per broker, the produces lingering to go out in one request.
+    lingering: RefCell<HashMap<Arc<str>, Rc<RefCell<producer::Queue>>>>,
 }
 
 impl std::fmt::Debug for KafkaCore {
@@ -287,8 +298,8 @@ struct Connecting<'a> {
 
 impl Drop for Connecting<'_> {
     fn drop(&mut self) {
-        self.core.connecting.borrow_mut().remove(&self.key);
-        self.core.connected.notify(usize::MAX);
+        self.core.st.connecting.borrow_mut().remove(&self.key);
+        self.core.st.connected.notify(usize::MAX);
     }
 }
 
@@ -324,27 +335,27 @@ impl KafkaCore {
         let key = (broker.clone(), lane.clone());
         loop {
             self.check_open()?;
-            if let Some(c) = self.conns.borrow().get(&key)
+            if let Some(c) = self.st.conns.borrow().get(&key)
                 && c.is_alive()
             {
                 return Ok(c.clone());
             }
-            if !self.connecting.borrow().contains(&key) {
+            if !self.st.connecting.borrow().contains(&key) {
                 break;
             }
-            let listener = self.connected.listen();
-            if self.connecting.borrow().contains(&key) {
+            let listener = self.st.connected.listen();
+            if self.st.connecting.borrow().contains(&key) {
                 listener.await;
             }
         }
-        self.connecting.borrow_mut().insert(key.clone());
+        self.st.connecting.borrow_mut().insert(key.clone());
         // Clears the mark however the connect ends (failure, or this future dropped).
         let _guard = Connecting { core: self, key: key.clone() };
         let c = Rc::new(
             Connection::connect(broker.clone(), self.shared.client_id.clone(), self.options().request_timeout).await?,
         );
         self.check_open()?;
-        self.conns.borrow_mut().insert(key, c.clone());
+        self.st.conns.borrow_mut().insert(key, c.clone());
         Ok(c)
     }
 
@@ -352,10 +363,10 @@ impl KafkaCore {
     /// then the bootstrap list, in order.
     async fn any_connection(&self) -> Result<Rc<Connection>> {
         self.check_open()?;
-        if let Some(c) = self.conns.borrow().iter().find(|((_, lane), c)| *lane == Lane::Main && c.is_alive()) {
+        if let Some(c) = self.st.conns.borrow().iter().find(|((_, lane), c)| *lane == Lane::Main && c.is_alive()) {
             return Ok(c.1.clone());
         }
-        let mut candidates: Vec<Arc<str>> = self.cluster.borrow().brokers().cloned().collect();
+        let mut candidates: Vec<Arc<str>> = self.st.cluster.borrow().brokers().cloned().collect();
         for b in &self.shared.bootstrap {
             if !candidates.contains(b) {
                 candidates.push(b.clone());
@@ -390,14 +401,14 @@ impl KafkaCore {
                     match &e {
                         Error::KafkaBroker { code, .. } if protocol::code_needs_coordinator(*code) => {
                             if let Some(g) = group {
-                                self.coordinators.borrow_mut().remove(g);
+                                self.st.coordinators.borrow_mut().remove(g);
                             }
                         }
                         Error::KafkaBroker { code, .. } if !protocol::code_needs_metadata(*code) => {}
                         _ => {
-                            self.cluster.borrow_mut().invalidate();
+                            self.st.cluster.borrow_mut().invalidate();
                             if let Some(g) = group {
-                                self.coordinators.borrow_mut().remove(g);
+                                self.st.coordinators.borrow_mut().remove(g);
                             }
                         }
                     }
@@ -411,7 +422,7 @@ impl KafkaCore {
 
     /// The address of `group`'s coordinator, found with FindCoordinator if not known.
     async fn coordinator(&self, group: &str) -> Result<Rc<Connection>> {
-        let known = self.coordinators.borrow().get(group).cloned();
+        let known = self.st.coordinators.borrow().get(group).cloned();
         if let Some(addr) = known {
             return self.connection(&addr, &Lane::Main).await;
         }
@@ -428,7 +439,7 @@ impl KafkaCore {
             ));
         }
         let addr: Arc<str> = Arc::from(format!("{}:{}", resp.host.as_str(), resp.port));
-        self.coordinators.borrow_mut().insert(group.to_string(), addr.clone());
+        self.st.coordinators.borrow_mut().insert(group.to_string(), addr.clone());
         self.connection(&addr, &Lane::Main).await
     }
 
@@ -569,7 +580,7 @@ impl CoreTransport for KafkaCore {
     /// Closes this core's connections; later requests fail with [`Error::Closed`].
     async fn shutdown(self) -> Result<()> {
         self.closed.set(true);
-        self.conns.borrow_mut().clear();
+        self.st.conns.borrow_mut().clear();
         Ok(())
     }
 }
