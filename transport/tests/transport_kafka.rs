@@ -390,6 +390,8 @@ fn produces_made_in_order_land_in_order_from_a_fresh_core() {
             offsets.push(t.await);
         }
         assert_eq!(offsets, (0..30).collect::<Vec<u64>>());
+        assert_eq!(core.stats().connections_opened, 1, "one connection for all of them");
+        assert_eq!(core.stats().produce_requests, 30);
         let got = fetch_n(&core, &tp, 0, 30, 1 << 20).await;
         let values: Vec<u8> = got.iter().map(|r| r.value.as_deref().map_or(255, |v| v[0])).collect();
         assert_eq!(values, (0..30).collect::<Vec<u8>>());
@@ -425,6 +427,8 @@ fn lingering_produces_share_requests_and_keep_partition_order() {
         assert!(start.elapsed() >= Duration::from_millis(100), "no linger: {:?}", start.elapsed());
         let offsets: Vec<_> = produced.iter().map(|p| (p.partition, p.base_offset, p.last_offset)).collect();
         assert_eq!(offsets, vec![(0, 0, 1), (1, 0, 1), (2, 0, 1), (0, 2, 3), (3, 0, 1), (0, 4, 5)]);
+        // Three requests: partitions 0, 1, 2; then 0 and 3; then 0.
+        assert_eq!(core.stats().produce_requests, 3);
         let got = fetch_n(&core, &TopicPartition::new(topic.as_str(), 0), 0, 6, 1 << 20).await;
         let values: Vec<u8> = got.iter().map(|r| r.value.as_deref().map_or(0, |v| v[0])).collect();
         assert_eq!(values, vec![1, 1, 4, 4, 6, 6]);

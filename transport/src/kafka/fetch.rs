@@ -51,6 +51,7 @@ impl KafkaCore {
             .with_rack_id(StrBytes::from_static_str(""));
         let about = About::partition(&tp.topic, tp.partition);
         let timeout = self.options().request_timeout + max_wait;
+        self.count(|s| s.fetch_requests += 1);
         let (_, resp) = conn.request(ApiKey::Fetch, &req, timeout, about).await?;
         if resp.error_code != 0 {
             return Err(conn.broker_error(ApiKey::Fetch, about, resp.error_code, None));

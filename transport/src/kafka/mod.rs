@@ -230,6 +230,7 @@ impl KafkaTransport {
                 cluster: RefCell::new(Cluster::default()),
                 coordinators: RefCell::new(HashMap::new()),
                 lingering: RefCell::new(HashMap::new()),
+                stats: Cell::new(KafkaStats::default()),
             }),
             closed: Rc::new(Cell::new(false)),
         }
@@ -270,6 +271,18 @@ struct CoreState {
     coordinators: RefCell<HashMap<String, Arc<str>>>,
     /// Per broker, the produces lingering to go out in one request.
     lingering: RefCell<HashMap<Arc<str>, Rc<RefCell<producer::Queue>>>>,
+    stats: Cell<KafkaStats>,
+}
+
+/// Counters of one core's Kafka client, since it was attached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KafkaStats {
+    /// Connections opened (ApiVersions negotiated), reconnections included.
+    pub connections_opened: u64,
+    /// Produce requests sent (one may carry several partitions' batches, with a linger).
+    pub produce_requests: u64,
+    /// Fetch requests sent.
+    pub fetch_requests: u64,
 }
 
 impl std::fmt::Debug for KafkaCore {
@@ -320,6 +333,17 @@ fn retriable(e: &Error) -> bool {
 }
 
 impl KafkaCore {
+    /// This core's counters.
+    pub fn stats(&self) -> KafkaStats {
+        self.st.stats.get()
+    }
+
+    fn count(&self, f: impl FnOnce(&mut KafkaStats)) {
+        let mut s = self.st.stats.get();
+        f(&mut s);
+        self.st.stats.set(s);
+    }
+
     fn options(&self) -> &KafkaOptions {
         &self.shared.options
     }
@@ -354,6 +378,7 @@ impl KafkaCore {
         let c = Rc::new(
             Connection::connect(broker.clone(), self.shared.client_id.clone(), self.options().request_timeout).await?,
         );
+        self.count(|s| s.connections_opened += 1);
         self.check_open()?;
         self.st.conns.borrow_mut().insert(key, c.clone());
         Ok(c)

@@ -167,6 +167,7 @@ impl KafkaCore {
             [one] => About::partition(&one.tp.topic, one.tp.partition),
             _ => About::default(),
         };
+        self.count(|s| s.produce_requests += 1);
         let (_, resp) = conn.request(ApiKey::Produce, &req, timeout, about).await?;
         Ok(entries
             .iter()
