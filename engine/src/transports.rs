@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use faust_transport::{
-    AssignmentEvent, BatchBuilder, CoreTransport, Fence, Fetched, JoinRequest, LocalCore, LocalMembership,
-    LocalTransport, Membership, MemoryMembership, MemoryTransport, OffsetSpec, Produced, Result, TopicConfig,
-    TopicMetadata, TopicPartition, Transport,
+    AssignmentEvent, BatchBuilder, CoreTransport, Fence, Fetched, JoinRequest, KafkaCore, KafkaMembership,
+    KafkaOptions, KafkaTransport, LocalCore, LocalMembership, LocalTransport, Membership, MemoryMembership,
+    MemoryTransport, OffsetSpec, Produced, Result, TopicConfig, TopicMetadata, TopicPartition, Transport,
 };
 
 /// A worker's transport.
@@ -15,6 +15,7 @@ use faust_transport::{
 pub(crate) enum AnyTransport {
     Local(LocalTransport),
     Memory(MemoryTransport),
+    Kafka(KafkaTransport),
 }
 
 /// One core's handle on it.
@@ -22,11 +23,13 @@ pub(crate) enum AnyTransport {
 pub(crate) enum AnyCore {
     Local(LocalCore),
     Memory(MemoryTransport),
+    Kafka(KafkaCore),
 }
 
 pub(crate) enum AnyMembership {
     Local(LocalMembership),
     Memory(MemoryMembership),
+    Kafka(KafkaMembership),
 }
 
 impl AnyTransport {
@@ -38,11 +41,14 @@ impl AnyTransport {
         if url.starts_with("memory://") {
             return Ok(AnyTransport::Memory(memory.cloned().unwrap_or_default()));
         }
-        let reason = if url.starts_with("kafka://") || url.starts_with("aiokafka://") {
-            "the Kafka transport is not built yet; use local:// (the default) or memory://".to_string()
-        } else {
-            "use local://PATH, memory:// or kafka://HOST:PORT".to_string()
-        };
+        if url.starts_with("kafka://") {
+            return Ok(AnyTransport::Kafka(KafkaTransport::open(url, KafkaOptions::default())?));
+        }
+        // Faust's name for the same transport.
+        if let Some(rest) = url.strip_prefix("aiokafka://") {
+            return Ok(AnyTransport::Kafka(KafkaTransport::open(&format!("kafka://{rest}"), KafkaOptions::default())?));
+        }
+        let reason = "use local://PATH, memory:// or kafka://HOST:PORT".to_string();
         Err(faust_transport::Error::InvalidUrl { url: url.to_string(), reason })
     }
 
@@ -50,6 +56,7 @@ impl AnyTransport {
         Ok(match self {
             AnyTransport::Local(t) => AnyCore::Local(t.attach_core(core, cores).await?),
             AnyTransport::Memory(t) => AnyCore::Memory(t.attach_core(core, cores).await?),
+            AnyTransport::Kafka(t) => AnyCore::Kafka(t.attach_core(core, cores).await?),
         })
     }
 
@@ -57,6 +64,7 @@ impl AnyTransport {
         Ok(match self {
             AnyTransport::Local(t) => AnyMembership::Local(t.membership(group, join)?),
             AnyTransport::Memory(t) => AnyMembership::Memory(t.membership(group, join)?),
+            AnyTransport::Kafka(t) => AnyMembership::Kafka(t.membership(group, join)?),
         })
     }
 
@@ -71,6 +79,7 @@ impl AnyTransport {
         match self {
             AnyTransport::Local(t) => t.close(),
             AnyTransport::Memory(_) => {}
+            AnyTransport::Kafka(t) => t.close(),
         }
     }
 }
@@ -80,6 +89,7 @@ impl AnyMembership {
         match self {
             AnyMembership::Local(m) => m.next_event().await,
             AnyMembership::Memory(m) => m.next_event().await,
+            AnyMembership::Kafka(m) => m.next_event().await,
         }
     }
 
@@ -87,6 +97,7 @@ impl AnyMembership {
         match self {
             AnyMembership::Local(m) => m.revoked(generation).await,
             AnyMembership::Memory(m) => m.revoked(generation).await,
+            AnyMembership::Kafka(m) => m.revoked(generation).await,
         }
     }
 
@@ -94,6 +105,7 @@ impl AnyMembership {
         match self {
             AnyMembership::Local(m) => m.member_id(),
             AnyMembership::Memory(m) => m.member_id(),
+            AnyMembership::Kafka(m) => m.member_id(),
         }
     }
 
@@ -101,6 +113,7 @@ impl AnyMembership {
         match self {
             AnyMembership::Local(m) => m.leave().await,
             AnyMembership::Memory(m) => m.leave().await,
+            AnyMembership::Kafka(m) => m.leave().await,
         }
     }
 }
@@ -110,6 +123,7 @@ macro_rules! dispatch {
         match $self {
             AnyCore::Local($t) => $call,
             AnyCore::Memory($t) => $call,
+            AnyCore::Kafka($t) => $call,
         }
     };
 }

@@ -279,6 +279,63 @@ pub(crate) fn split_header(b: &[u8]) -> Option<(Header<'_>, &[u8])> {
     Some(((name, Some(&b[value_start..value_end])), &b[value_end..]))
 }
 
+/// Appends `headers` to `buf` in the storage format's header encoding.
+pub(crate) fn encode_headers(buf: &mut Vec<u8>, headers: &[Header<'_>]) {
+    for (name, value) in headers {
+        buf.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        buf.extend_from_slice(name);
+        match value {
+            Some(v) => {
+                buf.extend_from_slice(&(v.len() as u32).to_le_bytes());
+                buf.extend_from_slice(v);
+            }
+            None => buf.extend_from_slice(&NULL_LEN.to_le_bytes()),
+        }
+    }
+}
+
+/// One record of a [`BatchBuilder`], borrowed from its buffer (see
+/// [`BatchBuilder::records`]). Offsets are not known until the batch is appended.
+#[derive(Debug, Clone)]
+pub struct BuiltRecord<'a> {
+    /// The record's timestamp (milliseconds).
+    pub timestamp: i64,
+    /// The key, or `None` for a null key.
+    pub key: Option<&'a [u8]>,
+    /// The value, or `None` for a null value.
+    pub value: Option<&'a [u8]>,
+    /// The headers, in the order they were pushed.
+    pub headers: crate::log::Headers<'a>,
+}
+
+/// Iterator over the records of a [`BatchBuilder`], in push order.
+pub struct BuiltRecords<'a> {
+    buf: &'a [u8],
+    raw: RawRecords<'a>,
+}
+
+impl std::fmt::Debug for BuiltRecords<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BuiltRecords")
+    }
+}
+
+impl<'a> Iterator for BuiltRecords<'a> {
+    type Item = BuiltRecord<'a>;
+
+    fn next(&mut self) -> Option<BuiltRecord<'a>> {
+        let r = self.raw.next()?;
+        let buf = self.buf;
+        let slice = |(p, l): (u32, u32)| &buf[p as usize..(p + l) as usize];
+        Some(BuiltRecord {
+            timestamp: r.timestamp,
+            key: r.key.map(slice),
+            value: r.value.map(slice),
+            headers: crate::log::Headers::new(slice(r.headers)),
+        })
+    }
+}
+
 /// Iterates the records of a batch that `validate_batch` accepted. On bytes it did not
 /// accept, it stops early instead of panicking.
 pub(crate) struct RawRecords<'a> {
@@ -387,19 +444,23 @@ impl BatchBuilder {
     /// [`Log::append`](crate::Log::append) rejects a batch larger than a segment.
     pub fn push(&mut self, timestamp: i64, key: Option<&[u8]>, value: Option<&[u8]>, headers: &[Header<'_>]) {
         let delta = if self.count == 0 { 0 } else { self.last_delta + 1 };
-        self.push_raw(delta, timestamp, key, value, |buf| {
-            for (name, value) in headers {
-                buf.extend_from_slice(&(name.len() as u32).to_le_bytes());
-                buf.extend_from_slice(name);
-                match value {
-                    Some(v) => {
-                        buf.extend_from_slice(&(v.len() as u32).to_le_bytes());
-                        buf.extend_from_slice(v);
-                    }
-                    None => buf.extend_from_slice(&NULL_LEN.to_le_bytes()),
-                }
-            }
-        });
+        self.push_raw(delta, timestamp, key, value, |buf| encode_headers(buf, headers));
+    }
+
+    /// The records pushed so far, in order: what a transport that speaks another wire
+    /// format (Kafka) re-encodes. Keys, values and headers borrow the builder's buffer.
+    ///
+    /// ```
+    /// use faust_storage::BatchBuilder;
+    ///
+    /// let mut batch = BatchBuilder::new();
+    /// batch.push(7, Some(b"k"), None, &[(b"h", Some(b"v"))]);
+    /// let r = batch.records().next().unwrap();
+    /// assert_eq!((r.timestamp, r.key, r.value), (7, Some(&b"k"[..]), None));
+    /// assert_eq!(r.headers.collect::<Vec<_>>(), vec![(&b"h"[..], Some(&b"v"[..]))]);
+    /// ```
+    pub fn records(&self) -> BuiltRecords<'_> {
+        BuiltRecords { buf: &self.buf, raw: RawRecords::new(&self.buf) }
     }
 
     /// Adds a record with an explicit offset delta (relative to the batch's first record)
@@ -504,6 +565,23 @@ mod tests {
         assert_eq!(&bytes[kp as usize..(kp + kl) as usize], b"k1");
         assert_eq!(recs[1].key, None);
         assert_eq!(recs[1].value, None);
+    }
+
+    #[test]
+    fn built_records_iterate_what_was_pushed() {
+        let mut bb = BatchBuilder::new();
+        assert_eq!(bb.records().count(), 0);
+        bb.push(10, Some(b"k1"), Some(b"v1"), &[(b"h", Some(b"x")), (b"n", None), (b"h", Some(b""))]);
+        bb.push(-5, None, None, &[]);
+        bb.push(3, Some(b""), Some(b""), &[]);
+        let recs: Vec<_> = bb.records().collect();
+        assert_eq!(recs.len(), 3);
+        assert_eq!((recs[0].timestamp, recs[0].key, recs[0].value), (10, Some(&b"k1"[..]), Some(&b"v1"[..])));
+        let headers: Vec<_> = recs[0].headers.clone().collect();
+        assert_eq!(headers, vec![(&b"h"[..], Some(&b"x"[..])), (&b"n"[..], None), (&b"h"[..], Some(&b""[..]))]);
+        assert_eq!((recs[1].timestamp, recs[1].key, recs[1].value), (-5, None, None));
+        assert_eq!(recs[1].headers.clone().count(), 0);
+        assert_eq!((recs[2].key, recs[2].value), (Some(&b""[..]), Some(&b""[..])));
     }
 
     #[test]

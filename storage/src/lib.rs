@@ -37,7 +37,7 @@ mod segment;
 mod store;
 
 pub use crate::error::{Error, FormatError, Result};
-pub use crate::format::{BatchBuilder, Header};
+pub use crate::format::{BatchBuilder, BuiltRecord, BuiltRecords, Header};
 pub use crate::log::{
     Appended, Batch, CompactionOutcome, Headers, Log, LogConfig, MAX_SEGMENT_BYTES, Record, Records, RetentionOutcome,
 };

@@ -233,6 +233,35 @@ impl Record {
         Record { offset, timestamp, key, value, headers: Bytes::new() }
     }
 
+    /// A record with headers, made in memory (a transport that decodes another wire format,
+    /// such as Kafka's, builds these). The headers are encoded in the storage format, so
+    /// [`headers`](Record::headers) reads them back in order, duplicates and null values
+    /// included.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use faust_storage::Record;
+    ///
+    /// let r = Record::with_headers(5, 1_000, None, Some(Bytes::from_static(b"v")), &[(b"a", Some(b"1")), (b"b", None)]);
+    /// assert_eq!(r.headers().collect::<Vec<_>>(), vec![(&b"a"[..], Some(&b"1"[..])), (&b"b"[..], None)]);
+    /// ```
+    pub fn with_headers(
+        offset: u64,
+        timestamp: i64,
+        key: Option<Bytes>,
+        value: Option<Bytes>,
+        headers: &[(&[u8], Option<&[u8]>)],
+    ) -> Self {
+        let headers = if headers.is_empty() {
+            Bytes::new()
+        } else {
+            let mut buf = Vec::new();
+            crate::format::encode_headers(&mut buf, headers);
+            Bytes::from(buf)
+        };
+        Record { offset, timestamp, key, value, headers }
+    }
+
     /// The record's headers, in the order they were written.
     pub fn headers(&self) -> Headers<'_> {
         Headers { rest: &self.headers }
@@ -243,6 +272,13 @@ impl Record {
 #[derive(Debug, Clone)]
 pub struct Headers<'a> {
     rest: &'a [u8],
+}
+
+impl<'a> Headers<'a> {
+    /// Headers over an encoded header section.
+    pub(crate) fn new(rest: &'a [u8]) -> Self {
+        Headers { rest }
+    }
 }
 
 impl<'a> Iterator for Headers<'a> {
@@ -935,6 +971,17 @@ mod tests {
 
     fn small() -> LogConfig {
         LogConfig { segment_bytes: 4096, index_interval_bytes: 256, ..LogConfig::default() }
+    }
+
+    #[test]
+    fn record_with_headers_reads_them_back_in_order() {
+        let none = Record::with_headers(1, 2, None, None, &[]);
+        assert_eq!(none, Record::new(1, 2, None, None));
+        let hs: [(&[u8], Option<&[u8]>); 4] = [(b"a", Some(b"1")), (b"b", None), (b"a", Some(b"")), (b"", Some(b"x"))];
+        let r = Record::with_headers(3, -4, Some(Bytes::from_static(b"k")), Some(Bytes::new()), &hs);
+        assert_eq!(r.headers().collect::<Vec<_>>(), hs.to_vec());
+        assert_eq!((r.offset, r.timestamp), (3, -4));
+        assert_eq!(r.value.as_deref(), Some(&b""[..]));
     }
 
     fn append_n(log: &mut Log, n: usize, key_mod: usize) {

@@ -130,6 +130,62 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A Kafka broker could not be reached, or its connection failed.
+    #[error("kafka broker {broker}: {op}: {source}")]
+    KafkaConnection {
+        /// The broker's address (`host:port`).
+        broker: String,
+        /// What was being done (`connect`, `read`, `write`).
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A Kafka broker did not answer in time.
+    #[error("kafka broker {broker}: no answer to {api}{} within {timeout:?}", tp_suffix(topic, *partition))]
+    KafkaTimeout {
+        /// The broker's address.
+        broker: String,
+        /// The request (`Produce`, `Fetch`, ...).
+        api: &'static str,
+        /// The topic concerned, if one.
+        topic: Option<std::sync::Arc<str>>,
+        /// The partition concerned, if one.
+        partition: Option<u32>,
+        /// How long the client waited.
+        timeout: std::time::Duration,
+    },
+    /// A Kafka broker answered with an error code.
+    #[error("kafka broker {broker}: {api}{} failed: {} (error {code}){}", tp_suffix(topic, *partition), crate::kafka::code_name(*code), message.as_ref().map(|m| format!(": {m}")).unwrap_or_default())]
+    KafkaBroker {
+        /// The broker's address.
+        broker: String,
+        /// The request.
+        api: &'static str,
+        /// The topic concerned, if one.
+        topic: Option<std::sync::Arc<str>>,
+        /// The partition concerned, if one.
+        partition: Option<u32>,
+        /// The Kafka error code (its name, such as `NotLeaderOrFollower`, is in the message).
+        code: i16,
+        /// The broker's message, when it sent one.
+        message: Option<Box<str>>,
+    },
+    /// A Kafka broker's answer could not be used: it does not speak a version this client
+    /// needs, or it sent bytes this client cannot decode (corrupt or compressed batches).
+    #[error("kafka broker {broker}: {api}{}: {reason}", tp_suffix(topic, *partition))]
+    KafkaProtocol {
+        /// The broker's address.
+        broker: String,
+        /// The request.
+        api: &'static str,
+        /// The topic concerned, if one.
+        topic: Option<std::sync::Arc<str>>,
+        /// The partition concerned, if one.
+        partition: Option<u32>,
+        /// What is wrong.
+        reason: String,
+    },
     /// The transport was shut down while the request was in flight.
     #[error("the transport is shut down")]
     Closed,
@@ -145,5 +201,22 @@ impl Error {
     }
 }
 
+fn tp_suffix(topic: &Option<std::sync::Arc<str>>, partition: Option<u32>) -> String {
+    match (topic, partition) {
+        (Some(t), Some(p)) => format!(" for {t}/{p}"),
+        (Some(t), None) => format!(" for `{t}`"),
+        _ => String::new(),
+    }
+}
+
 /// The transport crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+#[cfg(test)]
+mod tests {
+    /// The engine's errors embed this one and are returned by value; past 96 bytes clippy's
+    /// `result_large_err` fails the engine. Keep context in `Arc<str>`/`Box<str>`.
+    #[test]
+    fn error_stays_small() {
+        assert!(std::mem::size_of::<super::Error>() <= 96, "{}", std::mem::size_of::<super::Error>());
+    }
+}

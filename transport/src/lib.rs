@@ -7,7 +7,8 @@
 //!
 //! Implementations are chosen by URL: `local://PATH` (segment logs on disk, the default),
 //! `memory://` (in RAM, for tests: one in-process broker that several workers can share as a
-//! consumer group) and, later, `kafka://host:port`.
+//! consumer group) and `kafka://host:port[,host:port]` (our own Kafka client on glommio
+//! sockets; static membership until consumer groups land).
 //!
 //! Records cross the API in the storage crate's formats: a produce takes a
 //! [`BatchBuilder`] (encoded once by the engine; the embedded
@@ -17,6 +18,7 @@
 mod assign;
 mod error;
 mod group;
+mod kafka;
 mod local;
 mod memory;
 mod types;
@@ -26,6 +28,7 @@ use std::time::Duration;
 
 pub use crate::assign::{AssignError, AssignInput, assign};
 pub use crate::error::{Error, Result};
+pub use crate::kafka::{Acks, Compression, KafkaCore, KafkaMembership, KafkaOptions, KafkaStats, KafkaTransport};
 pub use crate::local::{LocalCore, LocalMembership, LocalTransport, validate_topic_name};
 pub use crate::memory::{MemoryMembership, MemoryTransport};
 pub use crate::types::{

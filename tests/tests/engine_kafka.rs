@@ -1,0 +1,142 @@
+//! A counting app on `kafka://`: the engine's workers produce, fetch and commit through our
+//! Kafka client against the broker of `FAUST_TEST_BROKER` (started by `scripts/test`), and a
+//! restarted worker recovers its table from the changelog on Kafka and resumes from the
+//! offsets it committed there. Skipped, with a notice, without a broker.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use faust::{App, Settings};
+
+fn broker() -> Option<String> {
+    match std::env::var("FAUST_TEST_BROKER") {
+        Ok(b) if !b.is_empty() => Some(b),
+        _ => {
+            eprintln!("skipping: FAUST_TEST_BROKER not set (scripts/test starts a broker)");
+            None
+        }
+    }
+}
+
+/// Runs the counting app once on `cores` cores until the counts it holds add up to
+/// `expected_total` (bounded), sending `to_send` from a task; returns the counts.
+fn run_on_kafka(
+    broker: &str,
+    id: &str,
+    dir: &std::path::Path,
+    cores: usize,
+    to_send: &[(String, u64)],
+    expected_total: u64,
+) -> HashMap<String, u64> {
+    let mut s = Settings::new(id);
+    s.broker = format!("kafka://{broker}");
+    s.datadir = dir.to_path_buf();
+    s.store = "memory://".into(); // every start recovers from the changelog on Kafka
+    s.topic_partitions = 3;
+    s.commit_interval = Duration::from_millis(50);
+    s.cores = Some(cores);
+    let app = App::new(s);
+    let orders = app.topic::<String, u64>(&format!("{id}-orders"));
+    let counts = app.table::<String, u64>("counts").with_default(|| 0);
+    let table = counts.clone();
+    app.agent("count", &orders, move |mut stream| {
+        let counts = table.clone();
+        async move {
+            while let Some((account, _)) = stream.next_item().await {
+                counts.update(&account.ok_or("orders are keyed by account")?, |n| *n += 1)?;
+            }
+            Ok(())
+        }
+    });
+    let sends = to_send.to_vec();
+    app.task(move || {
+        let (orders, sends) = (orders.clone(), sends.clone());
+        async move {
+            for (k, v) in &sends {
+                orders.send_soon(Some(k), v)?;
+            }
+            Ok(())
+        }
+    });
+    let totals: Arc<Mutex<HashMap<usize, HashMap<String, u64>>>> = Arc::default();
+    let seen = Arc::new(AtomicU64::new(0));
+    {
+        let (counts, totals, seen) = (counts.clone(), totals.clone(), seen.clone());
+        app.timer(Duration::from_millis(20), move || {
+            let (counts, totals, seen) = (counts.clone(), totals.clone(), seen.clone());
+            async move {
+                let core = faust::runtime::current_core().ok_or("timers run on a core")?;
+                let items: HashMap<String, u64> = counts.local_items()?.into_iter().collect();
+                let mut all = totals.lock().map_err(|_| "poisoned")?;
+                all.insert(core, items);
+                seen.store(all.values().flat_map(|m| m.values()).sum(), Ordering::SeqCst);
+                Ok(())
+            }
+        });
+    }
+    let stop = app.stop_signal();
+    let watched = seen.clone();
+    let watcher = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        while watched.load(Ordering::SeqCst) < expected_total && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        stop.stop();
+    });
+    app.run().expect("the app runs on kafka://");
+    watcher.join().expect("watcher");
+    let per_core = totals.lock().expect("totals").clone();
+    per_core.into_values().flatten().collect()
+}
+
+#[test]
+fn a_counting_app_runs_on_kafka_and_recovers_after_a_restart() {
+    let Some(broker) = broker() else { return };
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let id = format!("kafka-count-{}-{}", std::process::id(), nanos % 1_000_000_000);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let batch = |from: u64, n: u64| -> Vec<(String, u64)> {
+        (from..from + n).map(|i| (format!("acct-{}", i % 11), i)).collect()
+    };
+    let model = |n: u64| -> HashMap<String, u64> {
+        let mut m = HashMap::new();
+        for i in 0..n {
+            *m.entry(format!("acct-{}", i % 11)).or_default() += 1;
+        }
+        m
+    };
+    assert_eq!(run_on_kafka(&broker, &id, dir.path(), 2, &batch(0, 3000), 3000), model(3000));
+    // It went through the broker: the source topic holds the orders and the changelog the counts.
+    let (orders, changelog) = on_broker(&broker, format!("{id}-orders"), format!("{id}-counts-changelog"));
+    assert_eq!(orders, 3000);
+    assert!(changelog >= 11, "changelog records {changelog}");
+    // A second run: counts come back from the changelog, the source resumes where the first
+    // run committed, so each order is counted once.
+    assert_eq!(run_on_kafka(&broker, &id, dir.path(), 1, &batch(3000, 2000), 5000), model(5000));
+}
+
+/// The number of records in `orders` and in `changelog` (all partitions), read with our client.
+fn on_broker(broker: &str, orders: String, changelog: String) -> (u64, u64) {
+    use faust_transport::{CoreTransport, KafkaOptions, KafkaTransport, OffsetSpec, TopicPartition, Transport};
+    let t = KafkaTransport::open(&format!("kafka://{broker}"), KafkaOptions::default()).expect("open");
+    glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .spawn(move || async move {
+            let core = t.attach_core(0, 1).await.expect("attach");
+            let mut totals = Vec::new();
+            for topic in [orders, changelog] {
+                let meta = core.topic_metadata(&topic).await.expect("metadata").expect("the topic exists");
+                let mut n = 0;
+                for p in 0..meta.config.partitions {
+                    let tp = TopicPartition::new(topic.as_str(), p);
+                    n += core.list_offset(&tp, OffsetSpec::Latest).await.expect("latest");
+                }
+                totals.push(n);
+            }
+            (totals[0], totals[1])
+        })
+        .expect("executor")
+        .join()
+        .expect("join")
+}

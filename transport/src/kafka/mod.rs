@@ -1,0 +1,758 @@
+//! `kafka://host:port[,host:port]`: our own Kafka client, on the `kafka-protocol` crate's
+//! message codecs over glommio's io_uring sockets.
+//!
+//! Each core keeps its own connections and its own metadata cache; nothing is shared between
+//! cores but the options. A broker serves one connection's requests one at a time, so a core
+//! has one connection per broker for produce, offsets, metadata and commits, and one per
+//! fetched partition, whose long polls then delay nothing else (see `Lane`). A connection negotiates API
+//! versions when it opens (the highest version both sides speak, capped by
+//! `protocol::VERSIONS`), pipelines requests, and is replaced when it fails or a request times
+//! out. Metadata is refreshed when a leader is unknown, a broker answers
+//! `NOT_LEADER_OR_FOLLOWER`/`UNKNOWN_TOPIC_OR_PARTITION`/`LEADER_NOT_AVAILABLE`, or a
+//! connection fails. Retriable failures are retried `retries` times with exponential backoff;
+//! every request has a deadline, so nothing waits forever.
+//!
+//! Batches are produced uncompressed or with any of Kafka's codecs ([`Compression`]), and
+//! fetched batches of any codec are read. Not yet: consumer groups (membership is static, see
+//! [`KafkaMembership`]), idempotent and transactional producing, TLS and SASL.
+
+mod connection;
+mod fetch;
+mod metadata;
+mod producer;
+mod protocol;
+mod records;
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use event_listener::Event;
+use kafka_protocol::messages::{
+    ApiKey, FindCoordinatorRequest, GroupId, MetadataRequest, OffsetCommitRequest, OffsetFetchRequest, TopicName,
+    metadata_request::MetadataRequestTopic,
+    offset_commit_request::{OffsetCommitRequestPartition, OffsetCommitRequestTopic},
+    offset_fetch_request::OffsetFetchRequestTopic,
+};
+use kafka_protocol::protocol::StrBytes;
+
+use self::connection::{About, Connection};
+use self::metadata::Cluster;
+pub(crate) use self::protocol::code_name;
+use crate::error::{Error, Result};
+use crate::types::{
+    AssignmentEvent, Fence, Fetched, JoinRequest, OffsetSpec, Produced, TopicConfig, TopicMetadata, TopicPartition,
+};
+use crate::{BatchBuilder, CoreTransport, Membership, Transport};
+
+/// How many in-sync replicas must have a produced batch before the broker acknowledges it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Acks {
+    /// Every in-sync replica (`acks=-1`, the default): what makes committing the source
+    /// offsets behind the batch safe.
+    #[default]
+    All,
+    /// The leader only (`acks=1`).
+    Leader,
+}
+
+/// How produced batches are compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    /// Not at all (the default).
+    #[default]
+    None,
+    /// gzip.
+    Gzip,
+    /// Snappy, in the framing of Kafka's Java client.
+    Snappy,
+    /// LZ4 frames.
+    Lz4,
+    /// Zstandard.
+    Zstd,
+}
+
+impl Compression {
+    /// Kafka's attribute bits for the codec.
+    pub(crate) fn codec(self) -> i16 {
+        match self {
+            Compression::None => 0,
+            Compression::Gzip => 1,
+            Compression::Snappy => 2,
+            Compression::Lz4 => 3,
+            Compression::Zstd => 4,
+        }
+    }
+}
+
+/// Settings of the Kafka client.
+///
+/// ```
+/// use std::time::Duration;
+/// use faust_transport::KafkaOptions;
+///
+/// let options = KafkaOptions { request_timeout: Duration::from_secs(5), ..KafkaOptions::default() };
+/// assert_eq!(options.retries, 5);
+/// ```
+#[derive(Debug, Clone)]
+pub struct KafkaOptions {
+    /// The client id sent with every request (`faust-rs`).
+    pub client_id: String,
+    /// The longest any one request may take, connecting included (30 s). A fetch may take
+    /// its `max_wait` on top.
+    pub request_timeout: Duration,
+    /// How long a produce waits for produces to other partitions of the same broker, to
+    /// send them all in one request (0, the default: each `produce` is sent at once, since it
+    /// already carries a whole batch from the engine).
+    pub linger: Duration,
+    /// The largest Kafka record batch written (1 MiB); a larger produce is split into several
+    /// batches of one request, which the broker appends together.
+    pub max_batch_bytes: usize,
+    /// Acknowledgement level of produces ([`Acks::All`]).
+    pub acks: Acks,
+    /// Compression of produced batches ([`Compression::None`]). Fetches read every codec.
+    pub compression: Compression,
+    /// How often a request failing with a retriable error is retried (5).
+    pub retries: u32,
+    /// The wait before the first retry (100 ms); it doubles with each retry, up to 1 s.
+    pub retry_backoff: Duration,
+    /// With `Some`, [`KafkaMembership`] assigns only these partitions (of the topics joined),
+    /// so several workers can split a topic by hand until consumer groups land.
+    pub partitions: Option<Vec<TopicPartition>>,
+}
+
+impl Default for KafkaOptions {
+    fn default() -> Self {
+        KafkaOptions {
+            client_id: "faust-rs".to_string(),
+            request_timeout: Duration::from_secs(30),
+            linger: Duration::ZERO,
+            max_batch_bytes: 1 << 20,
+            acks: Acks::All,
+            compression: Compression::None,
+            retries: 5,
+            retry_backoff: Duration::from_millis(100),
+            partitions: None,
+        }
+    }
+}
+
+struct Shared {
+    url: String,
+    bootstrap: Vec<Arc<str>>,
+    options: KafkaOptions,
+    client_id: Arc<str>,
+    closed: AtomicBool,
+    closed_event: Event,
+}
+
+/// The Kafka transport (`kafka://host:port[,host:port]`).
+///
+/// ```no_run
+/// use faust_transport::{KafkaOptions, KafkaTransport};
+///
+/// let transport = KafkaTransport::open("kafka://127.0.0.1:9092", KafkaOptions::default())?;
+/// // The engine then calls `attach_core` on each core's executor.
+/// # Ok::<(), faust_transport::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct KafkaTransport {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for KafkaTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaTransport").field("bootstrap", &self.shared.bootstrap).finish()
+    }
+}
+
+impl KafkaTransport {
+    /// A transport for the brokers of `url` (`kafka://host:port[,host:port]`). Nothing is
+    /// contacted until a core attaches.
+    pub fn open(url: &str, options: KafkaOptions) -> Result<KafkaTransport> {
+        let bad = |reason: &str| Error::InvalidUrl { url: url.to_string(), reason: reason.to_string() };
+        let rest = url.strip_prefix("kafka://").ok_or_else(|| bad("a Kafka URL starts with kafka://"))?;
+        let rest = rest.trim_end_matches('/');
+        let mut bootstrap = Vec::new();
+        for hp in rest.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (host, port) = hp.rsplit_once(':').ok_or_else(|| bad("each broker is host:port"))?;
+            if host.is_empty() || port.parse::<u16>().is_err() {
+                return Err(bad("each broker is host:port, with a port from 1 to 65535"));
+            }
+            bootstrap.push(Arc::from(hp));
+        }
+        if bootstrap.is_empty() {
+            return Err(bad("name at least one broker, as kafka://host:port"));
+        }
+        if options.request_timeout.is_zero() {
+            return Err(bad("the request timeout must be more than zero"));
+        }
+        let client_id = Arc::from(options.client_id.as_str());
+        Ok(KafkaTransport {
+            shared: Arc::new(Shared {
+                url: url.to_string(),
+                bootstrap,
+                options,
+                client_id,
+                closed: AtomicBool::new(false),
+                closed_event: Event::new(),
+            }),
+        })
+    }
+
+    /// The brokers the transport starts from.
+    pub fn bootstrap(&self) -> &[Arc<str>] {
+        &self.shared.bootstrap
+    }
+
+    /// The options it was opened with.
+    pub fn options(&self) -> &KafkaOptions {
+        &self.shared.options
+    }
+
+    /// Fails every later request with [`Error::Closed`] and ends membership.
+    pub fn close(&self) {
+        self.shared.closed.store(true, Ordering::Release);
+        self.shared.closed_event.notify(usize::MAX);
+    }
+
+    /// A core handle for the calling glommio executor, outside a worker (tests, tools).
+    pub fn core(&self) -> KafkaCore {
+        KafkaCore {
+            shared: self.shared.clone(),
+            st: Box::new(CoreState {
+                conns: RefCell::new(HashMap::new()),
+                connecting: RefCell::new(HashSet::new()),
+                connected: Event::new(),
+                cluster: RefCell::new(Cluster::default()),
+                coordinators: RefCell::new(HashMap::new()),
+                lingering: RefCell::new(HashMap::new()),
+                stats: Cell::new(KafkaStats::default()),
+            }),
+            closed: Rc::new(Cell::new(false)),
+        }
+    }
+}
+
+impl Transport for KafkaTransport {
+    type Core = KafkaCore;
+    type Membership = KafkaMembership;
+
+    async fn attach_core(&self, _core: usize, _cores: usize) -> Result<KafkaCore> {
+        Ok(self.core())
+    }
+
+    fn membership(&self, _group: &str, join: &JoinRequest) -> Result<KafkaMembership> {
+        Ok(KafkaMembership { transport: self.clone(), topics: join.topics.clone(), assigned: false })
+    }
+}
+
+/// One core's handle on a Kafka cluster: its connections and metadata. Lives on the core's
+/// thread (not `Send`).
+pub struct KafkaCore {
+    shared: Arc<Shared>,
+    /// Boxed: the engine keeps cores of every transport in one enum.
+    st: Box<CoreState>,
+    closed: Rc<Cell<bool>>,
+}
+
+/// What a core knows and holds.
+struct CoreState {
+    /// Connections by broker address and lane; dead ones are replaced on next use.
+    conns: RefCell<Conns>,
+    /// Connections being opened, and the event that tells their waiters it is done.
+    connecting: RefCell<HashSet<(Arc<str>, Lane)>>,
+    connected: Event,
+    cluster: RefCell<Cluster>,
+    /// Group coordinators by group.
+    coordinators: RefCell<HashMap<String, Arc<str>>>,
+    /// Per broker, the produces lingering to go out in one request.
+    lingering: RefCell<HashMap<Arc<str>, Rc<RefCell<producer::Queue>>>>,
+    stats: Cell<KafkaStats>,
+}
+
+/// Counters of one core's Kafka client, since it was attached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KafkaStats {
+    /// Connections opened (ApiVersions negotiated), reconnections included.
+    pub connections_opened: u64,
+    /// Produce requests sent (one may carry several partitions' batches, with a linger).
+    pub produce_requests: u64,
+    /// Fetch requests sent.
+    pub fetch_requests: u64,
+}
+
+impl std::fmt::Debug for KafkaCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaCore").field("bootstrap", &self.shared.bootstrap).finish()
+    }
+}
+
+/// Which of its connections to a broker a request travels on. A broker serves the requests
+/// of one connection one at a time, in order, and a fetch may wait `max_wait` for records:
+/// so each fetched partition has a connection of its own (a long poll delays nothing else),
+/// and every other request (produce, offsets, metadata, commits) shares one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum Lane {
+    /// Produce, ListOffsets, Metadata, CreateTopics, group requests.
+    Main,
+    /// Fetches of this partition.
+    Fetch(TopicPartition),
+}
+
+/// Marks a connection as being opened while it lives.
+struct Connecting<'a> {
+    core: &'a KafkaCore,
+    key: (Arc<str>, Lane),
+}
+
+impl Drop for Connecting<'_> {
+    fn drop(&mut self) {
+        self.core.st.connecting.borrow_mut().remove(&self.key);
+        self.core.st.connected.notify(usize::MAX);
+    }
+}
+
+/// A core's connections, by broker address and lane.
+type Conns = HashMap<(Arc<str>, Lane), Rc<Connection>>;
+
+/// Whether a failed request may succeed if retried.
+fn retriable(e: &Error) -> bool {
+    match e {
+        Error::KafkaConnection { .. } | Error::KafkaTimeout { .. } => true,
+        Error::KafkaBroker { code, .. } => {
+            protocol::code_is_retriable(*code)
+                || protocol::code_needs_metadata(*code)
+                || protocol::code_needs_coordinator(*code)
+        }
+        _ => false,
+    }
+}
+
+impl KafkaCore {
+    /// This core's counters.
+    pub fn stats(&self) -> KafkaStats {
+        self.st.stats.get()
+    }
+
+    fn count(&self, f: impl FnOnce(&mut KafkaStats)) {
+        let mut s = self.st.stats.get();
+        f(&mut s);
+        self.st.stats.set(s);
+    }
+
+    fn options(&self) -> &KafkaOptions {
+        &self.shared.options
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.closed.get() || self.shared.closed.load(Ordering::Acquire) { Err(Error::Closed) } else { Ok(()) }
+    }
+
+    /// A live connection to `broker` on `lane`, opened if needed. Requests that need one
+    /// while it is being opened wait for it rather than open another (so requests made in
+    /// order travel on one connection, in order).
+    async fn connection(&self, broker: &Arc<str>, lane: &Lane) -> Result<Rc<Connection>> {
+        let key = (broker.clone(), lane.clone());
+        loop {
+            self.check_open()?;
+            if let Some(c) = self.st.conns.borrow().get(&key)
+                && c.is_alive()
+            {
+                return Ok(c.clone());
+            }
+            if !self.st.connecting.borrow().contains(&key) {
+                break;
+            }
+            let listener = self.st.connected.listen();
+            if self.st.connecting.borrow().contains(&key) {
+                listener.await;
+            }
+        }
+        self.st.connecting.borrow_mut().insert(key.clone());
+        // Clears the mark however the connect ends (failure, or this future dropped).
+        let _guard = Connecting { core: self, key: key.clone() };
+        let c = Rc::new(
+            Connection::connect(broker.clone(), self.shared.client_id.clone(), self.options().request_timeout).await?,
+        );
+        self.count(|s| s.connections_opened += 1);
+        self.check_open()?;
+        self.st.conns.borrow_mut().insert(key, c.clone());
+        Ok(c)
+    }
+
+    /// A connection to any broker: a live one if there is one, else the known brokers and
+    /// then the bootstrap list, in order.
+    async fn any_connection(&self) -> Result<Rc<Connection>> {
+        self.check_open()?;
+        if let Some(c) = self.st.conns.borrow().iter().find(|((_, lane), c)| *lane == Lane::Main && c.is_alive()) {
+            return Ok(c.1.clone());
+        }
+        let mut candidates: Vec<Arc<str>> = self.st.cluster.borrow().brokers().cloned().collect();
+        for b in &self.shared.bootstrap {
+            if !candidates.contains(b) {
+                candidates.push(b.clone());
+            }
+        }
+        let mut last = None;
+        for b in &candidates {
+            match self.connection(b, &Lane::Main).await {
+                Ok(c) => return Ok(c),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or(Error::Closed))
+    }
+
+    /// Runs `attempt` until it succeeds, fails with an error that is not retriable, or has
+    /// failed `retries + 1` times; between attempts, waits with exponential backoff and
+    /// forgets metadata (or the group coordinator) the error says is stale.
+    async fn retrying<T, F, Fut>(&self, group: Option<&str>, mut attempt: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let mut backoff = self.options().retry_backoff;
+        let mut tries = 0;
+        loop {
+            match attempt().await {
+                Ok(v) => return Ok(v),
+                Err(e) if tries < self.options().retries && retriable(&e) => {
+                    tries += 1;
+                    self.check_open()?;
+                    match &e {
+                        Error::KafkaBroker { code, .. } if protocol::code_needs_coordinator(*code) => {
+                            if let Some(g) = group {
+                                self.st.coordinators.borrow_mut().remove(g);
+                            }
+                        }
+                        Error::KafkaBroker { code, .. } if !protocol::code_needs_metadata(*code) => {}
+                        _ => {
+                            self.st.cluster.borrow_mut().invalidate();
+                            if let Some(g) = group {
+                                self.st.coordinators.borrow_mut().remove(g);
+                            }
+                        }
+                    }
+                    glommio::timer::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The address of `group`'s coordinator, found with FindCoordinator if not known.
+    async fn coordinator(&self, group: &str) -> Result<Rc<Connection>> {
+        let known = self.st.coordinators.borrow().get(group).cloned();
+        if let Some(addr) = known {
+            return self.connection(&addr, &Lane::Main).await;
+        }
+        let conn = self.any_connection().await?;
+        let req = FindCoordinatorRequest::default().with_key(StrBytes::from_string(group.to_string())).with_key_type(0);
+        let (_, resp) =
+            conn.request(ApiKey::FindCoordinator, &req, self.options().request_timeout, About::default()).await?;
+        if resp.error_code != 0 {
+            return Err(conn.broker_error(
+                ApiKey::FindCoordinator,
+                About::default(),
+                resp.error_code,
+                resp.error_message.map(|m| m.to_string()),
+            ));
+        }
+        let addr: Arc<str> = Arc::from(format!("{}:{}", resp.host.as_str(), resp.port));
+        self.st.coordinators.borrow_mut().insert(group.to_string(), addr.clone());
+        self.connection(&addr, &Lane::Main).await
+    }
+
+    async fn commit_once(&self, group: &str, offsets: &[(TopicPartition, u64)]) -> Result<()> {
+        let conn = self.coordinator(group).await?;
+        let mut topics: Vec<OffsetCommitRequestTopic> = Vec::new();
+        for (tp, offset) in offsets {
+            let p = OffsetCommitRequestPartition::default()
+                .with_partition_index(tp.partition as i32)
+                .with_committed_offset(*offset as i64)
+                .with_committed_leader_epoch(-1)
+                .with_committed_metadata(None);
+            match topics.iter_mut().find(|t| t.name.0.as_str() == &*tp.topic) {
+                Some(t) => t.partitions.push(p),
+                None => topics.push(
+                    OffsetCommitRequestTopic::default().with_name(topic_name(&tp.topic)).with_partitions(vec![p]),
+                ),
+            }
+        }
+        let req = OffsetCommitRequest::default()
+            .with_group_id(GroupId(StrBytes::from_string(group.to_string())))
+            .with_generation_id_or_member_epoch(-1)
+            .with_member_id(StrBytes::from_static_str(""))
+            .with_retention_time_ms(-1)
+            .with_topics(topics);
+        let (_, resp) =
+            conn.request(ApiKey::OffsetCommit, &req, self.options().request_timeout, About::default()).await?;
+        for t in &resp.topics {
+            for p in &t.partitions {
+                if p.error_code != 0 {
+                    let about = About::partition(t.name.0.as_str(), p.partition_index.max(0) as u32);
+                    return Err(conn.broker_error(ApiKey::OffsetCommit, about, p.error_code, None));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn committed_once(&self, group: &str, partitions: &[TopicPartition]) -> Result<Vec<Option<u64>>> {
+        let conn = self.coordinator(group).await?;
+        let mut topics: Vec<OffsetFetchRequestTopic> = Vec::new();
+        for tp in partitions {
+            match topics.iter_mut().find(|t| t.name.0.as_str() == &*tp.topic) {
+                Some(t) => t.partition_indexes.push(tp.partition as i32),
+                None => topics.push(
+                    OffsetFetchRequestTopic::default()
+                        .with_name(topic_name(&tp.topic))
+                        .with_partition_indexes(vec![tp.partition as i32]),
+                ),
+            }
+        }
+        let req = OffsetFetchRequest::default()
+            .with_group_id(GroupId(StrBytes::from_string(group.to_string())))
+            .with_topics(Some(topics));
+        let (_, resp) =
+            conn.request(ApiKey::OffsetFetch, &req, self.options().request_timeout, About::default()).await?;
+        if resp.error_code != 0 {
+            return Err(conn.broker_error(ApiKey::OffsetFetch, About::default(), resp.error_code, None));
+        }
+        let mut out = Vec::with_capacity(partitions.len());
+        for tp in partitions {
+            let found = resp
+                .topics
+                .iter()
+                .filter(|t| t.name.0.as_str() == &*tp.topic)
+                .flat_map(|t| t.partitions.iter())
+                .find(|p| p.partition_index == tp.partition as i32);
+            match found {
+                Some(p) if p.error_code != 0 && p.error_code != protocol::code::UNKNOWN_TOPIC_OR_PARTITION => {
+                    let about = About::partition(&tp.topic, tp.partition);
+                    return Err(conn.broker_error(ApiKey::OffsetFetch, about, p.error_code, None));
+                }
+                Some(p) if p.committed_offset >= 0 => out.push(Some(p.committed_offset as u64)),
+                _ => out.push(None),
+            }
+        }
+        Ok(out)
+    }
+}
+
+pub(crate) fn topic_name(name: &str) -> TopicName {
+    TopicName(StrBytes::from_string(name.to_string()))
+}
+
+impl CoreTransport for KafkaCore {
+    /// Creates the topic with replication factor 1 (`cleanup.policy=compact` when compacted,
+    /// `retention.ms`/`retention.bytes` when set), or checks the partition count of an existing
+    /// one. The other settings of an existing topic are not compared.
+    async fn create_topic(&self, name: &str, config: &TopicConfig) -> Result<TopicMetadata> {
+        crate::validate_topic_name(name)?;
+        if config.partitions == 0 || config.partitions > i32::MAX as u32 {
+            return Err(Error::PartitionMismatch {
+                topic: name.to_string(),
+                existing: 0,
+                requested: config.partitions,
+            });
+        }
+        self.retrying(None, || self.create_topic_once(name, config)).await
+    }
+
+    /// The partition count comes from the cluster's metadata; compaction and retention are
+    /// reported as unset (they are not read back from the broker yet).
+    async fn topic_metadata(&self, name: &str) -> Result<Option<TopicMetadata>> {
+        let partitions = self.retrying(None, || self.partition_count(name, true)).await?;
+        Ok(partitions.map(|p| TopicMetadata { name: Arc::from(name), config: TopicConfig::new(p) }))
+    }
+
+    async fn produce(&self, tp: &TopicPartition, batch: BatchBuilder) -> Result<Produced> {
+        self.produce_batch(tp, batch).await
+    }
+
+    async fn fetch(&self, tp: &TopicPartition, offset: u64, max_bytes: usize, max_wait: Duration) -> Result<Fetched> {
+        let lane = Lane::Fetch(tp.clone());
+        self.retrying(None, || self.fetch_once(tp, offset, max_bytes, max_wait, &lane)).await
+    }
+
+    async fn list_offset(&self, tp: &TopicPartition, spec: OffsetSpec) -> Result<u64> {
+        self.retrying(None, || self.list_offset_once(tp, spec)).await
+    }
+
+    /// Commits under `group` as a client outside any group generation (generation -1, no
+    /// member id). `fence` is ignored: there is no consumer-group membership on Kafka yet, so
+    /// there is nobody to fence.
+    async fn commit(&self, group: &str, _fence: Option<&Fence>, offsets: &[(TopicPartition, u64)]) -> Result<()> {
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        self.retrying(Some(group), || self.commit_once(group, offsets)).await
+    }
+
+    async fn committed(&self, group: &str, partitions: &[TopicPartition]) -> Result<Vec<Option<u64>>> {
+        if partitions.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.retrying(Some(group), || self.committed_once(group, partitions)).await
+    }
+
+    /// Closes this core's connections; later requests fail with [`Error::Closed`].
+    async fn shutdown(self) -> Result<()> {
+        self.closed.set(true);
+        self.st.conns.borrow_mut().clear();
+        Ok(())
+    }
+}
+
+/// Static membership on Kafka: the worker gets every partition of the topics it joins (or,
+/// with [`KafkaOptions::partitions`], those of them listed) once, in generation 1, and keeps
+/// them. Consumer groups (JoinGroup/SyncGroup, rebalancing) are not implemented yet.
+///
+/// The partition counts are read with a blocking Metadata request from the calling thread
+/// (the worker's control thread, which is not a glommio executor), bounded by the request
+/// timeout and retried like other requests.
+#[derive(Debug)]
+pub struct KafkaMembership {
+    transport: KafkaTransport,
+    topics: Vec<String>,
+    assigned: bool,
+}
+
+impl KafkaMembership {
+    fn partition_counts(&self) -> Result<HashMap<String, u32>> {
+        let shared = &self.transport.shared;
+        let opts = &shared.options;
+        let req = MetadataRequest::default()
+            .with_topics(Some(
+                self.topics.iter().map(|t| MetadataRequestTopic::default().with_name(Some(topic_name(t)))).collect(),
+            ))
+            .with_allow_auto_topic_creation(false);
+        let mut backoff = opts.retry_backoff;
+        let mut last = None;
+        for _ in 0..=opts.retries {
+            for broker in &shared.bootstrap {
+                // Version 4: the first that can ask the broker not to create missing topics.
+                match protocol::blocking_request(broker, &req, 4, &shared.client_id, opts.request_timeout) {
+                    Ok(resp) => {
+                        let mut counts = HashMap::new();
+                        for t in resp.topics {
+                            if let Some(name) = t.name
+                                && t.error_code == 0
+                            {
+                                counts.insert(name.0.to_string(), t.partitions.len() as u32);
+                            }
+                        }
+                        return Ok(counts);
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+        Err(last.unwrap_or(Error::Closed))
+    }
+}
+
+impl Membership for KafkaMembership {
+    async fn next_event(&mut self) -> Result<AssignmentEvent> {
+        let shared = self.transport.shared.clone();
+        if !self.assigned {
+            if shared.closed.load(Ordering::Acquire) {
+                return Err(Error::Closed);
+            }
+            let partitions = match &shared.options.partitions {
+                Some(list) => list.iter().filter(|tp| self.topics.iter().any(|t| **t == *tp.topic)).cloned().collect(),
+                None => {
+                    let counts = self.partition_counts()?;
+                    let mut partitions = Vec::new();
+                    for name in &self.topics {
+                        let n = *counts.get(name).ok_or_else(|| Error::UnknownTopic { topic: name.clone() })?;
+                        partitions.extend((0..n).map(|p| TopicPartition::new(name.as_str(), p)));
+                    }
+                    partitions
+                }
+            };
+            self.assigned = true;
+            return Ok(AssignmentEvent::Assigned { generation: 1, partitions });
+        }
+        loop {
+            let listener = shared.closed_event.listen();
+            if shared.closed.load(Ordering::Acquire) {
+                return Err(Error::Closed);
+            }
+            listener.await;
+        }
+    }
+
+    async fn revoked(&mut self, _generation: u64) -> Result<()> {
+        Ok(())
+    }
+
+    fn member_id(&self) -> Option<Arc<str>> {
+        None
+    }
+
+    async fn leave(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl KafkaTransport {
+    /// The URL the transport was opened with.
+    pub fn url(&self) -> &str {
+        &self.shared.url
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A core's handle holds `Rc`s and stays on its core; the transport crosses threads.
+    #[test]
+    fn auto_traits() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<KafkaTransport>();
+        send_sync::<KafkaOptions>();
+        // KafkaCore is !Send: this would not compile.
+        // fn send<T: Send>() {} send::<KafkaCore>();
+    }
+
+    #[test]
+    fn urls_are_checked() {
+        let ok = KafkaTransport::open("kafka://a:9092, b:9093/", KafkaOptions::default()).unwrap();
+        assert_eq!(ok.bootstrap().iter().map(|b| &**b).collect::<Vec<_>>(), vec!["a:9092", "b:9093"]);
+        for bad in ["kafka://", "kafka://host", "kafka://host:port", "kafka://:9092", "local://x", "kafka://h:70000"] {
+            assert!(
+                matches!(KafkaTransport::open(bad, KafkaOptions::default()), Err(Error::InvalidUrl { .. })),
+                "{bad}"
+            );
+        }
+        let zero = KafkaOptions { request_timeout: Duration::ZERO, ..KafkaOptions::default() };
+        assert!(KafkaTransport::open("kafka://h:1", zero).is_err());
+    }
+
+    #[test]
+    fn retriable_errors() {
+        let broker = |code| Error::KafkaBroker {
+            broker: "b:1".into(),
+            api: "Produce",
+            topic: None,
+            partition: None,
+            code,
+            message: None,
+        };
+        assert!(retriable(&broker(protocol::code::NOT_LEADER_OR_FOLLOWER)));
+        assert!(retriable(&broker(protocol::code::NOT_COORDINATOR)));
+        assert!(!retriable(&broker(protocol::code::TOPIC_ALREADY_EXISTS)));
+        assert!(!retriable(&Error::UnknownTopic { topic: "t".into() }));
+        assert!(broker(6).to_string().contains("NotLeaderOrFollower"), "{}", broker(6));
+    }
+}
