@@ -158,12 +158,12 @@ impl<K: DeserializeOwned + 'static, V: DeserializeOwned + 'static> Stream<K, V> 
             stage: Box::new(move |queued: &QueuedEvent| {
                 let key = match &queued.record.key {
                     Some(k) if decode_keys.get() => {
-                        Some(key_codec.decode(k).map_err(|e| Rejected::Bad(format!("key: {e}")))?)
+                        Some(key_codec.decode_bytes(k).map_err(|e| Rejected::Bad(format!("key: {e}")))?)
                     }
                     _ => None,
                 };
                 let value = match &queued.record.value {
-                    Some(v) => value_codec.decode(v).map_err(|e| Rejected::Bad(format!("value: {e}")))?,
+                    Some(v) => value_codec.decode_bytes(v).map_err(|e| Rejected::Bad(format!("value: {e}")))?,
                     None => return Err(Rejected::Bad("value: null".into())),
                 };
                 Ok(Some((key, value)))
