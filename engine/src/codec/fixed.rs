@@ -1,6 +1,6 @@
 //! [`Fixed`]: a fixed-layout record read in place from the buffer it was fetched in.
 
-use std::cell::RefCell;
+use std::cell::Cell;
 use std::marker::PhantomData;
 
 use bytes::Bytes;
@@ -19,19 +19,23 @@ thread_local! {
     /// The buffer the `raw` deserializer hands to the `Fixed` visitor it is about to call.
     /// Set and taken within one synchronous `deserialize_newtype_struct` call, so it never
     /// holds a buffer between records (serde's visitors cannot take a `Bytes` otherwise).
-    static HANDED_OVER: RefCell<Option<Bytes>> = const { RefCell::new(None) };
+    static HANDED_OVER: Cell<Option<Bytes>> = const { Cell::new(None) };
 }
 
+#[inline]
 pub(super) fn hand_over(bytes: Bytes) {
-    HANDED_OVER.with(|slot| *slot.borrow_mut() = Some(bytes));
+    HANDED_OVER.set(Some(bytes));
 }
 
+#[inline]
 pub(super) fn clear_hand_over() {
-    HANDED_OVER.with(|slot| slot.borrow_mut().take());
+    // Only when the visitor did not take it (it failed before): nothing to drop otherwise.
+    drop(HANDED_OVER.take());
 }
 
+#[inline]
 fn take_hand_over() -> Option<Bytes> {
-    HANDED_OVER.with(|slot| slot.borrow_mut().take())
+    HANDED_OVER.take()
 }
 
 /// A fixed-layout record `R` read in place: it holds the buffer the record was fetched in

@@ -191,6 +191,7 @@ impl Format {
 
     /// Decodes `bytes`, which are `owner`'s when `owner` is given (then a [`Fixed`] takes
     /// `owner` rather than a copy).
+    #[inline]
     fn decode<T: DeserializeOwned>(self, name: &str, bytes: &[u8], owner: Option<&Bytes>) -> Result<T, CodecError> {
         match self {
             Format::JsonSerde => serde_json::from_slice(bytes).map_err(|e| CodecError::decode(name, e)),

@@ -43,6 +43,7 @@ pub(super) fn encode<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Res
 }
 
 /// Decodes `bytes`, which are `owner`'s when `owner` is given.
+#[inline]
 pub(super) fn decode<T: DeserializeOwned>(bytes: &[u8], owner: Option<&Bytes>) -> Result<T, RawError> {
     T::deserialize(RawDeserializer { bytes, owner })
 }
@@ -300,7 +301,9 @@ impl<'de> de::Deserializer<'de> for RawDeserializer<'_> {
     }
 
     fn deserialize_newtype_struct<V: Visitor<'de>>(self, name: &'static str, visitor: V) -> Result<V::Value, RawError> {
-        if name == super::fixed::MAGIC
+        // The pointer comparison is the common case (one copy of the constant), the string
+        // comparison the fallback.
+        if (std::ptr::eq(name, super::fixed::MAGIC) || name == super::fixed::MAGIC)
             && let Some(owner) = self.owner
         {
             // The visitor is `Fixed`'s: it takes the hand-over first thing, synchronously,
