@@ -310,7 +310,11 @@ impl<'de> de::Deserializer<'de> for RawDeserializer<'_> {
             // so the slot never outlives this call with a value in it.
             super::fixed::hand_over(owner.clone());
             let result = visitor.visit_newtype_struct(self);
-            super::fixed::clear_hand_over();
+            if result.is_err() {
+                // The visitor takes the buffer before anything that can fail; this is for a
+                // failure before that, should there be one.
+                super::fixed::clear_hand_over();
+            }
             return result;
         }
         visitor.visit_newtype_struct(self)
