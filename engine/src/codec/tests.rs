@@ -297,3 +297,13 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn codecs_and_fixed_values_cross_threads() {
+    // A `Codec` is declared once and used on every core; a `Fixed` value is sent like any
+    // other value (its buffer is reference-counted atomically).
+    fn send_sync<T: Send + Sync + 'static>() {}
+    send_sync::<Codec>();
+    send_sync::<CodecError>();
+    send_sync::<Fixed<Layout>>();
+}
