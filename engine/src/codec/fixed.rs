@@ -16,26 +16,35 @@ use super::CodecError;
 pub(super) const MAGIC: &str = "$faust::private::Fixed";
 
 thread_local! {
-    /// The buffer the `raw` deserializer hands to the `Fixed` visitor it is about to call.
-    /// Set and taken within one synchronous `deserialize_newtype_struct` call, so it never
-    /// holds a buffer between records (serde's visitors cannot take a `Bytes` otherwise).
-    static HANDED_OVER: Cell<Option<Bytes>> = const { Cell::new(None) };
+    /// The buffer the `raw` deserializer offers to the `Fixed` visitor it is about to call:
+    /// non-null only inside [`with_hand_over`], which borrows the buffer for the whole call
+    /// and resets the slot when it returns or unwinds. A plain pointer rather than a
+    /// `Bytes`, so the slot has no destructor and costs a load and a store (serde's visitors
+    /// cannot be given a `Bytes` otherwise).
+    static HANDED_OVER: Cell<*const Bytes> = const { Cell::new(std::ptr::null()) };
 }
 
+/// Runs `f` with `owner` offered to the first `Fixed` visitor that asks.
 #[inline]
-pub(super) fn hand_over(bytes: Bytes) {
-    HANDED_OVER.set(Some(bytes));
+pub(super) fn with_hand_over<T>(owner: &Bytes, f: impl FnOnce() -> T) -> T {
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            HANDED_OVER.set(std::ptr::null());
+        }
+    }
+    HANDED_OVER.set(owner);
+    let _reset = Reset;
+    f()
 }
 
-#[inline]
-pub(super) fn clear_hand_over() {
-    // Only when the visitor did not take it (it failed before): nothing to drop otherwise.
-    drop(HANDED_OVER.take());
-}
-
+/// The offered buffer (a reference-count increment), once.
 #[inline]
 fn take_hand_over() -> Option<Bytes> {
-    HANDED_OVER.take()
+    let offered = HANDED_OVER.replace(std::ptr::null());
+    // SAFETY: a non-null pointer was set by `with_hand_over` from a `&Bytes` that outlives
+    // the call we are in: the slot is reset when that call ends, even by unwinding.
+    (!offered.is_null()).then(|| unsafe { (*offered).clone() })
 }
 
 /// A fixed-layout record `R` read in place: it holds the buffer the record was fetched in

@@ -306,16 +306,8 @@ impl<'de> de::Deserializer<'de> for RawDeserializer<'_> {
         if (std::ptr::eq(name, super::fixed::MAGIC) || name == super::fixed::MAGIC)
             && let Some(owner) = self.owner
         {
-            // The visitor is `Fixed`'s: it takes the hand-over first thing, synchronously,
-            // so the slot never outlives this call with a value in it.
-            super::fixed::hand_over(owner.clone());
-            let result = visitor.visit_newtype_struct(self);
-            if result.is_err() {
-                // The visitor takes the buffer before anything that can fail; this is for a
-                // failure before that, should there be one.
-                super::fixed::clear_hand_over();
-            }
-            return result;
+            // The visitor is `Fixed`'s: it takes the buffer first thing, synchronously.
+            return super::fixed::with_hand_over(owner, || visitor.visit_newtype_struct(self));
         }
         visitor.visit_newtype_struct(self)
     }

@@ -200,6 +200,15 @@ fn a_fixed_record_of_the_wrong_length_is_a_decode_error() {
         assert!(Codec::RAW.decode::<Fixed<Layout>>(&bytes).is_err());
         assert!(Fixed::<Layout>::from_bytes(bytes).is_err());
     }
+    // Nothing of a failed hand-over is left for the next decode, under any codec.
+    let record = Layout { account: 1.into(), kind: 2.into(), flags: [3, 4], amount: 5.into() };
+    let mut json = Vec::new();
+    Codec::JSON.encode(&Fixed::new(&record), &mut json).unwrap();
+    for codec in [Codec::JSON, Codec::JSON_SIMD] {
+        assert!(Codec::RAW.decode_bytes::<Fixed<Layout>>(&Bytes::from_static(b"short")).is_err());
+        let fixed: Fixed<Layout> = codec.decode_bytes(&Bytes::from(json.clone())).unwrap();
+        assert_eq!(*fixed, record);
+    }
 }
 
 #[test]
