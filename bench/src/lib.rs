@@ -1,6 +1,7 @@
-//! Helpers shared by the benchmark binaries (`storage`, `engine`), workloads W2 and W4, and
-//! the takeover measurement.
+//! Helpers shared by the benchmark binaries (`storage`, `engine`), workloads W2 and W4, the
+//! takeover measurement and the codec section.
 
+pub mod codec;
 pub mod takeover;
 pub mod w2;
 

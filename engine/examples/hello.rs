@@ -13,7 +13,7 @@ use faust::{App, Settings};
 
 fn main() -> std::process::ExitCode {
     let mut settings = Settings::new("hello-world");
-    settings.value_serializer = "raw".into();
+    settings.value_serializer = faust::Codec::RAW;
     settings.topic_partitions = 4;
     let app = App::new(settings);
     let greetings = app.topic::<String, String>("greetings");

@@ -538,9 +538,7 @@ impl App {
     /// partitions when the worker starts, unless it exists.
     pub fn topic<K, V>(&self, name: &str) -> Topic<K, V> {
         let settings = &self.inner.settings;
-        let key = settings.key_serializer.parse().unwrap_or(Codec::Raw);
-        let value = settings.value_serializer.parse().unwrap_or(Codec::Json);
-        self.topic_with(name, key, value)
+        self.topic_with(name, settings.key_serializer.clone(), settings.value_serializer.clone())
     }
 
     /// Declares a topic with explicit codecs.
@@ -553,7 +551,7 @@ impl App {
     /// for sends from outside the worker), without a log: nothing is durable, events still
     /// queued when the worker stops are dropped, and there is nothing to commit.
     pub fn channel<K, V>(&self, name: &str) -> Topic<K, V> {
-        self.declare(name, Codec::Json, Codec::Json, TopicKind::Channel)
+        self.declare(name, Codec::JSON, Codec::JSON, TopicKind::Channel)
     }
 
     /// Makes the declared topic `name` take the partition count of `like` when created.
@@ -621,7 +619,8 @@ impl App {
         let start: StartAgent = Arc::new(move |run: AgentRun| {
             let (f, topic, name) = (f.clone(), topic_inner.clone(), agent_name.clone());
             Box::pin(crate::worker::supervise(run, name, move |run: &AgentRun| {
-                f(Stream::new(run, topic.key_codec, topic.value_codec).deduplicated_by(topic.positions.get().cloned()))
+                f(Stream::new(run, topic.key_codec.clone(), topic.value_codec.clone())
+                    .deduplicated_by(topic.positions.get().cloned()))
             }))
         });
         let mut agents = lock(&self.inner.agents);
@@ -644,8 +643,7 @@ impl App {
         V: Serialize + DeserializeOwned + Clone + 'static,
     {
         let settings = &self.inner.settings;
-        let key = settings.key_serializer.parse().unwrap_or(Codec::Raw);
-        let value = settings.value_serializer.parse().unwrap_or(Codec::Json);
+        let (key, value) = (settings.key_serializer.clone(), settings.value_serializer.clone());
         let mut tables = lock(&self.inner.tables);
         let table = crate::Table::new(name, &settings.id, tables.len(), key, value);
         tables.push(table.shared.clone());

@@ -158,11 +158,11 @@ pub(crate) fn socket_path(datadir: &Path) -> PathBuf {
 /// Encodes the text a user typed as a key or value with `codec`: for `raw`, the text's
 /// bytes; for JSON, the text must be a JSON document — except for a key, where text that is
 /// not JSON is taken as a JSON string (`--key account-1` means `"account-1"`).
-pub(crate) fn encode_text(codec: Codec, text: &str, is_key: bool) -> Result<Vec<u8>, String> {
+pub(crate) fn encode_text(codec: &Codec, text: &str, is_key: bool) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
-    match codec {
-        Codec::Raw => codec.encode(text, &mut out).map_err(|e| e.to_string())?,
-        _ => {
+    match codec.is_raw_format() {
+        true => codec.encode(text, &mut out).map_err(|e| e.to_string())?,
+        false => {
             let value: Value = match serde_json::from_str(text) {
                 Ok(v) => v,
                 Err(_) if is_key => Value::String(text.to_string()),
@@ -310,7 +310,7 @@ fn handle(request: Request, app: &App, inboxes: &[Arc<Inbox>]) -> Answer {
         }
         Request::TableGet { table, key } => {
             let (index, (key_codec, _)) = find_table(app, &table)?;
-            let key_bytes = encode_text(key_codec, &key, true).map_err(|e| bad_request(format!("key: {e}")))?;
+            let key_bytes = encode_text(&key_codec, &key, true).map_err(|e| bad_request(format!("key: {e}")))?;
             // Whichever core holds the key's shard answers; the others find nothing.
             for core in 0..inboxes.len() {
                 let key_bytes = key_bytes.clone();
@@ -450,15 +450,18 @@ impl SendRequest {
             return Err(bad_request(format!("`{topic}` is an in-memory channel of the worker, not a topic")));
         }
         let partitions = core.partitions(topic).ok_or_else(|| failed(format!("topic `{topic}` is not created yet")))?;
-        let (key_codec, value_codec) = (codecs.0.unwrap_or(inner.key_codec), codecs.1.unwrap_or(inner.value_codec));
+        let (key_codec, value_codec) = (
+            codecs.0.unwrap_or_else(|| inner.key_codec.clone()),
+            codecs.1.unwrap_or_else(|| inner.value_codec.clone()),
+        );
         let key_bytes = match &key {
-            Some(k) => Some(encode_text(key_codec, k, true).map_err(|e| bad_request(format!("key: {e}")))?),
+            Some(k) => Some(encode_text(&key_codec, k, true).map_err(|e| bad_request(format!("key: {e}")))?),
             None => None,
         };
         let encoded: Vec<Vec<u8>> = values
             .iter()
             .enumerate()
-            .map(|(i, v)| encode_text(value_codec, v, false).map_err(|e| bad_request(format!("value {}: {e}", i + 1))))
+            .map(|(i, v)| encode_text(&value_codec, v, false).map_err(|e| bad_request(format!("value {}: {e}", i + 1))))
             .collect::<Result<_, _>>()?;
         if let Some(p) = partition
             && p >= partitions
@@ -551,10 +554,15 @@ mod tests {
 
     #[test]
     fn text_is_encoded_by_codec() {
-        assert_eq!(encode_text(Codec::Raw, "account-1", true).unwrap(), b"account-1");
-        assert_eq!(encode_text(Codec::Json, "account-1", true).unwrap(), br#""account-1""#);
-        assert_eq!(encode_text(Codec::Json, r#"{"a": 1}"#, false).unwrap(), br#"{"a":1}"#);
-        let err = encode_text(Codec::Json, "{not json", false).unwrap_err();
+        assert_eq!(encode_text(&Codec::RAW, "account-1", true).unwrap(), b"account-1");
+        assert_eq!(encode_text(&Codec::JSON, "account-1", true).unwrap(), br#""account-1""#);
+        assert_eq!(encode_text(&Codec::JSON, r#"{"a": 1}"#, false).unwrap(), br#"{"a":1}"#);
+        let err = encode_text(&Codec::JSON, "{not json", false).unwrap_err();
+        assert!(err.contains("not valid JSON"), "{err}");
+        // Composed codecs encode the same way, then transform.
+        let codec: Codec = "json|binary".parse().unwrap();
+        assert_eq!(encode_text(&codec, "[1]", false).unwrap(), b"WzFd");
+        let err = encode_text(&codec, "{not json", false).unwrap_err();
         assert!(err.contains("not valid JSON"), "{err}");
     }
 

@@ -73,15 +73,15 @@ impl<K, V> sealed::Sealed for GroupBy<K, V> {}
 impl<K: 'static, V: 'static> Source<K, V> for GroupBy<K, V> {
     fn consumed_by(&self, app: &App, agent: &str) -> Topic<K, V> {
         let name = format!("{}-{}-{}-{}-repartition", app.settings().id, agent, self.source, self.name);
-        let key_codec = app.settings().key_serializer.parse().unwrap_or(Codec::Raw);
-        let topic = app.declare::<K, V>(&name, key_codec, self.value_codec, TopicKind::Log);
+        let key_codec = app.settings().key_serializer.clone();
+        let topic = app.declare::<K, V>(&name, key_codec, self.value_codec.clone(), TopicKind::Log);
         app.copartition_with(&name, &self.source);
         // The latest source position taken, per repartition partition and source partition:
         // committed with the repartition topic's offsets, so a record the re-keying agent
         // sends again after a crash is recognised and dropped (exact counts downstream).
         let positions = app
             .table::<u32, u64>(&format!("{agent}-{}-{}-positions", self.source, self.name))
-            .with_codecs(Codec::Json, Codec::Json)
+            .with_codecs(Codec::JSON, Codec::JSON)
             .with_partitions_like(Arc::from(name.as_str()));
         let _ = topic.inner.positions.set(positions);
         (self.register)(app, agent, &topic);
@@ -161,7 +161,7 @@ where
         GroupBy {
             source: self.inner.name.clone(),
             name: name.to_string(),
-            value_codec: self.inner.value_codec,
+            value_codec: self.inner.value_codec.clone(),
             register,
         }
     }

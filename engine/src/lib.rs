@@ -35,7 +35,7 @@ mod transports;
 mod worker;
 
 pub use crate::app::{Agent, AgentError, App, SendError, StopSignal, Topic};
-pub use crate::codec::{Codec, CodecError};
+pub use crate::codec::{Codec, CodecError, Fixed};
 pub use crate::context::{EventPosition, current_event};
 pub use crate::group_by::{GroupBy, Source};
 pub use crate::rebalance::WorkerStats;
@@ -46,6 +46,20 @@ pub use crate::table::{Table, TableError, TablePartition};
 pub use crate::testing::{TestContext, TestError};
 pub use crate::worker::WorkerError;
 pub use faust_transport::{MemoryTransport, Produced, TopicConfig, TopicPartition};
+
+/// Codecs by name, Faust's codec registry, and fixed-layout records: see [`Codec`].
+pub mod codecs {
+    pub use crate::codec::{Codec, CodecError, Fixed, Transform, TransformError, register};
+}
+
+/// Entry points for the fuzz targets in `engine/fuzz`; not a stable API.
+#[cfg(feature = "unstable-fuzzing")]
+pub mod fuzzing {
+    /// Decodes `data` with every built-in codec as several value types; must never panic.
+    pub fn decode(data: &[u8]) {
+        crate::codec::fuzz::decode_everything(data);
+    }
+}
 
 /// The storage layer: segment logs and key-value stores (the `faust-storage` crate).
 pub mod storage {

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use faust_transport::AutoOffsetReset;
 
+use crate::codec::Codec;
+
 /// A setting from the environment that does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("environment variable {variable}={value:?}: {reason}")]
@@ -29,7 +31,7 @@ pub struct SettingsError {
 /// | `commit_interval` | 2.8 s | `BROKER_COMMIT_INTERVAL` (seconds) |
 /// | `commit_every` | 10,000 events | `BROKER_COMMIT_EVERY` |
 /// | `stream_buffer_maxsize` | 4,096 | `STREAM_BUFFER_MAXSIZE` |
-/// | `key_serializer` | `raw` | `APP_KEY_SERIALIZER` |
+/// | `key_serializer` | `raw` | `APP_KEY_SERIALIZER` (a codec name, e.g. `json\|binary`) |
 /// | `value_serializer` | `json` | `APP_VALUE_SERIALIZER` |
 /// | `auto_offset_reset` | earliest | `CONSUMER_AUTO_OFFSET_RESET` |
 /// | `cores` | every usable CPU | `WORKER_CORES` |
@@ -67,10 +69,10 @@ pub struct Settings {
     pub commit_every: u64,
     /// Events buffered per stream before the partitions feeding it are paused.
     pub stream_buffer_maxsize: usize,
-    /// Codec of keys unless a topic says otherwise.
-    pub key_serializer: String,
-    /// Codec of values unless a topic says otherwise.
-    pub value_serializer: String,
+    /// Codec of keys unless a topic or table says otherwise.
+    pub key_serializer: Codec,
+    /// Codec of values unless a topic or table says otherwise.
+    pub value_serializer: Codec,
     /// Where consumption starts in a partition with no committed offset.
     pub auto_offset_reset: AutoOffsetReset,
     /// Cores to run on; `None` means every CPU the process may use.
@@ -140,8 +142,8 @@ impl Settings {
             commit_interval: Duration::from_millis(2800),
             commit_every: 10_000,
             stream_buffer_maxsize: 4096,
-            key_serializer: "raw".to_string(),
-            value_serializer: "json".to_string(),
+            key_serializer: Codec::RAW,
+            value_serializer: Codec::JSON,
             auto_offset_reset: AutoOffsetReset::Earliest,
             cores: None,
             web_port: 6066,
@@ -217,11 +219,16 @@ impl Settings {
         if let Some(kv) = get("STREAM_BUFFER_MAXSIZE") {
             self.stream_buffer_maxsize = parse(kv, "a number of events")?;
         }
-        if let Some((_, v)) = get("APP_KEY_SERIALIZER") {
-            self.key_serializer = v;
+        // Codec names are looked up now: transforms must be registered before the
+        // environment is read (as Faust's codecs are registered at import).
+        let codec = |(variable, value): (String, String)| {
+            value.parse::<Codec>().map_err(|e| SettingsError { variable, value: value.clone(), reason: e.to_string() })
+        };
+        if let Some(kv) = get("APP_KEY_SERIALIZER") {
+            self.key_serializer = codec(kv)?;
         }
-        if let Some((_, v)) = get("APP_VALUE_SERIALIZER") {
-            self.value_serializer = v;
+        if let Some(kv) = get("APP_VALUE_SERIALIZER") {
+            self.value_serializer = codec(kv)?;
         }
         if let Some((variable, value)) = get("CONSUMER_AUTO_OFFSET_RESET") {
             self.auto_offset_reset =
@@ -272,7 +279,7 @@ mod tests {
         assert_eq!(s.topic_partitions, 8);
         assert_eq!(s.commit_interval, Duration::from_millis(2800));
         assert_eq!(s.stream_buffer_maxsize, 4096);
-        assert_eq!((s.key_serializer.as_str(), s.value_serializer.as_str()), ("raw", "json"));
+        assert_eq!((s.key_serializer.name(), s.value_serializer.name()), ("raw", "json"));
         assert_eq!(s.auto_offset_reset, AutoOffsetReset::Earliest);
         assert_eq!(s.web_port, 6066);
         assert_eq!(s.broker_url(), "local://app-data/topics");
@@ -292,6 +299,10 @@ mod tests {
         assert_eq!(s.auto_offset_reset, AutoOffsetReset::Latest);
         assert_eq!(s.cores, Some(2));
 
+        let vars = [("APP_KEY_SERIALIZER", "json"), ("APP_VALUE_SERIALIZER", " json | binary ")];
+        let s = Settings::new("app").from_vars(vars).unwrap();
+        assert_eq!((s.key_serializer, s.value_serializer.name()), (Codec::JSON, "json|binary"));
+
         let vars = [("APP_ENV_PREFIX", "MYAPP"), ("MYAPP_TOPIC_PARTITIONS", "3"), ("TOPIC_PARTITIONS", "5")];
         let s = Settings::new("app").from_vars(vars).unwrap();
         assert_eq!(s.topic_partitions, 3, "the prefixed variable wins; the bare one is ignored");
@@ -306,6 +317,8 @@ mod tests {
             ("CONSUMER_AUTO_OFFSET_RESET", "middle"),
             ("WEB_PORT", "70000"),
             ("WORKER_CORES", "0"),
+            ("APP_VALUE_SERIALIZER", "pickle"),
+            ("APP_KEY_SERIALIZER", "binary|json"),
         ] {
             let err = Settings::new("app").from_vars([(k, v)]).unwrap_err();
             assert_eq!((err.variable.as_str(), err.value.as_str()), (k, v));

@@ -202,12 +202,14 @@ impl<K: DeserializeOwned + 'static, V: DeserializeOwned + 'static> Stream<K, V> 
             stage: Box::new(move |queued: &QueuedEvent| {
                 let key = match &queued.record.key {
                     Some(k) if decode_keys.get() => {
-                        Some(key_codec.decode(k).map_err(|e| Rejected::Bad(RecordPart::Key, e.to_string()))?)
+                        Some(key_codec.decode_bytes(k).map_err(|e| Rejected::Bad(RecordPart::Key, e.to_string()))?)
                     }
                     _ => None,
                 };
                 let value = match &queued.record.value {
-                    Some(v) => value_codec.decode(v).map_err(|e| Rejected::Bad(RecordPart::Value, e.to_string()))?,
+                    Some(v) => {
+                        value_codec.decode_bytes(v).map_err(|e| Rejected::Bad(RecordPart::Value, e.to_string()))?
+                    }
                     None => return Err(Rejected::Bad(RecordPart::Value, "null".into())),
                 };
                 Ok(Some((key, value)))

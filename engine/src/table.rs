@@ -188,8 +188,8 @@ impl<V> Clone for Config<V> {
             partitions_like: self.partitions_like.clone(),
             in_memory: self.in_memory,
             reset_bad_values: self.reset_bad_values,
-            key_codec: self.key_codec,
-            value_codec: self.value_codec,
+            key_codec: self.key_codec.clone(),
+            value_codec: self.value_codec.clone(),
         }
     }
 }
@@ -283,7 +283,7 @@ impl<K, V> Table<K, V> {
 
     pub(crate) fn codecs(&self) -> (Codec, Codec) {
         let config = lock(&self.shared.config);
-        (config.key_codec, config.value_codec)
+        (config.key_codec.clone(), config.value_codec.clone())
     }
 
     /// The changelog topic: `{app}-{table}-changelog`.
@@ -562,7 +562,7 @@ where
 
     fn codecs(&self) -> (Codec, Codec) {
         let config = lock(&self.config);
-        (config.key_codec, config.value_codec)
+        (config.key_codec.clone(), config.value_codec.clone())
     }
 
     fn open(&self, args: ShardArgs) -> Result<Rc<dyn AnyShard>, TableError> {
@@ -731,7 +731,7 @@ where
 
     /// A value that does not turn into JSON (for the control socket's listings).
     fn json_err(&self, what: &str, e: serde_json::Error) -> TableError {
-        self.codec_err(what, CodecError { codec: "json", message: e.to_string() })
+        self.codec_err(what, CodecError::Encode { codec: "json".to_string(), message: e.to_string() })
     }
 
     fn store_err(&self, source: faust_storage::Error) -> TableError {
@@ -843,8 +843,8 @@ where
         let mut merged: Map<K, Option<V>> = Map::default();
         if let Some(store) = state.store.as_ref() {
             for (k, v) in store.iter() {
-                let key = self.config.key_codec.decode::<K>(&k).map_err(|e| self.codec_err("stored key", e))?;
-                match self.config.value_codec.decode::<V>(&v) {
+                let key = self.config.key_codec.decode_bytes::<K>(&k).map_err(|e| self.codec_err("stored key", e))?;
+                match self.config.value_codec.decode_bytes::<V>(&v) {
                     Ok(v) => {
                         merged.insert(key, Some(v));
                     }
@@ -962,8 +962,8 @@ where
         Box::new(Frozen {
             entries,
             next: 0,
-            key_codec: self.config.key_codec,
-            value_codec: self.config.value_codec,
+            key_codec: self.config.key_codec.clone(),
+            value_codec: self.config.value_codec.clone(),
             name: self.name.clone(),
             partition: self.partition,
             scratch: (Vec::new(), Vec::new()),
@@ -1018,12 +1018,12 @@ where
             }
             None => {
                 for r in records.iter().filter(|r| r.offset < end) {
-                    let Some(raw_key) = r.key.as_deref() else { continue };
+                    let Some(raw_key) = &r.key else { continue };
                     let key: K =
-                        self.config.key_codec.decode(raw_key).map_err(|e| self.codec_err("changelog key", e))?;
-                    let value = match r.value.as_deref() {
+                        self.config.key_codec.decode_bytes(raw_key).map_err(|e| self.codec_err("changelog key", e))?;
+                    let value = match &r.value {
                         None => None,
-                        Some(v) => match self.config.value_codec.decode::<V>(v) {
+                        Some(v) => match self.config.value_codec.decode_bytes::<V>(v) {
                             Ok(v) => Some(v),
                             Err(_) if self.config.reset_bad_values => None,
                             Err(e) => {

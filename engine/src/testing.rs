@@ -177,11 +177,14 @@ impl TestContext {
             for r in self.transport.records(&tp)? {
                 let decode_err = |source| TestError::Decode { tp: tp.clone(), offset: r.offset, source };
                 let key = match &r.key {
-                    Some(k) => Some(topic.inner.key_codec.decode(k).map_err(decode_err)?),
+                    Some(k) => Some(topic.inner.key_codec.decode_bytes(k).map_err(decode_err)?),
                     None => None,
                 };
-                let value =
-                    topic.inner.value_codec.decode(r.value.as_deref().unwrap_or_default()).map_err(decode_err)?;
+                let value = match &r.value {
+                    Some(v) => topic.inner.value_codec.decode_bytes(v),
+                    None => topic.inner.value_codec.decode(&[]),
+                }
+                .map_err(decode_err)?;
                 out.push((key, value));
             }
         }
@@ -212,10 +215,10 @@ impl TestContext {
             for r in self.transport.records(&tp)? {
                 let decode_err = |source| TestError::Decode { tp: tp.clone(), offset: r.offset, source };
                 let Some(k) = &r.key else { continue };
-                let key: K = key_codec.decode(k).map_err(decode_err)?;
+                let key: K = key_codec.decode_bytes(k).map_err(decode_err)?;
                 match &r.value {
                     Some(v) => {
-                        out.insert(key, value_codec.decode(v).map_err(decode_err)?);
+                        out.insert(key, value_codec.decode_bytes(v).map_err(decode_err)?);
                     }
                     None => {
                         out.remove(&key);

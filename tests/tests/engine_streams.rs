@@ -265,7 +265,7 @@ fn agents_yield_to_topic_agent_and_callback_sinks() {
 fn through_moves_records_to_another_topic_for_its_agents() {
     let app = App::new(settings("through", 2));
     let raw = app.topic::<String, u64>("raw");
-    let by_key = app.topic_with::<String, u64>("by-key", faust::Codec::Raw, faust::Codec::Json);
+    let by_key = app.topic_with::<String, u64>("by-key", faust::Codec::RAW, faust::Codec::JSON);
     app.through(&raw, &by_key);
     let seen = Arc::new(AtomicUsize::new(0));
     let counter = seen.clone();

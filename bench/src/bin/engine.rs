@@ -9,7 +9,9 @@
 //!   the same orders held in memory (no log, no runtime, no output);
 //! - latency from send to processed (p50/p99/p999, hdrhistogram) on a 1-core worker at an
 //!   offered load of 50 % of its measured maximum, the generator thread pinned to the other
-//!   CPU and sending from outside the worker.
+//!   CPU and sending from outside the worker;
+//! - the codec section (`--only-codec` alone): decode cost per codec on one core, JSON by
+//!   simd-json and by serde_json against a fixed-layout record read in place.
 //!
 //! ```text
 //! cargo run --release -p faust-bench --bin engine -- --quick --json
@@ -60,6 +62,61 @@ struct Args {
     /// Only the takeover on memory://, once.
     #[arg(long)]
     only_takeover: bool,
+    /// Only the codec section (decode cost per codec on one core).
+    #[arg(long)]
+    only_codec: bool,
+}
+
+/// Runs the codec section: 1,000,000 records (200,000 with --quick), best of 5 rounds.
+fn run_codec(quick: bool, json: bool) -> faust_bench::codec::CodecFigures {
+    let records = if quick { 200_000 } else { 1_000_000 };
+    progress(json, &format!("codecs: decoding {records} orders per codec on one core"));
+    let c = faust_bench::codec::run(records, 5);
+    progress(
+        json,
+        &format!(
+            "codecs: json-simd {:.0}/s, json-serde {:.0}/s, zero-copy {:.0}/s ({:.1}x JSON)",
+            c.json_simd,
+            c.json_serde,
+            c.zerocopy,
+            c.zerocopy_vs_json()
+        ),
+    );
+    c
+}
+
+fn print_codec(c: &faust_bench::codec::CodecFigures) {
+    println!();
+    println!(
+        "Codecs (decode one order record and read a field, one core, {} records; JSON ~{:.0} B, fixed layout {} B)",
+        c.records,
+        c.json_bytes,
+        std::mem::size_of::<faust_bench::codec::FixedOrder>()
+    );
+    println!("| codec | records/s | vs fastest JSON (target) |");
+    println!("|---|---|---|");
+    let json = c.json_simd.max(c.json_serde);
+    println!("| JSON, simd-json (`json-simd`) | {:.0} | {:.2} |", c.json_simd, c.json_simd / json);
+    println!("| JSON, serde_json (`json-serde`) | {:.0} | {:.2} |", c.json_serde, c.json_serde / json);
+    println!(
+        "| fixed layout read in place (`raw`, `Fixed<R>`) | {:.0} | {:.1} (≥ 10) |",
+        c.zerocopy,
+        c.zerocopy_vs_json()
+    );
+    println!("| (bound: the layout viewed in the buffer, no handle on it) | {:.0} | {:.1} |", c.view, c.view / json);
+}
+
+/// The codec section's keys of `--json`.
+fn codec_json(c: &faust_bench::codec::CodecFigures) -> serde_json::Value {
+    serde_json::json!({
+        "codec_records": c.records,
+        "codec_json_bytes": c.json_bytes,
+        "codec_json_simd_records_s": c.json_simd,
+        "codec_json_serde_records_s": c.json_serde,
+        "codec_zerocopy_records_s": c.zerocopy,
+        "codec_zerocopy_vs_json_ratio": c.zerocopy_vs_json(),
+        "codec_zerocopy_view_records_s": c.view,
+    })
 }
 
 /// W2's figures.
@@ -485,6 +542,15 @@ fn main() {
     let datadir = dir.path().join("data");
     let cpus = faust::runtime::usable_cpus().len();
 
+    if args.only_codec {
+        let c = run_codec(args.quick, args.json);
+        if args.json {
+            println!("{}", codec_json(&c));
+        } else {
+            print_codec(&c);
+        }
+        return;
+    }
     if args.only_latency.is_none() {
         progress(args.json, &format!("pre-loading {n} orders"));
     }
@@ -571,6 +637,7 @@ fn main() {
     let lat_quarter = latency(&datadir, quarter, latency_secs);
 
     let w2 = run_w2(dir.path(), n, args.json, runs);
+    let codec = run_codec(args.quick, args.json);
 
     let ratio = w1_1.0 / floor_1;
     let scaling = if w1_1.0 > 0.0 { w1_2.0 / w1_1.0 } else { f64::NAN };
@@ -615,6 +682,9 @@ fn main() {
         if let (Some(o), serde_json::Value::Object(w4)) = (out.as_object_mut(), w4_json(&w2)) {
             o.extend(w4);
         }
+        if let (Some(o), serde_json::Value::Object(c)) = (out.as_object_mut(), codec_json(&codec)) {
+            o.extend(c);
+        }
         println!("{out}");
     } else {
         println!("W1 stateless (decode JSON order ~{avg_bytes:.0} B, filter, map, forward), {n} orders on local://");
@@ -636,5 +706,6 @@ fn main() {
             lat_quarter.offered, lat_quarter.p50_us, lat_quarter.p99_us, lat_quarter.p999_us, lat_quarter.max_us
         );
         print_w2(&w2, n);
+        print_codec(&codec);
     }
 }
