@@ -68,6 +68,10 @@ pub struct CodecFigures {
     /// The bound on that: the same layout viewed in the buffer with zerocopy alone, no
     /// codec and no handle on the buffer (what a borrowing API could reach).
     pub view: f64,
+    /// The handle alone: the view plus a clone and a drop of the record's `Bytes` (two
+    /// atomic reference-count updates), the floor of any decoded value that holds its
+    /// buffer.
+    pub handle: f64,
 }
 
 impl CodecFigures {
@@ -119,7 +123,7 @@ pub fn run(records: usize, runs: usize) -> CodecFigures {
     };
     // The codecs take turns in every round, so a noisy neighbour slows all of them alike;
     // each keeps its best round.
-    let (mut json_simd, mut json_serde, mut zerocopy, mut view) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+    let (mut json_simd, mut json_serde, mut zerocopy, mut view, mut handle) = (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0.0f64);
     for _ in 0..runs {
         json_simd = json_simd.max(rate(&json, |r| decode_json(&Codec::JSON_SIMD, r)));
         json_serde = json_serde.max(rate(&json, |r| decode_json(&Codec::JSON_SERDE, r)));
@@ -128,6 +132,10 @@ pub fn run(records: usize, runs: usize) -> CodecFigures {
         }));
         view =
             view.max(rate(&fixed, |r| FixedOrder::ref_from_bytes(r).map(|o| u64::from(o.amount.get())).unwrap_or(0)));
+        handle = handle.max(rate(&fixed, |r| {
+            let held = black_box(r.clone());
+            FixedOrder::ref_from_bytes(&held).map(|o| u64::from(o.amount.get())).unwrap_or(0)
+        }));
     }
-    CodecFigures { records, json_bytes, json_simd, json_serde, zerocopy, view }
+    CodecFigures { records, json_bytes, json_simd, json_serde, zerocopy, view, handle }
 }
