@@ -422,6 +422,10 @@ struct Figures {
     produce: Vec<f64>,
     rs_produce: Vec<f64>,
     w2: Vec<f64>,
+    /// W2 on `local://` (the same orders, pre-loaded by `w2::preload`), same rounds.
+    w2_local: Vec<f64>,
+    /// W2's floor: the decode and count on one plain thread over the orders in memory.
+    floor: f64,
     preload_s: f64,
 }
 
@@ -453,6 +457,14 @@ fn run(args: &Args, broker: &str) -> BenchResult<Figures> {
     progress(json, &format!("pre-loaded in {:.2} s ({:.0} orders/s)", fig.preload_s, n as f64 / fig.preload_s));
 
     let datadir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
+    let local = datadir.path().join("w2-local");
+    if !args.only_fetch {
+        progress(json, &format!("pre-loading the same {n} orders into local:// for the W2 reference"));
+        w2::preload(&local, n, ACCOUNTS);
+        let values: Vec<Vec<u8>> = orders.parts.iter().flatten().map(|(_, v)| v.clone()).collect();
+        fig.floor = w2::floor(&values, 1);
+        progress(json, &format!("W2 floor (decode and count, 1 thread): {:.0} events/s", fig.floor));
+    }
     for r in 0..rounds {
         if !args.only_w2 {
             let (tp, e) = (topic.clone(), ends.clone());
@@ -497,6 +509,9 @@ fn run(args: &Args, broker: &str) -> BenchResult<Figures> {
             &format!("round {r}: W2 on kafka:// 1 core {:.0} events/s ({} account shards)", w.events_s, w.accounts),
         );
         delete_topics(broker, vec![format!("{id}-counts-changelog")]);
+        let w = w2::run(&local, &format!("w2-local-{r}"), n, 1);
+        fig.w2_local.push(w.events_s);
+        progress(json, &format!("round {r}: W2 on local:// 1 core {:.0} events/s", w.events_s));
     }
     delete_topics(broker, vec![topic]);
     Ok(fig)
@@ -529,6 +544,11 @@ fn report(args: &Args, broker: &str, own: bool, fig: &Figures) {
             "kafka_w2_events_s_1core": w2,
             "kafka_w2_vs_fetch_ratio": w2 / fetch,
             "kafka_preload_msgs_s": n as f64 / fig.preload_s,
+            "kafka_w2_local_events_s_1core": best(&fig.w2_local),
+            "kafka_w2_vs_local_ratio": w2 / best(&fig.w2_local),
+            "kafka_w2_floor_events_s_1thread": fig.floor,
+            "kafka_w2_floor_vs_fetch_ratio": fig.floor / fetch,
+            "kafka_w2_local_rounds_events_s": fig.w2_local,
             "kafka_fetch_rounds_msgs_s": fig.fetch,
             "kafka_fetch_rskafka_rounds_msgs_s": fig.rs_fetch,
             "kafka_produce_rounds_msgs_s": fig.produce,
@@ -552,6 +572,16 @@ fn report(args: &Args, broker: &str, own: bool, fig: &Figures) {
     println!(
         "| W2 (count per account, table + changelog), 1 core, events/s | {w2:.0} | | {:.2} of our raw fetch (≥ 0.8) |",
         w2 / fetch
+    );
+    let local = best(&fig.w2_local);
+    println!(
+        "| W2 on local:// (same orders, 2 partitions), 1 core, events/s | {local:.0} | | kafka:// at {:.2} of it |",
+        w2 / local
+    );
+    println!(
+        "| W2 floor (JSON decode + count, 1 plain thread, in memory), events/s | {:.0} | | {:.2} of our raw fetch |",
+        fig.floor,
+        fig.floor / fetch
     );
 }
 
