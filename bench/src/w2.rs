@@ -2,7 +2,8 @@
 //! account in a table with its changelog on — over orders pre-loaded into a `local://` log;
 //! its floor (the same decode and count in plain threads over the orders in memory); and
 //! table recovery: changelog records replayed into an empty shard per second, and the time
-//! to reopen a 1M-key shard from its checkpoint.
+//! to reopen a 1M-key shard from its checkpoint. [`run_on`] runs the count on any broker (the
+//! `kafka` benchmark's W2 through `kafka://`).
 
 use std::hint::black_box;
 use std::path::Path;

@@ -429,6 +429,11 @@ struct Figures {
     preload_s: f64,
 }
 
+/// `a[r] / b[r]` for each round `r` (the clients ran one after the other in each round).
+fn ratios(a: &[f64], b: &[f64]) -> Vec<f64> {
+    a.iter().zip(b).map(|(a, b)| a / b).collect()
+}
+
 fn best(v: &[f64]) -> f64 {
     v.iter().copied().fold(f64::NAN, f64::max)
 }
@@ -549,6 +554,9 @@ fn report(args: &Args, broker: &str, own: bool, fig: &Figures) {
             "kafka_w2_floor_events_s_1thread": fig.floor,
             "kafka_w2_floor_vs_fetch_ratio": fig.floor / fetch,
             "kafka_w2_local_rounds_events_s": fig.w2_local,
+            "kafka_fetch_vs_rskafka_round_ratios": ratios(&fig.fetch, &fig.rs_fetch),
+            "kafka_produce_vs_rskafka_round_ratios": ratios(&fig.produce, &fig.rs_produce),
+            "kafka_w2_vs_fetch_round_ratios": ratios(&fig.w2, &fig.fetch),
             "kafka_fetch_rounds_msgs_s": fig.fetch,
             "kafka_fetch_rskafka_rounds_msgs_s": fig.rs_fetch,
             "kafka_produce_rounds_msgs_s": fig.produce,
