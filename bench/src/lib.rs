@@ -1,5 +1,5 @@
-//! Helpers shared by the benchmark binaries (`storage`, `engine`), workloads W2 and W4, the
-//! takeover measurement and the codec section.
+//! Helpers shared by the benchmark binaries (`storage`, `engine`, `kafka`), workloads W2 and
+//! W4, the takeover measurement and the codec section.
 
 pub mod codec;
 pub mod takeover;

@@ -2,7 +2,8 @@
 //! account in a table with its changelog on — over orders pre-loaded into a `local://` log;
 //! its floor (the same decode and count in plain threads over the orders in memory); and
 //! table recovery: changelog records replayed into an empty shard per second, and the time
-//! to reopen a 1M-key shard from its checkpoint.
+//! to reopen a 1M-key shard from its checkpoint. [`run_on`] runs the count on any broker (the
+//! `kafka` benchmark's W2 through `kafka://`).
 
 use std::hint::black_box;
 use std::path::Path;
@@ -96,8 +97,23 @@ pub fn run_grouped(datadir: &Path, id: &str, n: u64, cores: usize) -> W2Run {
 }
 
 fn run_counting(datadir: &Path, id: &str, n: u64, cores: usize, grouped: bool) -> W2Run {
-    let app = App::new(settings(id, datadir, cores));
-    let orders = app.topic::<String, Order>("orders");
+    try_run_on(settings(id, datadir, cores), "orders", n, grouped, Duration::from_secs(600))
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// W2 (the count per account, without `group_by`) as configured by `settings` (any broker;
+/// `settings.cores` cores, default 1) over the `n` orders already in `topic`: the rate from
+/// the first event to the `n`-th, or an error when the worker fails or has not counted them
+/// all within `deadline`.
+pub fn run_on(settings: Settings, topic: &str, n: u64, deadline: Duration) -> Result<W2Run, String> {
+    try_run_on(settings, topic, n, false, deadline)
+}
+
+fn try_run_on(settings: Settings, topic: &str, n: u64, grouped: bool, deadline: Duration) -> Result<W2Run, String> {
+    let id = settings.id.clone();
+    let cores = settings.cores.unwrap_or(1).max(1);
+    let app = App::new(settings);
+    let orders = app.topic::<String, Order>(topic);
     let counts = app.table::<String, u64>("counts").with_default(|| 0);
     let counters: Arc<Vec<Counter>> = Arc::new((0..cores).map(|_| Counter::default()).collect());
     let base = Instant::now();
@@ -132,11 +148,13 @@ fn run_counting(datadir: &Path, id: &str, n: u64, cores: usize, grouped: bool) -
     }
     let stop = app.stop_signal();
     let done_at = Arc::new(Mutex::new(None));
+    // Set when the worker returned (so a failed worker is not waited for until the deadline).
+    let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watcher = {
-        let (counters, done_at) = (counters.clone(), done_at.clone());
+        let (counters, done_at, ended) = (counters.clone(), done_at.clone(), ended.clone());
         std::thread::spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(600);
-            while Instant::now() < deadline {
+            let deadline = Instant::now() + deadline;
+            while Instant::now() < deadline && !ended.load(Ordering::Relaxed) {
                 let seen: u64 = counters.iter().map(|c| c.0.load(Ordering::Relaxed)).sum();
                 if seen >= n {
                     *done_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(base.elapsed());
@@ -147,15 +165,23 @@ fn run_counting(datadir: &Path, id: &str, n: u64, cores: usize, grouped: bool) -
             stop.stop();
         })
     };
-    app.run().expect("W2 worker");
-    watcher.join().expect("watcher");
-    let end = done_at.lock().unwrap_or_else(|p| p.into_inner()).expect("W2 did not count every order in time");
+    let ran = app.run();
+    ended.store(true, Ordering::Relaxed);
+    watcher.join().map_err(|_| format!("W2 ({id}): the watcher thread panicked"))?;
+    ran.map_err(|e| format!("W2 ({id}): the worker failed: {e}"))?;
+    let seen: u64 = counters.iter().map(|c| c.0.load(Ordering::Relaxed)).sum();
+    let end = done_at
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .ok_or_else(|| format!("W2 ({id}): only {seen} of {n} orders counted within {deadline:?}"))?;
     let start = Duration::from_nanos(first_ns.load(Ordering::Relaxed));
     let tallies = tallies.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let counted: u64 = tallies.iter().map(|t| t.0).sum();
     let accounts: u64 = tallies.iter().map(|t| t.1).sum();
-    assert_eq!(counted, n, "W2 ({id}): the table counted {counted} orders, not {n}");
-    W2Run { events_s: n as f64 / (end - start).as_secs_f64(), accounts }
+    if counted != n {
+        return Err(format!("W2 ({id}): the table counted {counted} orders, not {n}"));
+    }
+    Ok(W2Run { events_s: n as f64 / (end - start).as_secs_f64(), accounts })
 }
 
 /// The floor: the same decode and count per account (a foldhash map) by `threads` plain

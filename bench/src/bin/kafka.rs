@@ -1,0 +1,621 @@
+//! Kafka benchmark (issue 7): our Kafka client against rskafka on the same broker, and W2
+//! (the orders count with a table and its changelog) through `kafka://` on one core.
+//!
+//! Measured in one run, against one broker (tansu, in memory, started by `scripts/broker`
+//! unless `--broker` names one), alternating the clients over a few rounds; each figure is the
+//! best of its rounds:
+//!
+//! - raw fetch: every record of a pre-loaded topic (JSON orders, 4 partitions) from offset 0
+//!   to the end, the 4 partitions fetched concurrently, 4 MiB per fetch; our client on one
+//!   glommio executor, rskafka's partition clients on a current-thread tokio runtime, both
+//!   pinned to the CPU the engine's core 0 uses;
+//! - produce: the same records into a fresh 4-partition topic, batches of 5,000 records, one
+//!   batch in flight per partition, acks=all, for both clients;
+//! - W2 on `kafka://`: a `faust::App` on 1 core counting the pre-loaded orders per account in
+//!   a table with its changelog, events/s from its first event to the last (`w2::run_on`).
+//!
+//! ```text
+//! cargo run --release -p faust-bench --bin kafka -- --quick --json
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::TimeZone;
+use clap::Parser;
+use faust::Settings;
+use faust_bench::{progress, w2};
+use faust_transport::{
+    BatchBuilder, CoreTransport, KafkaCore, KafkaOptions, KafkaTransport, TopicConfig, TopicPartition,
+};
+use glommio::{LocalExecutorBuilder, Placement};
+use rskafka::client::partition::{Compression, PartitionClient, UnknownTopicHandling};
+
+#[derive(Parser, Debug)]
+#[command(about = "Benchmark the Kafka client against rskafka, and W2 through kafka://, on one core")]
+struct Args {
+    /// A broker to use (`HOST:PORT`); without it, one is started with `scripts/broker` and
+    /// stopped at the end.
+    #[arg(long)]
+    broker: Option<String>,
+    /// A shorter run (under 90 s, broker start included).
+    #[arg(long)]
+    quick: bool,
+    /// Print one JSON object on stdout instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Orders pre-loaded (default 1,000,000, or 200,000 with --quick).
+    #[arg(long)]
+    events: Option<u64>,
+    /// Rounds per measurement (default 3, or 2 with --quick).
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Only our client's raw fetch, once per round (for profiling).
+    #[arg(long)]
+    only_fetch: bool,
+    /// Only W2 through kafka://, once per round (for profiling).
+    #[arg(long)]
+    only_w2: bool,
+}
+
+const PARTITIONS: u32 = 4;
+const ACCOUNTS: u64 = 10_000;
+/// Bytes asked for per fetch, by both clients.
+const FETCH_BYTES: usize = 4 << 20;
+/// Records per produced batch, by both clients.
+const BATCH: usize = 5_000;
+/// No single step (a fetch pass, a produce pass, a W2 run) may take longer.
+const STEP_DEADLINE: Duration = Duration::from_secs(120);
+
+type BenchResult<T> = Result<T, String>;
+
+/// A broker this run started; stopped (that PID only, through `scripts/broker stop` with the
+/// same private state directory) when dropped, so also on error and on panic.
+struct OwnBroker {
+    script: PathBuf,
+    state: tempfile::TempDir,
+    addr: String,
+}
+
+impl OwnBroker {
+    fn start() -> BenchResult<OwnBroker> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().ok_or("no repository root")?;
+        let script = root.join("scripts").join("broker");
+        let state = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
+        let mut child = Command::new(&script)
+            .arg("start")
+            .env("FAUST_BROKER_STATE", state.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("running {}: {e}", script.display()))?;
+        // The script bounds its own wait to 10 s; installing tansu (a 15 MB download) the
+        // first time may take longer, but not this long.
+        let deadline = Instant::now() + Duration::from_secs(180);
+        let status = loop {
+            match child.try_wait().map_err(|e| format!("waiting for scripts/broker: {e}"))? {
+                Some(status) => break status,
+                None if Instant::now() > deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    // It may have started tansu before it hung.
+                    drop(OwnBroker { script, state, addr: String::new() });
+                    return Err("scripts/broker start did not finish within 180 s".into());
+                }
+                None => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        let mut out = String::new();
+        if let Some(mut stdout) = child.stdout.take() {
+            use std::io::Read;
+            stdout.read_to_string(&mut out).map_err(|e| format!("reading scripts/broker: {e}"))?;
+        }
+        let broker = OwnBroker { script, state, addr: out.trim().to_string() };
+        if !status.success() || broker.addr.is_empty() {
+            return Err(format!("scripts/broker start failed ({status})"));
+        }
+        Ok(broker)
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.script)
+            .arg("stop")
+            .env("FAUST_BROKER_STATE", self.state.path())
+            .stdout(Stdio::null())
+            .status();
+    }
+}
+
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; we set one bit and pass its size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// The CPU the engine's core 0 runs on.
+fn cpu0() -> usize {
+    faust::runtime::usable_cpus().first().copied().unwrap_or(0)
+}
+
+/// The pre-encoded orders, by partition: (key, JSON value) of order `i` in partition `i % 4`.
+struct Orders {
+    parts: Vec<Vec<(Vec<u8>, Vec<u8>)>>,
+    bytes: usize,
+}
+
+impl Orders {
+    fn new(n: u64) -> Orders {
+        let mut parts: Vec<Vec<(Vec<u8>, Vec<u8>)>> = (0..PARTITIONS).map(|_| Vec::new()).collect();
+        let mut bytes = 0;
+        for i in 0..n {
+            let key = format!("order-{i}").into_bytes();
+            let value = serde_json::to_vec(&w2::order(i, ACCOUNTS)).expect("an order encodes");
+            bytes += key.len() + value.len();
+            parts[(i % u64::from(PARTITIONS)) as usize].push((key, value));
+        }
+        Orders { parts, bytes }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+fn transport(broker: &str) -> BenchResult<KafkaTransport> {
+    let options = KafkaOptions { request_timeout: Duration::from_secs(10), ..KafkaOptions::default() };
+    KafkaTransport::open(&format!("kafka://{broker}"), options).map_err(|e| e.to_string())
+}
+
+/// Runs `f` on a fresh glommio executor pinned to `cpu0()`, with a core handle on `t`.
+fn on_glommio<T, F, Fut>(t: &KafkaTransport, f: F) -> BenchResult<T>
+where
+    T: Send + 'static,
+    F: FnOnce(KafkaCore) -> Fut + Send + 'static,
+    Fut: Future<Output = BenchResult<T>> + 'static,
+{
+    let t = t.clone();
+    LocalExecutorBuilder::new(Placement::Fixed(cpu0()))
+        .name("kafka-bench")
+        .spawn(move || async move { f(t.core()).await })
+        .map_err(|e| format!("glommio executor: {e}"))?
+        .join()
+        .map_err(|e| format!("glommio executor: {e}"))?
+}
+
+/// Runs `f` on a current-thread tokio runtime on a thread pinned to `cpu0()`.
+fn on_tokio<T, Fut>(f: impl FnOnce() -> Fut + Send + 'static) -> BenchResult<T>
+where
+    T: Send + 'static,
+    Fut: Future<Output = BenchResult<T>>,
+{
+    std::thread::spawn(move || {
+        pin_to_cpu(cpu0());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("tokio runtime: {e}"))?;
+        rt.block_on(async move {
+            match tokio::time::timeout(STEP_DEADLINE * 2, f()).await {
+                Ok(r) => r,
+                Err(_) => Err(format!("an rskafka step took more than {:?}", STEP_DEADLINE * 2)),
+            }
+        })
+    })
+    .join()
+    .map_err(|_| "the tokio thread panicked".to_string())?
+}
+
+/// Produces `orders` into `topic` (created with 4 partitions) with our client: per partition,
+/// batches of `BATCH` records one after the other, the partitions concurrently. Seconds taken
+/// (creating the topic not included).
+async fn ours_produce(core: KafkaCore, topic: String, orders: Arc<Orders>) -> BenchResult<f64> {
+    let core = Rc::new(core);
+    core.create_topic(&topic, &TopicConfig::new(PARTITIONS)).await.map_err(|e| format!("create {topic}: {e}"))?;
+    let start = Instant::now();
+    let deadline = start + STEP_DEADLINE;
+    let tasks: Vec<_> = (0..PARTITIONS)
+        .map(|p| {
+            let (core, orders, tp) = (core.clone(), orders.clone(), TopicPartition::new(topic.as_str(), p));
+            glommio::spawn_local(async move {
+                let ts = now_ms();
+                for chunk in orders.parts[p as usize].chunks(BATCH) {
+                    if Instant::now() > deadline {
+                        return Err(format!("producing {tp} took more than {STEP_DEADLINE:?}"));
+                    }
+                    let bytes: usize = chunk.iter().map(|(k, v)| k.len() + v.len() + 24).sum();
+                    let mut batch = BatchBuilder::with_capacity(bytes);
+                    for (k, v) in chunk {
+                        batch.push(ts, Some(k), Some(v), &[]);
+                    }
+                    core.produce(&tp, batch).await.map_err(|e| format!("produce {tp}: {e}"))?;
+                }
+                Ok::<(), String>(())
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await?;
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// Fetches every record of `topic`'s partitions (`ends[p]` records in partition `p`) from
+/// offset 0 with our client, the partitions concurrently. Seconds taken and records seen.
+async fn ours_fetch(core: KafkaCore, topic: String, ends: Vec<u64>) -> BenchResult<(f64, u64)> {
+    let core = Rc::new(core);
+    // Opens the connections (one per fetched partition) before the clock starts.
+    for p in 0..PARTITIONS {
+        let tp = TopicPartition::new(topic.as_str(), p);
+        core.fetch(&tp, 0, 1, Duration::from_millis(1)).await.map_err(|e| format!("fetch {tp}: {e}"))?;
+    }
+    let start = Instant::now();
+    let deadline = start + STEP_DEADLINE;
+    let tasks: Vec<_> = (0..PARTITIONS)
+        .map(|p| {
+            let (core, tp, end) = (core.clone(), TopicPartition::new(topic.as_str(), p), ends[p as usize]);
+            glommio::spawn_local(async move {
+                let (mut offset, mut seen) = (0u64, 0u64);
+                while offset < end {
+                    if Instant::now() > deadline {
+                        return Err(format!("fetching {tp}: at offset {offset} of {end} after {STEP_DEADLINE:?}"));
+                    }
+                    let f = core
+                        .fetch(&tp, offset, FETCH_BYTES, Duration::from_millis(100))
+                        .await
+                        .map_err(|e| format!("fetch {tp}: {e}"))?;
+                    seen += f.records.iter().filter(|r| r.offset >= offset).count() as u64;
+                    offset = f.next_offset;
+                }
+                Ok::<u64, String>(seen)
+            })
+        })
+        .collect();
+    let mut seen = 0;
+    for t in tasks {
+        seen += t.await?;
+    }
+    Ok((start.elapsed().as_secs_f64(), seen))
+}
+
+async fn rs_client(broker: &str) -> BenchResult<rskafka::client::Client> {
+    rskafka::client::ClientBuilder::new(vec![broker.to_string()])
+        .build()
+        .await
+        .map_err(|e| format!("rskafka client: {e}"))
+}
+
+async fn rs_partitions(client: &rskafka::client::Client, topic: &str) -> BenchResult<Vec<Rc<PartitionClient>>> {
+    let mut out = Vec::new();
+    for p in 0..PARTITIONS {
+        let pc = client
+            .partition_client(topic.to_string(), p as i32, UnknownTopicHandling::Retry)
+            .await
+            .map_err(|e| format!("rskafka partition client {topic}/{p}: {e}"))?;
+        out.push(Rc::new(pc));
+    }
+    Ok(out)
+}
+
+/// rskafka's produce, as `ours_produce`.
+async fn rs_produce(broker: String, topic: String, orders: Arc<Orders>) -> BenchResult<f64> {
+    let client = rs_client(&broker).await?;
+    let controller = client.controller_client().map_err(|e| format!("rskafka controller: {e}"))?;
+    controller
+        .create_topic(topic.as_str(), PARTITIONS as i32, 1, 5_000)
+        .await
+        .map_err(|e| format!("rskafka create {topic}: {e}"))?;
+    let pcs = rs_partitions(&client, &topic).await?;
+    let start = Instant::now();
+    let local = tokio::task::LocalSet::new();
+    let results = local
+        .run_until(async {
+            let tasks: Vec<_> = pcs
+                .iter()
+                .enumerate()
+                .map(|(p, pc)| {
+                    let (pc, orders) = (pc.clone(), orders.clone());
+                    tokio::task::spawn_local(async move {
+                        let ts = chrono::Utc.timestamp_millis_opt(now_ms()).single().unwrap_or_default();
+                        for chunk in orders.parts[p].chunks(BATCH) {
+                            let records = chunk
+                                .iter()
+                                .map(|(k, v)| rskafka::record::Record {
+                                    key: Some(k.clone()),
+                                    value: Some(v.clone()),
+                                    headers: BTreeMap::new(),
+                                    timestamp: ts,
+                                })
+                                .collect();
+                            pc.produce(records, Compression::NoCompression)
+                                .await
+                                .map_err(|e| format!("rskafka produce {p}: {e}"))?;
+                        }
+                        Ok::<(), String>(())
+                    })
+                })
+                .collect();
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.map_err(|e| format!("rskafka task: {e}")).and_then(|r| r));
+            }
+            out
+        })
+        .await;
+    let secs = start.elapsed().as_secs_f64();
+    results.into_iter().collect::<BenchResult<Vec<()>>>()?;
+    Ok(secs)
+}
+
+/// rskafka's fetch, as `ours_fetch`.
+async fn rs_fetch(broker: String, topic: String, ends: Vec<u64>) -> BenchResult<(f64, u64)> {
+    let client = rs_client(&broker).await?;
+    let pcs = rs_partitions(&client, &topic).await?;
+    for pc in &pcs {
+        pc.fetch_records(0, 1..2, 1).await.map_err(|e| format!("rskafka fetch: {e}"))?;
+    }
+    let start = Instant::now();
+    let local = tokio::task::LocalSet::new();
+    let results = local
+        .run_until(async {
+            let tasks: Vec<_> = pcs
+                .iter()
+                .enumerate()
+                .map(|(p, pc)| {
+                    let (pc, end) = (pc.clone(), ends[p] as i64);
+                    tokio::task::spawn_local(async move {
+                        let (mut offset, mut seen) = (0i64, 0u64);
+                        while offset < end {
+                            let (records, _hw) = pc
+                                .fetch_records(offset, 1..FETCH_BYTES as i32, 100)
+                                .await
+                                .map_err(|e| format!("rskafka fetch {p}: {e}"))?;
+                            for r in records {
+                                if r.offset >= offset {
+                                    offset = r.offset + 1;
+                                    seen += 1;
+                                }
+                            }
+                        }
+                        Ok::<u64, String>(seen)
+                    })
+                })
+                .collect();
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.map_err(|e| format!("rskafka task: {e}")).and_then(|r| r));
+            }
+            out
+        })
+        .await;
+    let secs = start.elapsed().as_secs_f64();
+    let seen = results.into_iter().sum::<BenchResult<u64>>()?;
+    Ok((secs, seen))
+}
+
+/// Deletes `topics` (to free the broker's memory), best effort.
+fn delete_topics(broker: &str, topics: Vec<String>) {
+    let broker = broker.to_string();
+    let _ = on_tokio(move || async move {
+        let client = rs_client(&broker).await?;
+        let controller = client.controller_client().map_err(|e| e.to_string())?;
+        for t in topics {
+            let _ = controller.delete_topic(t, 5_000).await;
+        }
+        Ok(())
+    });
+}
+
+/// The figures of one run.
+#[derive(Default)]
+struct Figures {
+    fetch: Vec<f64>,
+    rs_fetch: Vec<f64>,
+    produce: Vec<f64>,
+    rs_produce: Vec<f64>,
+    w2: Vec<f64>,
+    /// W2 on `local://` (the same orders, pre-loaded by `w2::preload`), same rounds.
+    w2_local: Vec<f64>,
+    /// W2's floor: the decode and count on one plain thread over the orders in memory.
+    floor: f64,
+    preload_s: f64,
+}
+
+/// `a[r] / b[r]` for each round `r` (the clients ran one after the other in each round).
+fn ratios(a: &[f64], b: &[f64]) -> Vec<f64> {
+    a.iter().zip(b).map(|(a, b)| a / b).collect()
+}
+
+fn best(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::NAN, f64::max)
+}
+
+fn run(args: &Args, broker: &str) -> BenchResult<Figures> {
+    let n = args.events.unwrap_or(if args.quick { 200_000 } else { 1_000_000 });
+    let rounds = args.rounds.unwrap_or(if args.quick { 2 } else { 3 }).max(1);
+    let json = args.json;
+    let tag = format!("{}-{}", std::process::id(), now_ms() % 1_000_000);
+    let t = transport(broker)?;
+    let orders = Arc::new(Orders::new(n));
+    let mut fig = Figures::default();
+    progress(
+        json,
+        &format!(
+            "pre-loading {n} orders (~{:.0} B key + value) into orders-{tag} ({PARTITIONS} partitions) on {broker}",
+            orders.bytes as f64 / n as f64
+        ),
+    );
+    let topic = format!("orders-{tag}");
+    let ends: Vec<u64> = orders.parts.iter().map(|p| p.len() as u64).collect();
+    {
+        let (topic, o) = (topic.clone(), orders.clone());
+        fig.preload_s = on_glommio(&t, move |core| ours_produce(core, topic, o))?;
+    }
+    progress(json, &format!("pre-loaded in {:.2} s ({:.0} orders/s)", fig.preload_s, n as f64 / fig.preload_s));
+
+    let datadir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
+    let local = datadir.path().join("w2-local");
+    if !args.only_fetch {
+        progress(json, &format!("pre-loading the same {n} orders into local:// for the W2 reference"));
+        w2::preload(&local, n, ACCOUNTS);
+        let values: Vec<Vec<u8>> = orders.parts.iter().flatten().map(|(_, v)| v.clone()).collect();
+        fig.floor = w2::floor(&values, 1);
+        progress(json, &format!("W2 floor (decode and count, 1 thread): {:.0} events/s", fig.floor));
+    }
+    for r in 0..rounds {
+        if !args.only_w2 {
+            let (tp, e) = (topic.clone(), ends.clone());
+            let (secs, seen) = on_glommio(&t, move |core| ours_fetch(core, tp, e))?;
+            check_seen("our fetch", seen, n)?;
+            fig.fetch.push(n as f64 / secs);
+            progress(json, &format!("round {r}: fetch, ours {:.0} msgs/s", n as f64 / secs));
+        }
+        if args.only_fetch {
+            continue;
+        }
+        if !args.only_w2 {
+            let (b, tp, e) = (broker.to_string(), topic.clone(), ends.clone());
+            let (secs, seen) = on_tokio(move || rs_fetch(b, tp, e))?;
+            check_seen("rskafka's fetch", seen, n)?;
+            fig.rs_fetch.push(n as f64 / secs);
+            progress(json, &format!("round {r}: fetch, rskafka {:.0} msgs/s", n as f64 / secs));
+
+            let ours_topic = format!("produce-ours-{tag}-{r}");
+            let (tp, o) = (ours_topic.clone(), orders.clone());
+            let secs = on_glommio(&t, move |core| ours_produce(core, tp, o))?;
+            fig.produce.push(n as f64 / secs);
+            progress(json, &format!("round {r}: produce, ours {:.0} msgs/s", n as f64 / secs));
+            let rs_topic = format!("produce-rskafka-{tag}-{r}");
+            let (b, tp, o) = (broker.to_string(), rs_topic.clone(), orders.clone());
+            let secs = on_tokio(move || rs_produce(b, tp, o))?;
+            fig.rs_produce.push(n as f64 / secs);
+            progress(json, &format!("round {r}: produce, rskafka {:.0} msgs/s", n as f64 / secs));
+            delete_topics(broker, vec![ours_topic, rs_topic]);
+        }
+
+        let id = format!("kafka-w2-{tag}-{r}");
+        let mut s = Settings::new(id.as_str());
+        s.broker = format!("kafka://{broker}");
+        s.datadir = datadir.path().join(&id);
+        s.topic_partitions = PARTITIONS;
+        s.cores = Some(1);
+        let w = w2::run_on(s, &topic, n, STEP_DEADLINE)?;
+        fig.w2.push(w.events_s);
+        progress(
+            json,
+            &format!("round {r}: W2 on kafka:// 1 core {:.0} events/s ({} account shards)", w.events_s, w.accounts),
+        );
+        delete_topics(broker, vec![format!("{id}-counts-changelog")]);
+        let w = w2::run(&local, &format!("w2-local-{r}"), n, 1);
+        fig.w2_local.push(w.events_s);
+        progress(json, &format!("round {r}: W2 on local:// 1 core {:.0} events/s", w.events_s));
+    }
+    delete_topics(broker, vec![topic]);
+    Ok(fig)
+}
+
+fn check_seen(what: &str, seen: u64, n: u64) -> BenchResult<()> {
+    if seen == n { Ok(()) } else { Err(format!("{what} saw {seen} records, not {n}")) }
+}
+
+fn report(args: &Args, broker: &str, own: bool, fig: &Figures) {
+    let n = args.events.unwrap_or(if args.quick { 200_000 } else { 1_000_000 });
+    let fetch = best(&fig.fetch);
+    let rs_fetch = best(&fig.rs_fetch);
+    let produce = best(&fig.produce);
+    let rs_produce = best(&fig.rs_produce);
+    let w2 = best(&fig.w2);
+    if args.json {
+        let out = serde_json::json!({
+            "events": n,
+            "partitions": PARTITIONS,
+            "rounds": fig.w2.len().max(fig.fetch.len()),
+            "figure": "best of the rounds",
+            "broker": if own { "tansu (started by the bench)" } else { broker },
+            "kafka_fetch_msgs_s": fetch,
+            "kafka_fetch_rskafka_msgs_s": rs_fetch,
+            "kafka_fetch_vs_rskafka_ratio": fetch / rs_fetch,
+            "kafka_produce_msgs_s": produce,
+            "kafka_produce_rskafka_msgs_s": rs_produce,
+            "kafka_produce_vs_rskafka_ratio": produce / rs_produce,
+            "kafka_w2_events_s_1core": w2,
+            "kafka_w2_vs_fetch_ratio": w2 / fetch,
+            "kafka_preload_msgs_s": n as f64 / fig.preload_s,
+            "kafka_w2_local_events_s_1core": best(&fig.w2_local),
+            "kafka_w2_vs_local_ratio": w2 / best(&fig.w2_local),
+            "kafka_w2_floor_events_s_1thread": fig.floor,
+            "kafka_w2_floor_vs_fetch_ratio": fig.floor / fetch,
+            "kafka_w2_local_rounds_events_s": fig.w2_local,
+            "kafka_fetch_vs_rskafka_round_ratios": ratios(&fig.fetch, &fig.rs_fetch),
+            "kafka_produce_vs_rskafka_round_ratios": ratios(&fig.produce, &fig.rs_produce),
+            "kafka_w2_vs_fetch_round_ratios": ratios(&fig.w2, &fig.fetch),
+            "kafka_fetch_rounds_msgs_s": fig.fetch,
+            "kafka_fetch_rskafka_rounds_msgs_s": fig.rs_fetch,
+            "kafka_produce_rounds_msgs_s": fig.produce,
+            "kafka_produce_rskafka_rounds_msgs_s": fig.rs_produce,
+            "kafka_w2_rounds_events_s": fig.w2,
+        });
+        println!("{out}");
+        return;
+    }
+    println!(
+        "Kafka client and W2 on kafka:// ({n} JSON orders, {PARTITIONS} partitions, tansu in memory, one core; best of {} rounds)",
+        fig.w2.len().max(fig.fetch.len())
+    );
+    println!("| | ours | rskafka | ratio (target) |");
+    println!("|---|---|---|---|");
+    println!("| raw fetch, msgs/s | {fetch:.0} | {rs_fetch:.0} | {:.2} (≥ 1) |", fetch / rs_fetch);
+    println!(
+        "| produce (acks=all, {BATCH} per batch), msgs/s | {produce:.0} | {rs_produce:.0} | {:.2} (≥ 1) |",
+        produce / rs_produce
+    );
+    println!(
+        "| W2 (count per account, table + changelog), 1 core, events/s | {w2:.0} | | {:.2} of our raw fetch (≥ 0.8) |",
+        w2 / fetch
+    );
+    let local = best(&fig.w2_local);
+    println!(
+        "| W2 on local:// (same orders, 2 partitions), 1 core, events/s | {local:.0} | | kafka:// at {:.2} of it |",
+        w2 / local
+    );
+    println!(
+        "| W2 floor (JSON decode + count, 1 plain thread, in memory), events/s | {:.0} | | {:.2} of our raw fetch |",
+        fig.floor,
+        fig.floor / fetch
+    );
+}
+
+fn main() {
+    let args = Args::parse();
+    let own = match &args.broker {
+        Some(_) => None,
+        None => {
+            progress(args.json, "starting a broker with scripts/broker");
+            match OwnBroker::start() {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    eprintln!("kafka bench: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }
+    };
+    let broker = args.broker.clone().or_else(|| own.as_ref().map(|b| b.addr.clone())).unwrap_or_default();
+    let result = run(&args, &broker);
+    match result {
+        Ok(fig) => report(&args, &broker, own.is_some(), &fig),
+        Err(e) => {
+            drop(own);
+            eprintln!("kafka bench: {e}");
+            std::process::exit(1);
+        }
+    }
+}
