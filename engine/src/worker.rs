@@ -1126,7 +1126,16 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
         })?;
     }
     let memory = app.inner.memory.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let transport = AnyTransport::open(&settings.broker_url(), cores, memory.as_ref())?;
+    // Static partitions, as partitions of every topic the worker may consume (the group
+    // joins only some of them; the transport keeps those).
+    let partitions = settings.partitions.as_ref().map(|numbers| {
+        let declared = app.inner.topics.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let names = declared.iter().filter(|t| t.kind == TopicKind::Log).map(|t| t.name.clone());
+        let names: std::collections::BTreeSet<Arc<str>> =
+            names.chain(tables.iter().map(|t| t.changelog().clone())).collect();
+        names.iter().flat_map(|n| numbers.iter().map(move |&p| TopicPartition::new(n.clone(), p))).collect::<Vec<_>>()
+    });
+    let transport = AnyTransport::open(&settings.broker_url(), cores, memory.as_ref(), partitions)?;
     let startup = Arc::new(Startup {
         topics_ready: AtomicBool::new(false),
         cores_committed: std::sync::atomic::AtomicUsize::new(0),
