@@ -78,6 +78,22 @@ pub enum WorkerError {
     /// a restart meets it again.
     #[error("{0} (bad_record_policy = stop; it stays uncommitted)")]
     BadRecord(crate::stream::BadRecord),
+    /// The broker lost records the worker had already read: a partition's log ends before
+    /// the worker's position in it (a broker restarted without its data, a topic deleted and
+    /// created again, an unclean leader election). The worker commits nothing after seeing
+    /// it, so neither offsets nor table state from the old log reach the new one; a restart
+    /// follows the broker as it is now (see docs/engine.md, "Kafka").
+    #[error(
+        "the broker lost data of {tp}: the worker had read up to offset {position}, but the log now ends at {high_watermark}; nothing was committed after that"
+    )]
+    BrokerLostData {
+        /// The partition.
+        tp: TopicPartition,
+        /// The offset the worker was about to fetch.
+        position: u64,
+        /// Where the partition's log ends now.
+        high_watermark: u64,
+    },
     /// The worker stopped because of its consumer group (joining failed, an assignment change
     /// could not be applied, ...).
     #[error("group `{group}`: {message}")]
@@ -101,6 +117,9 @@ pub(crate) enum FlushError {
     /// The transport refused the commit.
     #[error(transparent)]
     Transport(#[from] faust_transport::Error),
+    /// The broker lost data the worker had read: nothing may be committed any more.
+    #[error("the broker lost data; offsets are no longer committed")]
+    BrokerLostData,
     /// A table's state could not be written; nothing is committed any more.
     #[error("writing table state: {0}; offsets are no longer committed")]
     Tables(String),
@@ -352,6 +371,9 @@ pub(crate) struct CoreRuntime {
     /// The bad record that stopped the worker (`bad_record_policy = stop`), shared by the
     /// cores: [`App::run`](crate::App::run) returns it.
     stopped_at: Arc<Mutex<Option<crate::stream::BadRecord>>>,
+    /// Where a core found that the broker lost data (partition, position, high-water mark),
+    /// shared by the cores: once set, no core commits any more.
+    lost_data: Arc<Mutex<Option<(TopicPartition, u64, u64)>>>,
 }
 
 impl std::fmt::Debug for CoreRuntime {
@@ -653,6 +675,9 @@ impl CoreRuntime {
         if self.sends_lost.get() {
             return Err(FlushError::SendsLost);
         }
+        if lock(&self.lost_data).is_some() {
+            return Err(FlushError::BrokerLostData);
+        }
         // A worker the group dropped (it missed a rebalance deadline) must not write
         // changelog records its successor could later replay as committed: ask first (an
         // empty fenced commit checks membership and writes nothing). This narrows the window
@@ -931,6 +956,17 @@ pub(crate) async fn consume(
                     }
                 }
             }
+            Err(faust_transport::Error::OffsetOutOfRange { high_watermark, .. }) if next > high_watermark => {
+                // The log is shorter than what was read of it: whatever the broker holds now
+                // is not the log the worker's offsets and tables stand on. Stop, committing
+                // nothing more (resetting would count the new log on top of the old one).
+                tracing::error!(topic = %tp.topic, partition = tp.partition, position = next, high_watermark,
+                    "the broker lost data this worker had read; stopping the worker without committing");
+                lock(&core.lost_data).get_or_insert((tp.clone(), next, high_watermark));
+                core.failure.borrow_mut().get_or_insert_with(|| format!("the broker lost data of {tp}"));
+                core.app_stop.stop();
+                break;
+            }
             Err(faust_transport::Error::OffsetOutOfRange { earliest, high_watermark, .. }) => {
                 let to = match reset {
                     AutoOffsetReset::Earliest => earliest,
@@ -1081,6 +1117,8 @@ struct Startup {
     event: Event,
     /// The bad record that stopped the worker, if one did.
     stopped_at: Arc<Mutex<Option<crate::stream::BadRecord>>>,
+    /// Where the broker was found to have lost data, if it was.
+    lost_data: Arc<Mutex<Option<(TopicPartition, u64, u64)>>>,
 }
 
 /// Counts a core as past its final commit when dropped (also on an early return).
@@ -1142,6 +1180,7 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
         counts: Mutex::new(std::collections::BTreeMap::new()),
         event: Event::new(),
         stopped_at: Arc::default(),
+        lost_data: Arc::default(),
     });
     let commands: Vec<Arc<crate::rebalance::Commands>> = (0..cores).map(|_| Arc::default()).collect();
     // The CLI's commands reach a worker that keeps state in its data directory through a
@@ -1239,6 +1278,9 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
     let results = results?;
     if let Some(bad) = lock(&startup.stopped_at).take() {
         return Err(WorkerError::BadRecord(bad));
+    }
+    if let Some((tp, position, high_watermark)) = lock(&startup.lost_data).take() {
+        return Err(WorkerError::BrokerLostData { tp, position, high_watermark });
     }
     for (core, r) in results.into_iter().enumerate() {
         r.map_err(|message| WorkerError::Core { core, message })?;
@@ -1401,6 +1443,7 @@ async fn core_main(
         halted: RefCell::new(Vec::new()),
         dead_letter,
         stopped_at: startup.stopped_at.clone(),
+        lost_data: startup.lost_data.clone(),
         pending_writes: RefCell::new(Vec::new()),
         deferred_commits: Cell::new(0),
     });
