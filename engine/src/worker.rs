@@ -84,15 +84,17 @@ pub enum WorkerError {
     /// it, so neither offsets nor table state from the old log reach the new one; a restart
     /// follows the broker as it is now (see docs/engine.md, "Kafka").
     #[error(
-        "the broker lost data of {tp}: the worker had read up to offset {position}, but the log now ends at {high_watermark}; nothing was committed after that"
+        "the broker lost data of {tp}: the worker had read up to offset {position}, but {}; nothing was committed after that",
+        match high_watermark { Some(end) => format!("the log now ends at {end}"), None => "the partition no longer exists".to_string() }
     )]
     BrokerLostData {
         /// The partition.
         tp: TopicPartition,
         /// The offset the worker was about to fetch.
         position: u64,
-        /// Where the partition's log ends now.
-        high_watermark: u64,
+        /// Where the partition's log ends now, or `None` when the broker no longer has the
+        /// partition (it kept answering that the topic or partition is unknown).
+        high_watermark: Option<u64>,
     },
     /// The worker stopped because of its consumer group (joining failed, an assignment change
     /// could not be applied, ...).
@@ -104,6 +106,10 @@ pub enum WorkerError {
         message: String,
     },
 }
+
+/// Where a core found that the broker lost data: the partition, the position read up to and
+/// the log's end now (`None`: the partition is gone). Shared by the cores.
+type LostData = Arc<Mutex<Option<(TopicPartition, u64, Option<u64>)>>>;
 
 /// Why buffered sends, or a commit that waits for them, failed.
 #[derive(Debug, thiserror::Error)]
@@ -373,7 +379,7 @@ pub(crate) struct CoreRuntime {
     stopped_at: Arc<Mutex<Option<crate::stream::BadRecord>>>,
     /// Where a core found that the broker lost data (partition, position, high-water mark),
     /// shared by the cores: once set, no core commits any more.
-    lost_data: Arc<Mutex<Option<(TopicPartition, u64, u64)>>>,
+    lost_data: LostData,
 }
 
 impl std::fmt::Debug for CoreRuntime {
@@ -668,6 +674,16 @@ impl CoreRuntime {
     /// buffered so far and the table state those events produced are durable (the commit
     /// protocol of `table.rs`). Returns `false` when it had to wait: table state held writes
     /// of events acked out of order, past the committable offsets.
+    /// The broker lost data of `tp` this core had read up to `position`: stops the worker,
+    /// and no core commits any more (`WorkerError::BrokerLostData`).
+    fn lost_data(&self, tp: &TopicPartition, position: u64, high_watermark: Option<u64>) {
+        tracing::error!(topic = %tp.topic, partition = tp.partition, position, ?high_watermark,
+            "the broker lost data this worker had read; stopping the worker without committing");
+        lock(&self.lost_data).get_or_insert((tp.clone(), position, high_watermark));
+        self.failure.borrow_mut().get_or_insert_with(|| format!("the broker lost data of {tp}"));
+        self.app_stop.stop();
+    }
+
     pub(crate) async fn commit_now(self: &Rc<Self>) -> Result<bool, FlushError> {
         let Ok(_permit) = self.commit_lock.acquire_permit(1).await else {
             return Err(FlushError::Transport(faust_transport::Error::Closed));
@@ -894,6 +910,11 @@ where
     }
 }
 
+/// How long fetches must keep failing because the broker does not know the partition (each
+/// after a metadata refresh) before the worker takes the partition as lost: longer than a
+/// cluster takes to spread the metadata of a topic just created.
+const LOST_AFTER_UNKNOWN: Duration = Duration::from_secs(10);
+
 /// Fetches one partition and feeds the agents subscribed to its topic, until the worker
 /// stops or `cancel` is set (the partition was released).
 pub(crate) async fn consume(
@@ -919,6 +940,8 @@ pub(crate) async fn consume(
     }
     let lanes: Vec<usize> = agents.iter().map(|&a| core.queues[a].lane(&tp)).collect();
     let mut failures = 0u32;
+    // Since when fetches in a row found the partition unknown to the broker.
+    let mut unknown_since: Option<std::time::Instant> = None;
     let running = || !core.stopping.is_cancelled() && !cancel.is_cancelled();
     while running() {
         for (&a, &lane) in agents.iter().zip(&lanes) {
@@ -929,7 +952,7 @@ pub(crate) async fn consume(
         }
         match core.transport.fetch(&tp, next, FETCH_BYTES, FETCH_WAIT).await {
             Ok(fetched) => {
-                failures = 0;
+                (failures, unknown_since) = (0, None);
                 let fetched_count = fetched.records.len();
                 for record in fetched.records {
                     let mut record = Some(record);
@@ -960,11 +983,16 @@ pub(crate) async fn consume(
                 // The log is shorter than what was read of it: whatever the broker holds now
                 // is not the log the worker's offsets and tables stand on. Stop, committing
                 // nothing more (resetting would count the new log on top of the old one).
-                tracing::error!(topic = %tp.topic, partition = tp.partition, position = next, high_watermark,
-                    "the broker lost data this worker had read; stopping the worker without committing");
-                lock(&core.lost_data).get_or_insert((tp.clone(), next, high_watermark));
-                core.failure.borrow_mut().get_or_insert_with(|| format!("the broker lost data of {tp}"));
-                core.app_stop.stop();
+                core.lost_data(&tp, next, Some(high_watermark));
+                break;
+            }
+            Err(
+                e @ (faust_transport::Error::UnknownTopic { .. } | faust_transport::Error::UnknownPartition { .. }),
+            ) if unknown_since.is_some_and(|t| t.elapsed() >= LOST_AFTER_UNKNOWN) => {
+                // The topic existed at start-up (core 0 created it) and the broker kept saying
+                // it does not, each time after refreshing its metadata: it was lost.
+                tracing::error!(topic = %tp.topic, partition = tp.partition, error = %e, "fetch failed");
+                core.lost_data(&tp, next, None);
                 break;
             }
             Err(faust_transport::Error::OffsetOutOfRange { earliest, high_watermark, .. }) => {
@@ -982,6 +1010,11 @@ pub(crate) async fn consume(
             Err(faust_transport::Error::Closed) => break,
             Err(e) => {
                 failures += 1;
+                let gone = matches!(
+                    e,
+                    faust_transport::Error::UnknownTopic { .. } | faust_transport::Error::UnknownPartition { .. }
+                );
+                unknown_since = if gone { unknown_since.or_else(|| Some(std::time::Instant::now())) } else { None };
                 let backoff = Duration::from_millis(50 * u64::from(failures.min(20)));
                 tracing::error!(topic = %tp.topic, partition = tp.partition, offset = next, error = %e,
                     retry_in_ms = backoff.as_millis() as u64, "fetch failed");
@@ -1118,7 +1151,7 @@ struct Startup {
     /// The bad record that stopped the worker, if one did.
     stopped_at: Arc<Mutex<Option<crate::stream::BadRecord>>>,
     /// Where the broker was found to have lost data, if it was.
-    lost_data: Arc<Mutex<Option<(TopicPartition, u64, u64)>>>,
+    lost_data: LostData,
 }
 
 /// Counts a core as past its final commit when dropped (also on an early return).
