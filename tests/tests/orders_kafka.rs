@@ -284,6 +284,15 @@ fn the_orders_example_counts_exactly_through_kafka_across_sigkills() {
     }
     let counted = wait_for_counts(&mut child, &data, &log, orders + 1_000, Duration::from_secs(120));
     assert_exact(&counted, &truth, "with more orders after the recovery");
+    // `topics` through the worker: every order of the topic, counted once (not once per core).
+    let topics = cli(&data, &["topics", "--json"]);
+    let topics: Value = serde_json::from_slice(&topics.stdout).expect("topics --json prints JSON");
+    let listed = topics.as_array().unwrap().iter().find(|t| t["topic"] == "orders").expect("orders is listed").clone();
+    assert_eq!(
+        (listed["partitions"].as_u64(), listed["records"].as_u64()),
+        (Some(4), Some(orders + 1_000)),
+        "{listed}"
+    );
     let status = signal_and_wait(&mut child, libc::SIGTERM, Duration::from_secs(60));
     assert!(status.success(), "SIGTERM stops gracefully: {status}");
 }
