@@ -187,3 +187,29 @@ impl AnyCore {
         dispatch!(self, t => t.shutdown().await)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Static partitions are Kafka's; the other transports refuse them by name.
+    #[test]
+    fn only_kafka_takes_static_partitions() {
+        let some = || Some(vec![TopicPartition::new("t", 0)]);
+        let dir = tempfile::tempdir().unwrap();
+        let local = format!("local://{}", dir.path().display());
+        for url in [local.as_str(), "memory://"] {
+            match AnyTransport::open(url, 1, None, some()) {
+                Err(faust_transport::Error::InvalidUrl { reason, .. }) => {
+                    assert!(reason.contains("kafka://"), "{reason}")
+                }
+                other => panic!("{url}: {other:?}"),
+            }
+        }
+        match AnyTransport::open("kafka://127.0.0.1:9092", 1, None, some()) {
+            Ok(AnyTransport::Kafka(t)) => assert_eq!(t.options().partitions, some()),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(AnyTransport::open("memory://", 1, None, None), Ok(AnyTransport::Memory(_))));
+    }
+}
