@@ -670,10 +670,6 @@ impl CoreRuntime {
         offset
     }
 
-    /// Commits, per partition, the lowest offset every agent may commit, once the sends
-    /// buffered so far and the table state those events produced are durable (the commit
-    /// protocol of `table.rs`). Returns `false` when it had to wait: table state held writes
-    /// of events acked out of order, past the committable offsets.
     /// The broker lost data of `tp` this core had read up to `position`: stops the worker,
     /// and no core commits any more (`WorkerError::BrokerLostData`).
     fn lost_data(&self, tp: &TopicPartition, position: u64, high_watermark: Option<u64>) {
@@ -684,6 +680,10 @@ impl CoreRuntime {
         self.app_stop.stop();
     }
 
+    /// Commits, per partition, the lowest offset every agent may commit, once the sends
+    /// buffered so far and the table state those events produced are durable (the commit
+    /// protocol of `table.rs`). Returns `false` when it had to wait: table state held writes
+    /// of events acked out of order, past the committable offsets.
     pub(crate) async fn commit_now(self: &Rc<Self>) -> Result<bool, FlushError> {
         let Ok(_permit) = self.commit_lock.acquire_permit(1).await else {
             return Err(FlushError::Transport(faust_transport::Error::Closed));
