@@ -5,6 +5,9 @@
 //! the orders produced, per account, exactly; then a SIGTERM stops it (exit 0). A restart with
 //! the data directory deleted must recover the same counts from the changelog on the broker.
 //!
+//! Two workers splitting the partitions by hand (`worker --partitions 0-1` and `2-3`) count
+//! every order once between them.
+//!
 //! Also the broker restarting empty under a running worker (tansu's memory storage loses
 //! everything, as a Kafka cluster that lost its data would): the worker must stop within a
 //! bounded time with an error saying the broker lost data, rather than count on top of an
@@ -162,12 +165,18 @@ fn counts(datadir: &Path) -> Option<BTreeMap<String, u64>> {
 
 /// An orders worker on `broker`, its log in `log`.
 fn worker(broker: &str, datadir: &Path, log: &Path) -> Child {
+    worker_with(broker, datadir, log, &[])
+}
+
+/// An orders worker on `broker` with more `worker` arguments.
+fn worker_with(broker: &str, datadir: &Path, log: &Path, args: &[&str]) -> Child {
     Command::new(ORDERS_BIN)
         .arg("--broker")
         .arg(format!("kafka://{broker}"))
         .arg("--datadir")
         .arg(datadir)
         .arg("worker")
+        .args(args)
         .env("BROKER_COMMIT_INTERVAL", "0.1")
         .env("TOPIC_PARTITIONS", "4")
         .env_remove("RUST_LOG")
@@ -295,6 +304,54 @@ fn the_orders_example_counts_exactly_through_kafka_across_sigkills() {
     );
     let status = signal_and_wait(&mut child, libc::SIGTERM, Duration::from_secs(60));
     assert!(status.success(), "SIGTERM stops gracefully: {status}");
+}
+
+/// Two workers splitting the partitions by hand (`--partitions 0-1` and `--partitions 2-3`):
+/// each counts the accounts of its half, nobody counts an account twice, and together they
+/// count every order.
+#[test]
+fn two_workers_split_the_partitions_by_hand() {
+    let Some(bin) = tansu("two_workers_split_the_partitions_by_hand") else { return };
+    let broker = Broker::start(&bin);
+    let dir = tempfile::tempdir().unwrap();
+    let truth = produce_orders(&broker.addr(), 0, 20_000);
+    let halves = [("a", "0-1"), ("b", "2-3")];
+    let mut workers: Vec<(Child, PathBuf, PathBuf)> = halves
+        .iter()
+        .map(|(name, partitions)| {
+            let (data, log) = (dir.path().join(name), dir.path().join(format!("{name}.log")));
+            (worker_with(&broker.addr(), &data, &log, &["--partitions", partitions]), data, log)
+        })
+        .collect();
+    let start = Instant::now();
+    let merged = loop {
+        let mut merged: BTreeMap<String, u64> = BTreeMap::new();
+        let mut both = true;
+        for (child, data, log) in &mut workers {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("a worker exited ({status}); its log:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+            }
+            match counts(data) {
+                Some(c) => {
+                    for (k, v) in c {
+                        assert!(merged.insert(k.clone(), v).is_none(), "account {k} is counted by both workers");
+                    }
+                }
+                None => both = false,
+            }
+        }
+        if both && merged.values().sum::<u64>() >= 20_000 {
+            break merged;
+        }
+        assert!(start.elapsed() < Duration::from_secs(180), "the two workers did not count everything in 180 s");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_exact(&merged, &truth, "two workers, by hand");
+    for (child, data, _) in &mut workers {
+        assert!(counts(data).is_some_and(|c| !c.is_empty()), "each worker counts some accounts");
+        let status = signal_and_wait(child, libc::SIGTERM, Duration::from_secs(60));
+        assert!(status.success(), "SIGTERM stops gracefully: {status}");
+    }
 }
 
 /// Counts 5,000 orders, restarts the broker empty on the same port (with `orders_after`
