@@ -401,7 +401,7 @@ impl App {
     ///
     /// | command | what it does |
     /// |---|---|
-    /// | `worker [--cores N] [--web-port P]` | runs the worker until Ctrl-C / SIGTERM (graceful; a second signal exits at once) |
+    /// | `worker [--cores N] [--web-port P] [--partitions 0-3,6]` | runs the worker until Ctrl-C / SIGTERM (graceful; a second signal exits at once); `--partitions` (kafka:// only) takes only those partitions of each topic |
     /// | `send TOPIC [VALUE] [--key K] [--partition P] [--repeat N]` | sends records through the running worker; without VALUE, one per line of stdin |
     /// | `table get TABLE KEY`, `table dump TABLE` | reads a table of the running worker |
     /// | `agents`, `tables`, `topics` | lists what the app declares (`topics` adds record counts when a worker runs) |

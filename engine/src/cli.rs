@@ -62,6 +62,10 @@ struct Cli {
     command: Command,
 }
 
+/// Partition numbers, one value of `--partitions` (an alias: clap would take a `Vec` field
+/// as a list of values).
+type PartitionList = Vec<u32>;
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run a worker: the app's agents on this machine's cores, until Ctrl-C or SIGTERM
@@ -73,6 +77,11 @@ enum Command {
         /// Port of the web server (kept in the settings; the web server is not built yet).
         #[arg(long, short = 'p')]
         web_port: Option<u16>,
+        /// On kafka:// only: the partitions this worker takes of every topic it consumes,
+        /// such as `0-3,6`, so several workers can split an app by hand [default: all, or
+        /// WORKER_PARTITIONS].
+        #[arg(long, value_name = "LIST", value_parser = crate::settings::parse_partitions)]
+        partitions: Option<PartitionList>,
     },
     /// Send records to a topic through the running worker.
     ///
@@ -283,10 +292,13 @@ fn run(
 ) -> Result<(), Failed> {
     let datadir = settings.datadir.clone();
     match command {
-        Command::Worker { cores, web_port } => {
+        Command::Worker { cores, web_port, partitions } => {
             let mut settings = settings;
             if cores.is_some() {
                 settings.cores = cores;
+            }
+            if partitions.is_some() {
+                settings.partitions = partitions;
             }
             if let Some(p) = web_port {
                 settings.web_port = p;
@@ -295,7 +307,8 @@ fn run(
             app.stop_on_signals().map_err(|e| Failed::new(EXIT_FAILED, format!("installing signal handlers: {e}")))?;
             let s = app.settings();
             let cores = s.cores.map_or_else(|| "every CPU".to_string(), |n| n.to_string());
-            tracing::info!(app = %s.id, transport = %s.broker_url(), datadir = %s.datadir.display(), %cores,
+            let partitions = s.partitions.as_ref().map_or_else(|| "all".to_string(), |p| format!("{p:?}"));
+            tracing::info!(app = %s.id, transport = %s.broker_url(), datadir = %s.datadir.display(), %cores, %partitions,
                 control_socket = %control::socket_path(&s.datadir).display(), "starting the worker (Ctrl-C stops it)");
             app.run().map_err(|e| Failed::new(EXIT_FAILED, format!("the worker stopped: {e}")))?;
             tracing::info!("the worker stopped");
@@ -529,6 +542,19 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         clap_command("app".into(), &[]).debug_assert();
+    }
+
+    #[test]
+    fn worker_partitions_are_parsed() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args.iter().copied());
+        let cli = parse(&["app", "worker", "--partitions", "0-3,6"]).unwrap();
+        assert!(matches!(cli.command, Command::Worker { partitions: Some(p), .. } if p == [0, 1, 2, 3, 6]));
+        let cli = parse(&["app", "worker"]).unwrap();
+        assert!(matches!(cli.command, Command::Worker { partitions: None, .. }));
+        for bad in ["", "3-1", "a", "0-3,,6", "-2"] {
+            let err = parse(&["app", "worker", &format!("--partitions={bad}")]).unwrap_err();
+            assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation, "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -349,12 +349,14 @@ fn handle(request: Request, app: &App, inboxes: &[Arc<Inbox>]) -> Answer {
         }
         Request::Topics => {
             // On `local://` a partition's log is read by the core that owns it: every core
-            // counts the records of its partitions, and the counts add up.
+            // counts the records of its partitions, and the counts add up. Elsewhere any core
+            // reads every partition's offsets, so core 0 counts them all.
             let names: Vec<(String, &'static str)> = topic_names(app);
             let mut topics: Vec<Value> = Vec::new();
             for core in 0..inboxes.len() {
                 let asked = names.clone();
                 let counted = ask(inboxes, core, move |runtime| async move {
+                    let counts = core == 0 || matches!(runtime.transport, crate::transports::AnyCore::Local(_));
                     let mut out = Vec::new();
                     for (name, _) in &asked {
                         let partitions = match runtime.transport.topic_metadata(name).await {
@@ -362,7 +364,8 @@ fn handle(request: Request, app: &App, inboxes: &[Arc<Inbox>]) -> Answer {
                             Err(e) => return Err(failed(format!("reading topic `{name}`: {e}"))),
                         };
                         let mut records = 0u64;
-                        for p in 0..partitions.unwrap_or(0) {
+                        let counted_partitions = if counts { partitions.unwrap_or(0) } else { 0 };
+                        for p in 0..counted_partitions {
                             let tp = TopicPartition::new(name.as_str(), p);
                             let latest = runtime.transport.list_offset(&tp, OffsetSpec::Latest).await;
                             let earliest = runtime.transport.list_offset(&tp, OffsetSpec::Earliest).await;

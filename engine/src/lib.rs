@@ -39,7 +39,7 @@ pub use crate::codec::{Codec, CodecError, Fixed};
 pub use crate::context::{EventPosition, current_event};
 pub use crate::group_by::{GroupBy, Source};
 pub use crate::rebalance::WorkerStats;
-pub use crate::settings::{BadRecordPolicy, Settings, SettingsError};
+pub use crate::settings::{BadRecordPolicy, Settings, SettingsError, parse_partitions};
 pub use crate::sink::{Sink, Sinks};
 pub use crate::stream::{BadRecord, Event, RecordPart, Stream};
 pub use crate::table::{Table, TableError, TablePartition};

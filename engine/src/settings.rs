@@ -39,6 +39,7 @@ pub struct SettingsError {
 /// | `store` | `mmap://` (table shards in stores under `datadir/tables`) | `STORE` (`mmap://` or `memory://`) |
 /// | `bad_record_policy` | skip (and count) | `BAD_RECORD_POLICY` (`skip`, `stop`, `dead-letter`, `dead-letter:TOPIC`) |
 /// | `max_record_bytes` | 1 MiB | `MAX_RECORD_BYTES` |
+/// | `partitions` | all (Kafka only) | `WORKER_PARTITIONS` (e.g. `0-3,6`) |
 ///
 /// With `APP_ENV_PREFIX=X`, every variable is read as `X_NAME` instead (Faust's `env_prefix`).
 ///
@@ -90,6 +91,14 @@ pub struct Settings {
     pub bad_record_policy: BadRecordPolicy,
     /// Records (key and value) larger than this are bad records.
     pub max_record_bytes: usize,
+    /// On `kafka://` only: the partition numbers this worker takes of every topic it
+    /// consumes (the agents' sources, repartition topics and the tables' changelogs), so that
+    /// several workers of one app can split a topic by hand until consumer groups land.
+    /// `None` (the default) takes every partition. Numbers a topic does not have are skipped
+    /// for that topic; a number no consumed topic has stops the worker at start-up. Faust has
+    /// no such setting. Other transports refuse it: `local://` has one worker, and
+    /// `memory://` splits partitions among its workers itself.
+    pub partitions: Option<Vec<u32>>,
 }
 
 /// What a stream does with a bad record: one whose key or value does not decode (malformed
@@ -151,6 +160,7 @@ impl Settings {
             shutdown_timeout: Duration::from_secs(10),
             bad_record_policy: BadRecordPolicy::Skip,
             max_record_bytes: 1 << 20,
+            partitions: None,
         }
     }
 
@@ -257,6 +267,13 @@ impl Settings {
         if let Some(kv) = get("MAX_RECORD_BYTES") {
             self.max_record_bytes = parse(kv, "a number of bytes")?;
         }
+        if let Some((variable, value)) = get("WORKER_PARTITIONS") {
+            self.partitions = Some(parse_partitions(&value).map_err(|reason| SettingsError {
+                variable,
+                value: value.clone(),
+                reason,
+            })?);
+        }
         Ok(self)
     }
 
@@ -267,6 +284,40 @@ impl Settings {
             _ => self.broker.clone(),
         }
     }
+}
+
+/// Parses a list of partition numbers and ranges, such as `0-3,6` (sorted, without
+/// repeats). What is wrong is told in words, for [`SettingsError::reason`] and the CLI.
+///
+/// ```
+/// assert_eq!(faust::parse_partitions("0-3, 6").unwrap(), vec![0, 1, 2, 3, 6]);
+/// assert!(faust::parse_partitions("3-1").is_err());
+/// ```
+pub fn parse_partitions(text: &str) -> Result<Vec<u32>, String> {
+    const WHAT: &str = "expected partition numbers and ranges, such as 0-3,6";
+    let number = |s: &str| s.trim().parse::<u32>().map_err(|_| format!("{WHAT}; `{}` is not a partition", s.trim()));
+    let mut out = std::collections::BTreeSet::new();
+    for part in text.split(',') {
+        if part.trim().is_empty() {
+            return Err(format!("{WHAT}; an empty item"));
+        }
+        match part.split_once('-') {
+            Some((from, to)) => {
+                let (from, to) = (number(from)?, number(to)?);
+                if from > to {
+                    return Err(format!("{WHAT}; the range {from}-{to} is empty"));
+                }
+                if to - from >= 1 << 16 {
+                    return Err(format!("{WHAT}; the range {from}-{to} is larger than 65536 partitions"));
+                }
+                out.extend(from..=to);
+            }
+            None => {
+                out.insert(number(part)?);
+            }
+        }
+    }
+    Ok(out.into_iter().collect())
 }
 
 #[cfg(test)]
@@ -309,6 +360,17 @@ mod tests {
     }
 
     #[test]
+    fn worker_partitions() {
+        assert_eq!(Settings::new("app").partitions, None);
+        let s = Settings::new("app").from_vars([("WORKER_PARTITIONS", "6, 0-3,2")]).unwrap();
+        assert_eq!(s.partitions, Some(vec![0, 1, 2, 3, 6]));
+        assert_eq!(parse_partitions("7").unwrap(), vec![7]);
+        assert_eq!(parse_partitions("4-4").unwrap(), vec![4]);
+        let err = Settings::new("app").from_vars([("WORKER_PARTITIONS", "0-3,x")]).unwrap_err();
+        assert!(err.reason.contains("`x` is not a partition"), "{err}");
+    }
+
+    #[test]
     fn bad_values_name_the_variable() {
         for (k, v) in [
             ("TOPIC_PARTITIONS", "eight"),
@@ -319,6 +381,11 @@ mod tests {
             ("WORKER_CORES", "0"),
             ("APP_VALUE_SERIALIZER", "pickle"),
             ("APP_KEY_SERIALIZER", "binary|json"),
+            ("WORKER_PARTITIONS", ""),
+            ("WORKER_PARTITIONS", "0-3,x"),
+            ("WORKER_PARTITIONS", "3-1"),
+            ("WORKER_PARTITIONS", "1,,2"),
+            ("WORKER_PARTITIONS", "-1"),
         ] {
             let err = Settings::new("app").from_vars([(k, v)]).unwrap_err();
             assert_eq!((err.variable.as_str(), err.value.as_str()), (k, v));

@@ -34,19 +34,34 @@ pub(crate) enum AnyMembership {
 
 impl AnyTransport {
     /// Opens the transport named by `url` for `cores` cores. `memory` serves `memory://`.
-    pub(crate) fn open(url: &str, cores: usize, memory: Option<&MemoryTransport>) -> Result<AnyTransport> {
+    /// `partitions` (`Settings::partitions`, expanded over the topics the worker may
+    /// consume) is the static assignment on Kafka; the other transports refuse it.
+    pub(crate) fn open(
+        url: &str,
+        cores: usize,
+        memory: Option<&MemoryTransport>,
+        partitions: Option<Vec<TopicPartition>>,
+    ) -> Result<AnyTransport> {
+        let kafka =
+            |url: &str, partitions| KafkaTransport::open(url, KafkaOptions { partitions, ..KafkaOptions::default() });
+        if url.starts_with("kafka://") {
+            return Ok(AnyTransport::Kafka(kafka(url, partitions)?));
+        }
+        // Faust's name for the same transport.
+        if let Some(rest) = url.strip_prefix("aiokafka://") {
+            return Ok(AnyTransport::Kafka(kafka(&format!("kafka://{rest}"), partitions)?));
+        }
+        if partitions.is_some() && (url.starts_with("local://") || url.starts_with("memory://")) {
+            let reason = "the worker's partitions (--partitions, WORKER_PARTITIONS) can only be chosen on kafka://; \
+                          local:// has one worker, which takes every partition, and memory:// splits them itself"
+                .to_string();
+            return Err(faust_transport::Error::InvalidUrl { url: url.to_string(), reason });
+        }
         if let Some(path) = url.strip_prefix("local://") {
             return Ok(AnyTransport::Local(LocalTransport::open(PathBuf::from(path), cores)?));
         }
         if url.starts_with("memory://") {
             return Ok(AnyTransport::Memory(memory.cloned().unwrap_or_default()));
-        }
-        if url.starts_with("kafka://") {
-            return Ok(AnyTransport::Kafka(KafkaTransport::open(url, KafkaOptions::default())?));
-        }
-        // Faust's name for the same transport.
-        if let Some(rest) = url.strip_prefix("aiokafka://") {
-            return Ok(AnyTransport::Kafka(KafkaTransport::open(&format!("kafka://{rest}"), KafkaOptions::default())?));
         }
         let reason = "use local://PATH, memory:// or kafka://HOST:PORT".to_string();
         Err(faust_transport::Error::InvalidUrl { url: url.to_string(), reason })
@@ -170,5 +185,31 @@ impl AnyCore {
 
     pub(crate) async fn shutdown(self) -> Result<()> {
         dispatch!(self, t => t.shutdown().await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Static partitions are Kafka's; the other transports refuse them by name.
+    #[test]
+    fn only_kafka_takes_static_partitions() {
+        let some = || Some(vec![TopicPartition::new("t", 0)]);
+        let dir = tempfile::tempdir().unwrap();
+        let local = format!("local://{}", dir.path().display());
+        for url in [local.as_str(), "memory://"] {
+            match AnyTransport::open(url, 1, None, some()) {
+                Err(faust_transport::Error::InvalidUrl { reason, .. }) => {
+                    assert!(reason.contains("kafka://"), "{reason}")
+                }
+                other => panic!("{url}: {other:?}"),
+            }
+        }
+        match AnyTransport::open("kafka://127.0.0.1:9092", 1, None, some()) {
+            Ok(AnyTransport::Kafka(t)) => assert_eq!(t.options().partitions, some()),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(AnyTransport::open("memory://", 1, None, None), Ok(AnyTransport::Memory(_))));
     }
 }

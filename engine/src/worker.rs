@@ -78,6 +78,24 @@ pub enum WorkerError {
     /// a restart meets it again.
     #[error("{0} (bad_record_policy = stop; it stays uncommitted)")]
     BadRecord(crate::stream::BadRecord),
+    /// The broker lost records the worker had already read: a partition's log ends before
+    /// the worker's position in it (a broker restarted without its data, a topic deleted and
+    /// created again, an unclean leader election). The worker commits nothing after seeing
+    /// it, so neither offsets nor table state from the old log reach the new one; a restart
+    /// follows the broker as it is now (see docs/engine.md, "Kafka").
+    #[error(
+        "the broker lost data of {tp}: the worker had read up to offset {position}, but {}; nothing was committed after that",
+        match high_watermark { Some(end) => format!("the log now ends at {end}"), None => "the partition no longer exists".to_string() }
+    )]
+    BrokerLostData {
+        /// The partition.
+        tp: TopicPartition,
+        /// The offset the worker was about to fetch.
+        position: u64,
+        /// Where the partition's log ends now, or `None` when the broker no longer has the
+        /// partition (it kept answering that the topic or partition is unknown).
+        high_watermark: Option<u64>,
+    },
     /// The worker stopped because of its consumer group (joining failed, an assignment change
     /// could not be applied, ...).
     #[error("group `{group}`: {message}")]
@@ -88,6 +106,10 @@ pub enum WorkerError {
         message: String,
     },
 }
+
+/// Where a core found that the broker lost data: the partition, the position read up to and
+/// the log's end now (`None`: the partition is gone). Shared by the cores.
+type LostData = Arc<Mutex<Option<(TopicPartition, u64, Option<u64>)>>>;
 
 /// Why buffered sends, or a commit that waits for them, failed.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +123,9 @@ pub(crate) enum FlushError {
     /// The transport refused the commit.
     #[error(transparent)]
     Transport(#[from] faust_transport::Error),
+    /// The broker lost data the worker had read: nothing may be committed any more.
+    #[error("the broker lost data; offsets are no longer committed")]
+    BrokerLostData,
     /// A table's state could not be written; nothing is committed any more.
     #[error("writing table state: {0}; offsets are no longer committed")]
     Tables(String),
@@ -352,6 +377,9 @@ pub(crate) struct CoreRuntime {
     /// The bad record that stopped the worker (`bad_record_policy = stop`), shared by the
     /// cores: [`App::run`](crate::App::run) returns it.
     stopped_at: Arc<Mutex<Option<crate::stream::BadRecord>>>,
+    /// Where a core found that the broker lost data (partition, position, high-water mark),
+    /// shared by the cores: once set, no core commits any more.
+    lost_data: LostData,
 }
 
 impl std::fmt::Debug for CoreRuntime {
@@ -642,6 +670,16 @@ impl CoreRuntime {
         offset
     }
 
+    /// The broker lost data of `tp` this core had read up to `position`: stops the worker,
+    /// and no core commits any more (`WorkerError::BrokerLostData`).
+    fn lost_data(&self, tp: &TopicPartition, position: u64, high_watermark: Option<u64>) {
+        tracing::error!(topic = %tp.topic, partition = tp.partition, position, ?high_watermark,
+            "the broker lost data this worker had read; stopping the worker without committing");
+        lock(&self.lost_data).get_or_insert((tp.clone(), position, high_watermark));
+        self.failure.borrow_mut().get_or_insert_with(|| format!("the broker lost data of {tp}"));
+        self.app_stop.stop();
+    }
+
     /// Commits, per partition, the lowest offset every agent may commit, once the sends
     /// buffered so far and the table state those events produced are durable (the commit
     /// protocol of `table.rs`). Returns `false` when it had to wait: table state held writes
@@ -652,6 +690,9 @@ impl CoreRuntime {
         };
         if self.sends_lost.get() {
             return Err(FlushError::SendsLost);
+        }
+        if lock(&self.lost_data).is_some() {
+            return Err(FlushError::BrokerLostData);
         }
         // A worker the group dropped (it missed a rebalance deadline) must not write
         // changelog records its successor could later replay as committed: ask first (an
@@ -869,6 +910,11 @@ where
     }
 }
 
+/// How long fetches must keep failing because the broker does not know the partition (each
+/// after a metadata refresh) before the worker takes the partition as lost: longer than a
+/// cluster takes to spread the metadata of a topic just created.
+const LOST_AFTER_UNKNOWN: Duration = Duration::from_secs(10);
+
 /// Fetches one partition and feeds the agents subscribed to its topic, until the worker
 /// stops or `cancel` is set (the partition was released).
 pub(crate) async fn consume(
@@ -894,6 +940,8 @@ pub(crate) async fn consume(
     }
     let lanes: Vec<usize> = agents.iter().map(|&a| core.queues[a].lane(&tp)).collect();
     let mut failures = 0u32;
+    // Since when fetches in a row found the partition unknown to the broker.
+    let mut unknown_since: Option<std::time::Instant> = None;
     let running = || !core.stopping.is_cancelled() && !cancel.is_cancelled();
     while running() {
         for (&a, &lane) in agents.iter().zip(&lanes) {
@@ -904,7 +952,7 @@ pub(crate) async fn consume(
         }
         match core.transport.fetch(&tp, next, FETCH_BYTES, FETCH_WAIT).await {
             Ok(fetched) => {
-                failures = 0;
+                (failures, unknown_since) = (0, None);
                 let fetched_count = fetched.records.len();
                 for record in fetched.records {
                     let mut record = Some(record);
@@ -931,6 +979,22 @@ pub(crate) async fn consume(
                     }
                 }
             }
+            Err(faust_transport::Error::OffsetOutOfRange { high_watermark, .. }) if next > high_watermark => {
+                // The log is shorter than what was read of it: whatever the broker holds now
+                // is not the log the worker's offsets and tables stand on. Stop, committing
+                // nothing more (resetting would count the new log on top of the old one).
+                core.lost_data(&tp, next, Some(high_watermark));
+                break;
+            }
+            Err(
+                e @ (faust_transport::Error::UnknownTopic { .. } | faust_transport::Error::UnknownPartition { .. }),
+            ) if unknown_since.is_some_and(|t| t.elapsed() >= LOST_AFTER_UNKNOWN) => {
+                // The topic existed at start-up (core 0 created it) and the broker kept saying
+                // it does not, each time after refreshing its metadata: it was lost.
+                tracing::error!(topic = %tp.topic, partition = tp.partition, error = %e, "fetch failed");
+                core.lost_data(&tp, next, None);
+                break;
+            }
             Err(faust_transport::Error::OffsetOutOfRange { earliest, high_watermark, .. }) => {
                 let to = match reset {
                     AutoOffsetReset::Earliest => earliest,
@@ -946,6 +1010,11 @@ pub(crate) async fn consume(
             Err(faust_transport::Error::Closed) => break,
             Err(e) => {
                 failures += 1;
+                let gone = matches!(
+                    e,
+                    faust_transport::Error::UnknownTopic { .. } | faust_transport::Error::UnknownPartition { .. }
+                );
+                unknown_since = if gone { unknown_since.or_else(|| Some(std::time::Instant::now())) } else { None };
                 let backoff = Duration::from_millis(50 * u64::from(failures.min(20)));
                 tracing::error!(topic = %tp.topic, partition = tp.partition, offset = next, error = %e,
                     retry_in_ms = backoff.as_millis() as u64, "fetch failed");
@@ -1081,6 +1150,8 @@ struct Startup {
     event: Event,
     /// The bad record that stopped the worker, if one did.
     stopped_at: Arc<Mutex<Option<crate::stream::BadRecord>>>,
+    /// Where the broker was found to have lost data, if it was.
+    lost_data: LostData,
 }
 
 /// Counts a core as past its final commit when dropped (also on an early return).
@@ -1126,13 +1197,23 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
         })?;
     }
     let memory = app.inner.memory.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let transport = AnyTransport::open(&settings.broker_url(), cores, memory.as_ref())?;
+    // Static partitions, as partitions of every topic the worker may consume (the group
+    // joins only some of them; the transport keeps those).
+    let partitions = settings.partitions.as_ref().map(|numbers| {
+        let declared = app.inner.topics.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let names = declared.iter().filter(|t| t.kind == TopicKind::Log).map(|t| t.name.clone());
+        let names: std::collections::BTreeSet<Arc<str>> =
+            names.chain(tables.iter().map(|t| t.changelog().clone())).collect();
+        names.iter().flat_map(|n| numbers.iter().map(move |&p| TopicPartition::new(n.clone(), p))).collect::<Vec<_>>()
+    });
+    let transport = AnyTransport::open(&settings.broker_url(), cores, memory.as_ref(), partitions)?;
     let startup = Arc::new(Startup {
         topics_ready: AtomicBool::new(false),
         cores_committed: std::sync::atomic::AtomicUsize::new(0),
         counts: Mutex::new(std::collections::BTreeMap::new()),
         event: Event::new(),
         stopped_at: Arc::default(),
+        lost_data: Arc::default(),
     });
     let commands: Vec<Arc<crate::rebalance::Commands>> = (0..cores).map(|_| Arc::default()).collect();
     // The CLI's commands reach a worker that keeps state in its data directory through a
@@ -1230,6 +1311,9 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
     let results = results?;
     if let Some(bad) = lock(&startup.stopped_at).take() {
         return Err(WorkerError::BadRecord(bad));
+    }
+    if let Some((tp, position, high_watermark)) = lock(&startup.lost_data).take() {
+        return Err(WorkerError::BrokerLostData { tp, position, high_watermark });
     }
     for (core, r) in results.into_iter().enumerate() {
         r.map_err(|message| WorkerError::Core { core, message })?;
@@ -1392,6 +1476,7 @@ async fn core_main(
         halted: RefCell::new(Vec::new()),
         dead_letter,
         stopped_at: startup.stopped_at.clone(),
+        lost_data: startup.lost_data.clone(),
         pending_writes: RefCell::new(Vec::new()),
         deferred_commits: Cell::new(0),
     });

@@ -611,8 +611,9 @@ impl CoreTransport for KafkaCore {
 }
 
 /// Static membership on Kafka: the worker gets every partition of the topics it joins (or,
-/// with [`KafkaOptions::partitions`], those of them listed) once, in generation 1, and keeps
-/// them. Consumer groups (JoinGroup/SyncGroup, rebalancing) are not implemented yet.
+/// with [`KafkaOptions::partitions`], those of them listed: a listed partition a topic does
+/// not have is skipped, and fails with [`Error::UnknownPartition`] if no joined topic has
+/// its number) once, in generation 1, and keeps them. Consumer groups (JoinGroup/SyncGroup, rebalancing) are not implemented yet.
 ///
 /// The partition counts are read with a blocking Metadata request from the calling thread
 /// (the worker's control thread, which is not a glommio executor), bounded by the request
@@ -667,18 +668,25 @@ impl Membership for KafkaMembership {
             if shared.closed.load(Ordering::Acquire) {
                 return Err(Error::Closed);
             }
-            let partitions = match &shared.options.partitions {
-                Some(list) => list.iter().filter(|tp| self.topics.iter().any(|t| **t == *tp.topic)).cloned().collect(),
-                None => {
-                    let counts = self.partition_counts()?;
-                    let mut partitions = Vec::new();
-                    for name in &self.topics {
-                        let n = *counts.get(name).ok_or_else(|| Error::UnknownTopic { topic: name.clone() })?;
-                        partitions.extend((0..n).map(|p| TopicPartition::new(name.as_str(), p)));
-                    }
-                    partitions
+            let counts = self.partition_counts()?;
+            let mut partitions = Vec::new();
+            for name in &self.topics {
+                let n = *counts.get(name).ok_or_else(|| Error::UnknownTopic { topic: name.clone() })?;
+                partitions.extend((0..n).map(|p| TopicPartition::new(name.as_str(), p)));
+            }
+            if let Some(list) = &shared.options.partitions {
+                // Of the listed partitions, those the joined topics have; one that none of
+                // them has is a mistake (a typo, or a topic with fewer partitions).
+                let joined: Vec<&TopicPartition> =
+                    list.iter().filter(|tp| self.topics.iter().any(|t| **t == *tp.topic)).collect();
+                if let Some(missing) = joined
+                    .iter()
+                    .find(|tp| !joined.iter().any(|o| o.partition == tp.partition && partitions.contains(o)))
+                {
+                    return Err(Error::UnknownPartition { tp: (*missing).clone() });
                 }
-            };
+                partitions.retain(|tp| joined.contains(&tp));
+            }
             self.assigned = true;
             return Ok(AssignmentEvent::Assigned { generation: 1, partitions });
         }

@@ -1,0 +1,425 @@
+//! The orders example end to end through Kafka, as users run it: orders produced into the
+//! `orders` topic (4 partitions) on a broker, then `orders --broker kafka://... worker`
+//! SIGKILLed at random times and restarted, and finally left to count everything. The counts
+//! read through the CLI (`table dump order_count --json`, over the control socket) must equal
+//! the orders produced, per account, exactly; then a SIGTERM stops it (exit 0). A restart with
+//! the data directory deleted must recover the same counts from the changelog on the broker.
+//!
+//! Two workers splitting the partitions by hand (`worker --partitions 0-1` and `2-3`) count
+//! every order once between them.
+//!
+//! Also the broker restarting empty under a running worker (tansu's memory storage loses
+//! everything, as a Kafka cluster that lost its data would): the worker must stop within a
+//! bounded time with an error saying the broker lost data, rather than count on top of an
+//! empty log.
+//!
+//! The example's app id is fixed (`orders`), so each test starts a broker of its own on a free
+//! port (`FAUST_TANSU_BIN`, exported by `scripts/test`); that also keeps the shared broker's
+//! memory small. Skipped, with a notice, without `FAUST_TEST_BROKER` (or the tansu binary).
+
+use std::collections::BTreeMap;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use faust_transport::{
+    BatchBuilder, CoreTransport, KafkaOptions, KafkaTransport, TopicConfig, TopicPartition, Transport,
+};
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+
+const ORDERS_BIN: &str = env!("CARGO_BIN_EXE_orders");
+const ACCOUNTS: u64 = 1_000;
+
+/// The tansu binary, or `None` (after printing why the test is skipped).
+fn tansu(test: &str) -> Option<PathBuf> {
+    faust_tests::test_broker(test)?;
+    match std::env::var("FAUST_TANSU_BIN") {
+        Ok(bin) if !bin.is_empty() => Some(PathBuf::from(bin)),
+        _ => {
+            eprintln!("skipping {test}: FAUST_TANSU_BIN unset (scripts/test exports it; scripts/broker bin prints it)");
+            None
+        }
+    }
+}
+
+/// A tansu broker of the test's own, in memory, killed when dropped.
+struct Broker {
+    bin: PathBuf,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Broker {
+    fn start(bin: &Path) -> Broker {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut broker = Broker { bin: bin.to_path_buf(), port, child: None };
+        broker.restart();
+        broker
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts a fresh (empty) broker on the same port, stopping the running one first.
+    fn restart(&mut self) {
+        self.kill();
+        let url = format!("tcp://{}", self.addr());
+        let child = Command::new(&self.bin)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tansu");
+        self.child = Some(child);
+        let start = Instant::now();
+        while TcpStream::connect(self.addr()).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(10), "tansu did not listen on {} within 10 s", self.addr());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL (its state is in memory; the port is free once it is gone).
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The example's order for id `id` (its generator's shape): account and JSON value.
+fn order(id: u64) -> (String, Vec<u8>) {
+    let h = id.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let account = format!("account-{}", h % ACCOUNTS);
+    let value = serde_json::json!({
+        "account_id": account,
+        "product_id": format!("product-{}", (h >> 24) % 1_000),
+        "amount": 1 + (h >> 40) % 10,
+        "price": ((h >> 12) % 100_000) as f64 / 100.0,
+    });
+    (account, serde_json::to_vec(&value).unwrap())
+}
+
+/// Produces orders `from..to` into `orders` (created with 4 partitions if missing), keyed by
+/// order id, with our client; returns them counted per account.
+fn produce_orders(broker: &str, from: u64, to: u64) -> BTreeMap<String, u64> {
+    let transport = KafkaTransport::open(&format!("kafka://{broker}"), KafkaOptions::default()).unwrap();
+    glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .spawn(move || async move {
+            let core = transport.attach_core(0, 1).await.expect("attach");
+            core.create_topic("orders", &TopicConfig::new(4)).await.expect("create orders");
+            let mut truth = BTreeMap::new();
+            let mut batches: Vec<BatchBuilder> = (0..4).map(|_| BatchBuilder::new()).collect();
+            let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+            for id in from..to {
+                let (account, value) = order(id);
+                *truth.entry(account).or_insert(0) += 1;
+                let key = format!("order-{id}");
+                let p = (id % 4) as usize;
+                batches[p].push(ts, Some(key.as_bytes()), Some(&value), &[]);
+                if batches[p].len() >= 5_000 || id + 1 == to {
+                    for (p, batch) in batches.iter_mut().enumerate().filter(|(_, b)| !b.is_empty()) {
+                        let batch = std::mem::take(batch);
+                        core.produce(&TopicPartition::new("orders", p as u32), batch).await.expect("produce");
+                    }
+                }
+            }
+            truth
+        })
+        .expect("executor")
+        .join()
+        .expect("join")
+}
+
+fn cli(datadir: &Path, args: &[&str]) -> Output {
+    Command::new(ORDERS_BIN)
+        .arg("--datadir")
+        .arg(datadir)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the orders CLI")
+}
+
+/// The counts of the running worker, through the CLI, or `None` while no worker answers.
+fn counts(datadir: &Path) -> Option<BTreeMap<String, u64>> {
+    let out = cli(datadir, &["table", "dump", "order_count", "--json"]);
+    if !out.status.success() {
+        return None;
+    }
+    let items: Value = serde_json::from_slice(&out.stdout).expect("table dump --json prints JSON");
+    let items = items.as_array().expect("an array");
+    Some(items.iter().map(|kv| (kv["key"].as_str().unwrap().to_string(), kv["value"].as_u64().unwrap())).collect())
+}
+
+/// An orders worker on `broker`, its log in `log`.
+fn worker(broker: &str, datadir: &Path, log: &Path) -> Child {
+    worker_with(broker, datadir, log, &[])
+}
+
+/// An orders worker on `broker` with more `worker` arguments.
+fn worker_with(broker: &str, datadir: &Path, log: &Path, args: &[&str]) -> Child {
+    Command::new(ORDERS_BIN)
+        .arg("--broker")
+        .arg(format!("kafka://{broker}"))
+        .arg("--datadir")
+        .arg(datadir)
+        .arg("worker")
+        .args(args)
+        .env("BROKER_COMMIT_INTERVAL", "0.1")
+        .env("TOPIC_PARTITIONS", "4")
+        .env_remove("RUST_LOG")
+        .env_remove("FAUST_CRASH_AT")
+        .stdout(Stdio::null())
+        .stderr(std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap())
+        .spawn()
+        .expect("start the orders worker")
+}
+
+/// Waits (at most `within`) until the worker's counts add up to `total`, then a little more,
+/// and returns them; fails with the worker's log if it exits or does not get there.
+fn wait_for_counts(
+    child: &mut Child,
+    datadir: &Path,
+    log: &Path,
+    total: u64,
+    within: Duration,
+) -> BTreeMap<String, u64> {
+    let start = Instant::now();
+    let mut last = 0;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the worker exited ({status}); its log:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+        }
+        if let Some(c) = counts(datadir) {
+            last = c.values().sum();
+            if last >= total {
+                // Anything counted twice would show up now.
+                std::thread::sleep(Duration::from_millis(500));
+                return counts(datadir).expect("the worker still answers");
+            }
+        }
+        assert!(
+            start.elapsed() < within,
+            "only {last} of {total} orders counted within {within:?}; the worker's log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Sends `signal` and waits (bounded) for the exit.
+fn signal_and_wait(child: &mut Child, signal: i32, within: Duration) -> std::process::ExitStatus {
+    // SAFETY: signalling our own child, not yet waited for.
+    unsafe { libc::kill(child.id() as i32, signal) };
+    let sent = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if sent.elapsed() > within {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("signal {signal}: the worker did not exit within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn assert_exact(counted: &BTreeMap<String, u64>, truth: &BTreeMap<String, u64>, what: &str) {
+    let wrong: Vec<_> = truth.iter().filter(|(k, v)| counted.get(*k) != Some(v)).take(5).collect();
+    assert!(wrong.is_empty(), "{what}: accounts counted wrongly (truth shown): {wrong:?}");
+    assert_eq!(counted, truth, "{what}");
+}
+
+#[test]
+fn the_orders_example_counts_exactly_through_kafka_across_sigkills() {
+    let Some(bin) = tansu("the_orders_example_counts_exactly_through_kafka_across_sigkills") else { return };
+    let orders: u64 = std::env::var("ORDERS_KAFKA_ORDERS").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
+    let broker = Broker::start(&bin);
+    let dir = tempfile::tempdir().unwrap();
+    let (data, log) = (dir.path().join("data"), dir.path().join("worker.log"));
+    let started = Instant::now();
+    let truth = produce_orders(&broker.addr(), 0, orders);
+    eprintln!("{orders} orders produced in {:?}", started.elapsed());
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for kill in 0..5 {
+        let mut child = worker(&broker.addr(), &data, &log);
+        let wait = Duration::from_millis(rng.gen_range(800..3_500));
+        let start = Instant::now();
+        while start.elapsed() < wait && child.try_wait().unwrap().is_none() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let counted: u64 = counts(&data).map_or(0, |c| c.values().sum());
+        let status = signal_and_wait(&mut child, libc::SIGKILL, Duration::from_secs(10));
+        eprintln!("run {kill}: SIGKILLed after {:?} with about {counted} orders counted ({status})", start.elapsed());
+    }
+
+    let started = Instant::now();
+    let mut child = worker(&broker.addr(), &data, &log);
+    let counted = wait_for_counts(&mut child, &data, &log, orders, Duration::from_secs(300));
+    eprintln!("the last run counted everything after {:?}", started.elapsed());
+    assert_exact(&counted, &truth, "after the SIGKILLs");
+    let status = signal_and_wait(&mut child, libc::SIGTERM, Duration::from_secs(60));
+    assert!(status.success(), "SIGTERM stops gracefully: {status}");
+
+    // The data directory gone: the counts come back from the changelog on the broker, and the
+    // committed offsets there say nothing is left to count.
+    let reset = cli(&data, &["reset", "--all", "--yes"]);
+    assert!(reset.status.success(), "reset: {}", String::from_utf8_lossy(&reset.stderr));
+    assert!(!data.exists());
+    let started = Instant::now();
+    let mut child = worker(&broker.addr(), &data, &log);
+    let counted = wait_for_counts(&mut child, &data, &log, orders, Duration::from_secs(300));
+    eprintln!("recovered from the changelog in {:?}", started.elapsed());
+    assert_exact(&counted, &truth, "recovered from the changelog");
+    // More orders on top are counted once.
+    let more = produce_orders(&broker.addr(), orders, orders + 1_000);
+    let mut truth = truth;
+    for (k, v) in more {
+        *truth.entry(k).or_insert(0) += v;
+    }
+    let counted = wait_for_counts(&mut child, &data, &log, orders + 1_000, Duration::from_secs(120));
+    assert_exact(&counted, &truth, "with more orders after the recovery");
+    // `topics` through the worker: every order of the topic, counted once (not once per core).
+    let topics = cli(&data, &["topics", "--json"]);
+    let topics: Value = serde_json::from_slice(&topics.stdout).expect("topics --json prints JSON");
+    let listed = topics.as_array().unwrap().iter().find(|t| t["topic"] == "orders").expect("orders is listed").clone();
+    assert_eq!(
+        (listed["partitions"].as_u64(), listed["records"].as_u64()),
+        (Some(4), Some(orders + 1_000)),
+        "{listed}"
+    );
+    let status = signal_and_wait(&mut child, libc::SIGTERM, Duration::from_secs(60));
+    assert!(status.success(), "SIGTERM stops gracefully: {status}");
+}
+
+/// Two workers splitting the partitions by hand (`--partitions 0-1` and `--partitions 2-3`):
+/// each counts the accounts of its half, nobody counts an account twice, and together they
+/// count every order.
+#[test]
+fn two_workers_split_the_partitions_by_hand() {
+    let Some(bin) = tansu("two_workers_split_the_partitions_by_hand") else { return };
+    let broker = Broker::start(&bin);
+    let dir = tempfile::tempdir().unwrap();
+    let truth = produce_orders(&broker.addr(), 0, 20_000);
+    let halves = [("a", "0-1"), ("b", "2-3")];
+    let mut workers: Vec<(Child, PathBuf, PathBuf)> = halves
+        .iter()
+        .map(|(name, partitions)| {
+            let (data, log) = (dir.path().join(name), dir.path().join(format!("{name}.log")));
+            (worker_with(&broker.addr(), &data, &log, &["--partitions", partitions]), data, log)
+        })
+        .collect();
+    let start = Instant::now();
+    let merged = loop {
+        let mut merged: BTreeMap<String, u64> = BTreeMap::new();
+        let mut both = true;
+        for (child, data, log) in &mut workers {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("a worker exited ({status}); its log:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+            }
+            match counts(data) {
+                Some(c) => {
+                    for (k, v) in c {
+                        assert!(merged.insert(k.clone(), v).is_none(), "account {k} is counted by both workers");
+                    }
+                }
+                None => both = false,
+            }
+        }
+        if both && merged.values().sum::<u64>() >= 20_000 {
+            break merged;
+        }
+        assert!(start.elapsed() < Duration::from_secs(180), "the two workers did not count everything in 180 s");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_exact(&merged, &truth, "two workers, by hand");
+    for (child, data, _) in &mut workers {
+        assert!(counts(data).is_some_and(|c| !c.is_empty()), "each worker counts some accounts");
+        let status = signal_and_wait(child, libc::SIGTERM, Duration::from_secs(60));
+        assert!(status.success(), "SIGTERM stops gracefully: {status}");
+    }
+}
+
+/// Counts 5,000 orders, restarts the broker empty on the same port (with `orders_after`
+/// orders produced on the new one), and waits (bounded) for the worker to stop with the
+/// broker's data loss.
+fn broker_restarts_empty(test: &str, orders_after: u64) {
+    let Some(bin) = tansu(test) else { return };
+    let mut broker = Broker::start(&bin);
+    let dir = tempfile::tempdir().unwrap();
+    let (data, log) = (dir.path().join("data"), dir.path().join("worker.log"));
+    let truth = produce_orders(&broker.addr(), 0, 5_000);
+    let mut child = worker(&broker.addr(), &data, &log);
+    let counted = wait_for_counts(&mut child, &data, &log, 5_000, Duration::from_secs(120));
+    assert_exact(&counted, &truth, "before the broker restart");
+
+    broker.restart();
+    let restarted = Instant::now();
+    if orders_after > 0 {
+        produce_orders(&broker.addr(), 0, orders_after);
+    }
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if restarted.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the worker neither stopped nor failed within 120 s of the broker losing its data; its log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    eprintln!("the worker stopped {:?} after the broker restart ({status})", restarted.elapsed());
+    assert_eq!(status.code(), Some(1), "a failed worker exits 1; its log:\n{text}");
+    assert!(text.contains("the broker lost data of orders"), "the error says the broker lost data; the log:\n{text}");
+
+    // Restarted, the worker follows the broker as it is now: its stores are ahead of the
+    // (empty) changelog, so it rebuilds them, and counts what the new broker holds.
+    let mut child = worker(&broker.addr(), &data, &log);
+    let fresh = produce_orders(&broker.addr(), orders_after, orders_after + 500);
+    let mut truth = if orders_after > 0 { produce_truth(0, orders_after) } else { BTreeMap::new() };
+    for (k, v) in fresh {
+        *truth.entry(k).or_insert(0) += v;
+    }
+    let counted = wait_for_counts(&mut child, &data, &log, orders_after + 500, Duration::from_secs(120));
+    assert_exact(&counted, &truth, "after the restart on the new broker");
+    let status = signal_and_wait(&mut child, libc::SIGTERM, Duration::from_secs(60));
+    assert!(status.success(), "SIGTERM stops gracefully: {status}");
+}
+
+/// The orders `from..to`, counted per account.
+fn produce_truth(from: u64, to: u64) -> BTreeMap<String, u64> {
+    let mut truth = BTreeMap::new();
+    for id in from..to {
+        *truth.entry(order(id).0).or_insert(0) += 1;
+    }
+    truth
+}
+
+#[test]
+fn a_broker_that_restarts_empty_stops_the_worker() {
+    broker_restarts_empty("a_broker_that_restarts_empty_stops_the_worker", 100);
+}
+
+#[test]
+fn a_broker_that_restarts_empty_without_new_orders_stops_the_worker() {
+    broker_restarts_empty("a_broker_that_restarts_empty_without_new_orders_stops_the_worker", 0);
+}
