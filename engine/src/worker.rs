@@ -1076,9 +1076,13 @@ async fn serve_outbox(core: Rc<CoreRuntime>, outbox: Arc<crate::app::Outbox>) {
                 .detach();
                 continue;
             }
+            // Nothing consumes the topic: nothing to wait for but the write.
+            let consumed = [&core.agents_by_topic, &core.channel_agents]
+                .iter()
+                .any(|agents| agents.get(&probe.tp.topic).is_some_and(|a| !a.is_empty()));
             glommio::spawn_local(async move {
                 // Polled: acks are the hot path and do not notify anyone.
-                while !core.processed(&probe.tp, probe.offset) {
+                while consumed && !core.processed(&probe.tp, probe.offset) {
                     if core.stopping.is_cancelled() {
                         probe.reply.set(Err(crate::app::SendError::Stopped { topic: probe.tp.topic.to_string() }));
                         return;

@@ -50,6 +50,22 @@ fn filter_echo_map_and_enumerate_compose() {
     test.stop().unwrap();
 }
 
+/// Regression: `put` on a topic that no agent consumes waited for acks that never come (it
+/// hung); it returns once the record is written.
+#[test]
+fn put_on_a_topic_nothing_consumes_returns_once_written() {
+    let app = App::new(settings("unconsumed", 2));
+    let audit = app.topic::<String, u64>("audit");
+    let test = app.test_context().unwrap();
+    let start = Instant::now();
+    for n in 0..3u64 {
+        test.put(&audit, Some(&format!("k{n}")), &n).unwrap();
+    }
+    assert!(start.elapsed() < Duration::from_secs(10), "put waited {:?}", start.elapsed());
+    assert_eq!(test.records(&audit).unwrap().len(), 3);
+    test.stop().unwrap();
+}
+
 #[test]
 fn buffered_sends_are_written_when_the_worker_stops() {
     let mut s = settings("flush-at-stop", 3);
