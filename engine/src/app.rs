@@ -405,6 +405,7 @@ impl App {
     /// | `send TOPIC [VALUE] [--key K] [--partition P] [--repeat N]` | sends records through the running worker; without VALUE, one per line of stdin |
     /// | `table get TABLE KEY`, `table dump TABLE` | reads a table of the running worker |
     /// | `agents`, `tables`, `topics` | lists what the app declares (`topics` adds record counts when a worker runs) |
+    /// | `stats` | the running worker's counters ([`WorkerStats`](crate::WorkerStats)) |
     /// | `reset [--all] [--yes]` | deletes the table stores (with `--all`, the whole data directory), never under a running worker |
     /// | `completions SHELL` | prints a shell completion script |
     /// | the app's own | see [`App::command`] |

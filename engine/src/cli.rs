@@ -130,6 +130,8 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// The running worker's counters (rebalances, partitions, shards recovered, bad records).
+    Stats,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -417,6 +419,18 @@ fn run(
             Ok(())
         }
         Command::Reset { yes, all } => reset(&datadir, yes, all, json),
+        Command::Stats => {
+            let stats = control::request(&datadir, &Request::Stats)?;
+            if json {
+                println!("{stats}");
+            } else if let Some(fields) = stats.as_object() {
+                let width = fields.keys().map(String::len).max().unwrap_or(0);
+                for (name, value) in fields {
+                    println!("{name:<width$}  {value}");
+                }
+            }
+            Ok(())
+        }
         Command::Completions { shell } => {
             let mut cmd = clap_command(name.to_string(), users);
             clap_complete::generate(shell, &mut cmd, name.to_string(), &mut std::io::stdout());

@@ -36,6 +36,9 @@ pub(crate) const SOCKET_NAME: &str = "control.sock";
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a connection may sit idle before the worker drops it.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The longest path a Unix socket address holds on Linux (`sun_path` is 108 bytes, with the
+/// terminating NUL).
+const MAX_SOCKET_PATH: usize = 107;
 /// How often the accept loop looks at the stop flag.
 const ACCEPT_POLL: Duration = Duration::from_millis(20);
 
@@ -530,6 +533,11 @@ pub(crate) enum ClientError {
 pub(crate) fn request(datadir: &Path, request: &Request) -> Result<Value, ClientError> {
     let socket = socket_path(datadir);
     let io = |e: std::io::Error| ClientError::Io { socket: socket.clone(), message: e.to_string() };
+    if socket.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(io(std::io::Error::other(format!(
+            "the path is over {MAX_SOCKET_PATH} bytes, too long for a Unix socket (a worker there runs without one); use a shorter --datadir"
+        ))));
+    }
     let stream = UnixStream::connect(&socket)
         .map_err(|_| ClientError::NoWorker { datadir: datadir.to_path_buf(), socket: socket.clone() })?;
     // A core answers within ANSWER_TIMEOUT or the worker says so; a little more here.
@@ -586,6 +594,13 @@ mod tests {
         let response = Response { result: None, error: Some((Failure::NotFound, "no".into())) };
         let back: Response = serde_json::from_str(&serde_json::to_string(&response).unwrap()).unwrap();
         assert_eq!(back.error, Some((Failure::NotFound, "no".into())));
+    }
+
+    #[test]
+    fn a_data_directory_too_long_for_a_socket_is_named() {
+        let long = PathBuf::from(format!("/tmp/{}", "d".repeat(120)));
+        let err = request(&long, &Request::Ping).unwrap_err();
+        assert!(err.to_string().contains("too long for a Unix socket"), "{err}");
     }
 
     #[test]

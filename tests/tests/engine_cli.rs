@@ -204,6 +204,10 @@ fn hello_prints_what_send_sends() {
     assert_eq!((greetings["partitions"].as_u64(), greetings["records"].as_u64()), (Some(4), Some(7)), "{topics}");
     // A reset under a running worker is refused.
     assert_eq!(code(&cli(HELLO, &data, &["reset", "--yes"], None)), 1);
+    // The worker's counters.
+    let stats = cli(HELLO, &data, &["stats", "--json"], None);
+    assert_eq!(code(&stats), 0, "{}", stderr(&stats));
+    assert_eq!(json(&stats)["partitions_assigned"], 4, "{}", stdout(&stats));
 
     assert_eq!(worker.stop(), 0);
     let after = cli(HELLO, &data, &["send", "greetings", "late"], None);
