@@ -59,6 +59,10 @@ const CACHE_MAX_KEYS: usize = 200_000;
 const FREEZE_CHUNK: usize = 4096;
 /// Changelog records are produced in batches of about this many bytes.
 const CHANGELOG_BATCH_BYTES: usize = 1 << 20;
+/// How often recovery asks again when a changelog looks shorter than its committed offset,
+/// and how long it waits each time, before it reports the changelog short.
+const SHORT_CHANGELOG_RETRIES: u32 = 10;
+const SHORT_CHANGELOG_WAIT: Duration = Duration::from_millis(100);
 /// Bytes asked for per fetch while replaying a changelog.
 const REPLAY_FETCH_BYTES: usize = 4 << 20;
 /// How often recovery logs its progress when stderr is not a terminal.
@@ -1182,8 +1186,17 @@ pub(crate) async fn recover(
     let transport_err = |source| TableError::Transport { table: table.clone(), partition, source };
     let committed = core.committed(group, std::slice::from_ref(&tp)).await.map_err(transport_err)?;
     let committed = committed.first().copied().flatten().unwrap_or(0);
-    // Snapshotted once: records appended later cannot make recovery chase a moving end.
-    let high_watermark = core.list_offset(&tp, OffsetSpec::Latest).await.map_err(transport_err)?;
+    // Snapshotted once: records appended later cannot make recovery chase a moving end. A
+    // broker may answer an end short of what it acknowledged for a moment (tansu, just after
+    // the previous worker's last commit): asked again a few times before it counts as short.
+    let mut high_watermark = core.list_offset(&tp, OffsetSpec::Latest).await.map_err(transport_err)?;
+    for _ in 0..SHORT_CHANGELOG_RETRIES {
+        if high_watermark >= committed {
+            break;
+        }
+        glommio::timer::sleep(SHORT_CHANGELOG_WAIT).await;
+        high_watermark = core.list_offset(&tp, OffsetSpec::Latest).await.map_err(transport_err)?;
+    }
     let earliest = core.list_offset(&tp, OffsetSpec::Earliest).await.map_err(transport_err)?;
     let mut from = shard.checkpointed_changelog();
     if from > committed {
@@ -1220,10 +1233,18 @@ pub(crate) async fn recover(
     let total = committed - from;
     let mut progress = Progress::new(&table, partition, total);
     let mut next = from;
+    let mut empty_fetches = 0;
     while next < committed {
-        let fetched = core.fetch(&tp, next, REPLAY_FETCH_BYTES, Duration::ZERO).await.map_err(transport_err)?;
+        // Below the end the records are there: no wait, unless a fetch came back empty.
+        let wait = if empty_fetches == 0 { Duration::ZERO } else { SHORT_CHANGELOG_WAIT };
+        let fetched = core.fetch(&tp, next, REPLAY_FETCH_BYTES, wait).await.map_err(transport_err)?;
         if fetched.next_offset <= next {
-            // Nothing more below the committed offset although the log claims to hold it.
+            // Nothing more below the committed offset although the log claims to hold it: a
+            // broker may answer a fetch empty now and then; asked again a few times.
+            empty_fetches += 1;
+            if empty_fetches <= SHORT_CHANGELOG_RETRIES {
+                continue;
+            }
             return Err(TableError::ChangelogShort {
                 table,
                 partition,
@@ -1232,6 +1253,7 @@ pub(crate) async fn recover(
                 committed,
             });
         }
+        empty_fetches = 0;
         shard.replay(&fetched.records, committed)?;
         next = fetched.next_offset;
         progress.update(next.min(committed) - from);
