@@ -10,7 +10,6 @@
 //! [`Inbox`]; the core runs it as a task of its own and answers through a channel. The socket
 //! thread waits for the answer a bounded time.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -18,16 +17,16 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
-use event_listener::Event;
 use faust_transport::{OffsetSpec, TopicPartition};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::app::{App, TopicKind, lock};
 use crate::codec::Codec;
+use crate::mailbox::Mailbox;
 use crate::worker::CoreRuntime;
 
 /// The socket's file name in the data directory.
@@ -48,41 +47,26 @@ pub(crate) type Query = Box<dyn FnOnce(Rc<CoreRuntime>) -> Pin<Box<dyn Future<Ou
 /// The queries waiting for one core.
 #[derive(Default)]
 pub(crate) struct Inbox {
-    queue: Mutex<VecDeque<Query>>,
-    event: Event,
-    /// Set when the core stops: later queries are dropped, so their askers hear at once.
-    closed: AtomicBool,
+    mailbox: Mailbox<Query>,
 }
 
 impl Inbox {
-    /// Queues `query`; drops it (its reply channel with it) when the core has stopped.
+    /// Queues `query`; drops it (its reply channel with it) when the core has stopped, so its
+    /// asker hears at once.
     fn push(&self, query: Query) {
-        if self.closed.load(Ordering::Acquire) {
-            return;
-        }
-        lock(&self.queue).push_back(query);
-        self.event.notify(usize::MAX);
+        drop(self.mailbox.push(query));
     }
 
     /// Runs the queries that arrive, each as a task of its own, until the core stops.
     pub(crate) async fn serve(self: Arc<Self>, core: Rc<CoreRuntime>) {
-        loop {
-            let listener = self.event.listen();
-            let queued: Vec<Query> = lock(&self.queue).drain(..).collect();
-            for query in queued {
-                glommio::spawn_local(query(core.clone())).detach();
-            }
-            if core.is_stopping() {
-                return;
-            }
-            futures_lite::future::or(listener, core.stopped()).await;
+        while let Some(query) = self.mailbox.next(&core).await {
+            glommio::spawn_local(query(core.clone())).detach();
         }
     }
 
     /// Refuses later queries and drops the queued ones.
     pub(crate) fn close(&self) {
-        self.closed.store(true, Ordering::Release);
-        lock(&self.queue).clear();
+        drop(self.mailbox.close());
     }
 }
 

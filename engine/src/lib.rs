@@ -23,6 +23,7 @@ mod codec;
 mod context;
 mod control;
 mod group_by;
+mod mailbox;
 mod partitioner;
 mod rebalance;
 pub mod runtime;

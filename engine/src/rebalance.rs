@@ -24,9 +24,9 @@
 //! wait is bounded and logs what it waits for.
 
 use std::cell::Cell;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,7 @@ use event_listener::Event;
 use faust_transport::{AssignmentEvent, Fence, JoinRequest, TopicPartition};
 
 use crate::app::lock;
+use crate::mailbox::Mailbox;
 use crate::table::AnyShard;
 use crate::transports::AnyTransport;
 use crate::worker::CoreRuntime;
@@ -196,54 +197,29 @@ impl Done {
     }
 }
 
-/// The commands waiting for one core, pushed by the control thread.
+/// The commands waiting for one core, pushed by the control thread. Once the core stopped,
+/// a command is answered at once with an error.
 #[derive(Debug, Default)]
 pub(crate) struct Commands {
-    queue: Mutex<VecDeque<Command>>,
-    event: Event,
-    /// Set when the worker stops: commands sent later are answered at once with an error.
-    closed: AtomicBool,
+    mailbox: Mailbox<Command>,
 }
 
 impl Commands {
     fn push(&self, command: Command) {
-        if self.closed.load(Ordering::Acquire) {
+        if let Err(command) = self.mailbox.push(command) {
             command.done.set(Err("the core has stopped".into()));
-            return;
         }
-        lock(&self.queue).push_back(command);
-        self.event.notify(usize::MAX);
-    }
-
-    fn pop(&self) -> Option<Command> {
-        lock(&self.queue).pop_front()
     }
 
     /// The next command, or `None` once `core` stops.
     pub(crate) async fn next(&self, core: &CoreRuntime) -> Option<Command> {
-        loop {
-            let listener = self.event.listen();
-            if let Some(c) = self.pop() {
-                return Some(c);
-            }
-            if core.is_stopping() {
-                return None;
-            }
-            futures_lite::future::or(
-                async {
-                    listener.await;
-                },
-                core.stopped(),
-            )
-            .await;
-        }
+        self.mailbox.next(core).await
     }
 
     /// Refuses later commands and answers the queued ones (the core stopped).
     pub(crate) fn close(&self) {
-        self.closed.store(true, Ordering::Release);
-        while let Some(c) = self.pop() {
-            c.done.set(Err("the core has stopped".into()));
+        for command in self.mailbox.close() {
+            command.done.set(Err("the core has stopped".into()));
         }
     }
 }
