@@ -44,3 +44,63 @@ pub fn topic_records(datadir: &std::path::Path, topic: &str) -> Vec<faust_storag
     }
     out
 }
+
+/// Runs `app` on its own settings until the counts its cores hold in `table` add up to
+/// `expected_total` (or `within` passed), after a task sent `to_send` to `topic` with
+/// `send_soon`; returns the counts, merged over the cores, with what `App::run` returned.
+///
+/// Each core's timer reads its shards every 20 ms, so the counts are those of the shards the
+/// cores hold at the end.
+pub fn count_until(
+    app: &faust::App,
+    topic: &faust::Topic<String, u64>,
+    table: &faust::Table<String, u64>,
+    to_send: &[(String, u64)],
+    expected_total: u64,
+    within: std::time::Duration,
+) -> (Result<(), faust::WorkerError>, std::collections::HashMap<String, u64>) {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    let sends = to_send.to_vec();
+    let orders = topic.clone();
+    app.task(move || {
+        let (orders, sends) = (orders.clone(), sends.clone());
+        async move {
+            for (k, v) in &sends {
+                orders.send_soon(Some(k), v)?;
+            }
+            Ok(())
+        }
+    });
+    // Per core: what its timer last saw of its shards.
+    let totals: Arc<Mutex<HashMap<usize, HashMap<String, u64>>>> = Arc::default();
+    let seen = Arc::new(AtomicU64::new(0));
+    {
+        let (counts, totals, seen) = (table.clone(), totals.clone(), seen.clone());
+        app.timer(std::time::Duration::from_millis(20), move || {
+            let (counts, totals, seen) = (counts.clone(), totals.clone(), seen.clone());
+            async move {
+                let core = faust::runtime::current_core().ok_or("timers run on a core")?;
+                let items: HashMap<String, u64> = counts.local_items()?.into_iter().collect();
+                let mut all = totals.lock().map_err(|_| "poisoned")?;
+                all.insert(core, items);
+                seen.store(all.values().flat_map(|m| m.values()).sum(), Ordering::SeqCst);
+                Ok(())
+            }
+        });
+    }
+    let stop = app.stop_signal();
+    let watched = seen.clone();
+    let watcher = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + within;
+        while watched.load(Ordering::SeqCst) < expected_total && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        stop.stop();
+    });
+    let result = app.run();
+    watcher.join().expect("the watcher thread");
+    let per_core = totals.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    (result, per_core.into_values().flatten().collect())
+}

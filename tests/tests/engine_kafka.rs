@@ -4,21 +4,9 @@
 //! offsets it committed there. Skipped, with a notice, without a broker.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use faust::{App, Settings};
-
-fn broker() -> Option<String> {
-    match std::env::var("FAUST_TEST_BROKER") {
-        Ok(b) if !b.is_empty() => Some(b),
-        _ => {
-            eprintln!("skipping: FAUST_TEST_BROKER not set (scripts/test starts a broker)");
-            None
-        }
-    }
-}
 
 /// Runs the counting app once on `cores` cores until the counts it holds add up to
 /// `expected_total` (bounded), sending `to_send` from a task; returns the counts.
@@ -50,50 +38,17 @@ fn run_on_kafka(
             Ok(())
         }
     });
-    let sends = to_send.to_vec();
-    app.task(move || {
-        let (orders, sends) = (orders.clone(), sends.clone());
-        async move {
-            for (k, v) in &sends {
-                orders.send_soon(Some(k), v)?;
-            }
-            Ok(())
-        }
-    });
-    let totals: Arc<Mutex<HashMap<usize, HashMap<String, u64>>>> = Arc::default();
-    let seen = Arc::new(AtomicU64::new(0));
-    {
-        let (counts, totals, seen) = (counts.clone(), totals.clone(), seen.clone());
-        app.timer(Duration::from_millis(20), move || {
-            let (counts, totals, seen) = (counts.clone(), totals.clone(), seen.clone());
-            async move {
-                let core = faust::runtime::current_core().ok_or("timers run on a core")?;
-                let items: HashMap<String, u64> = counts.local_items()?.into_iter().collect();
-                let mut all = totals.lock().map_err(|_| "poisoned")?;
-                all.insert(core, items);
-                seen.store(all.values().flat_map(|m| m.values()).sum(), Ordering::SeqCst);
-                Ok(())
-            }
-        });
-    }
-    let stop = app.stop_signal();
-    let watched = seen.clone();
-    let watcher = std::thread::spawn(move || {
-        let deadline = std::time::Instant::now() + Duration::from_secs(90);
-        while watched.load(Ordering::SeqCst) < expected_total && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        stop.stop();
-    });
-    app.run().expect("the app runs on kafka://");
-    watcher.join().expect("watcher");
-    let per_core = totals.lock().expect("totals").clone();
-    per_core.into_values().flatten().collect()
+    let (result, counted) =
+        faust_tests::count_until(&app, &orders, &counts, to_send, expected_total, Duration::from_secs(90));
+    result.expect("the app runs on kafka://");
+    counted
 }
 
 #[test]
 fn a_counting_app_runs_on_kafka_and_recovers_after_a_restart() {
-    let Some(broker) = broker() else { return };
+    let Some(broker) = faust_tests::test_broker("a_counting_app_runs_on_kafka_and_recovers_after_a_restart") else {
+        return;
+    };
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     let id = format!("kafka-count-{}-{}", std::process::id(), nanos % 1_000_000_000);
     let dir = tempfile::tempdir().expect("tempdir");

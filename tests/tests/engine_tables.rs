@@ -3,7 +3,7 @@
 //! shard rebuilt from its changelog, and the errors a user can meet.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -127,45 +127,10 @@ fn run_local(
     s.datadir = dir.to_path_buf();
     s.cores = Some(cores);
     let (app, orders, counts) = counting_app(s);
-    // Per core: what its timer last saw of its shards.
-    let totals: Arc<Mutex<HashMap<usize, HashMap<String, u64>>>> = Arc::default();
-    let seen = Arc::new(AtomicU64::new(0));
-    let sends = to_send.to_vec();
-    app.task(move || {
-        let (orders, sends) = (orders.clone(), sends.clone());
-        async move {
-            for (k, v) in &sends {
-                orders.send_soon(Some(k), v)?;
-            }
-            Ok(())
-        }
-    });
-    {
-        let (counts, totals, seen) = (counts.clone(), totals.clone(), seen.clone());
-        app.timer(Duration::from_millis(20), move || {
-            let (counts, totals, seen) = (counts.clone(), totals.clone(), seen.clone());
-            async move {
-                let core = faust::runtime::current_core().ok_or("timers run on a core")?;
-                let items: HashMap<String, u64> = counts.local_items()?.into_iter().collect();
-                let mut all = totals.lock().map_err(|_| "poisoned")?;
-                all.insert(core, items);
-                seen.store(all.values().flat_map(|m| m.values()).sum(), Ordering::SeqCst);
-                Ok(())
-            }
-        });
-    }
-    let stop = app.stop_signal();
-    let watcher = std::thread::spawn(move || {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while seen.load(Ordering::SeqCst) < expected_total && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        stop.stop();
-    });
-    app.run().unwrap();
-    watcher.join().unwrap();
-    let per_core = totals.lock().unwrap().clone();
-    per_core.into_values().flatten().collect()
+    let (result, counted) =
+        faust_tests::count_until(&app, &orders, &counts, to_send, expected_total, Duration::from_secs(60));
+    result.unwrap();
+    counted
 }
 
 #[test]

@@ -343,16 +343,21 @@ async fn rs_produce(broker: String, topic: String, orders: Arc<Orders>) -> Bench
                     })
                 })
                 .collect();
-            let mut out = Vec::new();
-            for t in tasks {
-                out.push(t.await.map_err(|e| format!("rskafka task: {e}")).and_then(|r| r));
-            }
-            out
+            join_rs_tasks(tasks).await
         })
         .await;
     let secs = start.elapsed().as_secs_f64();
     results.into_iter().collect::<BenchResult<Vec<()>>>()?;
     Ok(secs)
+}
+
+/// Each of rskafka's per-partition tasks' outcome, in order.
+async fn join_rs_tasks<T>(tasks: Vec<tokio::task::JoinHandle<BenchResult<T>>>) -> Vec<BenchResult<T>> {
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.map_err(|e| format!("rskafka task: {e}")).and_then(|r| r));
+    }
+    out
 }
 
 /// rskafka's fetch, as `ours_fetch`.
@@ -389,11 +394,7 @@ async fn rs_fetch(broker: String, topic: String, ends: Vec<u64>) -> BenchResult<
                     })
                 })
                 .collect();
-            let mut out = Vec::new();
-            for t in tasks {
-                out.push(t.await.map_err(|e| format!("rskafka task: {e}")).and_then(|r| r));
-            }
-            out
+            join_rs_tasks(tasks).await
         })
         .await;
     let secs = start.elapsed().as_secs_f64();
