@@ -122,18 +122,22 @@ fn try_run_on(settings: Settings, topic: &str, n: u64, grouped: bool, deadline: 
     let tallies: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
     {
         let (counters, first_ns, tallies) = (counters.clone(), first_ns.clone(), tallies.clone());
-        let count = move |mut stream: faust::Stream<String, Order>| {
+        let count = move |stream: faust::Stream<String, Order>| {
             let (counts, counters, first_ns, tallies) =
                 (counts.clone(), counters.clone(), first_ns.clone(), tallies.clone());
             async move {
                 let core = faust::runtime::current_core().unwrap_or(0);
-                while let Some(order) = stream.next().await {
-                    if first_ns.load(Ordering::Relaxed) == u64::MAX {
-                        first_ns.fetch_min(base.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                    }
-                    counts.update(&order.account_id, |c| *c += 1)?;
-                    counters[core].0.fetch_add(1, Ordering::Relaxed);
-                }
+                let counted = counts.clone();
+                stream
+                    .for_each(move |order| {
+                        if first_ns.load(Ordering::Relaxed) == u64::MAX {
+                            first_ns.fetch_min(base.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                        }
+                        counted.update(&order.account_id, |c| *c += 1)?;
+                        counters[core].0.fetch_add(1, Ordering::Relaxed);
+                        Ok(())
+                    })
+                    .await?;
                 let items = counts.local_items()?;
                 let counted = items.iter().map(|(_, c)| c).sum();
                 tallies.lock().map_err(|_| "poisoned")?.push((counted, items.len() as u64));

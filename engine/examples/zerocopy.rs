@@ -61,7 +61,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let app = App::new(settings);
 
     // Keys are account numbers (JSON, so records of one account share a partition); values
-    // are fixed-layout records under `raw`, which hands each one its fetched buffer.
+    // are fixed-layout records under `raw`, which the agent reads where they were fetched.
     let orders = app.topic_with::<u32, Fixed<Order>>("orders", Codec::JSON, Codec::RAW);
     let sums = app.table::<u32, u64>("sums").with_codecs(Codec::JSON, Codec::JSON).with_default(|| 0);
 
@@ -70,22 +70,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (first, last) = (Arc::new(Mutex::new(None::<Instant>)), Arc::new(Mutex::new(None::<Instant>)));
     {
         let (sums, summed, first, last) = (sums.clone(), summed.clone(), first.clone(), last.clone());
-        app.agent("sum", &orders, move |mut stream| {
+        app.agent("sum", &orders, move |stream| {
             let (sums, summed, first, last) = (sums.clone(), summed.clone(), first.clone(), last.clone());
-            async move {
-                while let Some(order) = stream.next().await {
-                    // `order` derefs to `&Order` over the record's own bytes: nothing decoded.
-                    sums.update(&order.account.get(), |total| *total += order.amount_cents.get())?;
-                    let n = summed.fetch_add(1, Ordering::Relaxed) + 1;
-                    if n == 1 {
-                        first.lock().map_err(|_| "poisoned")?.get_or_insert_with(Instant::now);
-                    }
-                    if n == total_orders {
-                        *last.lock().map_err(|_| "poisoned")? = Some(Instant::now());
-                    }
+            // `order` is a `&Order` in the fetched buffer itself: nothing decoded, copied
+            // or reference-counted.
+            stream.for_each_in_place(move |order: &Order| {
+                sums.update(&order.account.get(), |total| *total += order.amount_cents.get())?;
+                let n = summed.fetch_add(1, Ordering::Relaxed) + 1;
+                if n == 1 {
+                    first.lock().map_err(|_| "poisoned")?.get_or_insert_with(Instant::now);
+                }
+                if n == total_orders {
+                    *last.lock().map_err(|_| "poisoned")? = Some(Instant::now());
                 }
                 Ok(())
-            }
+            })
         });
     }
 

@@ -7,8 +7,10 @@ use faust_transport::TopicPartition;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::app::{SendError, Topic};
-use crate::codec::Codec;
+use zerocopy::{FromBytes, Immutable, KnownLayout, Unaligned};
+
+use crate::app::{AgentError, SendError, Topic};
+use crate::codec::{Codec, Fixed};
 use crate::context::{EventPosition, current_slot};
 use crate::worker::{AgentRun, CoreRuntime, EventQueue, QueuedEvent};
 use faust_transport::Produced;
@@ -92,6 +94,10 @@ pub struct Stream<K, V> {
     /// `next_item`, `take_events`, or an `echo` stage); an agent that only ever asks for
     /// values (`next`, `take`) never pays for decoding keys.
     keys: Rc<std::cell::Cell<bool>>,
+    /// Whether the stream's values are the topic's records as they are: no processor added
+    /// and a `raw` value codec without transforms, so a fixed-layout value can be read in
+    /// the fetched buffer itself ([`for_each_in_place`](Stream::for_each_in_place)).
+    in_place: bool,
 }
 
 impl<K, V> std::fmt::Debug for Stream<K, V> {
@@ -191,7 +197,9 @@ impl<K: DeserializeOwned + 'static, V: DeserializeOwned + 'static> Stream<K, V> 
     pub(crate) fn new(run: &AgentRun, key_codec: Codec, value_codec: Codec) -> Self {
         let keys = Rc::new(std::cell::Cell::new(false));
         let decode_keys = keys.clone();
+        let in_place = value_codec.is_plain_raw();
         Stream {
+            in_place,
             core: run.core.clone(),
             agent: run.agent,
             queue: run.queue.clone(),
@@ -252,6 +260,7 @@ impl<K: 'static, V: 'static> Stream<K, V> {
             positions: self.positions,
             max_record_bytes: self.max_record_bytes,
             keys: self.keys,
+            in_place: false,
             stage: Box::new(move |queued: &QueuedEvent| match previous(queued)? {
                 Some((k, v)) => next(k, v).map_err(Rejected::Failed),
                 None => Ok(None),
@@ -459,5 +468,248 @@ impl<K: 'static, V: 'static> Stream<K, V> {
     /// `take`); see [`Stream::take_events`].
     pub async fn take(&mut self, max: usize, within: std::time::Duration) -> Vec<V> {
         self.take_events_keyless(max, within).await.into_iter().map(|e| e.value).collect()
+    }
+
+    /// Runs `f` on every value until the worker stops (Kafka Streams' `foreach`): the fast
+    /// way to process a stream whose work per event is synchronous, as table updates and
+    /// [`Topic::send_soon`] are. The events waiting are taken a batch at a time and handed to
+    /// `f` one after the other, without the per-event wake-up of [`next`](Stream::next); each
+    /// is acked when `f` returns `Ok`, so commits, table writes and the bad-record policy
+    /// behave as with `next`. When `f` fails (or panics) the agent fails on that event alone,
+    /// as with `next`: the restarted agent gets it again, then the events after it (and skips
+    /// it after 3 failures).
+    ///
+    /// ```no_run
+    /// # use faust::{App, Settings};
+    /// # let app = App::new(Settings::new("doc"));
+    /// let orders = app.topic::<String, u64>("orders");
+    /// let totals = app.table::<String, u64>("totals").with_default(|| 0);
+    /// app.agent("total", &orders, move |stream| {
+    ///     let totals = totals.clone();
+    ///     stream.for_each(move |cents| {
+    ///         totals.update(&"all".to_string(), |t| *t += cents)?;
+    ///         Ok(())
+    ///     })
+    /// });
+    /// ```
+    pub async fn for_each(mut self, mut f: impl FnMut(V) -> Result<(), AgentError>) -> Result<(), AgentError> {
+        self.drive(|stream, queued| stream.decode(queued), |(_, value), _| f(value)).await
+    }
+
+    /// [`for_each`](Stream::for_each) with whole events: the key, the value and where they
+    /// came from.
+    pub async fn for_each_event(
+        mut self,
+        mut f: impl FnMut(&Event<K, V>) -> Result<(), AgentError>,
+    ) -> Result<(), AgentError> {
+        self.keys.set(true);
+        let (core, agent) = (self.core.clone(), self.agent);
+        self.drive(
+            |stream, queued| stream.decode(queued),
+            |(key, value), queued: &QueuedEvent| {
+                f(&Event {
+                    key,
+                    value,
+                    tp: queued.tp.clone(),
+                    offset: queued.record.offset,
+                    timestamp: queued.record.timestamp,
+                    headers: queued.record.clone(),
+                    core: core.clone(),
+                    agent,
+                })
+            },
+        )
+        .await
+    }
+
+    /// The stream's processors on one record: the key (when asked for) and the value, or why
+    /// not.
+    fn decode(&self, queued: &QueuedEvent) -> Result<Option<(Option<K>, V)>, Rejected> {
+        (self.stage)(queued)
+    }
+
+    /// The batch loop of the `for_each` family. Takes the events waiting (up to
+    /// [`BATCH`]) and, for each one: drops it if its partition halted, rejects it if it is
+    /// oversized, `decode`s it (a rejected record goes to the bad-record policy, a filtered
+    /// one is acked), makes it the task's current event, drops it if the repartition
+    /// positions say it was taken already, and `call`s the agent's function on it, acking
+    /// it when that returns `Ok`. Between batches it lets the core's other tasks run and
+    /// writes buffered sends past their limit, as `next` does between events.
+    ///
+    /// The batch is held in an [`InHand`]: on an error or a panic in `call`, the event is
+    /// handed to the supervisor, which gives it to the restarted agent, and those after it go
+    /// back to the queue.
+    async fn drive<D>(
+        &mut self,
+        decode: impl Fn(&Self, &QueuedEvent) -> Result<Option<D>, Rejected>,
+        mut call: impl FnMut(D, &QueuedEvent) -> Result<(), AgentError>,
+    ) -> Result<(), AgentError> {
+        self.ack_current();
+        let slot = current_slot();
+        let mut hand = InHand {
+            current: self.current.clone(),
+            queue: self.queue.clone(),
+            core: self.core.clone(),
+            batch: std::collections::VecDeque::new(),
+        };
+        let mut decoded: Vec<Result<Option<D>, Rejected>> = Vec::with_capacity(BATCH);
+        loop {
+            glommio::yield_if_needed().await;
+            self.core.flush_if_full().await;
+            match self.queue.pop().await {
+                Some(first) => hand.batch.push_back(first),
+                None => return Ok(()),
+            }
+            self.queue.take_into(&mut hand.batch, BATCH - 1);
+            // The whole batch is decoded first, then processed: each loop keeps its code and
+            // data in the caches (decoding reads nothing the processing writes).
+            decoded.extend(hand.batch.iter().map(|queued| {
+                let size = queued.record.key.as_ref().map_or(0, |k| k.len())
+                    + queued.record.value.as_ref().map_or(0, |v| v.len());
+                if size > self.max_record_bytes {
+                    Err(Rejected::Bad(
+                        RecordPart::Record,
+                        format!("{size} bytes, over max_record_bytes ({})", self.max_record_bytes),
+                    ))
+                } else {
+                    decode(self, queued)
+                }
+            }));
+            for outcome in decoded.drain(..) {
+                let Some(queued) = hand.batch.front() else { break };
+                // A partition stopped at a bad record hands nothing more out (not acked
+                // either: the worker is stopping, and its offset stays at the bad record).
+                if self.core.halted(&queued.tp) {
+                    hand.batch.pop_front();
+                    continue;
+                }
+                let (tp, offset) = (&queued.tp, queued.record.offset);
+                match outcome {
+                    Ok(Some(value)) => {
+                        if let Some(slot) = &slot {
+                            slot.set(Some(EventPosition {
+                                topic: tp.topic.clone(),
+                                partition: tp.partition,
+                                offset,
+                                timestamp: queued.record.timestamp,
+                            }));
+                        }
+                        let admitted = self.positions.as_ref().is_none_or(|p| self.admit(p, queued));
+                        if admitted {
+                            // On an error the event stays in hand; `hand` passes it on.
+                            call(value, queued)?;
+                        }
+                        self.core.ack(self.agent, tp, offset);
+                    }
+                    Ok(None) => self.core.ack(self.agent, tp, offset),
+                    Err(Rejected::Bad(part, reason)) => {
+                        if self.core.bad_record(queued, part, reason) {
+                            self.core.ack(self.agent, tp, offset);
+                        }
+                    }
+                    Err(Rejected::Failed(reason)) => self.skip_failed(queued, &reason),
+                }
+                hand.batch.pop_front();
+            }
+            if let Some(slot) = &slot {
+                slot.set(None);
+            }
+        }
+    }
+
+    /// Logs, counts, acks and skips a record a processor failed on.
+    fn skip_failed(&self, queued: &QueuedEvent, reason: &str) {
+        let raw = queued.record.value.as_deref().unwrap_or_default();
+        tracing::warn!(
+            topic = %queued.tp.topic, partition = queued.tp.partition, offset = queued.record.offset,
+            %reason, value = %preview(raw), "skipping a record that cannot be processed"
+        );
+        self.core.count_decode_error();
+        self.core.ack(self.agent, &queued.tp, queued.record.offset);
+    }
+}
+
+/// Events the `for_each` family takes from the queue at a time: enough that the wake-up and
+/// yield between batches cost little per event, few enough that a batch is done in well
+/// under a task's time slice.
+const BATCH: usize = 256;
+
+/// A batch of events taken from an agent's queue and not yet acked. Dropped early (the
+/// agent's function failed or panicked on the first of them), it hands that event to the
+/// supervisor's list of events in hand, which gives it to the restarted agent (or skips it
+/// after too many failures), and puts the others back at the front of the queue, in their
+/// order, as if never taken: they were not handed out, so they are not part of the failure.
+/// Those of a partition released meanwhile are dropped, as the supervisor drops the failed
+/// ones (the partition's next owner processes them).
+struct InHand {
+    current: Rc<std::cell::RefCell<Vec<QueuedEvent>>>,
+    queue: Rc<EventQueue>,
+    core: Rc<CoreRuntime>,
+    batch: std::collections::VecDeque<QueuedEvent>,
+}
+
+impl Drop for InHand {
+    fn drop(&mut self) {
+        let Some(failed) = self.batch.pop_front() else { return };
+        self.current.borrow_mut().push(failed);
+        while let Some(e) = self.batch.pop_back() {
+            if !self.core.released(&e.tp) {
+                self.queue.push_front(e);
+            }
+        }
+    }
+}
+
+impl<K: 'static, R: FromBytes + KnownLayout + Immutable + Unaligned + 'static> Stream<K, Fixed<R>> {
+    /// [`for_each`](Stream::for_each) for fixed-layout records, read in place: `f` gets a
+    /// `&R` in the fetched buffer itself, with no copy, no allocation and no reference count
+    /// taken on the buffer ([`Codec::view`]). A record that is not one `R` is a bad record.
+    /// On a stream with processors (`filter`, `map`...) or a value codec other than `raw`,
+    /// the values are the processors' `Fixed<R>`, and `f` gets what they hold.
+    ///
+    /// ```no_run
+    /// # use faust::{App, Fixed, Settings};
+    /// use zerocopy::little_endian::U64;
+    /// use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+    ///
+    /// #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+    /// #[repr(C)]
+    /// struct Reading {
+    ///     sensor: U64,
+    ///     micros: U64,
+    /// }
+    ///
+    /// # let app = App::new(Settings::new("doc"));
+    /// let readings = app.topic_with::<u64, Fixed<Reading>>("readings", faust::Codec::JSON, faust::Codec::RAW);
+    /// app.agent("slow", &readings, |stream| {
+    ///     stream.for_each_in_place(|reading: &Reading| {
+    ///         if reading.micros.get() > 1_000 {
+    ///             println!("sensor {} is slow", reading.sensor.get());
+    ///         }
+    ///         Ok(())
+    ///     })
+    /// });
+    /// ```
+    pub async fn for_each_in_place(
+        mut self,
+        mut f: impl FnMut(&R) -> Result<(), AgentError>,
+    ) -> Result<(), AgentError> {
+        if !self.in_place {
+            return self.drive(|stream, queued| stream.decode(queued), |(_, value), _| f(&value)).await;
+        }
+        self.drive(
+            |_, queued| match &queued.record.value {
+                Some(v) => crate::codec::view_fixed::<R>(v)
+                    .map(|_| Some(()))
+                    .map_err(|e| Rejected::Bad(RecordPart::Value, e.to_string())),
+                None => Err(Rejected::Bad(RecordPart::Value, "null".into())),
+            },
+            |(), queued| match queued.record.value.as_deref().map(crate::codec::view_fixed::<R>) {
+                Some(Ok(record)) => f(record),
+                // `decode` checked the record just before.
+                _ => Err("a record read in place changed under the stream".into()),
+            },
+        )
+        .await
     }
 }

@@ -304,7 +304,7 @@ pub struct TablePartition<'a, K, V> {
 }
 
 /// Identifies the event whose writes are pending: the agent and the event's position.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Eq)]
 pub(crate) struct Token {
     pub(crate) agent: usize,
     pub(crate) topic: Arc<str>,
@@ -313,9 +313,29 @@ pub(crate) struct Token {
     pub(crate) timestamp: i64,
 }
 
+/// Whether `a` and `b` name the same topic: the same `Arc` nearly always (every record of a
+/// partition shares its name), the same text otherwise.
+#[inline]
+fn same_topic(a: &Arc<str>, b: &Arc<str>) -> bool {
+    Arc::ptr_eq(a, b) || **a == **b
+}
+
+impl PartialEq for Token {
+    fn eq(&self, other: &Token) -> bool {
+        self.offset == other.offset
+            && self.partition == other.partition
+            && self.agent == other.agent
+            && self.timestamp == other.timestamp
+            && same_topic(&self.topic, &other.topic)
+    }
+}
+
 impl Token {
     pub(crate) fn matches(&self, agent: usize, tp: &TopicPartition, offset: u64) -> bool {
-        self.agent == agent && self.offset == offset && self.partition == tp.partition && *self.topic == *tp.topic
+        self.offset == offset
+            && self.partition == tp.partition
+            && self.agent == agent
+            && same_topic(&self.topic, &tp.topic)
     }
 }
 
@@ -919,19 +939,30 @@ where
         if state.pending.is_empty() {
             return;
         }
-        let writes: Vec<(Token, K, Option<V>)> = if state.pending.iter().all(|(t, _, _)| t == token) {
-            std::mem::take(&mut state.pending)
+        // Taken out (for `apply` to borrow the state) and put back with its capacity, so
+        // that the writes of the next event do not allocate it again.
+        let mut pending = std::mem::take(&mut state.pending);
+        let before = pending.len();
+        if pending.iter().all(|(t, _, _)| t == token) {
+            for (_, k, v) in pending.drain(..) {
+                Self::apply(state, k, v);
+            }
         } else {
-            state.pending.extract_if(.., |(t, _, _)| t == token).collect()
-        };
-        if writes.is_empty() {
+            for (_, k, v) in pending.extract_if(.., |(t, _, _)| t == token) {
+                Self::apply(state, k, v);
+            }
+        }
+        let applied = before - pending.len();
+        state.pending = pending;
+        if applied == 0 {
             return;
         }
-        for (_, k, v) in writes {
-            Self::apply(state, k, v);
-        }
         state.stream_time = state.stream_time.max(token.timestamp);
-        match state.applied.iter_mut().find(|(tp, _)| tp.partition == token.partition && *tp.topic == *token.topic) {
+        match state
+            .applied
+            .iter_mut()
+            .find(|(tp, _)| tp.partition == token.partition && same_topic(&tp.topic, &token.topic))
+        {
             Some((_, o)) => *o = (*o).max(token.offset),
             None => state.applied.push((TopicPartition::new(token.topic.clone(), token.partition), token.offset)),
         }

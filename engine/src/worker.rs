@@ -237,6 +237,23 @@ impl EventQueue {
         None
     }
 
+    /// Moves up to `max` waiting events into `batch`, taking from the partitions in turn as
+    /// `pop` does; returns how many. Never waits.
+    pub(crate) fn take_into(&self, batch: &mut VecDeque<QueuedEvent>, max: usize) -> usize {
+        let mut taken = 0;
+        while taken < max {
+            match self.take() {
+                Some(e) => batch.push_back(e),
+                None => break,
+            }
+            taken += 1;
+        }
+        if taken > 0 {
+            self.taken();
+        }
+        taken
+    }
+
     /// The next event; `None` once the queue is closed and drained.
     pub(crate) async fn pop(&self) -> Option<QueuedEvent> {
         // The common case, an event waiting, without registering a listener.
@@ -365,6 +382,8 @@ pub(crate) struct CoreRuntime {
     pub(crate) stats: Arc<crate::rebalance::Counters>,
     /// Shards holding writes of events not yet acked, by event.
     pub(crate) pending_writes: RefCell<Vec<(Token, Rc<dyn AnyShard>)>>,
+    /// `settle_writes`' buffer, empty between calls.
+    settling: Cell<Vec<(Token, Rc<dyn AnyShard>)>>,
     /// Commits in a row that waited because table state ran ahead of committable offsets.
     deferred_commits: Cell<u32>,
     /// Why applying an assignment failed on this core (the worker stops with it).
@@ -420,15 +439,18 @@ impl CoreRuntime {
 
     /// Applies (or drops) the pending table writes of one event.
     fn settle_writes(&self, agent: usize, tp: &TopicPartition, offset: u64, apply: bool) {
-        let settled: Vec<(Token, Rc<dyn AnyShard>)> =
-            self.pending_writes.borrow_mut().extract_if(.., |(t, _)| t.matches(agent, tp, offset)).collect();
-        for (token, shard) in settled {
+        // Moved into a buffer kept between calls (applying may register writes again, so
+        // the list is not borrowed meanwhile): no allocation per event.
+        let mut settled = self.settling.take();
+        settled.extend(self.pending_writes.borrow_mut().extract_if(.., |(t, _)| t.matches(agent, tp, offset)));
+        for (token, shard) in settled.drain(..) {
             if apply {
                 shard.apply_pending(&token);
             } else {
                 shard.discard_pending(&token);
             }
         }
+        self.settling.set(settled);
     }
 
     /// Drops the table writes of events an agent failed on (they will be processed again).
@@ -1482,6 +1504,7 @@ async fn core_main(
         stopped_at: startup.stopped_at.clone(),
         lost_data: startup.lost_data.clone(),
         pending_writes: RefCell::new(Vec::new()),
+        settling: Cell::new(Vec::new()),
         deferred_commits: Cell::new(0),
     });
     CURRENT.with(|c| *c.borrow_mut() = Some(runtime.clone()));

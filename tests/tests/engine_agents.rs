@@ -254,3 +254,102 @@ fn forward_keeps_raw_bytes_and_headers_send_re_encodes() {
     assert_eq!(sent[0].value.as_deref(), Some(&b"7"[..]));
     assert_eq!(sent[0].headers().count(), 0);
 }
+
+/// `run_agent` with an agent that forwards through `for_each_event` (with `send_soon`) after
+/// calling `check` on each value.
+fn for_each_forward_with<F>(n: u64, expect: u64, check: F) -> (BTreeMap<u64, usize>, MemoryTransport)
+where
+    F: Fn(u64) -> Result<(), String> + Send + Sync + 'static,
+{
+    let check = Arc::new(check);
+    run_agent(n, expect, move |stream, b| {
+        let check = check.clone();
+        stream.for_each_event(move |e| {
+            check(e.value)?;
+            b.send_soon(e.key.as_ref(), &e.value)?;
+            Ok(())
+        })
+    })
+}
+
+#[test]
+fn for_each_retries_a_failed_event_and_the_batch_after_it() {
+    let failures = Arc::new(AtomicU32::new(0));
+    let seen = failures.clone();
+    // 500 events: the batch that holds 250 holds events after it too.
+    let (counts, transport) = for_each_forward_with(500, 500, move |v| {
+        if v == 250 {
+            match seen.fetch_add(1, Ordering::SeqCst) {
+                0 => return Err("transient failure".into()),
+                1 => panic!("agent bug on 250"),
+                _ => {}
+            }
+        }
+        Ok(())
+    });
+    assert_eq!(failures.load(Ordering::SeqCst), 3, "two failures and the successful retry");
+    let expected: BTreeMap<u64, usize> = (0..500).map(|v| (v, 1)).collect();
+    assert_eq!(counts, expected, "every event forwarded exactly once");
+    assert_committed_to_the_end(&transport);
+}
+
+#[test]
+fn for_each_skips_an_event_that_always_fails_after_three_restarts() {
+    let attempts = Arc::new(AtomicU32::new(0));
+    let seen = attempts.clone();
+    let (counts, transport) = for_each_forward_with(300, 299, move |v| {
+        if v == 3 {
+            seen.fetch_add(1, Ordering::SeqCst);
+            return Err("poison".into());
+        }
+        Ok(())
+    });
+    assert_eq!(attempts.load(Ordering::SeqCst), 4, "the first try and 3 restarts");
+    assert!(!counts.contains_key(&3));
+    assert_eq!(counts.len(), 299);
+    assert!(counts.values().all(|&c| c == 1));
+    assert_committed_to_the_end(&transport);
+}
+
+#[test]
+fn for_each_runs_after_processors_and_acks_what_they_drop() {
+    let (counts, transport) = run_agent(400, 200, |stream, b| {
+        stream.filter(|v| v % 2 == 0).map(|v| v + 1).for_each(move |v| {
+            b.send_soon(Some(&format!("k{v}")), &v)?;
+            Ok(())
+        })
+    });
+    let expected: BTreeMap<u64, usize> = (0..400).filter(|v| v % 2 == 0).map(|v| (v + 1, 1)).collect();
+    assert_eq!(counts, expected);
+    assert_committed_to_the_end(&transport);
+}
+
+#[test]
+fn for_each_undoes_the_table_writes_of_an_event_it_failed_on() {
+    let app = App::new(Settings::new("for-each-table"));
+    let numbers = app.topic::<String, u64>("numbers");
+    let totals = app.table::<String, u64>("totals").with_default(|| 0);
+    let failed = Arc::new(AtomicU32::new(0));
+    let (t, f) = (totals.clone(), failed.clone());
+    app.agent("total", &numbers, move |stream| {
+        let (totals, failed) = (t.clone(), f.clone());
+        stream.for_each(move |n| {
+            totals.update(&"sum".to_string(), |s| *s += n)?;
+            totals.update(&"count".to_string(), |c| *c += 1)?;
+            // Fails once after writing: the writes must not count twice.
+            if n == 7 && failed.fetch_add(1, Ordering::SeqCst) == 0 {
+                return Err("after the writes".into());
+            }
+            Ok(())
+        })
+    });
+    let test = app.test_context().unwrap();
+    for n in 0..20u64 {
+        test.put(&numbers, Some(&format!("k{}", n % 3)), &n).unwrap();
+    }
+    let table = test.table(&totals).unwrap();
+    assert_eq!(failed.load(Ordering::SeqCst), 2, "failed once, then succeeded");
+    assert_eq!(table.get("sum"), Some(&(0..20).sum::<u64>()));
+    assert_eq!(table.get("count"), Some(&20));
+    test.stop().unwrap();
+}

@@ -138,3 +138,49 @@ fn settings_name_the_default_codecs() {
     assert_eq!(err.variable, "APP_VALUE_SERIALIZER");
     assert!(err.reason.contains("unknown codec `gzip`"), "{err}");
 }
+
+#[test]
+fn for_each_in_place_reads_fixed_records_and_rejects_bad_ones() {
+    let app = App::new(Settings::new("codecs-in-place"));
+    let orders = app.topic_with::<String, Fixed<Order>>("orders", Codec::RAW, Codec::RAW);
+    let raw_orders = app.topic_with::<String, Vec<u8>>("orders", Codec::RAW, Codec::RAW);
+    // The same records through a processor: values are `Fixed<Order>` the filter saw.
+    let big = app.topic_with::<String, Fixed<Order>>("big", Codec::RAW, Codec::RAW);
+    let sums = app.table::<String, u64>("sums").with_default(|| 0);
+    let s = sums.clone();
+    app.agent("sum", &orders, move |stream| {
+        let sums = s.clone();
+        stream.for_each_in_place(move |order: &Order| {
+            sums.update(&format!("account-{}", order.account.get()), |t| *t += order.amount.get())?;
+            Ok(())
+        })
+    });
+    let s = sums.clone();
+    app.agent("big", &big, move |stream| {
+        let sums = s.clone();
+        stream.filter(|o| o.amount.get() >= 10).for_each_in_place(move |order: &Order| {
+            // Keyed like the source (a table is partitioned like the stream).
+            sums.update(&format!("big-{}", order.account.get()), |t| *t += order.amount.get())?;
+            Ok(())
+        })
+    });
+
+    let test = app.test_context().unwrap();
+    let key = |a: u32| Some(format!("account-{a}"));
+    for (i, amount) in [5u64, 7, 11, 13].into_iter().enumerate() {
+        let account = i as u32 % 2;
+        test.put(&orders, key(account).as_ref(), &order(account, amount)).unwrap();
+        test.put(&big, key(account).as_ref(), &order(account, amount)).unwrap();
+    }
+    // Thirteen bytes are not an `Order` (twelve): a bad record, skipped and counted.
+    test.put(&raw_orders, key(0).as_ref(), &vec![0u8; 13]).unwrap();
+    test.put(&orders, key(1).as_ref(), &order(1, 100)).unwrap();
+
+    let sums_now = test.table(&sums).unwrap();
+    assert_eq!(sums_now.get("account-0"), Some(&(5 + 11)));
+    assert_eq!(sums_now.get("account-1"), Some(&(7 + 13 + 100)));
+    assert_eq!(sums_now.get("big-0"), Some(&11));
+    assert_eq!(sums_now.get("big-1"), Some(&13));
+    assert_eq!(app.stats().bad_records, 1);
+    test.stop().unwrap();
+}

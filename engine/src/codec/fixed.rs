@@ -95,21 +95,25 @@ pub struct Fixed<R> {
     _record: PhantomData<fn() -> R>,
 }
 
+/// `bytes` viewed as an `R`, or why they are not one (their length).
+#[inline]
+pub(crate) fn view<R: FromBytes + KnownLayout + Immutable + Unaligned>(bytes: &[u8]) -> Result<&R, CodecError> {
+    R::ref_from_bytes(bytes).map_err(|_| not_a_record::<R>(bytes.len()))
+}
+
+#[cold]
+fn not_a_record<R>(len: usize) -> CodecError {
+    CodecError::decode(
+        "raw",
+        format!("{len} bytes are not a {} ({} bytes)", std::any::type_name::<R>(), std::mem::size_of::<R>()),
+    )
+}
+
 impl<R: FromBytes + KnownLayout + Immutable + Unaligned> Fixed<R> {
     /// Views `bytes` as an `R`, or says why they are not one (their length).
     pub fn from_bytes(bytes: Bytes) -> Result<Fixed<R>, CodecError> {
-        match R::ref_from_bytes(&bytes) {
-            Ok(_) => Ok(Fixed { bytes, _record: PhantomData }),
-            Err(_) => Err(CodecError::decode(
-                "raw",
-                format!(
-                    "{} bytes are not a {} ({} bytes)",
-                    bytes.len(),
-                    std::any::type_name::<R>(),
-                    std::mem::size_of::<R>()
-                ),
-            )),
-        }
+        view::<R>(&bytes)?;
+        Ok(Fixed { bytes, _record: PhantomData })
     }
 
     /// A copy of `record`'s bytes, as a `Fixed` to send.

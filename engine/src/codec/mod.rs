@@ -19,6 +19,8 @@
 //! count, so a fixed-layout record is read where it was fetched, never copied.
 
 mod fixed;
+
+pub(crate) use fixed::view as view_fixed;
 #[cfg(any(test, feature = "unstable-fuzzing"))]
 pub(crate) mod fuzz;
 mod json;
@@ -33,6 +35,7 @@ use std::sync::{Arc, OnceLock, RwLock};
 use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use zerocopy::{FromBytes, Immutable, KnownLayout, Unaligned};
 
 /// A key or value that could not be encoded or decoded, or a codec name that does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -327,6 +330,52 @@ impl Codec {
     /// Whether the first stage (the format) is `raw`: values are bytes or strings as they are.
     pub(crate) fn is_raw_format(&self) -> bool {
         self.spec().format_name == "raw"
+    }
+
+    /// Whether the codec is `raw` alone (no transform stages): a record's bytes are the value's.
+    pub(crate) fn is_plain_raw(&self) -> bool {
+        self.is_raw_format() && self.spec().stages.is_empty()
+    }
+
+    /// Reads a fixed-layout `R` in place in `bytes`, the record as fetched: a reference into
+    /// the buffer, with no copy, no allocation and no reference count (the zero-copy read;
+    /// [`Fixed`] is the owned form, which holds the buffer). Only `raw` without transforms
+    /// keeps a record's bytes as they are, so any other codec is an error, as is a length
+    /// that is not `R`'s.
+    ///
+    /// ```
+    /// use faust::Codec;
+    /// use zerocopy::little_endian::U64;
+    /// use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+    ///
+    /// #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+    /// #[repr(C)]
+    /// struct Reading {
+    ///     sensor: U64,
+    ///     micros: U64,
+    /// }
+    ///
+    /// let fetched = Reading { sensor: 3.into(), micros: 250.into() }.as_bytes().to_vec();
+    /// let reading: &Reading = Codec::RAW.view(&fetched)?;
+    /// assert_eq!((reading.sensor.get(), reading.micros.get()), (3, 250));
+    /// assert!(std::ptr::eq(reading.as_bytes().as_ptr(), fetched.as_ptr()));
+    ///
+    /// assert!(Codec::RAW.view::<Reading>(&fetched[1..]).is_err());
+    /// assert!(Codec::JSON.view::<Reading>(&fetched).is_err());
+    /// # Ok::<(), faust::CodecError>(())
+    /// ```
+    #[inline]
+    pub fn view<'a, R: FromBytes + KnownLayout + Immutable + Unaligned>(
+        &self,
+        bytes: &'a [u8],
+    ) -> Result<&'a R, CodecError> {
+        if !self.is_plain_raw() {
+            return Err(CodecError::decode(
+                self.format_name(),
+                format!("`{}` does not keep records as they are: only `raw` reads one in place", self.name()),
+            ));
+        }
+        fixed::view(bytes)
     }
 
     /// The codec's name, stages joined with `|` (`json|binary`).
