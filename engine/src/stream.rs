@@ -496,6 +496,16 @@ impl<K: 'static, V: 'static> Stream<K, V> {
         self.drive(|stream, queued| stream.decode(queued), |(_, value), _| f(value)).await
     }
 
+    /// [`for_each`](Stream::for_each) with keys and values (as [`next_item`](Stream::next_item)
+    /// hands them out; Kafka Streams' `foreach((key, value) -> ...)`).
+    pub async fn for_each_item(
+        mut self,
+        mut f: impl FnMut(Option<K>, V) -> Result<(), AgentError>,
+    ) -> Result<(), AgentError> {
+        self.keys.set(true);
+        self.drive(|stream, queued| stream.decode(queued), |(key, value), _| f(key, value)).await
+    }
+
     /// [`for_each`](Stream::for_each) with whole events: the key, the value and where they
     /// came from.
     pub async fn for_each_event(

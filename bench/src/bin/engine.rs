@@ -378,19 +378,20 @@ fn w1_throughput(datadir: &Path, n: u64, cores: usize) -> (f64, f64) {
             let (sales, counters, first_ns) = (sales.clone(), counters.clone(), first_ns.clone());
             async move {
                 let core = faust::runtime::current_core().unwrap_or(0);
-                let mut stream = stream
+                stream
                     .filter(move |o| {
                         counter_add(&counters[core]);
                         keep(o)
                     })
-                    .map(to_sale);
-                while let Some((key, sale)) = stream.next_item().await {
-                    if first_ns.load(Ordering::Relaxed) == u64::MAX {
-                        first_ns.fetch_min(base.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                    }
-                    sales.send_soon(key.as_ref(), &sale)?;
-                }
-                Ok(())
+                    .map(to_sale)
+                    .for_each_item(move |key, sale| {
+                        if first_ns.load(Ordering::Relaxed) == u64::MAX {
+                            first_ns.fetch_min(base.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                        }
+                        sales.send_soon(key.as_ref(), &sale)?;
+                        Ok(())
+                    })
+                    .await
             }
         });
     }
