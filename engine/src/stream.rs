@@ -2,7 +2,6 @@
 
 use std::rc::Rc;
 
-use bytes::Bytes;
 use faust_transport::TopicPartition;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -125,6 +124,20 @@ pub struct Event<K, V> {
 }
 
 impl<K, V> Event<K, V> {
+    /// The event of `queued` for `agent`, with its decoded key and value.
+    fn of(queued: &QueuedEvent, key: Option<K>, value: V, core: &Rc<CoreRuntime>, agent: usize) -> Self {
+        Event {
+            key,
+            value,
+            tp: queued.tp.clone(),
+            offset: queued.record.offset,
+            timestamp: queued.record.timestamp,
+            headers: queued.record.clone(),
+            core: core.clone(),
+            agent,
+        }
+    }
+
     /// The record's headers.
     pub fn headers(&self) -> faust_storage::Headers<'_> {
         self.headers.headers()
@@ -370,15 +383,9 @@ impl<K: 'static, V: 'static> Stream<K, V> {
             if self.core.halted(&queued.tp) {
                 continue;
             }
-            let size =
-                queued.record.key.as_ref().map_or(0, |k| k.len()) + queued.record.value.as_ref().map_or(0, |v| v.len());
-            let outcome = if size > self.max_record_bytes {
-                Err(Rejected::Bad(
-                    RecordPart::Record,
-                    format!("{size} bytes, over max_record_bytes ({})", self.max_record_bytes),
-                ))
-            } else {
-                (self.stage)(&queued)
+            let outcome = match self.oversized(&queued) {
+                Some(rejected) => Err(rejected),
+                None => (self.stage)(&queued),
             };
             match outcome {
                 Ok(None) => self.core.ack(self.agent, &queued.tp, queued.record.offset),
@@ -400,16 +407,7 @@ impl<K: 'static, V: 'static> Stream<K, V> {
                         }
                         continue;
                     }
-                    let event = Event {
-                        key,
-                        value,
-                        tp: queued.tp.clone(),
-                        offset: queued.record.offset,
-                        timestamp: queued.record.timestamp,
-                        headers: queued.record.clone(),
-                        core: self.core.clone(),
-                        agent: self.agent,
-                    };
+                    let event = Event::of(&queued, key, value, &self.core, self.agent);
                     self.current.borrow_mut().push(queued);
                     return Some(event);
                 }
@@ -418,15 +416,7 @@ impl<K: 'static, V: 'static> Stream<K, V> {
                         self.core.ack(self.agent, &queued.tp, queued.record.offset);
                     }
                 }
-                Err(Rejected::Failed(reason)) => {
-                    let raw = queued.record.value.clone().unwrap_or_else(Bytes::new);
-                    tracing::warn!(
-                        topic = %queued.tp.topic, partition = queued.tp.partition, offset = queued.record.offset,
-                        %reason, value = %preview(&raw), "skipping a record that cannot be processed"
-                    );
-                    self.core.count_decode_error();
-                    self.core.ack(self.agent, &queued.tp, queued.record.offset);
-                }
+                Err(Rejected::Failed(reason)) => self.skip_failed(&queued, &reason),
             }
         }
     }
@@ -516,18 +506,7 @@ impl<K: 'static, V: 'static> Stream<K, V> {
         let (core, agent) = (self.core.clone(), self.agent);
         self.drive(
             |stream, queued| stream.decode(queued),
-            |(key, value), queued: &QueuedEvent| {
-                f(&Event {
-                    key,
-                    value,
-                    tp: queued.tp.clone(),
-                    offset: queued.record.offset,
-                    timestamp: queued.record.timestamp,
-                    headers: queued.record.clone(),
-                    core: core.clone(),
-                    agent,
-                })
-            },
+            |(key, value), queued: &QueuedEvent| f(&Event::of(queued, key, value, &core, agent)),
         )
         .await
     }
@@ -573,17 +552,9 @@ impl<K: 'static, V: 'static> Stream<K, V> {
             self.queue.take_into(&mut hand.batch, BATCH - 1);
             // The whole batch is decoded first, then processed: each loop keeps its code and
             // data in the caches (decoding reads nothing the processing writes).
-            decoded.extend(hand.batch.iter().map(|queued| {
-                let size = queued.record.key.as_ref().map_or(0, |k| k.len())
-                    + queued.record.value.as_ref().map_or(0, |v| v.len());
-                if size > self.max_record_bytes {
-                    Err(Rejected::Bad(
-                        RecordPart::Record,
-                        format!("{size} bytes, over max_record_bytes ({})", self.max_record_bytes),
-                    ))
-                } else {
-                    decode(self, queued)
-                }
+            decoded.extend(hand.batch.iter().map(|queued| match self.oversized(queued) {
+                Some(rejected) => Err(rejected),
+                None => decode(self, queued),
             }));
             for outcome in decoded.drain(..) {
                 let Some(queued) = hand.batch.front() else { break };
@@ -625,6 +596,19 @@ impl<K: 'static, V: 'static> Stream<K, V> {
                 slot.set(None);
             }
         }
+    }
+
+    /// Why `queued` is a bad record before it is even decoded: its key and value are larger
+    /// than `max_record_bytes`.
+    fn oversized(&self, queued: &QueuedEvent) -> Option<Rejected> {
+        let size =
+            queued.record.key.as_ref().map_or(0, |k| k.len()) + queued.record.value.as_ref().map_or(0, |v| v.len());
+        (size > self.max_record_bytes).then(|| {
+            Rejected::Bad(
+                RecordPart::Record,
+                format!("{size} bytes, over max_record_bytes ({})", self.max_record_bytes),
+            )
+        })
     }
 
     /// Logs, counts, acks and skips a record a processor failed on.

@@ -19,6 +19,21 @@ fn order(account: u32, amount: u64) -> Fixed<Order> {
     Fixed::new(&Order { account: account.into(), amount: amount.into() })
 }
 
+/// The key of `account`'s orders.
+fn key(account: u32) -> Option<String> {
+    Some(format!("account-{account}"))
+}
+
+/// Puts orders of 5, 7, 11 and 13 (accounts 0, 1, 0, 1) to each of `topics`.
+fn put_orders(test: &faust::TestContext, topics: &[&faust::Topic<String, Fixed<Order>>]) {
+    for (i, amount) in [5u64, 7, 11, 13].into_iter().enumerate() {
+        let account = i as u32 % 2;
+        for topic in topics {
+            test.put(topic, key(account).as_ref(), &order(account, amount)).unwrap();
+        }
+    }
+}
+
 #[test]
 fn fixed_records_are_topic_values_and_table_values() {
     let app = App::new(Settings::new("codecs-fixed"));
@@ -42,11 +57,7 @@ fn fixed_records_are_topic_values_and_table_values() {
     });
 
     let test = app.test_context().unwrap();
-    let key = |a: u32| Some(format!("account-{a}"));
-    for (i, amount) in [5u64, 7, 11, 13].into_iter().enumerate() {
-        let account = i as u32 % 2;
-        test.put(&orders, key(account).as_ref(), &order(account, amount)).unwrap();
-    }
+    put_orders(&test, &[&orders]);
     // Three bytes are not an `Order`: a bad record, skipped and counted.
     test.put(&raw_orders, key(0).as_ref(), &vec![1u8, 2, 3]).unwrap();
     test.put(&orders, key(1).as_ref(), &order(1, 100)).unwrap();
@@ -166,12 +177,7 @@ fn for_each_in_place_reads_fixed_records_and_rejects_bad_ones() {
     });
 
     let test = app.test_context().unwrap();
-    let key = |a: u32| Some(format!("account-{a}"));
-    for (i, amount) in [5u64, 7, 11, 13].into_iter().enumerate() {
-        let account = i as u32 % 2;
-        test.put(&orders, key(account).as_ref(), &order(account, amount)).unwrap();
-        test.put(&big, key(account).as_ref(), &order(account, amount)).unwrap();
-    }
+    put_orders(&test, &[&orders, &big]);
     // Thirteen bytes are not an `Order` (twelve): a bad record, skipped and counted.
     test.put(&raw_orders, key(0).as_ref(), &vec![0u8; 13]).unwrap();
     test.put(&orders, key(1).as_ref(), &order(1, 100)).unwrap();
