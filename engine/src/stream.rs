@@ -97,6 +97,10 @@ pub struct Stream<K, V> {
     /// and a `raw` value codec without transforms, so a fixed-layout value can be read in
     /// the fetched buffer itself ([`for_each_in_place`](Stream::for_each_in_place)).
     in_place: bool,
+    /// Whether the `for_each` family may decode a batch before processing it: not once a
+    /// processor has effects (`echo` sends), which must happen event by event, so that an
+    /// agent failing on an event has not yet sent for the events after it.
+    decode_ahead: bool,
 }
 
 impl<K, V> std::fmt::Debug for Stream<K, V> {
@@ -213,6 +217,7 @@ impl<K: DeserializeOwned + 'static, V: DeserializeOwned + 'static> Stream<K, V> 
         let in_place = value_codec.is_plain_raw();
         Stream {
             in_place,
+            decode_ahead: true,
             core: run.core.clone(),
             agent: run.agent,
             queue: run.queue.clone(),
@@ -274,6 +279,7 @@ impl<K: 'static, V: 'static> Stream<K, V> {
             max_record_bytes: self.max_record_bytes,
             keys: self.keys,
             in_place: false,
+            decode_ahead: self.decode_ahead,
             stage: Box::new(move |queued: &QueuedEvent| match previous(queued)? {
                 Some((k, v)) => next(k, v).map_err(Rejected::Failed),
                 None => Ok(None),
@@ -328,10 +334,12 @@ impl<K: 'static, V: 'static> Stream<K, V> {
     {
         let topic = topic.clone();
         self.keys.set(true);
-        self.then(move |k, v| {
+        let mut stream = self.then(move |k, v| {
             topic.send_soon(k.as_ref(), &v).map_err(|e| format!("echo to `{}`: {e}", topic.name()))?;
             Ok(Some((k, v)))
-        })
+        });
+        stream.decode_ahead = false;
+        stream
     }
 
     fn ack_current(&mut self) {
@@ -551,19 +559,24 @@ impl<K: 'static, V: 'static> Stream<K, V> {
             }
             self.queue.take_into(&mut hand.batch, BATCH - 1);
             // The whole batch is decoded first, then processed: each loop keeps its code and
-            // data in the caches (decoding reads nothing the processing writes).
-            decoded.extend(hand.batch.iter().map(|queued| match self.oversized(queued) {
-                Some(rejected) => Err(rejected),
-                None => decode(self, queued),
-            }));
-            for outcome in decoded.drain(..) {
-                let Some(queued) = hand.batch.front() else { break };
+            // data in the caches. Decoding reads nothing the processing writes; processors
+            // with effects turn it off (`decode_ahead`).
+            if self.decode_ahead {
+                decoded.extend(hand.batch.iter().map(|queued| self.outcome(queued, &decode)));
+            }
+            let mut ahead = decoded.drain(..);
+            while let Some(queued) = hand.batch.front() {
+                let decoded_ahead = ahead.next();
                 // A partition stopped at a bad record hands nothing more out (not acked
                 // either: the worker is stopping, and its offset stays at the bad record).
                 if self.core.halted(&queued.tp) {
                     hand.batch.pop_front();
                     continue;
                 }
+                let outcome = match decoded_ahead {
+                    Some(outcome) => outcome,
+                    None => self.outcome(queued, &decode),
+                };
                 let (tp, offset) = (&queued.tp, queued.record.offset);
                 match outcome {
                     Ok(Some(value)) => {
@@ -595,6 +608,18 @@ impl<K: 'static, V: 'static> Stream<K, V> {
             if let Some(slot) = &slot {
                 slot.set(None);
             }
+        }
+    }
+
+    /// What `decode` makes of `queued`, unless it is oversized.
+    fn outcome<D>(
+        &self,
+        queued: &QueuedEvent,
+        decode: &impl Fn(&Self, &QueuedEvent) -> Result<Option<D>, Rejected>,
+    ) -> Result<Option<D>, Rejected> {
+        match self.oversized(queued) {
+            Some(rejected) => Err(rejected),
+            None => decode(self, queued),
         }
     }
 

@@ -358,3 +358,23 @@ fn for_each_undoes_the_table_writes_of_an_event_it_failed_on() {
     assert_eq!(table.get("count"), Some(&20));
     test.stop().unwrap();
 }
+
+#[test]
+fn for_each_after_echo_sends_event_by_event() {
+    let failed = Arc::new(AtomicU32::new(0));
+    let f = failed.clone();
+    let (counts, transport) = run_agent(500, 501, move |stream, b| {
+        let failed = f.clone();
+        stream.echo(&b).for_each(move |v| {
+            if v == 250 && failed.fetch_add(1, Ordering::SeqCst) == 0 {
+                return Err("fails once".into());
+            }
+            Ok(())
+        })
+    });
+    // `echo` sent 250 before the agent failed on it, and again when it was retried; the events
+    // after it in the batch were not echoed before the failure, so once each.
+    let expected: BTreeMap<u64, usize> = (0..500).map(|v| (v, if v == 250 { 2 } else { 1 })).collect();
+    assert_eq!(counts, expected);
+    assert_committed_to_the_end(&transport);
+}
