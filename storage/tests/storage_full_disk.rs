@@ -45,6 +45,16 @@ impl Drop for SmallDisk {
     }
 }
 
+/// Held by each test for its whole run. The tests fork (`mount`, `umount`), and a forked child
+/// holds the parent's descriptors and mappings until it execs: space a concurrent test just
+/// freed by deleting its segments could still be held for that moment, and the test's next
+/// write fail with `ENOSPC` (seen once in CI).
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// `ENOSPC` on Linux.
 const ENOSPC: i32 = 28;
 
@@ -54,6 +64,7 @@ fn is_enospc(e: &Error) -> bool {
 
 #[test]
 fn store_reports_enospc_and_keeps_what_it_wrote() {
+    let _alone = one_at_a_time();
     let Some(disk) = SmallDisk::mount("512k") else { return };
     let dir = disk.path().join("store");
     let config = StoreConfig { segment_bytes: 64 << 10, ..StoreConfig::default() };
@@ -88,6 +99,7 @@ fn store_reports_enospc_and_keeps_what_it_wrote() {
 
 #[test]
 fn log_reports_enospc_and_reads_back_everything_before_it() {
+    let _alone = one_at_a_time();
     let Some(disk) = SmallDisk::mount("512k") else { return };
     let dir = disk.path().join("log");
     let config = LogConfig { segment_bytes: 64 << 10, ..LogConfig::default() };
