@@ -10,7 +10,7 @@ use zerocopy::{FromBytes, Immutable, KnownLayout, Unaligned};
 
 use crate::app::{AgentError, SendError, Topic};
 use crate::codec::{Codec, Fixed};
-use crate::context::{EventPosition, current_slot};
+use crate::context::{EventPosition, TaskSlot, current_slot};
 use crate::worker::{AgentRun, CoreRuntime, EventQueue, QueuedEvent};
 use faust_transport::Produced;
 
@@ -391,42 +391,57 @@ impl<K: 'static, V: 'static> Stream<K, V> {
             if self.core.halted(&queued.tp) {
                 continue;
             }
-            let outcome = match self.oversized(&queued) {
-                Some(rejected) => Err(rejected),
-                None => (self.stage)(&queued),
-            };
-            match outcome {
-                Ok(None) => self.core.ack(self.agent, &queued.tp, queued.record.offset),
-                Ok(Some((key, value))) => {
-                    if let Some(slot) = current_slot() {
-                        slot.set(Some(EventPosition {
-                            topic: queued.tp.topic.clone(),
-                            partition: queued.tp.partition,
-                            offset: queued.record.offset,
-                            timestamp: queued.record.timestamp,
-                        }));
-                    }
-                    if let Some(positions) = &self.positions
-                        && !self.admit(positions, &queued)
-                    {
-                        self.core.ack(self.agent, &queued.tp, queued.record.offset);
-                        if let Some(slot) = current_slot() {
-                            slot.set(None);
-                        }
-                        continue;
-                    }
-                    let event = Event::of(&queued, key, value, &self.core, self.agent);
-                    self.current.borrow_mut().push(queued);
-                    return Some(event);
-                }
-                Err(Rejected::Bad(part, reason)) => {
-                    if self.core.bad_record(&queued, part, reason) {
-                        self.core.ack(self.agent, &queued.tp, queued.record.offset);
-                    }
-                }
-                Err(Rejected::Failed(reason)) => self.skip_failed(&queued, &reason),
+            let outcome = self.outcome(&queued, &Self::decode);
+            if let Some((key, value)) = self.hand_out(current_slot().as_deref(), &queued, outcome) {
+                let event = Event::of(&queued, key, value, &self.core, self.agent);
+                self.current.borrow_mut().push(queued);
+                return Some(event);
             }
         }
+    }
+
+    /// What the stream does with a record's `outcome` before handing it out. A record the
+    /// processors filtered out is acked; a bad one goes to the bad-record policy; one a
+    /// processor failed on is logged and skipped. Otherwise the record becomes the task's
+    /// current event (in `slot`) and its value is returned, unless the repartition positions
+    /// say it was taken already: then it is acked and dropped.
+    fn hand_out<D>(
+        &self,
+        slot: Option<&TaskSlot>,
+        queued: &QueuedEvent,
+        outcome: Result<Option<D>, Rejected>,
+    ) -> Option<D> {
+        let (tp, offset) = (&queued.tp, queued.record.offset);
+        match outcome {
+            Ok(Some(value)) => {
+                if let Some(slot) = slot {
+                    slot.set(Some(EventPosition {
+                        topic: tp.topic.clone(),
+                        partition: tp.partition,
+                        offset,
+                        timestamp: queued.record.timestamp,
+                    }));
+                }
+                if let Some(positions) = &self.positions
+                    && !self.admit(positions, queued)
+                {
+                    self.core.ack(self.agent, tp, offset);
+                    if let Some(slot) = slot {
+                        slot.set(None);
+                    }
+                    return None;
+                }
+                return Some(value);
+            }
+            Ok(None) => self.core.ack(self.agent, tp, offset),
+            Err(Rejected::Bad(part, reason)) => {
+                if self.core.bad_record(queued, part, reason) {
+                    self.core.ack(self.agent, tp, offset);
+                }
+            }
+            Err(Rejected::Failed(reason)) => self.skip_failed(queued, &reason),
+        }
+        None
     }
 
     /// The next value, acking the previous event; `None` when the worker stops.
@@ -491,7 +506,7 @@ impl<K: 'static, V: 'static> Stream<K, V> {
     /// });
     /// ```
     pub async fn for_each(mut self, mut f: impl FnMut(V) -> Result<(), AgentError>) -> Result<(), AgentError> {
-        self.drive(|stream, queued| stream.decode(queued), |(_, value), _| f(value)).await
+        self.drive(Self::decode, |(_, value), _| f(value)).await
     }
 
     /// [`for_each`](Stream::for_each) with keys and values (as [`next_item`](Stream::next_item)
@@ -501,7 +516,7 @@ impl<K: 'static, V: 'static> Stream<K, V> {
         mut f: impl FnMut(Option<K>, V) -> Result<(), AgentError>,
     ) -> Result<(), AgentError> {
         self.keys.set(true);
-        self.drive(|stream, queued| stream.decode(queued), |(key, value), _| f(key, value)).await
+        self.drive(Self::decode, |(key, value), _| f(key, value)).await
     }
 
     /// [`for_each`](Stream::for_each) with whole events: the key, the value and where they
@@ -512,11 +527,8 @@ impl<K: 'static, V: 'static> Stream<K, V> {
     ) -> Result<(), AgentError> {
         self.keys.set(true);
         let (core, agent) = (self.core.clone(), self.agent);
-        self.drive(
-            |stream, queued| stream.decode(queued),
-            |(key, value), queued: &QueuedEvent| f(&Event::of(queued, key, value, &core, agent)),
-        )
-        .await
+        self.drive(Self::decode, |(key, value), queued: &QueuedEvent| f(&Event::of(queued, key, value, &core, agent)))
+            .await
     }
 
     /// The stream's processors on one record: the key (when asked for) and the value, or why
@@ -577,31 +589,10 @@ impl<K: 'static, V: 'static> Stream<K, V> {
                     Some(outcome) => outcome,
                     None => self.outcome(queued, &decode),
                 };
-                let (tp, offset) = (&queued.tp, queued.record.offset);
-                match outcome {
-                    Ok(Some(value)) => {
-                        if let Some(slot) = &slot {
-                            slot.set(Some(EventPosition {
-                                topic: tp.topic.clone(),
-                                partition: tp.partition,
-                                offset,
-                                timestamp: queued.record.timestamp,
-                            }));
-                        }
-                        let admitted = self.positions.as_ref().is_none_or(|p| self.admit(p, queued));
-                        if admitted {
-                            // On an error the event stays in hand; `hand` passes it on.
-                            call(value, queued)?;
-                        }
-                        self.core.ack(self.agent, tp, offset);
-                    }
-                    Ok(None) => self.core.ack(self.agent, tp, offset),
-                    Err(Rejected::Bad(part, reason)) => {
-                        if self.core.bad_record(queued, part, reason) {
-                            self.core.ack(self.agent, tp, offset);
-                        }
-                    }
-                    Err(Rejected::Failed(reason)) => self.skip_failed(queued, &reason),
+                if let Some(value) = self.hand_out(slot.as_deref(), queued, outcome) {
+                    // On an error the event stays in hand; `hand` passes it on.
+                    call(value, queued)?;
+                    self.core.ack(self.agent, &queued.tp, queued.record.offset);
                 }
                 hand.batch.pop_front();
             }
@@ -714,7 +705,7 @@ impl<K: 'static, R: FromBytes + KnownLayout + Immutable + Unaligned + 'static> S
         mut f: impl FnMut(&R) -> Result<(), AgentError>,
     ) -> Result<(), AgentError> {
         if !self.in_place {
-            return self.drive(|stream, queued| stream.decode(queued), |(_, value), _| f(&value)).await;
+            return self.drive(Self::decode, |(_, value), _| f(&value)).await;
         }
         self.drive(
             |_, queued| match &queued.record.value {
