@@ -315,49 +315,53 @@ async fn rs_produce(broker: String, topic: String, orders: Arc<Orders>) -> Bench
         .map_err(|e| format!("rskafka create {topic}: {e}"))?;
     let pcs = rs_partitions(&client, &topic).await?;
     let start = Instant::now();
-    let local = tokio::task::LocalSet::new();
-    let results = local
-        .run_until(async {
-            let tasks: Vec<_> = pcs
-                .iter()
-                .enumerate()
-                .map(|(p, pc)| {
-                    let (pc, orders) = (pc.clone(), orders.clone());
-                    tokio::task::spawn_local(async move {
-                        let ts = chrono::Utc.timestamp_millis_opt(now_ms()).single().unwrap_or_default();
-                        for chunk in orders.parts[p].chunks(BATCH) {
-                            let records = chunk
-                                .iter()
-                                .map(|(k, v)| rskafka::record::Record {
-                                    key: Some(k.clone()),
-                                    value: Some(v.clone()),
-                                    headers: BTreeMap::new(),
-                                    timestamp: ts,
-                                })
-                                .collect();
-                            pc.produce(records, Compression::NoCompression)
-                                .await
-                                .map_err(|e| format!("rskafka produce {p}: {e}"))?;
-                        }
-                        Ok::<(), String>(())
+    let results = on_each_partition(&pcs, |p, pc| {
+        let orders = orders.clone();
+        async move {
+            let ts = chrono::Utc.timestamp_millis_opt(now_ms()).single().unwrap_or_default();
+            for chunk in orders.parts[p].chunks(BATCH) {
+                let records = chunk
+                    .iter()
+                    .map(|(k, v)| rskafka::record::Record {
+                        key: Some(k.clone()),
+                        value: Some(v.clone()),
+                        headers: BTreeMap::new(),
+                        timestamp: ts,
                     })
-                })
-                .collect();
-            join_rs_tasks(tasks).await
-        })
-        .await;
+                    .collect();
+                pc.produce(records, Compression::NoCompression)
+                    .await
+                    .map_err(|e| format!("rskafka produce {p}: {e}"))?;
+            }
+            Ok::<(), String>(())
+        }
+    })
+    .await;
     let secs = start.elapsed().as_secs_f64();
     results.into_iter().collect::<BenchResult<Vec<()>>>()?;
     Ok(secs)
 }
 
-/// Each of rskafka's per-partition tasks' outcome, in order.
-async fn join_rs_tasks<T>(tasks: Vec<tokio::task::JoinHandle<BenchResult<T>>>) -> Vec<BenchResult<T>> {
-    let mut out = Vec::new();
-    for t in tasks {
-        out.push(t.await.map_err(|e| format!("rskafka task: {e}")).and_then(|r| r));
-    }
-    out
+/// Runs `task(p, client)` for each of rskafka's partition clients at once, as local tasks of
+/// the current-thread runtime, and returns each one's outcome, in partition order.
+async fn on_each_partition<T, F, Fut>(pcs: &[Rc<PartitionClient>], task: F) -> Vec<BenchResult<T>>
+where
+    T: 'static,
+    F: Fn(usize, Rc<PartitionClient>) -> Fut,
+    Fut: std::future::Future<Output = BenchResult<T>> + 'static,
+{
+    let local = tokio::task::LocalSet::new();
+    local
+        .run_until(async {
+            let tasks: Vec<_> =
+                pcs.iter().enumerate().map(|(p, pc)| tokio::task::spawn_local(task(p, pc.clone()))).collect();
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.map_err(|e| format!("rskafka task: {e}")).and_then(|r| r));
+            }
+            out
+        })
+        .await
 }
 
 /// rskafka's fetch, as `ours_fetch`.
@@ -368,35 +372,26 @@ async fn rs_fetch(broker: String, topic: String, ends: Vec<u64>) -> BenchResult<
         pc.fetch_records(0, 1..2, 1).await.map_err(|e| format!("rskafka fetch: {e}"))?;
     }
     let start = Instant::now();
-    let local = tokio::task::LocalSet::new();
-    let results = local
-        .run_until(async {
-            let tasks: Vec<_> = pcs
-                .iter()
-                .enumerate()
-                .map(|(p, pc)| {
-                    let (pc, end) = (pc.clone(), ends[p] as i64);
-                    tokio::task::spawn_local(async move {
-                        let (mut offset, mut seen) = (0i64, 0u64);
-                        while offset < end {
-                            let (records, _hw) = pc
-                                .fetch_records(offset, 1..FETCH_BYTES as i32, 100)
-                                .await
-                                .map_err(|e| format!("rskafka fetch {p}: {e}"))?;
-                            for r in records {
-                                if r.offset >= offset {
-                                    offset = r.offset + 1;
-                                    seen += 1;
-                                }
-                            }
-                        }
-                        Ok::<u64, String>(seen)
-                    })
-                })
-                .collect();
-            join_rs_tasks(tasks).await
-        })
-        .await;
+    let results = on_each_partition(&pcs, |p, pc| {
+        let end = ends[p] as i64;
+        async move {
+            let (mut offset, mut seen) = (0i64, 0u64);
+            while offset < end {
+                let (records, _hw) = pc
+                    .fetch_records(offset, 1..FETCH_BYTES as i32, 100)
+                    .await
+                    .map_err(|e| format!("rskafka fetch {p}: {e}"))?;
+                for r in records {
+                    if r.offset >= offset {
+                        offset = r.offset + 1;
+                        seen += 1;
+                    }
+                }
+            }
+            Ok::<u64, String>(seen)
+        }
+    })
+    .await;
     let secs = start.elapsed().as_secs_f64();
     let seen = results.into_iter().sum::<BenchResult<u64>>()?;
     Ok((secs, seen))
