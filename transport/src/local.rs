@@ -24,7 +24,7 @@ use std::io::{Read, Seek, Write};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -34,6 +34,7 @@ use futures_channel::oneshot;
 use glommio::channels::shared_channel::{self, ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender};
 use glommio::{GlommioError, ResourceType};
 
+use crate::closing::Closing;
 use crate::error::{Error, Result};
 use crate::types::{
     AssignmentEvent, Fence, Fetched, JoinRequest, OffsetSpec, Produced, TopicConfig, TopicMetadata, TopicPartition,
@@ -71,8 +72,7 @@ struct Shared {
     /// Per core: its senders to every other core and its receivers from them, taken when the
     /// core attaches.
     endpoints: Mutex<Vec<Option<Endpoints>>>,
-    closed: AtomicBool,
-    closed_event: Event,
+    closing: Closing,
 }
 
 impl std::fmt::Debug for Shared {
@@ -149,8 +149,7 @@ impl LocalTransport {
                 owners: RwLock::new(HashMap::new()),
                 owners_version: AtomicU64::new(0),
                 endpoints: Mutex::new(endpoints),
-                closed: AtomicBool::new(false),
-                closed_event: Event::new(),
+                closing: Closing::default(),
             }),
         })
     }
@@ -173,8 +172,7 @@ impl LocalTransport {
 
     /// Fails every pending and later request with [`Error::Closed`] and ends membership.
     pub fn close(&self) {
-        self.shared.closed.store(true, Ordering::Release);
-        self.shared.closed_event.notify(usize::MAX);
+        self.shared.closing.close();
     }
 
     fn topic_config(&self, name: &str) -> Option<TopicConfig> {
@@ -451,7 +449,7 @@ impl LocalCore {
     }
 
     fn check_open(&self) -> Result<()> {
-        if self.transport.shared.closed.load(Ordering::Acquire) { Err(Error::Closed) } else { Ok(()) }
+        self.transport.shared.closing.check()
     }
 
     fn with_log<T>(&self, tp: &TopicPartition, f: impl FnOnce(&mut Log) -> Result<T>) -> Result<T> {
@@ -680,13 +678,8 @@ impl Membership for LocalMembership {
             }
             return Ok(AssignmentEvent::Assigned { generation: 1, partitions });
         }
-        loop {
-            let listener = self.transport.shared.closed_event.listen();
-            if self.transport.shared.closed.load(Ordering::Acquire) {
-                return Err(Error::Closed);
-            }
-            listener.await;
-        }
+        self.transport.shared.closing.wait().await;
+        Err(Error::Closed)
     }
 
     async fn revoked(&mut self, _generation: u64) -> Result<()> {

@@ -27,7 +27,6 @@ use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use event_listener::Event;
@@ -42,6 +41,7 @@ use kafka_protocol::protocol::StrBytes;
 use self::connection::{About, Connection};
 use self::metadata::Cluster;
 pub(crate) use self::protocol::code_name;
+use crate::closing::Closing;
 use crate::error::{Error, Result};
 use crate::types::{
     AssignmentEvent, Fence, Fetched, JoinRequest, OffsetSpec, Produced, TopicConfig, TopicMetadata, TopicPartition,
@@ -145,8 +145,7 @@ struct Shared {
     bootstrap: Vec<Arc<str>>,
     options: KafkaOptions,
     client_id: Arc<str>,
-    closed: AtomicBool,
-    closed_event: Event,
+    closing: Closing,
 }
 
 /// The Kafka transport (`kafka://host:port[,host:port]`).
@@ -197,8 +196,7 @@ impl KafkaTransport {
                 bootstrap,
                 options,
                 client_id,
-                closed: AtomicBool::new(false),
-                closed_event: Event::new(),
+                closing: Closing::default(),
             }),
         })
     }
@@ -215,8 +213,7 @@ impl KafkaTransport {
 
     /// Fails every later request with [`Error::Closed`] and ends membership.
     pub fn close(&self) {
-        self.shared.closed.store(true, Ordering::Release);
-        self.shared.closed_event.notify(usize::MAX);
+        self.shared.closing.close();
     }
 
     /// A core handle for the calling glommio executor, outside a worker (tests, tools).
@@ -349,7 +346,7 @@ impl KafkaCore {
     }
 
     fn check_open(&self) -> Result<()> {
-        if self.closed.get() || self.shared.closed.load(Ordering::Acquire) { Err(Error::Closed) } else { Ok(()) }
+        if self.closed.get() { Err(Error::Closed) } else { self.shared.closing.check() }
     }
 
     /// A live connection to `broker` on `lane`, opened if needed. Requests that need one
@@ -665,9 +662,7 @@ impl Membership for KafkaMembership {
     async fn next_event(&mut self) -> Result<AssignmentEvent> {
         let shared = self.transport.shared.clone();
         if !self.assigned {
-            if shared.closed.load(Ordering::Acquire) {
-                return Err(Error::Closed);
-            }
+            shared.closing.check()?;
             let counts = self.partition_counts()?;
             let mut partitions = Vec::new();
             for name in &self.topics {
@@ -690,13 +685,8 @@ impl Membership for KafkaMembership {
             self.assigned = true;
             return Ok(AssignmentEvent::Assigned { generation: 1, partitions });
         }
-        loop {
-            let listener = shared.closed_event.listen();
-            if shared.closed.load(Ordering::Acquire) {
-                return Err(Error::Closed);
-            }
-            listener.await;
-        }
+        shared.closing.wait().await;
+        Err(Error::Closed)
     }
 
     async fn revoked(&mut self, _generation: u64) -> Result<()> {
