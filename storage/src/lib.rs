@@ -33,6 +33,7 @@ mod error;
 mod files;
 mod format;
 mod log;
+mod repair;
 mod segment;
 mod store;
 
@@ -41,4 +42,5 @@ pub use crate::format::{BatchBuilder, BuiltRecord, BuiltRecords, Header};
 pub use crate::log::{
     Appended, Batch, CompactionOutcome, Headers, Log, LogConfig, MAX_SEGMENT_BYTES, Record, Records, RetentionOutcome,
 };
+pub use crate::repair::RepairReport;
 pub use crate::store::{Checkpoint, CompactionProgress, Store, StoreConfig, StoreStats, SyncPolicy, WriteBatch};

@@ -379,6 +379,30 @@ impl Log {
         Log::open_with(dir.as_ref(), config, OpenMode::Log, true)
     }
 
+    /// Repairs the log in `dir` after its durable data was found damaged (an open or a read
+    /// failed with [`Error::Corruption`] or [`Error::Inconsistent`]): rewrites every damaged
+    /// segment without its damaged batches, keeping the offsets of everything else, and moves
+    /// the damaged originals to `dir/damaged/`. What was lost is in the report. A log with no
+    /// damage is left as it is. The log must not be open.
+    ///
+    /// ```
+    /// use faust_storage::{BatchBuilder, Log, LogConfig};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let mut log = Log::open(dir.path(), LogConfig::default())?;
+    /// let mut batch = BatchBuilder::new();
+    /// batch.push(0, None, Some(b"hello"), &[]);
+    /// log.append(&mut batch)?;
+    /// log.sync()?;
+    /// drop(log);
+    /// let report = Log::repair(dir.path(), LogConfig::default())?;
+    /// assert!(report.is_clean());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn repair(dir: impl AsRef<Path>, config: LogConfig) -> Result<crate::RepairReport> {
+        crate::repair::repair(dir.as_ref(), &config)
+    }
+
     pub(crate) fn open_with(dir: &Path, config: LogConfig, mode: OpenMode, lock: bool) -> Result<Log> {
         config.validate()?;
         std::fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
@@ -396,7 +420,7 @@ impl Log {
             dir_dirty: false,
         };
         if let OpenMode::Log = mode {
-            (log.recovery_seq, log.recovery_point) = log.read_recovery_point()?;
+            (log.recovery_seq, log.recovery_point) = read_recovery_point(&log.dir)?;
             log.open_recovery_point_file()?;
         }
         log.load(mode)?;
@@ -404,34 +428,8 @@ impl Log {
     }
 
     fn load(&mut self, mode: OpenMode) -> Result<()> {
-        let mut bases = Vec::new();
-        let entries = std::fs::read_dir(&self.dir).map_err(|e| Error::io("list", &self.dir, e))?;
-        let mut swaps = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|e| Error::io("list", &self.dir, e))?;
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else { continue };
-            if let Some(base) = parse_segment_name(name, ".log") {
-                bases.push(base);
-            } else if parse_segment_name(name, ".cleaned").is_some() || name.ends_with(".tmp") {
-                // An unfinished compaction or file replacement: the originals are intact.
-                remove_file(&entry.path())?;
-            } else if let Some(base) = parse_segment_name(name, ".swap") {
-                swaps.push(base);
-            }
-        }
-        // A finished compaction whose swap was interrupted: its output is complete and synced,
-        // so finish installing it (it replaces the segment with the same base).
-        for base in swaps {
-            let from = self.dir.join(format!("{base:020}.swap"));
-            let to = self.dir.join(segment_file_name(base));
-            std::fs::rename(&from, &to).map_err(|e| Error::io("finish compaction swap", &from, e))?;
-            if !bases.contains(&base) {
-                bases.push(base);
-            }
-            self.dir_dirty = true;
-        }
-        bases.sort_unstable();
+        let (bases, finished_swaps) = tidy_leftovers(&self.dir)?;
+        self.dir_dirty |= finished_swaps;
 
         let trust = match mode {
             OpenMode::Log => self.recovery_point,
@@ -759,26 +757,6 @@ impl Log {
         Ok(())
     }
 
-    // The recovery point lives in two checksummed slots written alternately, so a torn write
-    // of one leaves the other. It is written after the data it covers was synced and is not
-    // synced itself: a stale recovery point only means more of the tail is treated as
-    // possibly torn.
-    fn read_recovery_point(&self) -> Result<(u64, u64)> {
-        let path = self.dir.join(RECOVERY_POINT_FILE);
-        let Some(b) = crate::files::read_optional(&path)? else { return Ok((0, 0)) };
-        let mut best = (0, 0);
-        for slot in b.chunks_exact(32).take(2) {
-            let crc = crate::format::read_u32(slot, 24);
-            if crc32c::crc32c(&slot[..24]) == crc {
-                let seq = crate::format::read_u64(slot, 0);
-                if seq >= best.0 {
-                    best = (seq, crate::format::read_u64(slot, 8));
-                }
-            }
-        }
-        Ok(best)
-    }
-
     /// Opens the recovery-point file, created at its full size so that a sync never needs new
     /// disk space (a sync on a full disk must still work), and keeps it for `sync`.
     fn open_recovery_point_file(&mut self) -> Result<()> {
@@ -963,6 +941,59 @@ impl Log {
     pub(crate) fn attach_lock(&mut self, lock: DirLock) {
         self._lock = Some(lock);
     }
+}
+
+/// Lists the segment files of a log directory (their base offsets, sorted), after tidying up
+/// what an interrupted compaction, repair or file replacement left: unfinished outputs
+/// (`.cleaned`, `.tmp`) are deleted, since the originals are intact, and finished ones
+/// (`.swap`) are installed over the segment with the same base. Also says whether it renamed
+/// anything (the directory then needs a sync).
+pub(crate) fn tidy_leftovers(dir: &Path) -> Result<(Vec<u64>, bool)> {
+    let mut bases = Vec::new();
+    let mut swaps = Vec::new();
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io("list", dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io("list", dir, e))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(base) = parse_segment_name(name, ".log") {
+            bases.push(base);
+        } else if parse_segment_name(name, ".cleaned").is_some() || name.ends_with(".tmp") {
+            remove_file(&entry.path())?;
+        } else if let Some(base) = parse_segment_name(name, ".swap") {
+            swaps.push(base);
+        }
+    }
+    let renamed = !swaps.is_empty();
+    for base in swaps {
+        let from = dir.join(format!("{base:020}.swap"));
+        let to = dir.join(segment_file_name(base));
+        std::fs::rename(&from, &to).map_err(|e| Error::io("finish compaction swap", &from, e))?;
+        if !bases.contains(&base) {
+            bases.push(base);
+        }
+    }
+    bases.sort_unstable();
+    Ok((bases, renamed))
+}
+
+// The recovery point lives in two checksummed slots written alternately, so a torn write of
+// one leaves the other. It is written after the data it covers was synced and is not synced
+// itself: a stale recovery point only means more of the tail is treated as possibly torn.
+pub(crate) fn read_recovery_point(dir: &Path) -> Result<(u64, u64)> {
+    let path = dir.join(RECOVERY_POINT_FILE);
+    let Some(b) = crate::files::read_optional(&path)? else { return Ok((0, 0)) };
+    let mut best = (0, 0);
+    for slot in b.chunks_exact(32).take(2) {
+        let crc = crate::format::read_u32(slot, 24);
+        if crc32c::crc32c(&slot[..24]) == crc {
+            let seq = crate::format::read_u64(slot, 0);
+            if seq >= best.0 {
+                best = (seq, crate::format::read_u64(slot, 8));
+            }
+        }
+    }
+    Ok(best)
 }
 
 #[cfg(test)]

@@ -290,9 +290,10 @@ impl Segment {
         if end <= self.allocated {
             return Ok(());
         }
-        // Reserve in chunks of at least 1 MiB (or an eighth of the capacity) so that appends
-        // rarely pay for it, and never past the mapping.
-        let chunk = (self.capacity / 8).clamp(1 << 20, 8 << 20);
+        // Reserve in chunks that grow with the file (64 KiB at first, doubling up to an eighth
+        // of the capacity, at most 8 MiB), so that appends rarely pay for it while an empty
+        // log takes almost no disk; never past the mapping.
+        let chunk = self.allocated.clamp(64 << 10, (self.capacity / 8).clamp(64 << 10, 8 << 20));
         let target = end.max(self.allocated + chunk).min(self.capacity).max(end);
         reserve(&self.file, self.allocated, target, &self.path)?;
         self.allocated = target;

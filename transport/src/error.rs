@@ -94,6 +94,17 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A file the transport trusts (committed offsets, a topic's settings) is damaged: its
+    /// checksum does not match, it is cut short, or it does not parse.
+    #[error("{path} is damaged ({reason}); {remedy}")]
+    DamagedFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+        /// What the operator can do.
+        remedy: &'static str,
+    },
     /// A topic name Kafka would refuse (1 to 249 of `[a-zA-Z0-9._-]`, not `.` or `..`).
     #[error("invalid topic name `{name}`: use 1 to 249 characters of a-z, A-Z, 0-9, `.`, `_` and `-`")]
     InvalidTopicName {
@@ -192,6 +203,31 @@ pub enum Error {
 }
 
 impl Error {
+    /// The partition whose log is damaged, when this error reports damaged data of a log (an
+    /// open or a read of the embedded transport found corrupt or inconsistent data below what
+    /// was made durable). Such a log needs a repair
+    /// ([`LocalCore::repair`](crate::LocalCore::repair)); retrying does not help.
+    pub fn damaged_log(&self) -> Option<&TopicPartition> {
+        match self {
+            Error::Storage { tp, source } if source.is_corruption() => Some(tp),
+            Error::Produce { source, .. } => source.damaged_log(),
+            _ => None,
+        }
+    }
+
+    /// Whether this error says the disk is full (`ENOSPC`), however deep it is wrapped.
+    pub fn is_disk_full(&self) -> bool {
+        const ENOSPC: i32 = 28;
+        match self {
+            Error::Io { source, .. } => source.raw_os_error() == Some(ENOSPC),
+            Error::Storage { source: faust_storage::Error::Io { source, .. }, .. } => {
+                source.raw_os_error() == Some(ENOSPC)
+            }
+            Error::Produce { source, .. } => source.is_disk_full(),
+            _ => false,
+        }
+    }
+
     /// Takes the batch back out of a failed produce.
     pub fn into_batch(self) -> Option<BatchBuilder> {
         match self {

@@ -16,6 +16,7 @@
 //! [`Record`]s whose keys and values are slices of the fetched buffer.
 
 mod assign;
+mod checked_file;
 mod closing;
 mod error;
 mod group;

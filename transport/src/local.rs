@@ -34,6 +34,7 @@ use futures_channel::oneshot;
 use glommio::channels::shared_channel::{self, ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender};
 use glommio::{GlommioError, ResourceType};
 
+use crate::checked_file::Damage;
 use crate::closing::Closing;
 use crate::error::{Error, Result};
 use crate::types::{
@@ -185,34 +186,39 @@ fn io(op: &'static str, path: &Path, source: std::io::Error) -> Error {
 }
 
 fn encode_meta(config: &TopicConfig) -> String {
-    format!(
+    crate::checked_file::seal(&format!(
         "partitions={}\ncompacted={}\nretention_ms={}\nretention_bytes={}\n",
         config.partitions,
         config.compacted,
         config.retention.map(|d| d.as_millis().to_string()).unwrap_or_default(),
         config.retention_bytes.map(|b| b.to_string()).unwrap_or_default(),
-    )
+    ))
 }
 
-fn decode_meta(text: &str, path: &Path) -> Result<TopicConfig> {
-    let bad = |what: &str| Error::Io {
-        op: "parse topic settings",
-        path: path.to_path_buf(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string()),
-    };
+/// What to do about a topic's settings file that is damaged along with its copy.
+const META_REMEDY: &str = "restore the file (its copy is topic.meta.prev: `partitions=N`, `compacted=true|false`, `retention_ms=`, `retention_bytes=`, then a `crc32c` line), or delete the topic's directory to create the topic again empty";
+
+fn decode_meta(text: &str) -> std::result::Result<TopicConfig, Damage> {
+    let bad = |what: &str| Damage(what.to_string());
     let mut config = TopicConfig::new(0);
     for line in text.lines() {
-        let Some((k, v)) = line.split_once('=') else { continue };
+        let (k, v) = line.split_once('=').ok_or_else(|| bad(&format!("line `{line}` is not `name=value`")))?;
         match k {
             "partitions" => config.partitions = v.parse().map_err(|_| bad("bad partition count"))?,
-            "compacted" => config.compacted = v == "true",
-            "retention_ms" if !v.is_empty() => {
+            "compacted" => {
+                config.compacted = match v {
+                    "true" => true,
+                    "false" => false,
+                    _ => return Err(bad("bad `compacted`")),
+                }
+            }
+            "retention_ms" if v.is_empty() => {}
+            "retention_ms" => {
                 config.retention = Some(Duration::from_millis(v.parse().map_err(|_| bad("bad retention"))?))
             }
-            "retention_bytes" if !v.is_empty() => {
-                config.retention_bytes = Some(v.parse().map_err(|_| bad("bad retention bytes"))?)
-            }
-            _ => {}
+            "retention_bytes" if v.is_empty() => {}
+            "retention_bytes" => config.retention_bytes = Some(v.parse().map_err(|_| bad("bad retention bytes"))?),
+            other => return Err(bad(&format!("unknown setting `{other}`"))),
         }
     }
     if config.partitions == 0 {
@@ -221,31 +227,41 @@ fn decode_meta(text: &str, path: &Path) -> Result<TopicConfig> {
     Ok(config)
 }
 
+/// Reads a topic's settings, from the copy when the file is damaged (and then mends the file).
+fn read_meta(path: &Path) -> Result<Option<TopicConfig>> {
+    let Some((config, damage)) =
+        crate::checked_file::read_with_fallback(path, META_REMEDY, |text, _sealed| decode_meta(text))?
+    else {
+        return Ok(None);
+    };
+    if let Some(damage) = damage {
+        tracing::warn!(path = %path.display(), reason = %damage.0, "a topic's settings file is damaged; using its copy and mending it");
+        crate::checked_file::write(path, encode_meta(&config).as_bytes(), false)?;
+    }
+    Ok(Some(config))
+}
+
+/// Writes a topic's settings and a copy of them (see [`read_meta`]).
+fn write_meta(path: &Path, config: &TopicConfig) -> Result<()> {
+    let text = encode_meta(config);
+    crate::checked_file::write(path, text.as_bytes(), false)?;
+    crate::checked_file::write(&crate::checked_file::previous_path(path), text.as_bytes(), false)
+}
+
 fn load_topics(root: &Path) -> Result<HashMap<Arc<str>, TopicConfig>> {
     let mut topics = HashMap::new();
     for entry in std::fs::read_dir(root).map_err(|e| io("list", root, e))? {
         let entry = entry.map_err(|e| io("list", root, e))?;
         let meta = entry.path().join(TOPIC_META);
         let Some(name) = entry.file_name().to_str().map(str::to_string) else { continue };
-        if validate_topic_name(&name).is_err() || !meta.exists() {
+        if validate_topic_name(&name).is_err() || !entry.path().is_dir() {
             continue;
         }
-        let text = std::fs::read_to_string(&meta).map_err(|e| io("read", &meta, e))?;
-        topics.insert(Arc::from(name.as_str()), decode_meta(&text, &meta)?);
+        if let Some(config) = read_meta(&meta)? {
+            topics.insert(Arc::from(name.as_str()), config);
+        }
     }
     Ok(topics)
-}
-
-fn write_atomically(path: &Path, contents: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(|e| io("create", &tmp, e))?;
-    f.write_all(contents).map_err(|e| io("write", &tmp, e))?;
-    f.sync_data().map_err(|e| io("fdatasync", &tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| io("rename into place", path, e))?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io("fsync directory", dir, e))?;
-    }
-    Ok(())
 }
 
 /// The exclusive lock on the transport directory, with the holder's pid in the file.
@@ -384,6 +400,16 @@ impl Appender {
     }
 }
 
+/// How a topic's partition logs are laid out and cleaned.
+fn log_config(config: &TopicConfig) -> LogConfig {
+    LogConfig {
+        compact: config.compacted,
+        retention: config.retention,
+        retention_bytes: config.retention_bytes,
+        ..LogConfig::default()
+    }
+}
+
 fn open_log<'a>(
     transport: &LocalTransport,
     logs: &'a mut HashMap<TopicPartition, Log>,
@@ -396,13 +422,7 @@ fn open_log<'a>(
             return Err(Error::UnknownPartition { tp: tp.clone() });
         }
         let dir = transport.shared.root.join(&*tp.topic).join(tp.partition.to_string());
-        let log_config = LogConfig {
-            compact: config.compacted,
-            retention: config.retention,
-            retention_bytes: config.retention_bytes,
-            ..LogConfig::default()
-        };
-        let log = Log::open(&dir, log_config).map_err(|source| Error::Storage { tp: tp.clone(), source })?;
+        let log = Log::open(&dir, log_config(&config)).map_err(|source| Error::Storage { tp: tp.clone(), source })?;
         logs.insert(tp.clone(), log);
     }
     logs.get_mut(tp).ok_or_else(|| Error::UnknownPartition { tp: tp.clone() })
@@ -452,6 +472,40 @@ impl LocalCore {
         self.transport.shared.closing.check()
     }
 
+    /// Repairs the log of `tp` after it was found damaged ([`Error::damaged_log`]): closes it
+    /// if it is open, rewrites its damaged segments without the damaged batches (keeping the
+    /// offsets of everything else, and the damaged originals in the partition's `damaged/`
+    /// directory: see [`faust_storage::Log::repair`]), and opens it again. Runs on the core
+    /// that owns `tp`. What was lost is in the report.
+    pub fn repair(&self, tp: &TopicPartition) -> Result<faust_storage::RepairReport> {
+        let owner = self.owner(tp);
+        if owner != self.core {
+            return Err(Error::NotOwner { tp: tp.clone(), core: self.core, owner });
+        }
+        let config = self
+            .transport
+            .topic_config(&tp.topic)
+            .ok_or_else(|| Error::UnknownTopic { topic: tp.topic.to_string() })?;
+        if tp.partition >= config.partitions {
+            return Err(Error::UnknownPartition { tp: tp.clone() });
+        }
+        let mut logs = self.logs.borrow_mut();
+        // Synced first, so that everything it took (and may have handed out) counts as durable:
+        // damage anywhere below its end is then repaired as a gap, never cut as a torn tail
+        // that would move the end back. Records handed out before keep their mapping; the
+        // files are replaced underneath.
+        if let Some(mut log) = logs.remove(tp)
+            && let Err(e) = log.sync()
+        {
+            tracing::warn!(partition = %tp, error = %e, "syncing a damaged log before its repair failed");
+        }
+        let dir = self.transport.shared.root.join(&*tp.topic).join(tp.partition.to_string());
+        let report = faust_storage::Log::repair(&dir, log_config(&config))
+            .map_err(|source| Error::Storage { tp: tp.clone(), source })?;
+        open_log(&self.transport, &mut logs, tp)?;
+        Ok(report)
+    }
+
     fn with_log<T>(&self, tp: &TopicPartition, f: impl FnOnce(&mut Log) -> Result<T>) -> Result<T> {
         let owner = self.owner(tp);
         if owner != self.core {
@@ -482,7 +536,7 @@ impl CoreTransport for LocalCore {
         }
         let dir = shared.root.join(name);
         std::fs::create_dir_all(&dir).map_err(|e| io("create directory", &dir, e))?;
-        write_atomically(&dir.join(TOPIC_META), encode_meta(config).as_bytes())?;
+        write_meta(&dir.join(TOPIC_META), config)?;
         topics.insert(Arc::from(name), config.clone());
         Ok(TopicMetadata { name: Arc::from(name), config: config.clone() })
     }
@@ -580,11 +634,7 @@ impl CoreTransport for LocalCore {
             for (tp, offset) in offsets {
                 committed.insert(tp.clone(), *offset);
             }
-            let mut text = String::new();
-            for (tp, offset) in committed.iter() {
-                text.push_str(&format!("{}\t{}\t{}\n", tp.topic, tp.partition, offset));
-            }
-            (text, shared.commit_version.fetch_add(1, Ordering::AcqRel) + 1)
+            (encode_offsets(committed), shared.commit_version.fetch_add(1, Ordering::AcqRel) + 1)
         };
         // The fsyncs take milliseconds: they run on the executor's blocking thread, so the
         // core keeps processing (and its latency stays flat) while the file is written.
@@ -597,7 +647,7 @@ impl CoreTransport for LocalCore {
                 }
                 let dir = shared.root.join(".groups");
                 std::fs::create_dir_all(&dir).map_err(|e| io("create directory", &dir, e))?;
-                write_atomically(&dir.join(format!("{group}.offsets")), text.as_bytes())?;
+                crate::checked_file::write(&dir.join(format!("{group}.offsets")), text.as_bytes(), true)?;
                 written.insert(group, version);
                 Ok(())
             })
@@ -629,6 +679,40 @@ impl CoreTransport for LocalCore {
     }
 }
 
+/// The committed offsets file's first line (files written before it had no such line).
+const OFFSETS_HEADER: &str = "faust-offsets 2";
+/// What to do about a group's offsets file that is damaged along with its previous copy.
+const OFFSETS_REMEDY: &str = "delete it and its .prev copy to process every source again from its earliest offset (the tables are rebuilt to match)";
+
+fn encode_offsets(committed: &BTreeMap<TopicPartition, u64>) -> String {
+    let mut text = format!("{OFFSETS_HEADER}\n");
+    for (tp, offset) in committed {
+        text.push_str(&format!("{}\t{}\t{}\n", tp.topic, tp.partition, offset));
+    }
+    crate::checked_file::seal(&text)
+}
+
+fn decode_offsets(text: &str, sealed: bool) -> std::result::Result<BTreeMap<TopicPartition, u64>, Damage> {
+    let mut lines = text.lines().peekable();
+    if sealed && lines.next() != Some(OFFSETS_HEADER) {
+        return Err(Damage(format!("the first line is not `{OFFSETS_HEADER}`")));
+    }
+    let mut map = BTreeMap::new();
+    for line in lines {
+        let mut parts = line.split('\t');
+        let parsed = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some(t), Some(p), Some(o), None) if validate_topic_name(t).is_ok() => {
+                p.parse::<u32>().ok().zip(o.parse::<u64>().ok()).map(|(p, o)| (TopicPartition::new(t, p), o))
+            }
+            _ => None,
+        };
+        let (tp, offset) =
+            parsed.ok_or_else(|| Damage(format!("line `{line}` is not `topic<TAB>partition<TAB>offset`")))?;
+        map.insert(tp, offset);
+    }
+    Ok(map)
+}
+
 fn load_group<'a>(
     root: &Path,
     all: &'a mut HashMap<String, BTreeMap<TopicPartition, u64>>,
@@ -636,22 +720,17 @@ fn load_group<'a>(
 ) -> Result<&'a mut BTreeMap<TopicPartition, u64>> {
     if !all.contains_key(group) {
         let path = root.join(".groups").join(format!("{group}.offsets"));
-        let mut map = BTreeMap::new();
-        match std::fs::read_to_string(&path) {
-            Ok(text) => {
-                for line in text.lines() {
-                    let mut parts = line.split('\t');
-                    let (Some(t), Some(p), Some(o)) = (parts.next(), parts.next(), parts.next()) else {
-                        continue;
-                    };
-                    if let (Ok(p), Ok(o)) = (p.parse(), o.parse()) {
-                        map.insert(TopicPartition::new(t, p), o);
-                    }
-                }
+        let map = match crate::checked_file::read_with_fallback(&path, OFFSETS_REMEDY, decode_offsets)? {
+            None => BTreeMap::new(),
+            Some((map, None)) => map,
+            Some((map, Some(damage))) => {
+                // The previous commit is a complete, consistent state: the events after it are
+                // processed again and the tables recovered to match it.
+                tracing::warn!(path = %path.display(), reason = %damage.0,
+                    "the committed offsets file is damaged; using the previous commit from its .prev copy (events since then are processed again)");
+                map
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io("read", &path, e)),
-        }
+        };
         all.insert(group.to_string(), map);
     }
     all.get_mut(group).ok_or(Error::Closed)
