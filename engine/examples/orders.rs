@@ -104,16 +104,26 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// The run without arguments: generate, count, report, stop.
+/// Orders the generator writes between two records of its progress.
+const PROGRESS_EVERY: u64 = 50_000;
+
+/// The account of order `id` (the generator's orders are a function of their id).
+fn account_of(id: u64, accounts: u64) -> String {
+    format!("account-{}", id.wrapping_mul(0x9e37_79b9_7f4a_7c15) % accounts)
+}
+
+/// The run without arguments: generate, count, report, check, stop.
 fn run_alone() -> Result<(), Box<dyn std::error::Error>> {
-    // Warnings and errors to stderr (RUST_LOG=info for more); the command line sets up its
-    // own logging (`--log-level`).
+    // Warnings and errors to stderr (RUST_LOG=info for more), in colour only on a terminal;
+    // the command line sets up its own logging (`--log-level`).
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).try_init();
     let orders_total = env_u64("ORDERS", 1_000_000)?;
     let accounts = env_u64("ACCOUNTS", 10_000)?.max(1);
     let temp = tempfile::tempdir()?;
-    let datadir = std::env::var("ORDERS_DATADIR").map(PathBuf::from).unwrap_or_else(|_| temp.path().join("data"));
+    let kept = std::env::var("ORDERS_DATADIR").ok().map(PathBuf::from);
+    let datadir = kept.clone().unwrap_or_else(|| temp.path().join("data"));
     let mut settings = Settings::new("orders").from_env()?;
     settings.datadir = datadir.clone();
     let app = App::new(settings);
@@ -121,33 +131,48 @@ fn run_alone() -> Result<(), Box<dyn std::error::Error>> {
     app.stop_on_signals()?;
     let (orders, order_count) = declare(&app);
 
-    // The generator, resuming from its recorded progress.
+    // The generator, resuming from its recorded progress. A write it cannot make (a full
+    // disk) ends the run with that error: its orders stay buffered until then, so nothing
+    // that was recorded as written is lost, and a rerun on the same data directory resumes.
+    let progress_file = datadir.join("generator.progress");
+    let resumed_from: u64 =
+        std::fs::read_to_string(&progress_file).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
     let generated_all = Arc::new(AtomicBool::new(false));
+    let generator_failed: Arc<Mutex<Option<String>>> = Arc::default();
     {
-        let (orders, done, progress_file) = (orders.clone(), generated_all.clone(), datadir.join("generator.progress"));
+        let (orders, done, failed, stop) =
+            (orders.clone(), generated_all.clone(), generator_failed.clone(), app.stop_signal());
         app.task(move || {
-            let (orders, done, progress_file) = (orders.clone(), done.clone(), progress_file.clone());
+            let (orders, done, failed, stop, progress_file) =
+                (orders.clone(), done.clone(), failed.clone(), stop.clone(), progress_file.clone());
             async move {
-                let from: u64 =
-                    std::fs::read_to_string(&progress_file).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
-                for id in from..orders_total {
-                    let h = id.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                    let order = Order {
-                        account_id: format!("account-{}", h % accounts),
-                        product_id: format!("product-{}", (h >> 24) % 1_000),
-                        amount: 1 + ((h >> 40) % 10) as u32,
-                        price: ((h >> 12) % 100_000) as f64 / 100.0,
-                    };
-                    orders.send_soon(Some(&format!("order-{id}")), &order)?;
-                    if (id + 1) % 50_000 == 0 || id + 1 == orders_total {
-                        // Durable first, then recorded: a restart may repeat orders, never skip.
-                        faust::runtime::flush().await?;
-                        std::fs::write(&progress_file, (id + 1).to_string())?;
-                    } else if id % 4096 == 0 {
-                        faust::runtime::yield_if_needed().await;
+                let generate = async {
+                    for id in resumed_from..orders_total {
+                        let h = id.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                        let order = Order {
+                            account_id: account_of(id, accounts),
+                            product_id: format!("product-{}", (h >> 24) % 1_000),
+                            amount: 1 + ((h >> 40) % 10) as u32,
+                            price: ((h >> 12) % 100_000) as f64 / 100.0,
+                        };
+                        orders.send_soon(Some(&format!("order-{id}")), &order)?;
+                        if (id + 1) % PROGRESS_EVERY == 0 || id + 1 == orders_total {
+                            // Durable first, then recorded: a restart may repeat orders, never skip.
+                            faust::runtime::flush().await?;
+                            std::fs::write(&progress_file, (id + 1).to_string())?;
+                        } else if id % 4096 == 0 {
+                            faust::runtime::yield_if_needed().await;
+                        }
+                    }
+                    Ok::<(), Box<dyn std::error::Error>>(())
+                };
+                match generate.await {
+                    Ok(()) => done.store(true, Ordering::SeqCst),
+                    Err(e) => {
+                        *failed.lock().map_err(|_| "poisoned")? = Some(e.to_string());
+                        stop.stop();
                     }
                 }
-                done.store(true, Ordering::SeqCst);
                 Ok(())
             }
         });
@@ -205,18 +230,39 @@ fn run_alone() -> Result<(), Box<dyn std::error::Error>> {
             finished_at
         })
     };
-    app.run()?;
+    let ran = app.run();
     let finished_at = watcher.join().map_err(|_| "watcher panicked")?;
+    if let Some(e) = generator_failed.lock().map_err(|_| "poisoned")?.take() {
+        let resume = match &kept {
+            Some(dir) => format!("rerun with ORDERS_DATADIR={} to resume", dir.display()),
+            None => "set ORDERS_DATADIR to keep the state and resume after such a stop".to_string(),
+        };
+        return Err(format!("writing the orders failed: {e}; the run stopped ({resume})").into());
+    }
+    ran?;
 
     let all: BTreeMap<String, u64> =
         dump.lock().map_err(|_| "poisoned")?.values().flat_map(|items| items.iter().cloned()).collect();
     let total: u64 = all.values().sum();
-    println!("{total} orders counted across {} accounts (state in {})", all.len(), datadir.display());
-    if let Some(t) = finished_at {
+    let state = match &kept {
+        Some(dir) => format!("state in {}", dir.display()),
+        None => "state in a temporary directory, deleted now; ORDERS_DATADIR=DIR keeps it".to_string(),
+    };
+    println!("{total} orders counted across {} accounts ({state})", all.len());
+    if !generated_all.load(Ordering::SeqCst) {
+        println!("stopped before every order was generated: rerun with the same ORDERS_DATADIR to go on");
+        return Ok(());
+    }
+    let this_run = orders_total - resumed_from.min(orders_total);
+    if let Some(t) = finished_at.filter(|_| this_run > 0) {
+        let resumed = match resumed_from {
+            0 => String::new(),
+            n => format!(" (this run: orders {n}..{orders_total}, after a restart)"),
+        };
         println!(
-            "{orders_total} orders generated, written and counted in {:.2} s: {:.0} orders/s end to end",
+            "{this_run} orders generated, written and counted in {:.2} s: {:.0} orders/s end to end{resumed}",
             t.as_secs_f64(),
-            orders_total as f64 / t.as_secs_f64()
+            this_run as f64 / t.as_secs_f64()
         );
     }
     let mut top: Vec<(&String, &u64)> = all.iter().collect();
@@ -226,6 +272,43 @@ fn run_alone() -> Result<(), Box<dyn std::error::Error>> {
     }
     if let Ok(path) = std::env::var("ORDERS_DUMP") {
         std::fs::write(&path, serde_json::to_string(&all)?)?;
+    }
+    check(&all, orders_total, accounts, resumed_from > 0)
+}
+
+/// Checks the counts against the orders the generator makes. A run from scratch counts each
+/// exactly once. A resumed run may count some twice: the generator records its progress
+/// every `PROGRESS_EVERY` orders, so after a stop it writes again those it wrote since its
+/// last record — real records in the topic, each counted once.
+fn check(
+    counted: &BTreeMap<String, u64>,
+    orders: u64,
+    accounts: u64,
+    resumed: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let mut expected: BTreeMap<String, u64> = BTreeMap::new();
+    for id in 0..orders {
+        *expected.entry(account_of(id, accounts)).or_default() += 1;
+    }
+    let short: Vec<String> = expected
+        .iter()
+        .filter(|(account, n)| counted.get(*account).copied().unwrap_or(0) < **n)
+        .take(5)
+        .map(|(account, n)| format!("{account}: {} of {n}", counted.get(account).copied().unwrap_or(0)))
+        .collect();
+    if !short.is_empty() {
+        return Err(format!("check failed: orders were not counted ({})", short.join(", ")).into());
+    }
+    let total: u64 = counted.values().sum();
+    let extra = total - orders;
+    match (extra, resumed) {
+        (0, _) => println!("check: every one of the {orders} orders counted exactly once"),
+        (n, true) => println!(
+            "check: every order counted; {n} were written twice by the generator after a restart (it records its progress every {PROGRESS_EVERY} orders and writes again what came after), and each copy is counted once"
+        ),
+        (n, false) => {
+            return Err(format!("check failed: {n} orders counted more than once in a run from scratch").into());
+        }
     }
     Ok(())
 }

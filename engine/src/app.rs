@@ -54,6 +54,17 @@ pub enum SendError {
         /// Why the buffered sends failed.
         message: String,
     },
+    /// Buffered sends ([`Topic::send_soon`]) could not be written yet: a
+    /// [`flush`](crate::runtime::flush) failed. Nothing is lost: they stay buffered, in
+    /// order, and are written once the transport takes them (the offsets of the events that
+    /// made them are not committed before).
+    #[error("buffered sends{} are not written yet: {message}; they stay buffered and are written once the transport takes them", partition.as_ref().map(|tp| format!(" to {tp}")).unwrap_or_default())]
+    NotYetWritten {
+        /// The first partition whose write failed, if one did.
+        partition: Option<TopicPartition>,
+        /// Why.
+        message: String,
+    },
     /// The transport refused the records.
     #[error(transparent)]
     Transport(#[from] faust_transport::Error),
@@ -437,14 +448,16 @@ impl App {
     /// }
     /// ```
     pub fn main(&self) -> std::process::ExitCode {
-        self.main_from(std::env::args())
+        // Arguments as the OS gave them: one that is not UTF-8 is a usage error or a binary
+        // key or value, never a panic.
+        self.main_from(std::env::args_os())
     }
 
     /// [`App::main`] on these arguments (the program's name first).
     pub fn main_from<I, T>(&self, args: I) -> std::process::ExitCode
     where
         I: IntoIterator<Item = T>,
-        T: Into<String>,
+        T: Into<std::ffi::OsString>,
     {
         crate::cli::main(self, args.into_iter().map(Into::into).collect())
     }
@@ -489,6 +502,13 @@ impl App {
     /// shards recovered or resumed in place), counted over every run of this app.
     pub fn stats(&self) -> crate::WorkerStats {
         self.inner.stats.snapshot()
+    }
+
+    /// What is wrong with the running worker now, one line each (`core 0 writes: ...` while a
+    /// core's writes fail, a damaged partition waiting for a repair, ...); empty when all is
+    /// well. The CLI's `stats` shows these too.
+    pub fn problems(&self) -> Vec<String> {
+        self.inner.stats.problems()
     }
 
     /// Makes SIGINT and SIGTERM stop the worker gracefully, as Faust's worker does: the first
@@ -582,6 +602,7 @@ impl App {
             outbox,
             outbox_index,
             positions: std::sync::OnceLock::new(),
+            checks: Mutex::new(Vec::new()),
         });
         Topic { inner, _types: PhantomData }
     }
@@ -603,17 +624,26 @@ impl App {
         Fut: Future<Output = Result<(), AgentError>> + 'static,
     {
         let topic = source.consumed_by(self, name);
-        self.agent_on(name, &topic, f)
+        self.agent_on(name, &topic, true, f)
     }
 
     /// Registers an agent on `topic` itself (see [`App::agent`]).
-    pub(crate) fn agent_on<K, V, F, Fut>(&self, name: &str, topic: &Topic<K, V>, f: F) -> Agent<K, V>
+    /// Registers an agent on `topic`; `decodes_key` says whether its stream decodes keys (the
+    /// re-keying agent of a `group_by` does not).
+    pub(crate) fn agent_on<K, V, F, Fut>(&self, name: &str, topic: &Topic<K, V>, decodes_key: bool, f: F) -> Agent<K, V>
     where
         K: DeserializeOwned + 'static,
         V: DeserializeOwned + 'static,
         F: Fn(Stream<K, V>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), AgentError>> + 'static,
     {
+        let (key_codec, value_codec) = (topic.inner.key_codec.clone(), topic.inner.value_codec.clone());
+        lock(&topic.inner.checks).push(Arc::new(move |key, value| {
+            if decodes_key && let Some(key) = key {
+                key_codec.decode::<K>(key).map(drop).map_err(|e| format!("key: {e}"))?;
+            }
+            value_codec.decode::<V>(value).map(drop).map_err(|e| format!("value: {e}"))
+        }));
         let topic_inner = topic.inner.clone();
         let f = Arc::new(f);
         let agent_name: Arc<str> = Arc::from(name);
@@ -775,6 +805,20 @@ pub(crate) struct TopicInner {
     /// For a repartition topic: the table of the latest source offset taken per source
     /// partition, which drops records re-sent after a crash (see `group_by`).
     pub(crate) positions: std::sync::OnceLock<crate::Table<u32, u64>>,
+    /// How each agent consuming the topic decodes a record: what the CLI's `send` checks, so
+    /// that it refuses records the agents would only drop as bad records.
+    checks: Mutex<Vec<RecordCheck>>,
+}
+
+/// Decodes an encoded key (when there is one and the agent decodes keys) and value as an
+/// agent would; the reason when it would reject them.
+type RecordCheck = Arc<dyn Fn(Option<&[u8]>, &[u8]) -> Result<(), String> + Send + Sync>;
+
+impl TopicInner {
+    /// Whether every agent consuming the topic would take a record with this key and value.
+    pub(crate) fn check(&self, key: Option<&[u8]>, value: &[u8]) -> Result<(), String> {
+        lock(&self.checks).iter().try_for_each(|check| check(key, value))
+    }
 }
 
 /// A typed handle on a topic: keys `K`, values `V`. Cheap to clone, usable from any core.

@@ -3,7 +3,9 @@
 //! completions. Commands that need the worker reach it through the control socket in the data
 //! directory ([`crate::control`]).
 
+use std::ffi::OsString;
 use std::io::{BufRead, IsTerminal, Write};
+use std::os::unix::ffi::OsStringExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -12,7 +14,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use serde_json::{Value, json};
 
 use crate::app::{AgentError, App, TopicKind, lock};
-use crate::control::{self, ClientError, Failure, Request};
+use crate::control::{self, ClientError, Failure, Payload, Request};
 
 /// The command worked.
 pub(crate) const EXIT_OK: u8 = 0;
@@ -91,10 +93,19 @@ enum Command {
         /// The topic, or `@AGENT` for the topic an agent consumes.
         topic: String,
         /// The value [default: one per line of stdin].
-        value: Option<String>,
+        value: Option<OsString>,
         /// The key (for a JSON key, text that is not JSON is sent as a JSON string).
         #[arg(long, short = 'k')]
-        key: Option<String>,
+        key: Option<OsString>,
+        /// Send the whole content of FILE as one value (any bytes: with `--value-serializer
+        /// raw`, a binary value).
+        #[arg(long, value_name = "FILE", conflicts_with = "value")]
+        value_file: Option<PathBuf>,
+        /// Send values even if the worker's agents would drop them as bad records (a value
+        /// that does not decode as the topic's type, or larger than max_record_bytes); by
+        /// default such a send is refused and nothing is written.
+        #[arg(long)]
+        unchecked: bool,
         /// The partition [default: by the key's hash, round-robin without a key].
         #[arg(long)]
         partition: Option<u32>,
@@ -130,8 +141,23 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
-    /// The running worker's counters (rebalances, partitions, shards recovered, bad records).
+    /// The running worker's counters (rebalances, partitions, shards recovered, bad records,
+    /// failing writes) and its current problems.
     Stats,
+    /// Repair a topic's damaged log on the embedded transport: every batch is checked, and a
+    /// damaged one is dropped (the originals are kept in the partition's `damaged/`
+    /// directory); the other records keep their offsets. What was lost is printed. Works on
+    /// a running worker (which then processes the partition again) or on a stopped one.
+    Repair {
+        /// The topic.
+        topic: String,
+        /// Only this partition [default: every partition].
+        #[arg(long)]
+        partition: Option<u32>,
+        /// Do not ask for confirmation.
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -180,7 +206,7 @@ impl From<ClientError> for Failed {
 }
 
 /// The program's name, as it was called.
-fn program_name(args: &[String], app: &App) -> String {
+fn program_name(args: &[OsString], app: &App) -> String {
     args.first()
         .and_then(|a| std::path::Path::new(a).file_name())
         .map(|n| n.to_string_lossy().into_owned())
@@ -205,7 +231,7 @@ fn clap_command(name: String, users: &[UserCommand]) -> clap::Command {
 }
 
 /// Parses `args` (the program name first) and runs the command.
-pub(crate) fn main(app: &App, args: Vec<String>) -> ExitCode {
+pub(crate) fn main(app: &App, args: Vec<OsString>) -> ExitCode {
     let users: Vec<UserCommand> = lock(&app.inner.commands).clone();
     let name = program_name(&args, app);
     let matches = match clap_command(name.clone(), &users).try_get_matches_from(&args) {
@@ -316,7 +342,17 @@ fn run(
             tracing::info!("the worker stopped");
             Ok(())
         }
-        Command::Send { topic, value, key, partition, repeat, key_serializer, value_serializer } => {
+        Command::Send {
+            topic,
+            value,
+            key,
+            value_file,
+            unchecked,
+            partition,
+            repeat,
+            key_serializer,
+            value_serializer,
+        } => {
             // `@agent` is the agent's topic, as in Faust.
             let topic = match topic.strip_prefix('@') {
                 Some(agent) => lock(&app.inner.agents)
@@ -328,30 +364,34 @@ fn run(
                     })?,
                 None => topic,
             };
-            let values = match value {
-                Some(v) => vec![v],
-                None => read_values()?,
+            let values = match (value, value_file) {
+                (Some(v), _) => vec![Payload::from_bytes(v.into_vec())],
+                (None, Some(file)) => {
+                    let bytes = std::fs::read(&file)
+                        .map_err(|e| Failed::new(EXIT_USAGE, format!("reading {}: {e}", file.display())))?;
+                    vec![Payload::from_bytes(bytes)]
+                }
+                (None, None) => read_values()?,
             };
             let request = Request::Send {
                 topic: topic.clone(),
-                key,
+                key: key.map(|k| Payload::from_bytes(k.into_vec())),
                 values,
                 partition,
                 repeat,
                 key_serializer,
                 value_serializer,
+                unchecked,
             };
             let result = control::request(&datadir, &request)?;
             if json {
-                println!("{result}");
-            } else {
-                let sent = result["sent"].as_u64().unwrap_or(0);
-                match (result["partition"].as_u64(), result["offset"].as_u64()) {
-                    (Some(p), Some(o)) => println!("sent 1 record to {topic} (partition {p}, offset {o})"),
-                    _ => println!("sent {sent} records to {topic}"),
-                }
+                return out(format_args!("{result}"));
             }
-            Ok(())
+            let sent = result["sent"].as_u64().unwrap_or(0);
+            match (result["partition"].as_u64(), result["offset"].as_u64()) {
+                (Some(p), Some(o)) => out(format_args!("sent 1 record to {topic} (partition {p}, offset {o})")),
+                _ => out(format_args!("sent {sent} records to {topic}")),
+            }
         }
         Command::Agents => {
             let agents: Vec<Value> = lock(&app.inner.agents)
@@ -359,8 +399,7 @@ fn run(
                 .filter(|a| !a.topic.is_empty())
                 .map(|a| json!({ "agent": a.name, "topic": &*a.topic, "concurrency": a.concurrency }))
                 .collect();
-            print_rows(json, &["agent", "topic", "concurrency"], &agents);
-            Ok(())
+            print_rows(json, &["agent", "topic", "concurrency"], &agents)
         }
         Command::Tables => {
             let tables: Vec<Value> = lock(&app.inner.tables)
@@ -376,8 +415,7 @@ fn run(
                     })
                 })
                 .collect();
-            print_rows(json, &["table", "changelog", "key_codec", "value_codec", "store"], &tables);
-            Ok(())
+            print_rows(json, &["table", "changelog", "key_codec", "value_codec", "store"], &tables)
         }
         Command::Topics => {
             let topics = match control::request(&datadir, &Request::Topics) {
@@ -391,17 +429,29 @@ fn run(
                 }
                 Err(e) => return Err(e.into()),
             };
-            print_rows(json, &["topic", "kind", "partitions", "records"], &topics);
-            Ok(())
+            // Partitions whose records could not be counted (a damaged log) are named, so the
+            // records column is never a silent under-count.
+            let topics: Vec<Value> = topics
+                .into_iter()
+                .map(|mut t| {
+                    if t["uncounted"].as_array().is_some_and(Vec::is_empty) {
+                        t["uncounted"] = Value::Null;
+                    } else if let Some(list) = t["uncounted"].as_array().filter(|_| !json) {
+                        let names: Vec<&str> = list.iter().filter_map(Value::as_str).collect();
+                        t["uncounted"] = Value::String(format!("partitions {}", names.join(", ")));
+                    }
+                    t
+                })
+                .collect();
+            print_rows(json, &["topic", "kind", "partitions", "records", "uncounted"], &topics)
         }
         Command::Table { command: TableCommand::Get { table, key } } => {
             let value = control::request(&datadir, &Request::TableGet { table: table.clone(), key: key.clone() })?;
             if json {
-                println!("{}", json!({ "table": table, "key": key, "value": value }));
+                out(format_args!("{}", json!({ "table": table, "key": key, "value": value })))
             } else {
-                println!("{value}");
+                out(format_args!("{value}"))
             }
-            Ok(())
         }
         Command::Table { command: TableCommand::Dump { table } } => {
             let items = control::request(&datadir, &Request::TableDump { table })?;
@@ -410,23 +460,34 @@ fn run(
                 .map(|a| a.iter().map(|kv| json!({ "key": kv[0], "value": kv[1] })).collect())
                 .unwrap_or_default();
             if json {
-                println!("{}", Value::Array(items));
-            } else {
-                for item in items {
-                    println!("{}\t{}", item["key"], item["value"]);
-                }
+                return out(format_args!("{}", Value::Array(items)));
+            }
+            for item in items {
+                out(format_args!("{}\t{}", item["key"], item["value"]))?;
             }
             Ok(())
         }
         Command::Reset { yes, all } => reset(&datadir, yes, all, json),
+        Command::Repair { topic, partition, yes } => repair(&settings, &topic, partition, yes, json),
         Command::Stats => {
             let stats = control::request(&datadir, &Request::Stats)?;
             if json {
-                println!("{stats}");
-            } else if let Some(fields) = stats.as_object() {
+                return out(format_args!("{stats}"));
+            }
+            if let Some(fields) = stats.as_object() {
                 let width = fields.keys().map(String::len).max().unwrap_or(0);
                 for (name, value) in fields {
-                    println!("{name:<width$}  {value}");
+                    match value {
+                        // One line per problem, under the name.
+                        Value::Array(lines) if name == "problems" => {
+                            let none = if lines.is_empty() { "none" } else { "" };
+                            out(format_args!("{name:<width$}  {none}"))?;
+                            for line in lines {
+                                out(format_args!("  {}", line.as_str().unwrap_or_default()))?;
+                            }
+                        }
+                        _ => out(format_args!("{name:<width$}  {value}"))?,
+                    }
                 }
             }
             Ok(())
@@ -439,23 +500,44 @@ fn run(
     }
 }
 
-/// The values to send, one per non-empty line of stdin.
-fn read_values() -> Result<Vec<String>, Failed> {
+/// The values to send, one per non-empty line of stdin (any bytes but the newline: a line
+/// need not be UTF-8).
+fn read_values() -> Result<Vec<Payload>, Failed> {
     let stdin = std::io::stdin();
     if stdin.is_terminal() {
-        return Err(Failed::new(EXIT_USAGE, "give a VALUE, or pipe values on stdin (one per line)"));
+        return Err(Failed::new(EXIT_USAGE, "give a VALUE (or --value-file), or pipe values on stdin (one per line)"));
     }
     let mut values = Vec::new();
-    for line in stdin.lock().lines() {
-        let line = line.map_err(|e| Failed::new(EXIT_FAILED, format!("reading stdin: {e}")))?;
-        if !line.trim().is_empty() {
-            values.push(line);
+    let mut input = stdin.lock();
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n =
+            input.read_until(b'\n', &mut line).map_err(|e| Failed::new(EXIT_FAILED, format!("reading stdin: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        let trimmed = line.strip_suffix(b"\n").unwrap_or(&line);
+        let trimmed = trimmed.strip_suffix(b"\r").unwrap_or(trimmed);
+        if !trimmed.iter().all(u8::is_ascii_whitespace) {
+            values.push(Payload::from_bytes(trimmed.to_vec()));
         }
     }
     if values.is_empty() {
         return Err(Failed::new(EXIT_USAGE, "stdin held no values"));
     }
     Ok(values)
+}
+
+/// Prints one line of a command's output. A reader that went away (`| head`) ends the command
+/// quietly, with success, instead of a panic.
+fn out(line: std::fmt::Arguments<'_>) -> Result<(), Failed> {
+    let mut stdout = std::io::stdout().lock();
+    match writeln!(stdout, "{line}") {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(Failed::new(EXIT_OK, "")),
+        Err(e) => Err(Failed::new(EXIT_FAILED, format!("writing the output: {e}"))),
+    }
 }
 
 /// The topics as declared, for when no worker runs.
@@ -483,10 +565,9 @@ fn declared_topics(app: &App, settings: &crate::Settings) -> Vec<Value> {
 }
 
 /// Prints `rows` (JSON objects) as a JSON array or as aligned columns.
-fn print_rows(json: bool, columns: &[&str], rows: &[Value]) {
+fn print_rows(json: bool, columns: &[&str], rows: &[Value]) -> Result<(), Failed> {
     if json {
-        println!("{}", Value::Array(rows.to_vec()));
-        return;
+        return out(format_args!("{}", Value::Array(rows.to_vec())));
     }
     let cell = |row: &Value, c: &str| match &row[c] {
         Value::Null => "-".to_string(),
@@ -501,10 +582,108 @@ fn print_rows(json: bool, columns: &[&str], rows: &[Value]) {
         let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         padded.join("  ").trim_end().to_string()
     };
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{}", line(columns.iter().map(|c| c.to_string()).collect()));
+    out(format_args!("{}", line(columns.iter().map(|c| c.to_string()).collect())))?;
     for row in rows {
-        let _ = writeln!(out, "{}", line(columns.iter().map(|c| cell(row, c)).collect()));
+        out(format_args!("{}", line(columns.iter().map(|c| cell(row, c)).collect())))?;
+    }
+    Ok(())
+}
+
+/// `repair`: through the running worker, or on the files when none runs.
+fn repair(
+    settings: &crate::Settings,
+    topic: &str,
+    partition: Option<u32>,
+    yes: bool,
+    json: bool,
+) -> Result<(), Failed> {
+    let url = settings.broker_url();
+    let Some(root) = url.strip_prefix("local://") else {
+        return Err(Failed::new(
+            EXIT_USAGE,
+            format!("repair is for the embedded log (local://), not {url}: a Kafka broker repairs its own logs"),
+        ));
+    };
+    let what = match partition {
+        Some(p) => format!("{topic}/{p}"),
+        None => format!("every partition of {topic}"),
+    };
+    confirm(yes, &format!("Repair {what}, dropping its damaged batches (they are kept aside)?"))?;
+    let reports = match control::request(&settings.datadir, &Request::Repair { topic: topic.to_string(), partition }) {
+        Ok(Value::Array(reports)) => reports,
+        Ok(other) => return Err(Failed::new(EXIT_FAILED, format!("unexpected answer: {other}"))),
+        Err(ClientError::NoWorker { .. }) => repair_files(std::path::Path::new(root), topic, partition)?,
+        Err(e) => return Err(e.into()),
+    };
+    if json {
+        return out(format_args!("{}", Value::Array(reports)));
+    }
+    for r in &reports {
+        match r["segments_repaired"].as_u64() {
+            Some(0) => out(format_args!(
+                "{}: no damage ({} segments checked)",
+                r["partition"].as_str().unwrap_or("?"),
+                r["segments_checked"]
+            ))?,
+            _ => out(format_args!(
+                "{}: repaired {} of {} segments, dropped {} damaged batches; offsets lost: {} ({}); damaged files kept: {}",
+                r["partition"].as_str().unwrap_or("?"),
+                r["segments_repaired"],
+                r["segments_checked"],
+                r["batches_dropped"],
+                r["lost"].as_str().unwrap_or("?"),
+                r["lost_offsets"],
+                r["quarantined"]
+            ))?,
+        }
+    }
+    Ok(())
+}
+
+/// Repairs the logs of `topic` under the embedded transport's directory `root` (no worker
+/// holds them).
+fn repair_files(root: &std::path::Path, topic: &str, partition: Option<u32>) -> Result<Vec<Value>, Failed> {
+    let dir = root.join(topic);
+    if faust_transport::validate_topic_name(topic).is_err() || !dir.is_dir() {
+        return Err(Failed::new(EXIT_NOT_FOUND, format!("no topic `{topic}` in {}", root.display())));
+    }
+    let mut partitions: Vec<u32> = match partition {
+        Some(p) => vec![p],
+        None => std::fs::read_dir(&dir)
+            .map_err(|e| Failed::new(EXIT_FAILED, format!("listing {}: {e}", dir.display())))?
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect(),
+    };
+    partitions.sort_unstable();
+    let mut reports = Vec::new();
+    for p in partitions {
+        let path = dir.join(p.to_string());
+        if !path.is_dir() {
+            return Err(Failed::new(EXIT_NOT_FOUND, format!("no partition {p} of `{topic}` in {}", dir.display())));
+        }
+        let report = faust_storage::Log::repair(&path, faust_storage::LogConfig::default())
+            .map_err(|e| Failed::new(EXIT_FAILED, format!("repairing {topic}/{p}: {e}")))?;
+        reports.push(control::repair_json(&faust_transport::TopicPartition::new(topic, p), &report));
+    }
+    Ok(reports)
+}
+
+/// Asks `question` on the terminal unless `yes`; without a terminal, refuses without `--yes`.
+fn confirm(yes: bool, question: &str) -> Result<(), Failed> {
+    if yes {
+        return Ok(());
+    }
+    let stdin = std::io::stdin();
+    if !stdin.is_terminal() {
+        return Err(Failed::new(EXIT_USAGE, format!("{question} Not without --yes")));
+    }
+    eprint!("{question} [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    stdin.lock().read_line(&mut answer).map_err(|e| Failed::new(EXIT_FAILED, format!("reading stdin: {e}")))?;
+    match answer.trim() {
+        "y" | "Y" | "yes" => Ok(()),
+        _ => Err(Failed::new(EXIT_FAILED, "not done")),
     }
 }
 
@@ -519,34 +698,18 @@ fn reset(datadir: &std::path::Path, yes: bool, all: bool, json: bool) -> Result<
     }
     let target = if all { datadir.to_path_buf() } else { datadir.join("tables") };
     if !target.exists() {
-        if json {
-            println!("{}", json!({ "deleted": Value::Null }));
-        } else {
-            println!("nothing to delete: {} does not exist", target.display());
-        }
-        return Ok(());
+        return match json {
+            true => out(format_args!("{}", json!({ "deleted": Value::Null }))),
+            false => out(format_args!("nothing to delete: {} does not exist", target.display())),
+        };
     }
-    if !yes {
-        let stdin = std::io::stdin();
-        if !stdin.is_terminal() {
-            return Err(Failed::new(EXIT_USAGE, format!("not deleting {} without --yes", target.display())));
-        }
-        eprint!("Delete {}? [y/N] ", target.display());
-        let _ = std::io::stderr().flush();
-        let mut answer = String::new();
-        stdin.lock().read_line(&mut answer).map_err(|e| Failed::new(EXIT_FAILED, format!("reading stdin: {e}")))?;
-        if !matches!(answer.trim(), "y" | "Y" | "yes") {
-            return Err(Failed::new(EXIT_FAILED, "not deleted"));
-        }
-    }
+    confirm(yes, &format!("Delete {}?", target.display()))?;
     std::fs::remove_dir_all(&target)
         .map_err(|e| Failed::new(EXIT_FAILED, format!("deleting {}: {e}", target.display())))?;
-    if json {
-        println!("{}", json!({ "deleted": target.display().to_string() }));
-    } else {
-        println!("deleted {}", target.display());
+    match json {
+        true => out(format_args!("{}", json!({ "deleted": target.display().to_string() }))),
+        false => out(format_args!("deleted {}", target.display())),
     }
-    Ok(())
 }
 
 #[cfg(test)]

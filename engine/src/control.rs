@@ -80,8 +80,8 @@ pub(crate) enum Request {
     /// their text (see [`encode_text`]).
     Send {
         topic: String,
-        key: Option<String>,
-        values: Vec<String>,
+        key: Option<Payload>,
+        values: Vec<Payload>,
         partition: Option<u32>,
         repeat: u64,
         /// Codecs to use instead of the topic's.
@@ -89,6 +89,10 @@ pub(crate) enum Request {
         key_serializer: Option<String>,
         #[serde(default)]
         value_serializer: Option<String>,
+        /// Send records the worker's agents would drop as bad records (for testing the
+        /// bad-record policy).
+        #[serde(default)]
+        unchecked: bool,
     },
     /// The value of `key` in `table`.
     TableGet { table: String, key: String },
@@ -98,6 +102,9 @@ pub(crate) enum Request {
     Topics,
     /// The worker's counters.
     Stats,
+    /// Repairs the damaged log of `topic`'s partitions (all, or `partition`) on the embedded
+    /// transport: see the CLI's `repair`.
+    Repair { topic: String, partition: Option<u32> },
 }
 
 /// What went wrong with a request, for the CLI's exit code.
@@ -135,6 +142,60 @@ fn bad_request(message: String) -> (Failure, String) {
 
 fn failed(message: String) -> (Failure, String) {
     (Failure::Failed, message)
+}
+
+/// A key or value as given on the command line: text, or bytes that are not UTF-8 (carried
+/// in base64, since requests are JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum Payload {
+    Text(String),
+    Bytes { base64: String },
+}
+
+impl Payload {
+    pub(crate) fn from_bytes(bytes: Vec<u8>) -> Payload {
+        use base64::Engine;
+        match String::from_utf8(bytes) {
+            Ok(text) => Payload::Text(text),
+            Err(e) => Payload::Bytes { base64: base64::engine::general_purpose::STANDARD.encode(e.into_bytes()) },
+        }
+    }
+
+    fn bytes(&self) -> Result<std::borrow::Cow<'_, [u8]>, String> {
+        use base64::Engine;
+        match self {
+            Payload::Text(t) => Ok(std::borrow::Cow::Borrowed(t.as_bytes())),
+            Payload::Bytes { base64 } => base64::engine::general_purpose::STANDARD
+                .decode(base64)
+                .map(std::borrow::Cow::Owned)
+                .map_err(|e| format!("bad base64 in the request: {e}")),
+        }
+    }
+}
+
+/// Bytes that serialize as bytes (what the `raw` format writes as they are).
+struct AsBytes<'a>(&'a [u8]);
+
+impl Serialize for AsBytes<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(self.0)
+    }
+}
+
+/// Encodes a key or value given on the command line with `codec`: for `raw`, its bytes as
+/// they are; for JSON, it must be a JSON document (in UTF-8) — except for a key, where text
+/// that is not JSON is taken as a JSON string.
+pub(crate) fn encode_payload(codec: &Codec, payload: &Payload, is_key: bool) -> Result<Vec<u8>, String> {
+    let bytes = payload.bytes()?;
+    if codec.is_raw_format() {
+        let mut out = Vec::new();
+        codec.encode(&AsBytes(&bytes), &mut out).map_err(|e| e.to_string())?;
+        return Ok(out);
+    }
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|e| format!("not valid JSON (not UTF-8: {e}) for the {} codec", codec.name()))?;
+    encode_text(codec, text, is_key)
 }
 
 /// The socket path for a data directory.
@@ -286,14 +347,56 @@ fn handle(request: Request, app: &App, inboxes: &[Arc<Inbox>]) -> Answer {
             "pid": std::process::id(),
             "cores": inboxes.len(),
         })),
-        Request::Stats => serde_json::to_value(app.stats()).map_err(|e| failed(e.to_string())),
-        Request::Send { topic, key, values, partition, repeat, key_serializer, value_serializer } => {
+        Request::Stats => {
+            let mut stats = serde_json::to_value(app.stats()).map_err(|e| failed(e.to_string()))?;
+            stats["problems"] = serde_json::json!(app.problems());
+            Ok(stats)
+        }
+        Request::Send { topic, key, values, partition, repeat, key_serializer, value_serializer, unchecked } => {
             let codec = |name: Option<String>| -> Result<Option<Codec>, (Failure, String)> {
                 name.map(|n| n.parse::<Codec>().map_err(|e| bad_request(e.to_string()))).transpose()
             };
             let codecs = (codec(key_serializer)?, codec(value_serializer)?);
-            let send = SendRequest { topic, key, values, partition, repeat, codecs };
+            let send = SendRequest { topic, key, values, partition, repeat, codecs, unchecked };
             ask(inboxes, 0, move |core| async move { send.run(&core).await })
+        }
+        Request::Repair { topic, partition } => {
+            let partitions = match partition {
+                Some(p) => vec![p],
+                None => {
+                    let name = topic.clone();
+                    let count = ask(inboxes, 0, move |core| async move {
+                        let meta = core.transport.topic_metadata(&name).await.map_err(|e| failed(e.to_string()))?;
+                        Ok(meta.map_or(Value::Null, |m| m.config.partitions.into()))
+                    })?;
+                    let count = count.as_u64().ok_or_else(|| not_found(format!("no topic `{topic}`")))?;
+                    (0..count as u32).collect()
+                }
+            };
+            let mut reports = Vec::new();
+            for p in partitions {
+                let tp = TopicPartition::new(topic.as_str(), p);
+                // The core that owns the partition's log repairs it; the others say so.
+                let mut answer = Err(failed(format!("no core owns {tp}")));
+                for core in 0..inboxes.len() {
+                    let tp = tp.clone();
+                    answer = ask(inboxes, core, move |runtime| async move {
+                        match runtime.transport.repair(&tp) {
+                            None => Err(bad_request(
+                                "repair is for the embedded log (local://); a Kafka broker repairs its own logs".into(),
+                            )),
+                            Some(Err(faust_transport::Error::NotOwner { .. })) => Ok(Value::Null),
+                            Some(Err(e)) => Err(failed(format!("repairing {tp}: {e}"))),
+                            Some(Ok(report)) => Ok(repair_json(&tp, &report)),
+                        }
+                    });
+                    if !matches!(answer, Ok(Value::Null)) {
+                        break;
+                    }
+                }
+                reports.push(answer?);
+            }
+            Ok(Value::Array(reports))
         }
         Request::TableGet { table, key } => {
             let (index, (key_codec, _)) = find_table(app, &table)?;
@@ -351,16 +454,23 @@ fn handle(request: Request, app: &App, inboxes: &[Arc<Inbox>]) -> Answer {
                             Err(e) => return Err(failed(format!("reading topic `{name}`: {e}"))),
                         };
                         let mut records = 0u64;
+                        // Partitions that could not be counted, with why (a damaged log).
+                        let mut unreadable: Vec<String> = Vec::new();
                         let counted_partitions = if counts { partitions.unwrap_or(0) } else { 0 };
                         for p in 0..counted_partitions {
                             let tp = TopicPartition::new(name.as_str(), p);
                             let latest = runtime.transport.list_offset(&tp, OffsetSpec::Latest).await;
                             let earliest = runtime.transport.list_offset(&tp, OffsetSpec::Earliest).await;
-                            if let (Ok(l), Ok(e)) = (latest, earliest) {
-                                records += l.saturating_sub(e);
+                            match (latest, earliest) {
+                                (Ok(l), Ok(e)) => records += l.saturating_sub(e),
+                                (Err(faust_transport::Error::NotOwner { .. }), _) => {}
+                                (Err(e), _) | (_, Err(e)) => {
+                                    let what = if e.damaged_log().is_some() { "damaged" } else { "unreadable" };
+                                    unreadable.push(format!("{p} ({what})"));
+                                }
                             }
                         }
-                        out.push(serde_json::json!([partitions, records]));
+                        out.push(serde_json::json!([partitions, records, unreadable]));
                     }
                     Ok(Value::Array(out))
                 })?;
@@ -370,18 +480,34 @@ fn handle(request: Request, app: &App, inboxes: &[Arc<Inbox>]) -> Answer {
                         .iter()
                         .zip(&counted)
                         .map(|((name, kind), c)| {
-                            serde_json::json!({ "topic": name, "kind": kind, "partitions": c[0], "records": 0 })
+                            serde_json::json!({ "topic": name, "kind": kind, "partitions": c[0], "records": 0, "uncounted": [] })
                         })
                         .collect();
                 }
                 for (topic, c) in topics.iter_mut().zip(&counted) {
                     let sum = topic["records"].as_u64().unwrap_or(0) + c[1].as_u64().unwrap_or(0);
                     topic["records"] = sum.into();
+                    if let (Some(all), Some(more)) = (topic["uncounted"].as_array_mut(), c[2].as_array()) {
+                        all.extend(more.iter().cloned());
+                    }
                 }
             }
             Ok(Value::Array(topics))
         }
     }
+}
+
+/// A repair's report as the CLI shows it.
+pub(crate) fn repair_json(tp: &TopicPartition, report: &faust_storage::RepairReport) -> Value {
+    serde_json::json!({
+        "partition": tp.to_string(),
+        "segments_checked": report.segments_checked,
+        "segments_repaired": report.segments_repaired,
+        "batches_dropped": report.batches_dropped,
+        "lost_offsets": report.lost_offsets(),
+        "lost": report.lost_ranges(),
+        "quarantined": report.quarantined.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+    })
 }
 
 /// The table named `name`: its index and codecs.
@@ -419,17 +545,56 @@ pub(crate) fn topic_names(app: &App) -> Vec<(String, &'static str)> {
 /// A `send` request, on core 0.
 struct SendRequest {
     topic: String,
-    key: Option<String>,
-    values: Vec<String>,
+    key: Option<Payload>,
+    values: Vec<Payload>,
     partition: Option<u32>,
     repeat: u64,
     /// Key and value codecs replacing the topic's.
     codecs: (Option<Codec>, Option<Codec>),
+    /// Skip the checks that the worker's agents will take the records.
+    unchecked: bool,
+}
+
+/// Records of one send are written in batches of about this size.
+const SEND_BATCH_BYTES: usize = 1 << 20;
+
+/// What a send wrote so far, per partition: (records, first offset, last offset).
+#[derive(Default)]
+struct Written {
+    partitions: std::collections::BTreeMap<u32, (u64, u64, u64)>,
+}
+
+impl Written {
+    fn records(&self) -> u64 {
+        self.partitions.values().map(|(n, _, _)| n).sum()
+    }
+
+    fn note(&mut self, produced: &faust_transport::Produced, records: u64) {
+        let entry = self.partitions.entry(produced.partition).or_insert((0, produced.base_offset, 0));
+        entry.0 += records;
+        entry.2 = produced.last_offset;
+    }
+
+    fn describe(&self, topic: &str) -> String {
+        if self.partitions.is_empty() {
+            return "no record of this send was written".to_string();
+        }
+        let parts: Vec<String> = self
+            .partitions
+            .iter()
+            .map(|(p, (n, first, last))| format!("{n} to {topic}/{p} at offsets {first}..={last}"))
+            .collect();
+        format!("{} records of this send were written ({})", self.records(), parts.join(", "))
+    }
 }
 
 impl SendRequest {
+    /// Writes the records itself, partition batch by partition batch, and reports exactly
+    /// what was written. A send is never left buffered in the worker: when a write fails,
+    /// the answer is final — what was not written is dropped, not written later behind the
+    /// caller's back (a retried send would duplicate it) — and says which records did land.
     async fn run(self, core: &Rc<CoreRuntime>) -> Answer {
-        let SendRequest { topic, key, values, partition, repeat, codecs } = self;
+        let SendRequest { topic, key, values, partition, repeat, codecs, unchecked } = self;
         let topic = topic.as_str();
         let topics = core.app.inner.outbox.topics();
         let inner = topics
@@ -445,14 +610,35 @@ impl SendRequest {
             codecs.1.unwrap_or_else(|| inner.value_codec.clone()),
         );
         let key_bytes = match &key {
-            Some(k) => Some(encode_text(&key_codec, k, true).map_err(|e| bad_request(format!("key: {e}")))?),
+            Some(k) => Some(encode_payload(&key_codec, k, true).map_err(|e| bad_request(format!("key: {e}")))?),
             None => None,
         };
         let encoded: Vec<Vec<u8>> = values
             .iter()
             .enumerate()
-            .map(|(i, v)| encode_text(&value_codec, v, false).map_err(|e| bad_request(format!("value {}: {e}", i + 1))))
+            .map(|(i, v)| {
+                encode_payload(&value_codec, v, false).map_err(|e| bad_request(format!("value {}: {e}", i + 1)))
+            })
             .collect::<Result<_, _>>()?;
+        if !unchecked {
+            // What the worker's agents would only drop as bad records is refused here, so
+            // that "sent" means the records will be processed.
+            let max = core.settings().max_record_bytes;
+            for (i, value) in encoded.iter().enumerate() {
+                let size = value.len() + key_bytes.as_ref().map_or(0, Vec::len);
+                let problem = if size > max {
+                    Some(format!("{size} bytes, over max_record_bytes ({max})"))
+                } else {
+                    inner.check(key_bytes.as_deref(), value).err()
+                };
+                if let Some(problem) = problem {
+                    return Err(bad_request(format!(
+                        "value {}: the worker's agents would drop it as a bad record ({problem}); nothing was sent (--unchecked sends it anyway)",
+                        i + 1
+                    )));
+                }
+            }
+        }
         if let Some(p) = partition
             && p >= partitions
         {
@@ -465,35 +651,86 @@ impl SendRequest {
             (None, Some(k)) => crate::worker::partition_for_key(k, partitions),
             (None, None) => core.round_robin(partitions),
         };
-        if repeat == 1 && encoded.len() == 1 {
-            // One record: written on its own, so its offset can be told.
-            let tp = TopicPartition::new(inner.name.clone(), route(key_bytes.as_deref()));
-            let write_err = |e: String| failed(format!("writing to `{topic}`: {e}"));
-            // After what this core buffered for the partition, to keep the partition's order.
-            if core.has_pending(&tp) {
-                core.flush().await.map_err(|e| write_err(e.to_string()))?;
-            }
-            let mut batch = faust_storage::BatchBuilder::new();
-            batch.push(crate::worker::now_ms(), key_bytes.as_deref(), Some(&encoded[0]), &[]);
-            let produced = core.transport.produce(&tp, batch).await.map_err(|e| write_err(e.to_string()))?;
-            return Ok(serde_json::json!({
-                "topic": topic, "sent": 1, "partition": produced.partition, "offset": produced.base_offset,
-            }));
-        }
-        let mut sent = 0u64;
+        let total = repeat.saturating_mul(encoded.len() as u64);
+        let mut written = Written::default();
+        let mut batches: std::collections::BTreeMap<u32, faust_storage::BatchBuilder> = Default::default();
         for _ in 0..repeat {
             for value in &encoded {
-                let tp = TopicPartition::new(inner.name.clone(), route(key_bytes.as_deref()));
-                core.buffer(tp, None, key_bytes.as_deref(), value, &[]);
-                sent += 1;
-                if sent.is_multiple_of(4096) {
-                    core.flush_if_full().await;
+                let p = route(key_bytes.as_deref());
+                let batch = batches.entry(p).or_default();
+                batch.push(crate::worker::now_ms(), key_bytes.as_deref(), Some(value), &[]);
+                if batch.encoded_len() >= SEND_BATCH_BYTES {
+                    let full = std::mem::take(batch);
+                    write_send(core, &inner.name, p, full, &mut written, total).await?;
                 }
             }
         }
-        core.flush().await.map_err(|e| failed(format!("writing to `{topic}`: {e}")))?;
-        let result = serde_json::json!({ "topic": topic, "sent": sent });
-        Ok(result)
+        for (p, batch) in batches {
+            if !batch.is_empty() {
+                write_send(core, &inner.name, p, batch, &mut written, total).await?;
+            }
+        }
+        if let [(p, (1, offset, _))] = written.partitions.iter().map(|(p, v)| (*p, *v)).collect::<Vec<_>>()[..] {
+            return Ok(serde_json::json!({ "topic": topic, "sent": 1, "partition": p, "offset": offset }));
+        }
+        Ok(serde_json::json!({ "topic": topic, "sent": written.records() }))
+    }
+}
+
+/// Writes one batch of a send to `topic`/`partition`, after whatever the core had buffered
+/// for that partition (to keep the partition's order); on failure, the final answer.
+async fn write_send(
+    core: &Rc<CoreRuntime>,
+    topic: &Arc<str>,
+    partition: u32,
+    batch: faust_storage::BatchBuilder,
+    written: &mut Written,
+    total: u64,
+) -> Result<(), (Failure, String)> {
+    let tp = TopicPartition::new(topic.clone(), partition);
+    let records = batch.len() as u64;
+    let not_written = |written: &Written, why: String| {
+        failed(format!(
+            "writing to {tp} failed: {why}. {}; the other {} were not written, and nothing of this send will be written later (send them again)",
+            written.describe(topic),
+            total - written.records()
+        ))
+    };
+    if core.has_pending(&tp) {
+        let flushed = core.flush().await;
+        if core.has_pending(&tp) {
+            let why =
+                flushed.err().map_or_else(|| "earlier records are not written yet".to_string(), |e| e.to_string());
+            return Err(not_written(written, format!("earlier records for {tp} are not written yet ({why})")));
+        }
+    }
+    let produced = match crate::runtime::fault_point("send:produce") {
+        Ok(()) => core.transport.produce(&tp, batch).await,
+        Err(e) => Err(crate::runtime::injected_produce_failure(&tp, batch, e)),
+    };
+    match produced {
+        Ok(produced) => {
+            written.note(&produced, records);
+            Ok(())
+        }
+        Err(e) => {
+            // A Kafka produce that timed out may still land: say so rather than promise it did not.
+            let maybe = matches!(
+                e.cause(),
+                faust_transport::Error::KafkaTimeout { .. } | faust_transport::Error::KafkaConnection { .. }
+            );
+            let mut why = e.to_string();
+            if let Some(damaged) = e.damaged_log() {
+                why.push_str(&format!(
+                    " (the partition's log is damaged: `repair {} --partition {}` repairs it)",
+                    damaged.topic, damaged.partition
+                ));
+            }
+            if maybe {
+                why.push_str(&format!(" (the broker may still have written these {records} records)"));
+            }
+            Err(not_written(written, why))
+        }
     }
 }
 
@@ -565,16 +802,25 @@ mod tests {
     fn requests_and_responses_round_trip() {
         let request = Request::Send {
             topic: "orders".into(),
-            key: Some("k".into()),
-            values: vec!["{}".into()],
+            key: Some(Payload::Text("k".into())),
+            values: vec![Payload::Text("{}".into()), Payload::from_bytes(vec![0xff, 0, 1])],
             partition: Some(3),
             repeat: 2,
             key_serializer: None,
             value_serializer: Some("raw".into()),
+            unchecked: false,
         };
         let text = serde_json::to_string(&request).unwrap();
         assert!(text.contains(r#""command":"send""#), "{text}");
-        assert!(matches!(serde_json::from_str::<Request>(&text).unwrap(), Request::Send { repeat: 2, .. }));
+        match serde_json::from_str::<Request>(&text).unwrap() {
+            Request::Send { repeat: 2, values, .. } => {
+                assert_eq!(values[1], Payload::Bytes { base64: "/wAB".into() });
+                assert_eq!(encode_payload(&Codec::RAW, &values[1], false).unwrap(), vec![0xff, 0, 1]);
+                let err = encode_payload(&Codec::JSON, &values[1], false).unwrap_err();
+                assert!(err.contains("not UTF-8"), "{err}");
+            }
+            other => panic!("{other:?}"),
+        }
         let response = Response { result: None, error: Some((Failure::NotFound, "no".into())) };
         let back: Response = serde_json::from_str(&serde_json::to_string(&response).unwrap()).unwrap();
         assert_eq!(back.error, Some((Failure::NotFound, "no".into())));

@@ -147,7 +147,7 @@ where
         let group = name.to_string();
         let register: Register<K2, V> = Arc::new(move |app: &App, agent: &str, target: &Topic<K2, V>| {
             let (key_fn, target) = (key_fn.clone(), target.clone());
-            app.agent_on(&format!("{agent}:group_by:{group}"), &source, move |mut stream| {
+            app.agent_on(&format!("{agent}:group_by:{group}"), &source, false, move |mut stream| {
                 let (key_fn, target) = (key_fn.clone(), target.clone());
                 async move {
                     // The source's key is never used: not decoded.

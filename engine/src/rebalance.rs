@@ -64,6 +64,24 @@ pub struct WorkerStats {
     pub events_abandoned: u64,
     /// Bad records met (see [`BadRecordPolicy`](crate::BadRecordPolicy)).
     pub bad_records: u64,
+    /// Writes that failed (buffered sends, changelogs, stores, committed offsets) and are
+    /// retried: a full disk, a broker away. See [`App::problems`](crate::App::problems) for
+    /// the current ones.
+    pub write_failures: u64,
+    /// Whether some core takes no new events now because its writes fail (it resumes by
+    /// itself once they succeed).
+    pub writes_blocked: bool,
+    /// Damaged logs of internal topics (changelogs, repartition topics) repaired by the
+    /// worker (see `docs/engine.md`, "Faults").
+    pub logs_repaired: u64,
+    /// Offsets whose records were dropped by those repairs.
+    pub offsets_lost_to_damage: u64,
+    /// Events the agents finished (acked), over all cores (an event two agents consume
+    /// counts twice). Updated as cores fetch and commit, so it may lag a moment behind.
+    pub events_processed: u64,
+    /// Records in the consumed partitions not processed yet: the log's end at the last fetch
+    /// minus where processing stands, summed over partitions. 0 once the worker caught up.
+    pub lag: u64,
 }
 
 /// The counters behind [`WorkerStats`], shared by the cores and the control thread.
@@ -77,11 +95,23 @@ pub(crate) struct Counters {
     pub(crate) changelog_records_replayed: AtomicU64,
     pub(crate) events_abandoned: AtomicU64,
     pub(crate) bad_records: AtomicU64,
+    pub(crate) write_failures: AtomicU64,
+    pub(crate) logs_repaired: AtomicU64,
+    pub(crate) offsets_lost_to_damage: AtomicU64,
+    /// Cores whose writes fail now.
+    pub(crate) blocked_cores: AtomicU64,
+    /// What is wrong now, by where (`core 0 writes`, `orders/6`): shown by `stats`.
+    problems: Mutex<std::collections::BTreeMap<String, String>>,
+    /// Per core: (events processed, lag), as the core last published them.
+    progress: Mutex<std::collections::BTreeMap<usize, (u64, u64)>>,
+    /// Whether the worker was caught up (lag 0 everywhere) at the last publication.
+    caught_up: std::sync::atomic::AtomicBool,
 }
 
 impl Counters {
     pub(crate) fn snapshot(&self) -> WorkerStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let (events_processed, lag) = lock(&self.progress).values().fold((0, 0), |(n, l), (pn, pl)| (n + pn, l + pl));
         WorkerStats {
             rebalances: get(&self.rebalances),
             partitions_assigned: get(&self.partitions_assigned),
@@ -91,7 +121,48 @@ impl Counters {
             changelog_records_replayed: get(&self.changelog_records_replayed),
             events_abandoned: get(&self.events_abandoned),
             bad_records: get(&self.bad_records),
+            write_failures: get(&self.write_failures),
+            writes_blocked: get(&self.blocked_cores) > 0,
+            logs_repaired: get(&self.logs_repaired),
+            offsets_lost_to_damage: get(&self.offsets_lost_to_damage),
+            events_processed,
+            lag,
         }
+    }
+
+    /// Publishes core `core`'s events processed and lag; logs when the whole worker catches
+    /// up (its lag falls to 0) and when it falls behind again after that.
+    pub(crate) fn publish_progress(&self, core: usize, processed: u64, lag: u64) {
+        let (total_lag, processed_all) = {
+            let mut progress = lock(&self.progress);
+            progress.insert(core, (processed, lag));
+            (progress.values().map(|(_, l)| l).sum::<u64>(), progress.values().map(|(n, _)| n).sum::<u64>())
+        };
+        let now = total_lag == 0;
+        if self.caught_up.swap(now, Ordering::Relaxed) != now && now {
+            tracing::info!(
+                events_processed = processed_all,
+                "caught up: every consumed partition is processed to its end"
+            );
+        }
+    }
+
+    /// Records (`Some`) or clears (`None`) the current problem of `place`.
+    pub(crate) fn set_problem(&self, place: &str, problem: Option<String>) {
+        let mut problems = lock(&self.problems);
+        match problem {
+            Some(p) => {
+                problems.insert(place.to_string(), p);
+            }
+            None => {
+                problems.remove(place);
+            }
+        }
+    }
+
+    /// The current problems, as `place: problem`.
+    pub(crate) fn problems(&self) -> Vec<String> {
+        lock(&self.problems).iter().map(|(place, p)| format!("{place}: {p}")).collect()
     }
 }
 
@@ -348,6 +419,7 @@ impl CoreRuntime {
         {
             let mut acks = self.acks.borrow_mut();
             acks.retain(|(_, tp), _| !sources.contains(tp));
+            self.log_ends.borrow_mut().retain(|tp, _| !sources.contains(tp));
         }
         {
             let mut committed_offsets = self.committed.borrow_mut();
@@ -483,6 +555,10 @@ impl CoreRuntime {
             .await
             .map_err(|e| e.to_string())?;
         self.committed.borrow_mut().insert(shard.changelog().clone(), recovered.end);
+        if let Some(report) = recovered.repaired.filter(|r| !r.is_clean()) {
+            self.stats.logs_repaired.fetch_add(1, Ordering::Relaxed);
+            self.stats.offsets_lost_to_damage.fetch_add(report.lost_offsets(), Ordering::Relaxed);
+        }
         self.stats.shards_recovered.fetch_add(1, Ordering::Relaxed);
         self.stats.changelog_records_replayed.fetch_add(recovered.replayed, Ordering::Relaxed);
         Ok(shard)

@@ -25,6 +25,7 @@ pub struct SettingsError {
 ///
 /// | field | default | environment variable |
 /// |---|---|---|
+/// | `id` | as given to [`Settings::new`] | `APP_ID` |
 /// | `broker` | `local://` (under `datadir`) | `BROKER_URL` |
 /// | `datadir` | `{id}-data` | `APP_DATADIR` |
 /// | `topic_partitions` | 8 | `TOPIC_PARTITIONS` |
@@ -195,6 +196,20 @@ impl Settings {
         fn parse<T: std::str::FromStr>((variable, value): (String, String), what: &str) -> Result<T, SettingsError> {
             value.trim().parse().map_err(|_| SettingsError { variable, value, reason: format!("expected {what}") })
         }
+        if let Some((variable, value)) = get("APP_ID") {
+            if faust_transport::validate_topic_name(&value).is_err() {
+                return Err(SettingsError {
+                    variable,
+                    value,
+                    reason: "expected 1 to 249 characters of a-z, A-Z, 0-9, `.`, `_` and `-` (it names topics)".into(),
+                });
+            }
+            // The data directory follows the id unless it was set.
+            if self.datadir.as_os_str() == format!("{}-data", self.id).as_str() {
+                self.datadir = PathBuf::from(format!("{value}-data"));
+            }
+            self.id = value;
+        }
         if let Some((_, v)) = get("BROKER_URL") {
             self.broker = v;
         }
@@ -357,6 +372,12 @@ mod tests {
         let vars = [("APP_ENV_PREFIX", "MYAPP"), ("MYAPP_TOPIC_PARTITIONS", "3"), ("TOPIC_PARTITIONS", "5")];
         let s = Settings::new("app").from_vars(vars).unwrap();
         assert_eq!(s.topic_partitions, 3, "the prefixed variable wins; the bare one is ignored");
+
+        // APP_ID renames the app, and its default data directory with it.
+        let s = Settings::new("orders").from_vars([("APP_ID", "orders-2")]).unwrap();
+        assert_eq!((s.id.as_str(), s.datadir.as_path()), ("orders-2", std::path::Path::new("orders-2-data")));
+        let s = Settings::new("orders").from_vars([("APP_ID", "o2"), ("APP_DATADIR", "d")]).unwrap();
+        assert_eq!((s.id.as_str(), s.datadir.as_path()), ("o2", std::path::Path::new("d")));
     }
 
     #[test]
@@ -386,6 +407,8 @@ mod tests {
             ("WORKER_PARTITIONS", "3-1"),
             ("WORKER_PARTITIONS", "1,,2"),
             ("WORKER_PARTITIONS", "-1"),
+            ("APP_ID", "no/slash"),
+            ("APP_ID", ""),
         ] {
             let err = Settings::new("app").from_vars([(k, v)]).unwrap_err();
             assert_eq!((err.variable.as_str(), err.value.as_str()), (k, v));

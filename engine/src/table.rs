@@ -127,6 +127,45 @@ pub enum TableError {
         #[source]
         source: faust_storage::Error,
     },
+    /// The table's changelog does not have as many partitions as the topic of the event
+    /// that uses it: the table is not co-partitioned with the agent's topic, so the shard of
+    /// the event's partition would hold keys of another partition (Faust's
+    /// `PartitionsMismatch`).
+    #[error(
+        "table `{table}`: its changelog `{changelog}` has {changelog_partitions} partitions, but the event comes from `{topic}`, which has {topic_partitions}: a table must have as many partitions as the topic its agent consumes. Declare it with `.with_partitions({topic_partitions})` (an existing changelog keeps its count: delete the changelog topic to create it again), or give the topic {changelog_partitions} partitions"
+    )]
+    PartitionsMismatch {
+        /// The table.
+        table: String,
+        /// Its changelog topic.
+        changelog: String,
+        /// The changelog's partitions.
+        changelog_partitions: u32,
+        /// The event's topic.
+        topic: String,
+        /// Its partitions.
+        topic_partitions: u32,
+    },
+    /// The changelog was damaged, and its repair lost records that recovery needs (they are
+    /// above the store's checkpoint, or the table keeps no store): the table cannot be
+    /// rebuilt exactly.
+    #[error(
+        "table `{table}` partition {partition}: its changelog `{changelog}` was damaged and its repair lost offsets {lost}, which recovery needs (it replays {from}..{committed}); the table cannot be rebuilt exactly. Restore the partition's log files (the damaged originals are in its `damaged/` directory), or start the app over from its sources (`reset --all`)"
+    )]
+    ChangelogDamaged {
+        /// The table.
+        table: String,
+        /// The partition.
+        partition: u32,
+        /// The changelog topic.
+        changelog: String,
+        /// The lost offset ranges recovery needs.
+        lost: String,
+        /// Where the replay starts (the store's checkpoint).
+        from: u64,
+        /// Where it ends (the committed changelog offset).
+        committed: u64,
+    },
     /// The changelog lost records recovery needs (retention removed them).
     #[error(
         "table `{table}` partition {partition}: recovery needs changelog `{changelog}` from offset {needed}, but it starts at {earliest} (records were removed by retention); delete the table's data directory to rebuild from what is left"
@@ -444,11 +483,15 @@ where
         let table = || self.shared.name.to_string();
         let core = crate::worker::CoreRuntime::current().ok_or_else(|| TableError::NotRunning { table: table() })?;
         let token = crate::context::current_token();
+        let partition_given = partition;
         let partition = match (partition, &token) {
             (Some(p), _) => p,
             (None, Some(t)) => t.partition,
             (None, None) => return Err(TableError::OutsideStream { table: table() }),
         };
+        if let (None, Some(t)) = (partition_given, &token) {
+            self.check_copartitioned(&core, &t.topic)?;
+        }
         let not_local = || TableError::NotLocal { table: table(), partition, core: core.index };
         let shard = core.shard(self.shared.index, partition).ok_or_else(not_local)?;
         let typed = shard.as_any().downcast_ref::<Shard<K, V>>().ok_or_else(not_local)?;
@@ -462,6 +505,44 @@ where
             core.register_pending(t, shard);
         }
         result
+    }
+
+    /// Checks that the table's changelog has as many partitions as `topic`, the topic of the
+    /// current event (once per topic and core: later calls compare one pointer).
+    fn check_copartitioned(&self, core: &crate::worker::CoreRuntime, topic: &Arc<str>) -> Result<(), TableError> {
+        thread_local! {
+            /// Per table (by index), the last topic found co-partitioned with it on this core.
+            static CHECKED: RefCell<Vec<Option<Arc<str>>>> = const { RefCell::new(Vec::new()) };
+        }
+        let index = self.shared.index;
+        let known =
+            CHECKED.with(|c| c.borrow().get(index).and_then(Option::as_ref).is_some_and(|t| Arc::ptr_eq(t, topic)));
+        if known {
+            return Ok(());
+        }
+        let (Some(topic_partitions), Some(changelog_partitions)) =
+            (core.partitions(topic), core.partitions(&self.shared.changelog))
+        else {
+            // A channel's events, or a topic the core does not know: nothing to compare.
+            return Ok(());
+        };
+        if topic_partitions != changelog_partitions {
+            return Err(TableError::PartitionsMismatch {
+                table: self.shared.name.to_string(),
+                changelog: self.shared.changelog.to_string(),
+                changelog_partitions,
+                topic: topic.to_string(),
+                topic_partitions,
+            });
+        }
+        CHECKED.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.len() <= index {
+                c.resize(index + 1, None);
+            }
+            c[index] = Some(topic.clone());
+        });
+        Ok(())
     }
 
     /// The value of `key`, if any.
@@ -612,6 +693,7 @@ where
                 key_scratch: Vec::new(),
             }),
             checkpointed_changelog: checkpointed.changelog,
+            written_end: std::cell::Cell::new(None),
         }))
     }
 }
@@ -683,6 +765,14 @@ pub(crate) trait AnyShard {
     fn is_dirty(&self) -> bool;
     /// Takes the dirty entries, to be written by the commit under way.
     fn freeze(&self) -> Box<dyn FrozenSet>;
+    /// Gives back the entries of a commit that failed before they were all durable: they are
+    /// dirty again (a key written since keeps its newer value), so the next commit writes
+    /// them.
+    fn restore(&self, frozen: Box<dyn FrozenSet>);
+    /// The changelog end a commit wrote that is not committed yet (it failed after writing):
+    /// the next commit commits it even if nothing else changed.
+    fn written_end(&self) -> Option<u64>;
+    fn set_written_end(&self, end: Option<u64>);
     fn write_store(&self, batch: &mut WriteBatch) -> Result<(), TableError>;
     /// Records that the state is the changelog's up to `changelog_offset`.
     fn checkpoint(&self, changelog_offset: u64, sources: Vec<(String, u32, u64)>) -> Result<(), TableError>;
@@ -694,12 +784,16 @@ pub(crate) trait AnyShard {
     fn replay(&self, records: &[Record], end: u64) -> Result<(), TableError>;
     /// The encoded current value of an encoded key (`None`: absent), for recovery.
     fn current_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, TableError>;
+    /// Every key the shard holds, encoded (for rewriting a repaired changelog).
+    fn keys_raw(&self) -> Result<Vec<bytes::Bytes>, TableError>;
     /// Forgets the state (recovery found the store ahead of the committed changelog).
     fn clear(&self) -> Result<(), TableError>;
 }
 
 /// The entries a commit took from a shard, encoded a chunk at a time.
-pub(crate) trait FrozenSet {
+pub(crate) trait FrozenSet: Any {
+    /// For [`AnyShard::restore`], which knows the concrete type.
+    fn into_any(self: Box<Self>) -> Box<dyn Any>;
     /// Encodes up to `max` entries into `changelog` and `store`; returns how many were left.
     fn encode(
         &mut self,
@@ -737,6 +831,8 @@ pub(crate) struct Shard<K, V> {
     changelog: TopicPartition,
     state: RefCell<State<K, V>>,
     checkpointed_changelog: u64,
+    /// See [`AnyShard::written_end`].
+    written_end: std::cell::Cell<Option<u64>>,
 }
 
 fn preview(bytes: &[u8]) -> String {
@@ -1005,6 +1101,35 @@ where
         })
     }
 
+    fn restore(&self, frozen: Box<dyn FrozenSet>) {
+        let Ok(frozen) = frozen.into_any().downcast::<Frozen<K, V>>() else { return };
+        let mut state = self.state.borrow_mut();
+        let state = &mut *state;
+        for (key, value) in frozen.entries {
+            match state.cache.get_mut(&key) {
+                // Written again since the freeze: already dirty, with the newer value.
+                Some(c) if c.dirty => {}
+                Some(c) => {
+                    c.dirty = true;
+                    state.dirty += 1;
+                }
+                // A deletion an in-memory shard forgot at the freeze.
+                None => {
+                    state.cache.insert(key, Cached { value, dirty: true });
+                    state.dirty += 1;
+                }
+            }
+        }
+    }
+
+    fn written_end(&self) -> Option<u64> {
+        self.written_end.get()
+    }
+
+    fn set_written_end(&self, end: Option<u64>) {
+        self.written_end.set(end);
+    }
+
     fn write_store(&self, batch: &mut WriteBatch) -> Result<(), TableError> {
         let mut state = self.state.borrow_mut();
         match state.store.as_mut() {
@@ -1098,6 +1223,22 @@ where
         }
     }
 
+    fn keys_raw(&self) -> Result<Vec<bytes::Bytes>, TableError> {
+        let state = self.state.borrow();
+        let mut keys: Vec<bytes::Bytes> = match state.store.as_ref() {
+            Some(store) => store.iter().map(|(k, _)| k).collect(),
+            None => Vec::new(),
+        };
+        for (k, c) in &state.cache {
+            if c.value.is_some() {
+                let mut out = Vec::new();
+                self.config.key_codec.encode_owned(k, &mut out).map_err(|e| self.codec_err("key", e))?;
+                keys.push(bytes::Bytes::from(out));
+            }
+        }
+        Ok(keys)
+    }
+
     fn clear(&self) -> Result<(), TableError> {
         let mut state = self.state.borrow_mut();
         state.cache.clear();
@@ -1125,6 +1266,10 @@ struct Frozen<K, V> {
 }
 
 impl<K: Serialize + 'static, V: Serialize + 'static> FrozenSet for Frozen<K, V> {
+    fn into_any(self: Box<Self>) -> Box<dyn Any> {
+        self
+    }
+
     fn encode(
         &mut self,
         max: usize,
@@ -1162,11 +1307,15 @@ impl<K: Serialize + 'static, V: Serialize + 'static> FrozenSet for Frozen<K, V> 
 }
 
 /// Writes the frozen entries of `shard` to its store and produces them to its changelog;
-/// returns the changelog's new end offset (or `None` when nothing was frozen).
+/// returns the changelog's new end offset (or `None` when nothing was frozen). Every batch
+/// that reaches the changelog moves the shard's [`written_end`](AnyShard::written_end), so a
+/// commit that fails later (even in the middle of these batches) still has its records
+/// committed by the next one. On failure the caller gives the frozen entries back
+/// ([`AnyShard::restore`]).
 pub(crate) async fn write_frozen(
     core: &AnyCore,
     shard: &Rc<dyn AnyShard>,
-    mut frozen: Box<dyn FrozenSet>,
+    frozen: &mut dyn FrozenSet,
 ) -> Result<Option<u64>, CommitFailure> {
     let mut end = None;
     let mut batch = BatchBuilder::with_capacity(64 * 1024);
@@ -1175,14 +1324,23 @@ pub(crate) async fn write_frozen(
         let left = frozen
             .encode(FREEZE_CHUNK, &mut batch, &mut store_batch, crate::worker::now_ms())
             .map_err(CommitFailure::Table)?;
-        shard.write_store(&mut store_batch).map_err(CommitFailure::Table)?;
+        crate::runtime::fault_point("commit:store")
+            .map_err(|source| TableError::Store {
+                table: shard.name().to_string(),
+                partition: shard.partition(),
+                source: faust_storage::Error::Io { op: "append to", path: "the shard's store".into(), source },
+            })
+            .and_then(|()| shard.write_store(&mut store_batch))
+            .map_err(CommitFailure::Table)?;
         if (batch.encoded_len() >= CHANGELOG_BATCH_BYTES || left == 0) && !batch.is_empty() {
             let full = std::mem::replace(&mut batch, BatchBuilder::with_capacity(64 * 1024));
-            let produced = core.produce(shard.changelog(), full).await.map_err(|source| CommitFailure::Changelog {
-                tp: shard.changelog().clone(),
-                message: source.to_string(),
-            })?;
+            let produced = match crate::runtime::fault_point("commit:changelog-write") {
+                Ok(()) => core.produce(shard.changelog(), full).await,
+                Err(e) => Err(crate::runtime::injected_produce_failure(shard.changelog(), full, e)),
+            }
+            .map_err(|source| CommitFailure::Changelog { tp: shard.changelog().clone(), source })?;
             end = Some(produced.last_offset + 1);
+            shard.set_written_end(end);
             crate::runtime::crash_point("commit:changelog-batch");
         }
         if left == 0 {
@@ -1192,20 +1350,34 @@ pub(crate) async fn write_frozen(
     }
 }
 
-/// Why a commit could not write a table's state. The frozen entries are gone from the cache's
-/// dirty set, so the worker stops rather than commit without them.
+/// Why a commit could not write a table's state.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum CommitFailure {
     #[error(transparent)]
     Table(TableError),
-    #[error("writing changelog {tp}: {message}")]
-    Changelog { tp: TopicPartition, message: String },
+    #[error("writing changelog {tp}: {source}")]
+    Changelog { tp: TopicPartition, source: faust_transport::Error },
+}
+
+impl CommitFailure {
+    /// Whether trying again later can succeed (a full disk, a broker away), as opposed to a
+    /// value that does not encode, which no retry mends.
+    pub(crate) fn is_retriable(&self) -> bool {
+        !matches!(self, CommitFailure::Table(TableError::Codec { .. }))
+    }
 }
 
 /// Recovers `shard` before the core processes its partition: replays the changelog from the
 /// store's checkpoint to the committed changelog offset, neutralizes records past it, and
 /// checkpoints. Returns the committed changelog offset the shard now stands at and how many
 /// records were replayed. `fence` is the worker's, for the commit of a neutralization.
+///
+/// A changelog found damaged (embedded log) is repaired on the spot. When every record it
+/// lost lies below the store's checkpoint, the store holds their effects and the table is
+/// exact: the changelog is then written whole again from the shard's state (every key's
+/// value, and a tombstone for every key it no longer holds), so that a later rebuild from it
+/// is exact too. When the replay itself would need a lost record, the state cannot be
+/// rebuilt and recovery fails with [`TableError::ChangelogDamaged`].
 pub(crate) async fn recover(
     core: &AnyCore,
     group: &str,
@@ -1215,20 +1387,22 @@ pub(crate) async fn recover(
     let tp = shard.changelog().clone();
     let (table, partition) = (shard.name().to_string(), shard.partition());
     let transport_err = |source| TableError::Transport { table: table.clone(), partition, source };
+    let mut repair = Repair::default();
     let committed = core.committed(group, std::slice::from_ref(&tp)).await.map_err(transport_err)?;
     let committed = committed.first().copied().flatten().unwrap_or(0);
     // Snapshotted once: records appended later cannot make recovery chase a moving end. A
     // broker may answer an end short of what it acknowledged for a moment (tansu, just after
     // the previous worker's last commit): asked again a few times before it counts as short.
-    let mut high_watermark = core.list_offset(&tp, OffsetSpec::Latest).await.map_err(transport_err)?;
+    let latest = || core.list_offset(&tp, OffsetSpec::Latest);
+    let mut high_watermark = repair.retry(core, shard, latest).await?;
     for _ in 0..SHORT_CHANGELOG_RETRIES {
         if high_watermark >= committed {
             break;
         }
         glommio::timer::sleep(SHORT_CHANGELOG_WAIT).await;
-        high_watermark = core.list_offset(&tp, OffsetSpec::Latest).await.map_err(transport_err)?;
+        high_watermark = repair.retry(core, shard, latest).await?;
     }
-    let earliest = core.list_offset(&tp, OffsetSpec::Earliest).await.map_err(transport_err)?;
+    let earliest = repair.retry(core, shard, || core.list_offset(&tp, OffsetSpec::Earliest)).await?;
     let mut from = shard.checkpointed_changelog();
     if from > committed {
         // The store claims more than was committed (offsets reset by hand?): start over.
@@ -1260,6 +1434,7 @@ pub(crate) async fn recover(
             earliest,
         });
     }
+    repair.check(shard, from, committed)?;
     let started = Instant::now();
     let total = committed - from;
     let mut progress = Progress::new(&table, partition, total);
@@ -1268,7 +1443,8 @@ pub(crate) async fn recover(
     while next < committed {
         // Below the end the records are there: no wait, unless a fetch came back empty.
         let wait = if empty_fetches == 0 { Duration::ZERO } else { SHORT_CHANGELOG_WAIT };
-        let fetched = core.fetch(&tp, next, REPLAY_FETCH_BYTES, wait).await.map_err(transport_err)?;
+        let fetched = repair.retry(core, shard, || core.fetch(&tp, next, REPLAY_FETCH_BYTES, wait)).await?;
+        repair.check(shard, from, committed)?;
         if fetched.next_offset <= next {
             // Nothing more below the committed offset although the log claims to hold it: a
             // broker may answer a fetch empty now and then; asked again a few times.
@@ -1296,22 +1472,81 @@ pub(crate) async fn recover(
     if high_watermark > committed {
         end = neutralize(core, group, fence, shard, committed, high_watermark).await?;
     }
+    if repair.report.as_ref().is_some_and(|r| !r.is_clean()) {
+        end = rewrite_changelog(core, group, fence, shard, end).await?;
+    }
     // The state now is the changelog's up to `end`: checkpoint it so the next start skips it.
     shard.checkpoint(end, Vec::new())?;
     if total > 0 || end > committed {
         tracing::info!(table = %shard.name(), partition, replayed = total, orphans = high_watermark - committed,
             elapsed_ms = started.elapsed().as_millis() as u64, "recovered table partition");
     }
-    Ok(Recovered { end, replayed: total })
+    Ok(Recovered { end, replayed: total, repaired: repair.report })
+}
+
+/// A recovery's repair of its changelog, at most one.
+#[derive(Default)]
+struct Repair {
+    report: Option<faust_storage::RepairReport>,
+}
+
+impl Repair {
+    /// Runs `call`; when it finds the changelog damaged (and it was not repaired yet), repairs
+    /// the changelog and runs `call` again.
+    async fn retry<T, F, Fut>(&mut self, core: &AnyCore, shard: &Rc<dyn AnyShard>, call: F) -> Result<T, TableError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, faust_transport::Error>>,
+    {
+        let transport_err =
+            |source| TableError::Transport { table: shard.name().to_string(), partition: shard.partition(), source };
+        match call().await {
+            Err(e) if e.damaged_log().is_some() && self.report.is_none() => {
+                let Some(repaired) = core.repair(shard.changelog()) else { return Err(transport_err(e)) };
+                let report = repaired.map_err(transport_err)?;
+                tracing::error!(table = shard.name(), partition = shard.partition(), error = %e,
+                    lost = %report.lost_ranges(), lost_offsets = report.lost_offsets(), quarantined = ?report.quarantined,
+                    "the table's changelog was damaged and is repaired");
+                self.report = Some(report);
+                call().await.map_err(transport_err)
+            }
+            other => other.map_err(transport_err),
+        }
+    }
+
+    /// Fails when the repair lost records the replay from `from` to `committed` needs: the
+    /// state cannot be rebuilt then. Records lost below `from` are in the store already.
+    fn check(&self, shard: &Rc<dyn AnyShard>, from: u64, committed: u64) -> Result<(), TableError> {
+        let Some(report) = &self.report else { return Ok(()) };
+        let needed: Vec<String> = report
+            .lost
+            .iter()
+            .filter(|r| r.start < committed && r.end > from)
+            .map(|r| format!("{}..{}", r.start, r.end))
+            .collect();
+        if needed.is_empty() {
+            return Ok(());
+        }
+        Err(TableError::ChangelogDamaged {
+            table: shard.name().to_string(),
+            partition: shard.partition(),
+            changelog: shard.changelog().topic.to_string(),
+            lost: needed.join(", "),
+            from,
+            committed,
+        })
+    }
 }
 
 /// Where a recovered shard stands.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Recovered {
     /// The committed changelog offset.
     pub(crate) end: u64,
     /// Changelog records replayed to get there.
     pub(crate) replayed: u64,
+    /// The repair of a damaged changelog, if one was needed.
+    pub(crate) repaired: Option<faust_storage::RepairReport>,
 }
 
 /// Appends, for every key written past the committed changelog offset, its committed value
@@ -1325,45 +1560,120 @@ async fn neutralize(
     committed: u64,
     high_watermark: u64,
 ) -> Result<u64, TableError> {
+    let mut keys = KeySet::default();
+    keys.add_from_changelog(core, shard, committed, high_watermark).await?;
+    let end = write_current_values(core, group, fence, shard, &keys.keys, high_watermark).await?;
+    tracing::warn!(
+        table = shard.name(),
+        partition = shard.partition(),
+        uncommitted = high_watermark - committed,
+        keys = keys.keys.len(),
+        "the changelog held records of a commit that did not finish; restored their keys' committed values"
+    );
+    Ok(end)
+}
+
+/// After a repair dropped records of the changelog: appends the shard's whole state to it —
+/// every key's value, and a tombstone for every key the changelog mentions that the shard no
+/// longer holds (its deletion may have been among the lost records) — and commits the new
+/// end. Replaying the changelog from its start then ends at exactly the shard's state.
+async fn rewrite_changelog(
+    core: &AnyCore,
+    group: &str,
+    fence: Option<&Fence>,
+    shard: &Rc<dyn AnyShard>,
+    end: u64,
+) -> Result<u64, TableError> {
     let tp = shard.changelog().clone();
-    let (table, partition) = (shard.name().to_string(), shard.partition());
-    let transport_err = |source| TableError::Transport { table: table.clone(), partition, source };
-    let mut keys: Vec<bytes::Bytes> = Vec::new();
-    let mut seen: hashbrown::HashSet<bytes::Bytes, foldhash::fast::RandomState> = Default::default();
-    let mut next = committed;
-    while next < high_watermark {
-        let fetched = core.fetch(&tp, next, REPLAY_FETCH_BYTES, Duration::ZERO).await.map_err(transport_err)?;
-        if fetched.next_offset <= next {
-            break;
-        }
-        for r in fetched.records.iter().filter(|r| r.offset < high_watermark) {
-            if let Some(k) = &r.key
-                && seen.insert(k.clone())
-            {
-                keys.push(k.clone());
-            }
-        }
-        next = fetched.next_offset;
+    let transport_err =
+        |source| TableError::Transport { table: shard.name().to_string(), partition: shard.partition(), source };
+    let earliest = core.list_offset(&tp, OffsetSpec::Earliest).await.map_err(transport_err)?;
+    let mut keys = KeySet::default();
+    keys.add_from_changelog(core, shard, earliest, end).await?;
+    for key in shard.keys_raw()? {
+        keys.add(key);
     }
-    let mut end = high_watermark;
+    let new_end = write_current_values(core, group, fence, shard, &keys.keys, end).await?;
+    tracing::warn!(
+        table = shard.name(),
+        partition = shard.partition(),
+        keys = keys.keys.len(),
+        "wrote the table's state to its repaired changelog again: it is whole"
+    );
+    Ok(new_end)
+}
+
+/// Encoded keys, each once, in the order first seen.
+#[derive(Default)]
+struct KeySet {
+    keys: Vec<bytes::Bytes>,
+    seen: hashbrown::HashSet<bytes::Bytes, foldhash::fast::RandomState>,
+}
+
+impl KeySet {
+    fn add(&mut self, key: bytes::Bytes) {
+        if self.seen.insert(key.clone()) {
+            self.keys.push(key);
+        }
+    }
+
+    /// Adds the keys of the changelog's records in `[from, to)`.
+    async fn add_from_changelog(
+        &mut self,
+        core: &AnyCore,
+        shard: &Rc<dyn AnyShard>,
+        from: u64,
+        to: u64,
+    ) -> Result<(), TableError> {
+        let tp = shard.changelog();
+        let transport_err =
+            |source| TableError::Transport { table: shard.name().to_string(), partition: shard.partition(), source };
+        let mut next = from;
+        while next < to {
+            let fetched = core.fetch(tp, next, REPLAY_FETCH_BYTES, Duration::ZERO).await.map_err(transport_err)?;
+            if fetched.next_offset <= next {
+                break;
+            }
+            for r in fetched.records.iter().filter(|r| r.offset < to) {
+                if let Some(k) = &r.key {
+                    self.add(k.clone());
+                }
+            }
+            next = fetched.next_offset;
+            glommio::yield_if_needed().await;
+        }
+        Ok(())
+    }
+}
+
+/// Appends each key's current value in the shard (a tombstone where it has none) to the
+/// changelog, and commits the new end (`end` when there are no keys). Returns the new end.
+async fn write_current_values(
+    core: &AnyCore,
+    group: &str,
+    fence: Option<&Fence>,
+    shard: &Rc<dyn AnyShard>,
+    keys: &[bytes::Bytes],
+    mut end: u64,
+) -> Result<u64, TableError> {
+    let tp = shard.changelog().clone();
+    let transport_err =
+        |source| TableError::Transport { table: shard.name().to_string(), partition: shard.partition(), source };
     for chunk in keys.chunks(FREEZE_CHUNK) {
         let mut batch = BatchBuilder::with_capacity(64 * 1024);
         for k in chunk {
             let value = shard.current_raw(k)?;
             batch.push(crate::worker::now_ms(), Some(k), value.as_deref(), &[]);
         }
-        let produced = core.produce(&tp, batch).await.map_err(transport_err)?;
+        let produced = match crate::runtime::fault_point("recover:neutralize") {
+            Ok(()) => core.produce(&tp, batch).await,
+            Err(e) => Err(crate::runtime::injected_produce_failure(&tp, batch, e)),
+        }
+        .map_err(transport_err)?;
         end = produced.last_offset + 1;
         crate::runtime::crash_point("recover:neutralizing");
     }
     core.commit(group, fence, &[(tp, end)]).await.map_err(transport_err)?;
-    tracing::warn!(
-        table,
-        partition,
-        uncommitted = high_watermark - committed,
-        keys = keys.len(),
-        "the changelog held records of a commit that did not finish; restored their keys' committed values"
-    );
     Ok(end)
 }
 

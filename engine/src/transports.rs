@@ -183,6 +183,15 @@ impl AnyCore {
         dispatch!(self, t => t.committed(group, partitions).await)
     }
 
+    /// Repairs the damaged log of `tp` (see [`LocalCore::repair`]); `None` where the transport
+    /// keeps no logs of its own (a Kafka broker repairs its own).
+    pub(crate) fn repair(&self, tp: &TopicPartition) -> Option<Result<faust_storage::RepairReport>> {
+        match self {
+            AnyCore::Local(t) => Some(t.repair(tp)),
+            AnyCore::Memory(_) | AnyCore::Kafka(_) => None,
+        }
+    }
+
     pub(crate) async fn shutdown(self) -> Result<()> {
         dispatch!(self, t => t.shutdown().await)
     }

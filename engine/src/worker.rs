@@ -126,8 +126,9 @@ pub(crate) enum FlushError {
     /// The broker lost data the worker had read: nothing may be committed any more.
     #[error("the broker lost data; offsets are no longer committed")]
     BrokerLostData,
-    /// A table's state could not be written; nothing is committed any more.
-    #[error("writing table state: {0}; offsets are no longer committed")]
+    /// A table's state could not be written (the commit is retried later, unless the failure
+    /// cannot be mended by a retry: then the worker stops).
+    #[error("writing table state: {0}")]
     Tables(String),
 }
 
@@ -334,6 +335,8 @@ pub(crate) struct CoreRuntime {
     pub(crate) index: usize,
     pub(crate) transport: AnyCore,
     pub(crate) group: String,
+    /// `Settings::commit_every`, read on every ack.
+    commit_every: u64,
     partitions: HashMap<Arc<str>, u32>,
     /// Per agent (by index): its queue.
     pub(crate) queues: Vec<Rc<EventQueue>>,
@@ -399,6 +402,55 @@ pub(crate) struct CoreRuntime {
     /// Where a core found that the broker lost data (partition, position, high-water mark),
     /// shared by the cores: once set, no core commits any more.
     lost_data: LostData,
+    /// Set while this core's writes fail (see [`CoreRuntime::writes_failed`]).
+    write_trouble: RefCell<Option<WriteTrouble>>,
+    /// Notified when writes succeed again.
+    writable: Event,
+    /// Events acked since the last commit, and the committer's wake-up once they reach
+    /// `commit_every`.
+    acked_since_commit: Cell<u64>,
+    commit_soon: Event,
+    /// Per agent (by index): events acked on this core.
+    agent_acks: Vec<Cell<u64>>,
+    /// Damaged partitions of users' topics waiting for a repair, with their log limiter.
+    damage_logs: RefCell<HashMap<TopicPartition, LogLimiter>>,
+    /// Where each consumed partition's log ended at its last fetch (for the lag).
+    pub(crate) log_ends: RefCell<HashMap<TopicPartition, u64>>,
+}
+
+/// Writes that keep failing on a core: since when, and the limiter of its log lines.
+struct WriteTrouble {
+    since: std::time::Instant,
+    log: LogLimiter,
+}
+
+/// Lets a repeated message through at most once per [`LogLimiter::EVERY`], counting the
+/// repeats it held back (one core: no atomics).
+#[derive(Debug)]
+pub(crate) struct LogLimiter {
+    last: Cell<std::time::Instant>,
+    held: Cell<u64>,
+}
+
+impl Default for LogLimiter {
+    fn default() -> Self {
+        LogLimiter { last: Cell::new(std::time::Instant::now()), held: Cell::new(0) }
+    }
+}
+
+impl LogLimiter {
+    /// How often a repeated message is logged.
+    pub(crate) const EVERY: Duration = Duration::from_secs(10);
+
+    /// `Some(repeats held back since the last one)` when the message may be logged now.
+    pub(crate) fn allow(&self) -> Option<u64> {
+        if self.last.get().elapsed() < Self::EVERY {
+            self.held.set(self.held.get() + 1);
+            return None;
+        }
+        self.last.set(std::time::Instant::now());
+        Some(self.held.replace(0))
+    }
 }
 
 impl std::fmt::Debug for CoreRuntime {
@@ -432,9 +484,124 @@ impl CoreRuntime {
         if let Some(t) = self.acks.borrow_mut().get_mut(&AckKey(agent, tp)) {
             t.ack(offset);
         }
+        if let Some(n) = self.agent_acks.get(agent) {
+            n.set(n.get() + 1);
+        }
+        // `commit_every`: the committer is woken once, when the count reaches it.
+        let acked = self.acked_since_commit.get() + 1;
+        self.acked_since_commit.set(acked);
+        if acked == self.commit_every {
+            self.commit_soon.notify(1);
+        }
         if !self.pending_writes.borrow().is_empty() {
             self.settle_writes(agent, tp, offset, true);
         }
+    }
+
+    /// Whether `topic` is one the engine makes and can rebuild or do without (a table's
+    /// changelog, a repartition topic), rather than a user's topic.
+    pub(crate) fn is_internal(&self, topic: &str) -> bool {
+        self.changelog_tables.contains_key(topic)
+            || (topic.ends_with("-repartition") && self.partitions.contains_key(topic))
+    }
+
+    /// A log of `tp` is damaged below what was made durable (`error` says where). An internal
+    /// topic's log is repaired at once: its damaged batches are dropped (and kept aside), the
+    /// rest keeps its offsets, and the loss is logged and counted. A user's topic waits for
+    /// the operator (`repair` on the command line), and says so in the log and in `stats`
+    /// until then; the caller retries it now and then, and other partitions go on. `position`
+    /// is where this core stands in the partition (records below it were taken already).
+    pub(crate) fn on_damaged_log(
+        &self,
+        tp: &TopicPartition,
+        error: &faust_transport::Error,
+        position: Option<u64>,
+    ) -> Option<faust_storage::RepairReport> {
+        let place = tp.to_string();
+        if !self.is_internal(&tp.topic) {
+            let first = !self.damage_logs.borrow().contains_key(tp);
+            let mut logs = self.damage_logs.borrow_mut();
+            let limiter = logs.entry(tp.clone()).or_default();
+            let repeats = if first { Some(0) } else { limiter.allow() };
+            if let Some(repeats) = repeats {
+                tracing::error!(partition = %tp, %error, repeats,
+                    "a partition's log is damaged; it is not processed until it is repaired (the other partitions go on): run the `repair` command for it");
+            }
+            self.stats.set_problem(
+                &place,
+                Some(format!(
+                    "damaged log, not processed until repaired (`repair {} --partition {}`): {error}",
+                    tp.topic, tp.partition
+                )),
+            );
+            return None;
+        }
+        let report = match self.transport.repair(tp)? {
+            Ok(report) => report,
+            Err(e) => {
+                tracing::error!(partition = %tp, error = %e, "repairing a damaged log failed");
+                self.stats.set_problem(&place, Some(format!("damaged log, and its repair failed: {e}")));
+                return None;
+            }
+        };
+        self.stats.set_problem(&place, None);
+        self.stats.logs_repaired.fetch_add(1, Ordering::Relaxed);
+        self.stats.offsets_lost_to_damage.fetch_add(report.lost_offsets(), Ordering::Relaxed);
+        let unprocessed: u64 =
+            position.map_or(0, |p| report.lost.iter().map(|r| r.end.saturating_sub(r.start.max(p))).sum());
+        tracing::error!(partition = %tp, lost = %report.lost_ranges(), lost_offsets = report.lost_offsets(),
+            not_yet_processed = unprocessed, quarantined = ?report.quarantined,
+            "repaired a damaged internal log: its damaged batches were dropped, the rest keeps its offsets");
+        Some(report)
+    }
+
+    /// Notes where `tp`'s log ends (at a fetch) and publishes this core's progress (events
+    /// processed, lag) for the worker's stats.
+    pub(crate) fn note_end(&self, tp: &TopicPartition, high_watermark: u64) {
+        {
+            let mut ends = self.log_ends.borrow_mut();
+            match ends.get_mut(tp) {
+                Some(end) => *end = high_watermark,
+                None => {
+                    ends.insert(tp.clone(), high_watermark);
+                }
+            }
+        }
+        self.publish_progress();
+    }
+
+    /// Publishes this core's events processed and lag (see [`WorkerStats`](crate::WorkerStats)).
+    pub(crate) fn publish_progress(&self) {
+        let acks = self.acks.borrow();
+        let lag: u64 = self
+            .log_ends
+            .borrow()
+            .iter()
+            .map(|(tp, end)| {
+                let done = acks.iter().filter(|((_, t), _)| t == tp).map(|(_, tracker)| tracker.committable()).min();
+                end.saturating_sub(done.unwrap_or(*end))
+            })
+            .sum();
+        let processed = self.agent_acks.iter().map(Cell::get).sum();
+        self.stats.publish_progress(self.index, processed, lag);
+    }
+
+    /// Events `agent` acked on this core so far (the supervisor tells a streak of failures
+    /// from failures between successes).
+    pub(crate) fn agent_acks(&self, agent: usize) -> u64 {
+        self.agent_acks.get(agent).map_or(0, Cell::get)
+    }
+
+    /// An agent failed in a way that is not about its event: stops the worker with that
+    /// error, leaving the event (and everything after it) uncommitted, so that a restart after
+    /// the cause is fixed processes it.
+    pub(crate) fn agent_failed_for_good(&self, agent: &str, error: &str, reason: &str, event: Option<&QueuedEvent>) {
+        let at = event.map_or_else(String::new, |e| format!(" at {}@{}", e.tp, e.record.offset));
+        tracing::error!(agent, %error, reason, "stopping the worker: the agent's error is not about the event{at}, which stays uncommitted");
+        self.failure.borrow_mut().get_or_insert_with(|| {
+            format!("agent `{agent}` failed{at}: {error} ({reason}; the event stays uncommitted)")
+        });
+        self.app_stop.stop();
     }
 
     /// Applies (or drops) the pending table writes of one event.
@@ -574,62 +741,88 @@ impl CoreRuntime {
     }
 
     /// Writes every buffered send (earlier failures first); resolves when they are durable.
-    /// On failure the batches are kept for the next flush, except when the transport lost
-    /// them, after which this core refuses to commit (and stops the worker).
+    /// A batch whose write fails is kept, in order, and written again by the next flush (the
+    /// offsets of the events behind it are not committed until then); a partition whose
+    /// writes fail does not hold back the others. Only when the transport lost a batch (it did
+    /// not hand it back) does this core refuse to commit and stop the worker.
     pub(crate) async fn flush(self: &Rc<Self>) -> Result<(), FlushError> {
         let Ok(_permit) = self.flush_lock.acquire_permit(1).await else {
             return Err(FlushError::Transport(faust_transport::Error::Closed));
         };
-        // Earlier failures first, one at a time, so a partition's records stay in order: one
-        // that fails again goes back to the front, ahead of the batches that came after it.
-        loop {
-            let Some((tp, batch)) = self.retry.borrow_mut().pop_front() else { break };
-            if let Err(e) = self.transport.produce(&tp, batch).await {
-                return Err(self.keep_failed(tp, e, true));
+        let mut first_error = None;
+        // Partitions whose write failed in this flush: their later batches wait behind.
+        let mut failed: Vec<TopicPartition> = Vec::new();
+        // Earlier failures first, one at a time, so a partition's records stay in order.
+        let retries: VecDeque<_> = std::mem::take(&mut *self.retry.borrow_mut());
+        for (tp, batch) in retries {
+            if failed.contains(&tp) {
+                self.retry.borrow_mut().push_back((tp, batch));
+                continue;
+            }
+            if let Err(e) = self.produce_buffered(&tp, batch).await {
+                failed.push(tp.clone());
+                first_error.get_or_insert(self.keep_failed(tp, e));
             }
         }
-        let batches: Vec<(TopicPartition, faust_storage::BatchBuilder)> = self.pending.borrow_mut().drain().collect();
+        let mut batches: Vec<(TopicPartition, faust_storage::BatchBuilder)> =
+            self.pending.borrow_mut().drain().collect();
         self.pending_bytes.set(0);
-        if batches.is_empty() {
-            return Ok(());
-        }
+        // Behind an earlier batch of their partition that is still unwritten.
+        batches.retain_mut(|(tp, batch)| {
+            let behind = failed.contains(tp) || self.retry.borrow().iter().any(|(t, _)| t == tp);
+            if behind {
+                self.retry.borrow_mut().push_back((tp.clone(), std::mem::take(batch)));
+            }
+            !behind
+        });
         // The partitions' batches are written concurrently (they may live on other cores).
         let writes: Vec<_> = batches
             .into_iter()
             .map(|(tp, batch)| {
                 let core = self.clone();
                 glommio::spawn_local(async move {
-                    let result = core.transport.produce(&tp, batch).await;
+                    let result = core.produce_buffered(&tp, batch).await;
                     (tp, result)
                 })
             })
             .collect();
-        let mut first_error = None;
         for write in writes {
             let (tp, result) = write.await;
             if let Err(e) = result {
-                let e = self.keep_failed(tp, e, false);
-                first_error.get_or_insert(e);
+                first_error.get_or_insert(self.keep_failed(tp, e));
             }
         }
-        first_error.map_or(Ok(()), Err)
+        match first_error {
+            Some(e) => {
+                self.writes_failed(&e);
+                Err(e)
+            }
+            None => Ok(()),
+        }
     }
 
-    /// Keeps the batch of a failed write for a retry (at the front when it was itself a
-    /// retry), or marks the core's sends as lost.
-    fn keep_failed(&self, tp: TopicPartition, error: faust_transport::Error, front: bool) -> FlushError {
+    /// One buffered batch to the transport (with the `sends:flush` fault point).
+    async fn produce_buffered(
+        &self,
+        tp: &TopicPartition,
+        batch: faust_storage::BatchBuilder,
+    ) -> Result<Produced, faust_transport::Error> {
+        match crate::runtime::fault_point("sends:flush") {
+            Ok(()) => self.transport.produce(tp, batch).await,
+            Err(e) => Err(crate::runtime::injected_produce_failure(tp, batch, e)),
+        }
+    }
+
+    /// Keeps the batch of a failed write for a retry, or marks the core's sends as lost.
+    fn keep_failed(&self, tp: TopicPartition, error: faust_transport::Error) -> FlushError {
         let message = error.to_string();
+        if error.damaged_log().is_some() {
+            // An internal log is repaired now, so the retry finds it whole; a user's topic
+            // waits for the operator (the sends stay buffered meanwhile).
+            self.on_damaged_log(&tp, &error, None);
+        }
         match error.into_batch() {
-            Some(batch) => {
-                tracing::warn!(topic = %tp.topic, partition = tp.partition, error = %message,
-                    "writing buffered sends failed; will retry");
-                let mut retry = self.retry.borrow_mut();
-                if front {
-                    retry.push_front((tp.clone(), batch));
-                } else {
-                    retry.push_back((tp.clone(), batch));
-                }
-            }
+            Some(batch) => self.retry.borrow_mut().push_back((tp.clone(), batch)),
             None => {
                 tracing::error!(topic = %tp.topic, partition = tp.partition, error = %message,
                     "buffered sends were lost; refusing to commit and stopping the worker");
@@ -640,17 +833,81 @@ impl CoreRuntime {
         FlushError::Write { tp, message }
     }
 
+    /// Notes that a write failed: the first failure stops this core from taking new events
+    /// (its consumers pause, and agents wait once their buffered sends pass their bound), and
+    /// says so in the log and in the worker's stats; repeats are logged at most every few
+    /// seconds. The writes are retried until they succeed ([`CoreRuntime::writes_succeeded`]).
+    pub(crate) fn writes_failed(&self, error: &dyn std::fmt::Display) {
+        self.stats.write_failures.fetch_add(1, Ordering::Relaxed);
+        let mut failing = self.write_trouble.borrow_mut();
+        match failing.as_mut() {
+            None => {
+                *failing = Some(WriteTrouble { since: std::time::Instant::now(), log: LogLimiter::default() });
+                self.stats.blocked_cores.fetch_add(1, Ordering::Relaxed);
+                self.stats.set_problem(
+                    &format!("core {} writes", self.index),
+                    Some(format!("writes fail, new events are not taken until they succeed: {error}")),
+                );
+                tracing::error!(core = self.index, %error,
+                    "writes fail; this core takes no new events until they succeed again (retrying)");
+            }
+            Some(trouble) => {
+                if let Some(suppressed) = trouble.log.allow() {
+                    let failing_for_s = trouble.since.elapsed().as_secs();
+                    self.stats.set_problem(
+                        &format!("core {} writes", self.index),
+                        Some(format!("writes fail for {failing_for_s} s, new events are not taken: {error}")),
+                    );
+                    tracing::error!(core = self.index, %error, failing_for_s, repeats = suppressed,
+                        "writes still fail; no new events are taken (retrying)");
+                }
+            }
+        }
+    }
+
+    /// Notes that writes succeed again (after [`CoreRuntime::writes_failed`]): the core takes
+    /// new events again.
+    pub(crate) fn writes_succeeded(&self) {
+        let Some(trouble) = self.write_trouble.borrow_mut().take() else { return };
+        self.stats.blocked_cores.fetch_sub(1, Ordering::Relaxed);
+        self.stats.set_problem(&format!("core {} writes", self.index), None);
+        tracing::warn!(
+            core = self.index,
+            failing_for_ms = trouble.since.elapsed().as_millis() as u64,
+            "writes succeed again; taking new events"
+        );
+        self.writable.notify(usize::MAX);
+    }
+
+    /// Waits while this core's writes fail (see [`CoreRuntime::writes_failed`]), or until
+    /// `cancel` is set or the worker stops.
+    pub(crate) async fn wait_writable(&self, cancel: Option<&crate::rebalance::Cancel>) {
+        loop {
+            let listener = self.writable.listen();
+            let cancelled = cancel.is_some_and(|c| c.is_cancelled());
+            if self.write_trouble.borrow().is_none() || cancelled || self.stopping.is_cancelled() {
+                return;
+            }
+            // Polled too: the writes may succeed from a task that does not notify (a commit).
+            futures_lite::future::or(listener, glommio::timer::sleep(Duration::from_millis(100))).await;
+        }
+    }
+
     /// Whether sends to `tp` are buffered (or waiting for a retry).
     pub(crate) fn has_pending(&self, tp: &TopicPartition) -> bool {
         self.pending.borrow().contains_key(tp) || self.retry.borrow().iter().any(|(t, _)| t == tp)
     }
 
-    /// Flushes when the buffer has grown past its bound.
+    /// Flushes when the buffer has grown past its bound. While writes fail, waits until they
+    /// succeed again: the buffer stays bounded, and the agent (or task) that fills it is held
+    /// back instead of buffering without end.
     pub(crate) async fn flush_if_full(self: &Rc<Self>) {
-        if self.pending_bytes.get() >= PENDING_FLUSH_BYTES
-            && let Err(e) = self.flush().await
-        {
-            tracing::error!(error = %e, "writing buffered sends failed");
+        if self.pending_bytes.get() < PENDING_FLUSH_BYTES {
+            return;
+        }
+        if self.flush().await.is_err() {
+            // The failure is logged (rate limited) by `writes_failed`; the flusher retries.
+            self.wait_writable(None).await;
         }
     }
 
@@ -706,7 +963,29 @@ impl CoreRuntime {
     /// buffered so far and the table state those events produced are durable (the commit
     /// protocol of `table.rs`). Returns `false` when it had to wait: table state held writes
     /// of events acked out of order, past the committable offsets.
+    ///
+    /// A commit that fails part way undoes nothing that is durable and loses nothing that is
+    /// not: entries whose changelog write failed are dirty again (the next commit writes their
+    /// latest values), and changelog records that were written are committed by the next
+    /// commit that succeeds (each shard keeps its [`written_end`](AnyShard::written_end)), even
+    /// if nothing changed in it since. So a failed commit is simply retried, and the first
+    /// one that succeeds commits the source offsets with exactly the state they produced.
     pub(crate) async fn commit_now(self: &Rc<Self>) -> Result<bool, FlushError> {
+        let result = self.commit_once().await;
+        match &result {
+            Ok(true) => {
+                self.acked_since_commit.set(0);
+                self.writes_succeeded();
+            }
+            Ok(false) => {}
+            Err(FlushError::Write { .. }) => {} // `flush` noted it.
+            Err(e @ (FlushError::Tables(_) | FlushError::Transport(_))) => self.writes_failed(e),
+            Err(FlushError::SendsLost | FlushError::BrokerLostData) => {}
+        }
+        result
+    }
+
+    async fn commit_once(self: &Rc<Self>) -> Result<bool, FlushError> {
         let Ok(_permit) = self.commit_lock.acquire_permit(1).await else {
             return Err(FlushError::Transport(faust_transport::Error::Closed));
         };
@@ -751,17 +1030,25 @@ impl CoreRuntime {
             return Ok(false);
         }
         self.deferred_commits.set(0);
-        let frozen: Vec<(Rc<dyn AnyShard>, Box<dyn crate::table::FrozenSet>)> =
+        let mut frozen: Vec<(Rc<dyn AnyShard>, Box<dyn crate::table::FrozenSet>)> =
             shards.iter().filter(|s| s.is_dirty()).map(|s| (s.clone(), s.freeze())).collect();
         crate::runtime::crash_point("commit:frozen");
-        // 2. The changelog records and the buffered sends, durable.
-        let mut changelog_ends: Vec<(Rc<dyn AnyShard>, u64)> = Vec::new();
-        for (shard, set) in frozen {
-            match crate::table::write_frozen(&self.transport, &shard, set).await {
-                Ok(Some(end)) => changelog_ends.push((shard, end)),
-                Ok(None) => {}
-                Err(e) => return Err(self.tables_failed(e)),
+        // 2. The changelog records and the buffered sends, durable. A failure gives the
+        // entries not yet written back to their shards.
+        let mut failure = None;
+        for (shard, set) in frozen.drain(..) {
+            let mut set = set;
+            if failure.is_none()
+                && let Err(e) = crate::table::write_frozen(&self.transport, &shard, &mut *set).await
+            {
+                failure = Some(e);
             }
+            if failure.is_some() {
+                shard.restore(set);
+            }
+        }
+        if let Some(e) = failure {
+            return Err(self.tables_failed(e));
         }
         crate::runtime::crash_point("commit:changelog");
         // The offsets were read before the flush: every send made for the events they cover
@@ -772,7 +1059,16 @@ impl CoreRuntime {
         }
         crate::runtime::crash_point("commit:flushed");
         // 3. Source offsets and changelog ends, in one commit: recovery replays a changelog
-        // exactly to the offset committed with the source offsets.
+        // exactly to the offset committed with the source offsets. Every shard with records
+        // written past its committed offset is in it, also those a failed commit wrote.
+        let changelog_ends: Vec<(Rc<dyn AnyShard>, u64)> = {
+            let committed = self.committed.borrow();
+            shards
+                .iter()
+                .filter_map(|s| s.written_end().map(|end| (s.clone(), end)))
+                .filter(|(s, end)| committed.get(s.changelog()) != Some(end))
+                .collect()
+        };
         let mut offsets: Vec<(TopicPartition, u64)> = {
             let committed = self.committed.borrow();
             lowest.iter().filter(|(tp, o)| committed.get(*tp) != Some(*o)).map(|(tp, o)| (tp.clone(), *o)).collect()
@@ -780,6 +1076,11 @@ impl CoreRuntime {
         offsets.extend(changelog_ends.iter().map(|(s, end)| (s.changelog().clone(), *end)));
         if !offsets.is_empty() {
             let fence = self.fence.borrow().clone();
+            crate::runtime::fault_point("commit:offsets").map_err(|source| faust_transport::Error::Io {
+                op: "write (injected fault)",
+                path: "the offsets file".into(),
+                source,
+            })?;
             self.transport.commit(&self.group, fence.as_ref(), &offsets).await?;
             let mut committed = self.committed.borrow_mut();
             for (tp, o) in offsets {
@@ -789,12 +1090,16 @@ impl CoreRuntime {
         crate::runtime::crash_point("commit:committed");
         // 4. Checkpoint the stores at what is now committed: a checkpoint never claims more.
         for (shard, end) in &changelog_ends {
+            shard.set_written_end(None);
             let sources: Vec<(String, u32, u64)> = lowest
                 .iter()
                 .filter(|(tp, _)| tp.partition == shard.partition())
                 .map(|(tp, o)| (tp.topic.to_string(), tp.partition, *o))
                 .collect();
-            if let Err(e) = shard.checkpoint(*end, sources) {
+            let checkpointed = crate::runtime::fault_point("commit:checkpoint")
+                .map_err(|e| e.to_string())
+                .and_then(|()| shard.checkpoint(*end, sources).map_err(|e| e.to_string()));
+            if let Err(e) = checkpointed {
                 // The changelog has the state; the store's next open replays it.
                 tracing::warn!(table = shard.name(), partition = shard.partition(), error = %e, "checkpoint failed");
             }
@@ -820,12 +1125,16 @@ impl CoreRuntime {
         self.commit_now().await
     }
 
-    /// A table's frozen state could not be written: stop committing and stop the worker (a
-    /// restart recovers from the last commit).
+    /// A table's frozen state could not be written. A failure that a retry can mend (a full
+    /// disk, a broker away) fails this commit only: the entries are dirty again and the next
+    /// commit writes them. One that no retry mends (a value that does not encode) stops the
+    /// worker, committing nothing more.
     fn tables_failed(&self, error: CommitFailure) -> FlushError {
-        tracing::error!(error = %error, "writing table state failed; refusing to commit and stopping the worker");
-        self.sends_lost.set(true);
-        self.app_stop.stop();
+        if !error.is_retriable() {
+            tracing::error!(error = %error, "writing table state failed; refusing to commit and stopping the worker");
+            self.sends_lost.set(true);
+            self.app_stop.stop();
+        }
         FlushError::Tables(error.to_string())
     }
 
@@ -875,7 +1184,11 @@ where
 {
     let slot = Rc::new(TaskSlot::for_agent(run.agent));
     let mut failures_on: Option<(TopicPartition, u64, u32)> = None;
+    // Events skipped in a row with the same error: (the error, how many, the agent's acks
+    // right after the last one). An event handled in between ends the streak.
+    let mut streak: Option<(String, u32, u64)> = None;
     loop {
+        let mut fatal: Option<&'static str> = None;
         let fut = make(&run);
         let outcome =
             InTask::new(slot.clone(), futures_lite::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(fut))).await;
@@ -886,7 +1199,10 @@ where
                 }
                 return;
             }
-            Ok(Err(e)) => e.to_string(),
+            Ok(Err(e)) => {
+                fatal = systemic(&*e);
+                e.to_string()
+            }
             Err(panic) => panic
                 .downcast_ref::<&str>()
                 .map(|s| s.to_string())
@@ -897,6 +1213,12 @@ where
         // Whatever the agent wrote to tables for these events is undone: they are retried
         // (or skipped), and their writes must not count twice (or at all).
         run.core.discard_writes(run.agent, &failed);
+        if let Some(reason) = &fatal {
+            // Not about the record: every event would fail the same way, and skipping them
+            // would commit their offsets with nothing done. Stop without acking them.
+            run.core.agent_failed_for_good(&name, &error, reason, failed.first());
+            return;
+        }
         let Some(event) = failed.first().cloned() else {
             tracing::error!(agent = %name, %error, "agent failed outside an event; restarting it");
             if run.core.stopping.is_cancelled() {
@@ -911,11 +1233,22 @@ where
             _ => 1,
         };
         if attempts > MAX_RESTARTS_PER_EVENT {
+            let in_a_row = match &streak {
+                Some((same, n, acks)) if *same == error && *acks == run.core.agent_acks(run.agent) => n + 1,
+                _ => 1,
+            };
+            if in_a_row >= SKIPS_IN_A_ROW_FATAL {
+                // The same error on several events in a row: not about one record.
+                let reason = "the same error on several events in a row is not about one record";
+                run.core.agent_failed_for_good(&name, &error, reason, Some(&event));
+                return;
+            }
             tracing::error!(agent = %name, topic = %tp.topic, partition = tp.partition, offset, events = failed.len(), %error,
                 "agent failed {MAX_RESTARTS_PER_EVENT} times on these events; skipping them");
             for e in &failed {
                 run.core.ack(run.agent, &e.tp, e.record.offset);
             }
+            streak = Some((error, in_a_row, run.core.agent_acks(run.agent)));
             failures_on = None;
         } else {
             tracing::warn!(agent = %name, topic = %tp.topic, partition = tp.partition, offset, events = failed.len(),
@@ -929,6 +1262,28 @@ where
             }
             failures_on = Some((tp, offset, attempts));
         }
+    }
+}
+
+/// How often a consumer asks again for a partition whose log is damaged (until the operator
+/// repairs it).
+const DAMAGED_RETRY: Duration = Duration::from_secs(2);
+
+/// Events skipped in a row with the same error after which the worker stops instead: an
+/// error that repeats for different records is not about the records.
+const SKIPS_IN_A_ROW_FATAL: u32 = 3;
+
+/// Why an agent's error is not about the event it failed on (then the worker stops rather
+/// than skip events): a table whose shard is not on this core, whose changelog is not
+/// co-partitioned with the event's topic, or whose store or transport failed.
+fn systemic(error: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    use crate::table::TableError;
+    match error.downcast_ref::<TableError>()? {
+        TableError::NotLocal { .. } => Some("a table shard is not on the core of the event's partition"),
+        TableError::PartitionsMismatch { .. } => Some("a table is not co-partitioned with the agent's topic"),
+        TableError::NotRunning { .. } | TableError::OutsideStream { .. } => Some("a table is used where it cannot be"),
+        TableError::Store { .. } | TableError::Transport { .. } => Some("a table's storage failed"),
+        _ => None,
     }
 }
 
@@ -946,15 +1301,42 @@ pub(crate) async fn consume(
     reset: AutoOffsetReset,
     cancel: Rc<crate::rebalance::Cancel>,
 ) {
-    let committed = core.transport.committed(&core.group, std::slice::from_ref(&tp)).await;
+    // A committed offset that cannot be read stops the worker: starting over from
+    // `auto_offset_reset` would process again (or skip) what was committed.
+    let committed = match core.transport.committed(&core.group, std::slice::from_ref(&tp)).await {
+        Ok(c) => c.first().copied().flatten(),
+        Err(e) => {
+            tracing::error!(partition = %tp, error = %e, "reading the committed offset failed; stopping the worker");
+            core.failure.borrow_mut().get_or_insert_with(|| format!("reading the committed offset of {tp}: {e}"));
+            core.app_stop.stop();
+            return;
+        }
+    };
     let mut next = match committed {
-        Ok(c) if c.first().copied().flatten().is_some() => c[0].unwrap_or(0),
-        _ => {
+        Some(offset) => offset,
+        None => {
             let spec = match reset {
                 AutoOffsetReset::Earliest => OffsetSpec::Earliest,
                 AutoOffsetReset::Latest => OffsetSpec::Latest,
             };
-            core.transport.list_offset(&tp, spec).await.unwrap_or(0)
+            loop {
+                match core.transport.list_offset(&tp, spec).await {
+                    Ok(offset) => break offset,
+                    Err(e) if e.damaged_log().is_some() => {
+                        if core.on_damaged_log(&tp, &e, None).is_none() {
+                            futures_lite::future::or(glommio::timer::sleep(DAMAGED_RETRY), cancel.cancelled()).await;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(partition = %tp, error = %e, "looking up where to start failed; retrying");
+                        futures_lite::future::or(glommio::timer::sleep(Duration::from_secs(1)), cancel.cancelled())
+                            .await;
+                    }
+                }
+                if core.stopping.is_cancelled() || cancel.is_cancelled() {
+                    return;
+                }
+            }
         }
     };
     for &a in &agents {
@@ -969,12 +1351,19 @@ pub(crate) async fn consume(
         for (&a, &lane) in agents.iter().zip(&lanes) {
             futures_lite::future::or(core.queues[a].room(lane), cancel.cancelled()).await;
         }
+        // No new events while this core's writes fail (a full disk): they would only add to
+        // what cannot be written.
+        core.wait_writable(Some(&cancel)).await;
         if !running() {
             break;
         }
         match core.transport.fetch(&tp, next, FETCH_BYTES, FETCH_WAIT).await {
             Ok(fetched) => {
                 (failures, unknown_since) = (0, None);
+                if core.damage_logs.borrow_mut().remove(&tp).is_some() {
+                    tracing::warn!(partition = %tp, "the damaged partition was repaired; processing it again");
+                    core.stats.set_problem(&tp.to_string(), None);
+                }
                 let fetched_count = fetched.records.len();
                 for record in fetched.records {
                     let mut record = Some(record);
@@ -994,6 +1383,7 @@ pub(crate) async fn consume(
                 for &a in &agents {
                     core.queues[a].wake(fetched_count);
                 }
+                core.note_end(&tp, fetched.high_watermark);
                 glommio::yield_if_needed().await;
                 for &a in &agents {
                     if let Some(t) = core.acks.borrow_mut().get_mut(&AckKey(a, &tp)) {
@@ -1030,6 +1420,14 @@ pub(crate) async fn consume(
                 }
             }
             Err(faust_transport::Error::Closed) => break,
+            Err(e) if e.damaged_log().is_some() => {
+                // Repaired at once (internal topics: fetched again right away), or waiting for
+                // the operator's repair (asked again every few seconds; the log and `stats`
+                // say so; the other partitions go on).
+                if core.on_damaged_log(&tp, &e, Some(next)).is_none() {
+                    futures_lite::future::or(glommio::timer::sleep(DAMAGED_RETRY), cancel.cancelled()).await;
+                }
+            }
             Err(e) => {
                 failures += 1;
                 let gone = matches!(
@@ -1059,10 +1457,10 @@ async fn flush_buffered(core: Rc<CoreRuntime>) {
         futures_lite::future::yield_now().await;
         match core.flush().await {
             Ok(()) => failures = 0,
-            Err(e) => {
+            Err(_) => {
+                // Logged (rate limited) by `writes_failed`.
                 failures += 1;
                 let backoff = Duration::from_millis(50 * u64::from(failures.min(20)));
-                tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "writing buffered sends failed");
                 futures_lite::future::or(glommio::timer::sleep(backoff), core.stopped()).await;
             }
         }
@@ -1167,6 +1565,8 @@ fn copartitioned(counts: &std::collections::BTreeMap<Arc<str>, u32>) -> Vec<Vec<
 /// Start-up state shared by the cores and the control thread.
 struct Startup {
     topics_ready: AtomicBool,
+    /// Cores that applied their first assignment (the worker is ready when all did).
+    cores_ready: std::sync::atomic::AtomicUsize,
     /// Cores past their final commit (or that ended early): a core keeps its transport (its
     /// appenders, which other cores' final commits may write through) until all are.
     cores_committed: std::sync::atomic::AtomicUsize,
@@ -1235,6 +1635,7 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
     let transport = AnyTransport::open(&settings.broker_url(), cores, memory.as_ref(), partitions)?;
     let startup = Arc::new(Startup {
         topics_ready: AtomicBool::new(false),
+        cores_ready: std::sync::atomic::AtomicUsize::new(0),
         cores_committed: std::sync::atomic::AtomicUsize::new(0),
         counts: Mutex::new(std::collections::BTreeMap::new()),
         event: Event::new(),
@@ -1388,15 +1789,23 @@ async fn create_topics(
         core.create_topic(&topic, &TopicConfig::new(settings.topic_partitions)).await?;
     }
     // Changelogs: compacted; an existing one keeps its partition count unless the table
-    // names another (then it must match).
+    // names another (then it must match). A new one takes the partition count of the topics
+    // the agents consume when they all have the same (a table is co-partitioned with its
+    // agent's topic: an existing topic with 4 partitions gets a 4-partition changelog even
+    // though `topic_partitions` says 8), and `topic_partitions` otherwise.
+    let source_counts: std::collections::BTreeSet<u32> =
+        sources.iter().filter_map(|s| created.get(s).copied()).collect();
+    let default_count = match source_counts.iter().collect::<Vec<_>>()[..] {
+        [&only] => only,
+        _ => settings.topic_partitions,
+    };
     for t in tables {
         let existing = core.topic_metadata(t.changelog()).await?;
         let wanted = t.partitions().or_else(|| t.partitions_like().and_then(|like| created.get(&like).copied()));
         let count = match (existing, wanted) {
             (Some(meta), None) => meta.config.partitions,
             (_, wanted) => {
-                let config =
-                    TopicConfig { compacted: true, ..TopicConfig::new(wanted.unwrap_or(settings.topic_partitions)) };
+                let config = TopicConfig { compacted: true, ..TopicConfig::new(wanted.unwrap_or(default_count)) };
                 core.create_topic(t.changelog(), &config).await?.config.partitions
             }
         };
@@ -1456,7 +1865,14 @@ async fn core_main(
     futures_lite::future::or(startup.wait_until(|| startup.topics_ready.load(Ordering::Acquire)), stop.wait()).await;
     let mut partitions = HashMap::default();
     let dead_letter: Option<Arc<str>> = settings.dead_letter_topic().map(Arc::from);
-    let known = declared.iter().filter(|t| t.kind == TopicKind::Log).map(|t| t.name.clone()).chain(dead_letter.clone());
+    // The tables' changelogs too: a table write checks that its changelog has as many
+    // partitions as the topic of the event (co-partitioning).
+    let known = declared
+        .iter()
+        .filter(|t| t.kind == TopicKind::Log)
+        .map(|t| t.name.clone())
+        .chain(dead_letter.clone())
+        .chain(tables.iter().map(|t| t.changelog().clone()));
     for name in known {
         match core.topic_metadata(&name).await {
             Ok(Some(meta)) => {
@@ -1472,6 +1888,7 @@ async fn core_main(
         index,
         transport: core,
         group: settings.id.clone(),
+        commit_every: settings.commit_every.max(1),
         partitions,
         queues: specs.iter().map(|_| Rc::new(EventQueue::new(settings.stream_buffer_maxsize))).collect(),
         acks: RefCell::new(AckMap::default()),
@@ -1506,6 +1923,13 @@ async fn core_main(
         pending_writes: RefCell::new(Vec::new()),
         settling: Cell::new(Vec::new()),
         deferred_commits: Cell::new(0),
+        write_trouble: RefCell::new(None),
+        writable: Event::new(),
+        acked_since_commit: Cell::new(0),
+        commit_soon: Event::new(),
+        agent_acks: specs.iter().map(|_| Cell::new(0)).collect(),
+        damage_logs: RefCell::new(HashMap::default()),
+        log_ends: RefCell::new(HashMap::default()),
     });
     CURRENT.with(|c| *c.borrow_mut() = Some(runtime.clone()));
 
@@ -1518,6 +1942,11 @@ async fn core_main(
     .await;
     if let Some(command) = first {
         runtime.apply(command).await;
+    }
+    if startup.cores_ready.fetch_add(1, Ordering::AcqRel) + 1 == cores && !stop.is_stopped() {
+        let counts = startup.counts.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        tracing::info!(app = %settings.id, cores, topics = counts.len(), partitions = counts.values().sum::<u32>(),
+            "the worker is ready: its partitions are recovered and being processed");
     }
     // Later assignment changes, one at a time.
     let control_task = {
@@ -1551,14 +1980,32 @@ async fn core_main(
             agent_tasks.push(glommio::spawn_local(start(run())));
         }
     }
-    // Commits.
+    // Commits: every `commit_interval`, sooner once `commit_every` events were acked, and
+    // every half second while writes fail (so the core resumes soon after they succeed).
     let committer = {
         let (runtime, interval) = (runtime.clone(), settings.commit_interval);
         glommio::spawn_local(async move {
+            let failures = LogLimiter::default();
             while !runtime.stopping.is_cancelled() {
-                futures_lite::future::or(glommio::timer::sleep(interval), runtime.stopped()).await;
+                runtime.publish_progress();
+                let woken = runtime.commit_soon.listen();
+                let wait = match runtime.write_trouble.borrow().is_some() {
+                    true => interval.min(Duration::from_millis(500)),
+                    false => interval,
+                };
+                if runtime.acked_since_commit.get() < runtime.commit_every {
+                    futures_lite::future::or(
+                        futures_lite::future::or(glommio::timer::sleep(wait), woken),
+                        runtime.stopped(),
+                    )
+                    .await;
+                }
                 if let Err(e) = runtime.commit_retrying(|| runtime.stopping.is_cancelled()).await {
-                    tracing::error!(error = %e, "commit failed");
+                    if let Some(repeats) = failures.allow() {
+                        tracing::error!(core = runtime.index, error = %e, repeats, "commit failed; it is retried");
+                    }
+                    let pause = interval.min(Duration::from_millis(500));
+                    futures_lite::future::or(glommio::timer::sleep(pause), runtime.stopped()).await;
                 }
             }
         })

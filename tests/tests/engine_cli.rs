@@ -316,9 +316,10 @@ fn send_good(datadir: &Path, round: usize, expected: &mut std::collections::BTre
     }
 }
 
-/// Sends one record's bytes as they are to partition 2.
+/// Sends one record's bytes as they are to partition 2, bad or not (`--unchecked`).
 fn send_raw(datadir: &Path, value: &str) {
-    let out = cli(ORDERS, datadir, &["send", "orders", "--partition", "2", "--value-serializer", "raw", value], None);
+    let args = ["send", "orders", "--partition", "2", "--value-serializer", "raw", "--unchecked", value];
+    let out = cli(ORDERS, datadir, &args, None);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
 }
 

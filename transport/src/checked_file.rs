@@ -2,9 +2,11 @@
 //! sealed with a checksum so that damage — a cut, a flipped byte, an edited number — is
 //! detected and reported instead of read as data.
 //!
-//! A sealed file is its text followed by one line `crc32c <8 hex digits>`, the CRC32C of every
-//! byte before that line. Files written before checksums existed (no such line) are read as
-//! they are, strictly: a line that does not parse makes the file damaged.
+//! A sealed file starts with a header line `faust-<kind> <version>` and ends with one line
+//! `crc32c <8 hex digits>`, the CRC32C of every byte before that line. A file with the header
+//! but no checksum line was cut short. Files written before checksums existed (no header, no
+//! checksum line) are read as they are, strictly: a line that does not parse makes the file
+//! damaged; an empty file is damaged (no writer leaves one).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -26,7 +28,10 @@ pub(crate) fn seal(text: &str) -> String {
 /// before checksums existed) comes back as it is, for the caller to parse strictly.
 pub(crate) fn unseal(bytes: &[u8]) -> std::result::Result<(String, bool), Damage> {
     let text = std::str::from_utf8(bytes).map_err(|e| Damage(format!("not text: {e}")))?;
-    if !text.ends_with('\n') && !text.is_empty() {
+    if text.is_empty() {
+        return Err(Damage("the file is empty".into()));
+    }
+    if !text.ends_with('\n') {
         return Err(Damage("the file is cut short (no final newline)".into()));
     }
     let body_end = text.trim_end_matches('\n').rfind('\n').map_or(0, |i| i + 1);
@@ -34,6 +39,9 @@ pub(crate) fn unseal(bytes: &[u8]) -> std::result::Result<(String, bool), Damage
     let Some(hex) = last.strip_prefix(SEAL) else {
         if text.contains(SEAL) {
             return Err(Damage("the checksum line is not the last line".into()));
+        }
+        if text.starts_with("faust-") {
+            return Err(Damage("the file is cut short (its checksum line is missing)".into()));
         }
         return Ok((text.to_string(), false));
     };
@@ -129,7 +137,7 @@ mod tests {
 
     #[test]
     fn sealed_text_round_trips_and_any_change_is_damage() {
-        let text = "orders\t0\t1042\norders\t1\t77\n";
+        let text = "faust-offsets 2\norders\t0\t1042\norders\t1\t77\n";
         let sealed = seal(text);
         assert_eq!(unseal(sealed.as_bytes()), Ok((text.to_string(), true)));
         // Every single-byte edit, and every cut, is caught.
@@ -140,10 +148,11 @@ mod tests {
                 continue;
             }
             assert!(unseal(&bytes).is_err() || !String::from_utf8_lossy(&bytes).contains(SEAL), "edit at {i}");
-            assert!(unseal(&sealed.as_bytes()[..i]).is_err() || i == 0, "cut at {i}");
+            assert!(unseal(&sealed.as_bytes()[..i]).is_err(), "cut at {i}");
         }
         // Unsealed (older) files are handed back as they are, for a strict parse.
-        assert_eq!(unseal(text.as_bytes()), Ok((text.to_string(), false)));
+        let old = "orders\t0\t1042\n";
+        assert_eq!(unseal(old.as_bytes()), Ok((old.to_string(), false)));
         assert!(unseal(&[0xff, 0xfe, b'\n']).is_err());
     }
 
@@ -153,19 +162,19 @@ mod tests {
         let path = dir.path().join("g.offsets");
         let parse = |t: &str, _sealed: bool| Ok::<_, Damage>(t.to_string());
         assert!(read_with_fallback(&path, "", parse).unwrap().is_none());
-        write(&path, seal("one\n").as_bytes(), true).unwrap();
-        write(&path, seal("two\n").as_bytes(), true).unwrap();
-        assert_eq!(read_with_fallback(&path, "", parse).unwrap(), Some(("two\n".to_string(), None)));
-        std::fs::write(&path, "tw0\ncrc32c 00000000\n").unwrap();
+        write(&path, seal("faust-test 1\none\n").as_bytes(), true).unwrap();
+        write(&path, seal("faust-test 1\ntwo\n").as_bytes(), true).unwrap();
+        assert_eq!(read_with_fallback(&path, "", parse).unwrap(), Some(("faust-test 1\ntwo\n".to_string(), None)));
+        std::fs::write(&path, "faust-test 1\ntw0\ncrc32c 00000000\n").unwrap();
         let (value, why) = read_with_fallback(&path, "", parse).unwrap().unwrap();
-        assert_eq!(value, "one\n");
+        assert_eq!(value, "faust-test 1\none\n");
         assert!(why.unwrap().0.contains("checksum mismatch"));
         std::fs::write(previous_path(&path), "x").unwrap();
         let err = read_with_fallback(&path, "", parse).unwrap_err();
         assert!(matches!(err, Error::DamagedFile { .. }), "{err}");
         // Missing newest copy (a crash between the renames): the previous one is used.
         std::fs::remove_file(&path).unwrap();
-        write(&previous_path(&path), seal("one\n").as_bytes(), false).unwrap();
-        assert_eq!(read_with_fallback(&path, "", parse).unwrap(), Some(("one\n".to_string(), None)));
+        write(&previous_path(&path), seal("faust-test 1\none\n").as_bytes(), false).unwrap();
+        assert_eq!(read_with_fallback(&path, "", parse).unwrap(), Some(("faust-test 1\none\n".to_string(), None)));
     }
 }

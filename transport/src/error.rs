@@ -228,6 +228,14 @@ impl Error {
         }
     }
 
+    /// The error behind a failed produce (this error itself otherwise).
+    pub fn cause(&self) -> &Error {
+        match self {
+            Error::Produce { source, .. } => source.cause(),
+            other => other,
+        }
+    }
+
     /// Takes the batch back out of a failed produce.
     pub fn into_batch(self) -> Option<BatchBuilder> {
         match self {

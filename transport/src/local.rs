@@ -185,9 +185,12 @@ fn io(op: &'static str, path: &Path, source: std::io::Error) -> Error {
     Error::Io { op, path: path.to_path_buf(), source }
 }
 
+/// A topic settings file's first line (files written before it had no such line).
+const META_HEADER: &str = "faust-topic 2";
+
 fn encode_meta(config: &TopicConfig) -> String {
     crate::checked_file::seal(&format!(
-        "partitions={}\ncompacted={}\nretention_ms={}\nretention_bytes={}\n",
+        "{META_HEADER}\npartitions={}\ncompacted={}\nretention_ms={}\nretention_bytes={}\n",
         config.partitions,
         config.compacted,
         config.retention.map(|d| d.as_millis().to_string()).unwrap_or_default(),
@@ -196,12 +199,16 @@ fn encode_meta(config: &TopicConfig) -> String {
 }
 
 /// What to do about a topic's settings file that is damaged along with its copy.
-const META_REMEDY: &str = "restore the file (its copy is topic.meta.prev: `partitions=N`, `compacted=true|false`, `retention_ms=`, `retention_bytes=`, then a `crc32c` line), or delete the topic's directory to create the topic again empty";
+const META_REMEDY: &str = "restore it from a backup, or delete the topic's directory to create the topic again, empty";
 
-fn decode_meta(text: &str) -> std::result::Result<TopicConfig, Damage> {
+fn decode_meta(text: &str, sealed: bool) -> std::result::Result<TopicConfig, Damage> {
     let bad = |what: &str| Damage(what.to_string());
     let mut config = TopicConfig::new(0);
-    for line in text.lines() {
+    let mut lines = text.lines();
+    if sealed && lines.next() != Some(META_HEADER) {
+        return Err(bad(&format!("the first line is not `{META_HEADER}`")));
+    }
+    for line in lines {
         let (k, v) = line.split_once('=').ok_or_else(|| bad(&format!("line `{line}` is not `name=value`")))?;
         match k {
             "partitions" => config.partitions = v.parse().map_err(|_| bad("bad partition count"))?,
@@ -229,9 +236,7 @@ fn decode_meta(text: &str) -> std::result::Result<TopicConfig, Damage> {
 
 /// Reads a topic's settings, from the copy when the file is damaged (and then mends the file).
 fn read_meta(path: &Path) -> Result<Option<TopicConfig>> {
-    let Some((config, damage)) =
-        crate::checked_file::read_with_fallback(path, META_REMEDY, |text, _sealed| decode_meta(text))?
-    else {
+    let Some((config, damage)) = crate::checked_file::read_with_fallback(path, META_REMEDY, decode_meta)? else {
         return Ok(None);
     };
     if let Some(damage) = damage {
