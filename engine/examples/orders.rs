@@ -104,6 +104,9 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// How long the job waits while the worker's writes fail before it gives up with an error.
+const BLOCKED_LIMIT: Duration = Duration::from_secs(10);
+
 /// Orders the generator writes between two records of its progress.
 const PROGRESS_EVERY: u64 = 50_000;
 
@@ -201,16 +204,35 @@ fn run_alone() -> Result<(), Box<dyn std::error::Error>> {
         });
     }
 
-    // Stop once the generator is done and the count has not moved for a second.
+    // Stop once the generator is done and the count has not moved for a second; or, with an
+    // error, once writes have kept failing for `BLOCKED_LIMIT` (a full disk: the worker
+    // waits for space, which a benchmark job should not do for long).
     let stop = app.stop_signal();
     let watcher = {
-        let (counted, generated_all) = (counted.clone(), generated_all.clone());
+        let (counted, generated_all, failed, app) =
+            (counted.clone(), generated_all.clone(), generator_failed.clone(), app.clone());
         std::thread::spawn(move || {
             let (mut last, mut still_since, mut last_print) = (u64::MAX, Instant::now(), Instant::now());
             let mut finished_at = None;
+            let mut blocked_since: Option<Instant> = None;
             // Until the work is done, or the worker is stopped otherwise (a signal).
             while start.elapsed() < Duration::from_secs(600) && !stop.is_stopped() {
                 std::thread::sleep(Duration::from_millis(50));
+                match (app.stats().writes_blocked, blocked_since) {
+                    (false, _) => blocked_since = None,
+                    (true, None) => blocked_since = Some(Instant::now()),
+                    (true, Some(since)) if since.elapsed() >= BLOCKED_LIMIT => {
+                        let problems = app.problems().join("; ");
+                        if let Ok(mut failed) = failed.lock() {
+                            failed.get_or_insert(format!(
+                                "writes kept failing for {} s ({problems})",
+                                BLOCKED_LIMIT.as_secs()
+                            ));
+                        }
+                        break;
+                    }
+                    (true, Some(_)) => {}
+                }
                 let now = counted.load(Ordering::SeqCst);
                 if now != last {
                     (last, still_since) = (now, Instant::now());

@@ -973,10 +973,7 @@ impl CoreRuntime {
     pub(crate) async fn commit_now(self: &Rc<Self>) -> Result<bool, FlushError> {
         let result = self.commit_once().await;
         match &result {
-            Ok(true) => {
-                self.acked_since_commit.set(0);
-                self.writes_succeeded();
-            }
+            Ok(true) => self.writes_succeeded(),
             Ok(false) => {}
             Err(FlushError::Write { .. }) => {} // `flush` noted it.
             Err(e @ (FlushError::Tables(_) | FlushError::Transport(_))) => self.writes_failed(e),
@@ -1003,6 +1000,8 @@ impl CoreRuntime {
         if let Some(fence) = &fence {
             self.transport.commit(&self.group, Some(fence), &[]).await?;
         }
+        // Events acked from now on are the next commit's (`commit_every` counts them).
+        self.acked_since_commit.set(0);
         let mut lowest: HashMap<TopicPartition, u64> = HashMap::default();
         for ((_, tp), tracker) in self.acks.borrow().iter() {
             if self.channel_agents.contains_key(&tp.topic) {

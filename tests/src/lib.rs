@@ -4,6 +4,8 @@
 //! `scripts/test`, which starts one) and skip with a printed notice when it is unset, so a plain
 //! `cargo test` stays hermetic.
 
+pub mod cli;
+
 /// The environment variable through which `scripts/test` hands a running broker to the tests.
 pub const BROKER_ENV: &str = "FAUST_TEST_BROKER";
 

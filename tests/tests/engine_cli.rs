@@ -8,149 +8,13 @@
 //! exact under every policy, the dead-letter topic must hold exactly the bad records, and a
 //! worker stopped by a bad record must lose nothing after it.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
-use serde_json::Value;
+use faust_tests::cli::{Worker, cli, code, dump, eventually, json, order_lines, stderr, stdout};
 
 const HELLO: &str = env!("CARGO_BIN_EXE_hello");
 const ORDERS: &str = env!("CARGO_BIN_EXE_orders");
-
-/// Runs `bin --datadir DATADIR ARGS...` with `stdin` fed in.
-fn cli(bin: &str, datadir: &Path, args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = Command::new(bin)
-        .arg("--datadir")
-        .arg(datadir)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the command");
-    let mut input = child.stdin.take().expect("stdin");
-    if let Some(text) = stdin {
-        input.write_all(text.as_bytes()).expect("write stdin");
-    }
-    drop(input);
-    child.wait_with_output().expect("wait for the command")
-}
-
-fn code(output: &Output) -> i32 {
-    output.status.code().unwrap_or(-1)
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn json(output: &Output) -> Value {
-    serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", stdout(output), stderr(output)))
-}
-
-/// A worker process, killed if the test ends without stopping it.
-struct Worker {
-    child: Child,
-    bin: &'static str,
-    datadir: PathBuf,
-    out: PathBuf,
-    err: PathBuf,
-}
-
-impl Worker {
-    fn start(bin: &'static str, datadir: &Path, env: &[(&str, &str)]) -> Worker {
-        std::fs::create_dir_all(datadir).unwrap();
-        let name = format!("worker-{}", std::fs::read_dir(datadir.parent().unwrap()).unwrap().count());
-        let (out, err) = (datadir.with_file_name(format!("{name}.out")), datadir.with_file_name(format!("{name}.err")));
-        let mut cmd = Command::new(bin);
-        cmd.arg("--datadir")
-            .arg(datadir)
-            .arg("worker")
-            .env("BROKER_COMMIT_INTERVAL", "0.1")
-            .env_remove("RUST_LOG")
-            .stdout(std::fs::File::create(&out).unwrap())
-            .stderr(std::fs::File::create(&err).unwrap());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().expect("start the worker");
-        let mut worker = Worker { child, bin, datadir: datadir.to_path_buf(), out, err };
-        worker.wait_ready();
-        worker
-    }
-
-    /// Until the worker answers on its control socket (it created its topics by then), or
-    /// exits.
-    fn wait_ready(&mut self) {
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(60) {
-            if self.child.try_wait().unwrap().is_some() {
-                return;
-            }
-            let topics = cli(self.bin, &self.datadir, &["topics", "--json"], None);
-            if code(&topics) == 0 && json(&topics).as_array().is_some_and(|t| t.iter().all(|t| t["records"].is_u64())) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("the worker did not answer within 60 s; its log:\n{}", self.log());
-    }
-
-    fn stdout(&self) -> String {
-        std::fs::read_to_string(&self.out).unwrap_or_default()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.err).unwrap_or_default()
-    }
-
-    /// Sends SIGTERM and waits (bounded) for the exit code.
-    fn stop(mut self) -> i32 {
-        // SAFETY: signalling the child this test started, by its PID.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        self.wait(Duration::from_secs(60))
-    }
-
-    /// Waits (bounded) for the worker to exit by itself.
-    fn wait(&mut self, timeout: Duration) -> i32 {
-        let start = Instant::now();
-        while start.elapsed() < timeout {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code().unwrap_or(-1);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("the worker did not exit within {timeout:?}; its log:\n{}", self.log());
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// Polls `check` every 50 ms for up to 30 s.
-fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(30) {
-        if check() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("{what}: not within 30 s");
-}
 
 #[test]
 fn hello_prints_what_send_sends() {
@@ -214,31 +78,6 @@ fn hello_prints_what_send_sends() {
     assert_eq!(code(&after), 3, "the socket is gone with the worker: {}", stderr(&after));
 }
 
-/// `count` orders per account, `accounts` accounts, as JSON lines.
-fn order_lines(count: usize, accounts: usize, offset: usize) -> (String, std::collections::BTreeMap<String, u64>) {
-    let mut lines = String::new();
-    let mut expected = std::collections::BTreeMap::new();
-    for i in offset..offset + count {
-        let account = format!("account-{}", i % accounts);
-        lines.push_str(&format!(
-            "{{\"account_id\": \"{account}\", \"product_id\": \"product-{i}\", \"amount\": 1, \"price\": 2.5}}\n"
-        ));
-        *expected.entry(account).or_insert(0) += 1;
-    }
-    (lines, expected)
-}
-
-fn dump(datadir: &Path) -> std::collections::BTreeMap<String, u64> {
-    let out = cli(ORDERS, datadir, &["table", "dump", "order_count", "--json"], None);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    json(&out)
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|kv| (kv["key"].as_str().unwrap().to_string(), kv["value"].as_u64().unwrap()))
-        .collect()
-}
-
 #[test]
 fn orders_are_sent_and_counted_through_the_cli() {
     let dir = tempfile::tempdir().unwrap();
@@ -255,7 +94,7 @@ fn orders_are_sent_and_counted_through_the_cli() {
     let piped = cli(ORDERS, &data, &["send", "orders"], Some(&lines));
     assert_eq!(stdout(&piped).trim(), "sent 500 records to orders", "{}", stderr(&piped));
     *expected.entry("account-1".into()).or_insert(0) += 1;
-    eventually("every order counted", || dump(&data) == expected);
+    eventually("every order counted", || dump(ORDERS, &data) == expected);
     let get = json(&cli(ORDERS, &data, &["table", "get", "order_count", "account-3", "--json"], None));
     assert_eq!(get, serde_json::json!({ "table": "order_count", "key": "account-3", "value": expected["account-3"] }));
     // Not found (4), not valid JSON for the JSON topic (2), an unknown table (4).
@@ -283,7 +122,7 @@ fn orders_are_sent_and_counted_through_the_cli() {
     assert_eq!(code(&reset), 0, "{}", stderr(&reset));
     assert!(!data.join("tables").exists());
     let worker = Worker::start(ORDERS, &data, &[]);
-    eventually("the counts recovered from the changelog", || dump(&data) == expected);
+    eventually("the counts recovered from the changelog", || dump(ORDERS, &data) == expected);
     assert_eq!(worker.stop(), 0);
 }
 
@@ -336,7 +175,7 @@ fn bad_records_are_skipped_or_dead_lettered_and_the_rest_counted_exactly() {
             send_raw(&data, value);
         }
         send_good(&data, 3, &mut expected);
-        eventually("every good order counted", || dump(&data) == expected);
+        eventually("every good order counted", || dump(ORDERS, &data) == expected);
         let log = worker.log();
         let message =
             if policy == "skip" { "skipping a bad record" } else { "bad record sent to the dead-letter topic" };
@@ -363,7 +202,7 @@ fn a_bad_record_stops_the_worker_and_stays_uncommitted() {
     let mut expected = std::collections::BTreeMap::new();
     let mut worker = Worker::start(ORDERS, &data, &stop);
     send_good(&data, 0, &mut expected);
-    eventually("the good orders counted", || dump(&data) == expected);
+    eventually("the good orders counted", || dump(ORDERS, &data) == expected);
     send_raw(&data, &bad[0]);
     assert_eq!(worker.wait(Duration::from_secs(60)), 1, "{}", worker.log());
     assert!(worker.log().contains("bad record; stopping the worker"), "{}", worker.log());
@@ -379,7 +218,100 @@ fn a_bad_record_stops_the_worker_and_stays_uncommitted() {
         send_raw(&data, value);
     }
     send_good(&data, 3, &mut expected);
-    eventually("every good order counted after the restart", || dump(&data) == expected);
+    eventually("every good order counted after the restart", || dump(ORDERS, &data) == expected);
     assert_eq!(worker.log().matches("skipping a bad record").count(), 3, "{}", worker.log());
+    assert_eq!(worker.stop(), 0);
+}
+
+/// The command line's own faults (the faults issue, items 9 and 10): an argument that is not
+/// UTF-8 is input, never a panic; binary values can be sent (`--value-file`, raw); values the
+/// worker's agents would only drop (the wrong JSON shape, over `max_record_bytes`) are refused
+/// with nothing sent; `table dump` into a closed pipe ends quietly; `stats` tells events
+/// processed and lag, and the worker says when it is ready and caught up.
+#[test]
+fn command_line_input_is_checked_and_never_panics() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let worker = Worker::start(ORDERS, &data, &[("MAX_RECORD_BYTES", "512")]);
+    let run = |args: &[&std::ffi::OsStr]| {
+        std::process::Command::new(ORDERS)
+            .arg("--datadir")
+            .arg(&data)
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let os = |s: &str| std::ffi::OsStr::new(s).to_os_string();
+    // Not UTF-8: a usage error for a JSON value (exit 2), not a panic (101).
+    let bad_utf8 = std::ffi::OsStr::from_bytes(&[b'{', 0xff, b'}']).to_os_string();
+    let out = run(&[&os("send"), &os("orders"), &bad_utf8]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("not UTF-8"), "{}", stderr(&out));
+    // A JSON value of the wrong shape, and one over max_record_bytes: refused, nothing sent.
+    let out = run(&[&os("send"), &os("orders"), &os(r#"{"account": 1}"#)]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("would drop it as a bad record"), "{}", stderr(&out));
+    let big = format!(r#"{{"account_id": "a", "product_id": "{}", "amount": 1, "price": 1.0}}"#, "p".repeat(600));
+    let out = run(&[&os("send"), &os("orders"), &os(&big)]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("over max_record_bytes"), "{}", stderr(&out));
+    // A binary value from a file, as it is (unchecked: it is no order).
+    let file = dir.path().join("value.bin");
+    std::fs::write(&file, [0u8, 0xff, 0x10, b'\n', 0x80]).unwrap();
+    let args = ["send", "orders", "--partition", "3", "--value-serializer", "raw", "--unchecked", "--value-file"];
+    let mut all: Vec<std::ffi::OsString> = args.iter().map(|a| os(a)).collect();
+    all.push(file.clone().into_os_string());
+    let out = run(&all.iter().map(|a| a.as_os_str()).collect::<Vec<_>>());
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    // A good order, counted; then stats.
+    let one = r#"{"account_id": "account-1", "product_id": "p", "amount": 1, "price": 1.0}"#;
+    assert_eq!(code(&cli(ORDERS, &data, &["send", "orders", one], None)), 0);
+    eventually("the order counted", || dump(ORDERS, &data).get("account-1") == Some(&1));
+    eventually("stats show the work done and no lag", || {
+        let s = json(&cli(ORDERS, &data, &["stats", "--json"], None));
+        s["lag"] == 0 && s["events_processed"].as_u64().unwrap_or(0) >= 3 && s["problems"] == serde_json::json!([])
+    });
+    // `table dump` whose reader is gone: no panic, exit 0.
+    let mut child = std::process::Command::new(ORDERS)
+        .arg("--datadir")
+        .arg(&data)
+        .args(["table", "dump", "order_count"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(stderr(&out).is_empty(), "{}", stderr(&out));
+    let log = worker.log();
+    assert!(log.contains("the worker is ready"), "{log}");
+    assert!(log.contains("caught up"), "{log}");
+    assert_eq!(worker.stop(), 0);
+    let records = faust_tests::topic_records(&data, "orders");
+    assert!(records.iter().any(|r| r.value.as_deref() == Some(&[0u8, 0xff, 0x10, b'\n', 0x80][..])));
+    assert_eq!(records.len(), 2, "only the two accepted sends were written");
+}
+
+/// `commit_every` (BROKER_COMMIT_EVERY) commits once that many events were processed, even
+/// when the commit interval is far away.
+#[test]
+fn commit_every_commits_before_the_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let worker = Worker::start(ORDERS, &data, &[("BROKER_COMMIT_INTERVAL", "600"), ("BROKER_COMMIT_EVERY", "100")]);
+    let (lines, _) = order_lines(1000, 7, 0);
+    assert_eq!(code(&cli(ORDERS, &data, &["send", "orders"], Some(&lines))), 0);
+    let committed = || -> u64 {
+        let text = std::fs::read_to_string(data.join("topics/.groups/orders.offsets")).unwrap_or_default();
+        text.lines()
+            .filter(|l| l.starts_with("orders\t"))
+            .filter_map(|l| l.rsplit('\t').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    eventually("offsets committed long before the 600 s interval", || committed() >= 900);
     assert_eq!(worker.stop(), 0);
 }
