@@ -378,3 +378,56 @@ fn for_each_after_echo_sends_event_by_event() {
     assert_eq!(counts, expected);
     assert_committed_to_the_end(&transport);
 }
+
+/// An error that is not about the record — the same one on event after event (a database
+/// that is down, a table that is not co-partitioned) — stops the worker instead of skipping
+/// events one after another and committing past them: at most the first two of the streak
+/// are skipped, and the worker's error names the agent and the error.
+#[test]
+fn the_same_error_on_events_in_a_row_stops_the_worker() {
+    let transport = MemoryTransport::new();
+    let mut settings = Settings::new("agents-test");
+    settings.broker = "memory://".into();
+    settings.topic_partitions = 2;
+    settings.cores = Some(1);
+    settings.commit_interval = Duration::from_millis(20);
+    let dir = tempfile::tempdir().unwrap();
+    settings.datadir = dir.path().to_path_buf();
+    let app = App::new(settings).with_memory_transport(transport.clone());
+    let a = app.topic::<String, u64>("a");
+    app.agent("writer", &a, |mut stream| async move {
+        match stream.next().await {
+            Some(_value) => Err("the database is down".into()),
+            None => Ok(()),
+        }
+    });
+    app.task(move || {
+        let a = a.clone();
+        async move {
+            for i in 0..20u64 {
+                a.send(Some(&format!("k{i}")), &i).await?;
+            }
+            Ok(())
+        }
+    });
+    let stop = app.stop_signal();
+    let guard = std::thread::spawn(move || {
+        // A bound on the test: the worker is expected to stop by itself long before.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !stop.is_stopped() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        stop.stop();
+    });
+    let err = app.run().expect_err("the worker stops with the agent's error");
+    guard.join().unwrap();
+    let message = err.to_string();
+    assert!(message.contains("writer") && message.contains("the database is down"), "{message}");
+    let tps = [TopicPartition::new("a", 0), TopicPartition::new("a", 1)];
+    let committed = futures_lite::future::block_on(committed_offsets(&transport, &tps));
+    // Offsets were committed for the two events skipped before the streak was recognised
+    // (so the check below reads the right group), and for none after them.
+    assert!(committed.iter().any(Option::is_some), "{committed:?}");
+    let skipped: u64 = committed.iter().map(|c| c.unwrap_or(0)).sum();
+    assert!(skipped <= 2, "{skipped} events committed past: {committed:?}");
+}

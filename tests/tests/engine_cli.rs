@@ -234,6 +234,9 @@ fn command_line_input_is_checked_and_never_panics() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let worker = Worker::start(ORDERS, &data, &[("MAX_RECORD_BYTES", "512")]);
+    // An empty worker takes little disk (its 40-odd logs and stores reserve space as they
+    // grow, not 8 MiB each up front).
+    assert!(disk_usage(&data) < 16 << 20, "{} bytes", disk_usage(&data));
     let run = |args: &[&std::ffi::OsStr]| {
         std::process::Command::new(ORDERS)
             .arg("--datadir")
@@ -314,4 +317,15 @@ fn commit_every_commits_before_the_interval() {
     };
     eventually("offsets committed long before the 600 s interval", || committed() >= 900);
     assert_eq!(worker.stop(), 0);
+}
+
+/// Bytes of disk the files under `dir` take (allocated blocks).
+fn disk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let meta = entry.metadata().unwrap();
+        total += if meta.is_dir() { disk_usage(&entry.path()) } else { meta.blocks() * 512 };
+    }
+    total
 }
