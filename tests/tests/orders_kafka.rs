@@ -423,3 +423,36 @@ fn a_broker_that_restarts_empty_stops_the_worker() {
 fn a_broker_that_restarts_empty_without_new_orders_stops_the_worker() {
     broker_restarts_empty("a_broker_that_restarts_empty_without_new_orders_stops_the_worker", 0);
 }
+
+/// The faults issue's seventh report: a worker started against a topic that already has 4
+/// partitions, without `TOPIC_PARTITIONS=4` (the default is 8). Its tables' changelogs are
+/// created with the topic's 4 partitions (co-partitioned), so every order is counted; before,
+/// they got 8, every event failed in the agent and was skipped, and the table stayed empty.
+#[test]
+fn an_existing_topic_gets_co_partitioned_changelogs_without_topic_partitions() {
+    let test = "an_existing_topic_gets_co_partitioned_changelogs_without_topic_partitions";
+    let Some(bin) = tansu(test) else { return };
+    let broker = Broker::start(&bin);
+    let truth = produce_orders(&broker.addr(), 0, 20_000);
+    let dir = tempfile::tempdir().unwrap();
+    let (data, log) = (dir.path().join("data"), dir.path().join("worker.log"));
+    let mut child = Command::new(ORDERS_BIN)
+        .arg("--broker")
+        .arg(format!("kafka://{}", broker.addr()))
+        .arg("--datadir")
+        .arg(&data)
+        .arg("worker")
+        .env("BROKER_COMMIT_INTERVAL", "0.1")
+        .env_remove("TOPIC_PARTITIONS")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start the orders worker");
+    let counted = wait_for_counts(&mut child, &data, &log, truth.values().sum(), Duration::from_secs(120));
+    assert_exact(&counted, &truth, "counted with the default TOPIC_PARTITIONS");
+    let topics: Value = serde_json::from_slice(&cli(&data, &["topics", "--json"]).stdout).unwrap();
+    let changelog = topics.as_array().unwrap().iter().find(|t| t["topic"] == "orders-order_count-changelog").unwrap();
+    assert_eq!(changelog["partitions"], 4, "{topics}");
+    assert!(signal_and_wait(&mut child, libc::SIGTERM, Duration::from_secs(60)).success());
+}
