@@ -67,7 +67,8 @@ pub struct Settings {
     pub topic_partitions: u32,
     /// How often acked offsets are committed.
     pub commit_interval: Duration,
-    /// Commit sooner once this many events were acked since the last commit.
+    /// Commit sooner once this many events were acked since the last commit (but not sooner
+    /// than a second after the previous commit: a commit syncs files).
     pub commit_every: u64,
     /// Events buffered per stream before the partitions feeding it are paused.
     pub stream_buffer_maxsize: usize,

@@ -510,13 +510,16 @@ where
     /// Checks that the table's changelog has as many partitions as `topic`, the topic of the
     /// current event (once per topic and core: later calls compare one pointer).
     fn check_copartitioned(&self, core: &crate::worker::CoreRuntime, topic: &Arc<str>) -> Result<(), TableError> {
+        /// Tables whose last good topic is remembered (by index); others check every time.
+        const REMEMBERED: usize = 16;
         thread_local! {
-            /// Per table (by index), the last topic found co-partitioned with it on this core.
-            static CHECKED: RefCell<Vec<Option<Arc<str>>>> = const { RefCell::new(Vec::new()) };
+            /// Per table (by index), the topic last found co-partitioned with it on this core.
+            /// The `Arc` is kept, so its address cannot be reused by another topic meanwhile.
+            static CHECKED: RefCell<[Option<Arc<str>>; REMEMBERED]> = const { RefCell::new([const { None }; REMEMBERED]) };
         }
         let index = self.shared.index;
         let known =
-            CHECKED.with(|c| c.borrow().get(index).and_then(Option::as_ref).is_some_and(|t| Arc::ptr_eq(t, topic)));
+            index < REMEMBERED && CHECKED.with(|c| c.borrow()[index].as_ref().is_some_and(|t| Arc::ptr_eq(t, topic)));
         if known {
             return Ok(());
         }
@@ -535,13 +538,9 @@ where
                 topic_partitions,
             });
         }
-        CHECKED.with(|c| {
-            let mut c = c.borrow_mut();
-            if c.len() <= index {
-                c.resize(index + 1, None);
-            }
-            c[index] = Some(topic.clone());
-        });
+        if index < REMEMBERED {
+            CHECKED.with(|c| c.borrow_mut()[index] = Some(topic.clone()));
+        }
         Ok(())
     }
 
@@ -1498,8 +1497,7 @@ impl Repair {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<T, faust_transport::Error>>,
     {
-        let transport_err =
-            |source| TableError::Transport { table: shard.name().to_string(), partition: shard.partition(), source };
+        let transport_err = |source| transport_error(shard, source);
         match call().await {
             Err(e) if e.damaged_log().is_some() && self.report.is_none() => {
                 let Some(repaired) = core.repair(shard.changelog()) else { return Err(transport_err(e)) };
@@ -1536,6 +1534,11 @@ impl Repair {
             committed,
         })
     }
+}
+
+/// A transport error met while recovering or rewriting `shard`'s changelog.
+fn transport_error(shard: &Rc<dyn AnyShard>, source: faust_transport::Error) -> TableError {
+    TableError::Transport { table: shard.name().to_string(), partition: shard.partition(), source }
 }
 
 /// Where a recovered shard stands.
@@ -1585,8 +1588,7 @@ async fn rewrite_changelog(
     end: u64,
 ) -> Result<u64, TableError> {
     let tp = shard.changelog().clone();
-    let transport_err =
-        |source| TableError::Transport { table: shard.name().to_string(), partition: shard.partition(), source };
+    let transport_err = |source| transport_error(shard, source);
     let earliest = core.list_offset(&tp, OffsetSpec::Earliest).await.map_err(transport_err)?;
     let mut keys = KeySet::default();
     keys.add_from_changelog(core, shard, earliest, end).await?;
@@ -1626,8 +1628,7 @@ impl KeySet {
         to: u64,
     ) -> Result<(), TableError> {
         let tp = shard.changelog();
-        let transport_err =
-            |source| TableError::Transport { table: shard.name().to_string(), partition: shard.partition(), source };
+        let transport_err = |source| transport_error(shard, source);
         let mut next = from;
         while next < to {
             let fetched = core.fetch(tp, next, REPLAY_FETCH_BYTES, Duration::ZERO).await.map_err(transport_err)?;
@@ -1657,8 +1658,7 @@ async fn write_current_values(
     mut end: u64,
 ) -> Result<u64, TableError> {
     let tp = shard.changelog().clone();
-    let transport_err =
-        |source| TableError::Transport { table: shard.name().to_string(), partition: shard.partition(), source };
+    let transport_err = |source| transport_error(shard, source);
     for chunk in keys.chunks(FREEZE_CHUNK) {
         let mut batch = BatchBuilder::with_capacity(64 * 1024);
         for k in chunk {

@@ -1264,6 +1264,9 @@ where
     }
 }
 
+/// The least time between two commits of a core when `commit_every` brings them forward.
+const COMMIT_EVERY_MIN_GAP: Duration = Duration::from_secs(1);
+
 /// How often a consumer asks again for a partition whose log is damaged (until the operator
 /// repairs it).
 const DAMAGED_RETRY: Duration = Duration::from_secs(2);
@@ -1985,6 +1988,7 @@ async fn core_main(
         let (runtime, interval) = (runtime.clone(), settings.commit_interval);
         glommio::spawn_local(async move {
             let failures = LogLimiter::default();
+            let mut last_commit = std::time::Instant::now();
             while !runtime.stopping.is_cancelled() {
                 runtime.publish_progress();
                 let woken = runtime.commit_soon.listen();
@@ -1999,6 +2003,14 @@ async fn core_main(
                     )
                     .await;
                 }
+                // A commit syncs files (the offsets, on `local://`); back to back on a busy
+                // core they would stall the disk that the core appends to. `commit_every`
+                // brings a commit forward, but not closer than this to the previous one.
+                let gap = interval.min(COMMIT_EVERY_MIN_GAP).saturating_sub(last_commit.elapsed());
+                if !gap.is_zero() {
+                    futures_lite::future::or(glommio::timer::sleep(gap), runtime.stopped()).await;
+                }
+                last_commit = std::time::Instant::now();
                 if let Err(e) = runtime.commit_retrying(|| runtime.stopping.is_cancelled()).await {
                     if let Some(repeats) = failures.allow() {
                         tracing::error!(core = runtime.index, error = %e, repeats, "commit failed; it is retried");

@@ -9,13 +9,9 @@ use std::time::{Duration, Instant};
 
 use faust::{AgentError, App, MemoryTransport, Settings, Stream, Topic, TopicPartition};
 
-/// Runs an app that sends 0..n to `a` and runs `agent` over `a` with a handle on `b`, until
-/// `b` holds `expect` records. Returns b's values with how often each appears.
-fn run_agent<F, Fut>(n: u64, expect: u64, agent: F) -> (BTreeMap<u64, usize>, MemoryTransport)
-where
-    F: Fn(Stream<String, u64>, Topic<String, u64>) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Result<(), AgentError>> + 'static,
-{
+/// An app of one core on a `memory://` transport of its own (topics of 2 partitions, commits
+/// every 20 ms), with the transport and its data directory.
+fn test_app() -> (App, MemoryTransport, tempfile::TempDir) {
     let transport = MemoryTransport::new();
     let mut settings = Settings::new("agents-test");
     settings.broker = "memory://".into();
@@ -24,7 +20,17 @@ where
     settings.commit_interval = Duration::from_millis(20);
     let dir = tempfile::tempdir().unwrap();
     settings.datadir = dir.path().to_path_buf();
-    let app = App::new(settings).with_memory_transport(transport.clone());
+    (App::new(settings).with_memory_transport(transport.clone()), transport, dir)
+}
+
+/// Runs an app that sends 0..n to `a` and runs `agent` over `a` with a handle on `b`, until
+/// `b` holds `expect` records. Returns b's values with how often each appears.
+fn run_agent<F, Fut>(n: u64, expect: u64, agent: F) -> (BTreeMap<u64, usize>, MemoryTransport)
+where
+    F: Fn(Stream<String, u64>, Topic<String, u64>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), AgentError>> + 'static,
+{
+    let (app, transport, _dir) = test_app();
     let a = app.topic::<String, u64>("a");
     let b = app.topic::<String, u64>("b");
     app.agent("agent", &a, move |stream| agent(stream, b.clone()));
@@ -385,15 +391,7 @@ fn for_each_after_echo_sends_event_by_event() {
 /// are skipped, and the worker's error names the agent and the error.
 #[test]
 fn the_same_error_on_events_in_a_row_stops_the_worker() {
-    let transport = MemoryTransport::new();
-    let mut settings = Settings::new("agents-test");
-    settings.broker = "memory://".into();
-    settings.topic_partitions = 2;
-    settings.cores = Some(1);
-    settings.commit_interval = Duration::from_millis(20);
-    let dir = tempfile::tempdir().unwrap();
-    settings.datadir = dir.path().to_path_buf();
-    let app = App::new(settings).with_memory_transport(transport.clone());
+    let (app, transport, _dir) = test_app();
     let a = app.topic::<String, u64>("a");
     app.agent("writer", &a, |mut stream| async move {
         match stream.next().await {

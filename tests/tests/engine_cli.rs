@@ -234,9 +234,9 @@ fn command_line_input_is_checked_and_never_panics() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let worker = Worker::start(ORDERS, &data, &[("MAX_RECORD_BYTES", "512")]);
-    // An empty worker takes little disk (its 40-odd logs and stores reserve space as they
-    // grow, not 8 MiB each up front).
-    assert!(disk_usage(&data) < 16 << 20, "{} bytes", disk_usage(&data));
+    // An empty worker takes little disk (its 40-odd logs and stores reserve space when they
+    // are first written to, not 8 MiB each up front: 385 MB before).
+    assert!(disk_usage(&data) < 4 << 20, "{} bytes", disk_usage(&data));
     let run = |args: &[&std::ffi::OsStr]| {
         std::process::Command::new(ORDERS)
             .arg("--datadir")

@@ -55,35 +55,62 @@ pub(crate) fn unseal(bytes: &[u8]) -> std::result::Result<(String, bool), Damage
     Ok((body.to_string(), true))
 }
 
+/// How [`write`] treats the file it replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Keep {
+    /// Nothing is kept.
+    Nothing,
+    /// The replaced file becomes [`previous_path`]`(path)` (the previous state, to fall back
+    /// on: committed offsets).
+    Previous,
+    /// [`previous_path`]`(path)` gets the same contents (a spare copy: a topic's settings).
+    Copy,
+}
+
 /// Writes `contents` to `path` atomically and durably: a crash leaves the old file or the new
-/// one, never a mix. With `keep_previous`, the file it replaces is kept as
-/// [`previous_path`]`(path)`, so that damage to the newest copy can fall back to it.
-pub(crate) fn write(path: &Path, contents: &[u8], keep_previous: bool) -> Result<()> {
+/// one, never a mix, and `keep` says what becomes of the file it replaces. The directory is
+/// synced once, however many files move (a sync can take long while the disk is busy, and a
+/// core may be waiting on it).
+pub(crate) fn write(path: &Path, contents: &[u8], keep: Keep) -> Result<()> {
     let io = |op, p: &Path, source| Error::Io { op, path: p.to_path_buf(), source };
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(|e| io("create", &tmp, e))?;
-    let written = f.write_all(contents).and_then(|()| f.sync_data());
-    if let Err(e) = written {
-        drop(f);
-        // Leave no partial file taking space (a full disk is the usual reason).
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io("write", &tmp, e));
-    }
-    drop(f);
-    if keep_previous {
-        match std::fs::rename(path, previous_path(path)) {
+    let tmp = write_temporary(path, contents)?;
+    let previous = previous_path(path);
+    match keep {
+        Keep::Nothing => {}
+        Keep::Previous => match std::fs::rename(path, &previous) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io("keep the previous copy of", path, e)),
+        },
+        Keep::Copy => {
+            let copy = write_temporary(&previous, contents)?;
+            std::fs::rename(&copy, &previous).map_err(|e| io("rename into place", &previous, e))?;
         }
     }
-    // A crash here leaves no file at `path`; readers fall back to the previous copy, which is
-    // the newest complete state.
+    // With `Keep::Previous`, a crash here leaves no file at `path`; readers fall back to the
+    // previous copy, which is the newest complete state.
     std::fs::rename(&tmp, path).map_err(|e| io("rename into place", path, e))?;
     if let Some(dir) = path.parent() {
         std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io("fsync directory", dir, e))?;
     }
     Ok(())
+}
+
+/// Writes `contents` durably to a temporary file beside `path`, and returns its path.
+fn write_temporary(path: &Path, contents: &[u8]) -> Result<PathBuf> {
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
+    let io = |op, source| Error::Io { op, path: tmp.clone(), source };
+    let mut f = std::fs::File::create(&tmp).map_err(|e| io("create", e))?;
+    let written = f.write_all(contents).and_then(|()| f.sync_data());
+    if let Err(e) = written {
+        drop(f);
+        // Leave no partial file taking space (a full disk is the usual reason).
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io("write", e));
+    }
+    Ok(tmp)
 }
 
 /// Where the previous copy of `path` is kept.
@@ -162,8 +189,8 @@ mod tests {
         let path = dir.path().join("g.offsets");
         let parse = |t: &str, _sealed: bool| Ok::<_, Damage>(t.to_string());
         assert!(read_with_fallback(&path, "", parse).unwrap().is_none());
-        write(&path, seal("faust-test 1\none\n").as_bytes(), true).unwrap();
-        write(&path, seal("faust-test 1\ntwo\n").as_bytes(), true).unwrap();
+        write(&path, seal("faust-test 1\none\n").as_bytes(), Keep::Previous).unwrap();
+        write(&path, seal("faust-test 1\ntwo\n").as_bytes(), Keep::Previous).unwrap();
         assert_eq!(read_with_fallback(&path, "", parse).unwrap(), Some(("faust-test 1\ntwo\n".to_string(), None)));
         std::fs::write(&path, "faust-test 1\ntw0\ncrc32c 00000000\n").unwrap();
         let (value, why) = read_with_fallback(&path, "", parse).unwrap().unwrap();
@@ -174,7 +201,7 @@ mod tests {
         assert!(matches!(err, Error::DamagedFile { .. }), "{err}");
         // Missing newest copy (a crash between the renames): the previous one is used.
         std::fs::remove_file(&path).unwrap();
-        write(&previous_path(&path), seal("faust-test 1\none\n").as_bytes(), false).unwrap();
+        write(&previous_path(&path), seal("faust-test 1\none\n").as_bytes(), Keep::Nothing).unwrap();
         assert_eq!(read_with_fallback(&path, "", parse).unwrap(), Some(("faust-test 1\none\n".to_string(), None)));
     }
 }

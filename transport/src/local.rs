@@ -241,16 +241,14 @@ fn read_meta(path: &Path) -> Result<Option<TopicConfig>> {
     };
     if let Some(damage) = damage {
         tracing::warn!(path = %path.display(), reason = %damage.0, "a topic's settings file is damaged; using its copy and mending it");
-        crate::checked_file::write(path, encode_meta(&config).as_bytes(), false)?;
+        crate::checked_file::write(path, encode_meta(&config).as_bytes(), crate::checked_file::Keep::Nothing)?;
     }
     Ok(Some(config))
 }
 
 /// Writes a topic's settings and a copy of them (see [`read_meta`]).
 fn write_meta(path: &Path, config: &TopicConfig) -> Result<()> {
-    let text = encode_meta(config);
-    crate::checked_file::write(path, text.as_bytes(), false)?;
-    crate::checked_file::write(&crate::checked_file::previous_path(path), text.as_bytes(), false)
+    crate::checked_file::write(path, encode_meta(config).as_bytes(), crate::checked_file::Keep::Copy)
 }
 
 fn load_topics(root: &Path) -> Result<HashMap<Arc<str>, TopicConfig>> {
@@ -652,7 +650,8 @@ impl CoreTransport for LocalCore {
                 }
                 let dir = shared.root.join(".groups");
                 std::fs::create_dir_all(&dir).map_err(|e| io("create directory", &dir, e))?;
-                crate::checked_file::write(&dir.join(format!("{group}.offsets")), text.as_bytes(), true)?;
+                let path = dir.join(format!("{group}.offsets"));
+                crate::checked_file::write(&path, text.as_bytes(), crate::checked_file::Keep::Previous)?;
                 written.insert(group, version);
                 Ok(())
             })

@@ -53,6 +53,9 @@ struct Args {
     /// Only the 1-core W2 run (10,000 accounts), once (for profiling).
     #[arg(long)]
     only_w2: bool,
+    /// Only the 1-core W2 run over 1,000,000 accounts, once (for profiling).
+    #[arg(long)]
+    only_w2_1m: bool,
     /// Skip W1 and the latency runs (W2, recovery, W4 and the takeover only).
     #[arg(long)]
     skip_w1: bool,
@@ -582,9 +585,11 @@ fn main() {
         );
         return;
     }
-    if args.only_w2 {
+    if args.only_w2 || args.only_w2_1m {
+        let accounts = if args.only_w2_1m { 1_000_000 } else { 10_000 };
+        let n = if args.only_w2_1m { n.max(1_000_000) } else { n };
         let small = dir.path().join("w2-only");
-        faust_bench::w2::preload(&small, n, 10_000);
+        faust_bench::w2::preload(&small, n, accounts);
         let r = faust_bench::w2::run(&small, "w2-only", n, 1);
         println!("W2 1 core: {:.0} events/s ({} accounts)", r.events_s, r.accounts);
         return;
