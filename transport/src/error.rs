@@ -215,19 +215,6 @@ impl Error {
         }
     }
 
-    /// Whether this error says the disk is full (`ENOSPC`), however deep it is wrapped.
-    pub fn is_disk_full(&self) -> bool {
-        const ENOSPC: i32 = 28;
-        match self {
-            Error::Io { source, .. } => source.raw_os_error() == Some(ENOSPC),
-            Error::Storage { source: faust_storage::Error::Io { source, .. }, .. } => {
-                source.raw_os_error() == Some(ENOSPC)
-            }
-            Error::Produce { source, .. } => source.is_disk_full(),
-            _ => false,
-        }
-    }
-
     /// The error behind a failed produce (this error itself otherwise).
     pub fn cause(&self) -> &Error {
         match self {
