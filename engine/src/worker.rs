@@ -501,8 +501,9 @@ impl CoreRuntime {
     /// Whether `topic` is one the engine makes and can rebuild or do without (a table's
     /// changelog, a repartition topic), rather than a user's topic.
     pub(crate) fn is_internal(&self, topic: &str) -> bool {
+        // A repartition topic is the one a `group_by` declared, with its positions table.
         self.changelog_tables.contains_key(topic)
-            || (topic.ends_with("-repartition") && self.partitions.contains_key(topic))
+            || self.app.inner.outbox.topics().iter().any(|t| &*t.name == topic && t.positions.get().is_some())
     }
 
     /// A log of `tp` is damaged below what was made durable (`error` says where). An internal
@@ -882,13 +883,14 @@ impl CoreRuntime {
     /// Waits while this core's writes fail (see [`CoreRuntime::writes_failed`]), or until
     /// `cancel` is set or the worker stops.
     pub(crate) async fn wait_writable(&self, cancel: Option<&crate::rebalance::Cancel>) {
-        loop {
+        // The common case, writes that succeed, without registering a listener.
+        while self.write_trouble.borrow().is_some() {
             let listener = self.writable.listen();
             let cancelled = cancel.is_some_and(|c| c.is_cancelled());
             if self.write_trouble.borrow().is_none() || cancelled || self.stopping.is_cancelled() {
                 return;
             }
-            // Polled too: the writes may succeed from a task that does not notify (a commit).
+            // Woken when writes succeed; every 100 ms it also looks for a cancel or a stop.
             futures_lite::future::or(listener, glommio::timer::sleep(Duration::from_millis(100))).await;
         }
     }
