@@ -739,7 +739,13 @@ fn decode_meta(bytes: &[u8]) -> CheckpointMeta {
     if bytes.is_empty() {
         return CheckpointMeta::default();
     }
-    serde_json::from_slice(bytes).unwrap_or_default()
+    // The checkpoint file is checksummed, so this is a format this build does not know, not
+    // damage: the store is then replayed from the changelog's start (puts of whole values,
+    // so replaying what it holds already changes nothing).
+    serde_json::from_slice(bytes).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "a store's checkpoint metadata does not parse; replaying its changelog from the start");
+        CheckpointMeta::default()
+    })
 }
 
 /// A shard as the worker sees it, whatever its types.
