@@ -4,71 +4,24 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
 use event_listener::Event;
 use faust_transport::{MemoryTransport, Produced, TopicPartition};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::codec::{Codec, CodecError};
+use crate::codec::Codec;
+pub use crate::error::{AgentError, SendError};
+pub use crate::runtime::signal::StopSignal;
+
+/// The answer to a send made from outside the worker, or to a test's probe.
+pub(crate) type Reply = crate::runtime::signal::Oneshot<Result<Produced, SendError>>;
 use crate::settings::Settings;
 use crate::stream::Stream;
+pub(crate) use crate::util::lock;
 use crate::worker::{AgentRun, CoreRuntime};
-
-/// What an agent returns when it fails: any error.
-pub type AgentError = Box<dyn std::error::Error + Send + Sync>;
-
-/// Why a send failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum SendError {
-    /// The worker has stopped: nothing takes records any more.
-    #[error("cannot send to `{topic}`: the worker has stopped")]
-    Stopped {
-        /// The topic.
-        topic: String,
-    },
-    /// The key or value could not be encoded.
-    #[error("encoding a record for `{topic}`: {source}")]
-    Codec {
-        /// The topic.
-        topic: String,
-        /// The codec's error.
-        #[source]
-        source: CodecError,
-    },
-    /// The topic is not known to the worker (declare it with `app.topic` before `run`).
-    #[error("unknown topic `{topic}`: declare it with app.topic() before the worker starts")]
-    UnknownTopic {
-        /// The topic.
-        topic: String,
-    },
-    /// Records sent earlier to the partition with `send_soon` could not be written, so this
-    /// one was not sent either (it would have overtaken them).
-    #[error("sending to `{topic}`: earlier buffered sends failed: {message}")]
-    Buffered {
-        /// The topic.
-        topic: String,
-        /// Why the buffered sends failed.
-        message: String,
-    },
-    /// Buffered sends ([`Topic::send_soon`]) could not be written yet: a
-    /// [`flush`](crate::runtime::flush) failed. Nothing is lost: they stay buffered, in
-    /// order, and are written once the transport takes them (the offsets of the events that
-    /// made them are not committed before).
-    #[error("buffered sends{} are not written yet: {message}; they stay buffered and are written once the transport takes them", partition.as_ref().map(|tp| format!(" to {tp}")).unwrap_or_default())]
-    NotYetWritten {
-        /// The first partition whose write failed, if one did.
-        partition: Option<TopicPartition>,
-        /// Why.
-        message: String,
-    },
-    /// The transport refused the records.
-    #[error(transparent)]
-    Transport(#[from] faust_transport::Error),
-}
 
 pub(crate) type StartAgent = Arc<dyn Fn(AgentRun) -> Pin<Box<dyn Future<Output = ()>>> + Send + Sync>;
 
@@ -155,30 +108,6 @@ pub(crate) struct Probe {
     pub(crate) reply: Arc<Reply>,
     /// Commit (tables included) before answering.
     pub(crate) commit: bool,
-}
-
-/// Where core 0 puts the outcome of a `send` made from outside the worker.
-#[derive(Default)]
-pub(crate) struct Reply {
-    result: Mutex<Option<Result<Produced, SendError>>>,
-    event: Event,
-}
-
-impl Reply {
-    pub(crate) fn set(&self, result: Result<Produced, SendError>) {
-        *lock(&self.result) = Some(result);
-        self.event.notify(usize::MAX);
-    }
-
-    pub(crate) async fn wait(&self) -> Result<Produced, SendError> {
-        loop {
-            let listener = self.event.listen();
-            if let Some(r) = lock(&self.result).take() {
-                return r;
-            }
-            listener.await;
-        }
-    }
 }
 
 impl Outbox {
@@ -280,50 +209,9 @@ pub(crate) struct AppInner {
     pub(crate) commands: Mutex<Vec<crate::cli::UserCommand>>,
 }
 
-/// Tells a running worker to stop; cheap to clone and usable from any thread.
-#[derive(Debug, Default)]
-pub struct StopSignal {
-    stopped: AtomicBool,
-    event: Event,
-}
-
-impl StopSignal {
-    /// Asks the worker to stop: fetching stops, agents finish their current event, offsets are
-    /// committed, and `App::run` returns.
-    pub fn stop(&self) {
-        self.stopped.store(true, Ordering::Release);
-        self.event.notify(usize::MAX);
-    }
-
-    /// Clears an earlier stop, for a worker that starts again (a second test context).
-    pub(crate) fn reset(&self) {
-        self.stopped.store(false, Ordering::Release);
-    }
-
-    /// Whether a stop was asked for.
-    pub fn is_stopped(&self) -> bool {
-        self.stopped.load(Ordering::Acquire)
-    }
-
-    /// Resolves once a stop is asked for.
-    pub async fn wait(&self) {
-        loop {
-            let listener = self.event.listen();
-            if self.is_stopped() {
-                return;
-            }
-            listener.await;
-        }
-    }
-}
-
 thread_local! {
     /// Where a core encodes a buffered send before copying it into the partition's batch.
     static SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<u8>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
-}
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A stream-processing app: topics, agents that process them, and the worker that runs the
@@ -961,7 +849,7 @@ impl TopicInner {
         }
         let size = key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len) + 128;
         let mut batch = faust_storage::BatchBuilder::with_capacity(size);
-        batch.push(crate::worker::now_ms(), key, value, headers);
+        batch.push(crate::util::now_ms(), key, value, headers);
         Ok(core.transport.produce(&tp, batch).await?)
     }
 

@@ -26,7 +26,7 @@ use serde_json::Value;
 
 use crate::app::{App, TopicKind, lock};
 use crate::codec::Codec;
-use crate::mailbox::Mailbox;
+use crate::runtime::mailbox::Mailbox;
 use crate::worker::CoreRuntime;
 
 /// The socket's file name in the data directory.
@@ -59,7 +59,7 @@ impl Inbox {
 
     /// Runs the queries that arrive, each as a task of its own, until the core stops.
     pub(crate) async fn serve(self: Arc<Self>, core: Rc<CoreRuntime>) {
-        while let Some(query) = self.mailbox.next(&core).await {
+        while let Some(query) = self.mailbox.next(core.stopping()).await {
             glommio::spawn_local(query(core.clone())).detach();
         }
     }
@@ -658,7 +658,7 @@ impl SendRequest {
             for value in &encoded {
                 let p = route(key_bytes.as_deref());
                 let batch = batches.entry(p).or_default();
-                batch.push(crate::worker::now_ms(), key_bytes.as_deref(), Some(value), &[]);
+                batch.push(crate::util::now_ms(), key_bytes.as_deref(), Some(value), &[]);
                 if batch.encoded_len() >= SEND_BATCH_BYTES {
                     let full = std::mem::take(batch);
                     write_send(core, &inner.name, p, full, &mut written, total).await?;

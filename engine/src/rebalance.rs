@@ -23,20 +23,19 @@
 //! pending are discarded, and its shard is no longer reachable from stream processing. Every
 //! wait is bounded and logs what it waits for.
 
-use std::cell::Cell;
 use std::collections::{BTreeSet, HashMap};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use event_listener::Event;
 use faust_transport::{AssignmentEvent, Fence, JoinRequest, TopicPartition};
 
-use crate::app::lock;
-use crate::mailbox::Mailbox;
+use crate::runtime::mailbox::Mailbox;
+use crate::runtime::signal::Cancel;
 use crate::table::AnyShard;
 use crate::transports::AnyTransport;
+use crate::util::lock;
 use crate::worker::CoreRuntime;
 
 /// How often a long wait says what it waits for.
@@ -166,34 +165,6 @@ impl Counters {
     }
 }
 
-/// A cancellation flag one task sets and another awaits (single core).
-#[derive(Debug, Default)]
-pub(crate) struct Cancel {
-    flag: Cell<bool>,
-    event: Event,
-}
-
-impl Cancel {
-    pub(crate) fn cancel(&self) {
-        self.flag.set(true);
-        self.event.notify(usize::MAX);
-    }
-
-    pub(crate) fn is_cancelled(&self) -> bool {
-        self.flag.get()
-    }
-
-    pub(crate) async fn cancelled(&self) {
-        loop {
-            let listener = self.event.listen();
-            if self.flag.get() {
-                return;
-            }
-            listener.await;
-        }
-    }
-}
-
 /// One partition's consumer on a core.
 pub(crate) struct Consumer {
     pub(crate) cancel: Rc<Cancel>,
@@ -233,40 +204,7 @@ pub(crate) struct Report {
 }
 
 /// A core's answer to a command, awaited on the control thread.
-#[derive(Debug, Default)]
-pub(crate) struct Done {
-    result: Mutex<Option<Result<Report, String>>>,
-    event: Event,
-}
-
-impl Done {
-    fn set(&self, result: Result<Report, String>) {
-        *lock(&self.result) = Some(result);
-        self.event.notify(usize::MAX);
-    }
-
-    /// The answer, or `None` if there is none within `timeout`.
-    async fn wait(&self, timeout: Duration) -> Option<Result<Report, String>> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let listener = self.event.listen();
-            if let Some(r) = lock(&self.result).take() {
-                return Some(r);
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return None;
-            }
-            futures_lite::future::or(
-                async {
-                    listener.await;
-                },
-                futures_timer::Delay::new(deadline - now),
-            )
-            .await;
-        }
-    }
-}
+pub(crate) type Done = crate::runtime::signal::Oneshot<Result<Report, String>>;
 
 /// The commands waiting for one core, pushed by the control thread. Once the core stopped,
 /// a command is answered at once with an error.
@@ -284,7 +222,7 @@ impl Commands {
 
     /// The next command, or `None` once `core` stops.
     pub(crate) async fn next(&self, core: &CoreRuntime) -> Option<Command> {
-        self.mailbox.next(core).await
+        self.mailbox.next(core.stopping()).await
     }
 
     /// Refuses later commands and answers the queued ones (the core stopped).
@@ -744,7 +682,7 @@ impl Placement {
         for (core, done) in pending {
             let started = Instant::now();
             loop {
-                match done.wait(WAIT_LOG_EVERY).await {
+                match done.wait_for(WAIT_LOG_EVERY).await {
                     Some(Ok(report)) => {
                         out.push((core, report));
                         break;

@@ -10,7 +10,7 @@ use zerocopy::{FromBytes, Immutable, KnownLayout, Unaligned};
 
 use crate::app::{AgentError, SendError, Topic};
 use crate::codec::{Codec, Fixed};
-use crate::context::{EventPosition, TaskSlot, current_slot};
+use crate::runtime::context::{EventPosition, TaskSlot, current_slot};
 use crate::worker::{AgentRun, CoreRuntime, EventQueue, QueuedEvent};
 use faust_transport::Produced;
 
@@ -206,8 +206,7 @@ impl<K: Serialize + 'static, V: Serialize + 'static> Event<K, V> {
 }
 
 pub(crate) fn preview(bytes: &[u8]) -> String {
-    let shown: Vec<String> = bytes.iter().take(32).map(|b| format!("{b:02x}")).collect();
-    format!("{}{}", shown.join(""), if bytes.len() > 32 { "…" } else { "" })
+    crate::util::hex_preview(bytes, 32)
 }
 
 impl<K: DeserializeOwned + 'static, V: DeserializeOwned + 'static> Stream<K, V> {

@@ -265,9 +265,7 @@ pub(crate) struct TableShared<K, V> {
     _types: PhantomData<fn() -> K>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::util::lock;
 
 /// A table (Faust's `app.Table`): a map from keys to values, sharded by partition and
 /// replicated through the compacted changelog topic `{app}-{table}-changelog`.
@@ -482,7 +480,7 @@ where
     ) -> Result<T, TableError> {
         let table = || self.shared.name.to_string();
         let core = crate::worker::CoreRuntime::current().ok_or_else(|| TableError::NotRunning { table: table() })?;
-        let token = crate::context::current_token();
+        let token = crate::runtime::context::current_token();
         let partition_given = partition;
         let partition = match (partition, &token) {
             (Some(p), _) => p,
@@ -579,7 +577,7 @@ where
     pub fn local_items(&self) -> Result<Vec<(K, V)>, TableError> {
         let core = crate::worker::CoreRuntime::current()
             .ok_or_else(|| TableError::NotRunning { table: self.shared.name.to_string() })?;
-        let token = crate::context::current_token();
+        let token = crate::runtime::context::current_token();
         let mut out = Vec::new();
         for shard in core.shards_of(self.shared.index) {
             if let Some(s) = shard.as_any().downcast_ref::<Shard<K, V>>() {
@@ -841,8 +839,7 @@ pub(crate) struct Shard<K, V> {
 }
 
 fn preview(bytes: &[u8]) -> String {
-    let shown: String = bytes.iter().take(16).map(|b| format!("{b:02x}")).collect();
-    if bytes.len() > 16 { format!("{shown}…") } else { shown }
+    crate::util::hex_preview(bytes, 16)
 }
 
 impl<K, V> Shard<K, V>
@@ -1327,7 +1324,7 @@ pub(crate) async fn write_frozen(
     let mut store_batch = WriteBatch::new();
     loop {
         let left = frozen
-            .encode(FREEZE_CHUNK, &mut batch, &mut store_batch, crate::worker::now_ms())
+            .encode(FREEZE_CHUNK, &mut batch, &mut store_batch, crate::util::now_ms())
             .map_err(CommitFailure::Table)?;
         crate::runtime::fault_point("commit:store")
             .map_err(|source| TableError::Store {
@@ -1669,7 +1666,7 @@ async fn write_current_values(
         let mut batch = BatchBuilder::with_capacity(64 * 1024);
         for k in chunk {
             let value = shard.current_raw(k)?;
-            batch.push(crate::worker::now_ms(), Some(k), value.as_deref(), &[]);
+            batch.push(crate::util::now_ms(), Some(k), value.as_deref(), &[]);
         }
         let produced = match crate::runtime::fault_point("recover:neutralize") {
             Ok(()) => core.produce(&tp, batch).await,

@@ -104,7 +104,7 @@ impl App {
         // The same topics, agents, stop signal and outbox (which the topic handles send to),
         // with the test's settings and transport.
         let app = self.with_settings(settings);
-        *crate::app::lock(&app.inner.memory) = Some(transport.clone());
+        *crate::util::lock(&app.inner.memory) = Some(transport.clone());
         let inner = app.inner.clone();
         let worker = std::thread::Builder::new()
             .name(format!("{}-test", inner.settings.id))
@@ -137,7 +137,7 @@ impl TestContext {
     /// Waits until the agents consuming repartition topics (`group_by`) have processed every
     /// record in them, so that `put` also covers what the event became after re-keying.
     async fn settle_repartitioned(&self) -> Result<(), TestError> {
-        let repartitioned: Vec<Arc<str>> = crate::app::lock(&self.inner.topics)
+        let repartitioned: Vec<Arc<str>> = crate::util::lock(&self.inner.topics)
             .iter()
             .filter(|t| t.partitions_like.is_some())
             .map(|t| t.name.clone())

@@ -22,10 +22,11 @@ use faust_transport::{AutoOffsetReset, OffsetSpec, Produced, TopicConfig, TopicP
 
 use crate::acks::AckTracker;
 use crate::app::{AgentError, AgentSpec, App, TopicKind, lock};
-use crate::context::{InTask, TaskSlot};
+use crate::runtime::context::{InTask, TaskSlot};
 use crate::runtime::{RuntimeConfig, RuntimeError, run_on_cores};
 use crate::table::{AnyShard, CommitFailure, TableMeta, Token};
 use crate::transports::{AnyCore, AnyTransport};
+use crate::util::now_ms;
 
 /// The maps on the per-event path hash with foldhash (SipHash showed in profiles).
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
@@ -130,10 +131,6 @@ pub(crate) enum FlushError {
     /// cannot be mended by a retry: then the worker stops).
     #[error("writing table state: {0}")]
     Tables(String),
-}
-
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 pub(crate) use crate::partitioner::partition_for_key;
@@ -346,7 +343,7 @@ pub(crate) struct CoreRuntime {
     pub(crate) committed: RefCell<HashMap<TopicPartition, u64>>,
     rr: Cell<u32>,
     /// Set when the worker stops (the core's tasks wind down).
-    stopping: crate::rebalance::Cancel,
+    stopping: crate::runtime::signal::Cancel,
     decode_errors: Cell<u64>,
     /// Buffered sends (`send_soon`), one batch per partition, in send order.
     pending: RefCell<HashMap<TopicPartition, faust_storage::BatchBuilder>>,
@@ -650,8 +647,9 @@ impl CoreRuntime {
         &self.app.inner.settings
     }
 
-    pub(crate) fn is_stopping(&self) -> bool {
-        self.stopping.is_cancelled()
+    /// Set when the worker stops (the core's tasks wind down).
+    pub(crate) fn stopping(&self) -> &crate::runtime::signal::Cancel {
+        &self.stopping
     }
 
     /// Whether every agent consuming `tp` on this core has finished the event at `offset`.
@@ -882,7 +880,7 @@ impl CoreRuntime {
 
     /// Waits while this core's writes fail (see [`CoreRuntime::writes_failed`]), or until
     /// `cancel` is set or the worker stops.
-    pub(crate) async fn wait_writable(&self, cancel: Option<&crate::rebalance::Cancel>) {
+    pub(crate) async fn wait_writable(&self, cancel: Option<&crate::runtime::signal::Cancel>) {
         // The common case, writes that succeed, without registering a listener.
         while self.write_trouble.borrow().is_some() {
             let listener = self.writable.listen();
@@ -1204,11 +1202,7 @@ where
                 fatal = systemic(&*e);
                 e.to_string()
             }
-            Err(panic) => panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "panic".into()),
+            Err(panic) => crate::util::panic_message(&*panic, "panic"),
         };
         let failed: Vec<QueuedEvent> = run.current.borrow_mut().drain(..).collect();
         // Whatever the agent wrote to tables for these events is undone: they are retried
@@ -1303,7 +1297,7 @@ pub(crate) async fn consume(
     tp: TopicPartition,
     agents: Vec<usize>,
     reset: AutoOffsetReset,
-    cancel: Rc<crate::rebalance::Cancel>,
+    cancel: Rc<crate::runtime::signal::Cancel>,
 ) {
     // A committed offset that cannot be read stops the worker: starting over from
     // `auto_offset_reset` would process again (or skip) what was committed.
@@ -1898,7 +1892,7 @@ async fn core_main(
         acks: RefCell::new(AckMap::default()),
         committed: RefCell::new(HashMap::default()),
         rr: Cell::new(0),
-        stopping: crate::rebalance::Cancel::default(),
+        stopping: crate::runtime::signal::Cancel::default(),
         decode_errors: Cell::new(0),
         pending: RefCell::new(HashMap::default()),
         pending_bytes: Cell::new(0),

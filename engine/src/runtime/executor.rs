@@ -1,4 +1,4 @@
-//! The per-core runtime: one glommio executor pinned to each core, and a watchdog that
+//! The executors: one glommio executor pinned to each core, and a watchdog that
 //! notices a core that stopped making progress.
 //!
 //! User work is given as a *factory*: a `Fn(CoreContext) -> Future` that is `Send + Sync`,
@@ -106,39 +106,6 @@ pub struct CoreContext {
     pub cpu: usize,
 }
 
-/// The index (`0..cores`) of the worker core the caller runs on, or `None` outside a worker
-/// (an agent can use it to keep per-core state, such as counters, without sharing).
-pub fn current_core() -> Option<usize> {
-    crate::worker::CoreRuntime::current().map(|core| core.index)
-}
-
-/// Lets the core's other tasks run if this one has used up its time slice, after writing the
-/// core's buffered sends if they have grown past their bound. A task that loops without
-/// awaiting anything else (a generator calling [`Topic::send_soon`](crate::Topic::send_soon)
-/// in a tight loop) should await this now and then; agents need not, their streams do it.
-pub async fn yield_if_needed() {
-    if let Some(core) = crate::worker::CoreRuntime::current() {
-        core.flush_if_full().await;
-    }
-    glommio::yield_if_needed().await;
-}
-
-/// Writes the calling core's buffered sends ([`Topic::send_soon`](crate::Topic::send_soon))
-/// now and waits until they are durable (Faust's `producer.flush()`): a generator can record
-/// its progress once what it sent so far is safe. Outside a worker there is nothing to flush.
-/// On failure ([`SendError::NotYetWritten`](crate::SendError::NotYetWritten): a full disk, a
-/// broker away) nothing is lost or reordered: the records stay buffered and are written once
-/// the transport takes them.
-pub async fn flush() -> Result<(), crate::SendError> {
-    let Some(core) = crate::worker::CoreRuntime::current() else { return Ok(()) };
-    core.flush().await.map_err(|e| match e {
-        crate::worker::FlushError::Write { tp, message } => {
-            crate::SendError::NotYetWritten { partition: Some(tp), message }
-        }
-        other => crate::SendError::NotYetWritten { partition: None, message: other.to_string() },
-    })
-}
-
 /// The CPUs this process may run on (its affinity mask), in order.
 pub fn usable_cpus() -> Vec<usize> {
     // SAFETY: `set` is a plain bit set the syscall fills; we only read it afterwards.
@@ -187,14 +154,6 @@ fn memlock_limit() -> u64 {
         let mut r: libc::rlimit = std::mem::zeroed();
         if libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) == 0 { r.rlim_cur } else { 0 }
     }
-}
-
-fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// Heartbeats of every core, checked by a watchdog thread.
@@ -304,7 +263,7 @@ where
                 // Catch a panic here, where its message is still known.
                 futures_lite::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(factory(ctx)))
                     .await
-                    .map_err(panic_message)
+                    .map_err(|p| crate::util::panic_message(&*p, "unknown panic"))
             });
         match spawned {
             Ok(h) => handles.push(h),
@@ -360,88 +319,6 @@ where
     match first_error {
         Some(e) => Err(e),
         None => Ok(results),
-    }
-}
-
-/// Crash points for crash tests. With `FAUST_CRASH_AT=<point>:<n>` in the environment, the
-/// process aborts (no destructors, no flushing: as a `SIGKILL` would stop it) the `n`-th time
-/// it passes `point`. Points are named where they are placed (`commit:frozen`, ...); without
-/// the variable this is one relaxed load.
-pub(crate) fn crash_point(point: &str) {
-    use std::sync::OnceLock;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static TARGET: OnceLock<Option<(String, u64)>> = OnceLock::new();
-    static PASSED: AtomicU64 = AtomicU64::new(0);
-    let target = TARGET.get_or_init(|| {
-        let spec = std::env::var("FAUST_CRASH_AT").ok()?;
-        let (name, n) = spec.rsplit_once(':')?;
-        Some((name.to_string(), n.parse().ok()?))
-    });
-    if let Some((name, n)) = target
-        && name == point
-        && PASSED.fetch_add(1, Ordering::Relaxed) + 1 >= *n
-    {
-        eprintln!("crash point {point} reached: aborting");
-        std::process::abort();
-    }
-}
-
-/// Fault points for fault-injection tests: places where the engine writes (a changelog, a
-/// store, buffered sends, the committed offsets, a checkpoint). With
-/// `FAUST_FAIL_AT=<point>:<n>[:<count>]` in the environment (several, comma-separated), the
-/// `n`-th pass of `point` and the `count - 1` passes after it fail as a full disk would
-/// (`ENOSPC`); `count` defaults to 1, and `*` fails every pass from the `n`-th on. Without
-/// the variable this is one load.
-pub(crate) fn fault_point(point: &str) -> std::io::Result<()> {
-    use std::sync::{Mutex, OnceLock};
-    /// Per point: first failing pass, passes that fail (`u64::MAX`: all), passes so far.
-    type Faults = Mutex<Vec<(String, u64, u64, u64)>>;
-    static FAULTS: OnceLock<Option<Faults>> = OnceLock::new();
-    let faults = FAULTS.get_or_init(|| {
-        let spec = std::env::var("FAUST_FAIL_AT").ok()?;
-        let parsed = spec
-            .split(',')
-            .filter_map(|one| {
-                let mut parts: Vec<&str> = one.rsplitn(3, ':').collect();
-                parts.reverse();
-                // `point:n:count` (the point's own name has a colon) or `point:n`.
-                let (name, n, count) = match parts.as_slice() {
-                    [name, n, count] if n.parse::<u64>().is_ok() => (name.to_string(), n.parse().ok()?, *count),
-                    [a, b, n] => (format!("{a}:{b}"), n.parse().ok()?, "1"),
-                    _ => return None,
-                };
-                let count = if count == "*" { u64::MAX } else { count.parse().ok()? };
-                Some((name, n, count, 0))
-            })
-            .collect();
-        Some(Mutex::new(parsed))
-    });
-    let Some(faults) = faults else { return Ok(()) };
-    let mut faults = faults.lock().unwrap_or_else(|p| p.into_inner());
-    for (name, first, count, passed) in faults.iter_mut() {
-        if name == point {
-            *passed += 1;
-            if *passed >= *first && *passed - *first < *count {
-                return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The error a produce to `tp` returns when a fault point fails it: the one a full disk under
-/// the embedded log gives, with the batch handed back.
-pub(crate) fn injected_produce_failure(
-    tp: &faust_transport::TopicPartition,
-    batch: faust_storage::BatchBuilder,
-    source: std::io::Error,
-) -> faust_transport::Error {
-    let storage =
-        faust_storage::Error::Io { op: "reserve space in (injected fault)", path: tp.to_string().into(), source };
-    faust_transport::Error::Produce {
-        tp: tp.clone(),
-        batch: Box::new(batch),
-        source: Box::new(faust_transport::Error::Storage { tp: tp.clone(), source: storage }),
     }
 }
 

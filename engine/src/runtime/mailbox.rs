@@ -6,8 +6,8 @@ use std::sync::Mutex;
 
 use event_listener::Event;
 
-use crate::app::lock;
-use crate::worker::CoreRuntime;
+use crate::runtime::signal::Cancel;
+use crate::util::lock;
 
 /// Items for one core, in the order they were pushed; the core takes them with
 /// [`next`](Mailbox::next). Once closed (the core stopped), it takes nothing more.
@@ -44,17 +44,17 @@ impl<T> Mailbox<T> {
         Ok(())
     }
 
-    /// The next item, or `None` once `core` stops (items queued before are taken first).
-    pub(crate) async fn next(&self, core: &CoreRuntime) -> Option<T> {
+    /// The next item, or `None` once `stopping` is set (items queued before are taken first).
+    pub(crate) async fn next(&self, stopping: &Cancel) -> Option<T> {
         loop {
             let listener = self.event.listen();
             if let Some(item) = lock(&self.state).0.pop_front() {
                 return Some(item);
             }
-            if core.is_stopping() {
+            if stopping.is_cancelled() {
                 return None;
             }
-            futures_lite::future::or(listener, core.stopped()).await;
+            futures_lite::future::or(listener, stopping.cancelled()).await;
         }
     }
 
