@@ -200,7 +200,7 @@ pub(crate) struct AppInner {
     pub(crate) settings: Settings,
     pub(crate) topics: Mutex<Vec<TopicDecl>>,
     pub(crate) agents: Mutex<Vec<AgentSpec>>,
-    pub(crate) tables: Mutex<Vec<Arc<dyn crate::table::TableMeta>>>,
+    pub(crate) tables: Mutex<Vec<Arc<dyn crate::runtime::state::TableMeta>>>,
     pub(crate) memory: Mutex<Option<MemoryTransport>>,
     pub(crate) stop: Arc<StopSignal>,
     pub(crate) outbox: Arc<Outbox>,

@@ -1,4 +1,5 @@
-//! The errors every layer returns: why a send failed, and what an agent fails with.
+//! The errors every layer returns: why a send failed, what an agent fails with, and why a
+//! table operation failed (the runtime's commit and recovery return it too).
 
 use faust_transport::TopicPartition;
 
@@ -55,4 +56,147 @@ pub enum SendError {
     /// The transport refused the records.
     #[error(transparent)]
     Transport(#[from] faust_transport::Error),
+}
+
+/// Why a table operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TableError {
+    /// The table was used outside stream processing without naming a partition.
+    #[error(
+        "table `{table}`: no current event to take the partition from; use table.partition(p) outside stream processing"
+    )]
+    OutsideStream {
+        /// The table.
+        table: String,
+    },
+    /// The table was used outside a running worker.
+    #[error("table `{table}`: not inside a running worker")]
+    NotRunning {
+        /// The table.
+        table: String,
+    },
+    /// The shard of this partition lives on another core (or worker).
+    #[error("table `{table}` partition {partition} is not on this core (core {core})")]
+    NotLocal {
+        /// The table.
+        table: String,
+        /// The partition.
+        partition: u32,
+        /// The calling core.
+        core: usize,
+    },
+    /// `update` on a missing key of a table without a default.
+    #[error("table `{table}` has no value for the key and no default (set one with Table::with_default)")]
+    NoDefault {
+        /// The table.
+        table: String,
+    },
+    /// A key or value could not be encoded or decoded. A stored value that no longer decodes
+    /// (the value type changed) fails here unless the table resets such values.
+    #[error("table `{table}` partition {partition}: {what}: {source}")]
+    Codec {
+        /// The table.
+        table: String,
+        /// The partition.
+        partition: u32,
+        /// What failed: "key", "value" or "stored value (key 6b6579…)".
+        what: String,
+        /// The codec's error.
+        #[source]
+        source: CodecError,
+    },
+    /// The shard's store failed.
+    #[error("table `{table}` partition {partition}: {source}")]
+    Store {
+        /// The table.
+        table: String,
+        /// The partition.
+        partition: u32,
+        /// The store's error.
+        #[source]
+        source: faust_storage::Error,
+    },
+    /// The table's changelog does not have as many partitions as the topic of the event
+    /// that uses it: the table is not co-partitioned with the agent's topic, so the shard of
+    /// the event's partition would hold keys of another partition (Faust's
+    /// `PartitionsMismatch`).
+    #[error(
+        "table `{table}`: its changelog `{changelog}` has {changelog_partitions} partitions, but the event comes from `{topic}`, which has {topic_partitions}: a table must have as many partitions as the topic its agent consumes. Declare it with `.with_partitions({topic_partitions})` (an existing changelog keeps its count: delete the changelog topic to create it again), or give the topic {changelog_partitions} partitions"
+    )]
+    PartitionsMismatch {
+        /// The table.
+        table: String,
+        /// Its changelog topic.
+        changelog: String,
+        /// The changelog's partitions.
+        changelog_partitions: u32,
+        /// The event's topic.
+        topic: String,
+        /// Its partitions.
+        topic_partitions: u32,
+    },
+    /// The changelog was damaged, and its repair lost records that recovery needs (they are
+    /// above the store's checkpoint, or the table keeps no store): the table cannot be
+    /// rebuilt exactly.
+    #[error(
+        "table `{table}` partition {partition}: its changelog `{changelog}` was damaged and its repair lost offsets {lost}, which recovery needs (it replays {from}..{committed}); the table cannot be rebuilt exactly. Restore the partition's log files (the damaged originals are in its `damaged/` directory), or start the app over from its sources (`reset --all`)"
+    )]
+    ChangelogDamaged {
+        /// The table.
+        table: String,
+        /// The partition.
+        partition: u32,
+        /// The changelog topic.
+        changelog: String,
+        /// The lost offset ranges recovery needs.
+        lost: String,
+        /// Where the replay starts (the store's checkpoint).
+        from: u64,
+        /// Where it ends (the committed changelog offset).
+        committed: u64,
+    },
+    /// The changelog lost records recovery needs (retention removed them).
+    #[error(
+        "table `{table}` partition {partition}: recovery needs changelog `{changelog}` from offset {needed}, but it starts at {earliest} (records were removed by retention); delete the table's data directory to rebuild from what is left"
+    )]
+    ChangelogTruncated {
+        /// The table.
+        table: String,
+        /// The partition.
+        partition: u32,
+        /// The changelog topic.
+        changelog: String,
+        /// The first offset recovery needs.
+        needed: u64,
+        /// The changelog's first offset.
+        earliest: u64,
+    },
+    /// The changelog ends before the offset committed for it.
+    #[error(
+        "table `{table}` partition {partition}: changelog `{changelog}` ends at {end}, before its committed offset {committed} (was the topic deleted?)"
+    )]
+    ChangelogShort {
+        /// The table.
+        table: String,
+        /// The partition.
+        partition: u32,
+        /// The changelog topic.
+        changelog: String,
+        /// Where it ends.
+        end: u64,
+        /// What was committed for it.
+        committed: u64,
+    },
+    /// The transport failed while recovering or committing the table.
+    #[error("table `{table}` partition {partition}: {source}")]
+    Transport {
+        /// The table.
+        table: String,
+        /// The partition.
+        partition: u32,
+        /// The transport's error.
+        #[source]
+        source: faust_transport::Error,
+    },
 }

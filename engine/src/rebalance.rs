@@ -33,7 +33,7 @@ use faust_transport::{AssignmentEvent, Fence, JoinRequest, TopicPartition};
 
 use crate::runtime::mailbox::Mailbox;
 use crate::runtime::signal::Cancel;
-use crate::table::AnyShard;
+use crate::runtime::state::AnyShard;
 use crate::transports::AnyTransport;
 use crate::util::lock;
 use crate::worker::CoreRuntime;
@@ -487,9 +487,9 @@ impl CoreRuntime {
         let meta = self.tables.get(table).ok_or_else(|| format!("no table #{table}"))?;
         let dir = (settings.store != "memory://" && !meta.in_memory())
             .then(|| settings.datadir.join("tables").join(&**meta.name()).join(partition.to_string()));
-        let shard = meta.open(crate::table::ShardArgs { partition, dir }).map_err(|e| e.to_string())?;
+        let shard = meta.open(crate::runtime::state::ShardArgs { partition, dir }).map_err(|e| e.to_string())?;
         let fence = self.fence.borrow().clone();
-        let recovered = crate::table::recover(&self.transport, &self.group, fence.as_ref(), &shard)
+        let recovered = crate::runtime::recovery::recover(&self.transport, &self.group, fence.as_ref(), &shard)
             .await
             .map_err(|e| e.to_string())?;
         self.committed.borrow_mut().insert(shard.changelog().clone(), recovered.end);

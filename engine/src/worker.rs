@@ -23,8 +23,8 @@ use faust_transport::{AutoOffsetReset, OffsetSpec, Produced, TopicConfig, TopicP
 use crate::acks::AckTracker;
 use crate::app::{AgentError, AgentSpec, App, TopicKind, lock};
 use crate::runtime::context::{InTask, TaskSlot};
+use crate::runtime::state::{AnyShard, CommitFailure, TableMeta, Token};
 use crate::runtime::{RuntimeConfig, RuntimeError, run_on_cores};
-use crate::table::{AnyShard, CommitFailure, TableMeta, Token};
 use crate::transports::{AnyCore, AnyTransport};
 use crate::util::now_ms;
 
@@ -1029,7 +1029,7 @@ impl CoreRuntime {
             return Ok(false);
         }
         self.deferred_commits.set(0);
-        let mut frozen: Vec<(Rc<dyn AnyShard>, Box<dyn crate::table::FrozenSet>)> =
+        let mut frozen: Vec<(Rc<dyn AnyShard>, Box<dyn crate::runtime::state::FrozenSet>)> =
             shards.iter().filter(|s| s.is_dirty()).map(|s| (s.clone(), s.freeze())).collect();
         crate::runtime::crash_point("commit:frozen");
         // 2. The changelog records and the buffered sends, durable. A failure gives the
@@ -1038,7 +1038,7 @@ impl CoreRuntime {
         for (shard, set) in frozen.drain(..) {
             let mut set = set;
             if failure.is_none()
-                && let Err(e) = crate::table::write_frozen(&self.transport, &shard, &mut *set).await
+                && let Err(e) = crate::runtime::commit::write_frozen(&self.transport, &shard, &mut *set).await
             {
                 failure = Some(e);
             }

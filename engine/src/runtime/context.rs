@@ -56,13 +56,13 @@ impl TaskSlot {
 
 /// The event the calling task is processing, with its agent: what table writes are tagged
 /// with until the event is acked.
-pub(crate) fn current_token() -> Option<crate::table::Token> {
+pub(crate) fn current_token() -> Option<crate::runtime::state::Token> {
     POLLING.with(|p| {
         let slot = p.borrow();
         let slot = slot.as_ref()?;
         let current = slot.current.borrow();
         let e = current.as_ref()?;
-        Some(crate::table::Token {
+        Some(crate::runtime::state::Token {
             agent: slot.agent.get(),
             topic: e.topic.clone(),
             partition: e.partition,

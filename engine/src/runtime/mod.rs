@@ -6,11 +6,14 @@
 //! called once on each core's own thread; the future it returns stays on that core and need
 //! not be `Send`.
 
+pub(crate) mod commit;
 pub(crate) mod context;
 mod crash;
 mod executor;
 pub(crate) mod mailbox;
+pub(crate) mod recovery;
 pub(crate) mod signal;
+pub(crate) mod state;
 
 pub(crate) use crash::{crash_point, fault_point, injected_produce_failure};
 pub(crate) use executor::choose_cpus;

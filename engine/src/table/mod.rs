@@ -1,0 +1,410 @@
+//! Tables: keyed state, sharded by partition, replicated through a changelog topic.
+//!
+//! A table has one shard per partition, on the core that owns that partition of the source
+//! topics (tables are co-partitioned with their sources, as in Faust and Kafka Streams). A
+//! shard is a typed write-back cache over a log-structured store (or, for `memory://`
+//! tables, the cache alone):
+//!
+//! - **Writes of an event are held back until the event is acked.** An agent's writes go to
+//!   the shard's pending list, tagged with the event being processed; they reach the cache
+//!   when the agent moves past the event (or acks it), and are dropped if the agent fails on
+//!   it (the event is retried, so its writes must not count twice). Reads inside the event see
+//!   its own pending writes. So the cache only ever holds effects of finished events.
+//! - **A commit** (`runtime/commit.rs`) freezes the dirty entries with the committable
+//!   offsets, writes them to the store and the changelog, and commits the changelog's end with
+//!   the source offsets in one transport commit; **recovery** (`runtime/recovery.rs`) replays
+//!   the changelog to the committed offset.
+//!
+//! Together these give exact state under at-least-once input: after a crash at any point, a
+//! shard holds exactly the effects of the events below its partition's committed offset.
+//!
+//! **Why a changelog topic on `local://` too**, rather than using the store's own log as the
+//! changelog: the changelog is the copy that survives the loss of the store (a damaged shard
+//! is rebuilt from it), it is what another worker recovers from when a partition moves (the
+//! multi-worker transports), and it lets the store skip `fsync` entirely. The write-back cache
+//! keeps the cost small: a commit writes each dirty key once, however often it changed.
+
+mod shard;
+
+use std::cell::RefCell;
+use std::hash::Hash;
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::codec::Codec;
+pub use crate::error::TableError;
+use crate::runtime::state::Token;
+use crate::util::lock;
+pub(crate) use shard::Shard;
+
+/// How a table is configured; read when the worker starts.
+struct Config<V> {
+    default: Option<Arc<dyn Fn() -> V + Send + Sync>>,
+    partitions: Option<u32>,
+    /// Take the partition count of this topic (a repartition topic's positions table).
+    partitions_like: Option<Arc<str>>,
+    in_memory: bool,
+    reset_bad_values: bool,
+    key_codec: Codec,
+    value_codec: Codec,
+}
+
+impl<V> Clone for Config<V> {
+    fn clone(&self) -> Self {
+        Config {
+            default: self.default.clone(),
+            partitions: self.partitions,
+            partitions_like: self.partitions_like.clone(),
+            in_memory: self.in_memory,
+            reset_bad_values: self.reset_bad_values,
+            key_codec: self.key_codec.clone(),
+            value_codec: self.value_codec.clone(),
+        }
+    }
+}
+
+/// A table's shared description: its name, index among the app's tables, and configuration.
+pub(crate) struct TableShared<K, V> {
+    name: Arc<str>,
+    changelog: Arc<str>,
+    pub(crate) index: usize,
+    config: Mutex<Config<V>>,
+    _types: PhantomData<fn() -> K>,
+}
+
+/// A table (Faust's `app.Table`): a map from keys to values, sharded by partition and
+/// replicated through the compacted changelog topic `{app}-{table}-changelog`.
+///
+/// Inside stream processing, operations go to the shard of the current event's partition (so
+/// key the source topic by the table's key, as Faust requires); elsewhere name the partition
+/// with [`Table::partition`]. Writes made while processing an event take effect when the
+/// agent moves past the event, and are dropped if the agent fails on it (the event is
+/// processed again). Reads see the event's own writes.
+///
+/// ```
+/// use faust::{App, Settings};
+///
+/// let app = App::new(Settings::new("counts"));
+/// let orders = app.topic::<String, u64>("orders");
+/// let counts = app.table::<String, u64>("order-count").with_default(|| 0);
+/// let table = counts.clone();
+/// app.agent("count", &orders, move |mut stream| {
+///     let counts = table.clone();
+///     async move {
+///         while let Some((account, _amount)) = stream.next_item().await {
+///             if let Some(account) = account {
+///                 counts.update(&account, |n| *n += 1)?;
+///             }
+///         }
+///         Ok(())
+///     }
+/// });
+/// let test = app.test_context()?;
+/// test.put(&orders, Some(&"alice".to_string()), &5)?;
+/// test.put(&orders, Some(&"alice".to_string()), &7)?;
+/// test.stop()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct Table<K, V> {
+    pub(crate) shared: Arc<TableShared<K, V>>,
+}
+
+impl<K, V> Clone for Table<K, V> {
+    fn clone(&self) -> Self {
+        Table { shared: self.shared.clone() }
+    }
+}
+
+impl<K, V> std::fmt::Debug for Table<K, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Table").field("name", &self.shared.name).finish()
+    }
+}
+
+impl<K, V> Table<K, V> {
+    /// The table's name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    pub(crate) fn codecs(&self) -> (Codec, Codec) {
+        let config = lock(&self.shared.config);
+        (config.key_codec.clone(), config.value_codec.clone())
+    }
+
+    /// The changelog topic: `{app}-{table}-changelog`.
+    pub fn changelog_topic(&self) -> &str {
+        &self.shared.changelog
+    }
+}
+
+/// One partition of a table, named explicitly: see [`Table::partition`].
+#[derive(Debug)]
+pub struct TablePartition<'a, K, V> {
+    table: &'a Table<K, V>,
+    partition: u32,
+}
+
+impl<K, V> Table<K, V>
+where
+    K: Serialize + DeserializeOwned + Hash + Eq + Clone + 'static,
+    V: Serialize + DeserializeOwned + Clone + 'static,
+{
+    pub(crate) fn new(name: &str, app_id: &str, index: usize, key_codec: Codec, value_codec: Codec) -> Self {
+        Table {
+            shared: Arc::new(TableShared {
+                name: Arc::from(name),
+                changelog: Arc::from(format!("{app_id}-{name}-changelog")),
+                index,
+                config: Mutex::new(Config {
+                    default: None,
+                    partitions: None,
+                    partitions_like: None,
+                    in_memory: false,
+                    reset_bad_values: false,
+                    key_codec,
+                    value_codec,
+                }),
+                _types: PhantomData,
+            }),
+        }
+    }
+
+    /// The value a missing key takes in [`update`](Table::update) and
+    /// [`get_or_default`](Table::get_or_default) (Faust's `default=`). Set before the
+    /// worker starts.
+    pub fn with_default(self, default: impl Fn() -> V + Send + Sync + 'static) -> Self {
+        lock(&self.shared.config).default = Some(Arc::new(default));
+        self
+    }
+
+    /// The number of partitions of the table's changelog (default: the app's
+    /// `topic_partitions`); it must match the partitions of the topics that write it.
+    pub fn with_partitions(self, partitions: u32) -> Self {
+        lock(&self.shared.config).partitions = Some(partitions.max(1));
+        self
+    }
+
+    /// Gives the changelog the partition count of `topic` when the worker creates it.
+    pub(crate) fn with_partitions_like(self, topic: Arc<str>) -> Self {
+        lock(&self.shared.config).partitions_like = Some(topic);
+        self
+    }
+
+    /// Sets `key` to `value` in the current event's shard if `value` is past its latest
+    /// value — counting the writes of every event not yet acked, in the order they were made,
+    /// not only the current event's — and says whether it was.
+    pub(crate) fn advance(&self, key: K, value: V) -> Result<bool, TableError>
+    where
+        V: PartialOrd,
+    {
+        self.with_shard(None, |s, token| {
+            if s.latest(&key)?.is_some_and(|latest| value <= latest) {
+                return Ok(false);
+            }
+            s.write(token, key, Some(value))?;
+            Ok(true)
+        })
+    }
+
+    /// Keeps the shards in memory only (Faust's `store="memory://"`): they are rebuilt from
+    /// the changelog every time the worker starts.
+    pub fn in_memory(self) -> Self {
+        lock(&self.shared.config).in_memory = true;
+        self
+    }
+
+    /// Codecs of the table's keys and values (default: the app's `key_serializer` and
+    /// `value_serializer`), used in the store and the changelog.
+    pub fn with_codecs(self, key: Codec, value: Codec) -> Self {
+        {
+            let mut config = lock(&self.shared.config);
+            config.key_codec = key;
+            config.value_codec = value;
+        }
+        self
+    }
+
+    /// A stored value that no longer decodes (the value type changed) is dropped, with a
+    /// warning naming the table and key, and the key starts again from the default; the
+    /// deletion goes to the changelog too. Without this, reading such a value is an error
+    /// naming the table.
+    pub fn reset_bad_values(self) -> Self {
+        lock(&self.shared.config).reset_bad_values = true;
+        self
+    }
+
+    /// The table's partition `partition`, for use outside stream processing (timers, tasks)
+    /// on the core that holds it.
+    pub fn partition(&self, partition: u32) -> TablePartition<'_, K, V> {
+        TablePartition { table: self, partition }
+    }
+
+    /// Runs `f` on the shard of `partition` (or of the current event's), with the current
+    /// event's token when there is one.
+    fn with_shard<T>(
+        &self,
+        partition: Option<u32>,
+        f: impl FnOnce(&Shard<K, V>, Option<Token>) -> Result<T, TableError>,
+    ) -> Result<T, TableError> {
+        let table = || self.shared.name.to_string();
+        let core = crate::worker::CoreRuntime::current().ok_or_else(|| TableError::NotRunning { table: table() })?;
+        let token = crate::runtime::context::current_token();
+        let partition_given = partition;
+        let partition = match (partition, &token) {
+            (Some(p), _) => p,
+            (None, Some(t)) => t.partition,
+            (None, None) => return Err(TableError::OutsideStream { table: table() }),
+        };
+        if let (None, Some(t)) = (partition_given, &token) {
+            self.check_copartitioned(&core, &t.topic)?;
+        }
+        let not_local = || TableError::NotLocal { table: table(), partition, core: core.index };
+        let shard = core.shard(self.shared.index, partition).ok_or_else(not_local)?;
+        let typed = shard.as_any().downcast_ref::<Shard<K, V>>().ok_or_else(not_local)?;
+        // Writes of an event are pending until it is acked: the core applies them then.
+        let registered = token.as_ref().map(|t| typed.has_pending(t)).unwrap_or(true);
+        let result = f(typed, token.clone());
+        if let Some(t) = token
+            && !registered
+            && typed.has_pending(&t)
+        {
+            core.register_pending(t, shard);
+        }
+        result
+    }
+
+    /// Checks that the table's changelog has as many partitions as `topic`, the topic of the
+    /// current event (once per topic and core: later calls compare one pointer).
+    fn check_copartitioned(&self, core: &crate::worker::CoreRuntime, topic: &Arc<str>) -> Result<(), TableError> {
+        /// Tables whose last good topic is remembered (by index); others check every time.
+        const REMEMBERED: usize = 16;
+        thread_local! {
+            /// Per table (by index), the topic last found co-partitioned with it on this core.
+            /// The `Arc` is kept, so its address cannot be reused by another topic meanwhile.
+            static CHECKED: RefCell<[Option<Arc<str>>; REMEMBERED]> = const { RefCell::new([const { None }; REMEMBERED]) };
+        }
+        let index = self.shared.index;
+        let known =
+            index < REMEMBERED && CHECKED.with(|c| c.borrow()[index].as_ref().is_some_and(|t| Arc::ptr_eq(t, topic)));
+        if known {
+            return Ok(());
+        }
+        let (Some(topic_partitions), Some(changelog_partitions)) =
+            (core.partitions(topic), core.partitions(&self.shared.changelog))
+        else {
+            // A channel's events, or a topic the core does not know: nothing to compare.
+            return Ok(());
+        };
+        if topic_partitions != changelog_partitions {
+            return Err(TableError::PartitionsMismatch {
+                table: self.shared.name.to_string(),
+                changelog: self.shared.changelog.to_string(),
+                changelog_partitions,
+                topic: topic.to_string(),
+                topic_partitions,
+            });
+        }
+        if index < REMEMBERED {
+            CHECKED.with(|c| c.borrow_mut()[index] = Some(topic.clone()));
+        }
+        Ok(())
+    }
+
+    /// The value of `key`, if any.
+    pub fn get(&self, key: &K) -> Result<Option<V>, TableError> {
+        self.with_shard(None, |s, t| s.get(t.as_ref(), key))
+    }
+
+    /// The value of `key`, or the table's default.
+    pub fn get_or_default(&self, key: &K) -> Result<V, TableError> {
+        self.with_shard(None, |s, t| s.get_or_default(t.as_ref(), key))
+    }
+
+    /// Sets `key` to `value`.
+    pub fn insert(&self, key: K, value: V) -> Result<(), TableError> {
+        self.with_shard(None, |s, t| s.write(t, key, Some(value)))
+    }
+
+    /// Changes the value of `key` in place (starting from the default when it has none) and
+    /// returns the new value: `counts.update(&account, |n| *n += 1)`.
+    pub fn update(&self, key: &K, f: impl FnOnce(&mut V)) -> Result<V, TableError> {
+        self.with_shard(None, |s, t| s.update(t, key, f))
+    }
+
+    /// Removes `key`, returning its value.
+    pub fn remove(&self, key: &K) -> Result<Option<V>, TableError> {
+        self.with_shard(None, |s, t| {
+            let old = s.get(t.as_ref(), key)?;
+            s.write(t, key.clone(), None)?;
+            Ok(old)
+        })
+    }
+
+    /// Every key and value of the table's shards on the calling core, in no particular order
+    /// (writes of the current event included).
+    pub fn local_items(&self) -> Result<Vec<(K, V)>, TableError> {
+        let core = crate::worker::CoreRuntime::current()
+            .ok_or_else(|| TableError::NotRunning { table: self.shared.name.to_string() })?;
+        let token = crate::runtime::context::current_token();
+        let mut out = Vec::new();
+        for shard in core.shards_of(self.shared.index) {
+            if let Some(s) = shard.as_any().downcast_ref::<Shard<K, V>>() {
+                s.items(token.as_ref(), &mut out)?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The partitions of the table held by the calling core.
+    pub fn local_partitions(&self) -> Vec<u32> {
+        crate::worker::CoreRuntime::current()
+            .map(|core| core.shards_of(self.shared.index).iter().map(|s| s.partition()).collect())
+            .unwrap_or_default()
+    }
+}
+
+impl<K, V> TablePartition<'_, K, V>
+where
+    K: Serialize + DeserializeOwned + Hash + Eq + Clone + 'static,
+    V: Serialize + DeserializeOwned + Clone + 'static,
+{
+    /// The value of `key`, if any.
+    pub fn get(&self, key: &K) -> Result<Option<V>, TableError> {
+        self.table.with_shard(Some(self.partition), |s, t| s.get(t.as_ref(), key))
+    }
+
+    /// The value of `key`, or the table's default.
+    pub fn get_or_default(&self, key: &K) -> Result<V, TableError> {
+        self.table.with_shard(Some(self.partition), |s, t| s.get_or_default(t.as_ref(), key))
+    }
+
+    /// Sets `key` to `value`.
+    pub fn insert(&self, key: K, value: V) -> Result<(), TableError> {
+        self.table.with_shard(Some(self.partition), |s, t| s.write(t, key, Some(value)))
+    }
+
+    /// Changes the value of `key` in place and returns the new value.
+    pub fn update(&self, key: &K, f: impl FnOnce(&mut V)) -> Result<V, TableError> {
+        self.table.with_shard(Some(self.partition), |s, t| s.update(t, key, f))
+    }
+
+    /// Removes `key`, returning its value.
+    pub fn remove(&self, key: &K) -> Result<Option<V>, TableError> {
+        self.table.with_shard(Some(self.partition), |s, t| {
+            let old = s.get(t.as_ref(), key)?;
+            s.write(t, key.clone(), None)?;
+            Ok(old)
+        })
+    }
+
+    /// Every key and value of this partition.
+    pub fn items(&self) -> Result<Vec<(K, V)>, TableError> {
+        let mut out = Vec::new();
+        self.table.with_shard(Some(self.partition), |s, t| s.items(t.as_ref(), &mut out))?;
+        Ok(out)
+    }
+}
