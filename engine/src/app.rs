@@ -18,10 +18,11 @@ pub use crate::runtime::signal::StopSignal;
 
 /// The answer to a send made from outside the worker, or to a test's probe.
 pub(crate) type Reply = crate::runtime::signal::Oneshot<Result<Produced, SendError>>;
+use crate::runtime::CoreRuntime;
+use crate::runtime::supervise::AgentRun;
 use crate::settings::Settings;
 use crate::stream::Stream;
 pub(crate) use crate::util::lock;
-use crate::worker::{AgentRun, CoreRuntime};
 
 pub(crate) type StartAgent = Arc<dyn Fn(AgentRun) -> Pin<Box<dyn Future<Output = ()>>> + Send + Sync>;
 
@@ -204,7 +205,7 @@ pub(crate) struct AppInner {
     pub(crate) memory: Mutex<Option<MemoryTransport>>,
     pub(crate) stop: Arc<StopSignal>,
     pub(crate) outbox: Arc<Outbox>,
-    pub(crate) stats: Arc<crate::rebalance::Counters>,
+    pub(crate) stats: Arc<crate::runtime::stats::Counters>,
     /// The app's own commands for its command line.
     pub(crate) commands: Mutex<Vec<crate::cli::UserCommand>>,
 }
@@ -537,7 +538,7 @@ impl App {
         let agent_name: Arc<str> = Arc::from(name);
         let start: StartAgent = Arc::new(move |run: AgentRun| {
             let (f, topic, name) = (f.clone(), topic_inner.clone(), agent_name.clone());
-            Box::pin(crate::worker::supervise(run, name, move |run: &AgentRun| {
+            Box::pin(crate::runtime::supervise::supervise(run, name, move |run: &AgentRun| {
                 f(Stream::new(run, topic.key_codec.clone(), topic.value_codec.clone())
                     .deduplicated_by(topic.positions.get().cloned()))
             }))
@@ -823,7 +824,7 @@ impl TopicInner {
         let partitions =
             core.partitions(&self.name).ok_or_else(|| SendError::UnknownTopic { topic: self.name.to_string() })?;
         let partition = match key {
-            Some(k) => crate::worker::partition_for_key(k, partitions),
+            Some(k) => crate::partitioner::partition_for_key(k, partitions),
             None => core.round_robin(partitions),
         };
         Ok(TopicPartition::new(self.name.clone(), partition))
@@ -850,7 +851,7 @@ impl TopicInner {
         let size = key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len) + 128;
         let mut batch = faust_storage::BatchBuilder::with_capacity(size);
         batch.push(crate::util::now_ms(), key, value, headers);
-        Ok(core.transport.produce(&tp, batch).await?)
+        Ok(core.transport().produce(&tp, batch).await?)
     }
 
     /// Buffers already-encoded bytes on this core (see [`Topic::send_soon`]).

@@ -26,8 +26,8 @@ use serde_json::Value;
 
 use crate::app::{App, TopicKind, lock};
 use crate::codec::Codec;
+use crate::runtime::CoreRuntime;
 use crate::runtime::mailbox::Mailbox;
-use crate::worker::CoreRuntime;
 
 /// The socket's file name in the data directory.
 pub(crate) const SOCKET_NAME: &str = "control.sock";
@@ -357,7 +357,8 @@ fn handle(request: Request, app: &App, inboxes: &[Arc<Inbox>]) -> Answer {
                 name.map(|n| n.parse::<Codec>().map_err(|e| bad_request(e.to_string()))).transpose()
             };
             let codecs = (codec(key_serializer)?, codec(value_serializer)?);
-            let send = SendRequest { topic, key, values, partition, repeat, codecs, unchecked };
+            let topics = app.inner.outbox.topics();
+            let send = SendRequest { topic, key, values, partition, repeat, codecs, unchecked, topics };
             ask(inboxes, 0, move |core| async move { send.run(&core).await })
         }
         Request::Repair { topic, partition } => {
@@ -366,7 +367,7 @@ fn handle(request: Request, app: &App, inboxes: &[Arc<Inbox>]) -> Answer {
                 None => {
                     let name = topic.clone();
                     let count = ask(inboxes, 0, move |core| async move {
-                        let meta = core.transport.topic_metadata(&name).await.map_err(|e| failed(e.to_string()))?;
+                        let meta = core.transport().topic_metadata(&name).await.map_err(|e| failed(e.to_string()))?;
                         Ok(meta.map_or(Value::Null, |m| m.config.partitions.into()))
                     })?;
                     let count = count.as_u64().ok_or_else(|| not_found(format!("no topic `{topic}`")))?;
@@ -381,7 +382,7 @@ fn handle(request: Request, app: &App, inboxes: &[Arc<Inbox>]) -> Answer {
                 for core in 0..inboxes.len() {
                     let tp = tp.clone();
                     answer = ask(inboxes, core, move |runtime| async move {
-                        match runtime.transport.repair(&tp) {
+                        match runtime.transport().repair(&tp) {
                             None => Err(bad_request(
                                 "repair is for the embedded log (local://); a Kafka broker repairs its own logs".into(),
                             )),
@@ -446,10 +447,10 @@ fn handle(request: Request, app: &App, inboxes: &[Arc<Inbox>]) -> Answer {
             for core in 0..inboxes.len() {
                 let asked = names.clone();
                 let counted = ask(inboxes, core, move |runtime| async move {
-                    let counts = core == 0 || matches!(runtime.transport, crate::transports::AnyCore::Local(_));
+                    let counts = core == 0 || matches!(runtime.transport(), crate::transports::AnyCore::Local(_));
                     let mut out = Vec::new();
                     for (name, _) in &asked {
-                        let partitions = match runtime.transport.topic_metadata(name).await {
+                        let partitions = match runtime.transport().topic_metadata(name).await {
                             Ok(meta) => meta.map(|m| m.config.partitions),
                             Err(e) => return Err(failed(format!("reading topic `{name}`: {e}"))),
                         };
@@ -459,8 +460,8 @@ fn handle(request: Request, app: &App, inboxes: &[Arc<Inbox>]) -> Answer {
                         let counted_partitions = if counts { partitions.unwrap_or(0) } else { 0 };
                         for p in 0..counted_partitions {
                             let tp = TopicPartition::new(name.as_str(), p);
-                            let latest = runtime.transport.list_offset(&tp, OffsetSpec::Latest).await;
-                            let earliest = runtime.transport.list_offset(&tp, OffsetSpec::Earliest).await;
+                            let latest = runtime.transport().list_offset(&tp, OffsetSpec::Latest).await;
+                            let earliest = runtime.transport().list_offset(&tp, OffsetSpec::Earliest).await;
                             match (latest, earliest) {
                                 (Ok(l), Ok(e)) => records += l.saturating_sub(e),
                                 (Err(faust_transport::Error::NotOwner { .. }), _) => {}
@@ -553,6 +554,8 @@ struct SendRequest {
     codecs: (Option<Codec>, Option<Codec>),
     /// Skip the checks that the worker's agents will take the records.
     unchecked: bool,
+    /// The app's topic handles.
+    topics: Vec<Arc<crate::app::TopicInner>>,
 }
 
 /// Records of one send are written in batches of about this size.
@@ -594,9 +597,8 @@ impl SendRequest {
     /// the answer is final — what was not written is dropped, not written later behind the
     /// caller's back (a retried send would duplicate it) — and says which records did land.
     async fn run(self, core: &Rc<CoreRuntime>) -> Answer {
-        let SendRequest { topic, key, values, partition, repeat, codecs, unchecked } = self;
+        let SendRequest { topic, key, values, partition, repeat, codecs, unchecked, topics } = self;
         let topic = topic.as_str();
-        let topics = core.app.inner.outbox.topics();
         let inner = topics
             .iter()
             .find(|t| &*t.name == topic)
@@ -648,7 +650,7 @@ impl SendRequest {
         }
         let route = |key: Option<&[u8]>| match (partition, key) {
             (Some(p), _) => p,
-            (None, Some(k)) => crate::worker::partition_for_key(k, partitions),
+            (None, Some(k)) => crate::partitioner::partition_for_key(k, partitions),
             (None, None) => core.round_robin(partitions),
         };
         let total = repeat.saturating_mul(encoded.len() as u64);
@@ -705,7 +707,7 @@ async fn write_send(
         }
     }
     let produced = match crate::runtime::fault_point("send:produce") {
-        Ok(()) => core.transport.produce(&tp, batch).await,
+        Ok(()) => core.transport().produce(&tp, batch).await,
         Err(e) => Err(crate::runtime::injected_produce_failure(&tp, batch, e)),
     };
     match produced {

@@ -10,53 +10,13 @@ use zerocopy::{FromBytes, Immutable, KnownLayout, Unaligned};
 
 use crate::app::{AgentError, SendError, Topic};
 use crate::codec::{Codec, Fixed};
+use crate::runtime::CoreRuntime;
+use crate::runtime::bad_record::preview;
+pub use crate::runtime::bad_record::{BadRecord, RecordPart};
 use crate::runtime::context::{EventPosition, TaskSlot, current_slot};
-use crate::worker::{AgentRun, CoreRuntime, EventQueue, QueuedEvent};
+use crate::runtime::queue::{EventQueue, QueuedEvent};
+use crate::runtime::supervise::AgentRun;
 use faust_transport::Produced;
-
-/// Which part of a record is bad.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum RecordPart {
-    /// The key does not decode.
-    Key,
-    /// The value does not decode (or is null).
-    Value,
-    /// The whole record is larger than `max_record_bytes`.
-    Record,
-}
-
-impl std::fmt::Display for RecordPart {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            RecordPart::Key => "key",
-            RecordPart::Value => "value",
-            RecordPart::Record => "record",
-        })
-    }
-}
-
-/// A record a stream could not hand out: its key or value does not decode (malformed JSON, an
-/// empty or null value, invalid UTF-8 for a string), or it is larger than `max_record_bytes`.
-/// What happens to it is the `bad_record_policy`; under `stop`, [`App::run`](crate::App::run)
-/// returns it as [`WorkerError::BadRecord`](crate::WorkerError::BadRecord).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("bad record in {topic} partition {partition} at offset {offset}: {part}: {reason} (starts {preview})")]
-#[non_exhaustive]
-pub struct BadRecord {
-    /// The topic.
-    pub topic: String,
-    /// The partition.
-    pub partition: u32,
-    /// The record's offset.
-    pub offset: u64,
-    /// What is bad.
-    pub part: RecordPart,
-    /// Why: the codec's error, or the size.
-    pub reason: String,
-    /// The first bytes of the bad part (the value, for an oversized record), in hex.
-    pub preview: String,
-}
 
 /// What a stream's processors (decode, `filter`, `map`, `enumerate`, `echo`) make of one
 /// record: `Ok(Some(..))` to hand out, `Ok(None)` to ack and skip (filtered), `Err` when it
@@ -105,7 +65,7 @@ pub struct Stream<K, V> {
 
 impl<K, V> std::fmt::Debug for Stream<K, V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Stream").field("core", &self.core.index).field("agent", &self.agent).finish()
+        f.debug_struct("Stream").field("core", &self.core.index()).field("agent", &self.agent).finish()
     }
 }
 
@@ -203,10 +163,6 @@ impl<K: Serialize + 'static, V: Serialize + 'static> Event<K, V> {
     pub async fn send(&self, topic: &Topic<K, V>) -> Result<Produced, SendError> {
         topic.send(self.key.as_ref(), &self.value).await
     }
-}
-
-pub(crate) fn preview(bytes: &[u8]) -> String {
-    crate::util::hex_preview(bytes, 32)
 }
 
 impl<K: DeserializeOwned + 'static, V: DeserializeOwned + 'static> Stream<K, V> {

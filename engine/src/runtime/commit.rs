@@ -13,12 +13,18 @@
 //! by the next commit that succeeds.
 
 use std::rc::Rc;
+use std::time::Duration;
+
+use faust_transport::TopicPartition;
 
 use faust_storage::{BatchBuilder, WriteBatch};
 
 use crate::error::TableError;
+use crate::runtime::sends::{FlushError, LogLimiter};
 use crate::runtime::state::{AnyShard, CommitFailure, FrozenSet};
+use crate::runtime::{CoreRuntime, HashMap};
 use crate::transports::AnyCore;
+use crate::util::lock;
 
 /// Entries encoded per step of a commit, between which the core serves other tasks.
 pub(crate) const FREEZE_CHUNK: usize = 4096;
@@ -66,5 +72,224 @@ pub(crate) async fn write_frozen(
             return Ok(end);
         }
         glommio::yield_if_needed().await;
+    }
+}
+
+/// The least time between two commits of a core when `commit_every` brings them forward.
+const COMMIT_EVERY_MIN_GAP: Duration = Duration::from_secs(1);
+
+impl CoreRuntime {
+    /// Commits, per partition, the lowest offset every agent may commit, once the sends
+    /// buffered so far and the table state those events produced are durable (the commit
+    /// protocol of `table.rs`). Returns `false` when it had to wait: table state held writes
+    /// of events acked out of order, past the committable offsets.
+    ///
+    /// A commit that fails part way undoes nothing that is durable and loses nothing that is
+    /// not: entries whose changelog write failed are dirty again (the next commit writes their
+    /// latest values), and changelog records that were written are committed by the next
+    /// commit that succeeds (each shard keeps its [`written_end`](AnyShard::written_end)), even
+    /// if nothing changed in it since. So a failed commit is simply retried, and the first
+    /// one that succeeds commits the source offsets with exactly the state they produced.
+    pub(crate) async fn commit_now(self: &Rc<Self>) -> Result<bool, FlushError> {
+        let result = self.commit_once().await;
+        match &result {
+            Ok(true) => self.writes_succeeded(),
+            Ok(false) => {}
+            Err(FlushError::Write { .. }) => {} // `flush` noted it.
+            Err(e @ (FlushError::Tables(_) | FlushError::Transport(_))) => self.writes_failed(e),
+            Err(FlushError::SendsLost | FlushError::BrokerLostData) => {}
+        }
+        result
+    }
+
+    async fn commit_once(self: &Rc<Self>) -> Result<bool, FlushError> {
+        let Ok(_permit) = self.commit_lock.acquire_permit(1).await else {
+            return Err(FlushError::Transport(faust_transport::Error::Closed));
+        };
+        if self.sends_lost.get() {
+            return Err(FlushError::SendsLost);
+        }
+        if lock(&self.lost_data).is_some() {
+            return Err(FlushError::BrokerLostData);
+        }
+        // A worker the group dropped (it missed a rebalance deadline) must not write
+        // changelog records its successor could later replay as committed: ask first (an
+        // empty fenced commit checks membership and writes nothing). This narrows the window
+        // to this commit's duration; closing it needs producer fencing.
+        let fence = self.fence.borrow().clone();
+        if let Some(fence) = &fence {
+            self.transport.commit(&self.group, Some(fence), &[]).await?;
+        }
+        // Events acked from now on are the next commit's (`commit_every` counts them).
+        self.acked_since_commit.set(0);
+        let mut lowest: HashMap<TopicPartition, u64> = HashMap::default();
+        for ((_, tp), tracker) in self.acks.borrow().iter() {
+            if self.channel_agents.contains_key(&tp.topic) {
+                continue;
+            }
+            let c = tracker.committable();
+            lowest.entry(tp.clone()).and_modify(|v| *v = (*v).min(c)).or_insert(c);
+        }
+        // 1. Freeze the tables' dirty entries in the same instant as the offsets are read (no
+        // await in between), so the frozen state holds exactly the effects of the events below
+        // them: writes are applied when their event is acked, so only events acked out of
+        // order (past the committable offset) could add more; then this commit waits.
+        let shards: Vec<Rc<dyn AnyShard>> = self.shards.borrow().iter().flatten().flatten().cloned().collect();
+        let committable = |tp: &TopicPartition| lowest.get(tp).copied();
+        if shards.iter().any(|s| s.applied_beyond(&committable)) {
+            let deferred = self.deferred_commits.get() + 1;
+            self.deferred_commits.set(deferred);
+            if deferred.is_multiple_of(100) {
+                tracing::warn!(
+                    core = self.index,
+                    deferred,
+                    "commits keep waiting: table writes of events acked out of order (concurrency > 1, or several agents on one topic) run ahead of the committable offsets"
+                );
+            }
+            return Ok(false);
+        }
+        self.deferred_commits.set(0);
+        let mut frozen: Vec<(Rc<dyn AnyShard>, Box<dyn crate::runtime::state::FrozenSet>)> =
+            shards.iter().filter(|s| s.is_dirty()).map(|s| (s.clone(), s.freeze())).collect();
+        crate::runtime::crash_point("commit:frozen");
+        // 2. The changelog records and the buffered sends, durable. A failure gives the
+        // entries not yet written back to their shards.
+        let mut failure = None;
+        for (shard, set) in frozen.drain(..) {
+            let mut set = set;
+            if failure.is_none()
+                && let Err(e) = crate::runtime::commit::write_frozen(&self.transport, &shard, &mut *set).await
+            {
+                failure = Some(e);
+            }
+            if failure.is_some() {
+                shard.restore(set);
+            }
+        }
+        if let Some(e) = failure {
+            return Err(self.tables_failed(e));
+        }
+        crate::runtime::crash_point("commit:changelog");
+        // The offsets were read before the flush: every send made for the events they cover
+        // was buffered by then, so it is in this flush (or an earlier one).
+        self.flush().await?;
+        if self.sends_lost.get() {
+            return Err(FlushError::SendsLost);
+        }
+        crate::runtime::crash_point("commit:flushed");
+        // 3. Source offsets and changelog ends, in one commit: recovery replays a changelog
+        // exactly to the offset committed with the source offsets. Every shard with records
+        // written past its committed offset is in it, also those a failed commit wrote.
+        let changelog_ends: Vec<(Rc<dyn AnyShard>, u64)> = {
+            let committed = self.committed.borrow();
+            shards
+                .iter()
+                .filter_map(|s| s.written_end().map(|end| (s.clone(), end)))
+                .filter(|(s, end)| committed.get(s.changelog()) != Some(end))
+                .collect()
+        };
+        let mut offsets: Vec<(TopicPartition, u64)> = {
+            let committed = self.committed.borrow();
+            lowest.iter().filter(|(tp, o)| committed.get(*tp) != Some(*o)).map(|(tp, o)| (tp.clone(), *o)).collect()
+        };
+        offsets.extend(changelog_ends.iter().map(|(s, end)| (s.changelog().clone(), *end)));
+        if !offsets.is_empty() {
+            let fence = self.fence.borrow().clone();
+            crate::runtime::fault_point("commit:offsets").map_err(|source| faust_transport::Error::Io {
+                op: "write (injected fault)",
+                path: "the offsets file".into(),
+                source,
+            })?;
+            self.transport.commit(&self.group, fence.as_ref(), &offsets).await?;
+            let mut committed = self.committed.borrow_mut();
+            for (tp, o) in offsets {
+                committed.insert(tp, o);
+            }
+        }
+        crate::runtime::crash_point("commit:committed");
+        // 4. Checkpoint the stores at what is now committed: a checkpoint never claims more.
+        for (shard, end) in &changelog_ends {
+            shard.set_written_end(None);
+            let sources: Vec<(String, u32, u64)> = lowest
+                .iter()
+                .filter(|(tp, _)| tp.partition == shard.partition())
+                .map(|(tp, o)| (tp.topic.to_string(), tp.partition, *o))
+                .collect();
+            let checkpointed = crate::runtime::fault_point("commit:checkpoint")
+                .map_err(|e| e.to_string())
+                .and_then(|()| shard.checkpoint(*end, sources).map_err(|e| e.to_string()));
+            if let Err(e) = checkpointed {
+                // The changelog has the state; the store's next open replays it.
+                tracing::warn!(table = shard.name(), partition = shard.partition(), error = %e, "checkpoint failed");
+            }
+            shard.evict();
+            crate::runtime::crash_point("commit:checkpoint");
+        }
+        Ok(true)
+    }
+
+    /// [`commit_now`](CoreRuntime::commit_now), tried again every 10 ms (up to 200 times)
+    /// while it has to wait for out-of-order acks, rather than a whole commit interval later;
+    /// `give_up` ends the retries early. `Ok(false)` if it still had to wait.
+    pub(crate) async fn commit_retrying(self: &Rc<Self>, give_up: impl Fn() -> bool) -> Result<bool, FlushError> {
+        for _ in 0..200 {
+            if self.commit_now().await? {
+                return Ok(true);
+            }
+            if give_up() {
+                return Ok(false);
+            }
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+        }
+        self.commit_now().await
+    }
+
+    /// A table's frozen state could not be written. A failure that a retry can mend (a full
+    /// disk, a broker away) fails this commit only: the entries are dirty again and the next
+    /// commit writes them. One that no retry mends (a value that does not encode) stops the
+    /// worker, committing nothing more.
+    fn tables_failed(&self, error: CommitFailure) -> FlushError {
+        if !error.is_retriable() {
+            tracing::error!(error = %error, "writing table state failed; refusing to commit and stopping the worker");
+            self.sends_lost.set(true);
+            self.app_stop.stop();
+        }
+        FlushError::Tables(error.to_string())
+    }
+}
+
+/// The core's committer: commits every `commit_interval`, sooner once `commit_every` events
+/// were acked, and every half second while writes fail (so the core resumes soon after they
+/// succeed), until the worker stops.
+pub(crate) async fn run_commits(runtime: Rc<CoreRuntime>) {
+    let interval = runtime.settings().commit_interval;
+    let failures = LogLimiter::default();
+    let mut last_commit = std::time::Instant::now();
+    while !runtime.stopping.is_cancelled() {
+        runtime.publish_progress();
+        let woken = runtime.commit_soon.listen();
+        let wait = match runtime.write_trouble.borrow().is_some() {
+            true => interval.min(Duration::from_millis(500)),
+            false => interval,
+        };
+        if runtime.acked_since_commit.get() < runtime.commit_every {
+            futures_lite::future::or(futures_lite::future::or(glommio::timer::sleep(wait), woken), runtime.stopped())
+                .await;
+        }
+        // A commit syncs files (the offsets, on `local://`); back to back on a busy core they
+        // would stall the disk that the core appends to. `commit_every` brings a commit
+        // forward, but not closer than this to the previous one.
+        let gap = interval.min(COMMIT_EVERY_MIN_GAP).saturating_sub(last_commit.elapsed());
+        if !gap.is_zero() {
+            futures_lite::future::or(glommio::timer::sleep(gap), runtime.stopped()).await;
+        }
+        last_commit = std::time::Instant::now();
+        if let Err(e) = runtime.commit_retrying(|| runtime.stopping.is_cancelled()).await {
+            if let Some(repeats) = failures.allow() {
+                tracing::error!(core = runtime.index, error = %e, repeats, "commit failed; it is retried");
+            }
+            let pause = interval.min(Duration::from_millis(500));
+            futures_lite::future::or(glommio::timer::sleep(pause), runtime.stopped()).await;
+        }
     }
 }

@@ -1,19 +1,45 @@
 //! The per-core runtime: pinned executors (`executor`), and on each core the engine that
-//! fetches, queues, hands events to agents, buffers sends, commits and recovers — the state
-//! every core keeps, and the one contract table shards implement.
+//! fetches (`consume`), queues (`queue`), hands events to agents and restarts them
+//! (`supervise`), buffers sends (`sends`), commits (`commit`), recovers table shards
+//! (`recovery`) and applies assignment changes (`assignment`) — with `CoreRuntime`, the state
+//! one core keeps, private to this module: the layers above (tables, streams, the worker) see
+//! its methods. `state` is the one contract table shards implement.
 //!
 //! User work is given as a *factory*: a `Fn(CoreContext) -> Future` that is `Send + Sync`,
 //! called once on each core's own thread; the future it returns stays on that core and need
 //! not be `Send`.
 
+pub(crate) mod assignment;
+pub(crate) mod bad_record;
 pub(crate) mod commit;
+pub(crate) mod consume;
 pub(crate) mod context;
 mod crash;
 mod executor;
 pub(crate) mod mailbox;
+pub(crate) mod queue;
 pub(crate) mod recovery;
+pub(crate) mod sends;
 pub(crate) mod signal;
 pub(crate) mod state;
+pub(crate) mod stats;
+pub(crate) mod supervise;
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use event_listener::Event;
+use faust_transport::TopicPartition;
+
+use crate::acks::AckTracker;
+use crate::runtime::consume::LostData;
+use crate::runtime::queue::{EventQueue, QueuedEvent};
+use crate::runtime::sends::{LogLimiter, WriteTrouble};
+use crate::runtime::state::{AnyShard, TableMeta, Token};
+use crate::transports::AnyCore;
 
 pub(crate) use crash::{crash_point, fault_point, injected_produce_failure};
 pub(crate) use executor::choose_cpus;
@@ -21,10 +47,391 @@ pub use executor::{
     CoreContext, RuntimeConfig, RuntimeError, StallHandler, run_on_cores, run_on_cores_with, usable_cpus,
 };
 
+/// The maps on the per-event path hash with foldhash (SipHash showed in profiles).
+pub(crate) type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
+/// Ack trackers by (agent, partition), looked up on every event without cloning the key.
+type AckMap = hashbrown::HashMap<(usize, TopicPartition), AckTracker, foldhash::fast::RandomState>;
+
+/// Table shards by table, then partition.
+pub(crate) type ShardsByTable = Vec<Vec<Option<Rc<dyn AnyShard>>>>;
+
+/// A borrowed `AckMap` key; hashes exactly as the owned one (same fields, same order).
+#[derive(Hash)]
+pub(crate) struct AckKey<'a>(usize, &'a TopicPartition);
+
+impl hashbrown::Equivalent<(usize, TopicPartition)> for AckKey<'_> {
+    fn equivalent(&self, key: &(usize, TopicPartition)) -> bool {
+        self.0 == key.0 && *self.1 == key.1
+    }
+}
+
+/// Everything one core needs, shared by its tasks.
+pub(crate) struct CoreRuntime {
+    index: usize,
+    transport: AnyCore,
+    group: String,
+    /// `Settings::commit_every`, read on every ack.
+    commit_every: u64,
+    partitions: HashMap<Arc<str>, u32>,
+    /// Per agent (by index): its queue.
+    queues: Vec<Rc<EventQueue>>,
+    /// Per (agent, partition): what the agent acked.
+    acks: RefCell<AckMap>,
+    /// Offsets committed last, per partition.
+    committed: RefCell<HashMap<TopicPartition, u64>>,
+    rr: Cell<u32>,
+    /// Set when the worker stops (the core's tasks wind down).
+    stopping: crate::runtime::signal::Cancel,
+    decode_errors: Cell<u64>,
+    /// Buffered sends (`send_soon`), one batch per partition, in send order.
+    pending: RefCell<HashMap<TopicPartition, faust_storage::BatchBuilder>>,
+    pending_bytes: Cell<usize>,
+    /// Wakes the flusher when something is buffered.
+    pending_event: Event,
+    /// Batches whose write failed, to be written (in order) before anything newer.
+    retry: RefCell<VecDeque<(TopicPartition, faust_storage::BatchBuilder)>>,
+    /// One flush at a time, so batches of a partition reach the log in send order.
+    flush_lock: glommio::sync::Semaphore,
+    /// Set when buffered records were lost: nothing may be committed any more.
+    sends_lost: Cell<bool>,
+    /// Per channel: the queues of the agents that consume it.
+    channel_agents: HashMap<Arc<str>, Vec<usize>>,
+    /// Numbers events delivered through channels.
+    channel_seq: Cell<u64>,
+    /// The app's stop signal (a core stops the worker when sends were lost).
+    app_stop: Arc<crate::runtime::signal::StopSignal>,
+    /// The table shards of this core, by table then partition.
+    shards: RefCell<ShardsByTable>,
+    /// Shards of revoked partitions, kept open in case they come back (by changelog
+    /// partition).
+    suspended: RefCell<HashMap<TopicPartition, crate::runtime::assignment::Suspended>>,
+    /// The consumer of each source partition this core processes.
+    consumers: RefCell<HashMap<TopicPartition, crate::runtime::assignment::Consumer>>,
+    /// Who commits, for transports with groups.
+    fence: RefCell<Option<faust_transport::Fence>>,
+    /// One commit at a time: two interleaved commits could record offsets out of order.
+    commit_lock: glommio::sync::Semaphore,
+    /// The app's tables, and the table of each changelog topic.
+    tables: Vec<Arc<dyn TableMeta>>,
+    changelog_tables: HashMap<Arc<str>, usize>,
+    /// The agents consuming each topic.
+    agents_by_topic: HashMap<Arc<str>, Vec<usize>>,
+    /// The app's settings.
+    settings: Arc<crate::settings::Settings>,
+    /// Topics the engine makes and can rebuild (changelogs, repartition topics).
+    internal_topics: std::collections::HashSet<Arc<str>>,
+    stats: Arc<crate::runtime::stats::Counters>,
+    /// Shards holding writes of events not yet acked, by event.
+    pending_writes: RefCell<Vec<(Token, Rc<dyn AnyShard>)>>,
+    /// `settle_writes`' buffer, empty between calls.
+    settling: Cell<Vec<(Token, Rc<dyn AnyShard>)>>,
+    /// Commits in a row that waited because table state ran ahead of committable offsets.
+    deferred_commits: Cell<u32>,
+    /// Why applying an assignment failed on this core (the worker stops with it).
+    failure: RefCell<Option<String>>,
+    /// Partitions stopped at a bad record (`bad_record_policy = stop`): nothing more of them
+    /// is handed out.
+    halted: RefCell<Vec<TopicPartition>>,
+    /// The dead-letter topic, with `bad_record_policy = dead-letter`.
+    dead_letter: Option<Arc<str>>,
+    /// The bad record that stopped the worker (`bad_record_policy = stop`), shared by the
+    /// cores: [`App::run`](crate::App::run) returns it.
+    stopped_at: Arc<Mutex<Option<crate::runtime::bad_record::BadRecord>>>,
+    /// Where a core found that the broker lost data (partition, position, high-water mark),
+    /// shared by the cores: once set, no core commits any more.
+    lost_data: LostData,
+    /// Set while this core's writes fail (see [`CoreRuntime::writes_failed`]).
+    write_trouble: RefCell<Option<WriteTrouble>>,
+    /// Notified when writes succeed again.
+    writable: Event,
+    /// Events acked since the last commit, and the committer's wake-up once they reach
+    /// `commit_every`.
+    acked_since_commit: Cell<u64>,
+    commit_soon: Event,
+    /// Per agent (by index): events acked on this core.
+    agent_acks: Vec<Cell<u64>>,
+    /// Damaged partitions of users' topics waiting for a repair, with their log limiter.
+    damage_logs: RefCell<HashMap<TopicPartition, LogLimiter>>,
+    /// Where each consumed partition's log ended at its last fetch (for the lag).
+    log_ends: RefCell<HashMap<TopicPartition, u64>>,
+}
+
+impl std::fmt::Debug for CoreRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoreRuntime").field("index", &self.index).finish()
+    }
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<Rc<CoreRuntime>>> = const { RefCell::new(None) };
+}
+
+/// What a core's runtime is made of, given by the worker when the core starts.
+pub(crate) struct CoreSetup {
+    pub(crate) index: usize,
+    pub(crate) transport: AnyCore,
+    pub(crate) settings: Arc<crate::settings::Settings>,
+    /// Partition counts of the topics the core knows (declared, changelogs, dead letters).
+    pub(crate) partitions: HashMap<Arc<str>, u32>,
+    /// How many agents (with tasks and timers) the app has: one queue each.
+    pub(crate) agents: usize,
+    pub(crate) channel_agents: HashMap<Arc<str>, Vec<usize>>,
+    pub(crate) app_stop: Arc<crate::runtime::signal::StopSignal>,
+    pub(crate) tables: Vec<Arc<dyn TableMeta>>,
+    pub(crate) agents_by_topic: HashMap<Arc<str>, Vec<usize>>,
+    pub(crate) stats: Arc<crate::runtime::stats::Counters>,
+    pub(crate) dead_letter: Option<Arc<str>>,
+    pub(crate) stopped_at: Arc<Mutex<Option<crate::runtime::bad_record::BadRecord>>>,
+    pub(crate) lost_data: LostData,
+    pub(crate) internal_topics: std::collections::HashSet<Arc<str>>,
+}
+
+impl CoreRuntime {
+    /// Makes the runtime of the core this thread runs, and installs it as the thread's current
+    /// one ([`CoreRuntime::current`]) until [`CoreRuntime::close`].
+    pub(crate) fn install(setup: CoreSetup) -> Rc<CoreRuntime> {
+        let CoreSetup {
+            index,
+            transport,
+            settings,
+            partitions,
+            agents,
+            channel_agents,
+            app_stop,
+            tables,
+            agents_by_topic,
+            stats,
+            dead_letter,
+            stopped_at,
+            lost_data,
+            internal_topics,
+        } = setup;
+        let changelog_tables = tables.iter().enumerate().map(|(i, t)| (t.changelog().clone(), i)).collect();
+        let runtime = Rc::new(CoreRuntime {
+            index,
+            transport,
+            group: settings.id.clone(),
+            commit_every: settings.commit_every.max(1),
+            partitions,
+            queues: (0..agents).map(|_| Rc::new(EventQueue::new(settings.stream_buffer_maxsize))).collect(),
+            acks: RefCell::new(AckMap::default()),
+            committed: RefCell::new(HashMap::default()),
+            rr: Cell::new(0),
+            stopping: crate::runtime::signal::Cancel::default(),
+            decode_errors: Cell::new(0),
+            pending: RefCell::new(HashMap::default()),
+            pending_bytes: Cell::new(0),
+            pending_event: Event::new(),
+            retry: RefCell::new(VecDeque::new()),
+            flush_lock: glommio::sync::Semaphore::new(1),
+            sends_lost: Cell::new(false),
+            channel_agents,
+            channel_seq: Cell::new(0),
+            app_stop,
+            shards: RefCell::new(tables.iter().map(|_| Vec::new()).collect()),
+            suspended: RefCell::new(HashMap::default()),
+            consumers: RefCell::new(HashMap::default()),
+            fence: RefCell::new(None),
+            commit_lock: glommio::sync::Semaphore::new(1),
+            tables,
+            changelog_tables,
+            agents_by_topic,
+            settings,
+            internal_topics,
+            stats,
+            failure: RefCell::new(None),
+            halted: RefCell::new(Vec::new()),
+            dead_letter,
+            stopped_at,
+            lost_data,
+            pending_writes: RefCell::new(Vec::new()),
+            settling: Cell::new(Vec::new()),
+            deferred_commits: Cell::new(0),
+            write_trouble: RefCell::new(None),
+            writable: Event::new(),
+            acked_since_commit: Cell::new(0),
+            commit_soon: Event::new(),
+            agent_acks: (0..agents).map(|_| Cell::new(0)).collect(),
+            damage_logs: RefCell::new(HashMap::default()),
+            log_ends: RefCell::new(HashMap::default()),
+        });
+        CURRENT.with(|c| *c.borrow_mut() = Some(runtime.clone()));
+        runtime
+    }
+
+    /// The queue of agent `agent`.
+    pub(crate) fn queue(&self, agent: usize) -> Rc<EventQueue> {
+        self.queues[agent].clone()
+    }
+
+    /// Starts winding the core down: its tasks see [`CoreRuntime::stopping`].
+    pub(crate) fn begin_stop(&self) {
+        self.stopping.cancel();
+    }
+
+    /// Stops every consumer (each ends within one fetch wait) and closes the agents' queues,
+    /// so that agents finish what they were given.
+    pub(crate) async fn stop_consumers(&self) {
+        let consumers: Vec<crate::runtime::assignment::Consumer> =
+            self.consumers.borrow_mut().drain().map(|(_, c)| c).collect();
+        for c in consumers {
+            c.cancel.cancel();
+            c.task.await;
+        }
+        for q in &self.queues {
+            q.close();
+        }
+    }
+
+    /// Why applying an assignment failed on this core, if it did (the worker stops with it).
+    pub(crate) fn take_failure(&self) -> Option<String> {
+        self.failure.borrow_mut().take()
+    }
+
+    /// Uninstalls the runtime from its thread, closes its shards and shuts its transport down.
+    /// Fails if a task still holds the runtime.
+    pub(crate) async fn close(self: Rc<Self>) -> Result<(), String> {
+        CURRENT.with(|c| *c.borrow_mut() = None);
+        let runtime = Rc::try_unwrap(self).map_err(|_| "a task still holds the core's runtime".to_string())?;
+        // Suspended shards were checkpointed when they were suspended: closing them is enough.
+        drop(runtime.suspended);
+        drop(runtime.shards);
+        runtime.transport.shutdown().await.map_err(|e| e.to_string())
+    }
+
+    /// The runtime of the core this thread runs, inside a worker.
+    pub(crate) fn current() -> Option<Rc<CoreRuntime>> {
+        CURRENT.with(|c| c.borrow().clone())
+    }
+
+    pub(crate) fn partitions(&self, topic: &str) -> Option<u32> {
+        self.partitions.get(topic).copied()
+    }
+
+    pub(crate) fn round_robin(&self, partitions: u32) -> u32 {
+        let n = self.rr.get();
+        self.rr.set(n.wrapping_add(1));
+        (n.wrapping_add(self.index as u32)) % partitions.max(1)
+    }
+
+    /// Acks `offset` of `tp` for `agent`, and applies the table writes made for that event.
+    pub(crate) fn ack(&self, agent: usize, tp: &TopicPartition, offset: u64) {
+        if let Some(t) = self.acks.borrow_mut().get_mut(&AckKey(agent, tp)) {
+            t.ack(offset);
+        }
+        if let Some(n) = self.agent_acks.get(agent) {
+            n.set(n.get() + 1);
+        }
+        // `commit_every`: the committer is woken once, when the count reaches it.
+        let acked = self.acked_since_commit.get() + 1;
+        self.acked_since_commit.set(acked);
+        if acked == self.commit_every {
+            self.commit_soon.notify(1);
+        }
+        if !self.pending_writes.borrow().is_empty() {
+            self.settle_writes(agent, tp, offset, true);
+        }
+    }
+
+    /// Events `agent` acked on this core so far (the supervisor tells a streak of failures
+    /// from failures between successes).
+    pub(crate) fn agent_acks(&self, agent: usize) -> u64 {
+        self.agent_acks.get(agent).map_or(0, Cell::get)
+    }
+
+    /// Applies (or drops) the pending table writes of one event.
+    fn settle_writes(&self, agent: usize, tp: &TopicPartition, offset: u64, apply: bool) {
+        // Moved into a buffer kept between calls (applying may register writes again, so
+        // the list is not borrowed meanwhile): no allocation per event.
+        let mut settled = self.settling.take();
+        settled.extend(self.pending_writes.borrow_mut().extract_if(.., |(t, _)| t.matches(agent, tp, offset)));
+        for (token, shard) in settled.drain(..) {
+            if apply {
+                shard.apply_pending(&token);
+            } else {
+                shard.discard_pending(&token);
+            }
+        }
+        self.settling.set(settled);
+    }
+
+    /// Drops the table writes of events an agent failed on (they will be processed again).
+    pub(crate) fn discard_writes(&self, agent: usize, events: &[QueuedEvent]) {
+        if self.pending_writes.borrow().is_empty() {
+            return;
+        }
+        for e in events {
+            self.settle_writes(agent, &e.tp, e.record.offset, false);
+        }
+    }
+
+    /// Notes that `shard` holds writes of the event of `token`, to apply when it is acked.
+    pub(crate) fn register_pending(&self, token: Token, shard: Rc<dyn AnyShard>) {
+        self.pending_writes.borrow_mut().push((token, shard));
+    }
+
+    /// The shard of `table`'s `partition`, if this core holds it.
+    pub(crate) fn shard(&self, table: usize, partition: u32) -> Option<Rc<dyn AnyShard>> {
+        self.shards.borrow().get(table)?.get(partition as usize)?.clone()
+    }
+
+    /// The shards of `table` this core holds.
+    pub(crate) fn shards_of(&self, table: usize) -> Vec<Rc<dyn AnyShard>> {
+        self.shards.borrow().get(table).map(|s| s.iter().flatten().cloned().collect()).unwrap_or_default()
+    }
+
+    pub(crate) fn settings(&self) -> &crate::settings::Settings {
+        &self.settings
+    }
+
+    /// This core's index, `0..cores`.
+    pub(crate) fn index(&self) -> usize {
+        self.index
+    }
+
+    /// This core's handle on the transport.
+    pub(crate) fn transport(&self) -> &AnyCore {
+        &self.transport
+    }
+
+    /// Set when the worker stops (the core's tasks wind down).
+    pub(crate) fn stopping(&self) -> &crate::runtime::signal::Cancel {
+        &self.stopping
+    }
+
+    /// Whether every agent consuming `tp` on this core has finished the event at `offset`.
+    pub(crate) fn processed(&self, tp: &TopicPartition, offset: u64) -> bool {
+        let acks = self.acks.borrow();
+        let mut trackers = acks.iter().filter(|((_, t), _)| t == tp).peekable();
+        trackers.peek().is_some() && trackers.all(|(_, tracker)| tracker.committable() > offset)
+    }
+
+    /// Sleeps for `duration`; `false` when the worker stopped meanwhile.
+    pub(crate) async fn sleep_unless_stopped(&self, duration: Duration) -> bool {
+        futures_lite::future::or(
+            async {
+                glommio::timer::sleep(duration).await;
+                true
+            },
+            async {
+                self.stopped().await;
+                false
+            },
+        )
+        .await
+            && !self.stopping.is_cancelled()
+    }
+
+    pub(crate) async fn stopped(&self) {
+        self.stopping.cancelled().await;
+    }
+}
+
 /// The index (`0..cores`) of the worker core the caller runs on, or `None` outside a worker
 /// (an agent can use it to keep per-core state, such as counters, without sharing).
 pub fn current_core() -> Option<usize> {
-    crate::worker::CoreRuntime::current().map(|core| core.index)
+    CoreRuntime::current().map(|core| core.index)
 }
 
 /// Lets the core's other tasks run if this one has used up its time slice, after writing the
@@ -32,7 +439,7 @@ pub fn current_core() -> Option<usize> {
 /// awaiting anything else (a generator calling [`Topic::send_soon`](crate::Topic::send_soon)
 /// in a tight loop) should await this now and then; agents need not, their streams do it.
 pub async fn yield_if_needed() {
-    if let Some(core) = crate::worker::CoreRuntime::current() {
+    if let Some(core) = CoreRuntime::current() {
         core.flush_if_full().await;
     }
     glommio::yield_if_needed().await;
@@ -45,9 +452,9 @@ pub async fn yield_if_needed() {
 /// broker away) nothing is lost or reordered: the records stay buffered and are written once
 /// the transport takes them.
 pub async fn flush() -> Result<(), crate::SendError> {
-    let Some(core) = crate::worker::CoreRuntime::current() else { return Ok(()) };
+    let Some(core) = CoreRuntime::current() else { return Ok(()) };
     core.flush().await.map_err(|e| match e {
-        crate::worker::FlushError::Write { tp, message } => {
+        crate::runtime::sends::FlushError::Write { tp, message } => {
             crate::SendError::NotYetWritten { partition: Some(tp), message }
         }
         other => crate::SendError::NotYetWritten { partition: None, message: other.to_string() },

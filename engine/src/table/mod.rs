@@ -251,7 +251,7 @@ where
         f: impl FnOnce(&Shard<K, V>, Option<Token>) -> Result<T, TableError>,
     ) -> Result<T, TableError> {
         let table = || self.shared.name.to_string();
-        let core = crate::worker::CoreRuntime::current().ok_or_else(|| TableError::NotRunning { table: table() })?;
+        let core = crate::runtime::CoreRuntime::current().ok_or_else(|| TableError::NotRunning { table: table() })?;
         let token = crate::runtime::context::current_token();
         let partition_given = partition;
         let partition = match (partition, &token) {
@@ -262,7 +262,7 @@ where
         if let (None, Some(t)) = (partition_given, &token) {
             self.check_copartitioned(&core, &t.topic)?;
         }
-        let not_local = || TableError::NotLocal { table: table(), partition, core: core.index };
+        let not_local = || TableError::NotLocal { table: table(), partition, core: core.index() };
         let shard = core.shard(self.shared.index, partition).ok_or_else(not_local)?;
         let typed = shard.as_any().downcast_ref::<Shard<K, V>>().ok_or_else(not_local)?;
         // Writes of an event are pending until it is acked: the core applies them then.
@@ -279,7 +279,7 @@ where
 
     /// Checks that the table's changelog has as many partitions as `topic`, the topic of the
     /// current event (once per topic and core: later calls compare one pointer).
-    fn check_copartitioned(&self, core: &crate::worker::CoreRuntime, topic: &Arc<str>) -> Result<(), TableError> {
+    fn check_copartitioned(&self, core: &crate::runtime::CoreRuntime, topic: &Arc<str>) -> Result<(), TableError> {
         /// Tables whose last good topic is remembered (by index); others check every time.
         const REMEMBERED: usize = 16;
         thread_local! {
@@ -347,7 +347,7 @@ where
     /// Every key and value of the table's shards on the calling core, in no particular order
     /// (writes of the current event included).
     pub fn local_items(&self) -> Result<Vec<(K, V)>, TableError> {
-        let core = crate::worker::CoreRuntime::current()
+        let core = crate::runtime::CoreRuntime::current()
             .ok_or_else(|| TableError::NotRunning { table: self.shared.name.to_string() })?;
         let token = crate::runtime::context::current_token();
         let mut out = Vec::new();
@@ -361,7 +361,7 @@ where
 
     /// The partitions of the table held by the calling core.
     pub fn local_partitions(&self) -> Vec<u32> {
-        crate::worker::CoreRuntime::current()
+        crate::runtime::CoreRuntime::current()
             .map(|core| core.shards_of(self.shared.index).iter().map(|s| s.partition()).collect())
             .unwrap_or_default()
     }

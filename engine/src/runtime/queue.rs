@@ -1,0 +1,200 @@
+//! The queue between a core's consumers and one agent: a lane per partition, taken in turn.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+
+use event_listener::{Event, IntoNotification};
+use faust_storage::Record;
+use faust_transport::TopicPartition;
+
+/// An event waiting in an agent's queue: where it came from and the record.
+#[derive(Debug, Clone)]
+pub(crate) struct QueuedEvent {
+    pub(crate) tp: TopicPartition,
+    pub(crate) record: Record,
+}
+
+/// The queue between a core's consumers and one agent on that core: one bounded sub-queue
+/// per partition, so back-pressure is per partition, and `pop` takes from the partitions in
+/// turn, so one partition's backlog cannot starve the others (Faust round-robins the same
+/// way).
+#[derive(Debug)]
+pub(crate) struct EventQueue {
+    lanes: RefCell<Vec<Lane>>,
+    /// The lane `pop` looks at first.
+    next: Cell<usize>,
+    capacity: usize,
+    readable: Event,
+    writable: Event,
+    /// Readers (agent instances) and writers (consumers) waiting on the events above: a
+    /// notification is only sent when someone waits, which keeps it off the per-event path.
+    readers_waiting: Cell<usize>,
+    writers_waiting: Cell<usize>,
+    /// What was left in the lane of the event taken last.
+    last_remaining: Cell<usize>,
+    closed: Cell<bool>,
+}
+
+#[derive(Debug)]
+struct Lane {
+    tp: TopicPartition,
+    events: VecDeque<QueuedEvent>,
+}
+
+impl EventQueue {
+    pub(crate) fn new(capacity: usize) -> Self {
+        EventQueue {
+            lanes: RefCell::new(Vec::new()),
+            next: Cell::new(0),
+            capacity: capacity.max(1),
+            readable: Event::new(),
+            writable: Event::new(),
+            readers_waiting: Cell::new(0),
+            writers_waiting: Cell::new(0),
+            last_remaining: Cell::new(0),
+            closed: Cell::new(false),
+        }
+    }
+
+    /// The lane of `tp`, created on first use.
+    pub(crate) fn lane(&self, tp: &TopicPartition) -> usize {
+        let mut lanes = self.lanes.borrow_mut();
+        if let Some(i) = lanes.iter().position(|l| l.tp == *tp) {
+            return i;
+        }
+        lanes.push(Lane { tp: tp.clone(), events: VecDeque::new() });
+        lanes.len() - 1
+    }
+
+    pub(crate) fn push(&self, lane: usize, event: QueuedEvent) {
+        if let Some(l) = self.lanes.borrow_mut().get_mut(lane) {
+            l.events.push_back(event);
+        }
+    }
+
+    /// Wakes readers for `pushed` new events: one more per event (instances of an agent with
+    /// `concurrency` all wait here), even if some are woken and have not run yet. Called once
+    /// per batch pushed, not per event, so the notification stays off the per-event path.
+    pub(crate) fn wake(&self, pushed: usize) {
+        let waiting = self.readers_waiting.get();
+        if waiting > 0 && pushed > 0 {
+            self.readable.notify(pushed.min(waiting).additional());
+        }
+    }
+
+    /// Puts an event back at the front of its lane (an agent failed on it and is restarted),
+    /// and makes its lane the next one served.
+    pub(crate) fn push_front(&self, event: QueuedEvent) {
+        let lane = self.lane(&event.tp);
+        if let Some(l) = self.lanes.borrow_mut().get_mut(lane) {
+            l.events.push_front(event);
+        }
+        self.next.set(lane);
+        self.readable.notify(1);
+    }
+
+    pub(crate) fn take(&self) -> Option<QueuedEvent> {
+        let mut lanes = self.lanes.borrow_mut();
+        let n = lanes.len();
+        for k in 0..n {
+            let i = (self.next.get() + k) % n;
+            if let Some(e) = lanes[i].events.pop_front() {
+                self.next.set((i + 1) % n);
+                self.last_remaining.set(lanes[i].events.len());
+                return Some(e);
+            }
+        }
+        None
+    }
+
+    /// Moves up to `max` waiting events into `batch`, taking from the partitions in turn as
+    /// `pop` does; returns how many. Never waits.
+    pub(crate) fn take_into(&self, batch: &mut VecDeque<QueuedEvent>, max: usize) -> usize {
+        let mut taken = 0;
+        while taken < max {
+            match self.take() {
+                Some(e) => batch.push_back(e),
+                None => break,
+            }
+            taken += 1;
+        }
+        if taken > 0 {
+            self.taken();
+        }
+        taken
+    }
+
+    /// The next event; `None` once the queue is closed and drained.
+    pub(crate) async fn pop(&self) -> Option<QueuedEvent> {
+        // The common case, an event waiting, without registering a listener.
+        if let Some(e) = self.take() {
+            self.taken();
+            return Some(e);
+        }
+        loop {
+            let listener = self.readable.listen();
+            if let Some(e) = self.take() {
+                self.taken();
+                return Some(e);
+            }
+            if self.closed.get() {
+                return None;
+            }
+            self.readers_waiting.set(self.readers_waiting.get() + 1);
+            // Counted down however the wait ends (the future may be dropped while waiting).
+            let _waiting = WaitGuard(&self.readers_waiting);
+            listener.await;
+        }
+    }
+
+    /// After an event was taken: wakes consumers waiting for room once the lane is half
+    /// empty, so a consumer refills it with a whole fetch rather than one event at a time.
+    pub(crate) fn taken(&self) {
+        if self.writers_waiting.get() > 0 && self.last_remaining.get() <= self.capacity / 2 {
+            self.writable.notify(usize::MAX);
+        }
+    }
+
+    /// Waits until `lane` has room (or the queue is closed).
+    pub(crate) async fn room(&self, lane: usize) {
+        let has_room = || {
+            let len = self.lanes.borrow().get(lane).map_or(0, |l| l.events.len());
+            len < self.capacity || self.closed.get()
+        };
+        while !has_room() {
+            let listener = self.writable.listen();
+            if has_room() {
+                return;
+            }
+            self.writers_waiting.set(self.writers_waiting.get() + 1);
+            let _waiting = WaitGuard(&self.writers_waiting);
+            listener.await;
+        }
+    }
+
+    /// Drops the events of `tp` waiting in the queue (its partition was released): returns
+    /// how many, and the first one's offset.
+    pub(crate) fn purge(&self, tp: &TopicPartition) -> (usize, Option<u64>) {
+        let mut lanes = self.lanes.borrow_mut();
+        let Some(lane) = lanes.iter_mut().find(|l| l.tp == *tp) else { return (0, None) };
+        let first = lane.events.front().map(|e| e.record.offset);
+        let n = lane.events.len();
+        lane.events.clear();
+        (n, first)
+    }
+
+    pub(crate) fn close(&self) {
+        self.closed.set(true);
+        self.readable.notify(usize::MAX);
+        self.writable.notify(usize::MAX);
+    }
+}
+
+/// Counts a waiter down when its wait ends.
+struct WaitGuard<'a>(&'a Cell<usize>);
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        self.0.set(self.0.get().saturating_sub(1));
+    }
+}

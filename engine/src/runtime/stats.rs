@@ -1,0 +1,130 @@
+//! What the worker did and what is wrong now, shared by the cores and the control thread.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::util::lock;
+
+/// What the worker did about assignment changes since the app was created, for monitoring
+/// and tests: see [`App::stats`](crate::App::stats).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct WorkerStats {
+    /// Assignment changes applied (each `Assigned` or `Revoked` from the group).
+    pub rebalances: u64,
+    /// Source partitions this worker started consuming.
+    pub partitions_assigned: u64,
+    /// Source partitions it stopped consuming (revoked, or moved between its cores).
+    pub partitions_revoked: u64,
+    /// Table shards opened and recovered from their changelog.
+    pub shards_recovered: u64,
+    /// Suspended table shards resumed in place, without replaying their changelog.
+    pub shards_resumed: u64,
+    /// Changelog records replayed while recovering shards.
+    pub changelog_records_replayed: u64,
+    /// Fetched events dropped unprocessed when their partition was revoked (the next owner
+    /// fetches them again from the committed offset).
+    pub events_abandoned: u64,
+    /// Bad records met (see [`BadRecordPolicy`](crate::BadRecordPolicy)).
+    pub bad_records: u64,
+    /// Writes that failed (buffered sends, changelogs, stores, committed offsets) and are
+    /// retried: a full disk, a broker away. See [`App::problems`](crate::App::problems) for
+    /// the current ones.
+    pub write_failures: u64,
+    /// Whether some core takes no new events now because its writes fail (it resumes by
+    /// itself once they succeed).
+    pub writes_blocked: bool,
+    /// Damaged logs of internal topics (changelogs, repartition topics) repaired by the
+    /// worker (see `docs/engine.md`, "Faults").
+    pub logs_repaired: u64,
+    /// Offsets whose records were dropped by those repairs.
+    pub offsets_lost_to_damage: u64,
+    /// Events the agents finished (acked), over all cores (an event two agents consume
+    /// counts twice). Updated as cores fetch and commit, so it may lag a moment behind.
+    pub events_processed: u64,
+    /// Records in the consumed partitions not processed yet: the log's end at the last fetch
+    /// minus where processing stands, summed over partitions. 0 once the worker caught up.
+    pub lag: u64,
+}
+
+/// The counters behind [`WorkerStats`], shared by the cores and the control thread.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) rebalances: AtomicU64,
+    pub(crate) partitions_assigned: AtomicU64,
+    pub(crate) partitions_revoked: AtomicU64,
+    pub(crate) shards_recovered: AtomicU64,
+    pub(crate) shards_resumed: AtomicU64,
+    pub(crate) changelog_records_replayed: AtomicU64,
+    pub(crate) events_abandoned: AtomicU64,
+    pub(crate) bad_records: AtomicU64,
+    pub(crate) write_failures: AtomicU64,
+    pub(crate) logs_repaired: AtomicU64,
+    pub(crate) offsets_lost_to_damage: AtomicU64,
+    /// Cores whose writes fail now.
+    pub(crate) blocked_cores: AtomicU64,
+    /// What is wrong now, by where (`core 0 writes`, `orders/6`): shown by `stats`.
+    problems: Mutex<std::collections::BTreeMap<String, String>>,
+    /// Per core: (events processed, lag), as the core last published them.
+    progress: Mutex<std::collections::BTreeMap<usize, (u64, u64)>>,
+    /// Whether the worker was caught up (lag 0 everywhere) at the last publication.
+    caught_up: std::sync::atomic::AtomicBool,
+}
+
+impl Counters {
+    pub(crate) fn snapshot(&self) -> WorkerStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let (events_processed, lag) = lock(&self.progress).values().fold((0, 0), |(n, l), (pn, pl)| (n + pn, l + pl));
+        WorkerStats {
+            rebalances: get(&self.rebalances),
+            partitions_assigned: get(&self.partitions_assigned),
+            partitions_revoked: get(&self.partitions_revoked),
+            shards_recovered: get(&self.shards_recovered),
+            shards_resumed: get(&self.shards_resumed),
+            changelog_records_replayed: get(&self.changelog_records_replayed),
+            events_abandoned: get(&self.events_abandoned),
+            bad_records: get(&self.bad_records),
+            write_failures: get(&self.write_failures),
+            writes_blocked: get(&self.blocked_cores) > 0,
+            logs_repaired: get(&self.logs_repaired),
+            offsets_lost_to_damage: get(&self.offsets_lost_to_damage),
+            events_processed,
+            lag,
+        }
+    }
+
+    /// Publishes core `core`'s events processed and lag; logs when the whole worker catches
+    /// up (its lag falls to 0) and when it falls behind again after that.
+    pub(crate) fn publish_progress(&self, core: usize, processed: u64, lag: u64) {
+        let (total_lag, processed_all) = {
+            let mut progress = lock(&self.progress);
+            progress.insert(core, (processed, lag));
+            (progress.values().map(|(_, l)| l).sum::<u64>(), progress.values().map(|(n, _)| n).sum::<u64>())
+        };
+        let now = total_lag == 0;
+        if self.caught_up.swap(now, Ordering::Relaxed) != now && now {
+            tracing::info!(
+                events_processed = processed_all,
+                "caught up: every consumed partition is processed to its end"
+            );
+        }
+    }
+
+    /// Records (`Some`) or clears (`None`) the current problem of `place`.
+    pub(crate) fn set_problem(&self, place: &str, problem: Option<String>) {
+        let mut problems = lock(&self.problems);
+        match problem {
+            Some(p) => {
+                problems.insert(place.to_string(), p);
+            }
+            None => {
+                problems.remove(place);
+            }
+        }
+    }
+
+    /// The current problems, as `place: problem`.
+    pub(crate) fn problems(&self) -> Vec<String> {
+        lock(&self.problems).iter().map(|(place, p)| format!("{place}: {p}")).collect()
+    }
+}

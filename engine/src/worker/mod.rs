@@ -1,0 +1,575 @@
+//! The worker: start-up, the per-core runtime (consumers, ack tracking, commits, agents),
+//! and shutdown.
+//!
+//! On each core: one consumer task per assigned partition fetches records and hands them to
+//! the queue of every agent subscribed to the topic. A full queue stops that partition's
+//! fetching until the agent catches up (back-pressure, per partition). Agents ack an event
+//! when they ask for the next one; a commit task commits, per partition, the offset below
+//! which every delivered event was acked. An agent's sends are awaited before it moves on,
+//! so an offset is only committed after the records produced for it are durable.
+
+mod group;
+mod outbox;
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use event_listener::Event;
+use faust_transport::{TopicConfig, TopicPartition};
+
+use crate::app::{AgentSpec, App, TopicKind};
+use crate::runtime::state::TableMeta;
+use crate::runtime::supervise::AgentRun;
+use crate::runtime::{CoreRuntime, CoreSetup};
+use crate::runtime::{RuntimeConfig, RuntimeError, run_on_cores};
+use crate::transports::{AnyCore, AnyTransport};
+use crate::util::lock;
+
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
+/// Why the worker stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkerError {
+    /// The runtime could not start.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// The transport failed at start-up or shutdown.
+    #[error(transparent)]
+    Transport(#[from] faust_transport::Error),
+    /// Start-up failed on a core.
+    #[error("core {core}: {message}")]
+    Core {
+        /// The core.
+        core: usize,
+        /// What went wrong.
+        message: String,
+    },
+    /// A bad record stopped the worker (`bad_record_policy = stop`); it is not committed, so
+    /// a restart meets it again.
+    #[error("{0} (bad_record_policy = stop; it stays uncommitted)")]
+    BadRecord(crate::stream::BadRecord),
+    /// The broker lost records the worker had already read: a partition's log ends before
+    /// the worker's position in it (a broker restarted without its data, a topic deleted and
+    /// created again, an unclean leader election). The worker commits nothing after seeing
+    /// it, so neither offsets nor table state from the old log reach the new one; a restart
+    /// follows the broker as it is now (see docs/engine.md, "Kafka").
+    #[error(
+        "the broker lost data of {tp}: the worker had read up to offset {position}, but {}; nothing was committed after that",
+        match high_watermark { Some(end) => format!("the log now ends at {end}"), None => "the partition no longer exists".to_string() }
+    )]
+    BrokerLostData {
+        /// The partition.
+        tp: TopicPartition,
+        /// The offset the worker was about to fetch.
+        position: u64,
+        /// Where the partition's log ends now, or `None` when the broker no longer has the
+        /// partition (it kept answering that the topic or partition is unknown).
+        high_watermark: Option<u64>,
+    },
+    /// The worker stopped because of its consumer group (joining failed, an assignment change
+    /// could not be applied, ...).
+    #[error("group `{group}`: {message}")]
+    Group {
+        /// The group (the app id).
+        group: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// Topics grouped by partition count: each group is co-partitioned, as in Faust (a source,
+/// its repartition topics and the changelogs of its tables have the same count), so
+/// partition `p` of each lands on the same worker and core.
+fn copartitioned(counts: &std::collections::BTreeMap<Arc<str>, u32>) -> Vec<Vec<Arc<str>>> {
+    let mut by_count: std::collections::BTreeMap<u32, Vec<Arc<str>>> = std::collections::BTreeMap::new();
+    for (topic, count) in counts {
+        by_count.entry(*count).or_default().push(topic.clone());
+    }
+    by_count.into_values().collect()
+}
+
+/// Start-up state shared by the cores and the control thread.
+struct Startup {
+    topics_ready: AtomicBool,
+    /// Cores that applied their first assignment (the worker is ready when all did).
+    cores_ready: std::sync::atomic::AtomicUsize,
+    /// Cores past their final commit (or that ended early): a core keeps its transport (its
+    /// appenders, which other cores' final commits may write through) until all are.
+    cores_committed: std::sync::atomic::AtomicUsize,
+    /// Partition counts of the topics whose partitions the worker takes (sources and
+    /// changelogs), set with `topics_ready`.
+    counts: Mutex<std::collections::BTreeMap<Arc<str>, u32>>,
+    event: Event,
+    /// The bad record that stopped the worker, if one did.
+    stopped_at: Arc<Mutex<Option<crate::stream::BadRecord>>>,
+    /// Where the broker was found to have lost data, if it was.
+    lost_data: crate::runtime::consume::LostData,
+}
+
+/// Counts a core as past its final commit when dropped (also on an early return).
+struct Committed<'a>(&'a Startup);
+
+impl Drop for Committed<'_> {
+    fn drop(&mut self) {
+        self.0.cores_committed.fetch_add(1, Ordering::AcqRel);
+        self.0.event.notify(usize::MAX);
+    }
+}
+
+impl Startup {
+    async fn wait_until(&self, ready: impl Fn() -> bool) {
+        loop {
+            let listener = self.event.listen();
+            if ready() {
+                return;
+            }
+            listener.await;
+        }
+    }
+}
+
+pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
+    let settings = app.inner.settings.clone();
+    let cores = crate::runtime::choose_cpus(settings.cores, &crate::runtime::usable_cpus())?.len();
+    // Only what is kept on disk needs the data directory (tests on memory:// leave none).
+    if settings.broker_url().starts_with("local://") {
+        std::fs::create_dir_all(&settings.datadir).map_err(|source| faust_transport::Error::Io {
+            op: "create data directory",
+            path: settings.datadir.clone(),
+            source,
+        })?;
+    }
+    let tables: Vec<Arc<dyn TableMeta>> = app.inner.tables.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let store_backed = settings.store != "memory://" && tables.iter().any(|t| !t.in_memory());
+    if store_backed {
+        std::fs::create_dir_all(&settings.datadir).map_err(|source| faust_transport::Error::Io {
+            op: "create data directory",
+            path: settings.datadir.clone(),
+            source,
+        })?;
+    }
+    let memory = app.inner.memory.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    // Static partitions, as partitions of every topic the worker may consume (the group
+    // joins only some of them; the transport keeps those).
+    let partitions = settings.partitions.as_ref().map(|numbers| {
+        let declared = app.inner.topics.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let names = declared.iter().filter(|t| t.kind == TopicKind::Log).map(|t| t.name.clone());
+        let names: std::collections::BTreeSet<Arc<str>> =
+            names.chain(tables.iter().map(|t| t.changelog().clone())).collect();
+        names.iter().flat_map(|n| numbers.iter().map(move |&p| TopicPartition::new(n.clone(), p))).collect::<Vec<_>>()
+    });
+    let transport = AnyTransport::open(&settings.broker_url(), cores, memory.as_ref(), partitions)?;
+    let startup = Arc::new(Startup {
+        topics_ready: AtomicBool::new(false),
+        cores_ready: std::sync::atomic::AtomicUsize::new(0),
+        cores_committed: std::sync::atomic::AtomicUsize::new(0),
+        counts: Mutex::new(std::collections::BTreeMap::new()),
+        event: Event::new(),
+        stopped_at: Arc::default(),
+        lost_data: Arc::default(),
+    });
+    let commands: Vec<Arc<crate::runtime::assignment::Commands>> = (0..cores).map(|_| Arc::default()).collect();
+    // The CLI's commands reach a worker that keeps state in its data directory through a
+    // socket there; a socket that cannot be opened is logged, not fatal.
+    let inboxes: Vec<Arc<crate::control::Inbox>> = (0..cores).map(|_| Arc::default()).collect();
+    let _control_socket = if settings.broker_url().starts_with("local://") || store_backed {
+        crate::control::ControlServer::start(&settings.datadir, app, inboxes.clone()).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "running without a control socket: the CLI cannot reach this worker");
+            None
+        })
+    } else {
+        None
+    };
+    let cores_done = Arc::new(crate::app::StopSignal::default());
+    let group_failure: Arc<Mutex<Option<String>>> = Arc::default();
+
+    // The control thread: membership and placement.
+    let control = {
+        let (transport, startup, stop) = (transport.clone(), startup.clone(), app.inner.stop.clone());
+        let (commands, cores_done, counters) = (commands.clone(), cores_done.clone(), app.inner.stats.clone());
+        let failure = group_failure.clone();
+        let settings = settings.clone();
+        std::thread::Builder::new()
+            .name(format!("{}-control", settings.id))
+            .spawn(move || {
+                futures_lite::future::block_on(async {
+                    startup.wait_until(|| startup.topics_ready.load(Ordering::Acquire) || stop.is_stopped()).await;
+                    if !startup.topics_ready.load(Ordering::Acquire) {
+                        return;
+                    }
+                    let counts = startup.counts.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    let groups = copartitioned(&counts);
+                    let join = faust_transport::JoinRequest {
+                        topics: counts.keys().map(|t| t.to_string()).collect(),
+                        copartitioned: groups.iter().map(|g| g.iter().map(|t| t.to_string()).collect()).collect(),
+                        weight: cores as u32,
+                    };
+                    // A core releases within the shutdown timeout (agents finishing their
+                    // events) plus a commit; the rest is margin for a loaded machine.
+                    let timeout = settings.shutdown_timeout + Duration::from_secs(60);
+                    let placement = group::Placement::new(transport.clone(), cores, groups, commands, timeout);
+                    group::Control {
+                        transport,
+                        group: settings.id.clone(),
+                        join,
+                        placement,
+                        stop,
+                        cores_done,
+                        counters,
+                        failure,
+                        first_wait: Duration::from_secs(1),
+                    }
+                    .run()
+                    .await;
+                })
+            })
+            .map_err(|e| WorkerError::Core { core: 0, message: format!("starting the control thread: {e}") })?
+    };
+
+    app.inner.outbox.open();
+    let config = RuntimeConfig { cores: Some(cores), name: settings.id.clone(), ..RuntimeConfig::default() };
+    let results = {
+        let (app, transport, startup, commands) = (app.clone(), transport.clone(), startup.clone(), commands.clone());
+        let inboxes = inboxes.clone();
+        run_on_cores(&config, move |ctx| {
+            let (app, transport, startup) = (app.clone(), transport.clone(), startup.clone());
+            let (commands, inbox) = (commands[ctx.index].clone(), inboxes[ctx.index].clone());
+            async move { core_main(ctx.index, ctx.cores, app, transport, startup, commands, inbox).await }
+        })
+    };
+    // Whatever happened, let the control thread finish: it leaves the group now that the
+    // cores made their last commits.
+    startup.topics_ready.store(true, Ordering::Release);
+    app.inner.stop.stop();
+    startup.event.notify(usize::MAX);
+    for c in &commands {
+        c.close();
+    }
+    cores_done.stop();
+    let _ = control.join();
+    transport.close();
+    // Whoever still waits on the worker (sends from outside, test probes) hears it stopped.
+    let outbox = &app.inner.outbox;
+    let topics = outbox.topics();
+    for record in outbox.take(true).records {
+        if let Some(reply) = record.reply {
+            let topic = topics.get(record.topic).map_or_else(String::new, |t| t.name.to_string());
+            reply.set(Err(crate::app::SendError::Stopped { topic }));
+        }
+    }
+    for probe in outbox.take_probes() {
+        probe.reply.set(Err(crate::app::SendError::Stopped { topic: probe.tp.topic.to_string() }));
+    }
+    let results = results?;
+    if let Some(bad) = lock(&startup.stopped_at).take() {
+        return Err(WorkerError::BadRecord(bad));
+    }
+    if let Some((tp, position, high_watermark)) = lock(&startup.lost_data).take() {
+        return Err(WorkerError::BrokerLostData { tp, position, high_watermark });
+    }
+    for (core, r) in results.into_iter().enumerate() {
+        r.map_err(|message| WorkerError::Core { core, message })?;
+    }
+    match group_failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        Some(message) => Err(WorkerError::Group { group: settings.id.clone(), message }),
+        None => Ok(()),
+    }
+}
+
+/// Creates the declared topics and the tables' changelogs (core 0, before anything else
+/// runs); returns the partition count of every topic whose partitions the worker takes.
+async fn create_topics(
+    core: &AnyCore,
+    settings: &crate::settings::Settings,
+    declared: &[crate::app::TopicDecl],
+    tables: &[Arc<dyn TableMeta>],
+    sources: &[Arc<str>],
+) -> Result<std::collections::BTreeMap<Arc<str>, u32>, faust_transport::Error> {
+    let mut counts = std::collections::BTreeMap::new();
+    let mut created: std::collections::BTreeMap<Arc<str>, u32> = std::collections::BTreeMap::new();
+    for t in declared.iter().filter(|t| t.kind == TopicKind::Log) {
+        // `topic_partitions` is the default for new topics: an existing topic declared
+        // without a partition count keeps its own; an explicit count must match. A
+        // repartition topic has its source's count.
+        let existing = core.topic_metadata(&t.name).await?;
+        let wanted = t.partitions.or_else(|| t.partitions_like.as_ref().and_then(|like| created.get(like).copied()));
+        let count = match (existing, wanted) {
+            (Some(meta), None) => meta.config.partitions,
+            (_, wanted) => {
+                core.create_topic(&t.name, &TopicConfig::new(wanted.unwrap_or(settings.topic_partitions)))
+                    .await?
+                    .config
+                    .partitions
+            }
+        };
+        created.insert(t.name.clone(), count);
+        if sources.contains(&t.name) {
+            counts.insert(t.name.clone(), count);
+        }
+    }
+    // The dead-letter topic, when bad records go to one.
+    if let Some(topic) = settings.dead_letter_topic()
+        && core.topic_metadata(&topic).await?.is_none()
+    {
+        core.create_topic(&topic, &TopicConfig::new(settings.topic_partitions)).await?;
+    }
+    // Changelogs: compacted; an existing one keeps its partition count unless the table
+    // names another (then it must match). A new one takes the partition count of the topics
+    // the agents consume when they all have the same (a table is co-partitioned with its
+    // agent's topic: an existing topic with 4 partitions gets a 4-partition changelog even
+    // though `topic_partitions` says 8), and `topic_partitions` otherwise.
+    let source_counts: std::collections::BTreeSet<u32> =
+        sources.iter().filter_map(|s| created.get(s).copied()).collect();
+    let default_count = match source_counts.iter().collect::<Vec<_>>()[..] {
+        [&only] => only,
+        _ => settings.topic_partitions,
+    };
+    for t in tables {
+        let existing = core.topic_metadata(t.changelog()).await?;
+        let wanted = t.partitions().or_else(|| t.partitions_like().and_then(|like| created.get(&like).copied()));
+        let count = match (existing, wanted) {
+            (Some(meta), None) => meta.config.partitions,
+            (_, wanted) => {
+                let config = TopicConfig { compacted: true, ..TopicConfig::new(wanted.unwrap_or(default_count)) };
+                core.create_topic(t.changelog(), &config).await?.config.partitions
+            }
+        };
+        counts.insert(t.changelog().clone(), count);
+    }
+    Ok(counts)
+}
+
+async fn core_main(
+    index: usize,
+    cores: usize,
+    app: App,
+    transport: AnyTransport,
+    startup: Arc<Startup>,
+    commands: Arc<crate::runtime::assignment::Commands>,
+    inbox: Arc<crate::control::Inbox>,
+) -> Result<(), String> {
+    let settings = &app.inner.settings;
+    let stop = app.inner.stop.clone();
+    let committed_guard = Committed(&startup);
+    let core = transport.attach_core(index, cores).await.map_err(|e| e.to_string())?;
+    let declared = app.inner.topics.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let tables: Vec<Arc<dyn TableMeta>> = app.inner.tables.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let specs: Vec<(String, Arc<str>, crate::app::StartAgent, usize, bool)> = app
+        .inner
+        .agents
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|a: &AgentSpec| (a.name.clone(), a.topic.clone(), a.start.clone(), a.concurrency, a.every_core))
+        .collect();
+    let mut channel_agents: HashMap<Arc<str>, Vec<usize>> = HashMap::default();
+    for t in declared.iter().filter(|t| t.kind == TopicKind::Channel) {
+        let agents = specs.iter().enumerate().filter(|(_, s)| s.1 == t.name).map(|(i, _)| i).collect();
+        channel_agents.insert(t.name.clone(), agents);
+    }
+    let mut agents_by_topic: HashMap<Arc<str>, Vec<usize>> = HashMap::default();
+    for (i, spec) in specs.iter().enumerate() {
+        if !spec.1.is_empty() && !channel_agents.contains_key(&spec.1) {
+            agents_by_topic.entry(spec.1.clone()).or_default().push(i);
+        }
+    }
+    if index == 0 {
+        let sources: Vec<Arc<str>> = agents_by_topic.keys().cloned().collect();
+        let created = create_topics(&core, settings, &declared, &tables, &sources).await;
+        if let Ok(counts) = &created {
+            *startup.counts.lock().unwrap_or_else(|p| p.into_inner()) = counts.clone();
+        }
+        startup.topics_ready.store(true, Ordering::Release);
+        startup.event.notify(usize::MAX);
+        if let Err(e) = created {
+            stop.stop();
+            let _ = core.shutdown().await;
+            return Err(format!("creating topics: {e}"));
+        }
+    }
+    futures_lite::future::or(startup.wait_until(|| startup.topics_ready.load(Ordering::Acquire)), stop.wait()).await;
+    let mut partitions = HashMap::default();
+    let dead_letter: Option<Arc<str>> = settings.dead_letter_topic().map(Arc::from);
+    // The tables' changelogs too: a table write checks that its changelog has as many
+    // partitions as the topic of the event (co-partitioning).
+    let known = declared
+        .iter()
+        .filter(|t| t.kind == TopicKind::Log)
+        .map(|t| t.name.clone())
+        .chain(dead_letter.clone())
+        .chain(tables.iter().map(|t| t.changelog().clone()));
+    for name in known {
+        match core.topic_metadata(&name).await {
+            Ok(Some(meta)) => {
+                partitions.insert(name, meta.config.partitions);
+            }
+            Ok(None) => {}
+            Err(e) => return Err(format!("reading topic {name}: {e}")),
+        }
+    }
+    let changelog_tables: std::collections::HashSet<Arc<str>> = tables.iter().map(|t| t.changelog().clone()).collect();
+    // The repartition topics: those a `group_by` declared (with their positions table).
+    let repartition =
+        app.inner.outbox.topics().into_iter().filter(|t| t.positions.get().is_some()).map(|t| t.name.clone());
+    let internal_topics = changelog_tables.iter().cloned().chain(repartition).collect();
+    let runtime = CoreRuntime::install(CoreSetup {
+        index,
+        transport: core,
+        settings: Arc::new(settings.clone()),
+        partitions,
+        agents: specs.len(),
+        channel_agents,
+        app_stop: stop.clone(),
+        tables,
+        agents_by_topic,
+        stats: app.inner.stats.clone(),
+        dead_letter,
+        stopped_at: startup.stopped_at.clone(),
+        lost_data: startup.lost_data.clone(),
+        internal_topics,
+    });
+
+    // The first assignment, before any agent or task runs: table shards are recovered before
+    // their partitions are consumed, and tasks send to partitions already placed.
+    let first = futures_lite::future::or(commands.next(runtime.stopping()), async {
+        stop.wait().await;
+        None
+    })
+    .await;
+    if let Some(command) = first {
+        runtime.apply(command).await;
+    }
+    if startup.cores_ready.fetch_add(1, Ordering::AcqRel) + 1 == cores && !stop.is_stopped() {
+        let counts = startup.counts.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        tracing::info!(app = %settings.id, cores, topics = counts.len(), partitions = counts.values().sum::<u32>(),
+            "the worker is ready: its partitions are recovered and being processed");
+    }
+    // Later assignment changes, one at a time.
+    let control_task = {
+        let (runtime, commands) = (runtime.clone(), commands.clone());
+        glommio::spawn_local(async move {
+            while let Some(command) = commands.next(runtime.stopping()).await {
+                runtime.apply(command).await;
+            }
+        })
+    };
+
+    // Agents on every core; tasks (no topic) on core 0 only, cancelled at shutdown.
+    let mut agent_tasks = Vec::new();
+    let mut background = Vec::new();
+    for (i, (name, topic, start, concurrency, every_core)) in specs.iter().enumerate() {
+        let run = || AgentRun {
+            core: runtime.clone(),
+            agent: i,
+            queue: runtime.queue(i),
+            current: Rc::new(RefCell::new(Vec::new())),
+        };
+        if topic.is_empty() {
+            if index == 0 || *every_core {
+                background.push(glommio::spawn_local(start(run())));
+            }
+            continue;
+        }
+        tracing::debug!(agent = %name, core = index, topic = %topic, concurrency, "starting agent");
+        // Instances share the queue; each has its own events in hand.
+        for _ in 0..*concurrency {
+            agent_tasks.push(glommio::spawn_local(start(run())));
+        }
+    }
+    // Commits.
+    let committer = glommio::spawn_local(crate::runtime::commit::run_commits(runtime.clone()));
+
+    // Buffered sends.
+    let flusher = glommio::spawn_local(crate::runtime::sends::flush_buffered(runtime.clone()));
+    // Queries from the control socket.
+    let queries = glommio::spawn_local(inbox.clone().serve(runtime.clone()));
+    // Sends from outside the worker.
+    let outbox = app.inner.outbox.clone();
+    let outbox_task = (index == 0).then(|| glommio::spawn_local(outbox::serve_outbox(runtime.clone(), outbox.clone())));
+
+    stop.wait().await;
+    // Shutdown: stop fetching, let agents drain what they were given, commit, release.
+    drop(background);
+    runtime.begin_stop();
+    commands.close();
+    inbox.close();
+    control_task.await;
+    queries.await;
+    runtime.stop_consumers().await;
+    // Agents finish the events they were given; one that does not within the grace period is
+    // cancelled (its unacked event will be processed again after a restart).
+    let grace = settings.shutdown_timeout;
+    let deadline = std::time::Instant::now() + grace;
+    for (i, t) in agent_tasks.into_iter().enumerate() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let finished = futures_lite::future::or(
+            async {
+                t.await;
+                true
+            },
+            async {
+                glommio::timer::sleep(left).await;
+                false
+            },
+        )
+        .await;
+        if !finished {
+            tracing::error!(
+                core = index,
+                agent = i,
+                grace_ms = grace.as_millis() as u64,
+                "agent did not finish after stop; cancelled it"
+            );
+        }
+    }
+    committer.await;
+    flusher.await;
+    if let Some(task) = outbox_task {
+        task.await;
+        // Whatever was sent from outside until now is still sent (and flushed below).
+        outbox::take_outbound(&runtime, &outbox, outbox.take(true)).await;
+    }
+    // Cancelled tasks release the runtime when the executor drops them. Two references stay:
+    // this one and the thread's `CURRENT`.
+    let release_deadline = std::time::Instant::now() + Duration::from_secs(1);
+    while Rc::strong_count(&runtime) > 2 && std::time::Instant::now() < release_deadline {
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+    }
+    let result = match runtime.commit_now().await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err("final commit: table state ran ahead of the committable offsets".to_string()),
+        Err(e) => Err(format!("final commit: {e}")),
+    };
+    let failure = runtime.take_failure();
+    // Other cores' final commits may still write through this core's appenders: keep the
+    // transport until every core committed (bounded: a core that hangs is logged and left).
+    drop(committed_guard);
+    // Checked every few milliseconds as well as on notification: the last core's notification
+    // comes from another thread while this executor may be about to park.
+    let barrier_deadline = std::time::Instant::now() + settings.shutdown_timeout + Duration::from_secs(30);
+    let all_committed = loop {
+        if startup.cores_committed.load(Ordering::Acquire) >= cores {
+            break true;
+        }
+        if std::time::Instant::now() >= barrier_deadline {
+            break false;
+        }
+        futures_lite::future::or(
+            startup.wait_until(|| startup.cores_committed.load(Ordering::Acquire) >= cores),
+            glommio::timer::sleep(Duration::from_millis(5)),
+        )
+        .await;
+    };
+    if !all_committed {
+        tracing::error!(core = index, "other cores did not finish their final commits in time; shutting down anyway");
+    }
+    runtime.close().await?;
+    match failure {
+        Some(e) => Err(e),
+        None => result,
+    }
+}
