@@ -59,14 +59,14 @@ pub(crate) fn preview(bytes: &[u8]) -> String {
 impl CoreRuntime {
     /// Applies the bad-record policy to `event` (logged and counted whatever the policy).
     /// Returns whether the stream moves past it (acks it); `false` after a stop.
-    pub(crate) fn bad_record(&self, event: &QueuedEvent, part: crate::stream::RecordPart, reason: String) -> bool {
+    pub(crate) fn bad_record(&self, event: &QueuedEvent, part: RecordPart, reason: String) -> bool {
         use crate::settings::BadRecordPolicy;
         self.count_decode_error();
         self.stats.bad_records.fetch_add(1, Ordering::Relaxed);
         let (tp, record) = (&event.tp, &event.record);
         let raw = record.value.as_deref().unwrap_or_default();
         let shown = match part {
-            crate::stream::RecordPart::Key => record.key.as_deref().unwrap_or_default(),
+            RecordPart::Key => record.key.as_deref().unwrap_or_default(),
             _ => raw,
         };
         let bad = BadRecord {

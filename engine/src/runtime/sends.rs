@@ -294,7 +294,7 @@ impl CoreRuntime {
         name: &str,
         key: Option<&[u8]>,
         value: Option<&[u8]>,
-    ) -> Result<Produced, crate::app::SendError> {
+    ) -> Result<Produced, crate::error::SendError> {
         let tp = TopicPartition::new(name, self.index as u32);
         for &a in self.channel_agents.get(name).map(Vec::as_slice).unwrap_or_default() {
             let lane = self.queues[a].lane(&tp);

@@ -3,6 +3,7 @@
 
 use std::cell::RefCell;
 use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +14,9 @@ use crate::error::AgentError;
 use crate::runtime::CoreRuntime;
 use crate::runtime::context::{InTask, TaskSlot};
 use crate::runtime::queue::{EventQueue, QueuedEvent};
+
+/// How an agent (or task, or timer) is started on a core: the factory the app registered.
+pub(crate) type StartAgent = Arc<dyn Fn(AgentRun) -> Pin<Box<dyn Future<Output = ()>>> + Send + Sync>;
 
 /// How many times an agent is restarted on the same event before the event is skipped.
 const MAX_RESTARTS_PER_EVENT: u32 = 3;
@@ -25,7 +29,7 @@ const SKIPS_IN_A_ROW_FATAL: u32 = 3;
 /// than skip events): a table whose shard is not on this core, whose changelog is not
 /// co-partitioned with the event's topic, or whose store or transport failed.
 fn systemic(error: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
-    use crate::table::TableError;
+    use crate::error::TableError;
     match error.downcast_ref::<TableError>()? {
         TableError::NotLocal { .. } => Some("a table shard is not on the core of the event's partition"),
         TableError::PartitionsMismatch { .. } => Some("a table is not co-partitioned with the agent's topic"),

@@ -132,6 +132,15 @@ impl Startup {
     }
 }
 
+impl App {
+    /// Runs the worker until [`StopSignal::stop`](crate::StopSignal::stop) is called: creates the declared topics,
+    /// takes the partitions the transport assigns, places them on the cores and runs every
+    /// agent on every core for its partitions.
+    pub fn run(&self) -> Result<(), WorkerError> {
+        run(self)
+    }
+}
+
 pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
     let settings = app.inner.settings.clone();
     let cores = crate::runtime::choose_cpus(settings.cores, &crate::runtime::usable_cpus())?.len();
@@ -358,7 +367,7 @@ async fn core_main(
     let core = transport.attach_core(index, cores).await.map_err(|e| e.to_string())?;
     let declared = app.inner.topics.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let tables: Vec<Arc<dyn TableMeta>> = app.inner.tables.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let specs: Vec<(String, Arc<str>, crate::app::StartAgent, usize, bool)> = app
+    let specs: Vec<(String, Arc<str>, crate::runtime::supervise::StartAgent, usize, bool)> = app
         .inner
         .agents
         .lock()

@@ -8,14 +8,17 @@ use serde::de::DeserializeOwned;
 
 use zerocopy::{FromBytes, Immutable, KnownLayout, Unaligned};
 
-use crate::app::{AgentError, SendError, Topic};
+pub(crate) mod repartition;
+
 use crate::codec::{Codec, Fixed};
+use crate::error::{AgentError, SendError};
 use crate::runtime::CoreRuntime;
 use crate::runtime::bad_record::preview;
 pub use crate::runtime::bad_record::{BadRecord, RecordPart};
 use crate::runtime::context::{EventPosition, TaskSlot, current_slot};
 use crate::runtime::queue::{EventQueue, QueuedEvent};
 use crate::runtime::supervise::AgentRun;
+use crate::topic::Topic;
 use faust_transport::Produced;
 
 /// What a stream's processors (decode, `filter`, `map`, `enumerate`, `echo`) make of one
@@ -145,8 +148,8 @@ impl<K, V> Event<K, V> {
     ) -> Result<(), SendError> {
         let record = &self.headers;
         let Some(value) = record.value.as_deref() else { return Ok(()) };
-        let position = crate::group_by::encode_position(self.tp.partition, self.offset);
-        let stamp: faust_storage::Header<'_> = (crate::group_by::POSITION_HEADER, Some(&position[..]));
+        let position = crate::stream::repartition::encode_position(self.tp.partition, self.offset);
+        let stamp: faust_storage::Header<'_> = (crate::stream::repartition::POSITION_HEADER, Some(&position[..]));
         let mut headers = record.headers().peekable();
         if headers.peek().is_none() {
             // The common case, no headers of its own: no allocation.
@@ -211,7 +214,9 @@ impl<K: 'static, V: 'static> Stream<K, V> {
     /// same order, so anything at or below the latest position was taken already. The
     /// position is a table write of the event, committed with its offset.
     fn admit(&self, positions: &crate::Table<u32, u64>, queued: &QueuedEvent) -> bool {
-        let Some((partition, offset)) = crate::group_by::source_position(&queued.record) else { return true };
+        let Some((partition, offset)) = crate::stream::repartition::source_position(&queued.record) else {
+            return true;
+        };
         positions.advance(partition, offset).unwrap_or_else(|e| {
             tracing::warn!(topic = %queued.tp.topic, partition = queued.tp.partition, offset = queued.record.offset,
                 error = %e, "checking a repartitioned record's source position failed; taking the record");

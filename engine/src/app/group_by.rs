@@ -9,25 +9,6 @@ use serde::de::DeserializeOwned;
 use crate::app::{App, Topic, TopicKind};
 use crate::codec::Codec;
 
-/// The header a re-keying agent stamps on each record: the source partition (u32) and
-/// offset (u64), big-endian.
-pub(crate) const POSITION_HEADER: &[u8] = b"faust-source-position";
-
-pub(crate) fn encode_position(partition: u32, offset: u64) -> [u8; 12] {
-    let mut out = [0u8; 12];
-    out[..4].copy_from_slice(&partition.to_be_bytes());
-    out[4..].copy_from_slice(&offset.to_be_bytes());
-    out
-}
-
-/// The source position stamped on `record`, if it has a well-formed one.
-pub(crate) fn source_position(record: &faust_storage::Record) -> Option<(u32, u64)> {
-    let (_, value) = record.headers().find(|(k, _)| *k == POSITION_HEADER)?;
-    let value: &[u8; 12] = value?.try_into().ok()?;
-    let (p, o) = value.split_at(4);
-    Some((u32::from_be_bytes(p.try_into().ok()?), u64::from_be_bytes(o.try_into().ok()?)))
-}
-
 mod sealed {
     pub trait Sealed {}
 }

@@ -10,14 +10,14 @@
 //! [`Inbox`]; the core runs it as a task of its own and answers through a channel. The socket
 //! thread waits for the answer a bounded time.
 
-use std::future::Future;
+mod inbox;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 use faust_transport::{OffsetSpec, TopicPartition};
@@ -27,7 +27,8 @@ use serde_json::Value;
 use crate::app::{App, TopicKind, lock};
 use crate::codec::Codec;
 use crate::runtime::CoreRuntime;
-use crate::runtime::mailbox::Mailbox;
+pub(crate) use inbox::Inbox;
+use inbox::ask;
 
 /// The socket's file name in the data directory.
 pub(crate) const SOCKET_NAME: &str = "control.sock";
@@ -40,35 +41,6 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_SOCKET_PATH: usize = 107;
 /// How often the accept loop looks at the stop flag.
 const ACCEPT_POLL: Duration = Duration::from_millis(20);
-
-/// Work for one core, sent from the socket thread.
-pub(crate) type Query = Box<dyn FnOnce(Rc<CoreRuntime>) -> Pin<Box<dyn Future<Output = ()>>> + Send>;
-
-/// The queries waiting for one core.
-#[derive(Default)]
-pub(crate) struct Inbox {
-    mailbox: Mailbox<Query>,
-}
-
-impl Inbox {
-    /// Queues `query`; drops it (its reply channel with it) when the core has stopped, so its
-    /// asker hears at once.
-    fn push(&self, query: Query) {
-        drop(self.mailbox.push(query));
-    }
-
-    /// Runs the queries that arrive, each as a task of its own, until the core stops.
-    pub(crate) async fn serve(self: Arc<Self>, core: Rc<CoreRuntime>) {
-        while let Some(query) = self.mailbox.next(core.stopping()).await {
-            glommio::spawn_local(query(core.clone())).detach();
-        }
-    }
-
-    /// Refuses later queries and drops the queued ones.
-    pub(crate) fn close(&self) {
-        drop(self.mailbox.close());
-    }
-}
 
 /// A request to the worker.
 #[derive(Debug, Serialize, Deserialize)]
@@ -315,28 +287,6 @@ fn serve_connection(stream: UnixStream, app: &App, inboxes: &[Arc<Inbox>]) {
         if writer.write_all(text.as_bytes()).is_err() {
             return;
         }
-    }
-}
-
-/// Runs `f` on core `core` and waits for its answer.
-fn ask<F, Fut>(inboxes: &[Arc<Inbox>], core: usize, f: F) -> Answer
-where
-    F: FnOnce(Rc<CoreRuntime>) -> Fut + Send + 'static,
-    Fut: Future<Output = Answer> + 'static,
-{
-    let (tx, rx) = mpsc::sync_channel(1);
-    let Some(inbox) = inboxes.get(core) else { return Err(failed(format!("no core {core}"))) };
-    inbox.push(Box::new(move |runtime| {
-        Box::pin(async move {
-            let _ = tx.send(f(runtime).await);
-        })
-    }));
-    match rx.recv_timeout(ANSWER_TIMEOUT) {
-        Ok(answer) => answer,
-        Err(mpsc::RecvTimeoutError::Timeout) => {
-            Err(failed(format!("core {core} did not answer within {} s", ANSWER_TIMEOUT.as_secs())))
-        }
-        Err(mpsc::RecvTimeoutError::Disconnected) => Err(failed("the worker is stopping".into())),
     }
 }
 

@@ -8,13 +8,13 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::os::unix::ffi::OsStringExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use serde_json::{Value, json};
 
-use crate::app::{AgentError, App, TopicKind, lock};
+use crate::app::{App, TopicKind, UserCommand};
 use crate::control::{self, ClientError, Failure, Payload, Request};
+use crate::util::lock;
 
 /// The command worked.
 pub(crate) const EXIT_OK: u8 = 0;
@@ -26,22 +26,6 @@ pub(crate) const EXIT_USAGE: u8 = 2;
 pub(crate) const EXIT_NO_WORKER: u8 = 3;
 /// The topic, table or key does not exist.
 pub(crate) const EXIT_NOT_FOUND: u8 = 4;
-
-/// What runs a user command: the app and the arguments after the command's name.
-pub(crate) type RunCommand = Arc<dyn Fn(&App, &[String]) -> Result<(), AgentError> + Send + Sync>;
-
-/// A command the app adds to its command line ([`App::command`](crate::App::command)).
-pub(crate) struct UserCommand {
-    pub(crate) name: String,
-    pub(crate) about: String,
-    pub(crate) run: RunCommand,
-}
-
-impl Clone for UserCommand {
-    fn clone(&self) -> Self {
-        UserCommand { name: self.name.clone(), about: self.about.clone(), run: self.run.clone() }
-    }
-}
 
 #[derive(Parser, Debug)]
 #[command(version, about = "A faust stream-processing app", propagate_version = true)]
@@ -712,8 +696,68 @@ fn reset(datadir: &std::path::Path, yes: bool, all: bool, json: bool) -> Result<
     }
 }
 
+impl App {
+    /// Runs the app's command line (Faust's `app.main()`) on the process's arguments and
+    /// returns the exit code, for `fn main() -> ExitCode { app.main() }`.
+    ///
+    /// | command | what it does |
+    /// |---|---|
+    /// | `worker [--cores N] [--web-port P] [--partitions 0-3,6]` | runs the worker until Ctrl-C / SIGTERM (graceful; a second signal exits at once); `--partitions` (kafka:// only) takes only those partitions of each topic |
+    /// | `send TOPIC [VALUE] [--key K] [--partition P] [--repeat N]` | sends records through the running worker; without VALUE, one per line of stdin |
+    /// | `table get TABLE KEY`, `table dump TABLE` | reads a table of the running worker |
+    /// | `agents`, `tables`, `topics` | lists what the app declares (`topics` adds record counts when a worker runs) |
+    /// | `stats` | the running worker's counters ([`WorkerStats`](crate::WorkerStats)) and current problems |
+    /// | `repair TOPIC [--partition P] [--yes]` | repairs a damaged log of the embedded transport (drops its damaged batches, keeps them aside, reports what was lost) |
+    /// | `reset [--all] [--yes]` | deletes the table stores (with `--all`, the whole data directory), never under a running worker |
+    /// | `completions SHELL` | prints a shell completion script |
+    /// | the app's own | see [`App::command`] |
+    ///
+    /// Options for every command: `--datadir DIR`, `--broker URL`, `--log-level LEVEL` (logs go
+    /// to stderr through `tracing`; default `info` for the worker and `warn` otherwise, or
+    /// `RUST_LOG`), `--json` (results and listings as JSON). A worker that keeps state in its
+    /// data directory listens on `{datadir}/control.sock`; `send` and `table` reach it there
+    /// (on `local://` the worker owns the log).
+    ///
+    /// Exit codes: 0 done; 1 failed (the worker stopped with an error, a request failed);
+    /// 2 usage or bad input (a value that is not valid JSON for a JSON topic, a partition out
+    /// of range); 3 no worker is running for the data directory; 4 no such topic, table or
+    /// key; 130 / 143 a second SIGINT / SIGTERM during a graceful stop.
+    ///
+    /// ```no_run
+    /// use faust::{App, Settings};
+    ///
+    /// fn main() -> std::process::ExitCode {
+    ///     let app = App::new(Settings::new("greetings"));
+    ///     let greetings = app.topic::<String, String>("greetings");
+    ///     app.agent("print", &greetings, |mut stream| async move {
+    ///         while let Some(greeting) = stream.next().await {
+    ///             println!("{greeting}");
+    ///         }
+    ///         Ok(())
+    ///     });
+    ///     app.main()
+    /// }
+    /// ```
+    pub fn main(&self) -> std::process::ExitCode {
+        // Arguments as the OS gave them: one that is not UTF-8 is a usage error or a binary
+        // key or value, never a panic.
+        self.main_from(std::env::args_os())
+    }
+
+    /// [`App::main`] on these arguments (the program's name first).
+    pub fn main_from<I, T>(&self, args: I) -> std::process::ExitCode
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString>,
+    {
+        main(self, args.into_iter().map(Into::into).collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     #[test]

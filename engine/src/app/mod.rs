@@ -1,0 +1,372 @@
+//! The app: what it declares (`spec`), its topics and channels, agents (`agent`), tables,
+//! tasks and timers, `group_by` and sinks. The worker (`worker/`) runs it; the command line
+//! (`cli/`) drives it.
+
+mod agent;
+pub(crate) mod group_by;
+pub(crate) mod sink;
+mod spec;
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use faust_transport::MemoryTransport;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::codec::Codec;
+pub use crate::error::{AgentError, SendError};
+pub use crate::runtime::signal::StopSignal;
+pub use crate::topic::Topic;
+pub(crate) use crate::topic::outbox::{Outbox, Outgoing, Probe, Reply};
+pub(crate) use crate::topic::{TopicInner, TopicKind};
+pub use agent::Agent;
+pub(crate) use spec::{AgentSpec, AppInner, TopicDecl, UserCommand};
+
+use crate::runtime::supervise::{AgentRun, StartAgent};
+use crate::settings::Settings;
+use crate::stream::Stream;
+pub(crate) use crate::util::lock;
+
+/// A stream-processing app: topics, agents that process them, and the worker that runs the
+/// agents on every core for that core's partitions.
+///
+/// ```
+/// use faust::{App, Settings};
+///
+/// let dir = tempfile::tempdir()?;
+/// let mut settings = Settings::new("greetings");
+/// settings.datadir = dir.path().join("data");
+/// settings.topic_partitions = 2;
+/// let app = App::new(settings);
+/// let greetings = app.topic::<String, String>("greetings");
+/// let stop = app.stop_signal();
+/// app.agent("print", &greetings, move |mut stream| {
+///     let stop = stop.clone();
+///     async move {
+///         while let Some(greeting) = stream.next().await {
+///             println!("{greeting}");
+///             stop.stop();
+///         }
+///         Ok(())
+///     }
+/// });
+/// app.task(move || {
+///     let greetings = greetings.clone();
+///     async move {
+///         greetings.send(Some(&"k".to_string()), &"hello".to_string()).await?;
+///         Ok(())
+///     }
+/// });
+/// app.run()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone)]
+pub struct App {
+    pub(crate) inner: Arc<AppInner>,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App").field("id", &self.inner.settings.id).finish()
+    }
+}
+
+impl App {
+    /// An app with these settings.
+    pub fn new(settings: Settings) -> App {
+        App {
+            inner: Arc::new(AppInner {
+                settings,
+                topics: Mutex::new(Vec::new()),
+                agents: Mutex::new(Vec::new()),
+                tables: Mutex::new(Vec::new()),
+                memory: Mutex::new(None),
+                stop: Arc::new(StopSignal::default()),
+                outbox: Arc::new(Outbox::default()),
+                stats: Arc::default(),
+                commands: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// The same app — topics, agents, tables, stop signal, outbox — with other settings (the
+    /// command line's options, a test's transport).
+    pub(crate) fn with_settings(&self, settings: Settings) -> App {
+        let inner = &self.inner;
+        App {
+            inner: Arc::new(AppInner {
+                settings,
+                topics: Mutex::new(lock(&inner.topics).clone()),
+                agents: Mutex::new(lock(&inner.agents).clone()),
+                tables: Mutex::new(lock(&inner.tables).clone()),
+                memory: Mutex::new(lock(&inner.memory).clone()),
+                stop: inner.stop.clone(),
+                outbox: inner.outbox.clone(),
+                stats: inner.stats.clone(),
+                commands: Mutex::new(lock(&inner.commands).clone()),
+            }),
+        }
+    }
+
+    /// Adds a command to the app's command line (Faust's `@app.command`): `name ARGS...` calls
+    /// `run` with the app (its settings changed by `--datadir`, `--broker`) and the
+    /// arguments after the name, which `run` may parse as it likes (with clap, say). An error
+    /// is printed and exits with 1.
+    ///
+    /// ```
+    /// use faust::{App, Settings};
+    ///
+    /// let app = App::new(Settings::new("shop"));
+    /// app.command("greet", "Prints a greeting", |app, args| {
+    ///     println!("hello {} from {}", args.join(" "), app.settings().id);
+    ///     Ok(())
+    /// });
+    /// assert_eq!(app.main_from(["shop", "greet", "world"]), std::process::ExitCode::SUCCESS);
+    /// ```
+    pub fn command<F>(&self, name: &str, about: &str, run: F)
+    where
+        F: Fn(&App, &[String]) -> Result<(), AgentError> + Send + Sync + 'static,
+    {
+        let mut commands = lock(&self.inner.commands);
+        commands.retain(|c| c.name != name);
+        commands.push(UserCommand { name: name.to_string(), about: about.to_string(), run: Arc::new(run) });
+    }
+
+    /// The app's settings.
+    pub fn settings(&self) -> &Settings {
+        &self.inner.settings
+    }
+
+    /// Runs `memory://` on this in-memory transport (tests share one between an app and
+    /// their assertions).
+    pub fn with_memory_transport(self, transport: MemoryTransport) -> App {
+        *lock(&self.inner.memory) = Some(transport);
+        self
+    }
+
+    /// What the worker did about assignment changes so far (partitions taken and released,
+    /// shards recovered or resumed in place), counted over every run of this app.
+    pub fn stats(&self) -> crate::WorkerStats {
+        self.inner.stats.snapshot()
+    }
+
+    /// What is wrong with the running worker now, one line each (`core 0 writes: ...` while a
+    /// core's writes fail, a damaged partition waiting for a repair, ...); empty when all is
+    /// well. The CLI's `stats` shows these too.
+    pub fn problems(&self) -> Vec<String> {
+        self.inner.stats.problems()
+    }
+
+    /// Makes SIGINT and SIGTERM stop the worker gracefully, as Faust's worker does: the first
+    /// signal asks for a stop (fetching stops, agents finish the events they hold within
+    /// `shutdown_timeout`, offsets are committed and stores checkpointed, the worker leaves its
+    /// group, [`App::run`] returns); a second one, while that is under way, exits the process
+    /// at once with status 128 + the signal. Call it before [`App::run`]; it applies to the
+    /// whole process, so a library embedding the engine may prefer its own handling and
+    /// [`App::stop_signal`].
+    ///
+    /// ```no_run
+    /// # use faust::{App, Settings};
+    /// let app = App::new(Settings::new("shop"));
+    /// app.stop_on_signals()?;
+    /// app.run()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn stop_on_signals(&self) -> std::io::Result<()> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+        let stop = self.inner.stop.clone();
+        std::thread::Builder::new().name(format!("{}-signals", self.inner.settings.id)).spawn(move || {
+            let mut received = 0;
+            for signal in signals.forever() {
+                received += 1;
+                if received == 1 {
+                    tracing::warn!(
+                        signal,
+                        "stopping: finishing in-flight events and committing (a second signal exits at once)"
+                    );
+                    stop.stop();
+                } else {
+                    tracing::error!(signal, "second signal: exiting now without committing");
+                    std::process::exit(128 + signal);
+                }
+            }
+        })?;
+        Ok(())
+    }
+
+    /// A handle that stops the running worker.
+    pub fn stop_signal(&self) -> Arc<StopSignal> {
+        self.inner.stop.clone()
+    }
+
+    /// Declares a topic with keys `K` and values `V`, encoded with the app's default codecs
+    /// (`key_serializer`, `value_serializer`). It is created with `topic_partitions`
+    /// partitions when the worker starts, unless it exists.
+    pub fn topic<K, V>(&self, name: &str) -> Topic<K, V> {
+        let settings = &self.inner.settings;
+        self.topic_with(name, settings.key_serializer.clone(), settings.value_serializer.clone())
+    }
+
+    /// Declares a topic with explicit codecs.
+    pub fn topic_with<K, V>(&self, name: &str, key_codec: Codec, value_codec: Codec) -> Topic<K, V> {
+        self.declare(name, key_codec, value_codec, TopicKind::Log)
+    }
+
+    /// Declares an in-memory channel (Faust's `app.channel()`): agents consume it like a
+    /// topic, but a send hands the event to the agents on the core it is sent from (core 0
+    /// for sends from outside the worker), without a log: nothing is durable, events still
+    /// queued when the worker stops are dropped, and there is nothing to commit.
+    pub fn channel<K, V>(&self, name: &str) -> Topic<K, V> {
+        self.declare(name, Codec::JSON, Codec::JSON, TopicKind::Channel)
+    }
+
+    /// Makes the declared topic `name` take the partition count of `like` when created.
+    pub(crate) fn copartition_with(&self, name: &str, like: &Arc<str>) {
+        if let Some(t) = lock(&self.inner.topics).iter_mut().find(|t| &*t.name == name) {
+            t.partitions_like = Some(like.clone());
+        }
+    }
+
+    pub(crate) fn declare<K, V>(
+        &self,
+        name: &str,
+        key_codec: Codec,
+        value_codec: Codec,
+        kind: TopicKind,
+    ) -> Topic<K, V> {
+        let mut topics = lock(&self.inner.topics);
+        if !topics.iter().any(|t| &*t.name == name) {
+            topics.push(TopicDecl { name: Arc::from(name), partitions: None, partitions_like: None, kind });
+        }
+        Topic::declared(&self.inner.outbox, name, key_codec, value_codec, kind)
+    }
+
+    /// Registers an agent: `f` is called on every core with a stream of that core's events of
+    /// `topic`, and its future runs there. When it fails, it is restarted with the event it
+    /// failed on (up to 3 times for one event, after which the event is logged and skipped).
+    ///
+    /// The returned handle sends to the agent ([`Agent::send`], [`Agent::cast`]) and sets
+    /// its [`concurrency`](Agent::concurrency).
+    ///
+    /// `source` is a [`Topic`] (or channel), or a re-keyed one from [`Topic::group_by`].
+    pub fn agent<K, V, S, F, Fut>(&self, name: &str, source: &S, f: F) -> Agent<K, V>
+    where
+        K: DeserializeOwned + 'static,
+        V: DeserializeOwned + 'static,
+        S: crate::app::group_by::Source<K, V>,
+        F: Fn(Stream<K, V>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), AgentError>> + 'static,
+    {
+        let topic = source.consumed_by(self, name);
+        self.agent_on(name, &topic, true, f)
+    }
+
+    /// Registers an agent on `topic` itself (see [`App::agent`]).
+    /// Registers an agent on `topic`; `decodes_key` says whether its stream decodes keys (the
+    /// re-keying agent of a `group_by` does not).
+    pub(crate) fn agent_on<K, V, F, Fut>(&self, name: &str, topic: &Topic<K, V>, decodes_key: bool, f: F) -> Agent<K, V>
+    where
+        K: DeserializeOwned + 'static,
+        V: DeserializeOwned + 'static,
+        F: Fn(Stream<K, V>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), AgentError>> + 'static,
+    {
+        let (key_codec, value_codec) = (topic.inner.key_codec.clone(), topic.inner.value_codec.clone());
+        topic.inner.add_check(Arc::new(move |key, value| {
+            if decodes_key && let Some(key) = key {
+                key_codec.decode::<K>(key).map(drop).map_err(|e| format!("key: {e}"))?;
+            }
+            value_codec.decode::<V>(value).map(drop).map_err(|e| format!("value: {e}"))
+        }));
+        let topic_inner = topic.inner.clone();
+        let f = Arc::new(f);
+        let agent_name: Arc<str> = Arc::from(name);
+        let start: StartAgent = Arc::new(move |run: AgentRun| {
+            let (f, topic, name) = (f.clone(), topic_inner.clone(), agent_name.clone());
+            Box::pin(crate::runtime::supervise::supervise(run, name, move |run: &AgentRun| {
+                f(Stream::new(run, topic.key_codec.clone(), topic.value_codec.clone())
+                    .deduplicated_by(topic.positions.get().cloned()))
+            }))
+        });
+        let mut agents = lock(&self.inner.agents);
+        agents.push(AgentSpec {
+            name: name.to_string(),
+            topic: topic.inner.name.clone(),
+            start,
+            concurrency: 1,
+            every_core: false,
+        });
+        Agent { app: self.inner.clone(), index: agents.len() - 1, topic: topic.clone() }
+    }
+
+    /// Declares a table (Faust's `app.Table`) with keys `K` and values `V`, encoded with the
+    /// app's default codecs; see [`Table`](crate::Table). Its changelog topic,
+    /// `{app}-{name}-changelog`, is created (compacted) when the worker starts.
+    pub fn table<K, V>(&self, name: &str) -> crate::Table<K, V>
+    where
+        K: Serialize + DeserializeOwned + std::hash::Hash + Eq + Clone + 'static,
+        V: Serialize + DeserializeOwned + Clone + 'static,
+    {
+        let settings = &self.inner.settings;
+        let (key, value) = (settings.key_serializer.clone(), settings.value_serializer.clone());
+        let mut tables = lock(&self.inner.tables);
+        let table = crate::Table::new(name, &settings.id, tables.len(), key, value);
+        tables.push(table.shared.clone());
+        table
+    }
+
+    /// Registers work that runs once on core 0 when the worker starts (Faust's `@app.task`).
+    pub fn task<F, Fut>(&self, f: F)
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), AgentError>> + 'static,
+    {
+        let f = Arc::new(f);
+        lock(&self.inner.agents).push(AgentSpec {
+            name: "task".to_string(),
+            topic: Arc::from(""),
+            start: Arc::new(move |_run: AgentRun| {
+                let f = f.clone();
+                Box::pin(async move {
+                    if let Err(e) = f().await {
+                        tracing::error!(error = %e, "task failed");
+                    }
+                })
+            }),
+            concurrency: 1,
+            every_core: false,
+        });
+    }
+
+    /// Registers `f` to run every `interval` on every core, from one interval after start-up
+    /// until the worker stops (Faust's `@app.timer`, which runs once per worker: here each core
+    /// runs it, and a table read in it sees that core's shards). A failing run is logged.
+    pub fn timer<F, Fut>(&self, interval: std::time::Duration, f: F)
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), AgentError>> + 'static,
+    {
+        let f = Arc::new(f);
+        lock(&self.inner.agents).push(AgentSpec {
+            name: "timer".to_string(),
+            topic: Arc::from(""),
+            start: Arc::new(move |run: AgentRun| {
+                let f = f.clone();
+                Box::pin(async move {
+                    loop {
+                        if !run.core.sleep_unless_stopped(interval).await {
+                            return;
+                        }
+                        if let Err(e) = f().await {
+                            tracing::error!(error = %e, "timer failed");
+                        }
+                    }
+                })
+            }),
+            concurrency: 1,
+            every_core: true,
+        });
+    }
+}

@@ -1,0 +1,66 @@
+//! What an app declares, as the worker and the command line read it: its settings, topics,
+//! agents, tables and commands.
+
+use std::sync::{Arc, Mutex};
+
+use faust_transport::MemoryTransport;
+
+use crate::error::AgentError;
+use crate::runtime::signal::StopSignal;
+use crate::runtime::supervise::StartAgent;
+use crate::settings::Settings;
+use crate::topic::TopicKind;
+use crate::topic::outbox::Outbox;
+
+/// A registered agent.
+#[derive(Clone)]
+pub(crate) struct AgentSpec {
+    pub(crate) name: String,
+    pub(crate) topic: Arc<str>,
+    pub(crate) start: StartAgent,
+    /// Instances per core, sharing the core's events of the topic.
+    pub(crate) concurrency: usize,
+    /// For work without a topic: runs on every core (timers) rather than on core 0 (tasks).
+    pub(crate) every_core: bool,
+}
+
+/// A topic declared by the app.
+#[derive(Debug, Clone)]
+pub(crate) struct TopicDecl {
+    pub(crate) name: Arc<str>,
+    pub(crate) partitions: Option<u32>,
+    /// Created with the partition count of this (earlier declared) topic: a repartition
+    /// topic has its source's.
+    pub(crate) partitions_like: Option<Arc<str>>,
+    pub(crate) kind: TopicKind,
+}
+
+/// What an [`App`](crate::App) holds: its settings and everything it declared.
+pub(crate) struct AppInner {
+    pub(crate) settings: Settings,
+    pub(crate) topics: Mutex<Vec<TopicDecl>>,
+    pub(crate) agents: Mutex<Vec<AgentSpec>>,
+    pub(crate) tables: Mutex<Vec<Arc<dyn crate::runtime::state::TableMeta>>>,
+    pub(crate) memory: Mutex<Option<MemoryTransport>>,
+    pub(crate) stop: Arc<StopSignal>,
+    pub(crate) outbox: Arc<Outbox>,
+    pub(crate) stats: Arc<crate::runtime::stats::Counters>,
+    /// The app's own commands for its command line.
+    pub(crate) commands: Mutex<Vec<UserCommand>>,
+}
+
+/// What runs a user command: the app and the arguments after the command's name.
+pub(crate) type RunCommand = Arc<dyn Fn(&crate::App, &[String]) -> Result<(), AgentError> + Send + Sync>;
+
+/// A command the app adds to its command line ([`App::command`](crate::App::command)).
+pub(crate) struct UserCommand {
+    pub(crate) name: String,
+    pub(crate) about: String,
+    pub(crate) run: RunCommand,
+}
+
+impl Clone for UserCommand {
+    fn clone(&self) -> Self {
+        UserCommand { name: self.name.clone(), about: self.about.clone(), run: self.run.clone() }
+    }
+}

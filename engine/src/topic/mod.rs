@@ -1,0 +1,249 @@
+//! Topics and channels: typed handles, routing by key, sends that wait and sends that are
+//! buffered, and (`outbox`) the queue of sends made from outside the worker.
+
+pub(crate) mod outbox;
+
+use std::marker::PhantomData;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+
+use faust_transport::{Produced, TopicPartition};
+use serde::Serialize;
+
+use crate::codec::Codec;
+use crate::error::SendError;
+use crate::runtime::CoreRuntime;
+use crate::topic::outbox::{Outbox, Reply};
+use crate::util::lock;
+
+/// Whether a topic lives in the transport or only in this process's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TopicKind {
+    /// A topic of the transport: durable, partitioned, consumed by offset.
+    Log,
+    /// An in-memory channel (Faust's `app.channel()`): a send hands the event straight to
+    /// the agents of the core it is sent from; nothing is durable or committed.
+    Channel,
+}
+
+pub(crate) struct TopicInner {
+    pub(crate) name: Arc<str>,
+    pub(crate) key_codec: Codec,
+    pub(crate) value_codec: Codec,
+    pub(crate) kind: TopicKind,
+    outbox: Arc<Outbox>,
+    /// This handle's number in the outbox.
+    outbox_index: usize,
+    /// For a repartition topic: the table of the latest source offset taken per source
+    /// partition, which drops records re-sent after a crash (see `group_by`).
+    pub(crate) positions: std::sync::OnceLock<crate::Table<u32, u64>>,
+    /// How each agent consuming the topic decodes a record: what the CLI's `send` checks, so
+    /// that it refuses records the agents would only drop as bad records.
+    checks: Mutex<Vec<RecordCheck>>,
+}
+
+/// Decodes an encoded key (when there is one and the agent decodes keys) and value as an
+/// agent would; the reason when it would reject them.
+pub(crate) type RecordCheck = Arc<dyn Fn(Option<&[u8]>, &[u8]) -> Result<(), String> + Send + Sync>;
+
+impl TopicInner {
+    /// Adds how one more agent consuming the topic decodes its records.
+    pub(crate) fn add_check(&self, check: RecordCheck) {
+        lock(&self.checks).push(check);
+    }
+
+    /// Whether every agent consuming the topic would take a record with this key and value.
+    pub(crate) fn check(&self, key: Option<&[u8]>, value: &[u8]) -> Result<(), String> {
+        lock(&self.checks).iter().try_for_each(|check| check(key, value))
+    }
+}
+
+/// A typed handle on a topic: keys `K`, values `V`. Cheap to clone, usable from any core.
+pub struct Topic<K, V> {
+    pub(crate) inner: Arc<TopicInner>,
+    _types: PhantomData<fn() -> (K, V)>,
+}
+
+impl<K, V> Clone for Topic<K, V> {
+    fn clone(&self) -> Self {
+        Topic { inner: self.inner.clone(), _types: PhantomData }
+    }
+}
+
+impl<K, V> Topic<K, V> {
+    /// A new handle on topic `name`, registered with the app's outbox (for sends from outside
+    /// the worker).
+    pub(crate) fn declared(
+        outbox: &Arc<Outbox>,
+        name: &str,
+        key_codec: Codec,
+        value_codec: Codec,
+        kind: TopicKind,
+    ) -> Self {
+        let inner = outbox.register(|outbox_index| TopicInner {
+            name: Arc::from(name),
+            key_codec,
+            value_codec,
+            kind,
+            outbox: outbox.clone(),
+            outbox_index,
+            positions: std::sync::OnceLock::new(),
+            checks: Mutex::new(Vec::new()),
+        });
+        Topic { inner, _types: PhantomData }
+    }
+
+    /// The topic's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+}
+
+impl<K, V> std::fmt::Debug for Topic<K, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Topic").field("name", &self.inner.name).finish()
+    }
+}
+
+impl<K: Serialize + 'static, V> Topic<K, V> {
+    /// Buffers an encoded value under `key`, encoded here (see [`Topic::send_soon`]).
+    pub(crate) fn send_soon_keyed_raw(
+        &self,
+        core: &Rc<CoreRuntime>,
+        timestamp: Option<i64>,
+        key: &K,
+        value: &[u8],
+        headers: &[faust_storage::Header<'_>],
+    ) -> Result<(), SendError> {
+        SCRATCH.with(|scratch| {
+            let (key_bytes, _) = &mut *scratch.borrow_mut();
+            key_bytes.clear();
+            let codec_err = |source| SendError::Codec { topic: self.name().to_string(), source };
+            self.inner.key_codec.encode_owned(key, key_bytes).map_err(codec_err)?;
+            self.inner.send_soon_raw(core, timestamp, Some(&key_bytes[..]), value, headers)
+        })
+    }
+}
+
+impl<K: Serialize + 'static, V: Serialize + 'static> Topic<K, V> {
+    /// Sends one record and waits until the transport has it durably (appended on `local://`).
+    /// The partition is Kafka's murmur2 of the encoded key, or round-robin for `None`.
+    ///
+    /// Works from anywhere: on a worker core the record goes straight to the transport; from
+    /// another thread (a web handler, a test) it is handed to core 0, and a send made before
+    /// the worker starts waits for it. On a channel, "durable" means handed to the agents.
+    pub async fn send(&self, key: Option<&K>, value: &V) -> Result<Produced, SendError> {
+        match CoreRuntime::current() {
+            Some(core) => {
+                let (key_bytes, value_bytes) = self.encode(key, value)?;
+                self.inner.send_raw(&core, key_bytes.as_deref(), Some(&value_bytes), &[]).await
+            }
+            None => {
+                let reply = Arc::new(Reply::default());
+                self.inner.outbox.push(&self.inner, key, value, Some(reply.clone()))?;
+                reply.wait().await
+            }
+        }
+    }
+
+    /// Sends one record without waiting (Faust's `send_soon`): it is buffered with the
+    /// core's other sends and written in batches, at the latest before the offsets of the
+    /// events being processed are committed, so a commit never covers an event whose sends
+    /// could still be lost. Fails only if the record does not encode or the worker stopped.
+    pub fn send_soon(&self, key: Option<&K>, value: &V) -> Result<(), SendError> {
+        match CoreRuntime::current() {
+            // Encoded into this thread's scratch buffers: no allocation per record.
+            Some(core) => SCRATCH.with(|scratch| {
+                let (key_bytes, value_bytes) = &mut *scratch.borrow_mut();
+                key_bytes.clear();
+                value_bytes.clear();
+                let has_key = self.encode_into(key, value, key_bytes, value_bytes)?;
+                self.inner.send_soon_raw(&core, None, has_key.then_some(&key_bytes[..]), value_bytes, &[])
+            }),
+            None => self.inner.outbox.push(&self.inner, key, value, None),
+        }
+    }
+
+    fn encode(&self, key: Option<&K>, value: &V) -> Result<(Option<Vec<u8>>, Vec<u8>), SendError> {
+        let (mut key_bytes, mut value_bytes) = (Vec::new(), Vec::with_capacity(64));
+        let has_key = self.encode_into(key, value, &mut key_bytes, &mut value_bytes)?;
+        Ok((has_key.then_some(key_bytes), value_bytes))
+    }
+
+    /// Appends the encoded key and value; says whether there is a key.
+    fn encode_into(
+        &self,
+        key: Option<&K>,
+        value: &V,
+        key_bytes: &mut Vec<u8>,
+        value_bytes: &mut Vec<u8>,
+    ) -> Result<bool, SendError> {
+        let codec_err = |source| SendError::Codec { topic: self.name().to_string(), source };
+        if let Some(k) = key {
+            self.inner.key_codec.encode_owned(k, key_bytes).map_err(codec_err)?;
+        }
+        self.inner.value_codec.encode_owned(value, value_bytes).map_err(codec_err)?;
+        Ok(key.is_some())
+    }
+}
+
+impl TopicInner {
+    /// The partition a record goes to: Kafka's murmur2 of the key, or round-robin for a null
+    /// key.
+    fn route(&self, core: &CoreRuntime, key: Option<&[u8]>) -> Result<TopicPartition, SendError> {
+        let partitions =
+            core.partitions(&self.name).ok_or_else(|| SendError::UnknownTopic { topic: self.name.to_string() })?;
+        let partition = match key {
+            Some(k) => crate::partitioner::partition_for_key(k, partitions),
+            None => core.round_robin(partitions),
+        };
+        Ok(TopicPartition::new(self.name.clone(), partition))
+    }
+
+    /// Sends already-encoded bytes; resolves once the transport has the record.
+    pub(crate) async fn send_raw(
+        &self,
+        core: &Rc<CoreRuntime>,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[faust_storage::Header<'_>],
+    ) -> Result<Produced, SendError> {
+        if self.kind == TopicKind::Channel {
+            return core.deliver(&self.name, key, value).await;
+        }
+        let tp = self.route(core, key)?;
+        // Records of a partition land in the order they were sent, buffered or not.
+        if core.has_pending(&tp) {
+            core.flush()
+                .await
+                .map_err(|e| SendError::Buffered { topic: self.name.to_string(), message: e.to_string() })?;
+        }
+        let size = key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len) + 128;
+        let mut batch = faust_storage::BatchBuilder::with_capacity(size);
+        batch.push(crate::util::now_ms(), key, value, headers);
+        Ok(core.transport().produce(&tp, batch).await?)
+    }
+
+    /// Buffers already-encoded bytes on this core (see [`Topic::send_soon`]).
+    pub(crate) fn send_soon_raw(
+        &self,
+        core: &Rc<CoreRuntime>,
+        timestamp: Option<i64>,
+        key: Option<&[u8]>,
+        value: &[u8],
+        headers: &[faust_storage::Header<'_>],
+    ) -> Result<(), SendError> {
+        if self.kind == TopicKind::Channel {
+            core.deliver_now(&self.name, key, Some(value));
+            return Ok(());
+        }
+        let tp = self.route(core, key)?;
+        core.buffer(tp, timestamp, key, value, headers);
+        Ok(())
+    }
+}
+
+thread_local! {
+    /// Where a core encodes a buffered send before copying it into the partition's batch.
+    static SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<u8>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
