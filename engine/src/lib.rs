@@ -35,14 +35,18 @@ mod worker;
 
 pub use crate::app::group_by::{GroupBy, Source};
 pub use crate::app::sink::{Sink, Sinks};
-pub use crate::app::{Agent, AgentError, App, SendError, StopSignal, Topic};
+pub use crate::app::{Agent, App};
 pub use crate::codec::{Codec, CodecError, Fixed};
+pub use crate::error::{AgentError, SendError, TableError};
+pub use crate::runtime::bad_record::{BadRecord, RecordPart};
 pub use crate::runtime::context::{EventPosition, current_event};
+pub use crate::runtime::signal::StopSignal;
 pub use crate::runtime::stats::WorkerStats;
 pub use crate::settings::{BadRecordPolicy, Settings, SettingsError, parse_partitions};
-pub use crate::stream::{BadRecord, Event, RecordPart, Stream};
-pub use crate::table::{Table, TableError, TablePartition};
+pub use crate::stream::{Event, Stream};
+pub use crate::table::{Table, TablePartition};
 pub use crate::testing::{TestContext, TestError};
+pub use crate::topic::Topic;
 pub use crate::worker::WorkerError;
 pub use faust_transport::{MemoryTransport, Produced, TopicConfig, TopicPartition};
 

@@ -15,9 +15,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::codec::Codec;
-pub use crate::error::{AgentError, SendError};
-pub use crate::runtime::signal::StopSignal;
-pub use crate::topic::Topic;
+pub(crate) use crate::error::{AgentError, SendError};
+pub(crate) use crate::runtime::signal::StopSignal;
+pub(crate) use crate::topic::Topic;
 pub(crate) use crate::topic::outbox::{Outbox, Outgoing, Probe, Reply};
 pub(crate) use crate::topic::{TopicInner, TopicKind};
 pub use agent::Agent;

@@ -35,7 +35,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::codec::Codec;
-pub use crate::error::TableError;
+pub(crate) use crate::error::TableError;
 use crate::runtime::state::Token;
 use crate::util::lock;
 pub(crate) use shard::Shard;

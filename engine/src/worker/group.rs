@@ -214,8 +214,8 @@ pub(crate) struct Control {
     pub(crate) group: String,
     pub(crate) join: JoinRequest,
     pub(crate) placement: Placement,
-    pub(crate) stop: Arc<crate::app::StopSignal>,
-    pub(crate) cores_done: Arc<crate::app::StopSignal>,
+    pub(crate) stop: Arc<crate::runtime::signal::StopSignal>,
+    pub(crate) cores_done: Arc<crate::runtime::signal::StopSignal>,
     pub(crate) counters: Arc<Counters>,
     /// Why the control thread stopped the worker, if it did.
     pub(crate) failure: Arc<Mutex<Option<String>>>,

@@ -51,7 +51,7 @@ pub enum WorkerError {
     /// A bad record stopped the worker (`bad_record_policy = stop`); it is not committed, so
     /// a restart meets it again.
     #[error("{0} (bad_record_policy = stop; it stays uncommitted)")]
-    BadRecord(crate::stream::BadRecord),
+    BadRecord(crate::runtime::bad_record::BadRecord),
     /// The broker lost records the worker had already read: a partition's log ends before
     /// the worker's position in it (a broker restarted without its data, a topic deleted and
     /// created again, an unclean leader election). The worker commits nothing after seeing
@@ -105,7 +105,7 @@ struct Startup {
     counts: Mutex<std::collections::BTreeMap<Arc<str>, u32>>,
     event: Event,
     /// The bad record that stopped the worker, if one did.
-    stopped_at: Arc<Mutex<Option<crate::stream::BadRecord>>>,
+    stopped_at: Arc<Mutex<Option<crate::runtime::bad_record::BadRecord>>>,
     /// Where the broker was found to have lost data, if it was.
     lost_data: crate::runtime::consume::LostData,
 }
@@ -193,7 +193,7 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
     } else {
         None
     };
-    let cores_done = Arc::new(crate::app::StopSignal::default());
+    let cores_done = Arc::new(crate::runtime::signal::StopSignal::default());
     let group_failure: Arc<Mutex<Option<String>>> = Arc::default();
 
     // The control thread: membership and placement.
@@ -267,11 +267,11 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
     for record in outbox.take(true).records {
         if let Some(reply) = record.reply {
             let topic = topics.get(record.topic).map_or_else(String::new, |t| t.name.to_string());
-            reply.set(Err(crate::app::SendError::Stopped { topic }));
+            reply.set(Err(crate::error::SendError::Stopped { topic }));
         }
     }
     for probe in outbox.take_probes() {
-        probe.reply.set(Err(crate::app::SendError::Stopped { topic: probe.tp.topic.to_string() }));
+        probe.reply.set(Err(crate::error::SendError::Stopped { topic: probe.tp.topic.to_string() }));
     }
     let results = results?;
     if let Some(bad) = lock(&startup.stopped_at).take() {

@@ -18,7 +18,7 @@ pub(super) async fn serve_outbox(core: Rc<CoreRuntime>, outbox: Arc<crate::app::
             let core = core.clone();
             if probe.commit {
                 glommio::spawn_local(async move {
-                    let mut result = Err(crate::app::SendError::Stopped { topic: probe.tp.topic.to_string() });
+                    let mut result = Err(crate::error::SendError::Stopped { topic: probe.tp.topic.to_string() });
                     for _ in 0..500 {
                         match core.commit_now().await {
                             Ok(true) => {
@@ -43,7 +43,7 @@ pub(super) async fn serve_outbox(core: Rc<CoreRuntime>, outbox: Arc<crate::app::
                 // Polled: acks are the hot path and do not notify anyone.
                 while consumed && !core.processed(&probe.tp, probe.offset) {
                     if core.stopping().is_cancelled() {
-                        probe.reply.set(Err(crate::app::SendError::Stopped { topic: probe.tp.topic.to_string() }));
+                        probe.reply.set(Err(crate::error::SendError::Stopped { topic: probe.tp.topic.to_string() }));
                         return;
                     }
                     glommio::timer::sleep(Duration::from_millis(1)).await;
