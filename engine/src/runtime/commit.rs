@@ -80,8 +80,8 @@ const COMMIT_EVERY_MIN_GAP: Duration = Duration::from_secs(1);
 
 impl CoreRuntime {
     /// Commits, per partition, the lowest offset every agent may commit, once the sends
-    /// buffered so far and the table state those events produced are durable (the commit
-    /// protocol of `table.rs`). Returns `false` when it had to wait: table state held writes
+    /// buffered so far and the table state those events produced are durable (the protocol at
+    /// the top of this file). Returns `false` when it had to wait: table state held writes
     /// of events acked out of order, past the committable offsets.
     ///
     /// A commit that fails part way undoes nothing that is durable and loses nothing that is
