@@ -82,6 +82,8 @@ pub struct W2Run {
     pub events_s: f64,
     /// Accounts in the table at the end.
     pub accounts: u64,
+    /// CPU time of the worker thread per event (1-core runs; NaN otherwise).
+    pub cpu_ns_per_event: f64,
 }
 
 /// Runs W2 as app `id` over the pre-loaded orders on `cores` cores, checks that the table
@@ -118,13 +120,14 @@ fn try_run_on(settings: Settings, topic: &str, n: u64, grouped: bool, deadline: 
     let counters: Arc<Vec<Counter>> = Arc::new((0..cores).map(|_| Counter::default()).collect());
     let base = Instant::now();
     let first_ns = Arc::new(AtomicU64::new(u64::MAX));
+    let cpu = Arc::new(crate::CpuSpan::new(n));
     // (orders counted, accounts) per core, read from its shards when its agent ends.
     let tallies: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
     {
-        let (counters, first_ns, tallies) = (counters.clone(), first_ns.clone(), tallies.clone());
+        let (counters, first_ns, tallies, cpu) = (counters.clone(), first_ns.clone(), tallies.clone(), cpu.clone());
         let count = move |stream: faust::Stream<String, Order>| {
-            let (counts, counters, first_ns, tallies) =
-                (counts.clone(), counters.clone(), first_ns.clone(), tallies.clone());
+            let (counts, counters, first_ns, tallies, cpu) =
+                (counts.clone(), counters.clone(), first_ns.clone(), tallies.clone(), cpu.clone());
             async move {
                 let core = faust::runtime::current_core().unwrap_or(0);
                 let counted = counts.clone();
@@ -134,7 +137,10 @@ fn try_run_on(settings: Settings, topic: &str, n: u64, grouped: bool, deadline: 
                             first_ns.fetch_min(base.elapsed().as_nanos() as u64, Ordering::Relaxed);
                         }
                         counted.update(&order.account_id, |c| *c += 1)?;
-                        counters[core].0.fetch_add(1, Ordering::Relaxed);
+                        let seen = counters[core].0.fetch_add(1, Ordering::Relaxed) + 1;
+                        if cores == 1 {
+                            cpu.mark(seen);
+                        }
                         Ok(())
                     })
                     .await?;
@@ -185,7 +191,7 @@ fn try_run_on(settings: Settings, topic: &str, n: u64, grouped: bool, deadline: 
     if counted != n {
         return Err(format!("W2 ({id}): the table counted {counted} orders, not {n}"));
     }
-    Ok(W2Run { events_s: n as f64 / (end - start).as_secs_f64(), accounts })
+    Ok(W2Run { events_s: n as f64 / (end - start).as_secs_f64(), accounts, cpu_ns_per_event: cpu.ns_per_event() })
 }
 
 /// The floor: the same decode and count per account (a foldhash map) by `threads` plain
