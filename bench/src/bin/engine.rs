@@ -167,7 +167,10 @@ fn run_w2(dir: &Path, n: u64, json: bool, runs: usize) -> W2Figures {
     for r in 0..runs {
         let a = w2::run(&small, &format!("w2-1core-{r}"), n, 1);
         assert_eq!(a.accounts, 10_000, "W2 counted {} accounts", a.accounts);
-        progress(json, &format!("W2 1 core run {r}: {:.0} events/s, {:.0} CPU ns per event", a.events_s, a.cpu_ns_per_event));
+        progress(
+            json,
+            &format!("W2 1 core run {r}: {:.0} events/s, {:.0} CPU ns per event", a.events_s, a.cpu_ns_per_event),
+        );
         one = one.max(a.events_s);
         one_cpu_ns = one_cpu_ns.min(a.cpu_ns_per_event);
         let b = w2::run(&small, &format!("w2-2core-{r}"), n, 2);

@@ -240,14 +240,14 @@ impl CoreRuntime {
             }
         }
         let discarded: Vec<_> = self
-            .pending_writes
+            .written
             .borrow_mut()
             .extract_if(.., |(token, _)| {
                 sources.iter().any(|tp| token.partition == tp.partition && *token.topic == *tp.topic)
             })
             .collect();
         for (token, shard) in discarded {
-            shard.discard_pending(&token);
+            shard.undo(&token);
         }
         let mut suspended = Vec::new();
         for tp in &changelogs {

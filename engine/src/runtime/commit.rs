@@ -1,9 +1,11 @@
 //! The commit protocol.
 //!
 //! **Invariant: after a crash at any point, a table shard holds exactly the effects of the
-//! events below its partition's committed offset.** Writes reach a shard's cache only when
-//! their event is acked, so freezing the dirty entries in the same instant as the
-//! committable offsets are read captures exactly those effects. A commit then writes them
+//! events below its partition's committed offset.** Writes of events in flight are in a
+//! shard's cache in place, but its undo log holds, for each key they wrote, the value the
+//! acked events left; a freeze takes that value for those keys and the cache's for the other
+//! dirty ones, so freezing in the same instant as the committable offsets are read captures
+//! exactly the effects of the acked events. A commit then writes them
 //! once to the store and once to the changelog, waits until the changelog (and every buffered
 //! send) is durable, commits the source offsets *and the changelog end offsets in one
 //! transport commit*, and only then checkpoints the stores: the pair (source offset,

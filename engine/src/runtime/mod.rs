@@ -123,7 +123,7 @@ pub(crate) struct CoreRuntime {
     internal_topics: std::collections::HashSet<Arc<str>>,
     stats: Arc<crate::runtime::stats::Counters>,
     /// Shards holding writes of events not yet acked, by event.
-    pending_writes: RefCell<Vec<(Token, Rc<dyn AnyShard>)>>,
+    written: RefCell<Vec<(Token, Rc<dyn AnyShard>)>>,
     /// `settle_writes`' buffer, empty between calls.
     settling: Cell<Vec<(Token, Rc<dyn AnyShard>)>>,
     /// Commits in a row that waited because table state ran ahead of committable offsets.
@@ -245,7 +245,7 @@ impl CoreRuntime {
             dead_letter,
             stopped_at,
             lost_data,
-            pending_writes: RefCell::new(Vec::new()),
+            written: RefCell::new(Vec::new()),
             settling: Cell::new(Vec::new()),
             deferred_commits: Cell::new(0),
             write_trouble: RefCell::new(None),
@@ -329,7 +329,7 @@ impl CoreRuntime {
         if acked == self.commit_every {
             self.commit_soon.notify(1);
         }
-        if !self.pending_writes.borrow().is_empty() {
+        if !self.written.borrow().is_empty() {
             self.settle_writes(agent, tp, offset, true);
         }
     }
@@ -340,25 +340,33 @@ impl CoreRuntime {
         self.agent_acks.get(agent).map_or(0, Cell::get)
     }
 
-    /// Applies (or drops) the pending table writes of one event.
-    fn settle_writes(&self, agent: usize, tp: &TopicPartition, offset: u64, apply: bool) {
-        // Moved into a buffer kept between calls (applying may register writes again, so
-        // the list is not borrowed meanwhile): no allocation per event.
+    /// Settles the table writes of one event: they stand (`acked`), or are undone.
+    fn settle_writes(&self, agent: usize, tp: &TopicPartition, offset: u64, acked: bool) {
+        // Moved into a buffer kept between calls (settling may note writes again, so the
+        // list is not borrowed meanwhile): no allocation per event.
         let mut settled = self.settling.take();
-        settled.extend(self.pending_writes.borrow_mut().extract_if(.., |(t, _)| t.matches(agent, tp, offset)));
-        for (token, shard) in settled.drain(..) {
-            if apply {
-                shard.apply_pending(&token);
+        {
+            let mut written = self.written.borrow_mut();
+            // Nearly always one event in flight per shard, acked in order: the whole list.
+            if written.len() == 1 && written[0].0.matches(agent, tp, offset) {
+                settled.extend(written.drain(..));
             } else {
-                shard.discard_pending(&token);
+                settled.extend(written.extract_if(.., |(t, _)| t.matches(agent, tp, offset)));
+            }
+        }
+        for (token, shard) in settled.drain(..) {
+            if acked {
+                shard.acked(&token);
+            } else {
+                shard.undo(&token);
             }
         }
         self.settling.set(settled);
     }
 
-    /// Drops the table writes of events an agent failed on (they will be processed again).
+    /// Undoes the table writes of events an agent failed on (they will be processed again).
     pub(crate) fn discard_writes(&self, agent: usize, events: &[QueuedEvent]) {
-        if self.pending_writes.borrow().is_empty() {
+        if self.written.borrow().is_empty() {
             return;
         }
         for e in events {
@@ -366,9 +374,10 @@ impl CoreRuntime {
         }
     }
 
-    /// Notes that `shard` holds writes of the event of `token`, to apply when it is acked.
-    pub(crate) fn register_pending(&self, token: Token, shard: Rc<dyn AnyShard>) {
-        self.pending_writes.borrow_mut().push((token, shard));
+    /// Notes that `shard`'s undo log holds writes of the event of `token`, to settle when
+    /// the event is acked or fails.
+    pub(crate) fn note_writes(&self, token: Token, shard: Rc<dyn AnyShard>) {
+        self.written.borrow_mut().push((token, shard));
     }
 
     /// The shard of `table`'s `partition`, if this core holds it.

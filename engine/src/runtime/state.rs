@@ -33,7 +33,7 @@ pub(crate) struct ShardArgs {
     pub(crate) dir: Option<PathBuf>,
 }
 
-/// Identifies the event whose writes are pending: the agent and the event's position.
+/// Identifies the event a table write belongs to: the agent and the event's position.
 #[derive(Debug, Clone, Eq)]
 pub(crate) struct Token {
     pub(crate) agent: usize,
@@ -80,12 +80,14 @@ pub(crate) trait AnyShard {
     fn items_json(&self) -> Result<Vec<(serde_json::Value, serde_json::Value)>, TableError>;
     fn partition(&self) -> u32;
     fn changelog(&self) -> &TopicPartition;
-    /// Applies the writes made while processing the event of `token` (it was acked).
-    fn apply_pending(&self, token: &Token);
-    /// Drops them (the agent failed on the event).
-    fn discard_pending(&self, token: &Token);
+    /// The event of `token` was acked: its writes (in place already) stand, and its undo
+    /// entries go.
+    fn acked(&self, token: &Token);
+    /// The agent failed on the event of `token`, or it was abandoned: every key it wrote gets
+    /// back exactly its previous value.
+    fn undo(&self, token: &Token);
     /// Whether writes of an event at or past the committable offset of its partition were
-    /// applied since the last freeze (events acked out of order): such a state cannot be
+    /// acked since the last freeze (events acked out of order): such a state cannot be
     /// committed with those offsets.
     fn applied_beyond(&self, committable: &dyn Fn(&TopicPartition) -> Option<u64>) -> bool;
     fn is_dirty(&self) -> bool;

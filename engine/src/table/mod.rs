@@ -5,11 +5,14 @@
 //! shard is a typed write-back cache over a log-structured store (or, for `memory://`
 //! tables, the cache alone):
 //!
-//! - **Writes of an event are held back until the event is acked.** An agent's writes go to
-//!   the shard's pending list, tagged with the event being processed; they reach the cache
-//!   when the agent moves past the event (or acks it), and are dropped if the agent fails on
-//!   it (the event is retried, so its writes must not count twice). Reads inside the event see
-//!   its own pending writes. So the cache only ever holds effects of finished events.
+//! - **A write is applied in place, and owned by the shard's undo log until its event is
+//!   acked.** The first time an event writes a key, the key's previous value goes to the undo
+//!   log, tagged with the event; reads see the value in place. When the agent moves past the
+//!   event (or acks it) the core drops its undo entries; when the agent fails on it, or the
+//!   event is abandoned at a revocation, the core undoes them, and every key it wrote gets
+//!   back exactly its previous value (the event is processed again, so its writes must not
+//!   count twice). A commit freezes, for a key an event in flight wrote, the value under its
+//!   oldest undo entry: so what a commit writes only ever holds effects of finished events.
 //! - **A commit** (`runtime/commit.rs`) freezes the dirty entries with the committable
 //!   offsets, writes them to the store and the changelog, and commits the changelog's end with
 //!   the source offsets in one transport commit; **recovery** (`runtime/recovery.rs`) replays
@@ -80,9 +83,9 @@ pub(crate) struct TableShared<K, V> {
 ///
 /// Inside stream processing, operations go to the shard of the current event's partition (so
 /// key the source topic by the table's key, as Faust requires); elsewhere name the partition
-/// with [`Table::partition`]. Writes made while processing an event take effect when the
-/// agent moves past the event, and are dropped if the agent fails on it (the event is
-/// processed again). Reads see the event's own writes.
+/// with [`Table::partition`]. Writes made while processing an event apply at once and stand
+/// when the agent moves past the event; if the agent fails on it they are undone, every key
+/// getting back its previous value (the event is processed again). Reads see them.
 ///
 /// ```
 /// use faust::{App, Settings};
@@ -195,14 +198,14 @@ where
     }
 
     /// Sets `key` to `value` in the current event's shard if `value` is past its latest
-    /// value — counting the writes of every event not yet acked, in the order they were made,
-    /// not only the current event's — and says whether it was.
+    /// value — counting the writes of every event not yet acked, not only the current
+    /// event's — and says whether it was.
     pub(crate) fn advance(&self, key: K, value: V) -> Result<bool, TableError>
     where
         V: PartialOrd,
     {
         self.with_shard(None, |s, token| {
-            if s.latest(&key)?.is_some_and(|latest| value <= latest) {
+            if s.get(&key)?.is_some_and(|latest| value <= latest) {
                 return Ok(false);
             }
             s.write(token, key, Some(value))?;
@@ -265,14 +268,15 @@ where
         let not_local = || TableError::NotLocal { table: table(), partition, core: core.index() };
         let shard = core.shard(self.shared.index, partition).ok_or_else(not_local)?;
         let typed = shard.as_any().downcast_ref::<Shard<K, V>>().ok_or_else(not_local)?;
-        // Writes of an event are pending until it is acked: the core applies them then.
-        let registered = token.as_ref().map(|t| typed.has_pending(t)).unwrap_or(true);
+        // The shard's undo log holds an event's writes until the core settles them at its
+        // ack (or failure): the core learns of the shard at the event's first write to it.
+        let noted = token.as_ref().map(|t| typed.has_writes_of(t)).unwrap_or(true);
         let result = f(typed, token.clone());
         if let Some(t) = token
-            && !registered
-            && typed.has_pending(&t)
+            && !noted
+            && typed.has_writes_of(&t)
         {
-            core.register_pending(t, shard);
+            core.note_writes(t, shard);
         }
         result
     }
@@ -316,12 +320,12 @@ where
 
     /// The value of `key`, if any.
     pub fn get(&self, key: &K) -> Result<Option<V>, TableError> {
-        self.with_shard(None, |s, t| s.get(t.as_ref(), key))
+        self.with_shard(None, |s, _| s.get(key))
     }
 
     /// The value of `key`, or the table's default.
     pub fn get_or_default(&self, key: &K) -> Result<V, TableError> {
-        self.with_shard(None, |s, t| s.get_or_default(t.as_ref(), key))
+        self.with_shard(None, |s, _| s.get_or_default(key))
     }
 
     /// Sets `key` to `value`.
@@ -338,22 +342,21 @@ where
     /// Removes `key`, returning its value.
     pub fn remove(&self, key: &K) -> Result<Option<V>, TableError> {
         self.with_shard(None, |s, t| {
-            let old = s.get(t.as_ref(), key)?;
+            let old = s.get(key)?;
             s.write(t, key.clone(), None)?;
             Ok(old)
         })
     }
 
     /// Every key and value of the table's shards on the calling core, in no particular order
-    /// (writes of the current event included).
+    /// (writes of events in flight included).
     pub fn local_items(&self) -> Result<Vec<(K, V)>, TableError> {
         let core = crate::runtime::CoreRuntime::current()
             .ok_or_else(|| TableError::NotRunning { table: self.shared.name.to_string() })?;
-        let token = crate::runtime::context::current_token();
         let mut out = Vec::new();
         for shard in core.shards_of(self.shared.index) {
             if let Some(s) = shard.as_any().downcast_ref::<Shard<K, V>>() {
-                s.items(token.as_ref(), &mut out)?;
+                s.items(&mut out)?;
             }
         }
         Ok(out)
@@ -374,12 +377,12 @@ where
 {
     /// The value of `key`, if any.
     pub fn get(&self, key: &K) -> Result<Option<V>, TableError> {
-        self.table.with_shard(Some(self.partition), |s, t| s.get(t.as_ref(), key))
+        self.table.with_shard(Some(self.partition), |s, _| s.get(key))
     }
 
     /// The value of `key`, or the table's default.
     pub fn get_or_default(&self, key: &K) -> Result<V, TableError> {
-        self.table.with_shard(Some(self.partition), |s, t| s.get_or_default(t.as_ref(), key))
+        self.table.with_shard(Some(self.partition), |s, _| s.get_or_default(key))
     }
 
     /// Sets `key` to `value`.
@@ -395,7 +398,7 @@ where
     /// Removes `key`, returning its value.
     pub fn remove(&self, key: &K) -> Result<Option<V>, TableError> {
         self.table.with_shard(Some(self.partition), |s, t| {
-            let old = s.get(t.as_ref(), key)?;
+            let old = s.get(key)?;
             s.write(t, key.clone(), None)?;
             Ok(old)
         })
@@ -404,7 +407,7 @@ where
     /// Every key and value of this partition.
     pub fn items(&self) -> Result<Vec<(K, V)>, TableError> {
         let mut out = Vec::new();
-        self.table.with_shard(Some(self.partition), |s, t| s.items(t.as_ref(), &mut out))?;
+        self.table.with_shard(Some(self.partition), |s, _| s.items(&mut out))?;
         Ok(out)
     }
 }

@@ -76,18 +76,37 @@ fn decode_meta(bytes: &[u8]) -> CheckpointMeta {
 
 struct Cached<V> {
     value: Option<V>,
+    /// Not yet frozen by a commit.
     dirty: bool,
+    /// The write run ([`State::run`]) that last noted an undo entry for this key: a write in
+    /// the same run changes the value in place without another one.
+    run: u64,
+}
+
+/// What undoing an event's write to a key restores: the key's entry before the write.
+struct Undo<K, V> {
+    event: Token,
+    key: K,
+    /// `(value, dirty)` before the write; `None`: the key was not in the cache.
+    before: Option<(Option<V>, bool)>,
 }
 
 struct State<K, V> {
     /// Recently used and dirty entries; a `None` value is a deletion. For an in-memory shard
-    /// this is the whole state.
+    /// this is the whole state. Writes of events not yet acked are in it too, in place.
     cache: Map<K, Cached<V>>,
     /// Dirty entries in `cache`.
     dirty: usize,
-    /// Writes of events not yet acked, in the order they were made.
-    pending: Vec<(Token, K, Option<V>)>,
-    /// Per source partition, the highest offset whose writes were applied since the freeze.
+    /// The undo log: for each key an event in flight wrote, its entry before that event's
+    /// first write, oldest first. The one owner of a write until its ack: an ack drops the
+    /// event's entries, a failed or abandoned event puts them back (newest first).
+    undo: Vec<Undo<K, V>>,
+    /// The current write run: consecutive writes of one event, numbered so that a key the
+    /// run already wrote (its [`Cached::run`]) needs no second undo entry.
+    run: u64,
+    /// The event of the current run; `None` after it was settled.
+    run_event: Option<Token>,
+    /// Per source partition, the highest offset whose writes were acked since the freeze.
     applied: Vec<(TopicPartition, u64)>,
     store: Option<Store>,
     stream_time: i64,
@@ -127,107 +146,147 @@ where
         TableError::Store { table: self.name.to_string(), partition: self.partition, source }
     }
 
-    pub(super) fn has_pending(&self, token: &Token) -> bool {
-        self.state.borrow().pending.iter().any(|(t, _, _)| t == token)
+    /// Whether the undo log holds writes of the event of `token`.
+    pub(super) fn has_writes_of(&self, token: &Token) -> bool {
+        let state = self.state.borrow();
+        state.run_event.as_ref() == Some(token) || state.undo.iter().rev().any(|u| u.event == *token)
     }
 
-    pub(super) fn get(&self, token: Option<&Token>, key: &K) -> Result<Option<V>, TableError> {
+    /// The current value: writes of events in flight included (they are in place).
+    pub(super) fn get(&self, key: &K) -> Result<Option<V>, TableError> {
         let mut state = self.state.borrow_mut();
-        if let Some(t) = token
-            && let Some((_, _, v)) = state.pending.iter().rev().find(|(pt, k, _)| pt == t && k == key)
-        {
-            return Ok(v.clone());
-        }
-        self.read_committed(&mut state, key)
-    }
-
-    pub(super) fn latest(&self, key: &K) -> Result<Option<V>, TableError> {
-        let mut state = self.state.borrow_mut();
-        if let Some((_, _, v)) = state.pending.iter().rev().find(|(_, k, _)| k == key) {
-            return Ok(v.clone());
-        }
-        self.read_committed(&mut state, key)
-    }
-
-    /// The value without pending writes: from the cache, else the store.
-    fn read_committed(&self, state: &mut State<K, V>, key: &K) -> Result<Option<V>, TableError> {
         if let Some(c) = state.cache.get(key) {
             return Ok(c.value.clone());
         }
+        Ok(self.load(&mut state, key)?.and_then(|c| c.value.clone()))
+    }
+
+    /// Loads `key` from the store into the cache, when it is there and not cached (a value
+    /// that no longer decodes is a deletion with `reset_bad_values`, an error otherwise).
+    fn load<'s>(&self, state: &'s mut State<K, V>, key: &K) -> Result<Option<&'s mut Cached<V>>, TableError> {
         let State { store, key_scratch, cache, dirty, .. } = state;
+        if cache.contains_key(key) {
+            return Ok(cache.get_mut(key));
+        }
         let Some(store) = store.as_ref() else { return Ok(None) };
         key_scratch.clear();
         self.config.key_codec.encode_owned(key, key_scratch).map_err(|e| self.codec_err("key", e))?;
         let Some(raw) = store.get_ref(key_scratch) else { return Ok(None) };
-        match self.config.value_codec.decode::<V>(raw) {
-            Ok(v) => {
-                cache.insert(key.clone(), Cached { value: Some(v.clone()), dirty: false });
-                Ok(Some(v))
-            }
+        let entry = match self.config.value_codec.decode::<V>(raw) {
+            Ok(v) => Cached { value: Some(v), dirty: false, run: 0 },
             Err(e) if self.config.reset_bad_values => {
                 tracing::warn!(table = %self.name, partition = self.partition, key = %preview(key_scratch), error = %e,
                     "dropping a stored value that no longer decodes");
                 // A deletion, so the store and the changelog drop it at the next commit.
-                cache.insert(key.clone(), Cached { value: None, dirty: true });
                 *dirty += 1;
-                Ok(None)
+                Cached { value: None, dirty: true, run: 0 }
             }
-            Err(e) => Err(self.codec_err(format!("stored value (key {})", preview(key_scratch)), e)),
-        }
+            Err(e) => return Err(self.codec_err(format!("stored value (key {})", preview(key_scratch)), e)),
+        };
+        Ok(Some(cache.entry(key.clone()).insert(entry).into_mut()))
     }
 
     fn default_value(&self) -> Result<V, TableError> {
         self.config.default.as_ref().map(|d| d()).ok_or_else(|| TableError::NoDefault { table: self.name.to_string() })
     }
 
-    pub(super) fn get_or_default(&self, token: Option<&Token>, key: &K) -> Result<V, TableError> {
-        match self.get(token, key)? {
+    pub(super) fn get_or_default(&self, key: &K) -> Result<V, TableError> {
+        match self.get(key)? {
             Some(v) => Ok(v),
             None => self.default_value(),
         }
     }
 
-    pub(super) fn update(&self, token: Option<Token>, key: &K, f: impl FnOnce(&mut V)) -> Result<V, TableError> {
-        // The common case: the event already wrote this key; change its pending value.
-        if let Some(t) = &token {
-            let mut state = self.state.borrow_mut();
-            if let Some((_, _, Some(v))) = state.pending.iter_mut().rev().find(|(pt, k, _)| pt == t && k == key) {
-                f(v);
-                return Ok(v.clone());
-            }
+    /// Runs `write` on the cache entry of `key` for a write by the event of `token` (or,
+    /// without one, outside any event), after noting the key's entry before the event's first
+    /// write to it in the undo log; then marks the entry dirty. One hash lookup when the key is
+    /// cached.
+    fn write_entry<R>(
+        &self,
+        state: &mut State<K, V>,
+        token: Option<&Token>,
+        key: &K,
+        write: impl FnOnce(&mut Cached<V>) -> Result<R, TableError>,
+    ) -> Result<R, TableError> {
+        let State { cache, undo, run, run_event, dirty, .. } = state;
+        if let Some(t) = token
+            && run_event.as_ref() != Some(t)
+        {
+            *run += 1;
+            *run_event = Some(t.clone());
         }
-        let mut value = self.get_or_default(token.as_ref(), key)?;
-        f(&mut value);
-        self.write(token, key.clone(), Some(value.clone()))?;
-        Ok(value)
+        if let Some(entry) = cache.get_mut(key) {
+            if let Some(t) = token
+                && entry.run != *run
+            {
+                undo.push(Undo { event: t.clone(), key: key.clone(), before: Some((entry.value.clone(), entry.dirty)) });
+                entry.run = *run;
+            }
+            let result = write(entry)?;
+            *dirty += mark_dirty(entry);
+            return Ok(result);
+        }
+        // Not cached: from the store if it is there, else a new entry.
+        let loaded = self.load(state, key)?.is_some();
+        let State { cache, undo, run, dirty, .. } = state;
+        let entry = if loaded {
+            cache.get_mut(key).expect("loaded above")
+        } else {
+            cache.entry(key.clone()).or_insert(Cached { value: None, dirty: false, run: 0 })
+        };
+        if let Some(t) = token {
+            let before = loaded.then(|| (entry.value.clone(), entry.dirty));
+            undo.push(Undo { event: t.clone(), key: key.clone(), before });
+            entry.run = *run;
+        }
+        let result = write(entry)?;
+        *dirty += mark_dirty(entry);
+        Ok(result)
+    }
+
+    pub(super) fn update(&self, token: Option<Token>, key: &K, f: impl FnOnce(&mut V)) -> Result<V, TableError> {
+        let mut guard = self.state.borrow_mut();
+        let state = &mut *guard;
+        let result = self.write_entry(state, token.as_ref(), key, |entry| {
+            let value = match &mut entry.value {
+                Some(v) => v,
+                None => entry.value.insert(self.default_value()?),
+            };
+            f(value);
+            Ok(value.clone())
+        })?;
+        if token.is_none() {
+            Self::keep_outside_write(state, key);
+        }
+        Ok(result)
     }
 
     pub(super) fn write(&self, token: Option<Token>, key: K, value: Option<V>) -> Result<(), TableError> {
-        let mut state = self.state.borrow_mut();
-        match token {
-            Some(t) => state.pending.push((t, key, value)),
-            None => Self::apply(&mut state, key, value),
+        let mut guard = self.state.borrow_mut();
+        let state = &mut *guard;
+        self.write_entry(state, token.as_ref(), &key, |entry| {
+            entry.value = value;
+            Ok(())
+        })?;
+        if token.is_none() {
+            Self::keep_outside_write(state, &key);
         }
         Ok(())
     }
 
-    fn apply(state: &mut State<K, V>, key: K, value: Option<V>) {
-        match state.cache.get_mut(&key) {
-            Some(c) => {
-                if !c.dirty {
-                    c.dirty = true;
-                    state.dirty += 1;
-                }
-                c.value = value;
-            }
-            None => {
-                state.cache.insert(key, Cached { value, dirty: true });
-                state.dirty += 1;
-            }
+    /// A write outside any event to a key that events in flight wrote: undoing them restores
+    /// this value.
+    fn keep_outside_write(state: &mut State<K, V>, key: &K) {
+        if state.undo.is_empty() {
+            return;
+        }
+        let Some(c) = state.cache.get(key) else { return };
+        for u in state.undo.iter_mut().filter(|u| u.key == *key) {
+            u.before = Some((c.value.clone(), true));
         }
     }
 
-    pub(super) fn items(&self, token: Option<&Token>, out: &mut Vec<(K, V)>) -> Result<(), TableError> {
+    pub(super) fn items(&self, out: &mut Vec<(K, V)>) -> Result<(), TableError> {
         let state = self.state.borrow();
         let mut merged: Map<K, Option<V>> = Map::default();
         if let Some(store) = state.store.as_ref() {
@@ -245,15 +304,18 @@ where
         for (k, c) in &state.cache {
             merged.insert(k.clone(), c.value.clone());
         }
-        if let Some(t) = token {
-            for (pt, k, v) in &state.pending {
-                if pt == t {
-                    merged.insert(k.clone(), v.clone());
-                }
-            }
-        }
         out.extend(merged.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
         Ok(())
+    }
+}
+
+/// Marks an entry dirty; returns 1 when it was not.
+fn mark_dirty<V>(entry: &mut Cached<V>) -> usize {
+    if entry.dirty {
+        0
+    } else {
+        entry.dirty = true;
+        1
     }
 }
 
@@ -272,7 +334,7 @@ where
 
     fn lookup_json(&self, key: &[u8]) -> Result<Option<serde_json::Value>, TableError> {
         let key: K = self.config.key_codec.decode(key).map_err(|e| self.codec_err("key", e))?;
-        match self.get(None, &key)? {
+        match self.get(&key)? {
             Some(v) => Ok(Some(serde_json::to_value(&v).map_err(|e| self.json_err("value", e))?)),
             None => Ok(None),
         }
@@ -280,7 +342,7 @@ where
 
     fn items_json(&self) -> Result<Vec<(serde_json::Value, serde_json::Value)>, TableError> {
         let mut items = Vec::new();
-        self.items(None, &mut items)?;
+        self.items(&mut items)?;
         items
             .into_iter()
             .map(|(k, v)| {
@@ -298,28 +360,19 @@ where
         &self.changelog
     }
 
-    fn apply_pending(&self, token: &Token) {
-        let mut state = self.state.borrow_mut();
-        let state = &mut *state;
-        if state.pending.is_empty() {
-            return;
+    fn acked(&self, token: &Token) {
+        let mut guard = self.state.borrow_mut();
+        let state = &mut *guard;
+        if state.run_event.as_ref() == Some(token) {
+            state.run_event = None;
         }
-        // Taken out (for `apply` to borrow the state) and put back with its capacity, so
-        // that the writes of the next event do not allocate it again.
-        let mut pending = std::mem::take(&mut state.pending);
-        let before = pending.len();
-        if pending.iter().all(|(t, _, _)| t == token) {
-            for (_, k, v) in pending.drain(..) {
-                Self::apply(state, k, v);
-            }
+        let before = state.undo.len();
+        if state.undo.iter().all(|u| u.event == *token) {
+            state.undo.clear();
         } else {
-            for (_, k, v) in pending.extract_if(.., |(t, _, _)| t == token) {
-                Self::apply(state, k, v);
-            }
+            state.undo.retain(|u| u.event != *token);
         }
-        let applied = before - pending.len();
-        state.pending = pending;
-        if applied == 0 {
+        if state.undo.len() == before {
             return;
         }
         state.stream_time = state.stream_time.max(token.timestamp);
@@ -333,8 +386,44 @@ where
         }
     }
 
-    fn discard_pending(&self, token: &Token) {
-        self.state.borrow_mut().pending.retain(|(t, _, _)| t != token);
+    fn undo(&self, token: &Token) {
+        let mut guard = self.state.borrow_mut();
+        let state = &mut *guard;
+        if state.run_event.as_ref() == Some(token) {
+            state.run_event = None;
+        }
+        // Newest first, so a key the event wrote twice ends at its value before the first.
+        let mut i = state.undo.len();
+        while i > 0 {
+            i -= 1;
+            if state.undo[i].event != *token {
+                continue;
+            }
+            let entry = state.undo.remove(i);
+            // A later event in flight wrote the key since: it now restores what this one
+            // would have (the key's current value is that event's, and stays).
+            if let Some(later) = state.undo[i..].iter_mut().find(|u| u.key == entry.key) {
+                later.before = entry.before;
+                continue;
+            }
+            let State { cache, dirty, .. } = state;
+            let was_dirty = cache.get(&entry.key).is_some_and(|c| c.dirty);
+            let now_dirty = match entry.before {
+                None => {
+                    cache.remove(&entry.key);
+                    false
+                }
+                Some((value, d)) => {
+                    cache.insert(entry.key, Cached { value, dirty: d, run: 0 });
+                    d
+                }
+            };
+            match (was_dirty, now_dirty) {
+                (true, false) => *dirty -= 1,
+                (false, true) => *dirty += 1,
+                _ => {}
+            }
+        }
     }
 
     fn applied_beyond(&self, committable: &dyn Fn(&TopicPartition) -> Option<u64>) -> bool {
@@ -346,18 +435,38 @@ where
     }
 
     fn freeze(&self) -> Box<dyn FrozenSet> {
-        let mut state = self.state.borrow_mut();
+        let mut guard = self.state.borrow_mut();
+        let state = &mut *guard;
         let mut entries = Vec::with_capacity(state.dirty);
         let in_memory = state.store.is_none();
+        // Keys events in flight wrote: what the acked events left in them is the value before
+        // the oldest undo entry of each, and their entry in the cache stays dirty.
+        let mut in_flight: Map<K, usize> = Map::default();
+        for (i, u) in state.undo.iter().enumerate() {
+            in_flight.entry(u.key.clone()).or_insert(i);
+        }
+        let mut still_dirty = 0;
         for (k, c) in state.cache.iter_mut().filter(|(_, c)| c.dirty) {
+            if in_flight.contains_key(k) {
+                still_dirty += 1;
+                continue;
+            }
             c.dirty = false;
             entries.push((k.clone(), c.value.clone()));
+        }
+        for (k, i) in in_flight {
+            if let Some((value, dirty)) = &mut state.undo[i].before
+                && *dirty
+            {
+                *dirty = false;
+                entries.push((k, value.clone()));
+            }
         }
         if in_memory {
             // The cache is the state: a deletion needs no entry once it is frozen.
             state.cache.retain(|_, c| c.value.is_some() || c.dirty);
         }
-        state.dirty = 0;
+        state.dirty = still_dirty;
         state.applied.clear();
         Box::new(Frozen {
             entries,
@@ -372,9 +481,18 @@ where
 
     fn restore(&self, frozen: Box<dyn FrozenSet>) {
         let Ok(frozen) = frozen.into_any().downcast::<Frozen<K, V>>() else { return };
-        let mut state = self.state.borrow_mut();
-        let state = &mut *state;
+        let mut guard = self.state.borrow_mut();
+        let state = &mut *guard;
         for (key, value) in frozen.entries {
+            // Written by an event in flight: the acked value under its undo entry is dirty again.
+            if let Some(u) = state.undo.iter_mut().find(|u| u.key == key) {
+                match &mut u.before {
+                    Some((_, dirty)) => *dirty = true,
+                    // Evicted between the freeze and now: the frozen value is the acked one.
+                    None => u.before = Some((value, true)),
+                }
+                continue;
+            }
             match state.cache.get_mut(&key) {
                 // Written again since the freeze: already dirty, with the newer value.
                 Some(c) if c.dirty => {}
@@ -382,9 +500,9 @@ where
                     c.dirty = true;
                     state.dirty += 1;
                 }
-                // A deletion an in-memory shard forgot at the freeze.
+                // Evicted since, or a deletion an in-memory shard forgot at the freeze.
                 None => {
-                    state.cache.insert(key, Cached { value, dirty: true });
+                    state.cache.insert(key, Cached { value, dirty: true, run: 0 });
                     state.dirty += 1;
                 }
             }
@@ -462,7 +580,7 @@ where
                     };
                     match value {
                         Some(v) => {
-                            state.cache.insert(key, Cached { value: Some(v), dirty: false });
+                            state.cache.insert(key, Cached { value: Some(v), dirty: false, run: 0 });
                         }
                         None => {
                             state.cache.remove(&key);
@@ -512,6 +630,8 @@ where
         let mut state = self.state.borrow_mut();
         state.cache.clear();
         state.dirty = 0;
+        state.undo.clear();
+        state.run_event = None;
         if let Some(store) = state.store.as_mut() {
             let keys: Vec<bytes::Bytes> = store.iter().map(|(k, _)| k).collect();
             let mut batch = WriteBatch::new();
@@ -621,7 +741,9 @@ where
             state: RefCell::new(State {
                 cache: Map::default(),
                 dirty: 0,
-                pending: Vec::new(),
+                undo: Vec::new(),
+                run: 0,
+                run_event: None,
                 applied: Vec::new(),
                 store,
                 stream_time: checkpointed.stream_time,
@@ -630,5 +752,208 @@ where
             checkpointed_changelog: checkpointed.changelog,
             written_end: std::cell::Cell::new(None),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn token(event: u64) -> Token {
+        Token { agent: 0, topic: Arc::from("t"), partition: 0, offset: event, timestamp: event as i64 }
+    }
+
+    fn open(dir: Option<std::path::PathBuf>) -> Rc<dyn AnyShard> {
+        let json = || Codec::named("json").expect("the json codec");
+        let table = super::super::Table::<String, u64>::new("t", "app", 0, json(), json());
+        lock(&table.shared.config).default = Some(Arc::new(|| 0));
+        table.shared.open(ShardArgs { partition: 0, dir }).expect("open the shard")
+    }
+
+    fn typed(shard: &Rc<dyn AnyShard>) -> &Shard<String, u64> {
+        shard.as_any().downcast_ref().expect("a Shard<String, u64>")
+    }
+
+    /// Freezes `shard` and returns what the commit would write; with `fail`, gives it back as
+    /// a failed commit does.
+    fn freeze(shard: &Rc<dyn AnyShard>, fail: bool) -> BTreeMap<String, Option<u64>> {
+        let mut set = shard.freeze();
+        let (mut changelog, mut batch) = (BatchBuilder::with_capacity(1024), WriteBatch::new());
+        while set.encode(64, &mut changelog, &mut batch, 0).expect("encode") > 0 {}
+        if fail {
+            shard.restore(set);
+            return BTreeMap::new();
+        }
+        shard.write_store(&mut batch).expect("write the store");
+        set.into_any().downcast::<Frozen<String, u64>>().expect("frozen").entries.into_iter().collect()
+    }
+
+    fn get(shard: &Rc<dyn AnyShard>, key: &str) -> Option<u64> {
+        typed(shard).get(&key.to_string()).expect("read")
+    }
+
+    #[test]
+    fn undo_restores_the_previous_value_and_a_later_writer_keeps_its_own() {
+        let shard = open(None);
+        let s = typed(&shard);
+        s.write(None, "k".into(), Some(5)).expect("write");
+        s.update(Some(token(1)), &"k".into(), |v| *v += 1).expect("A");
+        s.update(Some(token(1)), &"k".into(), |v| *v += 1).expect("A again");
+        assert_eq!(s.state.borrow().undo.len(), 1, "one undo entry per event and key");
+        s.update(Some(token(2)), &"k".into(), |v| *v += 10).expect("B on top of A");
+        assert_eq!(get(&shard, "k"), Some(17), "reads see writes in flight");
+        // A fails: B built on A's value, and keeps it; undoing B now goes back before A.
+        shard.undo(&token(1));
+        assert_eq!(get(&shard, "k"), Some(17));
+        shard.undo(&token(2));
+        assert_eq!(get(&shard, "k"), Some(5));
+        assert!(s.state.borrow().undo.is_empty());
+    }
+
+    #[test]
+    fn a_write_outside_events_stands_when_an_event_before_it_is_undone() {
+        let shard = open(None);
+        let s = typed(&shard);
+        s.write(Some(token(1)), "k".into(), Some(1)).expect("A");
+        s.write(None, "k".into(), Some(9)).expect("a timer");
+        s.write(Some(token(1)), "k".into(), Some(2)).expect("A again");
+        shard.undo(&token(1));
+        assert_eq!(get(&shard, "k"), Some(9));
+    }
+
+    #[test]
+    fn a_freeze_takes_what_acked_events_left_and_keeps_writes_in_flight_dirty() {
+        let shard = open(None);
+        let s = typed(&shard);
+        s.write(None, "k".into(), Some(5)).expect("write");
+        s.write(Some(token(1)), "k".into(), Some(6)).expect("A");
+        s.write(Some(token(1)), "j".into(), Some(1)).expect("A");
+        assert_eq!(freeze(&shard, false), BTreeMap::from([("k".to_string(), Some(5))]));
+        assert!(shard.is_dirty(), "A's writes are not committed");
+        shard.acked(&token(1));
+        let second = freeze(&shard, false);
+        assert_eq!(second, BTreeMap::from([("k".to_string(), Some(6)), ("j".to_string(), Some(1))]));
+        assert!(!shard.is_dirty());
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// An event (or, with `None`, a write outside events) sets a key.
+        Write(Option<u64>, u8, Option<u64>),
+        /// An event adds one to a key (from the default when absent).
+        Update(u64, u8),
+        Ack(u64),
+        Undo(u64),
+        /// A commit's freeze; `true`: the commit fails and gives the entries back.
+        Freeze(bool),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let event = 0u64..4;
+        let key = 0u8..6;
+        prop_oneof![
+            4 => (proptest::option::of(event.clone()), key.clone(), proptest::option::weighted(0.8, 0u64..100))
+                .prop_map(|(e, k, v)| Op::Write(e, k, v)),
+            4 => (event.clone(), key).prop_map(|(e, k)| Op::Update(e, k)),
+            2 => event.clone().prop_map(Op::Ack),
+            1 => event.prop_map(Op::Undo),
+            1 => any::<bool>().prop_map(Op::Freeze),
+        ]
+    }
+
+    /// The shard against a model: events in flight each write keys no other event in flight
+    /// wrote (the case with no conflicts, where the result is fully defined); every read sees
+    /// the acked state with the writes in flight over it; an ack keeps an event's writes, an
+    /// undo forgets them; a successful commit brings the committed state to the acked one.
+    fn check(ops: Vec<Op>, dir: Option<std::path::PathBuf>) -> Result<(), TestCaseError> {
+        let shard = open(dir);
+        let s = typed(&shard);
+        let mut acked: BTreeMap<String, Option<u64>> = BTreeMap::new();
+        let mut in_flight: BTreeMap<u64, BTreeMap<String, Option<u64>>> = BTreeMap::new();
+        let mut committed: BTreeMap<String, Option<u64>> = BTreeMap::new();
+        let view = |acked: &BTreeMap<String, Option<u64>>,
+                    in_flight: &BTreeMap<u64, BTreeMap<String, Option<u64>>>,
+                    k: &str| {
+            in_flight.values().find_map(|w| w.get(k).copied()).unwrap_or_else(|| acked.get(k).copied().flatten())
+        };
+        let owner = |in_flight: &BTreeMap<u64, BTreeMap<String, Option<u64>>>, k: &str| {
+            in_flight.iter().find(|(_, w)| w.contains_key(k)).map(|(e, _)| *e)
+        };
+        for op in ops {
+            match op {
+                Op::Write(event, k, v) => {
+                    let k = k.to_string();
+                    let owned = owner(&in_flight, &k);
+                    if owned.is_some() && owned != event {
+                        continue;
+                    }
+                    s.write(event.map(token), k.clone(), v).expect("write");
+                    match event {
+                        Some(e) => {
+                            in_flight.entry(e).or_default().insert(k, v);
+                        }
+                        None => {
+                            acked.insert(k, v);
+                        }
+                    }
+                }
+                Op::Update(e, k) => {
+                    let k = k.to_string();
+                    let owned = owner(&in_flight, &k);
+                    if owned.is_some() && owned != Some(e) {
+                        continue;
+                    }
+                    let new = s.update(Some(token(e)), &k, |v| *v += 1).expect("update");
+                    let expected = view(&acked, &in_flight, &k).unwrap_or(0) + 1;
+                    prop_assert_eq!(new, expected);
+                    in_flight.entry(e).or_default().insert(k, Some(new));
+                }
+                Op::Ack(e) => {
+                    shard.acked(&token(e));
+                    acked.extend(in_flight.remove(&e).unwrap_or_default());
+                }
+                Op::Undo(e) => {
+                    shard.undo(&token(e));
+                    in_flight.remove(&e);
+                }
+                Op::Freeze(fail) => {
+                    let frozen = freeze(&shard, fail);
+                    if !fail {
+                        committed.extend(frozen);
+                        let norm = |m: &BTreeMap<String, Option<u64>>| -> BTreeMap<String, u64> {
+                            m.iter().filter_map(|(k, v)| v.map(|v| (k.clone(), v))).collect()
+                        };
+                        prop_assert_eq!(norm(&committed), norm(&acked), "a commit writes exactly the acked state");
+                        if in_flight.is_empty() {
+                            prop_assert!(!shard.is_dirty(), "nothing left to commit");
+                        }
+                    }
+                }
+            }
+            for k in 0..6u8 {
+                let k = k.to_string();
+                prop_assert_eq!(get(&shard, &k), view(&acked, &in_flight, &k), "key {}", k);
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        #[test]
+        fn in_memory_shard_matches_the_model(ops in proptest::collection::vec(op(), 1..60)) {
+            check(ops, None)?;
+        }
+
+        #[test]
+        fn store_backed_shard_matches_the_model(ops in proptest::collection::vec(op(), 1..60)) {
+            let dir = tempfile::tempdir().expect("a temporary directory");
+            check(ops, Some(dir.path().join("shard")))?;
+        }
     }
 }
