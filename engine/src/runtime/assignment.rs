@@ -239,16 +239,9 @@ impl CoreRuntime {
                 committed_offsets.remove(tp);
             }
         }
-        let discarded: Vec<_> = self
-            .written
-            .borrow_mut()
-            .extract_if(.., |(token, _)| {
-                sources.iter().any(|tp| token.partition == tp.partition && *token.topic == *tp.topic)
-            })
-            .collect();
-        for (token, shard) in discarded {
-            shard.undo(&token);
-        }
+        self.undo_writes(&|token| {
+            sources.iter().any(|tp| token.partition == tp.partition && *token.topic == *tp.topic)
+        });
         let mut suspended = Vec::new();
         for tp in &changelogs {
             let Some(table) = self.is_changelog(tp) else { continue };

@@ -122,10 +122,8 @@ pub(crate) struct CoreRuntime {
     /// Topics the engine makes and can rebuild (changelogs, repartition topics).
     internal_topics: std::collections::HashSet<Arc<str>>,
     stats: Arc<crate::runtime::stats::Counters>,
-    /// Shards holding writes of events not yet acked, by event.
-    written: RefCell<Vec<(Token, Rc<dyn AnyShard>)>>,
-    /// `settle_writes`' buffer, empty between calls.
-    settling: Cell<Vec<(Token, Rc<dyn AnyShard>)>>,
+    /// Shards whose undo logs hold writes of events not yet acked.
+    written: RefCell<Vec<Rc<dyn AnyShard>>>,
     /// Commits in a row that waited because table state ran ahead of committable offsets.
     deferred_commits: Cell<u32>,
     /// Why applying an assignment failed on this core (the worker stops with it).
@@ -246,7 +244,6 @@ impl CoreRuntime {
             stopped_at,
             lost_data,
             written: RefCell::new(Vec::new()),
-            settling: Cell::new(Vec::new()),
             deferred_commits: Cell::new(0),
             write_trouble: RefCell::new(None),
             writable: Event::new(),
@@ -342,26 +339,23 @@ impl CoreRuntime {
 
     /// Settles the table writes of one event: they stand (`acked`), or are undone.
     fn settle_writes(&self, agent: usize, tp: &TopicPartition, offset: u64, acked: bool) {
-        // Moved into a buffer kept between calls (settling may note writes again, so the
-        // list is not borrowed meanwhile): no allocation per event.
-        let mut settled = self.settling.take();
-        {
-            let mut written = self.written.borrow_mut();
-            // Nearly always one event in flight per shard, acked in order: the whole list.
-            if written.len() == 1 && written[0].0.matches(agent, tp, offset) {
-                settled.extend(written.drain(..));
-            } else {
-                settled.extend(written.extract_if(.., |(t, _)| t.matches(agent, tp, offset)));
-            }
-        }
-        for (token, shard) in settled.drain(..) {
+        // Shards do not call back into the core: the list stays borrowed.
+        self.written.borrow_mut().retain(|shard| {
             if acked {
-                shard.acked(&token);
+                shard.acked(agent, tp, offset);
             } else {
-                shard.undo(&token);
+                shard.undo(&|t| t.matches(agent, tp, offset));
             }
-        }
-        self.settling.set(settled);
+            shard.holds_writes_in_flight()
+        });
+    }
+
+    /// Undoes the table writes of events `which` picks (of revoked partitions).
+    pub(crate) fn undo_writes(&self, which: &dyn Fn(&Token) -> bool) {
+        self.written.borrow_mut().retain(|shard| {
+            shard.undo(which);
+            shard.holds_writes_in_flight()
+        });
     }
 
     /// Undoes the table writes of events an agent failed on (they will be processed again).
@@ -374,10 +368,10 @@ impl CoreRuntime {
         }
     }
 
-    /// Notes that `shard`'s undo log holds writes of the event of `token`, to settle when
-    /// the event is acked or fails.
-    pub(crate) fn note_writes(&self, token: Token, shard: Rc<dyn AnyShard>) {
-        self.written.borrow_mut().push((token, shard));
+    /// Notes that `shard`'s undo log now holds writes of events in flight, to settle when
+    /// they are acked or fail.
+    pub(crate) fn note_writes(&self, shard: Rc<dyn AnyShard>) {
+        self.written.borrow_mut().push(shard);
     }
 
     /// The shard of `table`'s `partition`, if this core holds it.

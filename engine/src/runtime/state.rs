@@ -80,12 +80,15 @@ pub(crate) trait AnyShard {
     fn items_json(&self) -> Result<Vec<(serde_json::Value, serde_json::Value)>, TableError>;
     fn partition(&self) -> u32;
     fn changelog(&self) -> &TopicPartition;
-    /// The event of `token` was acked: its writes (in place already) stand, and its undo
-    /// entries go.
-    fn acked(&self, token: &Token);
-    /// The agent failed on the event of `token`, or it was abandoned: every key it wrote gets
-    /// back exactly its previous value.
-    fn undo(&self, token: &Token);
+    /// The event at `offset` of `tp` was acked by `agent`: its writes (in place already)
+    /// stand, and its undo entries go.
+    fn acked(&self, agent: usize, tp: &TopicPartition, offset: u64);
+    /// The agent failed on the events `which` picks, or they were abandoned: every key they
+    /// wrote gets back exactly its previous value.
+    fn undo(&self, which: &dyn Fn(&Token) -> bool);
+    /// Whether the undo log holds writes of events in flight (the core settles the shard at
+    /// their ack).
+    fn holds_writes_in_flight(&self) -> bool;
     /// Whether writes of an event at or past the committable offset of its partition were
     /// acked since the last freeze (events acked out of order): such a state cannot be
     /// committed with those offsets.

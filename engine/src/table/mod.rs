@@ -39,7 +39,7 @@ use serde::de::DeserializeOwned;
 
 use crate::codec::Codec;
 pub(crate) use crate::error::TableError;
-use crate::runtime::state::Token;
+use crate::runtime::state::{AnyShard, Token};
 use crate::util::lock;
 pub(crate) use shard::Shard;
 
@@ -270,13 +270,10 @@ where
         let typed = shard.as_any().downcast_ref::<Shard<K, V>>().ok_or_else(not_local)?;
         // The shard's undo log holds an event's writes until the core settles them at its
         // ack (or failure): the core learns of the shard at the event's first write to it.
-        let noted = token.as_ref().map(|t| typed.has_writes_of(t)).unwrap_or(true);
-        let result = f(typed, token.clone());
-        if let Some(t) = token
-            && !noted
-            && typed.has_writes_of(&t)
-        {
-            core.note_writes(t, shard);
+        let noted = token.is_none() || typed.holds_writes_in_flight();
+        let result = f(typed, token);
+        if !noted && typed.holds_writes_in_flight() {
+            core.note_writes(shard);
         }
         result
     }

@@ -146,12 +146,6 @@ where
         TableError::Store { table: self.name.to_string(), partition: self.partition, source }
     }
 
-    /// Whether the undo log holds writes of the event of `token`.
-    pub(super) fn has_writes_of(&self, token: &Token) -> bool {
-        let state = self.state.borrow();
-        state.run_event.as_ref() == Some(token) || state.undo.iter().rev().any(|u| u.event == *token)
-    }
-
     /// The current value: writes of events in flight included (they are in place).
     pub(super) fn get(&self, key: &K) -> Result<Option<V>, TableError> {
         let mut state = self.state.borrow_mut();
@@ -219,7 +213,11 @@ where
             if let Some(t) = token
                 && entry.run != *run
             {
-                undo.push(Undo { event: t.clone(), key: key.clone(), before: Some((entry.value.clone(), entry.dirty)) });
+                undo.push(Undo {
+                    event: t.clone(),
+                    key: key.clone(),
+                    before: Some((entry.value.clone(), entry.dirty)),
+                });
                 entry.run = *run;
             }
             let result = write(entry)?;
@@ -360,43 +358,43 @@ where
         &self.changelog
     }
 
-    fn acked(&self, token: &Token) {
+    fn acked(&self, agent: usize, tp: &TopicPartition, offset: u64) {
         let mut guard = self.state.borrow_mut();
         let state = &mut *guard;
-        if state.run_event.as_ref() == Some(token) {
+        let Some(event) = state.undo.iter().find(|u| u.event.matches(agent, tp, offset)).map(|u| u.event.clone())
+        else {
+            return;
+        };
+        if state.run_event.as_ref() == Some(&event) {
             state.run_event = None;
         }
-        let before = state.undo.len();
-        if state.undo.iter().all(|u| u.event == *token) {
+        if state.undo.iter().all(|u| u.event == event) {
             state.undo.clear();
         } else {
-            state.undo.retain(|u| u.event != *token);
+            state.undo.retain(|u| u.event != event);
         }
-        if state.undo.len() == before {
-            return;
-        }
-        state.stream_time = state.stream_time.max(token.timestamp);
+        state.stream_time = state.stream_time.max(event.timestamp);
         match state
             .applied
             .iter_mut()
-            .find(|(tp, _)| tp.partition == token.partition && same_topic(&tp.topic, &token.topic))
+            .find(|(tp, _)| tp.partition == event.partition && same_topic(&tp.topic, &event.topic))
         {
-            Some((_, o)) => *o = (*o).max(token.offset),
-            None => state.applied.push((TopicPartition::new(token.topic.clone(), token.partition), token.offset)),
+            Some((_, o)) => *o = (*o).max(event.offset),
+            None => state.applied.push((TopicPartition::new(event.topic.clone(), event.partition), event.offset)),
         }
     }
 
-    fn undo(&self, token: &Token) {
+    fn undo(&self, which: &dyn Fn(&Token) -> bool) {
         let mut guard = self.state.borrow_mut();
         let state = &mut *guard;
-        if state.run_event.as_ref() == Some(token) {
+        if state.run_event.as_ref().is_some_and(which) {
             state.run_event = None;
         }
-        // Newest first, so a key the event wrote twice ends at its value before the first.
+        // Newest first, so a key an event wrote twice ends at its value before the first.
         let mut i = state.undo.len();
         while i > 0 {
             i -= 1;
-            if state.undo[i].event != *token {
+            if !which(&state.undo[i].event) {
                 continue;
             }
             let entry = state.undo.remove(i);
@@ -424,6 +422,10 @@ where
                 _ => {}
             }
         }
+    }
+
+    fn holds_writes_in_flight(&self) -> bool {
+        !self.state.borrow().undo.is_empty()
     }
 
     fn applied_beyond(&self, committable: &dyn Fn(&TopicPartition) -> Option<u64>) -> bool {
@@ -767,6 +769,10 @@ mod tests {
         Token { agent: 0, topic: Arc::from("t"), partition: 0, offset: event, timestamp: event as i64 }
     }
 
+    fn ack(shard: &Rc<dyn AnyShard>, event: u64) {
+        shard.acked(0, &TopicPartition::new(Arc::from("t"), 0), event);
+    }
+
     fn open(dir: Option<std::path::PathBuf>) -> Rc<dyn AnyShard> {
         let json = || Codec::named("json").expect("the json codec");
         let table = super::super::Table::<String, u64>::new("t", "app", 0, json(), json());
@@ -807,9 +813,9 @@ mod tests {
         s.update(Some(token(2)), &"k".into(), |v| *v += 10).expect("B on top of A");
         assert_eq!(get(&shard, "k"), Some(17), "reads see writes in flight");
         // A fails: B built on A's value, and keeps it; undoing B now goes back before A.
-        shard.undo(&token(1));
+        shard.undo(&|t| *t == token(1));
         assert_eq!(get(&shard, "k"), Some(17));
-        shard.undo(&token(2));
+        shard.undo(&|t| *t == token(2));
         assert_eq!(get(&shard, "k"), Some(5));
         assert!(s.state.borrow().undo.is_empty());
     }
@@ -821,7 +827,7 @@ mod tests {
         s.write(Some(token(1)), "k".into(), Some(1)).expect("A");
         s.write(None, "k".into(), Some(9)).expect("a timer");
         s.write(Some(token(1)), "k".into(), Some(2)).expect("A again");
-        shard.undo(&token(1));
+        shard.undo(&|t| *t == token(1));
         assert_eq!(get(&shard, "k"), Some(9));
     }
 
@@ -834,7 +840,7 @@ mod tests {
         s.write(Some(token(1)), "j".into(), Some(1)).expect("A");
         assert_eq!(freeze(&shard, false), BTreeMap::from([("k".to_string(), Some(5))]));
         assert!(shard.is_dirty(), "A's writes are not committed");
-        shard.acked(&token(1));
+        ack(&shard, 1);
         let second = freeze(&shard, false);
         assert_eq!(second, BTreeMap::from([("k".to_string(), Some(6)), ("j".to_string(), Some(1))]));
         assert!(!shard.is_dirty());
@@ -913,11 +919,11 @@ mod tests {
                     in_flight.entry(e).or_default().insert(k, Some(new));
                 }
                 Op::Ack(e) => {
-                    shard.acked(&token(e));
+                    ack(&shard, e);
                     acked.extend(in_flight.remove(&e).unwrap_or_default());
                 }
                 Op::Undo(e) => {
-                    shard.undo(&token(e));
+                    shard.undo(&|t| *t == token(e));
                     in_flight.remove(&e);
                 }
                 Op::Freeze(fail) => {
