@@ -13,6 +13,8 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
 
+use crate::runtime::state::Token;
+
 /// Where the event a task is processing came from: enough to route table writes to the
 /// shard of its partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,7 +32,8 @@ pub struct EventPosition {
 /// One task's slot.
 #[derive(Debug, Default)]
 pub(crate) struct TaskSlot {
-    current: RefCell<Option<EventPosition>>,
+    /// The event the task processes, as the token its table writes are tagged with.
+    current: RefCell<Option<Token>>,
     /// The agent the task runs (its index), which owns the acks of its events.
     agent: std::cell::Cell<usize>,
 }
@@ -41,34 +44,35 @@ impl TaskSlot {
     }
 
     pub(crate) fn set(&self, event: Option<EventPosition>) {
-        *self.current.borrow_mut() = event;
+        *self.current.borrow_mut() = event.map(|e| Token {
+            agent: self.agent.get(),
+            topic: e.topic,
+            partition: e.partition,
+            offset: e.offset,
+            timestamp: e.timestamp,
+        });
     }
 
     /// Clears the current event if it is the one at `offset` of `tp` (it was acked).
     pub(crate) fn clear_if(&self, tp: &faust_transport::TopicPartition, offset: u64) {
         let mut current = self.current.borrow_mut();
-        if current.as_ref().is_some_and(|e| e.offset == offset && e.partition == tp.partition && *e.topic == *tp.topic)
+        if current.as_ref().is_some_and(|t| t.offset == offset && t.partition == tp.partition && *t.topic == *tp.topic)
         {
             *current = None;
         }
     }
 }
 
-/// The event the calling task is processing, with its agent: what table writes are tagged
-/// with until the event is acked.
-pub(crate) fn current_token() -> Option<crate::runtime::state::Token> {
+/// Runs `f` with the event the calling task is processing, with its agent: what table writes
+/// are tagged with until the event is acked. Borrowed: `f` must not hand the task another
+/// event (table operations do not).
+pub(crate) fn with_current_token<T>(f: impl FnOnce(Option<&Token>) -> T) -> T {
     POLLING.with(|p| {
         let slot = p.borrow();
-        let slot = slot.as_ref()?;
-        let current = slot.current.borrow();
-        let e = current.as_ref()?;
-        Some(crate::runtime::state::Token {
-            agent: slot.agent.get(),
-            topic: e.topic.clone(),
-            partition: e.partition,
-            offset: e.offset,
-            timestamp: e.timestamp,
-        })
+        match slot.as_ref() {
+            Some(slot) => f(slot.current.borrow().as_ref()),
+            None => f(None),
+        }
     })
 }
 
@@ -80,7 +84,14 @@ thread_local! {
 /// The event the calling agent is processing (Faust's `current_event()`): the one its stream
 /// handed out last. `None` outside an agent, or before its first event.
 pub fn current_event() -> Option<EventPosition> {
-    POLLING.with(|p| p.borrow().as_ref().and_then(|slot| slot.current.borrow().clone()))
+    with_current_token(|t| {
+        t.map(|t| EventPosition {
+            topic: t.topic.clone(),
+            partition: t.partition,
+            offset: t.offset,
+            timestamp: t.timestamp,
+        })
+    })
 }
 
 /// The slot of the task being polled, for code that hands this task an event.

@@ -302,6 +302,12 @@ impl CoreRuntime {
         CURRENT.with(|c| c.borrow().clone())
     }
 
+    /// Runs `f` with the runtime of the core this thread runs (borrowed: no reference count
+    /// changes, for the per-event path).
+    pub(crate) fn with_current<T>(f: impl FnOnce(Option<&CoreRuntime>) -> T) -> T {
+        CURRENT.with(|c| f(c.borrow().as_deref()))
+    }
+
     pub(crate) fn partitions(&self, topic: &str) -> Option<u32> {
         self.partitions.get(topic).copied()
     }
@@ -374,9 +380,16 @@ impl CoreRuntime {
         self.written.borrow_mut().push(shard);
     }
 
-    /// The shard of `table`'s `partition`, if this core holds it.
-    pub(crate) fn shard(&self, table: usize, partition: u32) -> Option<Rc<dyn AnyShard>> {
-        self.shards.borrow().get(table)?.get(partition as usize)?.clone()
+    /// Runs `f` with the shard of `table`'s `partition` if this core holds it (borrowed: the
+    /// shards cannot change meanwhile, as `f` does not await).
+    pub(crate) fn with_shard<T>(
+        &self,
+        table: usize,
+        partition: u32,
+        f: impl FnOnce(Option<&Rc<dyn AnyShard>>) -> T,
+    ) -> T {
+        let shards = self.shards.borrow();
+        f(shards.get(table).and_then(|t| t.get(partition as usize)).and_then(Option::as_ref))
     }
 
     /// The shards of `table` this core holds.

@@ -248,34 +248,40 @@ where
 
     /// Runs `f` on the shard of `partition` (or of the current event's), with the current
     /// event's token when there is one.
+    ///
+    /// The per-event path: the core, the token and the shard are borrowed, not cloned.
     fn with_shard<T>(
         &self,
         partition: Option<u32>,
-        f: impl FnOnce(&Shard<K, V>, Option<Token>) -> Result<T, TableError>,
+        f: impl FnOnce(&Shard<K, V>, Option<&Token>) -> Result<T, TableError>,
     ) -> Result<T, TableError> {
         let table = || self.shared.name.to_string();
-        let core = crate::runtime::CoreRuntime::current().ok_or_else(|| TableError::NotRunning { table: table() })?;
-        let token = crate::runtime::context::current_token();
-        let partition_given = partition;
-        let partition = match (partition, &token) {
-            (Some(p), _) => p,
-            (None, Some(t)) => t.partition,
-            (None, None) => return Err(TableError::OutsideStream { table: table() }),
-        };
-        if let (None, Some(t)) = (partition_given, &token) {
-            self.check_copartitioned(&core, &t.topic)?;
-        }
-        let not_local = || TableError::NotLocal { table: table(), partition, core: core.index() };
-        let shard = core.shard(self.shared.index, partition).ok_or_else(not_local)?;
-        let typed = shard.as_any().downcast_ref::<Shard<K, V>>().ok_or_else(not_local)?;
-        // The shard's undo log holds an event's writes until the core settles them at its
-        // ack (or failure): the core learns of the shard at the event's first write to it.
-        let noted = token.is_none() || typed.holds_writes_in_flight();
-        let result = f(typed, token);
-        if !noted && typed.holds_writes_in_flight() {
-            core.note_writes(shard);
-        }
-        result
+        crate::runtime::CoreRuntime::with_current(|core| {
+            let core = core.ok_or_else(|| TableError::NotRunning { table: table() })?;
+            crate::runtime::context::with_current_token(|token| {
+                let partition = match (partition, token) {
+                    (Some(p), _) => p,
+                    (None, Some(t)) => {
+                        self.check_copartitioned(core, &t.topic)?;
+                        t.partition
+                    }
+                    (None, None) => return Err(TableError::OutsideStream { table: table() }),
+                };
+                let not_local = || TableError::NotLocal { table: table(), partition, core: core.index() };
+                core.with_shard(self.shared.index, partition, |shard| {
+                    let shard = shard.ok_or_else(not_local)?;
+                    let typed = shard.as_any().downcast_ref::<Shard<K, V>>().ok_or_else(not_local)?;
+                    // The shard's undo log holds an event's writes until the core settles them
+                    // at its ack (or failure): the core learns of the shard when its log fills.
+                    let noted = token.is_none() || typed.holds_writes_in_flight();
+                    let result = f(typed, token);
+                    if !noted && typed.holds_writes_in_flight() {
+                        core.note_writes(shard.clone());
+                    }
+                    result
+                })
+            })
+        })
     }
 
     /// Checks that the table's changelog has as many partitions as `topic`, the topic of the

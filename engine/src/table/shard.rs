@@ -242,10 +242,10 @@ where
         Ok(result)
     }
 
-    pub(super) fn update(&self, token: Option<Token>, key: &K, f: impl FnOnce(&mut V)) -> Result<V, TableError> {
+    pub(super) fn update(&self, token: Option<&Token>, key: &K, f: impl FnOnce(&mut V)) -> Result<V, TableError> {
         let mut guard = self.state.borrow_mut();
         let state = &mut *guard;
-        let result = self.write_entry(state, token.as_ref(), key, |entry| {
+        let result = self.write_entry(state, token, key, |entry| {
             let value = match &mut entry.value {
                 Some(v) => v,
                 None => entry.value.insert(self.default_value()?),
@@ -259,10 +259,10 @@ where
         Ok(result)
     }
 
-    pub(super) fn write(&self, token: Option<Token>, key: K, value: Option<V>) -> Result<(), TableError> {
+    pub(super) fn write(&self, token: Option<&Token>, key: K, value: Option<V>) -> Result<(), TableError> {
         let mut guard = self.state.borrow_mut();
         let state = &mut *guard;
-        self.write_entry(state, token.as_ref(), &key, |entry| {
+        self.write_entry(state, token, &key, |entry| {
             entry.value = value;
             Ok(())
         })?;
@@ -807,10 +807,10 @@ mod tests {
         let shard = open(None);
         let s = typed(&shard);
         s.write(None, "k".into(), Some(5)).expect("write");
-        s.update(Some(token(1)), &"k".into(), |v| *v += 1).expect("A");
-        s.update(Some(token(1)), &"k".into(), |v| *v += 1).expect("A again");
+        s.update(Some(&token(1)), &"k".into(), |v| *v += 1).expect("A");
+        s.update(Some(&token(1)), &"k".into(), |v| *v += 1).expect("A again");
         assert_eq!(s.state.borrow().undo.len(), 1, "one undo entry per event and key");
-        s.update(Some(token(2)), &"k".into(), |v| *v += 10).expect("B on top of A");
+        s.update(Some(&token(2)), &"k".into(), |v| *v += 10).expect("B on top of A");
         assert_eq!(get(&shard, "k"), Some(17), "reads see writes in flight");
         // A fails: B built on A's value, and keeps it; undoing B now goes back before A.
         shard.undo(&|t| *t == token(1));
@@ -824,9 +824,9 @@ mod tests {
     fn a_write_outside_events_stands_when_an_event_before_it_is_undone() {
         let shard = open(None);
         let s = typed(&shard);
-        s.write(Some(token(1)), "k".into(), Some(1)).expect("A");
+        s.write(Some(&token(1)), "k".into(), Some(1)).expect("A");
         s.write(None, "k".into(), Some(9)).expect("a timer");
-        s.write(Some(token(1)), "k".into(), Some(2)).expect("A again");
+        s.write(Some(&token(1)), "k".into(), Some(2)).expect("A again");
         shard.undo(&|t| *t == token(1));
         assert_eq!(get(&shard, "k"), Some(9));
     }
@@ -836,8 +836,8 @@ mod tests {
         let shard = open(None);
         let s = typed(&shard);
         s.write(None, "k".into(), Some(5)).expect("write");
-        s.write(Some(token(1)), "k".into(), Some(6)).expect("A");
-        s.write(Some(token(1)), "j".into(), Some(1)).expect("A");
+        s.write(Some(&token(1)), "k".into(), Some(6)).expect("A");
+        s.write(Some(&token(1)), "j".into(), Some(1)).expect("A");
         assert_eq!(freeze(&shard, false), BTreeMap::from([("k".to_string(), Some(5))]));
         assert!(shard.is_dirty(), "A's writes are not committed");
         ack(&shard, 1);
@@ -897,7 +897,7 @@ mod tests {
                     if owned.is_some() && owned != event {
                         continue;
                     }
-                    s.write(event.map(token), k.clone(), v).expect("write");
+                    s.write(event.map(token).as_ref(), k.clone(), v).expect("write");
                     match event {
                         Some(e) => {
                             in_flight.entry(e).or_default().insert(k, v);
@@ -913,7 +913,7 @@ mod tests {
                     if owned.is_some() && owned != Some(e) {
                         continue;
                     }
-                    let new = s.update(Some(token(e)), &k, |v| *v += 1).expect("update");
+                    let new = s.update(Some(&token(e)), &k, |v| *v += 1).expect("update");
                     let expected = view(&acked, &in_flight, &k).unwrap_or(0) + 1;
                     prop_assert_eq!(new, expected);
                     in_flight.entry(e).or_default().insert(k, Some(new));
