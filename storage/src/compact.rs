@@ -285,32 +285,46 @@ pub(crate) struct KeyMapLiveness {
 }
 
 impl KeyMapLiveness {
+    pub(crate) fn new(tombstone_cutoff_ms: i64) -> KeyMapLiveness {
+        KeyMapLiveness {
+            latest: hashbrown::HashMap::with_hasher(foldhash::fast::RandomState::default()),
+            tombstone_cutoff_ms,
+            prefix: false,
+        }
+    }
+
     pub(crate) fn build(segments: &[Segment], horizon: u64, tombstone_cutoff_ms: i64) -> Result<KeyMapLiveness> {
-        let mut latest = hashbrown::HashMap::with_hasher(foldhash::fast::RandomState::default());
+        let mut liveness = KeyMapLiveness::new(tombstone_cutoff_ms);
         for seg in segments {
-            let map = seg.map();
-            let mut pos = SEGMENT_HEADER_LEN;
-            while pos < seg.len as usize {
-                let data = &map[pos..seg.len as usize];
-                let h = validate_batch(data).map_err(|reason| Error::Corruption {
-                    path: seg.path.clone(),
-                    position: pos as u64,
-                    reason,
-                })?;
-                for r in RawRecords::new(&data[..h.len as usize]) {
-                    let offset = h.base_offset + u64::from(r.offset_delta);
-                    if offset >= horizon {
-                        break;
-                    }
-                    if let Some((p, l)) = r.key {
-                        let start = pos + p as usize;
-                        latest.insert(map.slice(start..start + l as usize), offset);
-                    }
-                }
-                pos += h.len as usize;
+            let mut pos = SEGMENT_HEADER_LEN as u64;
+            while pos < seg.len {
+                pos = liveness.scan_batch(seg, pos, horizon)?;
             }
         }
-        Ok(KeyMapLiveness { latest, tombstone_cutoff_ms, prefix: false })
+        Ok(liveness)
+    }
+
+    /// Notes the keys of the batch at `pos` in `seg` (records at or past `horizon` take no
+    /// part); returns the position of the next batch.
+    fn scan_batch(&mut self, seg: &Segment, pos: u64, horizon: u64) -> Result<u64> {
+        let map = seg.map();
+        let data = &map[pos as usize..seg.len as usize];
+        let h = validate_batch(data).map_err(|reason| Error::Corruption {
+            path: seg.path.clone(),
+            position: pos,
+            reason,
+        })?;
+        for r in RawRecords::new(&data[..h.len as usize]) {
+            let offset = h.base_offset + u64::from(r.offset_delta);
+            if offset >= horizon {
+                break;
+            }
+            if let Some((p, l)) = r.key {
+                let start = pos as usize + p as usize;
+                self.latest.insert(map.slice(start..start + l as usize), offset);
+            }
+        }
+        Ok(pos + u64::from(h.len))
     }
 
     pub(crate) fn set_prefix(&mut self, prefix: bool) {
@@ -333,6 +347,145 @@ impl Liveness for KeyMapLiveness {
             Some(&latest) if latest > offset => Decision::Drop,
             // Not in the map (or newer than it): keep, to be safe.
             _ => Decision::Keep { tag: 0 },
+        }
+    }
+}
+
+/// One pass of stepwise compaction over a compacted log: the sealed segments wholly below a
+/// horizon, fixed when the pass starts. It first reads their keys (the latest offset of each),
+/// then rewrites them group by group (neighbours merged while they fit in one segment), each
+/// step doing about a budget's worth of bytes. Segments sealed later wait for the next pass;
+/// the active segment and everything at or past the horizon take no part, so a record there
+/// never replaces one below it.
+pub(crate) struct CleaningPass {
+    /// The segments of the pass, oldest first, by id. After a group is installed its ids
+    /// are replaced by the output's.
+    ids: Vec<u32>,
+    /// The offset after the pass's last segment.
+    pub(crate) end: u64,
+    /// Reading keys: the segment (index into `ids`) and position of the next batch.
+    scan: (usize, u64),
+    liveness: KeyMapLiveness,
+    /// The first segment (index into `ids`) of the next group to rewrite.
+    next: usize,
+    job: Option<(CompactionJob, std::ops::Range<usize>)>,
+    pub(crate) outcome: crate::log::CompactionOutcome,
+}
+
+impl std::fmt::Debug for CleaningPass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CleaningPass")
+            .field("ids", &self.ids)
+            .field("end", &self.end)
+            .field("next", &self.next)
+            .finish()
+    }
+}
+
+impl CleaningPass {
+    /// A pass over `segments`' sealed, consecutive leading segments that end at or before
+    /// `horizon`, or `None` when there are none.
+    pub(crate) fn plan(segments: &[Segment], horizon: u64, tombstone_cutoff_ms: i64) -> Option<CleaningPass> {
+        let sealed = segments.len().saturating_sub(1);
+        let chosen: Vec<&Segment> =
+            segments[..sealed].iter().take_while(|s| s.sealed && s.next_offset <= horizon).collect();
+        let end = chosen.last()?.next_offset;
+        Some(CleaningPass {
+            ids: chosen.iter().map(|s| s.id).collect(),
+            end,
+            scan: (0, SEGMENT_HEADER_LEN as u64),
+            liveness: KeyMapLiveness::new(tombstone_cutoff_ms),
+            next: 0,
+            job: None,
+            outcome: crate::log::CompactionOutcome::default(),
+        })
+    }
+
+    /// Where the pass's segment `i` is in `log`, or an error when the log changed under the
+    /// pass (it is then abandoned, and the next step plans a new one).
+    fn locate(&self, log: &Log, i: usize) -> Result<usize> {
+        let id = self.ids[i];
+        log.segments()
+            .iter()
+            .position(|s| s.id == id)
+            .ok_or_else(|| Error::Config("internal: a segment of the compaction pass is gone".into()))
+    }
+
+    /// Does about `budget` bytes of work. Returns `true` once the pass is finished.
+    pub(crate) fn step(&mut self, log: &mut Log, budget: usize) -> Result<bool> {
+        let mut done = 0usize;
+        // 1. Read the keys.
+        while self.scan.0 < self.ids.len() {
+            if done >= budget {
+                return Ok(false);
+            }
+            let at = self.locate(log, self.scan.0)?;
+            let seg = &log.segments()[at];
+            if self.scan.1 >= seg.len {
+                self.scan = (self.scan.0 + 1, SEGMENT_HEADER_LEN as u64);
+                continue;
+            }
+            let next = self.liveness.scan_batch(seg, self.scan.1, self.end)?;
+            done += (next - self.scan.1) as usize;
+            self.scan.1 = next;
+        }
+        // 2. Rewrite the segments, one group at a time.
+        loop {
+            if self.job.is_none() {
+                if self.next >= self.ids.len() {
+                    return Ok(true);
+                }
+                let start = self.locate(log, self.next)?;
+                let segs = log.segments();
+                let limit = log.config().segment_bytes;
+                let mut size = segs[start].len;
+                let mut count = 1;
+                while self.next + count < self.ids.len()
+                    && segs.get(start + count).is_some_and(|s| s.id == self.ids[self.next + count])
+                    && size + segs[start + count].len <= limit
+                {
+                    size += segs[start + count].len;
+                    count += 1;
+                }
+                let group: Vec<u32> = self.ids[self.next..self.next + count].to_vec();
+                // Tombstones go only from a group at the head of the log: nothing older can
+                // then hide behind them.
+                self.liveness.set_prefix(start == 0);
+                let job = CompactionJob::plan(log, &group)?;
+                self.outcome.bytes_before += size;
+                self.outcome.segments_compacted += count;
+                self.job = Some((job, self.next..self.next + count));
+            }
+            if done >= budget {
+                return Ok(false);
+            }
+            let Some((job, _)) = self.job.as_mut() else { continue };
+            let finished = job.step(budget - done, &mut self.liveness)?;
+            done = budget;
+            if !finished {
+                return Ok(false);
+            }
+            let Some((mut job, range)) = self.job.take() else { continue };
+            let stats = job.stats();
+            let output = job.output_id();
+            let retired = job.install(log)?;
+            for id in retired {
+                log.release(id);
+            }
+            self.outcome.records_kept += stats.kept;
+            self.outcome.records_removed += stats.removed;
+            self.outcome.bytes_after += stats.bytes_out;
+            // The group is one segment now: the output takes its place.
+            self.ids.splice(range.clone(), [output]);
+            self.next = range.start + 1;
+        }
+    }
+
+    /// Gives the pass up, deleting a partial output.
+    pub(crate) fn abandon(mut self, log: &mut Log) -> Result<()> {
+        match self.job.take() {
+            Some((job, _)) => job.abandon(log),
+            None => Ok(()),
         }
     }
 }

@@ -8,17 +8,21 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::compact::{CompactionJob, KeyMapLiveness};
+use crate::compact::{CleaningPass, CompactionJob, KeyMapLiveness};
 use crate::error::{Error, Result};
 use crate::files::{DirLock, remove_file, sync_dir};
 use crate::format::{BatchBuilder, BatchHeader, RawRecords, SEGMENT_HEADER_LEN, SegmentHeader, split_header};
 use crate::segment::{Scan, ScanEnd, Segment, now_ms, parse_segment_name, segment_file_name};
+use crate::store::CompactionProgress;
 
 /// The largest segment size accepted: positions inside a segment are 32-bit, and a
 /// compaction may merge two segments into one file.
 pub const MAX_SEGMENT_BYTES: u64 = 1 << 30;
 const MIN_SEGMENT_BYTES: u64 = 4096;
 const RECOVERY_POINT_FILE: &str = "recovery-point";
+/// [`Log::compact_step`] starts a pass once segments not yet compacted hold at least this
+/// fraction of the bytes it could compact (Kafka's `min.cleanable.dirty.ratio`).
+const MIN_CLEANABLE_RATIO: f64 = 0.5;
 
 /// How a log is laid out and cleaned.
 ///
@@ -370,6 +374,11 @@ pub struct Log {
     recovery_file: Option<std::fs::File>,
     /// Directory entries changed since the directory was last synced.
     dir_dirty: bool,
+    /// The stepwise compaction under way ([`Log::compact_step`]).
+    cleaning: Option<CleaningPass>,
+    /// Offsets below this were compacted by the last finished pass (in this process).
+    cleaned_end: u64,
+    last_compaction: Option<CompactionOutcome>,
 }
 
 impl Log {
@@ -418,6 +427,9 @@ impl Log {
             recovery_seq: 0,
             recovery_file: None,
             dir_dirty: false,
+            cleaning: None,
+            cleaned_end: 0,
+            last_compaction: None,
         };
         if let OpenMode::Log = mode {
             (log.recovery_seq, log.recovery_point) = read_recovery_point(&log.dir)?;
@@ -852,6 +864,10 @@ impl Log {
             if !(over_size || too_old) {
                 break;
             }
+            // A compaction pass works on segments by id: it starts again after this.
+            if let Some(pass) = self.cleaning.take() {
+                pass.abandon(self)?;
+            }
             let seg = self.segments.remove(0);
             total -= seg.len;
             out.segments_deleted += 1;
@@ -863,10 +879,89 @@ impl Log {
         Ok(out)
     }
 
+    /// Does about `budget_bytes` of compaction work on a compacted log, so that an owner can
+    /// interleave it with appends and reads: [`CompactionProgress::Working`] while a pass is
+    /// under way (call again), `Idle` when nothing needs it. A pass starts once the sealed
+    /// segments below `horizon` that no pass compacted hold at least half of their bytes; it
+    /// keeps the latest record of each key among them, as [`Log::compact`] does, and records
+    /// at or past `horizon` take no part — a caller whose log holds records that may still be
+    /// rolled back (a table's changelog past its committed offset) passes the offset where
+    /// they start, and a committed record is never dropped in favour of one of them. What
+    /// the last finished pass did is in [`Log::last_compaction`].
+    ///
+    /// ```
+    /// use faust_storage::{BatchBuilder, CompactionProgress, Log, LogConfig};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let config = LogConfig { compact: true, segment_bytes: 4096, ..LogConfig::default() };
+    /// let mut log = Log::open(dir.path(), config)?;
+    /// for i in 0..2_000u32 {
+    ///     let mut batch = BatchBuilder::new();
+    ///     batch.push(0, Some(format!("key-{}", i % 10).as_bytes()), Some(&i.to_le_bytes()), &[]);
+    ///     log.append(&mut batch)?;
+    /// }
+    /// let before = log.size_bytes();
+    /// let horizon = log.high_watermark();
+    /// while log.compact_step(0, horizon, 64 << 10)? == CompactionProgress::Working {}
+    /// assert!(log.size_bytes() < before / 4);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn compact_step(&mut self, now_ms: i64, horizon: u64, budget_bytes: usize) -> Result<CompactionProgress> {
+        if !self.config.compact {
+            return Ok(CompactionProgress::Idle);
+        }
+        let mut pass = match self.cleaning.take() {
+            Some(pass) => pass,
+            None => {
+                let sealed = &self.segments[..self.segments.len().saturating_sub(1)];
+                let eligible = sealed.iter().take_while(|s| s.next_offset <= horizon);
+                let (mut total, mut dirty) = (0u64, 0u64);
+                for s in eligible {
+                    let data = s.len.saturating_sub(SEGMENT_HEADER_LEN as u64);
+                    total += data;
+                    if s.base_offset >= self.cleaned_end && s.covered_end == 0 {
+                        dirty += data;
+                    }
+                }
+                if dirty == 0 || (dirty as f64) < MIN_CLEANABLE_RATIO * total as f64 {
+                    return Ok(CompactionProgress::Idle);
+                }
+                let cutoff = now_ms - self.config.delete_retention.as_millis() as i64;
+                match CleaningPass::plan(&self.segments, horizon, cutoff) {
+                    Some(pass) => pass,
+                    None => return Ok(CompactionProgress::Idle),
+                }
+            }
+        };
+        match pass.step(self, budget_bytes) {
+            Ok(false) => {
+                self.cleaning = Some(pass);
+                Ok(CompactionProgress::Working)
+            }
+            Ok(true) => {
+                self.cleaned_end = pass.end;
+                self.last_compaction = Some(pass.outcome);
+                Ok(CompactionProgress::Working)
+            }
+            Err(e) => {
+                pass.abandon(self)?;
+                Err(e)
+            }
+        }
+    }
+
+    /// What the last pass of [`Log::compact_step`] that finished did.
+    pub fn last_compaction(&self) -> Option<CompactionOutcome> {
+        self.last_compaction
+    }
+
     /// Rewrites the sealed segments of a compacted log so that only the latest record of each
     /// key is left (and tombstones older than `delete_retention`, once nothing older can be
     /// behind them). Offsets are kept; readers see gaps. Runs to completion.
     pub fn compact(&mut self, now_ms: i64) -> Result<CompactionOutcome> {
+        if let Some(pass) = self.cleaning.take() {
+            pass.abandon(self)?;
+        }
         let sealed = self.segments.len().saturating_sub(1);
         if sealed == 0 {
             return Ok(CompactionOutcome::default());
