@@ -40,6 +40,7 @@ pub struct SettingsError {
 /// | `store` | `mmap://` (table shards in stores under `datadir/tables`) | `STORE` (`mmap://` or `memory://`) |
 /// | `bad_record_policy` | skip (and count) | `BAD_RECORD_POLICY` (`skip`, `stop`, `dead-letter`, `dead-letter:TOPIC`) |
 /// | `max_record_bytes` | 1 MiB | `MAX_RECORD_BYTES` |
+/// | `segment_bytes` | 64 MiB | `SEGMENT_BYTES` |
 /// | `partitions` | all (Kafka only) | `WORKER_PARTITIONS` (e.g. `0-3,6`) |
 ///
 /// With `APP_ENV_PREFIX=X`, every variable is read as `X_NAME` instead (Faust's `env_prefix`).
@@ -93,6 +94,11 @@ pub struct Settings {
     pub bad_record_policy: BadRecordPolicy,
     /// Records (key and value) larger than this are bad records.
     pub max_record_bytes: usize,
+    /// Size of the segment files of the embedded log's partitions (`local://`) and of the
+    /// tables' stores (Kafka's `log.segment.bytes`). Retention deletes and compaction
+    /// rewrites whole sealed segments, so smaller ones give disk space back sooner; 4 KiB to
+    /// 1 GiB.
+    pub segment_bytes: u64,
     /// On `kafka://` only: the partition numbers this worker takes of every topic it
     /// consumes (the agents' sources, repartition topics and the tables' changelogs), so that
     /// several workers of one app can split a topic by hand until consumer groups land.
@@ -162,6 +168,7 @@ impl Settings {
             shutdown_timeout: Duration::from_secs(10),
             bad_record_policy: BadRecordPolicy::Skip,
             max_record_bytes: 1 << 20,
+            segment_bytes: 64 << 20,
             partitions: None,
         }
     }
@@ -283,6 +290,17 @@ impl Settings {
         if let Some(kv) = get("MAX_RECORD_BYTES") {
             self.max_record_bytes = parse(kv, "a number of bytes")?;
         }
+        if let Some(kv) = get("SEGMENT_BYTES") {
+            let bytes: u64 = parse(kv.clone(), "a number of bytes")?;
+            if !(4096..=faust_storage::MAX_SEGMENT_BYTES).contains(&bytes) {
+                return Err(SettingsError {
+                    variable: kv.0,
+                    value: kv.1,
+                    reason: format!("expected 4096 to {} bytes", faust_storage::MAX_SEGMENT_BYTES),
+                });
+            }
+            self.segment_bytes = bytes;
+        }
         if let Some((variable, value)) = get("WORKER_PARTITIONS") {
             self.partitions = Some(parse_partitions(&value).map_err(|reason| SettingsError {
                 variable,
@@ -382,6 +400,13 @@ mod tests {
     }
 
     #[test]
+    fn segment_bytes() {
+        assert_eq!(Settings::new("app").segment_bytes, 64 << 20);
+        let s = Settings::new("app").from_vars([("SEGMENT_BYTES", "262144")]).unwrap();
+        assert_eq!(s.segment_bytes, 256 << 10);
+    }
+
+    #[test]
     fn worker_partitions() {
         assert_eq!(Settings::new("app").partitions, None);
         let s = Settings::new("app").from_vars([("WORKER_PARTITIONS", "6, 0-3,2")]).unwrap();
@@ -410,6 +435,8 @@ mod tests {
             ("WORKER_PARTITIONS", "-1"),
             ("APP_ID", "no/slash"),
             ("APP_ID", ""),
+            ("SEGMENT_BYTES", "1024"),
+            ("SEGMENT_BYTES", "4GiB"),
         ] {
             let err = Settings::new("app").from_vars([(k, v)]).unwrap_err();
             assert_eq!((err.variable.as_str(), err.value.as_str()), (k, v));

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use faust_transport::{
     AssignmentEvent, BatchBuilder, CoreTransport, Fence, Fetched, JoinRequest, KafkaCore, KafkaMembership,
-    KafkaOptions, KafkaTransport, LocalCore, LocalMembership, LocalTransport, Membership, MemoryMembership,
-    MemoryTransport, OffsetSpec, Produced, Result, TopicConfig, TopicMetadata, TopicPartition, Transport,
+    KafkaOptions, KafkaTransport, LocalCore, LocalMembership, LocalOptions, LocalTransport, Membership,
+    MemoryMembership, MemoryTransport, OffsetSpec, Produced, Result, TopicConfig, TopicMetadata, TopicPartition,
+    Transport,
 };
 
 /// A worker's transport.
@@ -41,6 +42,7 @@ impl AnyTransport {
         cores: usize,
         memory: Option<&MemoryTransport>,
         partitions: Option<Vec<TopicPartition>>,
+        segment_bytes: u64,
     ) -> Result<AnyTransport> {
         let kafka =
             |url: &str, partitions| KafkaTransport::open(url, KafkaOptions { partitions, ..KafkaOptions::default() });
@@ -58,7 +60,8 @@ impl AnyTransport {
             return Err(faust_transport::Error::InvalidUrl { url: url.to_string(), reason });
         }
         if let Some(path) = url.strip_prefix("local://") {
-            return Ok(AnyTransport::Local(LocalTransport::open(PathBuf::from(path), cores)?));
+            let options = LocalOptions { segment_bytes };
+            return Ok(AnyTransport::Local(LocalTransport::open_with(PathBuf::from(path), cores, options)?));
         }
         if url.starts_with("memory://") {
             return Ok(AnyTransport::Memory(memory.cloned().unwrap_or_default()));
@@ -192,6 +195,24 @@ impl AnyCore {
         }
     }
 
+    /// Records of `tp` at or past `offset` take no part in its compaction (see
+    /// [`LocalCore::set_compaction_horizon`]); a Kafka broker compacts on its own, and
+    /// `memory://` keeps no files.
+    pub(crate) fn set_compaction_horizon(&self, tp: &TopicPartition, offset: u64) {
+        if let AnyCore::Local(t) = self {
+            t.set_compaction_horizon(tp, offset);
+        }
+    }
+
+    /// A bounded step of upkeep on the logs this core owns (see [`LocalCore::maintain`]);
+    /// whether more is waiting.
+    pub(crate) fn maintain(&self, budget_bytes: usize) -> Result<bool> {
+        match self {
+            AnyCore::Local(t) => t.maintain(budget_bytes),
+            AnyCore::Memory(_) | AnyCore::Kafka(_) => Ok(false),
+        }
+    }
+
     pub(crate) async fn shutdown(self) -> Result<()> {
         dispatch!(self, t => t.shutdown().await)
     }
@@ -208,17 +229,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let local = format!("local://{}", dir.path().display());
         for url in [local.as_str(), "memory://"] {
-            match AnyTransport::open(url, 1, None, some()) {
+            match AnyTransport::open(url, 1, None, some(), 64 << 20) {
                 Err(faust_transport::Error::InvalidUrl { reason, .. }) => {
                     assert!(reason.contains("kafka://"), "{reason}")
                 }
                 other => panic!("{url}: {other:?}"),
             }
         }
-        match AnyTransport::open("kafka://127.0.0.1:9092", 1, None, some()) {
+        match AnyTransport::open("kafka://127.0.0.1:9092", 1, None, some(), 64 << 20) {
             Ok(AnyTransport::Kafka(t)) => assert_eq!(t.options().partitions, some()),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(AnyTransport::open("memory://", 1, None, None), Ok(AnyTransport::Memory(_))));
+        assert!(matches!(AnyTransport::open("memory://", 1, None, None, 64 << 20), Ok(AnyTransport::Memory(_))));
     }
 }

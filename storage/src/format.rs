@@ -510,6 +510,33 @@ impl BatchBuilder {
         self.count += 1;
     }
 
+    /// The records in batches of at most `max` encoded bytes each, in order (offset deltas
+    /// numbered again from 0 in each); `None` when one record alone is larger.
+    pub(crate) fn split(&self, max: usize) -> Option<Vec<BatchBuilder>> {
+        let mut pieces = Vec::new();
+        let mut piece = BatchBuilder::with_capacity(max.min(self.buf.len()));
+        for r in self.raw_records() {
+            let size = (r.end() - r.start) as usize;
+            if BATCH_HEADER_LEN + size > max {
+                return None;
+            }
+            if !piece.is_empty() && piece.encoded_len() + size > max {
+                let next = BatchBuilder::with_capacity(max.min(self.buf.len()));
+                pieces.push(std::mem::replace(&mut piece, next));
+            }
+            let delta = if piece.is_empty() { 0 } else { piece.last_delta + 1 };
+            let slice = |(p, l): (u32, u32)| &self.buf[p as usize..(p + l) as usize];
+            let headers = slice(r.headers);
+            piece.push_raw(delta, r.timestamp, r.key.map(slice), r.value.map(slice), |buf| {
+                buf.extend_from_slice(headers)
+            });
+        }
+        if !piece.is_empty() {
+            pieces.push(piece);
+        }
+        Some(pieces)
+    }
+
     /// The records' encoded bytes (without the batch header), for the store to index.
     pub(crate) fn raw_records(&self) -> RawRecords<'_> {
         RawRecords::new(&self.buf)

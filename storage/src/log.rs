@@ -680,10 +680,31 @@ impl Log {
 
     /// Appends the batch's records with consecutive offsets and clears the builder. The data
     /// is in the page cache (readable at once) and durable after the next [`Log::sync`].
+    ///
+    /// A batch larger than a segment holds is written as several batches, each in one
+    /// segment (a single record that large is [`Error::BatchTooLarge`]). Such an append is
+    /// not atomic: when a later piece fails, the earlier ones stay in the log.
     pub fn append(&mut self, batch: &mut BatchBuilder) -> Result<Appended> {
+        if let Some(pieces) = self.pieces_of(batch) {
+            let mut appended: Option<Appended> = None;
+            for mut piece in pieces {
+                let a = self.append_keep(&mut piece)?;
+                let first = appended.get_or_insert(a);
+                first.last_offset = a.last_offset;
+            }
+            batch.clear();
+            return appended.ok_or_else(|| Error::EmptyBatch { path: self.dir.clone() });
+        }
         let appended = self.append_keep(batch)?;
         batch.clear();
         Ok(appended)
+    }
+
+    /// A batch of several records larger than a segment holds, cut into batches that fit;
+    /// `None` when it fits (or is one record: that one is too large).
+    pub(crate) fn pieces_of(&self, batch: &BatchBuilder) -> Option<Vec<BatchBuilder>> {
+        let max = (self.config.segment_bytes as usize).saturating_sub(SEGMENT_HEADER_LEN);
+        (batch.encoded_len() > max && batch.len() > 1).then(|| batch.split(max)).flatten()
     }
 
     /// Appends without clearing the builder (the store indexes its records afterwards).
@@ -1131,6 +1152,37 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn a_batch_larger_than_a_segment_is_written_in_pieces() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Log::open(dir.path(), small()).unwrap();
+        append_n(&mut log, 3, 10);
+        let mut b = BatchBuilder::new();
+        for i in 0..300u32 {
+            let v = format!("value-{i}");
+            b.push(i64::from(i), Some(format!("k{i}").as_bytes()), Some(v.as_bytes()), &[(b"h", Some(b"1"))]);
+        }
+        assert!(b.encoded_len() > 4096);
+        let a = log.append(&mut b).unwrap();
+        assert!(b.is_empty());
+        assert_eq!((a.base_offset, a.last_offset), (3, 302));
+        assert!(log.segment_count() > 2);
+        let recs = all_records(&log, 3);
+        assert_eq!(recs.len(), 300);
+        for (i, r) in recs.iter().enumerate() {
+            assert_eq!((r.offset, r.timestamp), (3 + i as u64, i as i64));
+            assert_eq!(r.value.as_deref(), Some(format!("value-{i}").as_bytes()));
+            assert_eq!(r.headers().collect::<Vec<_>>(), vec![(&b"h"[..], Some(&b"1"[..]))]);
+        }
+        // One record larger than a segment is refused.
+        b.push(0, None, Some(&[0u8; 5000]), &[]);
+        b.push(0, None, Some(b"small"), &[]);
+        assert!(matches!(log.append(&mut b), Err(Error::BatchTooLarge { .. })));
+        drop(log);
+        let log = Log::open(dir.path(), small()).unwrap();
+        assert_eq!(all_records(&log, 3).len(), 300);
     }
 
     #[test]

@@ -465,6 +465,16 @@ impl Store {
         if batch.is_empty() {
             return Ok(());
         }
+        // A batch larger than a segment goes in pieces: a store's state is what its
+        // checkpoint says, so a failure half way loses nothing that a retry does not write.
+        if let Some(pieces) = self.log.pieces_of(&batch.inner) {
+            for mut piece in pieces {
+                let appended = self.log.append_keep(&mut piece)?;
+                self.index_appended(appended, &piece);
+            }
+            batch.clear();
+            return Ok(());
+        }
         let appended = self.log.append_keep(&mut batch.inner)?;
         self.index_appended(appended, &batch.inner);
         batch.clear();
@@ -863,6 +873,26 @@ mod tests {
         let s = Store::open(dir.path(), small()).unwrap();
         assert_eq!(s.get(b"k").as_deref(), Some(&b"checkpointed"[..]));
         assert_eq!(s.get(b"f0").as_deref(), Some(&vec![7u8; 900][..]));
+    }
+
+    #[test]
+    fn a_write_batch_larger_than_a_segment_is_written_in_pieces() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StoreConfig { segment_bytes: 4096, ..StoreConfig::default() };
+        let mut store = Store::open(dir.path(), config.clone()).unwrap();
+        let mut batch = WriteBatch::new();
+        for i in 0..500u32 {
+            batch.put(format!("key-{i}").as_bytes(), format!("value-{i}").as_bytes());
+        }
+        store.write(&mut batch).unwrap();
+        assert!(batch.is_empty());
+        store.checkpoint(b"").unwrap();
+        drop(store);
+        let store = Store::open(dir.path(), config).unwrap();
+        assert_eq!(store.len(), 500);
+        for i in 0..500u32 {
+            assert_eq!(store.get_ref(format!("key-{i}").as_bytes()), Some(format!("value-{i}").as_bytes()));
+        }
     }
 
     #[test]

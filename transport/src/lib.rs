@@ -31,7 +31,7 @@ use std::time::Duration;
 pub use crate::assign::{AssignError, AssignInput, assign};
 pub use crate::error::{Error, Result};
 pub use crate::kafka::{Acks, Compression, KafkaCore, KafkaMembership, KafkaOptions, KafkaStats, KafkaTransport};
-pub use crate::local::{LocalCore, LocalMembership, LocalTransport, validate_topic_name};
+pub use crate::local::{LocalCore, LocalMembership, LocalOptions, LocalTransport, validate_topic_name};
 pub use crate::memory::{MemoryMembership, MemoryTransport};
 pub use crate::types::{
     AssignmentEvent, AutoOffsetReset, Fence, Fetched, JoinRequest, OffsetSpec, Produced, TopicConfig, TopicMetadata,

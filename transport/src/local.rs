@@ -16,6 +16,12 @@
 //! A produce resolves once the records are in the log (the page cache): they survive a crash
 //! of the process, like records acknowledged by Kafka's replicas survive a broker crash.
 //! Committed offsets are written with `fsync`.
+//!
+//! **Upkeep.** Nothing runs by itself: the owner of a core calls [`LocalCore::maintain`]
+//! now and then, and each call does a bounded step on the logs that core owns — deleting
+//! segments past a topic's retention (time and size) and compacting compacted topics, below
+//! the horizon set with [`LocalCore::set_compaction_horizon`] (a table's committed changelog
+//! offset), so that disk use levels off.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
@@ -29,7 +35,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use event_listener::Event;
-use faust_storage::{BatchBuilder, Log, LogConfig};
+use faust_storage::{BatchBuilder, CompactionProgress, Log, LogConfig};
 use futures_channel::oneshot;
 use glommio::channels::shared_channel::{self, ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender};
 use glommio::{GlommioError, ResourceType};
@@ -55,9 +61,33 @@ struct AppendRequest {
 
 type Endpoints = (Vec<Option<SharedSender<AppendRequest>>>, Vec<Option<SharedReceiver<AppendRequest>>>);
 
+/// Options of the embedded transport beyond its directory and core count.
+///
+/// ```no_run
+/// use faust_transport::{LocalOptions, LocalTransport};
+///
+/// let options = LocalOptions { segment_bytes: 16 << 20 };
+/// let transport = LocalTransport::open_with("/var/lib/my-app/topics", 2, options)?;
+/// # Ok::<(), faust_transport::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalOptions {
+    /// Size of each partition's segment files (Kafka's `log.segment.bytes`): retention
+    /// deletes and compaction rewrites whole sealed segments, so smaller segments give
+    /// space back sooner. Default 64 MiB; at least 4 KiB and at most 1 GiB.
+    pub segment_bytes: u64,
+}
+
+impl Default for LocalOptions {
+    fn default() -> Self {
+        LocalOptions { segment_bytes: LogConfig::default().segment_bytes }
+    }
+}
+
 struct Shared {
     root: PathBuf,
     cores: usize,
+    options: LocalOptions,
     _lock: ProcessLock,
     topics: RwLock<HashMap<Arc<str>, TopicConfig>>,
     /// Committed offsets by group, loaded from disk on first use.
@@ -116,7 +146,22 @@ impl LocalTransport {
     /// Opens (creating if needed) the transport directory `root` for a worker with `cores`
     /// cores. Fails with [`Error::DirectoryInUse`] while another process holds it.
     pub fn open(root: impl AsRef<Path>, cores: usize) -> Result<LocalTransport> {
+        LocalTransport::open_with(root, cores, LocalOptions::default())
+    }
+
+    /// Like [`LocalTransport::open`], with `options`.
+    pub fn open_with(root: impl AsRef<Path>, cores: usize, options: LocalOptions) -> Result<LocalTransport> {
         let root = root.as_ref().to_path_buf();
+        if !(4096..=faust_storage::MAX_SEGMENT_BYTES).contains(&options.segment_bytes) {
+            return Err(Error::InvalidUrl {
+                url: format!("local://{}", root.display()),
+                reason: format!(
+                    "segment_bytes {} is outside 4096..={}",
+                    options.segment_bytes,
+                    faust_storage::MAX_SEGMENT_BYTES
+                ),
+            });
+        }
         let cores = cores.max(1);
         std::fs::create_dir_all(&root).map_err(|e| io("create directory", &root, e))?;
         let lock = ProcessLock::acquire(&root)?;
@@ -142,6 +187,7 @@ impl LocalTransport {
             shared: Arc::new(Shared {
                 root,
                 cores,
+                options,
                 _lock: lock,
                 topics: RwLock::new(topics),
                 committed: Mutex::new(HashMap::new()),
@@ -340,6 +386,8 @@ impl Transport for LocalTransport {
             owners: RefCell::new((u64::MAX, HashMap::new())),
             servers: RefCell::new(Vec::new()),
             stop: Rc::new(Stop::default()),
+            compaction_horizons: RefCell::new(HashMap::new()),
+            upkeep_cursor: std::cell::Cell::new(0),
         };
         for task in receivers {
             let rx = task.await;
@@ -404,8 +452,9 @@ impl Appender {
 }
 
 /// How a topic's partition logs are laid out and cleaned.
-fn log_config(config: &TopicConfig) -> LogConfig {
+fn log_config(options: &LocalOptions, config: &TopicConfig) -> LogConfig {
     LogConfig {
+        segment_bytes: options.segment_bytes,
         compact: config.compacted,
         retention: config.retention,
         retention_bytes: config.retention_bytes,
@@ -425,7 +474,8 @@ fn open_log<'a>(
             return Err(Error::UnknownPartition { tp: tp.clone() });
         }
         let dir = transport.shared.root.join(&*tp.topic).join(tp.partition.to_string());
-        let log = Log::open(&dir, log_config(&config)).map_err(|source| Error::Storage { tp: tp.clone(), source })?;
+        let log = Log::open(&dir, log_config(&transport.shared.options, &config))
+            .map_err(|source| Error::Storage { tp: tp.clone(), source })?;
         logs.insert(tp.clone(), log);
     }
     logs.get_mut(tp).ok_or_else(|| Error::UnknownPartition { tp: tp.clone() })
@@ -446,6 +496,11 @@ pub struct LocalCore {
     /// The tasks serving appends from other cores, and their stop signal.
     servers: RefCell<Vec<glommio::Task<()>>>,
     stop: Rc<Stop>,
+    /// Per compacted partition: records at or past this offset take no part in compaction.
+    compaction_horizons: RefCell<HashMap<TopicPartition, u64>>,
+    /// Where the next [`LocalCore::maintain`] starts among the logs, so that every log gets
+    /// its turn.
+    upkeep_cursor: std::cell::Cell<usize>,
 }
 
 impl std::fmt::Debug for LocalCore {
@@ -503,10 +558,64 @@ impl LocalCore {
             tracing::warn!(partition = %tp, error = %e, "syncing a damaged log before its repair failed");
         }
         let dir = self.transport.shared.root.join(&*tp.topic).join(tp.partition.to_string());
-        let report = faust_storage::Log::repair(&dir, log_config(&config))
+        let report = faust_storage::Log::repair(&dir, log_config(&self.transport.shared.options, &config))
             .map_err(|source| Error::Storage { tp: tp.clone(), source })?;
         open_log(&self.transport, &mut logs, tp)?;
         Ok(report)
+    }
+
+    /// Records of `tp` at or past `offset` take no part in its compaction from now on (and
+    /// until the next call): for a table's changelog, its committed end offset, since records
+    /// past it may be rolled back and must never replace a committed one. A compacted
+    /// partition with no horizon is compacted up to its active segment, as Kafka does.
+    pub fn set_compaction_horizon(&self, tp: &TopicPartition, offset: u64) {
+        self.compaction_horizons.borrow_mut().insert(tp.clone(), offset);
+    }
+
+    /// Does a bounded step of upkeep on the logs this core has open: deletes the segments
+    /// that fall outside a topic's retention (age, then size) and does about `budget_bytes`
+    /// of compaction on one compacted log (see [`faust_storage::Log::compact_step`]).
+    /// Returns whether more compaction is waiting (call again soon); errors name the
+    /// partition, and the next call moves on to the next log.
+    pub fn maintain(&self, budget_bytes: usize) -> Result<bool> {
+        self.check_open()?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let mut logs = self.logs.borrow_mut();
+        let mut tps: Vec<TopicPartition> = logs.keys().cloned().collect();
+        tps.sort();
+        let count = tps.len();
+        let start = self.upkeep_cursor.get() % count.max(1);
+        for i in 0..count {
+            let at = (start + i) % count;
+            let tp = &tps[at];
+            let Some(log) = logs.get_mut(tp) else { continue };
+            let storage = |source| Error::Storage { tp: tp.clone(), source };
+            let config = log.config();
+            if (config.retention.is_some() || config.retention_bytes.is_some())
+                && let Err(e) = log.enforce_retention(now)
+            {
+                self.upkeep_cursor.set(at + 1);
+                return Err(storage(e));
+            }
+            if log.config().compact {
+                let horizon = self.compaction_horizons.borrow().get(tp).copied().unwrap_or(u64::MAX);
+                match log.compact_step(now, horizon.min(log.high_watermark()), budget_bytes) {
+                    Ok(CompactionProgress::Working) => {
+                        self.upkeep_cursor.set(at);
+                        return Ok(true);
+                    }
+                    Ok(CompactionProgress::Idle) => {}
+                    Err(e) => {
+                        self.upkeep_cursor.set(at + 1);
+                        return Err(storage(e));
+                    }
+                }
+            }
+        }
+        Ok(false)
     }
 
     fn with_log<T>(&self, tp: &TopicPartition, f: impl FnOnce(&mut Log) -> Result<T>) -> Result<T> {

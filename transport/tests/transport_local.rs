@@ -259,3 +259,72 @@ fn a_damaged_log_is_repaired_in_place() {
     assert_eq!(values_after, expected);
     assert_eq!(next, 10);
 }
+
+/// Reads every record of `tp` from its earliest offset.
+async fn read_all(local: &faust_transport::LocalCore, tp: &TopicPartition) -> Vec<faust_transport::Record> {
+    let mut out = Vec::new();
+    let mut next = local.list_offset(tp, OffsetSpec::Earliest).await.unwrap();
+    let end = local.list_offset(tp, OffsetSpec::Latest).await.unwrap();
+    while next < end {
+        let f = local.fetch(tp, next, 1 << 20, Duration::ZERO).await.unwrap();
+        out.extend(f.records);
+        next = f.next_offset;
+    }
+    out
+}
+
+/// Upkeep on small segments: a topic with `retention_bytes` stays near its limit; a compacted
+/// topic keeps, below its horizon, the latest record of each key, and every record past the
+/// horizon untouched (a changelog's uncommitted tail never replaces a committed record).
+#[test]
+fn maintain_enforces_retention_and_compacts_below_the_horizon() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = faust_transport::LocalOptions { segment_bytes: 8192 };
+    let transport = LocalTransport::open_with(dir.path(), 1, options).unwrap();
+    on_one_core(&transport, |local| async move {
+        let events = TopicPartition::new("events", 0);
+        let config = TopicConfig { retention_bytes: Some(32 << 10), ..TopicConfig::new(1) };
+        local.create_topic("events", &config).await.unwrap();
+        let changelog = TopicPartition::new("counts", 0);
+        local.create_topic("counts", &TopicConfig::new(1).compacted()).await.unwrap();
+        for round in 0..200u32 {
+            let mut b = BatchBuilder::new();
+            for i in 0..20u32 {
+                b.push(1_000, Some(b"k"), Some(format!("event {round} {i} {}", "x".repeat(40)).as_bytes()), &[]);
+            }
+            local.produce(&events, b).await.unwrap();
+            let mut b = BatchBuilder::new();
+            for key in 0..10u32 {
+                b.push(1_000, Some(format!("key-{key}").as_bytes()), Some(format!("{round}").as_bytes()), &[]);
+            }
+            local.produce(&changelog, b).await.unwrap();
+            if round == 150 {
+                // The committed end: what follows may still be rolled back.
+                let end = local.list_offset(&changelog, OffsetSpec::Latest).await.unwrap();
+                local.set_compaction_horizon(&changelog, end);
+            }
+        }
+        let mut steps = 0;
+        while local.maintain(4096).unwrap() {
+            steps += 1;
+            assert!(steps < 10_000, "upkeep does not finish");
+        }
+        let kept = read_all(&local, &events).await;
+        let bytes: usize = kept.iter().map(|r| r.value.as_ref().map_or(0, |v| v.len())).sum();
+        assert!(bytes < (32 << 10) + 2 * 8192, "events keep {bytes} bytes");
+        assert_eq!(values(&kept).last().map(String::as_str), Some(&*format!("event 199 19 {}", "x".repeat(40))));
+        let records = read_all(&local, &changelog).await;
+        let horizon = 151 * 10;
+        let below: Vec<_> = records.iter().filter(|r| r.offset < horizon).collect();
+        let above = records.iter().filter(|r| r.offset >= horizon).count();
+        assert_eq!(above, 49 * 10, "every record past the horizon stays");
+        assert!(below.len() < 151 * 10 / 4, "compaction left {} of 1510 records below the horizon", below.len());
+        // Below the horizon, each key's latest value there is still the one a replay ends with.
+        for key in 0..10u32 {
+            let k = format!("key-{key}");
+            let last = below.iter().rev().find(|r| r.key.as_deref() == Some(k.as_bytes())).unwrap();
+            assert_eq!(last.value.as_deref(), Some(&b"150"[..]), "{k}");
+        }
+        local.shutdown().await.unwrap();
+    });
+}

@@ -222,6 +222,28 @@ impl App {
         self.declare(name, Codec::JSON, Codec::JSON, TopicKind::Channel)
     }
 
+    /// Limits how much of the declared topic `name` is kept (Faust's `retention` argument of
+    /// `app.topic`; Kafka's `retention.ms` and `retention.bytes`): records older than `age`,
+    /// and the oldest records of a partition larger than `bytes`, are deleted — whole
+    /// segments at a time (see `segment_bytes` in [`Settings`](crate::Settings)), so a
+    /// partition keeps up to one segment more. Applies when the worker creates the topic; an
+    /// existing topic keeps its own. `local://` deletes them in the worker's upkeep, about
+    /// once a second; a Kafka broker in its own.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let app = faust::App::new(faust::Settings::new("clicks"));
+    /// let clicks = app.topic::<String, u64>("clicks");
+    /// app.topic_retention(clicks.name(), Some(Duration::from_secs(24 * 3600)), Some(1 << 30));
+    /// ```
+    pub fn topic_retention(&self, name: &str, age: Option<std::time::Duration>, bytes: Option<u64>) {
+        if let Some(t) = lock(&self.inner.topics).iter_mut().find(|t| &*t.name == name) {
+            t.retention = age;
+            t.retention_bytes = bytes;
+        }
+    }
+
     /// Makes the declared topic `name` take the partition count of `like` when created.
     pub(crate) fn copartition_with(&self, name: &str, like: &Arc<str>) {
         if let Some(t) = lock(&self.inner.topics).iter_mut().find(|t| &*t.name == name) {
@@ -238,7 +260,14 @@ impl App {
     ) -> Topic<K, V> {
         let mut topics = lock(&self.inner.topics);
         if !topics.iter().any(|t| &*t.name == name) {
-            topics.push(TopicDecl { name: Arc::from(name), partitions: None, partitions_like: None, kind });
+            topics.push(TopicDecl {
+                name: Arc::from(name),
+                partitions: None,
+                partitions_like: None,
+                kind,
+                retention: None,
+                retention_bytes: None,
+            });
         }
         Topic::declared(&self.inner.outbox, name, key_codec, value_codec, kind)
     }

@@ -33,6 +33,10 @@ pub(crate) struct TopicDecl {
     /// topic has its source's.
     pub(crate) partitions_like: Option<Arc<str>>,
     pub(crate) kind: TopicKind,
+    /// Records older than this are deleted (`retention.ms`), when the worker creates the topic.
+    pub(crate) retention: Option<std::time::Duration>,
+    /// The oldest records are deleted while a partition is larger (`retention.bytes`).
+    pub(crate) retention_bytes: Option<u64>,
 }
 
 /// What an [`App`](crate::App) holds: its settings and everything it declared.

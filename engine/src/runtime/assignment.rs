@@ -348,6 +348,7 @@ impl CoreRuntime {
             return Ok(None);
         }
         self.committed.borrow_mut().insert(tp.clone(), now);
+        self.transport.set_compaction_horizon(tp, now);
         self.stats.shards_resumed.fetch_add(1, Ordering::Relaxed);
         tracing::info!(core = self.index, changelog = %tp, "resumed a suspended shard in place");
         Ok(Some(suspended.shard))
@@ -359,12 +360,15 @@ impl CoreRuntime {
         let meta = self.tables.get(table).ok_or_else(|| format!("no table #{table}"))?;
         let dir = (settings.store != "memory://" && !meta.in_memory())
             .then(|| settings.datadir.join("tables").join(&**meta.name()).join(partition.to_string()));
-        let shard = meta.open(crate::runtime::state::ShardArgs { partition, dir }).map_err(|e| e.to_string())?;
+        let shard = meta
+            .open(crate::runtime::state::ShardArgs { partition, dir, segment_bytes: settings.segment_bytes })
+            .map_err(|e| e.to_string())?;
         let fence = self.fence.borrow().clone();
         let recovered = crate::runtime::recovery::recover(&self.transport, &self.group, fence.as_ref(), &shard)
             .await
             .map_err(|e| e.to_string())?;
         self.committed.borrow_mut().insert(shard.changelog().clone(), recovered.end);
+        self.transport.set_compaction_horizon(shard.changelog(), recovered.end);
         if let Some(report) = recovered.repaired.filter(|r| !r.is_clean()) {
             self.stats.logs_repaired.fetch_add(1, Ordering::Relaxed);
             self.stats.offsets_lost_to_damage.fetch_add(report.lost_offsets(), Ordering::Relaxed);

@@ -207,6 +207,10 @@ impl CoreRuntime {
             for (tp, o) in offsets {
                 committed.insert(tp, o);
             }
+            // The changelogs may now be compacted up to their committed ends.
+            for (shard, end) in &changelog_ends {
+                self.transport.set_compaction_horizon(shard.changelog(), *end);
+            }
         }
         crate::runtime::crash_point("commit:committed");
         // 4. Checkpoint the stores at what is now committed: a checkpoint never claims more.

@@ -1,9 +1,10 @@
 //! The per-core runtime: pinned executors (`executor`), and on each core the engine that
 //! fetches (`consume`), queues (`queue`), hands events to agents and restarts them
 //! (`supervise`), buffers sends (`sends`), commits (`commit`), recovers table shards
-//! (`recovery`) and applies assignment changes (`assignment`) — with `CoreRuntime`, the state
-//! one core keeps, private to this module: the layers above (tables, streams, the worker) see
-//! its methods. `state` is the one contract table shards implement.
+//! (`recovery`), applies assignment changes (`assignment`) and keeps its files bounded
+//! (`upkeep`) — with `CoreRuntime`, the state one core keeps, private to this module: the
+//! layers above (tables, streams, the worker) see its methods. `state` is the one contract
+//! table shards implement.
 //!
 //! User work is given as a *factory*: a `Fn(CoreContext) -> Future` that is `Send + Sync`,
 //! called once on each core's own thread; the future it returns stays on that core and need
@@ -24,6 +25,7 @@ pub(crate) mod signal;
 pub(crate) mod state;
 pub(crate) mod stats;
 pub(crate) mod supervise;
+pub(crate) mod upkeep;
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;

@@ -50,6 +50,9 @@ pub(crate) async fn recover(
     let mut repair = Repair::default();
     let committed = core.committed(group, std::slice::from_ref(&tp)).await.map_err(transport_err)?;
     let committed = committed.first().copied().flatten().unwrap_or(0);
+    // Before the log is touched: records past the committed offset may be neutralized below,
+    // and compaction must never let one of them replace a committed record.
+    core.set_compaction_horizon(&tp, committed);
     // Snapshotted once: records appended later cannot make recovery chase a moving end. A
     // broker may answer an end short of what it acknowledged for a moment (tansu, just after
     // the previous worker's last commit): asked again a few times before it counts as short.

@@ -31,6 +31,8 @@ pub(crate) struct ShardArgs {
     pub(crate) partition: u32,
     /// The store's directory; `None` keeps the shard in memory.
     pub(crate) dir: Option<PathBuf>,
+    /// The size of the store's segment files.
+    pub(crate) segment_bytes: u64,
 }
 
 /// Identifies the event a table write belongs to: the agent and the event's position.
@@ -109,6 +111,9 @@ pub(crate) trait AnyShard {
     fn checkpoint(&self, changelog_offset: u64, sources: Vec<(String, u32, u64)>) -> Result<(), TableError>;
     /// Drops clean cache entries past the cache's bound.
     fn evict(&self);
+    /// A bounded step (about `budget_bytes`) of compaction of the shard's store, once its
+    /// superseded records pass the store's threshold; whether more is waiting.
+    fn compact_store(&self, budget_bytes: usize) -> Result<bool, TableError>;
     /// The changelog offset the store opened at.
     fn checkpointed_changelog(&self) -> u64;
     /// Applies changelog records during recovery.

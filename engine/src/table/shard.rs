@@ -25,10 +25,10 @@ const CACHE_MAX_KEYS: usize = 200_000;
 
 /// Opens a shard's store; a store damaged before its checkpoint is moved aside (to
 /// `{dir}.damaged`) and started empty, to be rebuilt from the changelog.
-fn open_store(table: &str, partition: u32, dir: &std::path::Path) -> Result<Store, TableError> {
+fn open_store(table: &str, partition: u32, dir: &std::path::Path, segment_bytes: u64) -> Result<Store, TableError> {
     // The changelog is the durable copy: the store never forces its writes to disk. After a
     // power loss it may open as damaged, and is rebuilt.
-    let config = StoreConfig { sync: SyncPolicy::Never, ..StoreConfig::default() };
+    let config = StoreConfig { sync: SyncPolicy::Never, segment_bytes, ..StoreConfig::default() };
     let store_err = |source| TableError::Store { table: table.to_string(), partition, source };
     match Store::open(dir, config.clone()) {
         Ok(store) => Ok(store),
@@ -539,6 +539,15 @@ where
         store.checkpoint(&bytes).map_err(|e| self.store_err(e))
     }
 
+    fn compact_store(&self, budget_bytes: usize) -> Result<bool, TableError> {
+        let mut state = self.state.borrow_mut();
+        let Some(store) = state.store.as_mut() else { return Ok(false) };
+        match store.compact_step(budget_bytes) {
+            Ok(progress) => Ok(progress == faust_storage::CompactionProgress::Working),
+            Err(e) => Err(self.store_err(e)),
+        }
+    }
+
     fn evict(&self) {
         let mut state = self.state.borrow_mut();
         if state.store.is_some() && state.cache.len() > CACHE_MAX_KEYS {
@@ -732,7 +741,7 @@ where
         let changelog = TopicPartition::new(self.changelog.clone(), args.partition);
         let store = match &args.dir {
             None => None,
-            Some(dir) => Some(open_store(&self.name, args.partition, dir)?),
+            Some(dir) => Some(open_store(&self.name, args.partition, dir, args.segment_bytes)?),
         };
         let checkpointed = store.as_ref().map(|s| decode_meta(&s.last_checkpoint().metadata)).unwrap_or_default();
         Ok(Rc::new(Shard::<K, V> {
@@ -777,7 +786,7 @@ mod tests {
         let json = || Codec::named("json").expect("the json codec");
         let table = super::super::Table::<String, u64>::new("t", "app", 0, json(), json());
         lock(&table.shared.config).default = Some(Arc::new(|| 0));
-        table.shared.open(ShardArgs { partition: 0, dir }).expect("open the shard")
+        table.shared.open(ShardArgs { partition: 0, dir, segment_bytes: 64 << 20 }).expect("open the shard")
     }
 
     fn typed(shard: &Rc<dyn AnyShard>) -> &Shard<String, u64> {

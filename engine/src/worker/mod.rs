@@ -171,7 +171,8 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
             names.chain(tables.iter().map(|t| t.changelog().clone())).collect();
         names.iter().flat_map(|n| numbers.iter().map(move |&p| TopicPartition::new(n.clone(), p))).collect::<Vec<_>>()
     });
-    let transport = AnyTransport::open(&settings.broker_url(), cores, memory.as_ref(), partitions)?;
+    let transport =
+        AnyTransport::open(&settings.broker_url(), cores, memory.as_ref(), partitions, settings.segment_bytes)?;
     let startup = Arc::new(Startup {
         topics_ready: AtomicBool::new(false),
         cores_ready: std::sync::atomic::AtomicUsize::new(0),
@@ -309,10 +310,12 @@ async fn create_topics(
         let count = match (existing, wanted) {
             (Some(meta), None) => meta.config.partitions,
             (_, wanted) => {
-                core.create_topic(&t.name, &TopicConfig::new(wanted.unwrap_or(settings.topic_partitions)))
-                    .await?
-                    .config
-                    .partitions
+                let config = TopicConfig {
+                    retention: t.retention,
+                    retention_bytes: t.retention_bytes,
+                    ..TopicConfig::new(wanted.unwrap_or(settings.topic_partitions))
+                };
+                core.create_topic(&t.name, &config).await?.config.partitions
             }
         };
         created.insert(t.name.clone(), count);
@@ -491,6 +494,8 @@ async fn core_main(
     }
     // Commits.
     let committer = glommio::spawn_local(crate::runtime::commit::run_commits(runtime.clone()));
+    // Compaction and retention, so that the disk stays bounded.
+    let upkeep = glommio::spawn_local(crate::runtime::upkeep::run_upkeep(runtime.clone()));
 
     // Buffered sends.
     let flusher = glommio::spawn_local(crate::runtime::sends::flush_buffered(runtime.clone()));
@@ -536,6 +541,7 @@ async fn core_main(
         }
     }
     committer.await;
+    upkeep.await;
     flusher.await;
     if let Some(task) = outbox_task {
         task.await;

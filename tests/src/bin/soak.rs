@@ -1,0 +1,159 @@
+//! A worker for the disk soak test: an update-heavy workload over a fixed key set on
+//! `local://`, with disk use sampled every second.
+//!
+//! ```text
+//! soak DATADIR SECONDS RATE KEYS OUT
+//! ```
+//!
+//! For SECONDS, a task writes RATE events a second to `events` (4 partitions, each kept to
+//! 1 MiB by `retention.bytes`), keyed `key-{i mod KEYS}`, each with a 100-byte value; an agent
+//! counts them per key in the `counts` table (a store and a changelog per partition). Every
+//! second the sizes on disk (allocated blocks) of the topic, the changelog and the stores are
+//! sampled. Once every event is counted the worker stops and writes OUT (JSON): the samples,
+//! the events sent and the events counted. `SEGMENT_BYTES` (and the other settings) come from
+//! the environment.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use faust::{App, Settings};
+
+/// Bytes allocated on disk under `dir` (0 when it does not exist).
+fn disk_use(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => disk_use(&e.path()),
+            Ok(m) => m.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let parse = |i: usize| args.get(i).and_then(|a| a.parse::<u64>().ok());
+    let (Some(datadir), Some(seconds), Some(rate), Some(keys), Some(out)) =
+        (args.get(1), parse(2), parse(3), parse(4), args.get(5))
+    else {
+        eprintln!("usage: soak DATADIR SECONDS RATE KEYS OUT");
+        std::process::exit(2);
+    };
+    let mut settings = Settings::new("soak");
+    settings.datadir = datadir.into();
+    settings.topic_partitions = 4;
+    settings.commit_interval = Duration::from_millis(200);
+    let settings = match settings.from_env() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("soak: {e}");
+            std::process::exit(2);
+        }
+    };
+    let app = App::new(settings);
+    let events = app.topic::<String, String>("events");
+    app.topic_retention(events.name(), None, Some(1 << 20));
+    let counts = app.table::<String, u64>("counts").with_default(|| 0);
+    {
+        let counts = counts.clone();
+        app.agent("count", &events, move |mut stream| {
+            let counts = counts.clone();
+            async move {
+                while let Some((key, _value)) = stream.next_item().await {
+                    counts.update(&key.ok_or("events are keyed")?, |c| *c += 1)?;
+                }
+                Ok(())
+            }
+        });
+    }
+    let sent = Arc::new(AtomicU64::new(0));
+    let done_sending = Arc::new(AtomicBool::new(false));
+    {
+        let (sent, done_sending) = (sent.clone(), done_sending.clone());
+        app.task(move || {
+            let (events, sent, done_sending) = (events.clone(), sent.clone(), done_sending.clone());
+            async move {
+                let value = "v".repeat(100);
+                let start = Instant::now();
+                let mut n = 0u64;
+                while start.elapsed() < Duration::from_secs(seconds) {
+                    // Keep to RATE events a second, in 10 ms slices.
+                    let due = (start.elapsed().as_secs_f64() * rate as f64) as u64;
+                    while n < due {
+                        events.send_soon(Some(&format!("key-{}", n % keys)), &value)?;
+                        n += 1;
+                    }
+                    glommio::timer::sleep(Duration::from_millis(10)).await;
+                }
+                events.send(Some(&format!("key-{}", n % keys)), &value).await?;
+                sent.store(n + 1, Ordering::SeqCst);
+                done_sending.store(true, Ordering::SeqCst);
+                Ok(())
+            }
+        });
+    }
+    // Per core: the events its shards have counted.
+    let counted: Arc<Mutex<BTreeMap<usize, u64>>> = Arc::default();
+    {
+        let (counts, counted) = (counts.clone(), counted.clone());
+        app.timer(Duration::from_millis(100), move || {
+            let (counts, counted) = (counts.clone(), counted.clone());
+            async move {
+                let core = faust::runtime::current_core().ok_or("timers run on cores")?;
+                let mine: u64 = counts.local_items()?.iter().map(|(_, n)| n).sum();
+                counted.lock().map_err(|_| "poisoned")?.insert(core, mine);
+                Ok(())
+            }
+        });
+    }
+    let samples: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let sampler = {
+        let (stop, sent, done_sending, counted, samples) =
+            (app.stop_signal(), sent.clone(), done_sending.clone(), counted.clone(), samples.clone());
+        let data = std::path::PathBuf::from(datadir);
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            let deadline = start + Duration::from_secs(seconds + 120);
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+                let topic = disk_use(&data.join("topics/events"));
+                let changelog = disk_use(&data.join("topics/soak-counts-changelog"));
+                let tables = disk_use(&data.join("tables"));
+                let total: u64 = counted.lock().map(|c| c.values().sum()).unwrap_or(0);
+                if let Ok(mut s) = samples.lock() {
+                    s.push(serde_json::json!({
+                        "t": start.elapsed().as_secs_f64(),
+                        "topic": topic,
+                        "changelog": changelog,
+                        "tables": tables,
+                        "counted": total,
+                    }));
+                }
+                let finished = done_sending.load(Ordering::SeqCst) && total >= sent.load(Ordering::SeqCst);
+                if finished || Instant::now() > deadline {
+                    break;
+                }
+            }
+            stop.stop();
+        })
+    };
+    if let Err(e) = app.run() {
+        eprintln!("soak: {e}");
+        std::process::exit(1);
+    }
+    let _ = sampler.join();
+    let report = serde_json::json!({
+        "sent": sent.load(Ordering::SeqCst),
+        "counted": counted.lock().map(|c| c.values().sum::<u64>()).unwrap_or(0),
+        "samples": *samples.lock().unwrap_or_else(|p| p.into_inner()),
+    });
+    if let Err(e) = std::fs::write(out, report.to_string()) {
+        eprintln!("soak: writing {out}: {e}");
+        std::process::exit(1);
+    }
+}
