@@ -43,4 +43,6 @@ pub use crate::log::{
     Appended, Batch, CompactionOutcome, Headers, Log, LogConfig, MAX_SEGMENT_BYTES, Record, Records, RetentionOutcome,
 };
 pub use crate::repair::RepairReport;
-pub use crate::store::{Checkpoint, CompactionProgress, Store, StoreConfig, StoreStats, SyncPolicy, WriteBatch};
+pub use crate::store::{
+    Checkpoint, CompactionProgress, PendingCheckpoint, Store, StoreConfig, StoreStats, SyncPolicy, WriteBatch,
+};

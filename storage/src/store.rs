@@ -111,6 +111,28 @@ impl Checkpoint {
     }
 }
 
+/// A checkpoint taken by [`Store::prepare_checkpoint`] whose file is not written yet.
+#[derive(Debug)]
+pub struct PendingCheckpoint {
+    path: PathBuf,
+    bytes: Vec<u8>,
+    durable: bool,
+    next: Checkpoint,
+}
+
+impl PendingCheckpoint {
+    /// Replaces the store's checkpoint file (atomically: a crash leaves the old one or this
+    /// one). Blocking file I/O, with `fsync` under [`SyncPolicy::Checkpoint`].
+    pub fn write(&self) -> Result<()> {
+        replace_file(&self.path, &self.bytes, self.durable)
+    }
+
+    /// The checkpoint it holds.
+    pub fn checkpoint(&self) -> &Checkpoint {
+        &self.next
+    }
+}
+
 /// A batch of puts and deletes, written to the store as one append.
 ///
 /// ```
@@ -569,6 +591,30 @@ impl Store {
     /// Records the current state as the one to open at, with the caller's `metadata`, atomically.
     /// With [`SyncPolicy::Checkpoint`] the data and the checkpoint are on disk when it returns.
     pub fn checkpoint(&mut self, metadata: &[u8]) -> Result<()> {
+        let pending = self.prepare_checkpoint(metadata)?;
+        pending.write()?;
+        self.finish_checkpoint(pending);
+        Ok(())
+    }
+
+    /// [`Store::checkpoint`] in three steps, so that an owner that must not block (a core
+    /// of the engine) can write the file on another thread: this step takes the state (and,
+    /// with [`SyncPolicy::Checkpoint`], syncs the data); [`PendingCheckpoint::write`] replaces
+    /// the file (it is `Send`: run it anywhere); [`Store::finish_checkpoint`] makes it the
+    /// store's checkpoint. Writes may go on in between: they are past the checkpoint. A
+    /// pending checkpoint that is dropped, or whose write fails, leaves the last one in force.
+    ///
+    /// ```
+    /// use faust_storage::{Store, StoreConfig};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let mut store = Store::open(dir.path(), StoreConfig::default())?;
+    /// store.put(b"k", b"v")?;
+    /// let pending = store.prepare_checkpoint(b"offsets")?;
+    /// std::thread::spawn(move || pending.write().map(|()| pending)).join().unwrap().map(|p| store.finish_checkpoint(p))?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn prepare_checkpoint(&mut self, metadata: &[u8]) -> Result<PendingCheckpoint> {
         let durable = match self.config.sync {
             SyncPolicy::Checkpoint => true,
             SyncPolicy::Interval(d) => self.last_sync.elapsed() >= d,
@@ -585,12 +631,20 @@ impl Store {
             live_keys: self.live_keys,
             metadata: Bytes::copy_from_slice(metadata),
         };
-        replace_file(&self.dir.join(CHECKPOINT_FILE), &next.encode(), durable)?;
+        Ok(PendingCheckpoint { path: self.dir.join(CHECKPOINT_FILE), bytes: next.encode(), durable, next })
+    }
+
+    /// Makes a written checkpoint ([`Store::prepare_checkpoint`]) the store's last one. One
+    /// older than the store's last checkpoint is ignored.
+    pub fn finish_checkpoint(&mut self, pending: PendingCheckpoint) {
+        let next = pending.next;
+        if next.sequence <= self.checkpoint.sequence {
+            return;
+        }
         if next.position != self.checkpoint.position {
             self.fresh_outputs.clear();
         }
         self.checkpoint = next;
-        Ok(())
     }
 
     /// The last checkpoint: the one the store opened at, or the latest taken since.

@@ -13,6 +13,10 @@
 //! what is committed. A commit that fails part way undoes nothing durable and loses nothing:
 //! entries whose write failed are dirty again, and changelog records it wrote are committed
 //! by the next commit that succeeds.
+//!
+//! No step blocks the core: the offsets file (`local://`) and the stores' checkpoint files
+//! are written, renamed and synced on helper threads while the core goes on processing; the
+//! commit lock keeps one commit at a time per core.
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -221,9 +225,10 @@ impl CoreRuntime {
                 .filter(|(tp, _)| tp.partition == shard.partition())
                 .map(|(tp, o)| (tp.topic.to_string(), tp.partition, *o))
                 .collect();
-            let checkpointed = crate::runtime::fault_point("commit:checkpoint")
-                .map_err(|e| e.to_string())
-                .and_then(|()| shard.checkpoint(*end, sources).map_err(|e| e.to_string()));
+            let checkpointed = match crate::runtime::fault_point("commit:checkpoint") {
+                Ok(()) => checkpoint(shard, *end, sources).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
             if let Err(e) = checkpointed {
                 // The changelog has the state; the store's next open replays it.
                 tracing::warn!(table = shard.name(), partition = shard.partition(), error = %e, "checkpoint failed");
@@ -261,6 +266,25 @@ impl CoreRuntime {
             self.app_stop.stop();
         }
         FlushError::Tables(error.to_string())
+    }
+}
+
+/// Checkpoints `shard`'s store at `changelog_offset`. The state is taken on the core; the
+/// file is replaced (a write and a rename, and `fsync`s under a durable policy) on a helper
+/// thread, so the core goes on processing events meanwhile.
+pub(crate) async fn checkpoint(
+    shard: &Rc<dyn AnyShard>,
+    changelog_offset: u64,
+    sources: Vec<(String, u32, u64)>,
+) -> Result<(), TableError> {
+    let Some(pending) = shard.prepare_checkpoint(changelog_offset, sources)? else { return Ok(()) };
+    let written = glommio::executor().spawn_blocking(move || pending.write().map(|()| pending)).await;
+    match written {
+        Ok(pending) => {
+            shard.finish_checkpoint(pending);
+            Ok(())
+        }
+        Err(source) => Err(TableError::Store { table: shard.name().to_string(), partition: shard.partition(), source }),
     }
 }
 

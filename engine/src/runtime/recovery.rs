@@ -139,7 +139,7 @@ pub(crate) async fn recover(
         end = rewrite_changelog(core, group, fence, shard, end).await?;
     }
     // The state now is the changelog's up to `end`: checkpoint it so the next start skips it.
-    shard.checkpoint(end, Vec::new())?;
+    crate::runtime::commit::checkpoint(shard, end, Vec::new()).await?;
     if total > 0 || end > committed {
         tracing::info!(table = %shard.name(), partition, replayed = total, orphans = high_watermark - committed,
             elapsed_ms = started.elapsed().as_millis() as u64, "recovered table partition");

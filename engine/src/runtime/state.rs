@@ -107,8 +107,17 @@ pub(crate) trait AnyShard {
     fn written_end(&self) -> Option<u64>;
     fn set_written_end(&self, end: Option<u64>);
     fn write_store(&self, batch: &mut WriteBatch) -> Result<(), TableError>;
-    /// Records that the state is the changelog's up to `changelog_offset`.
-    fn checkpoint(&self, changelog_offset: u64, sources: Vec<(String, u32, u64)>) -> Result<(), TableError>;
+    /// Takes a checkpoint of the store saying that the state is the changelog's up to
+    /// `changelog_offset` (`None` for a shard without a store); its file is written off the
+    /// core ([`PendingCheckpoint::write`](faust_storage::PendingCheckpoint::write)), then
+    /// [`finish_checkpoint`](AnyShard::finish_checkpoint) puts it in force.
+    fn prepare_checkpoint(
+        &self,
+        changelog_offset: u64,
+        sources: Vec<(String, u32, u64)>,
+    ) -> Result<Option<faust_storage::PendingCheckpoint>, TableError>;
+    /// Puts a written checkpoint in force.
+    fn finish_checkpoint(&self, pending: faust_storage::PendingCheckpoint);
     /// Drops clean cache entries past the cache's bound.
     fn evict(&self);
     /// A bounded step (about `budget_bytes`) of compaction of the shard's store, once its

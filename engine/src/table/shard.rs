@@ -530,13 +530,23 @@ where
         }
     }
 
-    fn checkpoint(&self, changelog_offset: u64, sources: Vec<(String, u32, u64)>) -> Result<(), TableError> {
+    fn prepare_checkpoint(
+        &self,
+        changelog_offset: u64,
+        sources: Vec<(String, u32, u64)>,
+    ) -> Result<Option<faust_storage::PendingCheckpoint>, TableError> {
         let mut state = self.state.borrow_mut();
         let stream_time = state.stream_time;
-        let Some(store) = state.store.as_mut() else { return Ok(()) };
+        let Some(store) = state.store.as_mut() else { return Ok(None) };
         let meta = CheckpointMeta { changelog: changelog_offset, sources, stream_time };
         let bytes = serde_json::to_vec(&meta).unwrap_or_default();
-        store.checkpoint(&bytes).map_err(|e| self.store_err(e))
+        store.prepare_checkpoint(&bytes).map(Some).map_err(|e| self.store_err(e))
+    }
+
+    fn finish_checkpoint(&self, pending: faust_storage::PendingCheckpoint) {
+        if let Some(store) = self.state.borrow_mut().store.as_mut() {
+            store.finish_checkpoint(pending);
+        }
     }
 
     fn compact_store(&self, budget_bytes: usize) -> Result<bool, TableError> {
