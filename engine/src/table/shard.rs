@@ -361,26 +361,22 @@ where
     fn acked(&self, agent: usize, tp: &TopicPartition, offset: u64) {
         let mut guard = self.state.borrow_mut();
         let state = &mut *guard;
-        let Some(event) = state.undo.iter().find(|u| u.event.matches(agent, tp, offset)).map(|u| u.event.clone())
-        else {
-            return;
-        };
-        if state.run_event.as_ref() == Some(&event) {
+        let is_event = |t: &Token| t.matches(agent, tp, offset);
+        // Mostly one event is in flight: its entries are the whole log.
+        let Some(first) = state.undo.iter().position(|u| is_event(&u.event)) else { return };
+        let timestamp = state.undo[first].event.timestamp;
+        if state.run_event.as_ref().is_some_and(is_event) {
             state.run_event = None;
         }
-        if state.undo.iter().all(|u| u.event == event) {
+        if first == 0 && state.undo.iter().all(|u| is_event(&u.event)) {
             state.undo.clear();
         } else {
-            state.undo.retain(|u| u.event != event);
+            state.undo.retain(|u| !is_event(&u.event));
         }
-        state.stream_time = state.stream_time.max(event.timestamp);
-        match state
-            .applied
-            .iter_mut()
-            .find(|(tp, _)| tp.partition == event.partition && same_topic(&tp.topic, &event.topic))
-        {
-            Some((_, o)) => *o = (*o).max(event.offset),
-            None => state.applied.push((TopicPartition::new(event.topic.clone(), event.partition), event.offset)),
+        state.stream_time = state.stream_time.max(timestamp);
+        match state.applied.iter_mut().find(|(t, _)| t.partition == tp.partition && same_topic(&t.topic, &tp.topic)) {
+            Some((_, o)) => *o = (*o).max(offset),
+            None => state.applied.push((tp.clone(), offset)),
         }
     }
 
