@@ -547,6 +547,8 @@ fn report(args: &Args, broker: &str, own: bool, fig: &Figures) {
             "kafka_preload_msgs_s": n as f64 / fig.preload_s,
             "kafka_w2_local_events_s_1core": best(&fig.w2_local),
             "kafka_w2_vs_local_ratio": w2 / best(&fig.w2_local),
+            // The engine-core issue's name for the same ratio (target ≥ 0.9).
+            "kafka_w2_vs_local_w2_ratio": w2 / best(&fig.w2_local),
             "kafka_w2_floor_events_s_1thread": fig.floor,
             "kafka_w2_floor_vs_fetch_ratio": fig.floor / fetch,
             "kafka_w2_local_rounds_events_s": fig.w2_local,
@@ -574,12 +576,12 @@ fn report(args: &Args, broker: &str, own: bool, fig: &Figures) {
         produce / rs_produce
     );
     println!(
-        "| W2 (count per account, table + changelog), 1 core, events/s | {w2:.0} | | {:.2} of our raw fetch (≥ 0.8) |",
+        "| W2 (count per account, table + changelog), 1 core, events/s | {w2:.0} | | {:.2} of our raw fetch |",
         w2 / fetch
     );
     let local = best(&fig.w2_local);
     println!(
-        "| W2 on local:// (same orders, 2 partitions), 1 core, events/s | {local:.0} | | kafka:// at {:.2} of it |",
+        "| W2 on local:// (same orders, 2 partitions), 1 core, events/s | {local:.0} | | kafka:// at {:.2} of it (≥ 0.9) |",
         w2 / local
     );
     println!(
