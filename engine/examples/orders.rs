@@ -138,8 +138,15 @@ fn run_alone() -> Result<(), Box<dyn std::error::Error>> {
     // disk) ends the run with that error: its orders stay buffered until then, so nothing
     // that was recorded as written is lost, and a rerun on the same data directory resumes.
     let progress_file = datadir.join("generator.progress");
-    let resumed_from: u64 =
-        std::fs::read_to_string(&progress_file).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+    let recorded = std::fs::read_to_string(&progress_file).ok();
+    // A run that finds a progress file is not a run from scratch, even when its record is 0:
+    // the run before may have written orders before its first record.
+    let resumed = recorded.is_some();
+    let resumed_from: u64 = recorded.and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+    if !resumed {
+        std::fs::create_dir_all(&datadir)?;
+        std::fs::write(&progress_file, "0")?;
+    }
     let generated_all = Arc::new(AtomicBool::new(false));
     let generator_failed: Arc<Mutex<Option<String>>> = Arc::default();
     {
@@ -295,7 +302,7 @@ fn run_alone() -> Result<(), Box<dyn std::error::Error>> {
     if let Ok(path) = std::env::var("ORDERS_DUMP") {
         std::fs::write(&path, serde_json::to_string(&all)?)?;
     }
-    check(&all, orders_total, accounts, resumed_from > 0)
+    check(&all, orders_total, accounts, resumed)
 }
 
 /// Checks the counts against the orders the generator makes. A run from scratch counts each

@@ -322,20 +322,36 @@ impl CoreRuntime {
 
     /// Acks `offset` of `tp` for `agent`, and applies the table writes made for that event.
     pub(crate) fn ack(&self, agent: usize, tp: &TopicPartition, offset: u64) {
-        if let Some(t) = self.acks.borrow_mut().get_mut(&AckKey(agent, tp)) {
-            t.ack(offset);
+        self.ack_many(agent, tp, &[offset]);
+    }
+
+    /// Acks several events of one partition at once (ascending `offsets`): what a batch of
+    /// the `for_each` family processed, in one pass over the tracker and the undo logs.
+    pub(crate) fn ack_many(&self, agent: usize, tp: &TopicPartition, offsets: &[u64]) {
+        if offsets.is_empty() {
+            return;
         }
-        if let Some(n) = self.agent_acks.get(agent) {
-            n.set(n.get() + 1);
+        if let Some(t) = self.acks.borrow_mut().get_mut(&AckKey(agent, tp)) {
+            for &offset in offsets {
+                t.ack(offset);
+            }
+        }
+        let n = offsets.len() as u64;
+        if let Some(count) = self.agent_acks.get(agent) {
+            count.set(count.get() + n);
         }
         // `commit_every`: the committer is woken once, when the count reaches it.
-        let acked = self.acked_since_commit.get() + 1;
-        self.acked_since_commit.set(acked);
-        if acked == self.commit_every {
+        let before = self.acked_since_commit.get();
+        self.acked_since_commit.set(before + n);
+        if before < self.commit_every && before + n >= self.commit_every {
             self.commit_soon.notify(1);
         }
         if !self.written.borrow().is_empty() {
-            self.settle_writes(agent, tp, offset, true);
+            // Shards do not call back into the core: the list stays borrowed.
+            self.written.borrow_mut().retain(|shard| {
+                shard.acked(agent, tp, offsets);
+                shard.holds_writes_in_flight()
+            });
         }
     }
 
@@ -343,19 +359,6 @@ impl CoreRuntime {
     /// from failures between successes).
     pub(crate) fn agent_acks(&self, agent: usize) -> u64 {
         self.agent_acks.get(agent).map_or(0, Cell::get)
-    }
-
-    /// Settles the table writes of one event: they stand (`acked`), or are undone.
-    fn settle_writes(&self, agent: usize, tp: &TopicPartition, offset: u64, acked: bool) {
-        // Shards do not call back into the core: the list stays borrowed.
-        self.written.borrow_mut().retain(|shard| {
-            if acked {
-                shard.acked(agent, tp, offset);
-            } else {
-                shard.undo(&|t| t.matches(agent, tp, offset));
-            }
-            shard.holds_writes_in_flight()
-        });
     }
 
     /// Undoes the table writes of events `which` picks (of revoked partitions).
@@ -372,7 +375,7 @@ impl CoreRuntime {
             return;
         }
         for e in events {
-            self.settle_writes(agent, &e.tp, e.record.offset, false);
+            self.undo_writes(&|t| t.matches(agent, &e.tp, e.record.offset));
         }
     }
 

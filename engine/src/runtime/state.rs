@@ -82,9 +82,9 @@ pub(crate) trait AnyShard {
     fn items_json(&self) -> Result<Vec<(serde_json::Value, serde_json::Value)>, TableError>;
     fn partition(&self) -> u32;
     fn changelog(&self) -> &TopicPartition;
-    /// The event at `offset` of `tp` was acked by `agent`: its writes (in place already)
-    /// stand, and its undo entries go.
-    fn acked(&self, agent: usize, tp: &TopicPartition, offset: u64);
+    /// The events at `offsets` (ascending) of `tp` were acked by `agent`: their writes (in
+    /// place already) stand, and their undo entries go.
+    fn acked(&self, agent: usize, tp: &TopicPartition, offsets: &[u64]);
     /// The agent failed on the events `which` picks, or they were abandoned: every key they
     /// wrote gets back exactly its previous value.
     fn undo(&self, which: &dyn Fn(&Token) -> bool);

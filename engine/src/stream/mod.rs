@@ -17,6 +17,7 @@ use crate::runtime::bad_record::RecordPart;
 use crate::runtime::bad_record::preview;
 use crate::runtime::context::{EventPosition, TaskSlot, current_slot};
 use crate::runtime::queue::{EventQueue, QueuedEvent};
+use crate::runtime::state::same_topic;
 use crate::runtime::supervise::AgentRun;
 use crate::topic::Topic;
 use faust_transport::Produced;
@@ -522,6 +523,7 @@ impl<K: 'static, V: 'static> Stream<K, V> {
             batch: std::collections::VecDeque::new(),
         };
         let mut decoded: Vec<Result<Option<D>, Rejected>> = Vec::with_capacity(BATCH);
+        let mut acks = BatchAcks { core: self.core.clone(), agent: self.agent, tp: None, offsets: Vec::new() };
         loop {
             glommio::yield_if_needed().await;
             self.core.flush_if_full().await;
@@ -550,12 +552,18 @@ impl<K: 'static, V: 'static> Stream<K, V> {
                     None => self.outcome(queued, &decode),
                 };
                 if let Some(value) = self.hand_out(slot.as_deref(), queued, outcome) {
-                    // On an error the event stays in hand; `hand` passes it on.
-                    call(value, queued)?;
-                    self.core.ack(self.agent, &queued.tp, queued.record.offset);
+                    // On an error the event stays in hand; `hand` passes it on. The events
+                    // before it were processed: they are acked first.
+                    if let Err(e) = call(value, queued) {
+                        acks.flush();
+                        return Err(e);
+                    }
+                    acks.push(&queued.tp, queued.record.offset);
                 }
                 hand.batch.pop_front();
             }
+            // Before the core's other tasks run (a commit reads the acks).
+            acks.flush();
             if let Some(slot) = &slot {
                 slot.set(None);
             }
@@ -603,6 +611,45 @@ impl<K: 'static, V: 'static> Stream<K, V> {
 /// yield between batches cost little per event, few enough that a batch is done in well
 /// under a task's time slice.
 const BATCH: usize = 256;
+
+/// The acks of a batch's processed events, gathered per run of one partition and given to
+/// the core at once ([`CoreRuntime::ack_many`]): at the end of the batch, when the partition
+/// changes, before an error leaves the loop, and when dropped (a panic in the agent's
+/// function must not leave the events it processed before unacked).
+struct BatchAcks {
+    core: Rc<CoreRuntime>,
+    agent: usize,
+    tp: Option<TopicPartition>,
+    /// Ascending.
+    offsets: Vec<u64>,
+}
+
+impl BatchAcks {
+    fn push(&mut self, tp: &TopicPartition, offset: u64) {
+        let same_run = self.tp.as_ref().is_some_and(|t| t.partition == tp.partition && same_topic(&t.topic, &tp.topic))
+            && self.offsets.last().is_none_or(|&last| last < offset);
+        if !same_run {
+            self.flush();
+            self.tp = Some(tp.clone());
+        }
+        self.offsets.push(offset);
+    }
+
+    fn flush(&mut self) {
+        if let Some(tp) = &self.tp
+            && !self.offsets.is_empty()
+        {
+            self.core.ack_many(self.agent, tp, &self.offsets);
+        }
+        self.offsets.clear();
+    }
+}
+
+impl Drop for BatchAcks {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
 
 /// A batch of events taken from an agent's queue and not yet acked. Dropped early (the
 /// agent's function failed or panicked on the first of them), it hands that event to the

@@ -358,25 +358,32 @@ where
         &self.changelog
     }
 
-    fn acked(&self, agent: usize, tp: &TopicPartition, offset: u64) {
+    fn acked(&self, agent: usize, tp: &TopicPartition, offsets: &[u64]) {
         let mut guard = self.state.borrow_mut();
         let state = &mut *guard;
-        let is_event = |t: &Token| t.matches(agent, tp, offset);
-        // Mostly one event is in flight: its entries are the whole log.
-        let Some(first) = state.undo.iter().position(|u| is_event(&u.event)) else { return };
-        let timestamp = state.undo[first].event.timestamp;
-        if state.run_event.as_ref().is_some_and(is_event) {
+        let is_acked = |t: &Token| {
+            t.partition == tp.partition
+                && t.agent == agent
+                && offsets.binary_search(&t.offset).is_ok()
+                && same_topic(&t.topic, &tp.topic)
+        };
+        let (mut newest_offset, mut newest_timestamp) = (None, i64::MIN);
+        state.undo.retain(|u| {
+            if !is_acked(&u.event) {
+                return true;
+            }
+            newest_offset = newest_offset.max(Some(u.event.offset));
+            newest_timestamp = newest_timestamp.max(u.event.timestamp);
+            false
+        });
+        let Some(newest_offset) = newest_offset else { return };
+        if state.run_event.as_ref().is_some_and(is_acked) {
             state.run_event = None;
         }
-        if first == 0 && state.undo.iter().all(|u| is_event(&u.event)) {
-            state.undo.clear();
-        } else {
-            state.undo.retain(|u| !is_event(&u.event));
-        }
-        state.stream_time = state.stream_time.max(timestamp);
+        state.stream_time = state.stream_time.max(newest_timestamp);
         match state.applied.iter_mut().find(|(t, _)| t.partition == tp.partition && same_topic(&t.topic, &tp.topic)) {
-            Some((_, o)) => *o = (*o).max(offset),
-            None => state.applied.push((tp.clone(), offset)),
+            Some((_, o)) => *o = (*o).max(newest_offset),
+            None => state.applied.push((tp.clone(), newest_offset)),
         }
     }
 
@@ -785,7 +792,7 @@ mod tests {
     }
 
     fn ack(shard: &Rc<dyn AnyShard>, event: u64) {
-        shard.acked(0, &TopicPartition::new(Arc::from("t"), 0), event);
+        shard.acked(0, &TopicPartition::new(Arc::from("t"), 0), &[event]);
     }
 
     fn open(dir: Option<std::path::PathBuf>) -> Rc<dyn AnyShard> {
