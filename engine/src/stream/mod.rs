@@ -626,8 +626,8 @@ struct BatchAcks {
 
 impl BatchAcks {
     fn push(&mut self, tp: &TopicPartition, offset: u64) {
-        let same_run = self.tp.as_ref().is_some_and(|t| t.partition == tp.partition && same_topic(&t.topic, &tp.topic))
-            && self.offsets.last().is_none_or(|&last| last < offset);
+        let same_run = self.offsets.last().is_some_and(|&last| last < offset)
+            && self.tp.as_ref().is_some_and(|t| t.partition == tp.partition && same_topic(&t.topic, &tp.topic));
         if !same_run {
             self.flush();
             self.tp = Some(tp.clone());

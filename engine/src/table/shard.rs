@@ -361,10 +361,14 @@ where
     fn acked(&self, agent: usize, tp: &TopicPartition, offsets: &[u64]) {
         let mut guard = self.state.borrow_mut();
         let state = &mut *guard;
+        let (Some(&lowest), Some(&highest)) = (offsets.first(), offsets.last()) else { return };
+        // A batch's offsets are mostly a contiguous run: then a range check says it.
+        let contiguous = highest - lowest + 1 == offsets.len() as u64;
         let is_acked = |t: &Token| {
             t.partition == tp.partition
                 && t.agent == agent
-                && offsets.binary_search(&t.offset).is_ok()
+                && (lowest..=highest).contains(&t.offset)
+                && (contiguous || offsets.binary_search(&t.offset).is_ok())
                 && same_topic(&t.topic, &tp.topic)
         };
         let (mut newest_offset, mut newest_timestamp) = (None, i64::MIN);
