@@ -204,6 +204,16 @@ impl AnyCore {
         }
     }
 
+    /// Deletes the records of `tp` below `offset`, whole segments at a time (see
+    /// [`LocalCore::delete_records_below`]); `Ok(0)` where the transport keeps no files of
+    /// its own.
+    pub(crate) fn delete_records_below(&self, tp: &TopicPartition, offset: u64) -> Result<u64> {
+        match self {
+            AnyCore::Local(t) => t.delete_records_below(tp, offset),
+            AnyCore::Memory(_) | AnyCore::Kafka(_) => Ok(0),
+        }
+    }
+
     /// A bounded step of upkeep on the logs this core owns (see [`LocalCore::maintain`]);
     /// whether more is waiting.
     pub(crate) fn maintain(&self, budget_bytes: usize) -> Result<bool> {

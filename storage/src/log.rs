@@ -874,17 +874,28 @@ impl Log {
     /// whose newest record is older than `retention` (measured against `now_ms`). The active
     /// segment is never deleted.
     pub fn enforce_retention(&mut self, now_ms: i64) -> Result<RetentionOutcome> {
-        let mut out = RetentionOutcome::default();
-        let mut total = self.size_bytes();
-        while self.segments.len() > 1 {
-            let first = &self.segments[0];
-            let over_size = self.config.retention_bytes.is_some_and(|max| total - first.len >= max);
-            let too_old = self.config.retention.is_some_and(|age| {
+        let (retention, retention_bytes) = (self.config.retention, self.config.retention_bytes);
+        self.delete_leading_segments(|first, total| {
+            let over_size = retention_bytes.is_some_and(|max| total - first.len >= max);
+            let too_old = retention.is_some_and(|age| {
                 first.max_timestamp != i64::MIN && first.max_timestamp < now_ms - age.as_millis() as i64
             });
-            if !(over_size || too_old) {
-                break;
-            }
+            over_size || too_old
+        })
+    }
+
+    /// Deletes the sealed segments that hold only records below `offset` (Kafka's
+    /// `DeleteRecords`, by whole segments): for a topic whose consumers committed past them,
+    /// such as a repartition topic. The active segment is never deleted.
+    pub fn delete_below(&mut self, offset: u64) -> Result<RetentionOutcome> {
+        self.delete_leading_segments(|first, _| first.next_offset <= offset)
+    }
+
+    /// Deletes the oldest sealed segments while `doomed(first, total bytes)` says so.
+    fn delete_leading_segments(&mut self, doomed: impl Fn(&Segment, u64) -> bool) -> Result<RetentionOutcome> {
+        let mut out = RetentionOutcome::default();
+        let mut total = self.size_bytes();
+        while self.segments.len() > 1 && doomed(&self.segments[0], total) {
             // A compaction pass works on segments by id: it starts again after this.
             if let Some(pass) = self.cleaning.take() {
                 pass.abandon(self)?;
@@ -1274,6 +1285,27 @@ mod tests {
         append_n(&mut log, 500, 1000); // timestamps 0..500
         log.enforce_retention(10_000).unwrap();
         assert_eq!(log.segment_count(), 1, "only the active segment is left");
+    }
+
+    #[test]
+    fn delete_below_removes_only_segments_wholly_below_the_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Log::open(dir.path(), small()).unwrap();
+        append_n(&mut log, 500, 1000);
+        let segments = log.segment_count();
+        assert!(segments > 3);
+        let out = log.delete_below(250).unwrap();
+        assert!(out.segments_deleted > 0 && log.segment_count() < segments);
+        let earliest = log.earliest_offset();
+        assert!(earliest > 0 && earliest <= 250, "earliest {earliest}");
+        assert_eq!(all_records(&log, earliest).len() as u64, 500 - earliest);
+        // Everything below the end: every sealed segment goes, the active one stays.
+        log.delete_below(u64::MAX).unwrap();
+        assert_eq!(log.segment_count(), 1);
+        assert_eq!(log.high_watermark(), 500);
+        drop(log);
+        let log = Log::open(dir.path(), small()).unwrap();
+        assert_eq!(log.high_watermark(), 500);
     }
 
     #[test]

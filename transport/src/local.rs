@@ -572,6 +572,19 @@ impl LocalCore {
         self.compaction_horizons.borrow_mut().insert(tp.clone(), offset);
     }
 
+    /// Deletes the segments of `tp` that hold only records below `offset` (Kafka's
+    /// `DeleteRecords`, by whole segments; the active segment stays), for a topic whose
+    /// consumers committed past them. Returns the bytes freed. Runs on the core that owns
+    /// `tp`.
+    pub fn delete_records_below(&self, tp: &TopicPartition, offset: u64) -> Result<u64> {
+        self.check_open()?;
+        self.with_log(tp, |log| {
+            log.delete_below(offset)
+                .map(|out| out.bytes_deleted)
+                .map_err(|source| Error::Storage { tp: tp.clone(), source })
+        })
+    }
+
     /// Does a bounded step of upkeep on the logs this core has open: deletes the segments
     /// that fall outside a topic's retention (age, then size) and does about `budget_bytes`
     /// of compaction on one compacted log (see [`faust_storage::Log::compact_step`]).

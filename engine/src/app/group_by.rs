@@ -53,7 +53,7 @@ impl<K, V> sealed::Sealed for GroupBy<K, V> {}
 
 impl<K: 'static, V: 'static> Source<K, V> for GroupBy<K, V> {
     fn consumed_by(&self, app: &App, agent: &str) -> Topic<K, V> {
-        let name = format!("{}-{}-{}-{}-repartition", app.settings().id, agent, self.source, self.name);
+        let name = crate::runtime::upkeep::repartition_topic(&app.settings().id, agent, &self.source, &self.name);
         let key_codec = app.settings().key_serializer.clone();
         let topic = app.declare::<K, V>(&name, key_codec, self.value_codec.clone(), TopicKind::Log);
         app.copartition_with(&name, &self.source);

@@ -1,7 +1,8 @@
 //! Upkeep: what keeps the disk bounded. Every commit interval (at most [`UPKEEP_INTERVAL`]),
 //! each core compacts the stores of its table shards (once a store's superseded records pass
-//! its threshold) and asks the transport to keep the logs it owns in shape (on `local://`:
-//! topics held to their retention, changelogs compacted below their committed ends — see
+//! its threshold), deletes what it committed past in the app's repartition topics, and asks
+//! the transport to keep the logs it owns in shape (on `local://`: topics held to their
+//! retention, changelogs compacted below their committed ends — see
 //! [`LocalCore::maintain`](faust_transport::LocalCore::maintain)). The work goes in steps of
 //! about [`UPKEEP_STEP_BYTES`], and the core serves its other tasks between steps, so events
 //! wait at most one step.
@@ -34,12 +35,47 @@ pub(crate) async fn run_upkeep(runtime: Rc<CoreRuntime>) {
     }
 }
 
+/// The name of the repartition topic of `group_by` `name` of `source`, consumed by `agent`
+/// of app `app_id`.
+pub(crate) fn repartition_topic(app_id: &str, agent: &str, source: &str, name: &str) -> String {
+    format!("{app_id}-{agent}-{source}-{name}{REPARTITION_SUFFIX}")
+}
+
+const REPARTITION_SUFFIX: &str = "-repartition";
+
+/// Whether `topic` is one of app `app_id`'s repartition topics: internal, read only by the
+/// app's own agents, so that what they committed past can go.
+fn is_repartition_topic(app_id: &str, topic: &str) -> bool {
+    topic.len() > app_id.len() + 1
+        && topic.starts_with(app_id)
+        && topic.as_bytes()[app_id.len()] == b'-'
+        && topic.ends_with(REPARTITION_SUFFIX)
+}
+
 impl CoreRuntime {
-    /// One round of upkeep: every shard's store, then the transport's logs, each until it
-    /// has nothing more to do (or the worker stops).
+    /// One round of upkeep: every shard's store, then the repartition topics below what this
+    /// core committed of them (as Kafka Streams purges them), then the transport's logs, each
+    /// until it has nothing more to do (or the worker stops).
     pub(crate) async fn upkeep(&self) -> Result<(), String> {
         let shards: Vec<Rc<dyn AnyShard>> = self.shards.borrow().iter().flatten().flatten().cloned().collect();
         let mut first_error = None;
+        let app_id = self.settings().id.clone();
+        let purgeable: Vec<(faust_transport::TopicPartition, u64)> = self
+            .committed
+            .borrow()
+            .iter()
+            .filter(|(tp, _)| is_repartition_topic(&app_id, &tp.topic))
+            .map(|(tp, offset)| (tp.clone(), *offset))
+            .collect();
+        for (tp, offset) in purgeable {
+            match self.transport.delete_records_below(&tp, offset) {
+                // Another core owns the log (it purges it after its own commits).
+                Ok(_) | Err(faust_transport::Error::NotOwner { .. }) => {}
+                Err(e) => {
+                    first_error.get_or_insert(e.to_string());
+                }
+            }
+        }
         for shard in shards {
             while !self.stopping.is_cancelled() {
                 match shard.compact_store(UPKEEP_STEP_BYTES) {
@@ -64,5 +100,21 @@ impl CoreRuntime {
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repartition_topics_are_told_by_name() {
+        let name = repartition_topic("orders", "count", "orders", "account_id");
+        assert_eq!(name, "orders-count-orders-account_id-repartition");
+        assert!(is_repartition_topic("orders", &name));
+        assert!(!is_repartition_topic("order", &name), "another app's prefix");
+        assert!(!is_repartition_topic("orders", "orders"));
+        assert!(!is_repartition_topic("orders", "orders-count-changelog"));
+        assert!(!is_repartition_topic("orders", "-repartition"));
     }
 }
