@@ -10,6 +10,7 @@
 use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::rc::Rc;
 use std::task::{Context, Poll};
 
@@ -41,6 +42,19 @@ pub(crate) struct TaskSlot {
 impl TaskSlot {
     pub(crate) fn for_agent(agent: usize) -> Self {
         TaskSlot { current: RefCell::new(None), agent: std::cell::Cell::new(agent) }
+    }
+
+    /// Makes the event at `offset` of `topic`/`partition` the task's current one. The token
+    /// is updated in place when the topic is the same (no reference count per event).
+    pub(crate) fn set_at(&self, topic: &Arc<str>, partition: u32, offset: u64, timestamp: i64) {
+        let agent = self.agent.get();
+        let mut current = self.current.borrow_mut();
+        match current.as_mut() {
+            Some(t) if Arc::ptr_eq(&t.topic, topic) => {
+                (t.agent, t.partition, t.offset, t.timestamp) = (agent, partition, offset, timestamp);
+            }
+            _ => *current = Some(Token { agent, topic: topic.clone(), partition, offset, timestamp }),
+        }
     }
 
     pub(crate) fn set(&self, event: Option<EventPosition>) {

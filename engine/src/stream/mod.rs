@@ -15,7 +15,7 @@ use crate::error::{AgentError, SendError};
 use crate::runtime::CoreRuntime;
 use crate::runtime::bad_record::RecordPart;
 use crate::runtime::bad_record::preview;
-use crate::runtime::context::{EventPosition, TaskSlot, current_slot};
+use crate::runtime::context::{TaskSlot, current_slot};
 use crate::runtime::queue::{EventQueue, QueuedEvent};
 use crate::runtime::state::same_topic;
 use crate::runtime::supervise::AgentRun;
@@ -376,12 +376,7 @@ impl<K: 'static, V: 'static> Stream<K, V> {
         match outcome {
             Ok(Some(value)) => {
                 if let Some(slot) = slot {
-                    slot.set(Some(EventPosition {
-                        topic: tp.topic.clone(),
-                        partition: tp.partition,
-                        offset,
-                        timestamp: queued.record.timestamp,
-                    }));
+                    slot.set_at(&tp.topic, tp.partition, offset, queued.record.timestamp);
                 }
                 if let Some(positions) = &self.positions
                     && !self.admit(positions, queued)

@@ -207,7 +207,13 @@ where
             && run_event.as_ref() != Some(t)
         {
             *run += 1;
-            *run_event = Some(t.clone());
+            match run_event.as_mut() {
+                // The same topic: the fields change, the topic's reference count does not.
+                Some(r) if Arc::ptr_eq(&r.topic, &t.topic) => {
+                    (r.agent, r.partition, r.offset, r.timestamp) = (t.agent, t.partition, t.offset, t.timestamp);
+                }
+                _ => *run_event = Some(t.clone()),
+            }
         }
         if let Some(entry) = cache.get_mut(key) {
             if let Some(t) = token
