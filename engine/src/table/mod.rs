@@ -39,7 +39,7 @@ use serde::de::DeserializeOwned;
 
 use crate::codec::Codec;
 pub(crate) use crate::error::TableError;
-use crate::runtime::state::{AnyShard, Token};
+use crate::runtime::state::{AnyShard, Token, same_topic};
 use crate::util::lock;
 pub(crate) use shard::Shard;
 
@@ -285,7 +285,8 @@ where
     }
 
     /// Checks that the table's changelog has as many partitions as `topic`, the topic of the
-    /// current event (once per topic and core: later calls compare one pointer).
+    /// current event (once per topic and core: later calls compare a pointer, or the name
+    /// when each partition has its own copy of it).
     fn check_copartitioned(&self, core: &crate::runtime::CoreRuntime, topic: &Arc<str>) -> Result<(), TableError> {
         /// Tables whose last good topic is remembered (by index); others check every time.
         const REMEMBERED: usize = 16;
@@ -296,14 +297,21 @@ where
         }
         let index = self.shared.index;
         let known =
-            index < REMEMBERED && CHECKED.with(|c| c.borrow()[index].as_ref().is_some_and(|t| Arc::ptr_eq(t, topic)));
+            index < REMEMBERED && CHECKED.with(|c| c.borrow()[index].as_ref().is_some_and(|t| same_topic(t, topic)));
         if known {
             return Ok(());
         }
+        // The core's partition counts are fixed when it starts: an answer holds for its life.
+        let remember = || {
+            if index < REMEMBERED {
+                CHECKED.with(|c| c.borrow_mut()[index] = Some(topic.clone()));
+            }
+        };
         let (Some(topic_partitions), Some(changelog_partitions)) =
             (core.partitions(topic), core.partitions(&self.shared.changelog))
         else {
             // A channel's events, or a topic the core does not know: nothing to compare.
+            remember();
             return Ok(());
         };
         if topic_partitions != changelog_partitions {
@@ -315,9 +323,7 @@ where
                 topic_partitions,
             });
         }
-        if index < REMEMBERED {
-            CHECKED.with(|c| c.borrow_mut()[index] = Some(topic.clone()));
-        }
+        remember();
         Ok(())
     }
 
