@@ -497,7 +497,13 @@ struct Latency {
 /// A 1-core worker processes orders that a thread pinned to the other CPU sends at `rate`
 /// per second for `secs`; latency is from the generator stamping an order to the agent
 /// handling it. The first second is warm-up and not recorded.
-fn latency(datadir: &Path, rate: f64, secs: u64) -> Latency {
+fn latency(parent: &Path, rate: f64, secs: u64) -> Latency {
+    // Its own data directory: no records left by an earlier run (stamped against another
+    // clock) to read first. And the page cache written back first, so that the write-back of
+    // what the throughput runs wrote does not land in this run.
+    let datadir = &parent.join(format!("latency-{rate:.0}"));
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
     let app = App::new(settings("w1-latency", datadir, 1));
     let orders = app.topic::<String, Order>("live-orders");
     let sales = app.topic::<String, Sale>("live-sales");
@@ -601,7 +607,7 @@ fn main() {
     );
 
     if let Some(rate) = args.only_latency {
-        let lat = latency(&datadir, rate, latency_secs);
+        let lat = latency(dir.path(), rate, latency_secs);
         println!(
             "latency at {rate:.0}/s: p50 {:.0} µs, p99 {:.0} µs, p999 {:.0} µs, max {:.0} µs",
             lat.p50_us, lat.p99_us, lat.p999_us, lat.max_us
@@ -688,13 +694,13 @@ fn main() {
 
     let rate = w1_1.events_s * 0.5;
     progress(args.json, &format!("latency at {rate:.0} events/s for {latency_secs} s"));
-    let lat = latency(&datadir, rate, latency_secs);
+    let lat = latency(dir.path(), rate, latency_secs);
     // The same at half that load: on local:// the worker core also appends the input (the
     // broker's work) and takes it from the generator, so at 50 % of W1's maximum it is close
     // to saturated; this shows the latency with headroom.
     let quarter = w1_1.events_s * 0.25;
     progress(args.json, &format!("latency at {quarter:.0} events/s for {latency_secs} s"));
-    let lat_quarter = latency(&datadir, quarter, latency_secs);
+    let lat_quarter = latency(dir.path(), quarter, latency_secs);
 
     let w2 = run_w2(dir.path(), n, args.json, runs);
     let codec = run_codec(args.quick, args.json);
