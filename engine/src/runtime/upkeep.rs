@@ -53,11 +53,10 @@ fn is_repartition_topic(app_id: &str, topic: &str) -> bool {
 }
 
 impl CoreRuntime {
-    /// One round of upkeep: every shard's store, then the repartition topics below what this
-    /// core committed of them (as Kafka Streams purges them), then the transport's logs, each
-    /// until it has nothing more to do (or the worker stops).
+    /// One round of upkeep: the repartition topics lose what this core committed past (as
+    /// Kafka Streams purges them), then every shard's store and the transport's logs are
+    /// compacted in steps until nothing is left to do (or the worker stops).
     pub(crate) async fn upkeep(&self) -> Result<(), String> {
-        let shards: Vec<Rc<dyn AnyShard>> = self.shards.borrow().iter().flatten().flatten().cloned().collect();
         let mut first_error = None;
         let app_id = self.settings().id.clone();
         let purgeable: Vec<(faust_transport::TopicPartition, u64)> = self
@@ -76,30 +75,28 @@ impl CoreRuntime {
                 }
             }
         }
+        let shards: Vec<Rc<dyn AnyShard>> = self.shards.borrow().iter().flatten().flatten().cloned().collect();
         for shard in shards {
-            while !self.stopping.is_cancelled() {
-                match shard.compact_store(UPKEEP_STEP_BYTES) {
-                    Ok(true) => futures_lite::future::yield_now().await,
-                    Ok(false) => break,
-                    Err(e) => {
-                        first_error.get_or_insert(e.to_string());
-                        break;
-                    }
-                }
+            let compacted = self.in_steps(|| shard.compact_store(UPKEEP_STEP_BYTES).map_err(|e| e.to_string())).await;
+            if let Err(e) = compacted {
+                first_error.get_or_insert(e);
             }
         }
-        while !self.stopping.is_cancelled() {
-            match self.transport.maintain(UPKEEP_STEP_BYTES) {
-                Ok(true) => futures_lite::future::yield_now().await,
-                Ok(false) => break,
-                // The transport moves on to its next log at the next call.
-                Err(e) => {
-                    first_error.get_or_insert(e.to_string());
-                    break;
-                }
-            }
+        // After an error the transport moves on to its next log at the next call.
+        let maintained = self.in_steps(|| self.transport.maintain(UPKEEP_STEP_BYTES).map_err(|e| e.to_string())).await;
+        if let Err(e) = maintained {
+            first_error.get_or_insert(e);
         }
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// Calls `step` until it says nothing more is waiting, it fails, or the worker stops,
+    /// letting the core's other tasks run between steps.
+    async fn in_steps(&self, mut step: impl FnMut() -> Result<bool, String>) -> Result<(), String> {
+        while !self.stopping.is_cancelled() && step()? {
+            futures_lite::future::yield_now().await;
+        }
+        Ok(())
     }
 }
 
