@@ -21,7 +21,8 @@
 //! now and then, and each call does a bounded step on the logs that core owns — deleting
 //! segments past a topic's retention (time and size) and compacting compacted topics, below
 //! the horizon set with [`LocalCore::set_compaction_horizon`] (a table's committed changelog
-//! offset), so that disk use levels off.
+//! offset), so that disk use levels off; [`LocalCore::delete_records_below`] drops what a
+//! topic's only consumers committed past (a repartition topic).
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
