@@ -57,14 +57,9 @@ impl TaskSlot {
         }
     }
 
-    pub(crate) fn set(&self, event: Option<EventPosition>) {
-        *self.current.borrow_mut() = event.map(|e| Token {
-            agent: self.agent.get(),
-            topic: e.topic,
-            partition: e.partition,
-            offset: e.offset,
-            timestamp: e.timestamp,
-        });
+    /// The task processes no event (until the next one is handed out).
+    pub(crate) fn clear(&self) {
+        *self.current.borrow_mut() = None;
     }
 
     /// Clears the current event if it is the one at `offset` of `tp` (it was acked).
@@ -148,8 +143,9 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn at(offset: u64) -> EventPosition {
-        EventPosition { topic: std::sync::Arc::from("t"), partition: (offset % 2) as u32, offset, timestamp: 0 }
+    /// Makes the event at `offset` (of topic `t`) the slot's current one.
+    fn set_at(slot: &TaskSlot, offset: u64) {
+        slot.set_at(&Arc::from("t"), (offset % 2) as u32, offset, 0);
     }
 
     #[test]
@@ -165,7 +161,7 @@ mod tests {
                         for round in 0..4u64 {
                             let offset = id * 100 + round;
                             // What a stream does when it hands this task its next event.
-                            current_slot().expect("inside InTask").set(Some(at(offset)));
+                            set_at(&current_slot().expect("inside InTask"), offset);
                             // Yield: the other tasks run and set their own events.
                             glommio::timer::sleep(Duration::from_millis(1 + id)).await;
                             let seen = current_event().expect("an event");
@@ -190,9 +186,9 @@ mod tests {
     #[test]
     fn nested_and_panicking_polls_restore_the_outer_slot() {
         let outer = Rc::new(TaskSlot::default());
-        outer.set(Some(at(1)));
+        set_at(&outer, 1);
         let inner = Rc::new(TaskSlot::default());
-        inner.set(Some(at(2)));
+        set_at(&inner, 2);
         let result = futures_lite::future::block_on(InTask::new(outer, async move {
             let nested = InTask::new(inner, async { current_event().map(|e| e.offset) }).await;
             let caught = futures_lite::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(InTask::new(

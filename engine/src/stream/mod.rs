@@ -310,7 +310,7 @@ impl<K: 'static, V: 'static> Stream<K, V> {
         // Until the next event is handed out, the task processes none (table writes then
         // need an explicit partition).
         if let Some(slot) = current_slot() {
-            slot.set(None);
+            slot.clear();
         }
     }
 
@@ -383,7 +383,7 @@ impl<K: 'static, V: 'static> Stream<K, V> {
                 {
                     self.core.ack(self.agent, tp, offset);
                     if let Some(slot) = slot {
-                        slot.set(None);
+                        slot.clear();
                     }
                     return None;
                 }
@@ -560,7 +560,7 @@ impl<K: 'static, V: 'static> Stream<K, V> {
             // Before the core's other tasks run (a commit reads the acks).
             acks.flush();
             if let Some(slot) = &slot {
-                slot.set(None);
+                slot.clear();
             }
         }
     }
