@@ -293,17 +293,6 @@ impl KeyMapLiveness {
         }
     }
 
-    pub(crate) fn build(segments: &[Segment], horizon: u64, tombstone_cutoff_ms: i64) -> Result<KeyMapLiveness> {
-        let mut liveness = KeyMapLiveness::new(tombstone_cutoff_ms);
-        for seg in segments {
-            let mut pos = SEGMENT_HEADER_LEN as u64;
-            while pos < seg.len {
-                pos = liveness.scan_batch(seg, pos, horizon)?;
-            }
-        }
-        Ok(liveness)
-    }
-
     /// Notes the keys of the batch at `pos` in `seg` (records at or past `horizon` take no
     /// part); returns the position of the next batch.
     fn scan_batch(&mut self, seg: &Segment, pos: u64, horizon: u64) -> Result<u64> {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::compact::{CleaningPass, CompactionJob, KeyMapLiveness};
+use crate::compact::CleaningPass;
 use crate::error::{Error, Result};
 use crate::files::{DirLock, remove_file, sync_dir};
 use crate::format::{BatchBuilder, BatchHeader, RawRecords, SEGMENT_HEADER_LEN, SegmentHeader, split_header};
@@ -994,47 +994,23 @@ impl Log {
         if let Some(pass) = self.cleaning.take() {
             pass.abandon(self)?;
         }
-        let sealed = self.segments.len().saturating_sub(1);
-        if sealed == 0 {
+        // One pass over every sealed segment, whatever part of them was compacted before.
+        let cutoff = now_ms - self.config.delete_retention.as_millis() as i64;
+        let Some(mut pass) = CleaningPass::plan(&self.segments, self.high_watermark(), cutoff) else {
             return Ok(CompactionOutcome::default());
+        };
+        loop {
+            match pass.step(self, usize::MAX) {
+                Ok(false) => {}
+                Ok(true) => break,
+                Err(e) => {
+                    pass.abandon(self)?;
+                    return Err(e);
+                }
+            }
         }
-        let horizon = self.segments[sealed].base_offset;
-        let mut liveness = KeyMapLiveness::build(
-            &self.segments[..sealed],
-            horizon,
-            now_ms - self.config.delete_retention.as_millis() as i64,
-        )?;
-        let mut outcome = CompactionOutcome::default();
-        let mut start = 0usize;
-        while start < self.segments.len().saturating_sub(1) {
-            // Group neighbours while their data fits in one segment.
-            let mut end = start + 1;
-            let mut size = self.segments[start].len;
-            while end < self.segments.len() - 1 && size + self.segments[end].len <= self.config.segment_bytes {
-                size += self.segments[end].len;
-                end += 1;
-            }
-            let group: Vec<u32> = self.segments[start..end].iter().map(|s| s.id).collect();
-            liveness.set_prefix(start == 0);
-            let mut job = CompactionJob::plan(self, &group)?;
-            let copied = job.step(usize::MAX, &mut liveness);
-            if let Err(e) = copied {
-                job.abandon(self)?;
-                return Err(e);
-            }
-            let stats = job.stats();
-            let retired = job.install(self)?;
-            for id in retired {
-                self.release(id);
-            }
-            outcome.segments_compacted += group.len();
-            outcome.records_kept += stats.kept;
-            outcome.records_removed += stats.removed;
-            outcome.bytes_before += size;
-            outcome.bytes_after += stats.bytes_out;
-            start += 1;
-        }
-        Ok(outcome)
+        self.cleaned_end = pass.end;
+        Ok(pass.outcome)
     }
 
     // ---- access for the compactor and the store ----
