@@ -21,6 +21,21 @@ pub fn test_broker(test_name: &str) -> Option<String> {
     }
 }
 
+/// Bytes allocated on disk under `dir` (0 when it does not exist): what its files really
+/// take, preallocated space included.
+pub fn disk_use(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => disk_use(&e.path()),
+            Ok(m) => m.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
+}
+
 /// Every record of `topic` on a `local://` data directory (`{datadir}/topics/{topic}/{p}`),
 /// read from the log files, partition after partition. Run it once the worker stopped (a
 /// running worker holds the logs' locks).

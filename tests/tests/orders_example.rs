@@ -92,22 +92,6 @@ fn the_orders_example_counts_exactly_across_sigkills() {
     assert_eq!(positions.len() as u64, total, "each order re-keyed (at least) once");
 }
 
-/// Bytes of the files under `dir`.
-fn bytes_under(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|e| match e.metadata() {
-                    Ok(m) if m.is_dir() => bytes_under(&e.path()),
-                    Ok(m) => m.len(),
-                    Err(_) => 0,
-                })
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
 /// With small segments, the worker's upkeep deletes what it committed past in the
 /// repartition topic (as Kafka Streams purges its repartition topics), while every order is
 /// still counted exactly once.
@@ -118,8 +102,8 @@ fn the_repartition_topic_is_purged_below_the_committed_offsets() {
     let status = orders(&data, None).env("SEGMENT_BYTES", "65536").status().unwrap();
     assert!(status.success(), "the run failed: {status}");
     let topics = data.join("topics");
-    let source = bytes_under(&topics.join("orders"));
-    let repartition = bytes_under(&topics.join("orders-count-orders-account_id-repartition"));
+    let source = faust_tests::disk_use(&topics.join("orders"));
+    let repartition = faust_tests::disk_use(&topics.join("orders-count-orders-account_id-repartition"));
     eprintln!("orders: {source} bytes; repartition topic: {repartition} bytes");
     assert!(source > 10 << 20, "the orders are all kept ({source} bytes)");
     assert!(repartition < source / 4, "the repartition topic keeps {repartition} bytes (orders: {source})");

@@ -14,26 +14,12 @@
 //! the environment.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::MetadataExt;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use faust::{App, Settings};
-
-/// Bytes allocated on disk under `dir` (0 when it does not exist).
-fn disk_use(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
-    entries
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => disk_use(&e.path()),
-            Ok(m) => m.blocks() * 512,
-            Err(_) => 0,
-        })
-        .sum()
-}
+use faust_tests::disk_use;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
