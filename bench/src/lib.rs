@@ -4,6 +4,7 @@
 pub mod codec;
 pub mod takeover;
 pub mod w2;
+pub mod w3;
 
 /// Prints a progress line on stderr (plain when stdout carries JSON, indented otherwise).
 pub fn progress(json: bool, msg: &str) {

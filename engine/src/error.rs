@@ -117,6 +117,18 @@ pub enum TableError {
         #[source]
         source: faust_storage::Error,
     },
+    /// Sending a closed window's final result ([`WindowedTable::emit_final`](crate::WindowedTable::emit_final))
+    /// failed.
+    #[error("table `{table}`: sending the final result of window {window}: {source}")]
+    FinalResult {
+        /// The table.
+        table: String,
+        /// The window, `[start, end)`.
+        window: String,
+        /// The send's error.
+        #[source]
+        source: Box<SendError>,
+    },
     /// The table's changelog does not have as many partitions as the topic of the event
     /// that uses it: the table is not co-partitioned with the agent's topic, so the shard of
     /// the event's partition would hold keys of another partition (Faust's

@@ -31,6 +31,7 @@ mod testing;
 mod topic;
 mod transports;
 mod util;
+mod window;
 mod worker;
 
 pub use crate::app::group_by::{GroupBy, Source};
@@ -47,6 +48,7 @@ pub use crate::stream::{Event, Stream};
 pub use crate::table::{Table, TablePartition};
 pub use crate::testing::{TestContext, TestError};
 pub use crate::topic::Topic;
+pub use crate::window::{WindowRange, WindowResult, WindowedPartition, WindowedTable, Windowing};
 pub use crate::worker::WorkerError;
 pub use faust_transport::{MemoryTransport, Produced, TopicConfig, TopicPartition};
 

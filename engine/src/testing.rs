@@ -229,6 +229,24 @@ impl TestContext {
         Ok(out)
     }
 
+    /// The committed windows of a windowed table, by key and window (commits first, as
+    /// [`table`](TestContext::table) does). For hopping windows combined per pane, the open
+    /// windows are there as their panes.
+    pub fn windows<K, V>(
+        &self,
+        table: &crate::WindowedTable<K, V>,
+    ) -> Result<std::collections::BTreeMap<(K, crate::WindowRange), V>, TestError>
+    where
+        K: Serialize + DeserializeOwned + std::hash::Hash + Eq + Ord + Clone + 'static,
+        V: Serialize + DeserializeOwned + Clone + 'static,
+    {
+        Ok(self
+            .table(table.windows_table())?
+            .into_iter()
+            .map(|(k, v)| ((k.key, crate::WindowRange::new(k.start, k.end)), v))
+            .collect())
+    }
+
     /// The transport the worker runs on, for what [`records`](TestContext::records) does not
     /// show (headers, offsets, committed offsets).
     pub fn transport(&self) -> &MemoryTransport {

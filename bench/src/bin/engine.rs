@@ -62,6 +62,9 @@ struct Args {
     /// Only the 1-core W4 run (group_by, then count), once (for profiling).
     #[arg(long)]
     only_w4: bool,
+    /// Only the W3 runs (windowed counts), once each.
+    #[arg(long)]
+    only_w3: bool,
     /// Only the takeover on memory://, once.
     #[arg(long)]
     only_takeover: bool,
@@ -152,6 +155,73 @@ struct W2Figures {
     w4_one: f64,
     w4_two: f64,
     takeover: faust_bench::takeover::Takeover,
+    w3: W3Figures,
+}
+
+/// W3's figures: one run of each kind of window on one core.
+struct W3Figures {
+    tumbling: faust_bench::w3::W3Run,
+    hopping: faust_bench::w3::W3Run,
+    sliding: faust_bench::w3::W3Run,
+    session: faust_bench::w3::W3Run,
+}
+
+/// W3 over the orders pre-loaded in `dir` (as W2 left them).
+fn run_w3(dir: &Path, n: u64, json: bool) -> W3Figures {
+    use faust_bench::w3::{Kind, run};
+    let one = |kind: Kind| {
+        let r = run(dir, &format!("w3-{kind:?}").to_lowercase(), n, kind).unwrap_or_else(|e| panic!("{e}"));
+        progress(
+            json,
+            &format!(
+                "W3 {kind:?}: {:.0} events/s, {} windows closed, close lag p99 {:.0} µs, {} live windows, {:.0} B each",
+                r.events_s, r.closed, r.close_lag_p99_us, r.live_windows, r.bytes_per_live_window
+            ),
+        );
+        r
+    };
+    W3Figures {
+        tumbling: one(Kind::Tumbling),
+        hopping: one(Kind::Hopping),
+        sliding: one(Kind::Sliding),
+        session: one(Kind::Session),
+    }
+}
+
+/// The W3 keys of `--json` (the ratios against W2's 1-core rate of the same run).
+fn w3_json(w3: &W3Figures, w2_one: f64) -> serde_json::Value {
+    serde_json::json!({
+        "w3_tumbling_events_s": w3.tumbling.events_s,
+        "w3_hopping_events_s": w3.hopping.events_s,
+        "w3_sliding_events_s": w3.sliding.events_s,
+        "w3_session_events_s": w3.session.events_s,
+        "w3_tumbling_vs_w2_ratio": w3.tumbling.events_s / w2_one,
+        "w3_hopping_vs_tumbling_ratio": w3.hopping.events_s / w3.tumbling.events_s,
+        "w3_close_lag_p99_us": w3.tumbling.close_lag_p99_us.max(w3.hopping.close_lag_p99_us),
+        "w3_bytes_per_live_window": w3.tumbling.bytes_per_live_window,
+    })
+}
+
+fn print_w3(w3: &W3Figures, w2_one: f64) {
+    println!();
+    println!("W3 windowed (W2's count per account in windows), 1 core");
+    println!("| windows | events/s | vs | windows closed | close lag p99 |");
+    println!("|---|---|---|---|---|");
+    let row = |name: &str, r: &faust_bench::w3::W3Run, vs: &str| {
+        println!("| {name} | {:.0} | {vs} | {} | {:.0} µs |", r.events_s, r.closed, r.close_lag_p99_us);
+    };
+    row("tumbling 10 s", &w3.tumbling, &format!("{:.2} of W2 (≥ 0.7)", w3.tumbling.events_s / w2_one));
+    row(
+        "hopping 60 s / 10 s (panes)",
+        &w3.hopping,
+        &format!("{:.2} of tumbling (≥ 0.6)", w3.hopping.events_s / w3.tumbling.events_s),
+    );
+    row("sliding 5 s / 5 s", &w3.sliding, "");
+    row("session, 30 s gap", &w3.session, "");
+    println!(
+        "| memory per live window | {:.0} B ({} windows live) | | | |",
+        w3.tumbling.bytes_per_live_window, w3.tumbling.live_windows
+    );
 }
 
 /// W2 (the orders count, 10,000 and 1,000,000 accounts), its floor, table recovery, W4 (the
@@ -215,6 +285,7 @@ fn run_w2(dir: &Path, n: u64, json: bool, runs: usize) -> W2Figures {
         w4_one,
         w4_two,
         takeover: run_takeover(dir, n, json),
+        w3: run_w3(&small, n, json),
     }
 }
 
@@ -643,6 +714,18 @@ fn main() {
         println!("W4 1 core: {:.0} events/s ({} accounts)", r.events_s, r.accounts);
         return;
     }
+    if args.only_w3 {
+        let small = dir.path().join("w3-only");
+        faust_bench::w2::preload(&small, n, 10_000);
+        let w2 = faust_bench::w2::run(&small, "w2-for-w3", n, 1);
+        let w3 = run_w3(&small, n, args.json);
+        if args.json {
+            println!("{}", w3_json(&w3, w2.events_s));
+        } else {
+            print_w3(&w3, w2.events_s);
+        }
+        return;
+    }
     if args.only_takeover {
         let t = run_takeover(dir.path(), n, args.json);
         println!("takeover: {t:?}");
@@ -752,6 +835,9 @@ fn main() {
         if let (Some(o), serde_json::Value::Object(w4)) = (out.as_object_mut(), w4_json(&w2)) {
             o.extend(w4);
         }
+        if let (Some(o), serde_json::Value::Object(w3)) = (out.as_object_mut(), w3_json(&w2.w3, w2.one)) {
+            o.extend(w3);
+        }
         if let (Some(o), serde_json::Value::Object(c)) = (out.as_object_mut(), codec_json(&codec)) {
             o.extend(c);
         }
@@ -777,6 +863,7 @@ fn main() {
             lat_quarter.offered, lat_quarter.p50_us, lat_quarter.p99_us, lat_quarter.p999_us, lat_quarter.max_us
         );
         print_w2(&w2, n);
+        print_w3(&w2.w3, w2.one);
         print_codec(&codec);
     }
 }

@@ -80,7 +80,7 @@ impl App {
                 settings,
                 topics: Mutex::new(Vec::new()),
                 agents: Mutex::new(Vec::new()),
-                tables: Mutex::new(Vec::new()),
+                tables: Arc::default(),
                 memory: Mutex::new(None),
                 stop: Arc::new(StopSignal::default()),
                 outbox: Arc::new(Outbox::default()),
@@ -99,7 +99,7 @@ impl App {
                 settings,
                 topics: Mutex::new(lock(&inner.topics).clone()),
                 agents: Mutex::new(lock(&inner.agents).clone()),
-                tables: Mutex::new(lock(&inner.tables).clone()),
+                tables: inner.tables.clone(),
                 memory: Mutex::new(lock(&inner.memory).clone()),
                 stop: inner.stop.clone(),
                 outbox: inner.outbox.clone(),
@@ -340,10 +340,7 @@ impl App {
     {
         let settings = &self.inner.settings;
         let (key, value) = (settings.key_serializer.clone(), settings.value_serializer.clone());
-        let mut tables = lock(&self.inner.tables);
-        let table = crate::Table::new(name, &settings.id, tables.len(), key, value);
-        tables.push(table.shared.clone());
-        table
+        crate::Table::declare(&self.inner.tables, name, &settings.id, key, value)
     }
 
     /// Registers work that runs once on core 0 when the worker starts (Faust's `@app.task`).

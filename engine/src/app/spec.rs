@@ -44,7 +44,8 @@ pub(crate) struct AppInner {
     pub(crate) settings: Settings,
     pub(crate) topics: Mutex<Vec<TopicDecl>>,
     pub(crate) agents: Mutex<Vec<AgentSpec>>,
-    pub(crate) tables: Mutex<Vec<Arc<dyn crate::runtime::state::TableMeta>>>,
+    /// Shared with each table, so that a table can declare itself again (as a windowed one).
+    pub(crate) tables: crate::table::TableList,
     pub(crate) memory: Mutex<Option<MemoryTransport>>,
     pub(crate) stop: Arc<StopSignal>,
     pub(crate) outbox: Arc<Outbox>,

@@ -402,6 +402,16 @@ impl CoreRuntime {
         self.shards.borrow().get(table).map(|s| s.iter().flatten().cloned().collect()).unwrap_or_default()
     }
 
+    /// Counts an event that came after its windows closed.
+    pub(crate) fn count_late_event(&self) {
+        self.stats.late_events.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Counts windows closed.
+    pub(crate) fn count_windows_closed(&self, n: u64) {
+        self.stats.windows_closed.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub(crate) fn settings(&self) -> &crate::settings::Settings {
         &self.settings
     }

@@ -45,6 +45,11 @@ pub struct WorkerStats {
     /// Records in the consumed partitions not processed yet: the log's end at the last fetch
     /// minus where processing stands, summed over partitions. 0 once the worker caught up.
     pub lag: u64,
+    /// Events that came after the windows they belong to closed (see
+    /// [`WindowedTable::on_late`](crate::WindowedTable::on_late)).
+    pub late_events: u64,
+    /// Windows closed (each key's window counts once).
+    pub windows_closed: u64,
 }
 
 /// The counters behind [`WorkerStats`], shared by the cores and the control thread.
@@ -61,6 +66,8 @@ pub(crate) struct Counters {
     pub(crate) write_failures: AtomicU64,
     pub(crate) logs_repaired: AtomicU64,
     pub(crate) offsets_lost_to_damage: AtomicU64,
+    pub(crate) late_events: AtomicU64,
+    pub(crate) windows_closed: AtomicU64,
     /// Cores whose writes fail now.
     pub(crate) blocked_cores: AtomicU64,
     /// What is wrong now, by where (`core 0 writes`, `orders/6`): shown by `stats`.
@@ -90,6 +97,8 @@ impl Counters {
             offsets_lost_to_damage: get(&self.offsets_lost_to_damage),
             events_processed,
             lag,
+            late_events: get(&self.late_events),
+            windows_closed: get(&self.windows_closed),
         }
     }
 

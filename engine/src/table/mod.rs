@@ -39,7 +39,7 @@ use serde::de::DeserializeOwned;
 
 use crate::codec::Codec;
 pub(crate) use crate::error::TableError;
-use crate::runtime::state::{AnyShard, Token, same_topic};
+use crate::runtime::state::{AnyShard, TableMeta, Token, same_topic};
 use crate::util::lock;
 pub(crate) use shard::Shard;
 
@@ -69,10 +69,16 @@ impl<V> Clone for Config<V> {
     }
 }
 
+/// The app's tables, by index.
+pub(crate) type TableList = Arc<Mutex<Vec<Arc<dyn TableMeta>>>>;
+
 /// A table's shared description: its name, index among the app's tables, and configuration.
 pub(crate) struct TableShared<K, V> {
     name: Arc<str>,
     changelog: Arc<str>,
+    app_id: Arc<str>,
+    /// The app's list the table is declared in (`None` for a table of a unit test).
+    list: Option<TableList>,
     pub(crate) index: usize,
     config: Mutex<Config<V>>,
     _types: PhantomData<fn() -> K>,
@@ -156,11 +162,61 @@ where
     K: Serialize + DeserializeOwned + Hash + Eq + Clone + 'static,
     V: Serialize + DeserializeOwned + Clone + 'static,
 {
+    /// Declares the table `name` in the app's list `list` (at its end).
+    pub(crate) fn declare(list: &TableList, name: &str, app_id: &str, key_codec: Codec, value_codec: Codec) -> Self {
+        let mut tables = lock(list);
+        let mut table = Table::new(name, app_id, tables.len(), key_codec, value_codec);
+        if let Some(shared) = Arc::get_mut(&mut table.shared) {
+            shared.list = Some(list.clone());
+        }
+        tables.push(table.shared.clone());
+        table
+    }
+
+    /// Declares this table again with another key type, in its place in the app's list: the
+    /// same name, changelog, index and configuration (a windowed table keys by key and window).
+    pub(crate) fn redeclare<K2>(&self) -> Table<K2, V>
+    where
+        K2: Serialize + DeserializeOwned + Hash + Eq + Clone + 'static,
+    {
+        let config = lock(&self.shared.config).clone();
+        let shared = TableShared {
+            name: self.shared.name.clone(),
+            changelog: self.shared.changelog.clone(),
+            app_id: self.shared.app_id.clone(),
+            list: self.shared.list.clone(),
+            index: self.shared.index,
+            config: Mutex::new(config),
+            _types: PhantomData,
+        };
+        let table = Table { shared: Arc::new(shared) };
+        if let Some(list) = &self.shared.list
+            && let Some(slot) = lock(list).get_mut(self.shared.index)
+        {
+            *slot = table.shared.clone();
+        }
+        table
+    }
+
+    /// Declares a table of the same app (its name, types and codecs given).
+    pub(crate) fn declare_sibling<K2, V2>(&self, name: &str, key_codec: Codec, value_codec: Codec) -> Table<K2, V2>
+    where
+        K2: Serialize + DeserializeOwned + Hash + Eq + Clone + 'static,
+        V2: Serialize + DeserializeOwned + Clone + 'static,
+    {
+        match &self.shared.list {
+            Some(list) => Table::declare(list, name, &self.shared.app_id, key_codec, value_codec),
+            None => Table::new(name, &self.shared.app_id, usize::MAX, key_codec, value_codec),
+        }
+    }
+
     pub(crate) fn new(name: &str, app_id: &str, index: usize, key_codec: Codec, value_codec: Codec) -> Self {
         Table {
             shared: Arc::new(TableShared {
                 name: Arc::from(name),
                 changelog: Arc::from(format!("{app_id}-{name}-changelog")),
+                app_id: Arc::from(app_id),
+                list: None,
                 index,
                 config: Mutex::new(Config {
                     default: None,
@@ -250,7 +306,7 @@ where
     /// event's token when there is one.
     ///
     /// The per-event path: the core, the token and the shard are borrowed, not cloned.
-    fn with_shard<T>(
+    pub(crate) fn with_shard<T>(
         &self,
         partition: Option<u32>,
         f: impl FnOnce(&Shard<K, V>, Option<&Token>) -> Result<T, TableError>,

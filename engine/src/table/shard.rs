@@ -122,7 +122,16 @@ pub(crate) struct Shard<K, V> {
     checkpointed_changelog: u64,
     /// See [`AnyShard::written_end`].
     written_end: std::cell::Cell<Option<u64>>,
+    /// Unique among the shards the process opened: what a view kept beside the shard (a
+    /// windowed table's timers) compares to tell a reopened shard from the one it was built on.
+    instance: u64,
+    /// Counts the undos and clears that changed the state: a view built on the shard is
+    /// rebuilt when this moved.
+    undos: std::cell::Cell<u64>,
 }
+
+/// The next [`Shard::instance`].
+static NEXT_INSTANCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 fn preview(bytes: &[u8]) -> String {
     crate::util::hex_preview(bytes, 16)
@@ -147,7 +156,7 @@ where
     }
 
     /// The current value: writes of events in flight included (they are in place).
-    pub(super) fn get(&self, key: &K) -> Result<Option<V>, TableError> {
+    pub(crate) fn get(&self, key: &K) -> Result<Option<V>, TableError> {
         let mut state = self.state.borrow_mut();
         if let Some(c) = state.cache.get(key) {
             return Ok(c.value.clone());
@@ -184,7 +193,7 @@ where
         self.config.default.as_ref().map(|d| d()).ok_or_else(|| TableError::NoDefault { table: self.name.to_string() })
     }
 
-    pub(super) fn get_or_default(&self, key: &K) -> Result<V, TableError> {
+    pub(crate) fn get_or_default(&self, key: &K) -> Result<V, TableError> {
         match self.get(key)? {
             Some(v) => Ok(v),
             None => self.default_value(),
@@ -248,16 +257,31 @@ where
         Ok(result)
     }
 
-    pub(super) fn update(&self, token: Option<&Token>, key: &K, f: impl FnOnce(&mut V)) -> Result<V, TableError> {
+    pub(crate) fn update(&self, token: Option<&Token>, key: &K, f: impl FnOnce(&mut V)) -> Result<V, TableError> {
+        self.upsert(token, key, |v| {
+            f(v);
+            v.clone()
+        })
+        .map(|(v, _)| v)
+    }
+
+    /// Changes the value of `key` in place (from the default when it has none) and returns
+    /// what `f` returns, and whether the key had no value before.
+    pub(crate) fn upsert<R>(
+        &self,
+        token: Option<&Token>,
+        key: &K,
+        f: impl FnOnce(&mut V) -> R,
+    ) -> Result<(R, bool), TableError> {
         let mut guard = self.state.borrow_mut();
         let state = &mut *guard;
         let result = self.write_entry(state, token, key, |entry| {
+            let created = entry.value.is_none();
             let value = match &mut entry.value {
                 Some(v) => v,
                 None => entry.value.insert(self.default_value()?),
             };
-            f(value);
-            Ok(value.clone())
+            Ok((f(value), created))
         })?;
         if token.is_none() {
             Self::keep_outside_write(state, key);
@@ -265,7 +289,17 @@ where
         Ok(result)
     }
 
-    pub(super) fn write(&self, token: Option<&Token>, key: K, value: Option<V>) -> Result<(), TableError> {
+    /// See [`Shard::instance`](struct@Shard).
+    pub(crate) fn instance(&self) -> u64 {
+        self.instance
+    }
+
+    /// How many undos and clears changed the state so far.
+    pub(crate) fn undos(&self) -> u64 {
+        self.undos.get()
+    }
+
+    pub(crate) fn write(&self, token: Option<&Token>, key: K, value: Option<V>) -> Result<(), TableError> {
         let mut guard = self.state.borrow_mut();
         let state = &mut *guard;
         self.write_entry(state, token, &key, |entry| {
@@ -290,7 +324,7 @@ where
         }
     }
 
-    pub(super) fn items(&self, out: &mut Vec<(K, V)>) -> Result<(), TableError> {
+    pub(crate) fn items(&self, out: &mut Vec<(K, V)>) -> Result<(), TableError> {
         let state = self.state.borrow();
         let mut merged: Map<K, Option<V>> = Map::default();
         if let Some(store) = state.store.as_ref() {
@@ -402,6 +436,9 @@ where
         let state = &mut *guard;
         if state.run_event.as_ref().is_some_and(which) {
             state.run_event = None;
+        }
+        if state.undo.iter().any(|u| which(&u.event)) {
+            self.undos.set(self.undos.get() + 1);
         }
         // Newest first, so a key an event wrote twice ends at its value before the first.
         let mut i = state.undo.len();
@@ -661,6 +698,7 @@ where
     }
 
     fn clear(&self) -> Result<(), TableError> {
+        self.undos.set(self.undos.get() + 1);
         let mut state = self.state.borrow_mut();
         state.cache.clear();
         state.dirty = 0;
@@ -785,6 +823,8 @@ where
             }),
             checkpointed_changelog: checkpointed.changelog,
             written_end: std::cell::Cell::new(None),
+            instance: NEXT_INSTANCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            undos: std::cell::Cell::new(0),
         }))
     }
 }

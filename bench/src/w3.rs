@@ -1,0 +1,155 @@
+//! Workload W3, windowed: W2's order count per account, in windows — tumbling 10 s, hopping
+//! 60 s / 10 s (six windows per event), sliding 5 s / 5 s, sessions with a 30 s gap — over
+//! the orders W2 pre-loaded. Event time is the record's offset in its partition at 5 events
+//! per millisecond, so every run sees the same times: a 10 s window holds about ten orders
+//! of each account, and windows close all through the run.
+//!
+//! Also measured: the close lag (from the start of the update whose event moves stream time
+//! past a window's `end + grace` to that window's close callback) and the memory per live
+//! window (the growth of the resident set over the run, over the windows live at the end).
+
+use std::cell::Cell;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use faust::{App, Settings, WindowedTable};
+
+use crate::w2::Order;
+
+/// Which windows a W3 run counts in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// 10 s.
+    Tumbling,
+    /// 60 s every 10 s.
+    Hopping,
+    /// 5 s before and after each event.
+    Sliding,
+    /// 30 s of quiet ends a session.
+    Session,
+}
+
+/// What a W3 run measured.
+#[derive(Debug, Clone, Copy)]
+pub struct W3Run {
+    /// Events per second from the first event to the last.
+    pub events_s: f64,
+    /// Windows closed during the run.
+    pub closed: u64,
+    /// Close lag, 99th percentile (µs).
+    pub close_lag_p99_us: f64,
+    /// Windows live (open, or closed and readable) at the end.
+    pub live_windows: u64,
+    /// Resident-set growth over the run per live window at the end (bytes).
+    pub bytes_per_live_window: f64,
+}
+
+thread_local! {
+    /// When the update being made on this core started (the close lag's origin).
+    static UPDATE_START: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+fn resident_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    pages * 4096
+}
+
+fn windowed(app: &App, kind: Kind) -> WindowedTable<String, u64> {
+    let table = app.table::<String, u64>("counts").with_default(|| 0);
+    let s = Duration::from_secs;
+    match kind {
+        Kind::Tumbling => table.tumbling(s(10)),
+        Kind::Hopping => table.hopping(s(60), s(10)).combine(|a, b| a + b),
+        Kind::Sliding => table.sliding(s(5), s(5)),
+        Kind::Session => table.session(s(30), |a, b| a + b),
+    }
+}
+
+/// Runs W3 with `kind` windows as app `id` over the `n` orders pre-loaded in `datadir` (topic
+/// `orders`, 2 partitions), on one core.
+pub fn run(datadir: &Path, id: &str, n: u64, kind: Kind) -> Result<W3Run, String> {
+    let mut settings = Settings::new(id);
+    settings.datadir = datadir.to_path_buf();
+    settings.topic_partitions = 2;
+    settings.cores = Some(1);
+    let app = App::new(settings);
+    let orders = app.topic::<String, Order>("orders");
+    let lags = Arc::new(Mutex::new(hdrhistogram::Histogram::<u64>::new(3).map_err(|e| e.to_string())?));
+    let closed = Arc::new(AtomicU64::new(0));
+    let table = {
+        let (lags, closed) = (lags.clone(), closed.clone());
+        windowed(&app, kind).on_window_close(move |_: &String, _, _: &u64| {
+            closed.fetch_add(1, Ordering::Relaxed);
+            if let Some(start) = UPDATE_START.with(Cell::get) {
+                let us = start.elapsed().as_micros() as u64;
+                if let Ok(mut h) = lags.lock() {
+                    let _ = h.record(us.max(1));
+                }
+            }
+        })
+    };
+    let seen = Arc::new(AtomicU64::new(0));
+    let live = Arc::new(AtomicU64::new(0));
+    let base = Instant::now();
+    let first_ns = Arc::new(AtomicU64::new(u64::MAX));
+    {
+        let (seen, live, first_ns) = (seen.clone(), live.clone(), first_ns.clone());
+        app.agent("count", &orders, move |stream: faust::Stream<String, Order>| {
+            let (table, seen, live, first_ns) = (table.clone(), seen.clone(), live.clone(), first_ns.clone());
+            async move {
+                let counted = table.clone();
+                stream
+                    .for_each(move |order| {
+                        if first_ns.load(Ordering::Relaxed) == u64::MAX {
+                            first_ns.fetch_min(base.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                        }
+                        let offset = faust::current_event().map_or(0, |e| e.offset);
+                        UPDATE_START.with(|s| s.set(Some(Instant::now())));
+                        counted.update_at(&order.account_id, (offset / 5) as i64, |c| *c += 1)?;
+                        seen.fetch_add(1, Ordering::Relaxed);
+                        Ok(())
+                    })
+                    .await?;
+                let windows = table.local_windows(i64::MIN, i64::MAX)?;
+                live.fetch_add(windows.len() as u64, Ordering::Relaxed);
+                Ok::<(), faust::AgentError>(())
+            }
+        });
+    }
+    let rss_before = resident_bytes();
+    let stop = app.stop_signal();
+    let done_at = Arc::new(Mutex::new(None));
+    let watcher = {
+        let (seen, done_at) = (seen.clone(), done_at.clone());
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(600);
+            while Instant::now() < deadline && seen.load(Ordering::Relaxed) < n {
+                std::thread::sleep(Duration::from_micros(500));
+            }
+            *done_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(base.elapsed());
+            stop.stop();
+        })
+    };
+    let ran = app.run();
+    watcher.join().map_err(|_| "the W3 watcher panicked".to_string())?;
+    ran.map_err(|e| format!("W3 ({id}): the worker failed: {e}"))?;
+    let rss_after = resident_bytes();
+    let counted = seen.load(Ordering::Relaxed);
+    if counted < n {
+        return Err(format!("W3 ({id}): only {counted} of {n} orders counted"));
+    }
+    let end = done_at.lock().unwrap_or_else(|p| p.into_inner()).ok_or("W3: no end time")?;
+    let start = Duration::from_nanos(first_ns.load(Ordering::Relaxed));
+    let live_windows = live.load(Ordering::Relaxed);
+    let lags = lags.lock().map_err(|_| "poisoned")?;
+    Ok(W3Run {
+        events_s: n as f64 / (end - start).as_secs_f64(),
+        closed: closed.load(Ordering::Relaxed),
+        close_lag_p99_us: if lags.is_empty() { f64::NAN } else { lags.value_at_quantile(0.99) as f64 },
+        live_windows,
+        bytes_per_live_window: rss_after.saturating_sub(rss_before) as f64 / live_windows.max(1) as f64,
+    })
+}

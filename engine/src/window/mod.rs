@@ -1,0 +1,14 @@
+//! Windows: the window math (`math`), the per-core timer wheel that closes windows on time
+//! (`wheel`), and windowed tables built on two plain tables (`table`).
+//!
+//! See [`WindowedTable`] for the API and `docs/windows.md` for the guarantees.
+
+mod math;
+mod table;
+mod wheel;
+
+pub use math::{WindowRange, Windowing};
+pub use table::{WindowResult, WindowedPartition, WindowedTable};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,1114 @@
+//! Windowed tables: state keyed by (key, window), closed on stream time by a timer wheel.
+//!
+//! A windowed table is two tables the worker runs like any other, so the commit protocol,
+//! recovery, the undo log and hand-overs are theirs, unchanged:
+//!
+//! - the **windows** table, keyed by [`WindowKey`] (the key and the window's range), holding
+//!   each window's aggregate — or, for hopping windows combined per pane, each pane's, plus
+//!   the final aggregate of each window once it closed;
+//! - the **clock** table, `{name}-clock`, holding each partition's stream time: the highest
+//!   event time the table saw on it.
+//!
+//! **Closing.** A window closes when its partition's stream time reaches `end + grace`. The
+//! event that moves stream time writes the clock and, in the same call, closes every window
+//! now due — so the close is committed with that event's offsets, in the same atomic commit:
+//! after a crash the event is processed again, moves the clock again and closes the windows
+//! again (close callbacks are at-least-once across a crash, exactly once otherwise). Whether a
+//! window is closed is never stored apart: it is `end + grace <= stream time`, so a recovered
+//! table knows exactly which windows closed, and never reopens one.
+//!
+//! **The per-core view.** Beside each pair of shards a core keeps a view
+//! (thread-local): the stream time, a hierarchical [timer wheel](super::wheel) with one timer
+//! per live window (its close, then its expiry), and per key its live windows (for sessions
+//! and iteration). The view is derived state: it is built by one scan of the shard when the
+//! core first uses it, and built again when the shards were reopened (a hand-over, a
+//! recovery) or an undo changed them (an agent failed on an event) — the tables are the truth.
+
+use std::any::Any;
+use std::cell::RefCell;
+use std::hash::Hash;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::math::{WindowRange, Windowing, millis};
+use super::wheel::{TimerId, TimerWheel};
+use crate::error::{SendError, TableError};
+use crate::runtime::state::Token;
+use crate::table::{Shard, Table};
+use crate::topic::Topic;
+use crate::util::lock;
+
+type Map<K, V> = hashbrown::HashMap<K, V, foldhash::fast::RandomState>;
+
+/// How a windowed table stores a window: the table's key and the window's range. In
+/// `table dump` it reads `{"key": …, "start": …, "end": …}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub(crate) struct WindowKey<K> {
+    pub(crate) key: K,
+    pub(crate) start: i64,
+    pub(crate) end: i64,
+}
+
+impl<K> WindowKey<K> {
+    fn range(&self) -> WindowRange {
+        WindowRange::new(self.start, self.end)
+    }
+}
+
+/// A closed window's final aggregate, as [`WindowedTable::emit_final`] sends it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowResult<V> {
+    /// The window's first millisecond.
+    pub start: i64,
+    /// The first millisecond after it.
+    pub end: i64,
+    /// The window's aggregate when it closed.
+    pub value: V,
+}
+
+/// Which time a windowed table's writes and [`WindowedTable::value`] use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Relative {
+    /// The current event's timestamp (Faust's `relative_to_stream`, the default).
+    Stream,
+    /// The wall clock (Faust's `relative_to_now`).
+    Now,
+}
+
+type CloseFn<K, V> = Arc<dyn Fn(&K, WindowRange, &V) + Send + Sync>;
+type LateFn<K> = Arc<dyn Fn(&K, i64, &[WindowRange]) + Send + Sync>;
+type MergeFn<V> = Arc<dyn Fn(V, V) -> V + Send + Sync>;
+type CombineFn<V> = Arc<dyn Fn(&V, &V) -> V + Send + Sync>;
+type FinalFn<K, V> = Arc<dyn Fn(&K, WindowRange, &V) -> Result<(), SendError> + Send + Sync>;
+
+/// What a windowed table is configured with; frozen when a worker first uses it.
+struct Options<K, V> {
+    grace: i64,
+    /// How long a closed window stays readable (ms).
+    expires: i64,
+    /// Close windows by the wall clock after this long without events (ms).
+    idle: Option<i64>,
+    relative: Relative,
+    on_close: Option<CloseFn<K, V>>,
+    on_late: Option<LateFn<K>>,
+    merge: Option<MergeFn<V>>,
+    combine: Option<CombineFn<V>>,
+    finals: Option<FinalFn<K, V>>,
+}
+
+impl<K, V> Clone for Options<K, V> {
+    fn clone(&self) -> Self {
+        Options {
+            grace: self.grace,
+            expires: self.expires,
+            idle: self.idle,
+            relative: self.relative,
+            on_close: self.on_close.clone(),
+            on_late: self.on_late.clone(),
+            merge: self.merge.clone(),
+            combine: self.combine.clone(),
+            finals: self.finals.clone(),
+        }
+    }
+}
+
+struct Shared<K, V> {
+    windowing: Windowing,
+    windows: Table<WindowKey<K>, V>,
+    clock: Table<u32, i64>,
+    options: Mutex<Options<K, V>>,
+    frozen: OnceLock<Arc<Options<K, V>>>,
+}
+
+/// A windowed table (Faust's `Table.tumbling(…)`, `.hopping(…)`, and sliding windows; plus
+/// session windows): per key, one aggregate per window of time, closed when the partition's
+/// stream time passes the window's end plus its grace period.
+///
+/// Made from a [`Table`] with [`Table::tumbling`], [`Table::hopping`], [`Table::sliding`] or
+/// [`Table::session`]. Inside stream processing, [`update`](WindowedTable::update) applies
+/// to every window the event's time falls in (or, for hopping windows with
+/// [`combine`](WindowedTable::combine), to one step-sized pane); reads take the window of
+/// the event's time ([`current`](WindowedTable::current)), of the partition's latest time
+/// ([`now`](WindowedTable::now)), or `d` before it ([`delta`](WindowedTable::delta)).
+/// When a window closes, [`on_window_close`](WindowedTable::on_window_close) receives its
+/// final aggregate and [`emit_final`](WindowedTable::emit_final) sends it to a topic.
+///
+/// ```
+/// use std::time::Duration;
+/// use faust::{App, Settings, WindowRange};
+///
+/// let app = App::new(Settings::new("views"));
+/// let views = app.topic::<String, String>("page-views");
+/// let per_minute = app
+///     .table::<String, u64>("views-per-minute")
+///     .with_default(|| 0)
+///     .tumbling(Duration::from_secs(60))
+///     .on_window_close(|page: &String, window: WindowRange, n: &u64| println!("{page} {window}: {n}"));
+/// let table = per_minute.clone();
+/// app.agent("count", &views, move |mut stream| {
+///     let per_minute = table.clone();
+///     async move {
+///         while let Some((page, _user)) = stream.next_item().await {
+///             if let Some(page) = page {
+///                 per_minute.update(&page, |n| *n += 1)?;
+///             }
+///         }
+///         Ok(())
+///     }
+/// });
+/// let test = app.test_context()?;
+/// test.put(&views, Some(&"/home".to_string()), &"alice".to_string())?;
+/// test.stop()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct WindowedTable<K, V> {
+    shared: Arc<Shared<K, V>>,
+}
+
+impl<K, V> Clone for WindowedTable<K, V> {
+    fn clone(&self) -> Self {
+        WindowedTable { shared: self.shared.clone() }
+    }
+}
+
+impl<K, V> std::fmt::Debug for WindowedTable<K, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WindowedTable")
+            .field("name", &self.shared.windows.name())
+            .field("windowing", &self.shared.windowing)
+            .finish()
+    }
+}
+
+impl<K, V> Table<K, V>
+where
+    K: Serialize + DeserializeOwned + Hash + Eq + Clone + 'static,
+    V: Serialize + DeserializeOwned + Clone + 'static,
+{
+    /// Tumbling windows of `size` (Faust's `Table.tumbling`): one window per event.
+    pub fn tumbling(self, size: Duration) -> WindowedTable<K, V> {
+        WindowedTable::new(self, Windowing::tumbling(size))
+    }
+
+    /// Hopping windows of `size` starting every `step` (Faust's `Table.hopping`): each event
+    /// updates the `size / step` windows it falls in, or one pane with
+    /// [`combine`](WindowedTable::combine).
+    pub fn hopping(self, size: Duration, step: Duration) -> WindowedTable<K, V> {
+        WindowedTable::new(self, Windowing::hopping(size, step))
+    }
+
+    /// A sliding window around each event, from `before` it to `after` it (Faust's
+    /// `SlidingWindow`): `[t - before, t + after)`.
+    pub fn sliding(self, before: Duration, after: Duration) -> WindowedTable<K, V> {
+        WindowedTable::new(self, Windowing::sliding(before, after))
+    }
+
+    /// Session windows: per key, events no more than `gap` apart make one session. An event
+    /// that bridges two sessions merges them, their aggregates combined by `merge` (earlier
+    /// session first).
+    pub fn session(self, gap: Duration, merge: impl Fn(V, V) -> V + Send + Sync + 'static) -> WindowedTable<K, V> {
+        let table = WindowedTable::new(self, Windowing::session(gap));
+        lock(&table.shared.options).merge = Some(Arc::new(merge));
+        table
+    }
+}
+
+impl<K, V> WindowedTable<K, V>
+where
+    K: Serialize + DeserializeOwned + Hash + Eq + Clone + 'static,
+    V: Serialize + DeserializeOwned + Clone + 'static,
+{
+    fn new(table: Table<K, V>, windowing: Windowing) -> Self {
+        use crate::codec::Codec;
+        // Window keys are JSON whatever the table's key codec (`raw` does not encode a
+        // structure); values keep the table's codec. The clock is internal: JSON.
+        let (_, value_codec) = table.codecs();
+        let windows = table.redeclare::<WindowKey<K>>().with_codecs(Codec::JSON, value_codec);
+        let clock = table.declare_sibling::<u32, i64>(&format!("{}-clock", table.name()), Codec::JSON, Codec::JSON);
+        let size = match windowing {
+            Windowing::Tumbling { size } | Windowing::Hopping { size, .. } => size,
+            Windowing::Sliding { before, after } => before.saturating_add(after),
+            Windowing::Session { gap } => gap,
+        };
+        WindowedTable {
+            shared: Arc::new(Shared {
+                windowing,
+                windows,
+                clock,
+                options: Mutex::new(Options {
+                    grace: 0,
+                    expires: size,
+                    idle: None,
+                    relative: Relative::Stream,
+                    on_close: None,
+                    on_late: None,
+                    merge: None,
+                    combine: None,
+                    finals: None,
+                }),
+                frozen: OnceLock::new(),
+            }),
+        }
+    }
+
+    fn configure(self, f: impl FnOnce(&mut Options<K, V>)) -> Self {
+        f(&mut lock(&self.shared.options));
+        self
+    }
+
+    /// How long after its end a window still takes late events (default 0). Set before the
+    /// worker starts, as every option here.
+    pub fn grace(self, grace: Duration) -> Self {
+        self.configure(|o| o.grace = millis(grace))
+    }
+
+    /// How long a closed window stays readable before it leaves the store and the changelog
+    /// (default: the window's size). Shorter than the size works too.
+    pub fn expires(self, expires: Duration) -> Self {
+        self.configure(|o| o.expires = millis(expires))
+    }
+
+    /// Closes windows by the wall clock too: when a partition had no event for `timeout`,
+    /// its stream time moves on with the wall clock, so an idle stream closes its windows.
+    pub fn idle_timeout(self, timeout: Duration) -> Self {
+        self.configure(|o| o.idle = Some(millis(timeout).max(1)))
+    }
+
+    /// Writes and [`value`](WindowedTable::value) use the event's timestamp (the default;
+    /// Faust's `relative_to_stream`).
+    pub fn relative_to_stream(self) -> Self {
+        self.configure(|o| o.relative = Relative::Stream)
+    }
+
+    /// Writes and [`value`](WindowedTable::value) use the wall clock (Faust's
+    /// `relative_to_now`). For a time taken from the value (Faust's `relative_to_field`),
+    /// pass it: [`update_at`](WindowedTable::update_at), [`at`](WindowedTable::at).
+    pub fn relative_to_now(self) -> Self {
+        self.configure(|o| o.relative = Relative::Now)
+    }
+
+    /// Called with each window's final aggregate when it closes.
+    pub fn on_window_close(self, f: impl Fn(&K, WindowRange, &V) + Send + Sync + 'static) -> Self {
+        self.configure(|o| o.on_close = Some(Arc::new(f)))
+    }
+
+    /// Called for an event that came after its windows closed (`timestamp`, and the closed
+    /// windows it missed); it is also counted in [`WorkerStats::late_events`](crate::WorkerStats).
+    pub fn on_late(self, f: impl Fn(&K, i64, &[WindowRange]) + Send + Sync + 'static) -> Self {
+        self.configure(|o| o.on_late = Some(Arc::new(f)))
+    }
+
+    /// For hopping windows with an associative aggregation (`combine(a, b)` is the aggregate
+    /// of the events of `a` then `b`, and the default is its identity): each event updates
+    /// one step-sized pane, and a window is the combination of its panes, read and closed as
+    /// such — one write per event instead of `size / step`.
+    pub fn combine(self, f: impl Fn(&V, &V) -> V + Send + Sync + 'static) -> Self {
+        self.configure(|o| o.combine = Some(Arc::new(f)))
+    }
+
+    /// Sends each window's final aggregate to `topic` when it closes, keyed by the table's
+    /// key (Kafka Streams' `suppress(untilWindowCloses)`): an agent on `topic` sees one
+    /// [`WindowResult`] per closed window. The sends are durable before the offsets of the
+    /// event that closed the window are committed.
+    pub fn emit_final(self, topic: &Topic<K, WindowResult<V>>) -> Self {
+        let topic = topic.clone();
+        self.configure(move |o| {
+            o.finals = Some(Arc::new(move |key: &K, range: WindowRange, value: &V| {
+                topic.send_soon(Some(key), &WindowResult { start: range.start, end: range.end, value: value.clone() })
+            }))
+        })
+    }
+
+    /// The table's name.
+    pub fn name(&self) -> &str {
+        self.shared.windows.name()
+    }
+
+    /// The plain table under it, keyed by key and window.
+    pub(crate) fn windows_table(&self) -> &Table<WindowKey<K>, V> {
+        &self.shared.windows
+    }
+
+    /// How the table cuts time into windows.
+    pub fn windowing(&self) -> Windowing {
+        self.shared.windowing
+    }
+
+    fn options(&self) -> Arc<Options<K, V>> {
+        self.shared.frozen.get_or_init(|| Arc::new(lock(&self.shared.options).clone())).clone()
+    }
+
+    /// Applies `f` to `key`'s aggregate in every window the event's time falls in (starting
+    /// from the table's default) and closes the windows the event's time makes due (read the
+    /// result with [`current`](WindowedTable::current)). An event after its windows closed changes nothing and goes to
+    /// [`on_late`](WindowedTable::on_late).
+    pub fn update(&self, key: &K, f: impl Fn(&mut V)) -> Result<(), TableError> {
+        self.update_inner(key, None, f)
+    }
+
+    /// [`update`](WindowedTable::update) at the time `timestamp` (ms) instead of the
+    /// event's: for a time taken from the value (Faust's `relative_to_field`).
+    pub fn update_at(&self, key: &K, timestamp: i64, f: impl Fn(&mut V)) -> Result<(), TableError> {
+        self.update_inner(key, Some(timestamp), f)
+    }
+
+    /// The aggregate of `key` in the window of the event's time (Faust's `.current()`).
+    pub fn current(&self, key: &K) -> Result<Option<V>, TableError> {
+        self.read(None, key, |t, _| Ok(t.event_time()))
+    }
+
+    /// The aggregate of `key` in the window current at the partition's stream time (Faust's
+    /// `.now()`).
+    pub fn now(&self, key: &K) -> Result<Option<V>, TableError> {
+        self.read(None, key, |_, view| Ok(view.stream_time.unwrap_or_else(crate::util::now_ms)))
+    }
+
+    /// The aggregate of `key` in the window current `d` before the event's time (Faust's
+    /// `.delta(d)`).
+    pub fn delta(&self, key: &K, d: Duration) -> Result<Option<V>, TableError> {
+        self.read(None, key, |t, _| Ok(t.event_time().saturating_sub(millis(d))))
+    }
+
+    /// The aggregate of `key` in the window current at `timestamp` (ms).
+    pub fn at(&self, key: &K, timestamp: i64) -> Result<Option<V>, TableError> {
+        self.read(None, key, |_, _| Ok(timestamp))
+    }
+
+    /// The aggregate of `key` at the configured time: the event's (default) or the wall
+    /// clock's (Faust's `.value()`).
+    pub fn value(&self, key: &K) -> Result<Option<V>, TableError> {
+        self.read(None, key, |t, _| Ok(t.write_time(None)))
+    }
+
+    /// Every live window of `key` (open, or closed and not expired) with its aggregate,
+    /// earliest first, in the current event's partition.
+    pub fn windows(&self, key: &K) -> Result<Vec<(WindowRange, V)>, TableError> {
+        self.with_view(None, |cx| cx.key_windows(key))
+    }
+
+    /// The partition `partition` of the table, for use outside stream processing (timers,
+    /// tasks) on the core that holds it.
+    pub fn partition(&self, partition: u32) -> WindowedPartition<'_, K, V> {
+        WindowedPartition { table: self, partition }
+    }
+
+    /// Every live window with its key and aggregate, in the table's partitions on the
+    /// calling core, that overlaps `[from, to)` (ms), by key then time.
+    pub fn local_windows(&self, from: i64, to: i64) -> Result<Vec<(K, WindowRange, V)>, TableError> {
+        let mut out = Vec::new();
+        for partition in self.shared.windows.local_partitions() {
+            let found = self.with_view(Some(partition), |cx| cx.range_windows(from, to))?;
+            out.extend(found);
+        }
+        Ok(out)
+    }
+
+    fn read(
+        &self,
+        partition: Option<u32>,
+        key: &K,
+        time: impl FnOnce(&Cx<'_, K, V>, &View<K>) -> Result<i64, TableError>,
+    ) -> Result<Option<V>, TableError> {
+        self.with_view(partition, |cx| {
+            let t = time(cx, &cx.view.borrow())?;
+            cx.window_value_at(key, t)
+        })
+    }
+
+    fn update_inner(&self, key: &K, at: Option<i64>, f: impl Fn(&mut V)) -> Result<(), TableError> {
+        let outcome = self.with_view(None, |cx| cx.update(key, at, &f))?;
+        self.settle(outcome)
+    }
+
+    /// Runs the callbacks of what an update or a tick closed and missed (outside the view's
+    /// borrow: a callback may use the table).
+    fn settle(&self, outcome: Outcome<K>) -> Result<(), TableError> {
+        let options = self.options();
+        if !outcome.late.is_empty() {
+            crate::runtime::CoreRuntime::with_current(|core| {
+                if let Some(core) = core {
+                    core.count_late_event();
+                }
+            });
+            if let Some(on_late) = &options.on_late
+                && let Some((key, t)) = &outcome.late_event
+            {
+                on_late(key, *t, &outcome.late);
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `f` with the shards of `partition` (or of the current event's), the token and
+    /// the core's view of them (built or rebuilt first when needed).
+    fn with_view<T>(
+        &self,
+        partition: Option<u32>,
+        f: impl FnOnce(&Cx<'_, K, V>) -> Result<T, TableError>,
+    ) -> Result<T, TableError> {
+        let options = self.options();
+        if let Some(idle) = options.idle {
+            self.ensure_ticker(idle);
+        }
+        let shared = &self.shared;
+        shared.windows.with_shard(partition, |windows, token| {
+            let p = crate::runtime::state::AnyShard::partition(windows);
+            shared.clock.with_shard(Some(p), |clock, _| {
+                let view = view_of(shared, p, windows, clock, &options)?;
+                let cx = Cx { shared, options: &options, windows, clock, token, partition: p, view: &view };
+                f(&cx)
+            })
+        })
+    }
+
+    /// Starts, once per core, the task that closes windows of idle partitions by the wall
+    /// clock (a quarter of the timeout apart, between 5 ms and 1 s); it ends when the worker
+    /// stops.
+    fn ensure_ticker(&self, idle: i64) {
+        thread_local! {
+            static TICKING: RefCell<hashbrown::HashSet<usize>> = RefCell::new(hashbrown::HashSet::new());
+        }
+        let id = Arc::as_ptr(&self.shared) as *const () as usize;
+        if !TICKING.with(|t| t.borrow_mut().insert(id)) {
+            return;
+        }
+        let table = self.clone();
+        let tick = Duration::from_millis(u64::try_from((idle / 4).clamp(5, 1000)).unwrap_or(1000));
+        let stopping = || crate::runtime::CoreRuntime::with_current(|c| c.is_none_or(|c| c.stopping().is_cancelled()));
+        glommio::spawn_local(async move {
+            while !stopping() {
+                glommio::timer::sleep(tick).await;
+                if stopping() {
+                    break;
+                }
+                if let Err(e) = table.close_idle() {
+                    tracing::warn!(table = table.name(), error = %e, "closing the windows of idle partitions failed");
+                }
+            }
+            TICKING.with(|t| t.borrow_mut().remove(&id));
+        })
+        .detach();
+    }
+
+    /// Closes the windows due by the wall clock in this core's idle partitions (see
+    /// [`idle_timeout`](WindowedTable::idle_timeout)): their stream time moves on by the
+    /// time they were idle past the timeout's start.
+    pub(crate) fn close_idle(&self) -> Result<(), TableError> {
+        let options = self.options();
+        let Some(idle) = options.idle else { return Ok(()) };
+        for partition in self.shared.windows.local_partitions() {
+            self.with_view(Some(partition), |cx| {
+                let (since, base) = {
+                    let view = cx.view.borrow();
+                    (millis(view.last_event.elapsed()), view.at_last_event)
+                };
+                match base {
+                    Some(base) if since >= idle => cx.advance(base.saturating_add(since), None),
+                    _ => Ok(()),
+                }
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// One partition of a windowed table, named explicitly: see [`WindowedTable::partition`].
+#[derive(Debug)]
+pub struct WindowedPartition<'a, K, V> {
+    table: &'a WindowedTable<K, V>,
+    partition: u32,
+}
+
+impl<K, V> WindowedPartition<'_, K, V>
+where
+    K: Serialize + DeserializeOwned + Hash + Eq + Clone + 'static,
+    V: Serialize + DeserializeOwned + Clone + 'static,
+{
+    /// The partition's stream time: the highest event time its events brought (`None`
+    /// before the first).
+    pub fn stream_time(&self) -> Result<Option<i64>, TableError> {
+        self.table.with_view(Some(self.partition), |cx| Ok(cx.view.borrow().stream_time))
+    }
+
+    /// The aggregate of `key` in the window current at `timestamp` (ms).
+    pub fn at(&self, key: &K, timestamp: i64) -> Result<Option<V>, TableError> {
+        self.table.read(Some(self.partition), key, |_, _| Ok(timestamp))
+    }
+
+    /// The aggregate of `key` in the window current at the partition's stream time.
+    pub fn now(&self, key: &K) -> Result<Option<V>, TableError> {
+        self.table.read(Some(self.partition), key, |_, view| Ok(view.stream_time.unwrap_or_else(crate::util::now_ms)))
+    }
+
+    /// Every live window of `key` with its aggregate, earliest first.
+    pub fn windows(&self, key: &K) -> Result<Vec<(WindowRange, V)>, TableError> {
+        self.table.with_view(Some(self.partition), |cx| cx.key_windows(key))
+    }
+}
+
+/// What a timer stands for.
+enum Due<K> {
+    /// The window (or, per pane, the virtual window) closes.
+    Close(Rc<K>, WindowRange),
+    /// The closed window leaves the table.
+    Expire(Rc<K>, WindowRange),
+    /// A pane is no longer part of any open window.
+    DropPane(Rc<K>, WindowRange),
+}
+
+/// A live window of a key, as the view knows it.
+struct Live {
+    range: WindowRange,
+    timer: TimerId,
+    closed: bool,
+}
+
+/// A core's view of one partition of a windowed table (see the module's docs).
+struct View<K> {
+    windows_instance: u64,
+    clock_instance: u64,
+    undos: (u64, u64),
+    stream_time: Option<i64>,
+    wheel: TimerWheel<Due<K>>,
+    /// Per key, its live windows (sessions, or windows of per-window writes; for panes, the
+    /// virtual windows), by start.
+    live: Map<Rc<K>, Vec<Live>>,
+    /// When the partition's last event came, by the wall clock, and the stream time then
+    /// (idle closing: the stream time moves on from there with the wall clock).
+    last_event: Instant,
+    at_last_event: Option<i64>,
+    /// Scratch for the ranges of one event.
+    ranges: Vec<WindowRange>,
+}
+
+/// What an update or a tick leaves to do once the view is released.
+struct Outcome<K> {
+    late: Vec<WindowRange>,
+    late_event: Option<(K, i64)>,
+}
+
+impl<K> Default for Outcome<K> {
+    fn default() -> Self {
+        Outcome { late: Vec::new(), late_event: None }
+    }
+}
+
+thread_local! {
+    /// The views of this core, by (table, partition).
+    static VIEWS: RefCell<hashbrown::HashMap<(usize, u32), Rc<dyn Any>>> = RefCell::new(hashbrown::HashMap::new());
+}
+
+/// The core's view of partition `p`, built (or built again) from the shards when it is
+/// missing or stale.
+fn view_of<K, V>(
+    shared: &Arc<Shared<K, V>>,
+    p: u32,
+    windows: &Shard<WindowKey<K>, V>,
+    clock: &Shard<u32, i64>,
+    options: &Options<K, V>,
+) -> Result<Rc<RefCell<View<K>>>, TableError>
+where
+    K: Serialize + DeserializeOwned + Hash + Eq + Clone + 'static,
+    V: Serialize + DeserializeOwned + Clone + 'static,
+{
+    let id = (Arc::as_ptr(shared) as *const () as usize, p);
+    let fresh = |v: &View<K>| {
+        v.windows_instance == windows.instance()
+            && v.clock_instance == clock.instance()
+            && v.undos == (windows.undos(), clock.undos())
+    };
+    let known = VIEWS.with(|views| views.borrow().get(&id).cloned());
+    if let Some(any) = known
+        && let Ok(view) = any.downcast::<RefCell<View<K>>>()
+        && fresh(&view.borrow())
+    {
+        return Ok(view);
+    }
+    let view = Rc::new(RefCell::new(build_view(shared.windowing, windows, clock, p, options)?));
+    VIEWS.with(|views| views.borrow_mut().insert(id, view.clone() as Rc<dyn Any>));
+    Ok(view)
+}
+
+/// Builds a view by one scan of the windows shard: every window gets its timer back (its
+/// close if it is open, its expiry if it closed).
+fn build_view<K, V>(
+    windowing: Windowing,
+    windows: &Shard<WindowKey<K>, V>,
+    clock: &Shard<u32, i64>,
+    p: u32,
+    options: &Options<K, V>,
+) -> Result<View<K>, TableError>
+where
+    K: Serialize + DeserializeOwned + Hash + Eq + Clone + 'static,
+    V: Serialize + DeserializeOwned + Clone + 'static,
+{
+    let stream_time = clock.get(&p)?;
+    let mut view = View {
+        windows_instance: windows.instance(),
+        clock_instance: clock.instance(),
+        undos: (windows.undos(), clock.undos()),
+        stream_time,
+        wheel: TimerWheel::new(stream_time.unwrap_or(i64::MIN)),
+        live: Map::default(),
+        last_event: Instant::now(),
+        at_last_event: stream_time,
+        ranges: Vec::new(),
+    };
+    let mut items = Vec::new();
+    windows.items(&mut items)?;
+    let panes = options.combine.is_some() && windowing.has_panes();
+    let step = match windowing {
+        Windowing::Hopping { step, .. } => step,
+        _ => 0,
+    };
+    let mut keys: Map<K, Rc<K>> = Map::default();
+    for (wk, _) in items {
+        let range = wk.range();
+        let key = keys.entry(wk.key.clone()).or_insert_with(|| Rc::new(wk.key)).clone();
+        if panes && range.end - range.start == step {
+            // A pane: its windows are virtual, armed from their panes.
+            view.arm_pane_windows(&key, range, windowing, options);
+            view.wheel.arm(pane_drop_time(range, windowing, options), Due::DropPane(key, range));
+            continue;
+        }
+        view.arm_window(&key, range, options);
+    }
+    Ok(view)
+}
+
+/// When a pane leaves the table: just after the last window made of it closed (and kept its
+/// final aggregate apart), so that close always finds it.
+fn pane_drop_time<K, V>(pane: WindowRange, windowing: Windowing, options: &Options<K, V>) -> i64 {
+    pane.start.saturating_add(size_of(windowing)).saturating_add(options.grace).saturating_add(1)
+}
+
+fn size_of(windowing: Windowing) -> i64 {
+    match windowing {
+        Windowing::Tumbling { size } | Windowing::Hopping { size, .. } => size,
+        Windowing::Sliding { before, after } => before.saturating_add(after),
+        Windowing::Session { gap } => gap,
+    }
+}
+
+impl<K: Hash + Eq> View<K> {
+    fn is_closed<V>(&self, range: WindowRange, options: &Options<K, V>) -> bool {
+        self.stream_time.is_some_and(|st| range.end.saturating_add(options.grace) <= st)
+    }
+
+    /// Gives a stored window its timer (a close if it is open, else its expiry) and its
+    /// place among the key's live windows, unless it has them.
+    fn arm_window<V>(&mut self, key: &Rc<K>, range: WindowRange, options: &Options<K, V>) {
+        let closed = self.is_closed(range, options);
+        let live = self.live.entry(key.clone()).or_default();
+        let at = match live.binary_search_by_key(&range, |l| l.range) {
+            Ok(_) => return,
+            Err(at) => at,
+        };
+        let close_at = range.end.saturating_add(options.grace);
+        let timer = if closed {
+            self.wheel.arm(close_at.saturating_add(options.expires), Due::Expire(key.clone(), range))
+        } else {
+            self.wheel.arm(close_at, Due::Close(key.clone(), range))
+        };
+        live.insert(at, Live { range, timer, closed });
+    }
+
+    /// Arms the virtual windows a pane is part of.
+    fn arm_pane_windows<V>(&mut self, key: &Rc<K>, pane: WindowRange, windowing: Windowing, options: &Options<K, V>) {
+        for range in windowing.windows_of_pane(pane) {
+            if !self.is_closed(range, options) {
+                self.arm_window(key, range, options);
+            }
+        }
+    }
+
+    fn forget(&mut self, key: &K, range: WindowRange) {
+        if let Some(live) = self.live.get_mut(key) {
+            live.retain(|l| l.range != range);
+            if live.is_empty() {
+                self.live.remove(key);
+            }
+        }
+    }
+}
+
+/// One operation's context: the shards, the token and the view.
+struct Cx<'a, K, V> {
+    shared: &'a Shared<K, V>,
+    options: &'a Options<K, V>,
+    windows: &'a Shard<WindowKey<K>, V>,
+    clock: &'a Shard<u32, i64>,
+    token: Option<&'a Token>,
+    partition: u32,
+    view: &'a RefCell<View<K>>,
+}
+
+impl<K, V> Cx<'_, K, V>
+where
+    K: Serialize + DeserializeOwned + Hash + Eq + Clone + 'static,
+    V: Serialize + DeserializeOwned + Clone + 'static,
+{
+    fn panes(&self) -> bool {
+        self.options.combine.is_some() && self.shared.windowing.has_panes()
+    }
+
+    /// The event's time (the wall clock outside an event).
+    fn event_time(&self) -> i64 {
+        self.token.map_or_else(crate::util::now_ms, |t| t.timestamp)
+    }
+
+    /// The time a write uses: `at` when given, else by the table's relativity.
+    fn write_time(&self, at: Option<i64>) -> i64 {
+        match (at, self.options.relative) {
+            (Some(t), _) => t,
+            (None, Relative::Stream) => self.event_time(),
+            (None, Relative::Now) => crate::util::now_ms(),
+        }
+    }
+
+    fn wk(key: &K, range: WindowRange) -> WindowKey<K> {
+        WindowKey { key: key.clone(), start: range.start, end: range.end }
+    }
+
+    fn update(&self, key: &K, at: Option<i64>, f: &dyn Fn(&mut V)) -> Result<Outcome<K>, TableError> {
+        let t = self.write_time(at);
+        let mut outcome = Outcome::default();
+        if self.shared.windowing.is_session() {
+            self.update_session(key, t, f, &mut outcome)?;
+        } else {
+            self.update_fixed(key, t, f, &mut outcome)?;
+        }
+        if !outcome.late.is_empty() {
+            outcome.late_event = Some((key.clone(), t));
+        }
+        self.advance(t, self.token)?;
+        if self.options.idle.is_some() {
+            let mut view = self.view.borrow_mut();
+            view.last_event = Instant::now();
+            view.at_last_event = view.stream_time;
+        }
+        Ok(outcome)
+    }
+
+    /// Tumbling, hopping and sliding windows: every window of `t`, or its pane.
+    fn update_fixed(&self, key: &K, t: i64, f: &dyn Fn(&mut V), outcome: &mut Outcome<K>) -> Result<(), TableError> {
+        let windowing = self.shared.windowing;
+        let mut guard = self.view.borrow_mut();
+        let view = &mut *guard;
+        let mut ranges = std::mem::take(&mut view.ranges);
+        windowing.ranges_into(t, &mut ranges);
+        let result = if self.panes() {
+            self.update_pane(view, key, t, &ranges, f, outcome)
+        } else {
+            self.update_windows(view, key, &ranges, f, outcome)
+        };
+        view.ranges = ranges;
+        result
+    }
+
+    /// Every open window of `ranges` gets `f`; the closed ones are late.
+    fn update_windows(
+        &self,
+        view: &mut View<K>,
+        key: &K,
+        ranges: &[WindowRange],
+        f: &dyn Fn(&mut V),
+        outcome: &mut Outcome<K>,
+    ) -> Result<(), TableError> {
+        let mut rc: Option<Rc<K>> = None;
+        for &r in ranges {
+            if view.is_closed(r, self.options) {
+                outcome.late.push(r);
+                continue;
+            }
+            let ((), created) = self.windows.upsert(self.token, &Self::wk(key, r), f)?;
+            if created {
+                let rc = rc.get_or_insert_with(|| Rc::new(key.clone()));
+                view.arm_window(rc, r, self.options);
+            }
+        }
+        Ok(())
+    }
+
+    /// The pane of `t` gets `f` when one of its windows is open. Closed windows hold their
+    /// final aggregate apart (kept at their close), so the pane may change under them.
+    fn update_pane(
+        &self,
+        view: &mut View<K>,
+        key: &K,
+        t: i64,
+        ranges: &[WindowRange],
+        f: &dyn Fn(&mut V),
+        outcome: &mut Outcome<K>,
+    ) -> Result<(), TableError> {
+        let windowing = self.shared.windowing;
+        outcome.late.extend(ranges.iter().copied().filter(|r| view.is_closed(*r, self.options)));
+        if outcome.late.len() == ranges.len() {
+            return Ok(());
+        }
+        let pane = windowing.pane(t).unwrap_or_else(|| windowing.current(t));
+        let ((), created) = self.windows.upsert(self.token, &Self::wk(key, pane), f)?;
+        if created {
+            let rc = Rc::new(key.clone());
+            for &r in ranges {
+                if !view.is_closed(r, self.options) {
+                    view.arm_window(&rc, r, self.options);
+                }
+            }
+            view.wheel.arm(pane_drop_time(pane, windowing, self.options), Due::DropPane(rc, pane));
+        }
+        Ok(())
+    }
+
+    /// Session windows: the event's cover `[t, t + gap)` joins every open session of the key
+    /// it overlaps; a closed one it overlaps makes it late (a closed session never reopens).
+    fn update_session(&self, key: &K, t: i64, f: &dyn Fn(&mut V), outcome: &mut Outcome<K>) -> Result<(), TableError> {
+        let cover = self.shared.windowing.current(t);
+        let mut guard = self.view.borrow_mut();
+        let view = &mut *guard;
+        // The common case first: the event falls inside one open session and extends nothing.
+        let mut touching = 0;
+        let mut inside = None;
+        let mut closed = false;
+        if let Some(live) = view.live.get(key) {
+            for l in live.iter().filter(|l| l.range.overlaps(&cover)) {
+                touching += 1;
+                closed |= l.closed;
+                if l.range.start <= cover.start && cover.end <= l.range.end {
+                    inside = Some(l.range);
+                }
+            }
+        }
+        if let (1, Some(range), false) = (touching, inside, closed) {
+            self.windows.upsert(self.token, &Self::wk(key, range), f)?;
+            return Ok(());
+        }
+        let overlapping: Vec<Live> = view
+            .live
+            .get(key)
+            .map(|live| {
+                live.iter()
+                    .filter(|l| l.range.overlaps(&cover))
+                    .map(|l| Live { range: l.range, timer: l.timer, closed: l.closed })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let merged =
+            overlapping.iter().fold(cover, |m, l| WindowRange::new(m.start.min(l.range.start), m.end.max(l.range.end)));
+        if closed || view.is_closed(merged, self.options) {
+            let closed: Vec<WindowRange> = overlapping.iter().filter(|l| l.closed).map(|l| l.range).collect();
+            outcome.late.extend(if closed.is_empty() { vec![merged] } else { closed });
+            return Ok(());
+        }
+        let rc = view.live.get_key_value(key).map_or_else(|| Rc::new(key.clone()), |(k, _)| k.clone());
+        // Merge the sessions it touches (earliest first) into one over `merged`.
+        let mut aggregate: Option<V> = None;
+        for l in &overlapping {
+            let old = self.windows.get(&Self::wk(key, l.range))?;
+            self.windows.write(self.token, Self::wk(key, l.range), None)?;
+            view.wheel.cancel(l.timer);
+            view.forget(key, l.range);
+            aggregate = match (aggregate, old) {
+                (Some(a), Some(b)) => Some(match self.options.merge.as_ref() {
+                    Some(merge) => merge(a, b),
+                    None => b,
+                }),
+                (a, b) => a.or(b),
+            };
+        }
+        let mut value = match aggregate {
+            Some(v) => v,
+            None => self.windows.get_or_default(&Self::wk(key, merged))?,
+        };
+        f(&mut value);
+        self.windows.write(self.token, Self::wk(key, merged), Some(value))?;
+        view.arm_window(&rc, merged, self.options);
+        Ok(())
+    }
+
+    /// Moves the partition's stream time to `t` if it is later (writing the clock, with the
+    /// event's token when there is one) and closes and expires what the wheel says is due.
+    fn advance(&self, t: i64, token: Option<&Token>) -> Result<(), TableError> {
+        {
+            let mut view = self.view.borrow_mut();
+            if view.stream_time.is_some_and(|st| t <= st) {
+                return Ok(());
+            }
+            view.stream_time = Some(t);
+        }
+        self.clock.write(token, self.partition, Some(t))?;
+        let mut fired = Vec::new();
+        loop {
+            // A close arms the window's expiry, which may be due at once (`expires` 0).
+            self.view.borrow_mut().wheel.advance(t, &mut fired);
+            if fired.is_empty() {
+                return Ok(());
+            }
+            self.fire(&mut fired, token)?;
+        }
+    }
+
+    /// Carries out what the wheel fired: the closes first, each handed to the callbacks as
+    /// it is made (the close lag is the time to the callback), then expiries and panes.
+    fn fire(&self, fired: &mut Vec<(i64, Due<K>)>, token: Option<&Token>) -> Result<(), TableError> {
+        let mut closed = 0;
+        for (_, due) in fired.iter() {
+            if let Due::Close(key, range) = due
+                && let Some(value) = self.close(key, *range, token)?
+            {
+                closed += 1;
+                self.emit_close(key, *range, &value)?;
+            }
+        }
+        if closed > 0 {
+            crate::runtime::CoreRuntime::with_current(|core| {
+                if let Some(core) = core {
+                    core.count_windows_closed(closed);
+                }
+            });
+        }
+        for (_, due) in fired.drain(..) {
+            match due {
+                Due::Close(..) => {}
+                Due::Expire(key, range) => {
+                    // For panes, the closed window's aggregate kept apart at its close.
+                    self.windows.write(token, Self::wk(&key, range), None)?;
+                    self.view.borrow_mut().forget(&key, range);
+                }
+                Due::DropPane(key, range) => self.windows.write(token, Self::wk(&key, range), None)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands a closed window's final aggregate to `on_window_close` and `emit_final`.
+    fn emit_close(&self, key: &K, range: WindowRange, value: &V) -> Result<(), TableError> {
+        if let Some(on_close) = &self.options.on_close {
+            on_close(key, range, value);
+        }
+        if let Some(finals) = &self.options.finals {
+            finals(key, range, value).map_err(|source| TableError::FinalResult {
+                table: self.shared.windows.name().to_string(),
+                window: range.to_string(),
+                source: Box::new(source),
+            })?;
+        }
+        Ok(())
+    }
+
+    fn pane_len(&self) -> i64 {
+        match self.shared.windowing {
+            Windowing::Hopping { step, .. } => step,
+            _ => 0,
+        }
+    }
+
+    /// Closes `key`'s window `range`: its final aggregate (materialized, for panes), marked
+    /// closed in the view with its expiry armed. `None` when the window holds nothing (its
+    /// writes were undone).
+    fn close(&self, key: &Rc<K>, range: WindowRange, token: Option<&Token>) -> Result<Option<V>, TableError> {
+        let value = if self.panes() {
+            let v = self.combine_panes(key, range)?;
+            if let Some(v) = &v {
+                self.windows.write(token, Self::wk(key, range), Some(v.clone()))?;
+            }
+            v
+        } else {
+            self.windows.get(&Self::wk(key, range))?
+        };
+        let mut view = self.view.borrow_mut();
+        let view = &mut *view;
+        let expiry = range.end.saturating_add(self.options.grace).saturating_add(self.options.expires);
+        let timer = view.wheel.arm(expiry, Due::Expire(key.clone(), range));
+        if let Some(l) = view.live.get_mut(&**key).and_then(|live| live.iter_mut().find(|l| l.range == range)) {
+            l.closed = true;
+            l.timer = timer;
+        }
+        Ok(value)
+    }
+
+    /// The combination of `key`'s panes in `range`, earliest first (`None`: no pane).
+    fn combine_panes(&self, key: &K, range: WindowRange) -> Result<Option<V>, TableError> {
+        let step = self.pane_len().max(1);
+        let combine = self.options.combine.as_ref();
+        let mut acc: Option<V> = None;
+        let mut start = range.start;
+        while start < range.end {
+            if let Some(v) = self.windows.get(&Self::wk(key, WindowRange::new(start, start.saturating_add(step))))? {
+                acc = Some(match (acc, combine) {
+                    (Some(a), Some(c)) => c(&a, &v),
+                    _ => v,
+                });
+            }
+            start = start.saturating_add(step);
+        }
+        Ok(acc)
+    }
+
+    /// The aggregate of `key` in `range`: stored, or combined from panes while it is open.
+    fn window_value(&self, key: &K, range: WindowRange) -> Result<Option<V>, TableError> {
+        let closed = self.view.borrow().is_closed(range, self.options);
+        if self.panes() && !closed {
+            return self.combine_panes(key, range);
+        }
+        self.windows.get(&Self::wk(key, range))
+    }
+
+    /// The aggregate of `key` in the window current at `t` (for sessions: the key's
+    /// session that holds `t`).
+    fn window_value_at(&self, key: &K, t: i64) -> Result<Option<V>, TableError> {
+        if self.shared.windowing.is_session() {
+            let range =
+                self.view.borrow().live.get(key).and_then(|live| {
+                    live.iter().rev().find(|l| l.range.start <= t && t < l.range.end).map(|l| l.range)
+                });
+            return match range {
+                Some(r) => self.windows.get(&Self::wk(key, r)),
+                None => Ok(None),
+            };
+        }
+        let range = self.shared.windowing.current(t);
+        let expired =
+            self.view.borrow().stream_time.is_some_and(|st| {
+                range.end.saturating_add(self.options.grace).saturating_add(self.options.expires) <= st
+            });
+        if expired {
+            return Ok(None);
+        }
+        self.window_value(key, range)
+    }
+
+    fn key_windows(&self, key: &K) -> Result<Vec<(WindowRange, V)>, TableError> {
+        let ranges: Vec<WindowRange> =
+            self.view.borrow().live.get(key).map(|live| live.iter().map(|l| l.range).collect()).unwrap_or_default();
+        let mut out = Vec::with_capacity(ranges.len());
+        for r in ranges {
+            if let Some(v) = self.window_value(key, r)? {
+                out.push((r, v));
+            }
+        }
+        Ok(out)
+    }
+
+    fn range_windows(&self, from: i64, to: i64) -> Result<Vec<(K, WindowRange, V)>, TableError> {
+        let span = WindowRange::new(from, to);
+        let found: Vec<(Rc<K>, WindowRange)> = {
+            let view = self.view.borrow();
+            view.live
+                .iter()
+                .flat_map(|(k, live)| live.iter().filter(|l| l.range.overlaps(&span)).map(|l| (k.clone(), l.range)))
+                .collect()
+        };
+        let mut out = Vec::with_capacity(found.len());
+        for (k, r) in found {
+            if let Some(v) = self.window_value(&k, r)? {
+                out.push(((*k).clone(), r, v));
+            }
+        }
+        Ok(out)
+    }
+}
