@@ -13,6 +13,20 @@ type Closes = Arc<Mutex<Vec<(String, WindowRange, u64)>>>;
 type Events = Topic<String, (i64, u64)>;
 type Lates = Arc<Mutex<Vec<(String, i64, Vec<WindowRange>)>>>;
 
+/// The agent of these tests: adds each event's `n` to its key's windows at its time `t`.
+fn count_agent(app: &App, events: &Events, table: &WindowedTable<String, u64>) {
+    let table = table.clone();
+    app.agent("count", events, move |mut stream| {
+        let table = table.clone();
+        async move {
+            while let Some((key, (t, n))) = stream.next_item().await {
+                table.update_at(&key.unwrap_or_default(), t, |c| *c += n)?;
+            }
+            Ok(())
+        }
+    });
+}
+
 /// An app whose agent adds each event's `n` to its key's windows at its time `t`, with the
 /// closes it saw; `make` turns the table into the windowed one under test.
 fn counting(
@@ -25,16 +39,7 @@ fn counting(
     let seen = closes.clone();
     let table = make(app.table::<String, u64>("counts").with_default(|| 0))
         .on_window_close(move |k: &String, w, v: &u64| seen.lock().unwrap().push((k.clone(), w, *v)));
-    let agent_table = table.clone();
-    app.agent("count", &events, move |mut stream| {
-        let table = agent_table.clone();
-        async move {
-            while let Some((key, (t, n))) = stream.next_item().await {
-                table.update_at(&key.unwrap_or_default(), t, |c| *c += n)?;
-            }
-            Ok(())
-        }
-    });
+    count_agent(&app, &events, &table);
     (app, events, table, closes)
 }
 
@@ -117,16 +122,7 @@ fn sessions_grow_merge_and_close_after_the_gap() {
         .session(Duration::from_millis(10), |a, b| a + b)
         .grace(Duration::from_millis(100))
         .on_window_close(move |k: &String, w, v: &u64| seen.lock().unwrap().push((k.clone(), w, *v)));
-    let agent_table = table.clone();
-    app.agent("count", &events, move |mut stream| {
-        let table = agent_table.clone();
-        async move {
-            while let Some((key, (t, n))) = stream.next_item().await {
-                table.update_at(&key.unwrap_or_default(), t, |c| *c += n)?;
-            }
-            Ok(())
-        }
-    });
+    count_agent(&app, &events, &table);
     let test = app.test_context().unwrap();
     put(&test, &events, "a", 0, 1);
     put(&test, &events, "a", 5, 1);
@@ -184,16 +180,7 @@ fn final_results_go_to_a_topic_once_per_closed_window() {
     let finals = app.topic::<String, WindowResult<u64>>("finals");
     let table =
         app.table::<String, u64>("counts").with_default(|| 0).tumbling(Duration::from_secs(1)).emit_final(&finals);
-    let agent_table = table.clone();
-    app.agent("count", &events, move |mut stream| {
-        let table = agent_table.clone();
-        async move {
-            while let Some((key, (t, n))) = stream.next_item().await {
-                table.update_at(&key.unwrap_or_default(), t, |c| *c += n)?;
-            }
-            Ok(())
-        }
-    });
+    count_agent(&app, &events, &table);
     let test = app.test_context().unwrap();
     for t in [0, 100, 900, 1_000, 1_500, 2_000, 2_100, 3_000] {
         put(&test, &events, "k", t, 1);
