@@ -61,3 +61,44 @@ fn page_views_prints_each_closed_window_once_with_its_count() {
     }
     assert!(stdout.contains("24000 page views counted"), "{stdout}");
 }
+
+/// `page_views worker` and the CLI: `table get` lists a key's windows with their ranges (for
+/// this table, hopping and combined per pane: the closed ones whole, the open ones as their
+/// 10 s panes), `table dump` every key's.
+#[test]
+fn the_cli_shows_a_windowed_table_with_its_ranges() {
+    use faust_tests::cli::{Worker, cli, code, eventually, json, stderr, stdout};
+    const BIN: &str = env!("CARGO_BIN_EXE_page_views");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let worker = Worker::start(BIN, &data, &[]);
+    let start = 1_700_000_000_000i64;
+    for (page, at) in
+        [("/docs", start + 1_000), ("/docs", start + 2_000), ("/docs", start + 15_000), ("/", start + 3_000)]
+    {
+        let view = format!(r#"{{"page": "{page}", "user": "ann", "at_ms": {at}}}"#);
+        let sent = cli(BIN, &data, &["send", "page-views", "--key", page, &view], None);
+        assert_eq!(code(&sent), 0, "{}", stderr(&sent));
+    }
+    let get = || json(&cli(BIN, &data, &["table", "get", "views_per_minute", "/docs", "--json"], None));
+    // The view at +15 s moved stream time to the end (+10 s) plus grace (5 s) of the window
+    // [-50 s, +10 s): it closed, and holds its final count under its whole range; the open
+    // windows are there as their panes.
+    eventually("the views of /docs counted", || get()["value"].as_array().is_some_and(|w| w.len() == 3));
+    assert_eq!(
+        get()["value"],
+        serde_json::json!([
+            {"start": start - 50_000, "end": start + 10_000, "value": 2},
+            {"start": start, "end": start + 10_000, "value": 2},
+            {"start": start + 10_000, "end": start + 20_000, "value": 1},
+        ])
+    );
+    let dump = json(&cli(BIN, &data, &["table", "dump", "views_per_minute", "--json"], None));
+    let keys: Vec<&str> =
+        dump.as_array().map_or_else(Vec::new, |items| items.iter().filter_map(|i| i["key"]["key"].as_str()).collect());
+    assert_eq!(keys.iter().filter(|k| **k == "/").count(), 1, "{dump}");
+    assert_eq!(code(&cli(BIN, &data, &["table", "get", "views_per_minute", "/nowhere"], None)), 4);
+    let text = stdout(&cli(BIN, &data, &["table", "get", "views_per_minute", "/docs"], None));
+    assert!(text.contains(&format!("{}", start + 10_000)), "{text}");
+    assert_eq!(worker.stop(), 0);
+}

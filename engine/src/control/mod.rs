@@ -349,6 +349,36 @@ fn handle(request: Request, app: &App, inboxes: &[Arc<Inbox>]) -> Answer {
             }
             Ok(Value::Array(reports))
         }
+        Request::TableGet { table, key } if is_windowed(app, &table) => {
+            // A windowed table: the key's windows, from whichever core holds its shard.
+            let (index, _) = find_table(app, &table)?;
+            let wanted: Value = serde_json::from_str(&key).unwrap_or(Value::String(key.clone()));
+            let mut windows: Vec<Value> = Vec::new();
+            for core in 0..inboxes.len() {
+                let wanted = wanted.clone();
+                let found = ask(inboxes, core, move |runtime| async move {
+                    let mut out = Vec::new();
+                    for shard in runtime.shards_of(index) {
+                        let items = shard.items_json().map_err(|e| failed(e.to_string()))?;
+                        out.extend(
+                            items
+                                .into_iter()
+                                .filter(|(k, _)| k["key"] == wanted)
+                                .map(|(k, v)| serde_json::json!({"start": k["start"], "end": k["end"], "value": v})),
+                        );
+                    }
+                    Ok(Value::Array(out))
+                })?;
+                if let Value::Array(found) = found {
+                    windows.extend(found);
+                }
+            }
+            if windows.is_empty() {
+                return Err(not_found(format!("windowed table `{table}` has no window of key {key}")));
+            }
+            windows.sort_by_key(|w| (w["start"].as_i64(), w["end"].as_i64()));
+            Ok(Value::Array(windows))
+        }
         Request::TableGet { table, key } => {
             let (index, (key_codec, _)) = find_table(app, &table)?;
             let key_bytes = encode_text(&key_codec, &key, true).map_err(|e| bad_request(format!("key: {e}")))?;
@@ -459,6 +489,11 @@ pub(crate) fn repair_json(tp: &TopicPartition, report: &faust_storage::RepairRep
         "lost": report.lost_ranges(),
         "quarantined": report.quarantined.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
     })
+}
+
+/// Whether the table named `name` is the windows of a windowed table.
+fn is_windowed(app: &App, name: &str) -> bool {
+    lock(&app.inner.tables).iter().any(|t| &**t.name() == name && t.windowed())
 }
 
 /// The table named `name`: its index and codecs.

@@ -21,6 +21,8 @@ pub(crate) trait TableMeta: Send + Sync {
     fn partitions(&self) -> Option<u32>;
     fn partitions_like(&self) -> Option<Arc<str>>;
     fn in_memory(&self) -> bool;
+    /// Whether the table is the windows of a windowed table (keys `{key, start, end}`).
+    fn windowed(&self) -> bool;
     /// The key and value codecs.
     fn codecs(&self) -> (Codec, Codec);
     fn open(&self, args: ShardArgs) -> Result<Rc<dyn AnyShard>, TableError>;

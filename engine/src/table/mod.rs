@@ -51,6 +51,8 @@ struct Config<V> {
     partitions_like: Option<Arc<str>>,
     in_memory: bool,
     reset_bad_values: bool,
+    /// The windows of a windowed table.
+    windowed: bool,
     key_codec: Codec,
     value_codec: Codec,
 }
@@ -63,6 +65,7 @@ impl<V> Clone for Config<V> {
             partitions_like: self.partitions_like.clone(),
             in_memory: self.in_memory,
             reset_bad_values: self.reset_bad_values,
+            windowed: self.windowed,
             key_codec: self.key_codec.clone(),
             value_codec: self.value_codec.clone(),
         }
@@ -173,13 +176,15 @@ where
         table
     }
 
-    /// Declares this table again with another key type, in its place in the app's list: the
-    /// same name, changelog, index and configuration (a windowed table keys by key and window).
-    pub(crate) fn redeclare<K2>(&self) -> Table<K2, V>
+    /// Declares this table again as the windows of a windowed table, keyed by `K2` (the key
+    /// and the window), in its place in the app's list: the same name, changelog, index and
+    /// configuration.
+    pub(crate) fn redeclare_windowed<K2>(&self) -> Table<K2, V>
     where
         K2: Serialize + DeserializeOwned + Hash + Eq + Clone + 'static,
     {
-        let config = lock(&self.shared.config).clone();
+        let mut config = lock(&self.shared.config).clone();
+        config.windowed = true;
         let shared = TableShared {
             name: self.shared.name.clone(),
             changelog: self.shared.changelog.clone(),
@@ -224,6 +229,7 @@ where
                     partitions_like: None,
                     in_memory: false,
                     reset_bad_values: false,
+                    windowed: false,
                     key_codec,
                     value_codec,
                 }),

@@ -792,6 +792,10 @@ where
         lock(&self.config).in_memory
     }
 
+    fn windowed(&self) -> bool {
+        lock(&self.config).windowed
+    }
+
     fn codecs(&self) -> (Codec, Codec) {
         let config = lock(&self.config);
         (config.key_codec.clone(), config.value_codec.clone())

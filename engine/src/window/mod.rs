@@ -9,6 +9,3 @@ mod wheel;
 
 pub use math::{WindowRange, Windowing};
 pub use table::{WindowResult, WindowedPartition, WindowedTable};
-
-#[cfg(test)]
-mod tests;

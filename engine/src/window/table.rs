@@ -227,7 +227,7 @@ where
         // Window keys are JSON whatever the table's key codec (`raw` does not encode a
         // structure); values keep the table's codec. The clock is internal: JSON.
         let (_, value_codec) = table.codecs();
-        let windows = table.redeclare::<WindowKey<K>>().with_codecs(Codec::JSON, value_codec);
+        let windows = table.redeclare_windowed::<WindowKey<K>>().with_codecs(Codec::JSON, value_codec);
         let clock = table.declare_sibling::<u32, i64>(&format!("{}-clock", table.name()), Codec::JSON, Codec::JSON);
         let size = match windowing {
             Windowing::Tumbling { size } | Windowing::Hopping { size, .. } => size,

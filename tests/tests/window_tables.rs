@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 
-use crate::{App, Settings, Topic, WindowRange, WindowResult, WindowedTable};
+use faust::{App, Settings, Topic, WindowRange, WindowResult, WindowedTable};
 
 type Closes = Arc<Mutex<Vec<(String, WindowRange, u64)>>>;
 type Events = Topic<String, (i64, u64)>;
@@ -31,7 +31,7 @@ fn count_agent(app: &App, events: &Events, table: &WindowedTable<String, u64>) {
 /// closes it saw; `make` turns the table into the windowed one under test.
 fn counting(
     id: &str,
-    make: impl FnOnce(crate::Table<String, u64>) -> WindowedTable<String, u64>,
+    make: impl FnOnce(faust::Table<String, u64>) -> WindowedTable<String, u64>,
 ) -> (App, Events, WindowedTable<String, u64>, Closes) {
     let app = App::new(Settings::new(id));
     let events = app.topic::<String, (i64, u64)>("events");
@@ -43,7 +43,7 @@ fn counting(
     (app, events, table, closes)
 }
 
-fn put(test: &crate::TestContext, events: &Topic<String, (i64, u64)>, key: &str, t: i64, n: u64) {
+fn put(test: &faust::TestContext, events: &Topic<String, (i64, u64)>, key: &str, t: i64, n: u64) {
     test.put(events, Some(&key.to_string()), &(t, n)).expect("put");
 }
 
