@@ -237,11 +237,13 @@ const META_HEADER: &str = "faust-topic 2";
 
 fn encode_meta(config: &TopicConfig) -> String {
     crate::checked_file::seal(&format!(
-        "{META_HEADER}\npartitions={}\ncompacted={}\nretention_ms={}\nretention_bytes={}\n",
+        "{META_HEADER}\npartitions={}\ncompacted={}\nretention_ms={}\nretention_bytes={}\n{}",
         config.partitions,
         config.compacted,
         config.retention.map(|d| d.as_millis().to_string()).unwrap_or_default(),
         config.retention_bytes.map(|b| b.to_string()).unwrap_or_default(),
+        // Only when set: a file without it reads the same in builds that do not know it.
+        config.delete_retention.map(|d| format!("delete_retention_ms={}\n", d.as_millis())).unwrap_or_default(),
     ))
 }
 
@@ -272,6 +274,10 @@ fn decode_meta(text: &str, sealed: bool) -> std::result::Result<TopicConfig, Dam
             }
             "retention_bytes" if v.is_empty() => {}
             "retention_bytes" => config.retention_bytes = Some(v.parse().map_err(|_| bad("bad retention bytes"))?),
+            "delete_retention_ms" => {
+                config.delete_retention =
+                    Some(Duration::from_millis(v.parse().map_err(|_| bad("bad delete retention"))?))
+            }
             other => return Err(bad(&format!("unknown setting `{other}`"))),
         }
     }
@@ -459,6 +465,7 @@ fn log_config(options: &LocalOptions, config: &TopicConfig) -> LogConfig {
         compact: config.compacted,
         retention: config.retention,
         retention_bytes: config.retention_bytes,
+        delete_retention: config.delete_retention.unwrap_or(LogConfig::default().delete_retention),
         ..LogConfig::default()
     }
 }
@@ -898,5 +905,33 @@ impl Membership for LocalMembership {
 
     async fn leave(&mut self) -> Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A topic's settings file keeps every setting, the tombstone retention included, and a
+    /// file written without it reads as the default.
+    #[test]
+    fn topic_settings_survive_their_file() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("meta");
+        let config = TopicConfig {
+            compacted: true,
+            retention: Some(Duration::from_secs(60)),
+            retention_bytes: Some(1 << 20),
+            delete_retention: Some(Duration::from_secs(5)),
+            ..TopicConfig::new(3)
+        };
+        write_meta(&path, &config).expect("write");
+        assert_eq!(read_meta(&path).expect("read"), Some(config));
+        write_meta(&path, &TopicConfig::new(2).compacted()).expect("write");
+        assert_eq!(read_meta(&path).expect("read").and_then(|c| c.delete_retention), None);
+        assert_eq!(
+            log_config(&LocalOptions::default(), &TopicConfig::new(1)).delete_retention,
+            LogConfig::default().delete_retention
+        );
     }
 }

@@ -44,12 +44,15 @@ pub struct TopicConfig {
     pub retention: Option<Duration>,
     /// Delete the oldest records while a partition is larger than this (`retention.bytes`).
     pub retention_bytes: Option<u64>,
+    /// In a compacted topic, how long a tombstone stays once the key's earlier records are
+    /// gone (`delete.retention.ms`; default one day).
+    pub delete_retention: Option<Duration>,
 }
 
 impl TopicConfig {
     /// A plain topic with `partitions` partitions and no retention limit.
     pub fn new(partitions: u32) -> Self {
-        TopicConfig { partitions, compacted: false, retention: None, retention_bytes: None }
+        TopicConfig { partitions, compacted: false, retention: None, retention_bytes: None, delete_retention: None }
     }
 
     /// The same topic, compacted.

@@ -121,7 +121,7 @@ struct Shared<K, V> {
     windows: Table<WindowKey<K>, V>,
     clock: Table<u32, i64>,
     options: Mutex<Options<K, V>>,
-    frozen: OnceLock<Arc<Options<K, V>>>,
+    frozen: OnceLock<Options<K, V>>,
 }
 
 /// A windowed table (Faust's `Table.tumbling(…)`, `.hopping(…)`, and sliding windows; plus
@@ -338,8 +338,9 @@ where
         self.shared.windowing
     }
 
-    fn options(&self) -> Arc<Options<K, V>> {
-        self.shared.frozen.get_or_init(|| Arc::new(lock(&self.shared.options).clone())).clone()
+    /// The options, frozen at the first use (they are set before the worker starts).
+    fn options(&self) -> &Options<K, V> {
+        self.shared.frozen.get_or_init(|| lock(&self.shared.options).clone())
     }
 
     /// Applies `f` to `key`'s aggregate in every window the event's time falls in (starting
@@ -458,8 +459,8 @@ where
         shared.windows.with_shard(partition, |windows, token| {
             let p = crate::runtime::state::AnyShard::partition(windows);
             shared.clock.with_shard(Some(p), |clock, _| {
-                let view = view_of(shared, p, windows, clock, &options)?;
-                let cx = Cx { shared, options: &options, windows, clock, token, partition: p, view: &view };
+                let view = view_of(shared, p, windows, clock, options)?;
+                let cx = Cx { shared, options, windows, clock, token, partition: p, view: &view };
                 f(&cx)
             })
         })
@@ -629,7 +630,14 @@ where
         return Ok(view);
     }
     let view = Rc::new(RefCell::new(build_view(shared.windowing, windows, clock, p, options)?));
-    VIEWS.with(|views| views.borrow_mut().insert(id, view.clone() as Rc<dyn Any>));
+    // Views are built rarely (a first use, a hand-over, an undo): the time to drop those of
+    // partitions this core no longer holds.
+    let local = shared.windows.local_partitions();
+    VIEWS.with(|views| {
+        let mut views = views.borrow_mut();
+        views.retain(|(table, partition), _| *table != id.0 || local.contains(partition));
+        views.insert(id, view.clone() as Rc<dyn Any>)
+    });
     Ok(view)
 }
 

@@ -290,6 +290,9 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
     }
 }
 
+/// How long the changelog of a windowed table keeps the tombstone of an expired window.
+const WINDOW_TOMBSTONE_RETENTION: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Creates the declared topics and the tables' changelogs (core 0, before anything else
 /// runs); returns the partition count of every topic whose partitions the worker takes.
 async fn create_topics(
@@ -346,7 +349,14 @@ async fn create_topics(
         let count = match (existing, wanted) {
             (Some(meta), None) => meta.config.partitions,
             (_, wanted) => {
-                let config = TopicConfig { compacted: true, ..TopicConfig::new(wanted.unwrap_or(default_count)) };
+                let config = TopicConfig {
+                    compacted: true,
+                    // An expired window's tombstone may go soon: a store that still holds the
+                    // window (a stale one that missed the tombstone) finds it closed and past
+                    // its expiry, and deletes it again (docs/windows.md, "Bounded state").
+                    delete_retention: t.windowed().then_some(WINDOW_TOMBSTONE_RETENTION),
+                    ..TopicConfig::new(wanted.unwrap_or(default_count))
+                };
                 core.create_topic(t.changelog(), &config).await?.config.partitions
             }
         };

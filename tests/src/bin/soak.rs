@@ -12,6 +12,9 @@
 //! sampled. Once every event is counted the worker stops and writes OUT (JSON): the samples,
 //! the events sent and the events counted. `SEGMENT_BYTES` (and the other settings) come from
 //! the environment.
+//!
+//! With `SOAK_WINDOWED=1` the count is per key in tumbling 1 s windows of the records' time,
+//! each window kept readable 2 s after it closed: windows open, close and expire all the time.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -45,7 +48,22 @@ fn main() {
     let events = app.topic::<String, String>("events");
     app.topic_retention(events.name(), None, Some(1 << 20));
     let counts = app.table::<String, u64>("counts").with_default(|| 0);
-    {
+    // Windowed: the events counted, by the agent (windows expire, so the table cannot say).
+    let windowed_count = Arc::new(AtomicU64::new(0));
+    if std::env::var_os("SOAK_WINDOWED").is_some() {
+        let windows = counts.clone().tumbling(Duration::from_secs(1)).expires(Duration::from_secs(2));
+        let counted = windowed_count.clone();
+        app.agent("count", &events, move |mut stream| {
+            let (windows, counted) = (windows.clone(), counted.clone());
+            async move {
+                while let Some((key, _value)) = stream.next_item().await {
+                    windows.update(&key.ok_or("events are keyed")?, |c| *c += 1)?;
+                    counted.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+        });
+    } else {
         let counts = counts.clone();
         app.agent("count", &events, move |mut stream| {
             let counts = counts.clone();
@@ -85,7 +103,7 @@ fn main() {
     }
     // Per core: the events its shards have counted.
     let counted: Arc<Mutex<BTreeMap<usize, u64>>> = Arc::default();
-    {
+    if std::env::var_os("SOAK_WINDOWED").is_none() {
         let (counts, counted) = (counts.clone(), counted.clone());
         app.timer(Duration::from_millis(100), move || {
             let (counts, counted) = (counts.clone(), counted.clone());
@@ -101,6 +119,7 @@ fn main() {
     let sampler = {
         let (stop, sent, done_sending, counted, samples) =
             (app.stop_signal(), sent.clone(), done_sending.clone(), counted.clone(), samples.clone());
+        let windowed_count = windowed_count.clone();
         let data = std::path::PathBuf::from(datadir);
         std::thread::spawn(move || {
             let start = Instant::now();
@@ -110,7 +129,8 @@ fn main() {
                 let topic = disk_use(&data.join("topics/events"));
                 let changelog = disk_use(&data.join("topics/soak-counts-changelog"));
                 let tables = disk_use(&data.join("tables"));
-                let total: u64 = counted.lock().map(|c| c.values().sum()).unwrap_or(0);
+                let total: u64 =
+                    counted.lock().map(|c| c.values().sum()).unwrap_or(0) + windowed_count.load(Ordering::Relaxed);
                 if let Ok(mut s) = samples.lock() {
                     s.push(serde_json::json!({
                         "t": start.elapsed().as_secs_f64(),
@@ -135,7 +155,7 @@ fn main() {
     let _ = sampler.join();
     let report = serde_json::json!({
         "sent": sent.load(Ordering::SeqCst),
-        "counted": counted.lock().map(|c| c.values().sum::<u64>()).unwrap_or(0),
+        "counted": counted.lock().map(|c| c.values().sum::<u64>()).unwrap_or(0) + windowed_count.load(Ordering::Relaxed),
         "samples": *samples.lock().unwrap_or_else(|p| p.into_inner()),
     });
     if let Err(e) = std::fs::write(out, report.to_string()) {

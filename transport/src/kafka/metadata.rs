@@ -147,6 +147,9 @@ impl KafkaCore {
         if let Some(b) = config.retention_bytes {
             set("retention.bytes", b.to_string());
         }
+        if let Some(d) = config.delete_retention {
+            set("delete.retention.ms", d.as_millis().to_string());
+        }
         let timeout = self.options().request_timeout;
         let req = CreateTopicsRequest::default()
             .with_topics(vec![
