@@ -198,7 +198,8 @@ fn final_results_go_to_a_topic_once_per_closed_window() {
 }
 
 /// Runs `events` (key index, time, amount) through a 60 s / 10 s hopping count, with panes
-/// or without, then one event far later that closes every window; returns the closes.
+/// or without, then an event far later for each key that closes its windows; returns the
+/// closes.
 fn hopping_run(id: &str, events_in: &[(u8, i64, u64)], panes: bool) -> Vec<(String, WindowRange, u64)> {
     let (app, events, _table, closes) = counting(id, |t| {
         let t = t.hopping(Duration::from_secs(60), Duration::from_secs(10)).grace(Duration::from_secs(15));
@@ -208,7 +209,10 @@ fn hopping_run(id: &str, events_in: &[(u8, i64, u64)], panes: bool) -> Vec<(Stri
     for (k, t, n) in events_in {
         put(&test, &events, &format!("k{k}"), *t, *n);
     }
-    put(&test, &events, "end", 10_000_000, 1);
+    // Stream time is per partition: each key's own later event closes its windows.
+    for k in 0..3 {
+        put(&test, &events, &format!("k{k}"), 10_000_000, 1);
+    }
     test.stop().unwrap();
     let mut closes = closes.lock().unwrap().clone();
     closes.sort();
@@ -224,6 +228,8 @@ proptest! {
     fn panes_close_as_per_window_writes_do(events in proptest::collection::vec((0u8..3, 0i64..300_000, 1u64..5), 1..40)) {
         let a = hopping_run("hop-windows", &events, false);
         let b = hopping_run("hop-panes", &events, true);
+        // The first event is never late: its six windows closed.
+        prop_assert!(a.iter().map(|c| c.2).sum::<u64>() >= 6 * events[0].2);
         prop_assert_eq!(a, b);
     }
 }
@@ -264,4 +270,55 @@ fn an_idle_stream_closes_its_windows_by_the_wall_clock() {
     assert_eq!((got[0].0.as_str(), got[0].2), ("a", 2));
     assert_eq!(got[0].1.end - got[0].1.start, 200);
     test.stop().unwrap();
+}
+
+/// The sessions a set of event times makes, by definition: each event covers `[t, t + gap)`,
+/// and overlapping covers are one session. Per session: its range and its event count.
+fn sessions_by_definition(times: &[i64], gap: i64) -> Vec<(WindowRange, u64)> {
+    let mut sorted = times.to_vec();
+    sorted.sort_unstable();
+    let mut out: Vec<(WindowRange, u64)> = Vec::new();
+    for t in sorted {
+        match out.last_mut() {
+            Some((last, n)) if t < last.end => {
+                last.end = last.end.max(t + gap);
+                *n += 1;
+            }
+            _ => out.push((WindowRange::new(t, t + gap), 1)),
+        }
+    }
+    out
+}
+
+/// Runs `times` (in that order) through a session count with gap `gap` and a grace that takes
+/// them all, then an event far later that closes every session before it; returns the closes.
+fn session_run(id: &str, times: &[i64], gap: i64) -> Vec<(String, WindowRange, u64)> {
+    let (app, events, _table, closes) =
+        counting(id, |t| t.session(Duration::from_millis(gap as u64), |a, b| a + b).grace(Duration::from_secs(3_600)));
+    let test = app.test_context().unwrap();
+    for t in times {
+        put(&test, &events, "a", *t, 1);
+    }
+    // Stream time is per partition: the closing event is the same key's.
+    put(&test, &events, "a", 100_000_000, 1);
+    test.stop().unwrap();
+    let mut closes: Vec<_> = closes.lock().unwrap().clone();
+    closes.sort();
+    closes
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Sessions built event by event — merging when an event bridges two — are the sessions
+    /// of the definition, with every event counted once, whatever the order of the events.
+    #[test]
+    fn sessions_are_the_same_whatever_the_order(times in proptest::collection::vec(0i64..2_000, 1..30), gap in 1i64..150) {
+        let want: Vec<(String, WindowRange, u64)> =
+            sessions_by_definition(&times, gap).into_iter().map(|(r, n)| ("a".to_string(), r, n)).collect();
+        prop_assert_eq!(&session_run("sessions-given", &times, gap), &want);
+        let mut sorted = times.clone();
+        sorted.sort_unstable();
+        prop_assert_eq!(&session_run("sessions-sorted", &sorted, gap), &want);
+    }
 }
