@@ -109,6 +109,9 @@ struct State<K, V> {
     /// Per source partition, the highest offset whose writes were acked since the freeze.
     applied: Vec<(TopicPartition, u64)>,
     store: Option<Store>,
+    /// Deletions frozen since the last eviction: clean entries with no value, dropped from
+    /// the cache when there are many.
+    frozen_deletions: usize,
     stream_time: i64,
     key_scratch: Vec<u8>,
 }
@@ -164,6 +167,18 @@ where
         Ok(self.load(&mut state, key)?.and_then(|c| c.value.clone()))
     }
 
+    /// [`get`](Shard::get) for a key given in a borrowed form (`probe`), without building the
+    /// owned key when it is cached; `owned` builds it when it is not.
+    pub(crate) fn get_borrowed<Q>(&self, probe: &Q, owned: impl FnOnce() -> K) -> Result<Option<V>, TableError>
+    where
+        Q: Hash + hashbrown::Equivalent<K> + ?Sized,
+    {
+        if let Some(c) = self.state.borrow().cache.get(probe) {
+            return Ok(c.value.clone());
+        }
+        self.get(&owned())
+    }
+
     /// Loads `key` from the store into the cache, when it is there and not cached (a value
     /// that no longer decodes is a deletion with `reset_bad_values`, an error otherwise).
     fn load<'s>(&self, state: &'s mut State<K, V>, key: &K) -> Result<Option<&'s mut Cached<V>>, TableError> {
@@ -209,6 +224,7 @@ where
         state: &mut State<K, V>,
         token: Option<&Token>,
         key: &K,
+        absent: &dyn Fn() -> bool,
         write: impl FnOnce(&mut Cached<V>) -> Result<R, TableError>,
     ) -> Result<R, TableError> {
         let State { cache, undo, run, run_event, dirty, .. } = state;
@@ -239,8 +255,9 @@ where
             *dirty += mark_dirty(entry);
             return Ok(result);
         }
-        // Not cached: from the store if it is there, else a new entry.
-        let loaded = self.load(state, key)?.is_some();
+        // Not cached: from the store if it is there (unless the caller knows it is not), else
+        // a new entry.
+        let loaded = !absent() && self.load(state, key)?.is_some();
         let State { cache, undo, run, dirty, .. } = state;
         let entry = if loaded {
             cache.get_mut(key).expect("loaded above")
@@ -273,9 +290,21 @@ where
         key: &K,
         f: impl FnOnce(&mut V) -> R,
     ) -> Result<(R, bool), TableError> {
+        self.upsert_known(token, key, &|| false, f)
+    }
+
+    /// [`upsert`](Shard::upsert) for a caller that may know that a key the cache does not hold
+    /// is not in the store either (`absent`, asked only then): the store is not read for it.
+    pub(crate) fn upsert_known<R>(
+        &self,
+        token: Option<&Token>,
+        key: &K,
+        absent: &dyn Fn() -> bool,
+        f: impl FnOnce(&mut V) -> R,
+    ) -> Result<(R, bool), TableError> {
         let mut guard = self.state.borrow_mut();
         let state = &mut *guard;
-        let result = self.write_entry(state, token, key, |entry| {
+        let result = self.write_entry(state, token, key, absent, |entry| {
             let created = entry.value.is_none();
             let value = match &mut entry.value {
                 Some(v) => v,
@@ -302,7 +331,7 @@ where
     pub(crate) fn write(&self, token: Option<&Token>, key: K, value: Option<V>) -> Result<(), TableError> {
         let mut guard = self.state.borrow_mut();
         let state = &mut *guard;
-        self.write_entry(state, token, &key, |entry| {
+        self.write_entry(state, token, &key, &|| false, |entry| {
             entry.value = value;
             Ok(())
         })?;
@@ -504,6 +533,7 @@ where
                 continue;
             }
             c.dirty = false;
+            state.frozen_deletions += usize::from(c.value.is_none());
             entries.push((k.clone(), c.value.clone()));
         }
         for (k, i) in in_flight {
@@ -610,9 +640,17 @@ where
 
     fn evict(&self) {
         let mut state = self.state.borrow_mut();
-        if state.store.is_some() && state.cache.len() > CACHE_MAX_KEYS {
-            state.cache.retain(|_, c| c.dirty);
+        if state.store.is_none() {
+            return;
         }
+        if state.cache.len() > CACHE_MAX_KEYS {
+            state.cache.retain(|_, c| c.dirty);
+        } else if state.frozen_deletions > 1024 || state.frozen_deletions * 8 > state.cache.len() {
+            // A committed deletion is in the store already: its entry only takes room (a
+            // windowed table deletes a key for every window that expires).
+            state.cache.retain(|_, c| c.dirty || c.value.is_some());
+        }
+        state.frozen_deletions = 0;
     }
 
     fn checkpointed_changelog(&self) -> u64 {
@@ -823,6 +861,7 @@ where
                 applied: Vec::new(),
                 store,
                 stream_time: checkpointed.stream_time,
+                frozen_deletions: 0,
                 key_scratch: Vec::new(),
             }),
             checkpointed_changelog: checkpointed.changelog,

@@ -59,6 +59,22 @@ impl<K> WindowKey<K> {
     }
 }
 
+/// A [`WindowKey`] borrowing its key, to look windows up without cloning the key. It hashes
+/// exactly as `WindowKey` does (the derived `Hash` hashes the fields in order, and `&K`
+/// hashes as `K`).
+#[derive(Hash)]
+struct WindowKeyRef<'a, K> {
+    key: &'a K,
+    start: i64,
+    end: i64,
+}
+
+impl<K: Eq> hashbrown::Equivalent<WindowKey<K>> for WindowKeyRef<'_, K> {
+    fn equivalent(&self, owned: &WindowKey<K>) -> bool {
+        self.start == owned.start && self.end == owned.end && *self.key == owned.key
+    }
+}
+
 /// A closed window's final aggregate, as [`WindowedTable::emit_final`] sends it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WindowResult<V> {
@@ -561,11 +577,13 @@ enum Due<K> {
     DropPane(Rc<K>, WindowRange),
 }
 
-/// A live window of a key, as the view knows it.
+/// A live window of a key, as the view knows it. Whether it closed is not kept: that is
+/// `end + grace <= stream time` ([`View::is_closed`]).
 struct Live {
     range: WindowRange,
+    /// Its close timer while it is open (a session's, cancelled when it merges); once it
+    /// closed, nothing cancels its expiry, and this is left as it was.
     timer: TimerId,
-    closed: bool,
 }
 
 /// A core's view of one partition of a windowed table (see the module's docs).
@@ -722,7 +740,7 @@ impl<K: Hash + Eq> View<K> {
         } else {
             self.wheel.arm(close_at, Due::Close(key.clone(), range))
         };
-        live.insert(at, Live { range, timer, closed });
+        live.insert(at, Live { range, timer });
     }
 
     /// Arms the virtual windows a pane is part of.
@@ -732,6 +750,11 @@ impl<K: Hash + Eq> View<K> {
                 self.arm_window(key, range, options);
             }
         }
+    }
+
+    /// Whether `key`'s window `range` is live (stored, open or closed and not expired).
+    fn is_live(&self, key: &K, range: WindowRange) -> bool {
+        self.live.get(key).is_some_and(|live| live.iter().any(|l| l.range == range))
     }
 
     fn forget(&mut self, key: &K, range: WindowRange) {
@@ -780,6 +803,11 @@ where
 
     fn wk(key: &K, range: WindowRange) -> WindowKey<K> {
         WindowKey { key: key.clone(), start: range.start, end: range.end }
+    }
+
+    /// The stored aggregate of `key` in `range` (the key cloned only on a cache miss).
+    fn stored(&self, key: &K, range: WindowRange) -> Result<Option<V>, TableError> {
+        self.windows.get_borrowed(&WindowKeyRef { key, start: range.start, end: range.end }, || Self::wk(key, range))
     }
 
     fn update(&self, key: &K, at: Option<i64>, f: &dyn Fn(&mut V)) -> Result<Outcome<K>, TableError> {
@@ -833,7 +861,10 @@ where
                 outcome.late.push(r);
                 continue;
             }
-            let ((), created) = self.windows.upsert(self.token, &Self::wk(key, r), f)?;
+            // The view knows every live window: one it does not know is in neither the cache
+            // nor the store, which need not be read for it.
+            let unknown = || !view.is_live(key, r);
+            let ((), created) = self.windows.upsert_known(self.token, &Self::wk(key, r), &unknown, f)?;
             if created {
                 let rc = rc.get_or_insert_with(|| Rc::new(key.clone()));
                 view.arm_window(rc, r, self.options);
@@ -885,7 +916,7 @@ where
         if let Some(live) = view.live.get(key) {
             for l in live.iter().filter(|l| l.range.overlaps(&cover)) {
                 touching += 1;
-                closed |= l.closed;
+                closed |= view.is_closed(l.range, self.options);
                 if l.range.start <= cover.start && cover.end <= l.range.end {
                     inside = Some(l.range);
                 }
@@ -901,14 +932,15 @@ where
             .map(|live| {
                 live.iter()
                     .filter(|l| l.range.overlaps(&cover))
-                    .map(|l| Live { range: l.range, timer: l.timer, closed: l.closed })
+                    .map(|l| Live { range: l.range, timer: l.timer })
                     .collect()
             })
             .unwrap_or_default();
         let merged =
             overlapping.iter().fold(cover, |m, l| WindowRange::new(m.start.min(l.range.start), m.end.max(l.range.end)));
         if closed || view.is_closed(merged, self.options) {
-            let closed: Vec<WindowRange> = overlapping.iter().filter(|l| l.closed).map(|l| l.range).collect();
+            let closed: Vec<WindowRange> =
+                overlapping.iter().filter(|l| view.is_closed(l.range, self.options)).map(|l| l.range).collect();
             outcome.late.extend(if closed.is_empty() { vec![merged] } else { closed });
             return Ok(());
         }
@@ -1015,8 +1047,8 @@ where
         }
     }
 
-    /// Closes `key`'s window `range`: its final aggregate (materialized, for panes), marked
-    /// closed in the view with its expiry armed. `None` when the window holds nothing (its
+    /// Closes `key`'s window `range` (closed by stream time already): its final aggregate
+    /// (kept apart, for panes), with its expiry armed. `None` when the window holds nothing (its
     /// writes were undone).
     fn close(&self, key: &Rc<K>, range: WindowRange, token: Option<&Token>) -> Result<Option<V>, TableError> {
         let value = if self.panes() {
@@ -1026,16 +1058,10 @@ where
             }
             v
         } else {
-            self.windows.get(&Self::wk(key, range))?
+            self.stored(key, range)?
         };
-        let mut view = self.view.borrow_mut();
-        let view = &mut *view;
         let expiry = range.end.saturating_add(self.options.grace).saturating_add(self.options.expires);
-        let timer = view.wheel.arm(expiry, Due::Expire(key.clone(), range));
-        if let Some(l) = view.live.get_mut(&**key).and_then(|live| live.iter_mut().find(|l| l.range == range)) {
-            l.closed = true;
-            l.timer = timer;
-        }
+        self.view.borrow_mut().wheel.arm(expiry, Due::Expire(key.clone(), range));
         Ok(value)
     }
 
@@ -1046,7 +1072,7 @@ where
         let mut acc: Option<V> = None;
         let mut start = range.start;
         while start < range.end {
-            if let Some(v) = self.windows.get(&Self::wk(key, WindowRange::new(start, start.saturating_add(step))))? {
+            if let Some(v) = self.stored(key, WindowRange::new(start, start.saturating_add(step)))? {
                 acc = Some(match (acc, combine) {
                     (Some(a), Some(c)) => c(&a, &v),
                     _ => v,
@@ -1063,7 +1089,7 @@ where
         if self.panes() && !closed {
             return self.combine_panes(key, range);
         }
-        self.windows.get(&Self::wk(key, range))
+        self.stored(key, range)
     }
 
     /// The aggregate of `key` in the window current at `t` (for sessions: the key's
@@ -1118,5 +1144,26 @@ where
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::hash::BuildHasher;
+
+    use super::{WindowKey, WindowKeyRef};
+
+    /// A borrowed window key finds the owned one: same hash, and equivalent.
+    #[test]
+    fn a_borrowed_window_key_hashes_as_the_owned_one() {
+        let hasher = foldhash::fast::RandomState::default();
+        let owned = WindowKey { key: "account-7".to_string(), start: -10_000, end: 0 };
+        let key = "account-7".to_string();
+        let probe = WindowKeyRef { key: &key, start: -10_000, end: 0 };
+        assert_eq!(hasher.hash_one(&owned), hasher.hash_one(&probe));
+        assert!(hashbrown::Equivalent::equivalent(&probe, &owned));
+        let mut map: hashbrown::HashMap<WindowKey<String>, u32, _> = hashbrown::HashMap::with_hasher(hasher);
+        map.insert(owned, 1);
+        assert_eq!(map.get(&probe), Some(&1));
     }
 }
