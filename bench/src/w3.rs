@@ -49,6 +49,9 @@ pub struct W3Run {
 thread_local! {
     /// When the update being made on this core started (the close lag's origin).
     static UPDATE_START: Cell<Option<Instant>> = const { Cell::new(None) };
+    /// The close lags seen on this core (µs), handed over when its agent ends: recording into
+    /// a shared histogram at each close would add a lock to what is measured.
+    static LAGS: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 fn resident_bytes() -> u64 {
@@ -80,14 +83,12 @@ pub fn run(datadir: &Path, id: &str, n: u64, kind: Kind) -> Result<W3Run, String
     let lags = Arc::new(Mutex::new(hdrhistogram::Histogram::<u64>::new(3).map_err(|e| e.to_string())?));
     let closed = Arc::new(AtomicU64::new(0));
     let table = {
-        let (lags, closed) = (lags.clone(), closed.clone());
+        let closed = closed.clone();
         windowed(&app, kind).on_window_close(move |_: &String, _, _: &u64| {
             closed.fetch_add(1, Ordering::Relaxed);
             if let Some(start) = UPDATE_START.with(Cell::get) {
                 let us = start.elapsed().as_micros() as u64;
-                if let Ok(mut h) = lags.lock() {
-                    let _ = h.record(us.max(1));
-                }
+                LAGS.with(|l| l.borrow_mut().push(us.max(1)));
             }
         })
     };
@@ -96,9 +97,10 @@ pub fn run(datadir: &Path, id: &str, n: u64, kind: Kind) -> Result<W3Run, String
     let base = Instant::now();
     let first_ns = Arc::new(AtomicU64::new(u64::MAX));
     {
-        let (seen, live, first_ns) = (seen.clone(), live.clone(), first_ns.clone());
+        let (seen, live, first_ns, lags) = (seen.clone(), live.clone(), first_ns.clone(), lags.clone());
         app.agent("count", &orders, move |stream: faust::Stream<String, Order>| {
-            let (table, seen, live, first_ns) = (table.clone(), seen.clone(), live.clone(), first_ns.clone());
+            let (table, seen, live, first_ns, lags) =
+                (table.clone(), seen.clone(), live.clone(), first_ns.clone(), lags.clone());
             async move {
                 let counted = table.clone();
                 stream
@@ -115,6 +117,11 @@ pub fn run(datadir: &Path, id: &str, n: u64, kind: Kind) -> Result<W3Run, String
                     .await?;
                 let windows = table.local_windows(i64::MIN, i64::MAX)?;
                 live.fetch_add(windows.len() as u64, Ordering::Relaxed);
+                let mine = LAGS.with(|l| std::mem::take(&mut *l.borrow_mut()));
+                let mut h = lags.lock().map_err(|_| "poisoned")?;
+                for us in mine {
+                    h.record(us)?;
+                }
                 Ok::<(), faust::AgentError>(())
             }
         });

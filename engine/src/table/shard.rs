@@ -219,14 +219,21 @@ where
     /// without one, outside any event), after noting the key's entry before the event's first
     /// write to it in the undo log; then marks the entry dirty. One hash lookup when the key is
     /// cached.
-    fn write_entry<R>(
+    ///
+    /// The key is given as `probe` (any form that hashes and compares as `K` does) and built
+    /// with `owned` only when it is not cached.
+    fn write_entry<Q, R>(
         &self,
         state: &mut State<K, V>,
         token: Option<&Token>,
-        key: &K,
+        probe: &Q,
+        owned: &dyn Fn() -> K,
         absent: &dyn Fn() -> bool,
         write: impl FnOnce(&mut Cached<V>) -> Result<R, TableError>,
-    ) -> Result<R, TableError> {
+    ) -> Result<R, TableError>
+    where
+        Q: Hash + hashbrown::Equivalent<K> + ?Sized,
+    {
         let State { cache, undo, run, run_event, dirty, .. } = state;
         if let Some(t) = token
             && run_event.as_ref() != Some(t)
@@ -240,13 +247,13 @@ where
                 _ => *run_event = Some(t.clone()),
             }
         }
-        if let Some(entry) = cache.get_mut(key) {
+        if let Some((cached_key, entry)) = cache.get_key_value_mut(probe) {
             if let Some(t) = token
                 && entry.run != *run
             {
                 undo.push(Undo {
                     event: t.clone(),
-                    key: key.clone(),
+                    key: cached_key.clone(),
                     before: Some((entry.value.clone(), entry.dirty)),
                 });
                 entry.run = *run;
@@ -257,16 +264,17 @@ where
         }
         // Not cached: from the store if it is there (unless the caller knows it is not), else
         // a new entry.
-        let loaded = !absent() && self.load(state, key)?.is_some();
+        let key = owned();
+        let loaded = !absent() && self.load(state, &key)?.is_some();
         let State { cache, undo, run, dirty, .. } = state;
         let entry = if loaded {
-            cache.get_mut(key).expect("loaded above")
+            cache.get_mut(&key).expect("loaded above")
         } else {
             cache.entry(key.clone()).or_insert(Cached { value: None, dirty: false, run: 0 })
         };
         if let Some(t) = token {
             let before = loaded.then(|| (entry.value.clone(), entry.dirty));
-            undo.push(Undo { event: t.clone(), key: key.clone(), before });
+            undo.push(Undo { event: t.clone(), key, before });
             entry.run = *run;
         }
         let result = write(entry)?;
@@ -290,21 +298,27 @@ where
         key: &K,
         f: impl FnOnce(&mut V) -> R,
     ) -> Result<(R, bool), TableError> {
-        self.upsert_known(token, key, &|| false, f)
+        self.upsert_known(token, key, &|| key.clone(), &|| false, f)
     }
 
-    /// [`upsert`](Shard::upsert) for a caller that may know that a key the cache does not hold
-    /// is not in the store either (`absent`, asked only then): the store is not read for it.
-    pub(crate) fn upsert_known<R>(
+    /// [`upsert`](Shard::upsert) with the key given as `probe` (a borrowed form that hashes and
+    /// compares as `K`; `owned` builds the key when it is not cached), for a caller that may
+    /// know that a key the cache does not hold is not in the store either (`absent`, asked only
+    /// then): the store is not read for it.
+    pub(crate) fn upsert_known<Q, R>(
         &self,
         token: Option<&Token>,
-        key: &K,
+        probe: &Q,
+        owned: &dyn Fn() -> K,
         absent: &dyn Fn() -> bool,
         f: impl FnOnce(&mut V) -> R,
-    ) -> Result<(R, bool), TableError> {
+    ) -> Result<(R, bool), TableError>
+    where
+        Q: Hash + hashbrown::Equivalent<K> + ?Sized,
+    {
         let mut guard = self.state.borrow_mut();
         let state = &mut *guard;
-        let result = self.write_entry(state, token, key, absent, |entry| {
+        let result = self.write_entry(state, token, probe, owned, absent, |entry| {
             let created = entry.value.is_none();
             let value = match &mut entry.value {
                 Some(v) => v,
@@ -313,7 +327,7 @@ where
             Ok((f(value), created))
         })?;
         if token.is_none() {
-            Self::keep_outside_write(state, key);
+            Self::keep_outside_write(state, &owned());
         }
         Ok(result)
     }
@@ -331,7 +345,7 @@ where
     pub(crate) fn write(&self, token: Option<&Token>, key: K, value: Option<V>) -> Result<(), TableError> {
         let mut guard = self.state.borrow_mut();
         let state = &mut *guard;
-        self.write_entry(state, token, &key, &|| false, |entry| {
+        self.write_entry(state, token, &key, &|| key.clone(), &|| false, |entry| {
             entry.value = value;
             Ok(())
         })?;

@@ -864,7 +864,8 @@ where
             // The view knows every live window: one it does not know is in neither the cache
             // nor the store, which need not be read for it.
             let unknown = || !view.is_live(key, r);
-            let ((), created) = self.windows.upsert_known(self.token, &Self::wk(key, r), &unknown, f)?;
+            let probe = WindowKeyRef { key, start: r.start, end: r.end };
+            let ((), created) = self.windows.upsert_known(self.token, &probe, &|| Self::wk(key, r), &unknown, f)?;
             if created {
                 let rc = rc.get_or_insert_with(|| Rc::new(key.clone()));
                 view.arm_window(rc, r, self.options);
@@ -890,7 +891,8 @@ where
             return Ok(());
         }
         let pane = windowing.pane(t).unwrap_or_else(|| windowing.current(t));
-        let ((), created) = self.windows.upsert(self.token, &Self::wk(key, pane), f)?;
+        let probe = WindowKeyRef { key, start: pane.start, end: pane.end };
+        let ((), created) = self.windows.upsert_known(self.token, &probe, &|| Self::wk(key, pane), &|| false, f)?;
         if created {
             let rc = Rc::new(key.clone());
             for &r in ranges {
@@ -923,7 +925,8 @@ where
             }
         }
         if let (1, Some(range), false) = (touching, inside, closed) {
-            self.windows.upsert(self.token, &Self::wk(key, range), f)?;
+            let probe = WindowKeyRef { key, start: range.start, end: range.end };
+            self.windows.upsert_known(self.token, &probe, &|| Self::wk(key, range), &|| false, f)?;
             return Ok(());
         }
         let overlapping: Vec<Live> = view
