@@ -44,6 +44,11 @@ pub struct W3Run {
     pub live_windows: u64,
     /// Resident-set growth over the run per live window at the end (bytes).
     pub bytes_per_live_window: f64,
+    /// Windows closed by one event, on average over the events that closed at least 100.
+    pub closes_per_boundary: f64,
+    /// On those events, the time from the update's start to its last close callback, per
+    /// window closed (ns, median): what the close lag of a boundary is made of.
+    pub close_ns_per_window: f64,
 }
 
 thread_local! {
@@ -51,7 +56,7 @@ thread_local! {
     static UPDATE_START: Cell<Option<Instant>> = const { Cell::new(None) };
     /// The close lags seen on this core (µs), handed over when its agent ends: recording into
     /// a shared histogram at each close would add a lock to what is measured.
-    static LAGS: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
+    static LAGS: std::cell::RefCell<Vec<(Instant, u64)>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 fn resident_bytes() -> u64 {
@@ -80,15 +85,16 @@ pub fn run(datadir: &Path, id: &str, n: u64, kind: Kind) -> Result<W3Run, String
     settings.cores = Some(1);
     let app = App::new(settings);
     let orders = app.topic::<String, Order>("orders");
-    let lags = Arc::new(Mutex::new(hdrhistogram::Histogram::<u64>::new(3).map_err(|e| e.to_string())?));
+    // (the update's start, its close's lag in ns), per close.
+    let lags: Arc<Mutex<Vec<(Instant, u64)>>> = Arc::default();
     let closed = Arc::new(AtomicU64::new(0));
     let table = {
         let closed = closed.clone();
         windowed(&app, kind).on_window_close(move |_: &String, _, _: &u64| {
             closed.fetch_add(1, Ordering::Relaxed);
             if let Some(start) = UPDATE_START.with(Cell::get) {
-                let us = start.elapsed().as_micros() as u64;
-                LAGS.with(|l| l.borrow_mut().push(us.max(1)));
+                let ns = start.elapsed().as_nanos() as u64;
+                LAGS.with(|l| l.borrow_mut().push((start, ns)));
             }
         })
     };
@@ -118,10 +124,7 @@ pub fn run(datadir: &Path, id: &str, n: u64, kind: Kind) -> Result<W3Run, String
                 let windows = table.local_windows(i64::MIN, i64::MAX)?;
                 live.fetch_add(windows.len() as u64, Ordering::Relaxed);
                 let mine = LAGS.with(|l| std::mem::take(&mut *l.borrow_mut()));
-                let mut h = lags.lock().map_err(|_| "poisoned")?;
-                for us in mine {
-                    h.record(us)?;
-                }
+                lags.lock().map_err(|_| "poisoned")?.extend(mine);
                 Ok::<(), faust::AgentError>(())
             }
         });
@@ -152,10 +155,24 @@ pub fn run(datadir: &Path, id: &str, n: u64, kind: Kind) -> Result<W3Run, String
     let start = Duration::from_nanos(first_ns.load(Ordering::Relaxed));
     let live_windows = live.load(Ordering::Relaxed);
     let lags = lags.lock().map_err(|_| "poisoned")?;
+    let mut histogram = hdrhistogram::Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
+    // Per closing event: how many windows it closed, and its last close's lag.
+    let mut boundaries: std::collections::HashMap<Instant, (u64, u64)> = std::collections::HashMap::new();
+    for &(start, ns) in lags.iter() {
+        histogram.record((ns / 1000).max(1)).map_err(|e| e.to_string())?;
+        let b = boundaries.entry(start).or_default();
+        *b = (b.0 + 1, b.1.max(ns));
+    }
+    let big: Vec<(u64, u64)> = boundaries.into_values().filter(|(n, _)| *n >= 100).collect();
+    let mut per_window: Vec<f64> = big.iter().map(|(n, ns)| *ns as f64 / *n as f64).collect();
+    per_window.sort_by(f64::total_cmp);
     Ok(W3Run {
+        // (`+ 0.0`: an empty sum is -0.0.)
+        closes_per_boundary: big.iter().map(|(n, _)| *n as f64).sum::<f64>() / big.len().max(1) as f64 + 0.0,
+        close_ns_per_window: per_window.get(per_window.len() / 2).copied().unwrap_or(f64::NAN),
         events_s: n as f64 / (end - start).as_secs_f64(),
         closed: closed.load(Ordering::Relaxed),
-        close_lag_p99_us: if lags.is_empty() { f64::NAN } else { lags.value_at_quantile(0.99) as f64 },
+        close_lag_p99_us: if histogram.is_empty() { f64::NAN } else { histogram.value_at_quantile(0.99) as f64 },
         live_windows,
         bytes_per_live_window: rss_after.saturating_sub(rss_before) as f64 / live_windows.max(1) as f64,
     })
