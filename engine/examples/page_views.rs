@@ -8,7 +8,7 @@
 //! ```
 //!
 //! A task writes `VIEWS` page views spread over 20 minutes of event time (each view carries
-//! its time, as Faust's `relative_to_field` reads it from a field); the `count` agent counts
+//! its time, which `relative_to_field` reads, as in Faust); the `count` agent counts
 //! them per page in the `views_per_minute` table (hopping 60 s / 10 s, combined per 10 s
 //! pane, 5 s of grace). As the views' time moves on, windows close: their final counts go to
 //! the `page-view-counts` topic (`emit_final`), and the `print` agent prints them as they
@@ -84,6 +84,8 @@ fn declare(settings: Settings) -> (App, faust::Topic<String, PageView>, Arc<Atom
         .hopping(Duration::from_secs(60), Duration::from_secs(10))
         .combine(|a, b| a + b)
         .grace(Duration::from_secs(5))
+        // Event time is the view's own (Faust's `relative_to_field(PageView.at)`).
+        .relative_to_field(|view: &PageView| view.at_ms)
         .emit_final(&counts);
     let counted = Arc::new(AtomicU64::new(0));
     let (table, seen) = (per_minute.clone(), counted.clone());
@@ -92,7 +94,7 @@ fn declare(settings: Settings) -> (App, faust::Topic<String, PageView>, Arc<Atom
         async move {
             stream
                 .for_each(move |view: PageView| {
-                    table.update_at(&view.page, view.at_ms, |n| *n += 1)?;
+                    table.update_from(&view.page, &view, |n| *n += 1)?;
                     seen.fetch_add(1, Ordering::Relaxed);
                     Ok(())
                 })

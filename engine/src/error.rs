@@ -117,6 +117,19 @@ pub enum TableError {
         #[source]
         source: faust_storage::Error,
     },
+    /// [`WindowedTable::update_from`](crate::WindowedTable::update_from) or `value_from` was
+    /// given a value of another type than `relative_to_field` was set for (or it was not set).
+    #[error(
+        "windowed table `{table}`: no time field for a value of type {given} (relative_to_field was set for {expected:?})"
+    )]
+    FieldTime {
+        /// The table.
+        table: String,
+        /// The type of the value given.
+        given: &'static str,
+        /// The type `relative_to_field` was set for, if it was.
+        expected: Option<&'static str>,
+    },
     /// Sending a closed window's final result ([`WindowedTable::emit_final`](crate::WindowedTable::emit_final))
     /// failed.
     #[error("table `{table}`: sending the final result of window {window}: {source}")]

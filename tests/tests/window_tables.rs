@@ -322,3 +322,43 @@ proptest! {
         prop_assert_eq!(&session_run("sessions-sorted", &sorted, gap), &want);
     }
 }
+
+/// `relative_to_field`: the time comes from the value (Faust's `relative_to_field`); a value
+/// of another type is a typed error, not a guess.
+#[test]
+fn relative_to_field_reads_the_time_from_the_value() {
+    #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+    struct Click {
+        at: i64,
+    }
+    let app = App::new(Settings::new("field"));
+    let clicks = app.topic::<String, Click>("clicks");
+    let answers = app.topic::<String, (Option<u64>, String)>("answers");
+    let table = app
+        .table::<String, u64>("counts")
+        .with_default(|| 0)
+        .tumbling(Duration::from_secs(10))
+        .relative_to_field(|c: &Click| c.at);
+    let (agent_table, out) = (table.clone(), answers.clone());
+    app.agent("count", &clicks, move |mut stream| {
+        let (table, out) = (agent_table.clone(), out.clone());
+        async move {
+            while let Some((key, click)) = stream.next_item().await {
+                let key = key.unwrap_or_default();
+                table.update_from(&key, &click, |n| *n += 1)?;
+                let wrong = table.update_from(&key, &"not a click".to_string(), |n| *n += 1);
+                let error = wrong.err().map(|e| e.to_string()).unwrap_or_default();
+                out.send_soon(Some(&key), &(table.value_from(&key, &click)?, error))?;
+            }
+            Ok(())
+        }
+    });
+    let test = app.test_context().unwrap();
+    for at in [1_000, 2_000, 12_000] {
+        test.put(&clicks, Some(&"a".to_string()), &Click { at }).unwrap();
+    }
+    let got: Vec<(Option<u64>, String)> = test.records(&answers).unwrap().into_iter().map(|(_, v)| v).collect();
+    assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), vec![Some(1), Some(2), Some(1)]);
+    assert!(got[0].1.contains("no time field for a value of type alloc::string::String"), "{}", got[0].1);
+    test.stop().unwrap();
+}

@@ -95,6 +95,8 @@ enum Relative {
     Now,
 }
 
+/// A value's time (Faust's `relative_to_field`), for values of the type it was set for.
+type FieldFn = Arc<dyn Fn(&dyn Any) -> Option<i64> + Send + Sync>;
 type CloseFn<K, V> = Arc<dyn Fn(&K, WindowRange, &V) + Send + Sync>;
 type LateFn<K> = Arc<dyn Fn(&K, i64, &[WindowRange]) + Send + Sync>;
 type MergeFn<V> = Arc<dyn Fn(V, V) -> V + Send + Sync>;
@@ -109,6 +111,8 @@ struct Options<K, V> {
     /// Close windows by the wall clock after this long without events (ms).
     idle: Option<i64>,
     relative: Relative,
+    /// With `relative_to_field`: the value's time, and the name of the value type.
+    field: Option<(FieldFn, &'static str)>,
     on_close: Option<CloseFn<K, V>>,
     on_late: Option<LateFn<K>>,
     merge: Option<MergeFn<V>>,
@@ -123,6 +127,7 @@ impl<K, V> Clone for Options<K, V> {
             expires: self.expires,
             idle: self.idle,
             relative: self.relative,
+            field: self.field.clone(),
             on_close: self.on_close.clone(),
             on_late: self.on_late.clone(),
             merge: self.merge.clone(),
@@ -260,6 +265,7 @@ where
                     expires: size,
                     idle: None,
                     relative: Relative::Stream,
+                    field: None,
                     on_close: None,
                     on_late: None,
                     merge: None,
@@ -301,10 +307,42 @@ where
     }
 
     /// Writes and [`value`](WindowedTable::value) use the wall clock (Faust's
-    /// `relative_to_now`). For a time taken from the value (Faust's `relative_to_field`),
-    /// pass it: [`update_at`](WindowedTable::update_at), [`at`](WindowedTable::at).
+    /// `relative_to_now`).
     pub fn relative_to_now(self) -> Self {
         self.configure(|o| o.relative = Relative::Now)
+    }
+
+    /// The time of an event is a field of its value (Faust's `relative_to_field`), read by
+    /// `field` (ms): [`update_from`](WindowedTable::update_from) and
+    /// [`value_from`](WindowedTable::value_from) take the value and use it. (A time at hand
+    /// goes to [`update_at`](WindowedTable::update_at) and [`at`](WindowedTable::at).)
+    pub fn relative_to_field<T: 'static>(self, field: impl Fn(&T) -> i64 + Send + Sync + 'static) -> Self {
+        let read: FieldFn = Arc::new(move |value: &dyn Any| value.downcast_ref::<T>().map(&field));
+        self.configure(move |o| o.field = Some((read, std::any::type_name::<T>())))
+    }
+
+    /// The time `relative_to_field` reads from `value`.
+    fn field_time<T: 'static>(&self, value: &T) -> Result<i64, TableError> {
+        let field = self.options().field.as_ref();
+        field.and_then(|(read, _)| read(value)).ok_or_else(|| TableError::FieldTime {
+            table: self.name().to_string(),
+            given: std::any::type_name::<T>(),
+            expected: field.map(|(_, name)| *name),
+        })
+    }
+
+    /// [`update`](WindowedTable::update) at the time of `value` (see
+    /// [`relative_to_field`](WindowedTable::relative_to_field)).
+    pub fn update_from<T: 'static>(&self, key: &K, value: &T, f: impl Fn(&mut V)) -> Result<(), TableError> {
+        let t = self.field_time(value)?;
+        self.update_inner(key, Some(t), f)
+    }
+
+    /// The aggregate of `key` in the window current at the time of `value` (Faust's
+    /// `.value()` with `relative_to_field`).
+    pub fn value_from<T: 'static>(&self, key: &K, value: &T) -> Result<Option<V>, TableError> {
+        let t = self.field_time(value)?;
+        self.at(key, t)
     }
 
     /// Called with each window's final aggregate when it closes.
