@@ -56,7 +56,7 @@ struct Args {
     /// Only the 1-core W2 run over 1,000,000 accounts, once (for profiling).
     #[arg(long)]
     only_w2_1m: bool,
-    /// Skip W1 and the latency runs (W2, recovery, W4 and the takeover only).
+    /// Skip W1 and the latency runs (W2, recovery, W4, the takeover and W3 only).
     #[arg(long)]
     skip_w1: bool,
     /// Only the 1-core W4 run (group_by, then count), once (for profiling).
@@ -714,9 +714,14 @@ fn main() {
     if args.skip_w1 {
         let w = run_w2(dir.path(), n, args.json, runs);
         if args.json {
-            println!("{}", w4_json(&w));
+            let mut out = w4_json(&w);
+            if let (Some(o), serde_json::Value::Object(w3)) = (out.as_object_mut(), w3_json(&w.w3, w.one)) {
+                o.extend(w3);
+            }
+            println!("{out}");
         } else {
             print_w2(&w, n);
+            print_w3(&w.w3, w.one);
         }
         return;
     }
