@@ -17,12 +17,16 @@
 //! window is closed is never stored apart: it is `end + grace <= stream time`, so a recovered
 //! table knows exactly which windows closed, and never reopens one.
 //!
-//! **The per-core view.** Beside each pair of shards a core keeps a view
-//! (thread-local): the stream time, a hierarchical [timer wheel](super::wheel) with one timer
-//! per live window (its close, then its expiry), and per key its live windows (for sessions
-//! and iteration). The view is derived state: it is built by one scan of the shard when the
-//! core first uses it, and built again when the shards were reopened (a hand-over, a
-//! recovery) or an undo changed them (an agent failed on an event) — the tables are the truth.
+//! **The per-core view.** Beside each pair of shards a core keeps a view (thread-local): the
+//! stream time and a hierarchical [timer wheel](super::wheel). Fixed windows (tumbling,
+//! sliding, hopping written per window) are kept window-major: per range, each key's aggregate
+//! (a mirror of the windows table, whose every write goes through the view), with one timer
+//! per range — its close, then its expiry — so a boundary closes all its keys' windows in one
+//! pass, without a lookup per window. Sessions and panes are kept per key, with a timer per
+//! window (a session's is cancelled when it merges). The view is derived state: it is built by
+//! one scan of the shard when the core first uses it, and built again when the shards were
+//! reopened (a hand-over, a recovery) or an undo changed them (an agent failed on an event) —
+//! the tables are the truth.
 
 use std::any::Any;
 use std::cell::RefCell;
@@ -466,7 +470,7 @@ where
         &self,
         partition: Option<u32>,
         key: &K,
-        time: impl FnOnce(&Cx<'_, K, V>, &View<K>) -> Result<i64, TableError>,
+        time: impl FnOnce(&Cx<'_, K, V>, &View<K, V>) -> Result<i64, TableError>,
     ) -> Result<Option<V>, TableError> {
         self.with_view(partition, |cx| {
             let t = time(cx, &cx.view.borrow())?;
@@ -613,6 +617,17 @@ enum Due<K> {
     Expire(Rc<K>, WindowRange),
     /// A pane is no longer part of any open window.
     DropPane(Rc<K>, WindowRange),
+    /// Every key's window of this range closes (fixed windows, kept by range).
+    CloseRange(WindowRange),
+    /// Every key's window of this range leaves the table.
+    ExpireRange(WindowRange),
+}
+
+/// Fixed windows (tumbling, hopping written per window, sliding) of one range: each key's
+/// aggregate, as the windows table holds it. Kept window-major so that a range closes with one
+/// timer and one pass over its keys, instead of a timer and a table lookup per key.
+struct RangeWindows<K, V> {
+    values: Map<Rc<K>, V>,
 }
 
 /// A live window of a key, as the view knows it. Whether it closed is not kept: that is
@@ -625,15 +640,20 @@ struct Live {
 }
 
 /// A core's view of one partition of a windowed table (see the module's docs).
-struct View<K> {
+struct View<K, V> {
     windows_instance: u64,
     clock_instance: u64,
     undos: (u64, u64),
     stream_time: Option<i64>,
     wheel: TimerWheel<Due<K>>,
-    /// Per key, its live windows (sessions, or windows of per-window writes; for panes, the
-    /// virtual windows), by start.
+    /// Per key, its live windows (sessions; for panes, the virtual windows), by start.
     live: Map<Rc<K>, Vec<Live>>,
+    /// Whether fixed windows are kept by range (`by_range`) rather than per key (`live`):
+    /// every kind but sessions and panes.
+    by_ranges: bool,
+    /// Fixed windows by range, each key's aggregate mirrored from the windows table: every
+    /// write of one goes through the view (the table is private), and an undo rebuilds it.
+    by_range: std::collections::BTreeMap<WindowRange, RangeWindows<K, V>>,
     /// When the partition's last event came, by the wall clock, and the stream time then
     /// (idle closing: the stream time moves on from there with the wall clock).
     last_event: Instant,
@@ -667,20 +687,20 @@ fn view_of<K, V>(
     windows: &Shard<WindowKey<K>, V>,
     clock: &Shard<u32, i64>,
     options: &Options<K, V>,
-) -> Result<Rc<RefCell<View<K>>>, TableError>
+) -> Result<Rc<RefCell<View<K, V>>>, TableError>
 where
     K: Serialize + DeserializeOwned + Hash + Eq + Clone + 'static,
     V: Serialize + DeserializeOwned + Clone + 'static,
 {
     let id = (Arc::as_ptr(shared) as *const () as usize, p);
-    let fresh = |v: &View<K>| {
+    let fresh = |v: &View<K, V>| {
         v.windows_instance == windows.instance()
             && v.clock_instance == clock.instance()
             && v.undos == (windows.undos(), clock.undos())
     };
     let known = VIEWS.with(|views| views.borrow().get(&id).cloned());
     if let Some(any) = known
-        && let Ok(view) = any.downcast::<RefCell<View<K>>>()
+        && let Ok(view) = any.downcast::<RefCell<View<K, V>>>()
         && fresh(&view.borrow())
     {
         return Ok(view);
@@ -705,19 +725,21 @@ fn build_view<K, V>(
     clock: &Shard<u32, i64>,
     p: u32,
     options: &Options<K, V>,
-) -> Result<View<K>, TableError>
+) -> Result<View<K, V>, TableError>
 where
     K: Serialize + DeserializeOwned + Hash + Eq + Clone + 'static,
     V: Serialize + DeserializeOwned + Clone + 'static,
 {
     let stream_time = clock.get(&p)?;
-    let mut view = View {
+    let mut view: View<K, V> = View {
         windows_instance: windows.instance(),
         clock_instance: clock.instance(),
         undos: (windows.undos(), clock.undos()),
         stream_time,
         wheel: TimerWheel::new(stream_time.unwrap_or(i64::MIN)),
         live: Map::default(),
+        by_ranges: !(windowing.is_session() || (options.combine.is_some() && windowing.has_panes())),
+        by_range: std::collections::BTreeMap::new(),
         last_event: Instant::now(),
         at_last_event: stream_time,
         ranges: Vec::new(),
@@ -730,9 +752,13 @@ where
         _ => 0,
     };
     let mut keys: Map<K, Rc<K>> = Map::default();
-    for (wk, _) in items {
+    for (wk, value) in items {
         let range = wk.range();
         let key = keys.entry(wk.key.clone()).or_insert_with(|| Rc::new(wk.key)).clone();
+        if view.by_ranges {
+            view.note_value(&*key, || key.clone(), range, value, options);
+            continue;
+        }
         if panes && range.end - range.start == step {
             // A pane: its windows are virtual, armed from their panes.
             view.arm_pane_windows(&key, range, windowing, options);
@@ -758,14 +784,14 @@ fn size_of(windowing: Windowing) -> i64 {
     }
 }
 
-impl<K: Hash + Eq> View<K> {
-    fn is_closed<V>(&self, range: WindowRange, options: &Options<K, V>) -> bool {
+impl<K: Hash + Eq, V: Clone> View<K, V> {
+    fn is_closed(&self, range: WindowRange, options: &Options<K, V>) -> bool {
         self.stream_time.is_some_and(|st| range.end.saturating_add(options.grace) <= st)
     }
 
     /// Gives a stored window its timer (a close if it is open, else its expiry) and its
     /// place among the key's live windows, unless it has them.
-    fn arm_window<V>(&mut self, key: &Rc<K>, range: WindowRange, options: &Options<K, V>) {
+    fn arm_window(&mut self, key: &Rc<K>, range: WindowRange, options: &Options<K, V>) {
         let closed = self.is_closed(range, options);
         let live = self.live.entry(key.clone()).or_default();
         let at = match live.binary_search_by_key(&range, |l| l.range) {
@@ -782,7 +808,7 @@ impl<K: Hash + Eq> View<K> {
     }
 
     /// Arms the virtual windows a pane is part of.
-    fn arm_pane_windows<V>(&mut self, key: &Rc<K>, pane: WindowRange, windowing: Windowing, options: &Options<K, V>) {
+    fn arm_pane_windows(&mut self, key: &Rc<K>, pane: WindowRange, windowing: Windowing, options: &Options<K, V>) {
         for range in windowing.windows_of_pane(pane) {
             if !self.is_closed(range, options) {
                 self.arm_window(key, range, options);
@@ -792,7 +818,38 @@ impl<K: Hash + Eq> View<K> {
 
     /// Whether `key`'s window `range` is live (stored, open or closed and not expired).
     fn is_live(&self, key: &K, range: WindowRange) -> bool {
+        if self.by_ranges {
+            return self.by_range.get(&range).is_some_and(|r| r.values.contains_key(key));
+        }
         self.live.get(key).is_some_and(|live| live.iter().any(|l| l.range == range))
+    }
+
+    /// Notes `key`'s aggregate `value` in the fixed window `range` (`created`: the key had
+    /// none there); a range seen for the first time gets its timer (a close if it is open,
+    /// else its expiry).
+    fn note_value(
+        &mut self,
+        key: &K,
+        rc: impl FnOnce() -> Rc<K>,
+        range: WindowRange,
+        value: V,
+        options: &Options<K, V>,
+    ) {
+        if let Some(slot) = self.by_range.get_mut(&range).and_then(|r| r.values.get_mut(key)) {
+            *slot = value;
+            return;
+        }
+        let closed = self.is_closed(range, options);
+        let windows = self.by_range.entry(range).or_insert_with(|| {
+            let close_at = range.end.saturating_add(options.grace);
+            if closed {
+                self.wheel.arm(close_at.saturating_add(options.expires), Due::ExpireRange(range));
+            } else {
+                self.wheel.arm(close_at, Due::CloseRange(range));
+            }
+            RangeWindows { values: Map::default() }
+        });
+        windows.values.insert(rc(), value);
     }
 
     fn forget(&mut self, key: &K, range: WindowRange) {
@@ -813,7 +870,7 @@ struct Cx<'a, K, V> {
     clock: &'a Shard<u32, i64>,
     token: Option<&'a Token>,
     partition: u32,
-    view: &'a RefCell<View<K>>,
+    view: &'a RefCell<View<K, V>>,
 }
 
 impl<K, V> Cx<'_, K, V>
@@ -887,7 +944,7 @@ where
     /// Every open window of `ranges` gets `f`; the closed ones are late.
     fn update_windows(
         &self,
-        view: &mut View<K>,
+        view: &mut View<K, V>,
         key: &K,
         ranges: &[WindowRange],
         f: &dyn Fn(&mut V),
@@ -903,6 +960,16 @@ where
             // nor the store, which need not be read for it.
             let unknown = || !view.is_live(key, r);
             let probe = WindowKeyRef { key, start: r.start, end: r.end };
+            if view.by_ranges {
+                let (value, _) =
+                    self.windows.upsert_known(self.token, &probe, &|| Self::wk(key, r), &unknown, |v| {
+                        f(v);
+                        v.clone()
+                    })?;
+                // A key new to the range gets one `Rc` of the key for all the event's windows.
+                view.note_value(key, || rc.get_or_insert_with(|| Rc::new(key.clone())).clone(), r, value, self.options);
+                continue;
+            }
             let ((), created) = self.windows.upsert_known(self.token, &probe, &|| Self::wk(key, r), &unknown, f)?;
             if created {
                 let rc = rc.get_or_insert_with(|| Rc::new(key.clone()));
@@ -916,7 +983,7 @@ where
     /// final aggregate apart (kept at their close), so the pane may change under them.
     fn update_pane(
         &self,
-        view: &mut View<K>,
+        view: &mut View<K, V>,
         key: &K,
         t: i64,
         ranges: &[WindowRange],
@@ -1038,11 +1105,30 @@ where
     fn fire(&self, fired: &mut Vec<(i64, Due<K>)>, token: Option<&Token>) -> Result<(), TableError> {
         let mut closed = 0;
         for (_, due) in fired.iter() {
-            if let Due::Close(key, range) = due
-                && let Some(value) = self.close(key, *range, token)?
-            {
-                closed += 1;
-                self.emit_close(key, *range, &value)?;
+            match due {
+                Due::Close(key, range) => {
+                    if let Some(value) = self.close(key, *range, token)? {
+                        closed += 1;
+                        self.emit_close(key, *range, &value)?;
+                    }
+                }
+                Due::CloseRange(range) => {
+                    // Taken out of the view first: a callback may read the table.
+                    let windows: Vec<(Rc<K>, V)> = {
+                        let mut view = self.view.borrow_mut();
+                        let expiry = range.end.saturating_add(self.options.grace).saturating_add(self.options.expires);
+                        view.wheel.arm(expiry, Due::ExpireRange(*range));
+                        let found = view.by_range.get(range);
+                        found
+                            .map(|w| w.values.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                            .unwrap_or_default()
+                    };
+                    for (key, value) in &windows {
+                        self.emit_close(key, *range, value)?;
+                    }
+                    closed += windows.len() as u64;
+                }
+                _ => {}
             }
         }
         if closed > 0 {
@@ -1061,6 +1147,13 @@ where
                     self.view.borrow_mut().forget(&key, range);
                 }
                 Due::DropPane(key, range) => self.windows.write(token, Self::wk(&key, range), None)?,
+                Due::CloseRange(_) => {}
+                Due::ExpireRange(range) => {
+                    let gone = self.view.borrow_mut().by_range.remove(&range);
+                    for key in gone.into_iter().flat_map(|w| w.values.into_keys()) {
+                        self.windows.write(token, Self::wk(&key, range), None)?;
+                    }
+                }
             }
         }
         Ok(())
@@ -1158,6 +1251,13 @@ where
     }
 
     fn key_windows(&self, key: &K) -> Result<Vec<(WindowRange, V)>, TableError> {
+        {
+            let view = self.view.borrow();
+            if view.by_ranges {
+                let found = view.by_range.iter().filter_map(|(r, w)| w.values.get(key).map(|v| (*r, v.clone())));
+                return Ok(found.collect());
+            }
+        }
         let ranges: Vec<WindowRange> =
             self.view.borrow().live.get(key).map(|live| live.iter().map(|l| l.range).collect()).unwrap_or_default();
         let mut out = Vec::with_capacity(ranges.len());
@@ -1173,6 +1273,11 @@ where
         let span = WindowRange::new(from, to);
         let found: Vec<(Rc<K>, WindowRange)> = {
             let view = self.view.borrow();
+            if view.by_ranges {
+                let overlapping = view.by_range.iter().filter(|(r, _)| r.overlaps(&span));
+                let found = overlapping.flat_map(|(r, w)| w.values.iter().map(|(k, v)| ((**k).clone(), *r, v.clone())));
+                return Ok(found.collect());
+            }
             view.live
                 .iter()
                 .flat_map(|(k, live)| live.iter().filter(|l| l.range.overlaps(&span)).map(|l| (k.clone(), l.range)))
