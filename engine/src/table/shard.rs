@@ -343,14 +343,29 @@ where
     }
 
     pub(crate) fn write(&self, token: Option<&Token>, key: K, value: Option<V>) -> Result<(), TableError> {
+        self.write_borrowed(token, &key, &|| key.clone(), value)
+    }
+
+    /// [`write`](Shard::write) with the key given as `probe` (a borrowed form that hashes and
+    /// compares as `K`; `owned` builds the key when it is not cached).
+    pub(crate) fn write_borrowed<Q>(
+        &self,
+        token: Option<&Token>,
+        probe: &Q,
+        owned: &dyn Fn() -> K,
+        value: Option<V>,
+    ) -> Result<(), TableError>
+    where
+        Q: Hash + hashbrown::Equivalent<K> + ?Sized,
+    {
         let mut guard = self.state.borrow_mut();
         let state = &mut *guard;
-        self.write_entry(state, token, &key, &|| key.clone(), &|| false, |entry| {
+        self.write_entry(state, token, probe, owned, &|| false, |entry| {
             entry.value = value;
             Ok(())
         })?;
         if token.is_none() {
-            Self::keep_outside_write(state, &key);
+            Self::keep_outside_write(state, &owned());
         }
         Ok(())
     }

@@ -1151,7 +1151,8 @@ where
                 Due::ExpireRange(range) => {
                     let gone = self.view.borrow_mut().by_range.remove(&range);
                     for key in gone.into_iter().flat_map(|w| w.values.into_keys()) {
-                        self.windows.write(token, Self::wk(&key, range), None)?;
+                        let probe = WindowKeyRef { key: &*key, start: range.start, end: range.end };
+                        self.windows.write_borrowed(token, &probe, &|| Self::wk(&key, range), None)?;
                     }
                 }
             }
