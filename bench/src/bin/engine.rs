@@ -166,11 +166,14 @@ struct W3Figures {
     session: faust_bench::w3::W3Run,
 }
 
-/// W3 over the orders pre-loaded in `dir` (as W2 left them).
-fn run_w3(dir: &Path, n: u64, json: bool) -> W3Figures {
+/// W3 over the orders pre-loaded in `dir` (as W2 left them): tumbling and hopping windows,
+/// whose rates make the ratios, `runs` times each (the fastest run counts, as for W2), the
+/// others once.
+fn run_w3(dir: &Path, n: u64, json: bool, runs: usize) -> W3Figures {
     use faust_bench::w3::{Kind, run};
-    let one = |kind: Kind| {
-        let r = run(dir, &format!("w3-{kind:?}").to_lowercase(), n, kind).unwrap_or_else(|e| panic!("{e}"));
+    let one = |kind: Kind, attempt: usize| {
+        let id = format!("w3-{kind:?}-{attempt}").to_lowercase();
+        let r = run(dir, &id, n, kind).unwrap_or_else(|e| panic!("{e}"));
         progress(
             json,
             &format!(
@@ -186,11 +189,17 @@ fn run_w3(dir: &Path, n: u64, json: bool) -> W3Figures {
         );
         r
     };
+    let best = |kind: Kind| {
+        (0..runs.max(1))
+            .map(|attempt| one(kind, attempt))
+            .max_by(|a, b| a.events_s.total_cmp(&b.events_s))
+            .unwrap_or_else(|| one(kind, 0))
+    };
     W3Figures {
-        tumbling: one(Kind::Tumbling),
-        hopping: one(Kind::Hopping),
-        sliding: one(Kind::Sliding),
-        session: one(Kind::Session),
+        tumbling: best(Kind::Tumbling),
+        hopping: best(Kind::Hopping),
+        sliding: one(Kind::Sliding, 0),
+        session: one(Kind::Session, 0),
     }
 }
 
@@ -298,7 +307,7 @@ fn run_w2(dir: &Path, n: u64, json: bool, runs: usize) -> W2Figures {
         w4_one,
         w4_two,
         takeover: run_takeover(dir, n, json),
-        w3: run_w3(&small, n, json),
+        w3: run_w3(&small, n, json, runs),
     }
 }
 
@@ -736,7 +745,7 @@ fn main() {
         let small = dir.path().join("w3-only");
         faust_bench::w2::preload(&small, n, 10_000);
         let w2 = faust_bench::w2::run(&small, "w2-for-w3", n, 1);
-        let w3 = run_w3(&small, n, args.json);
+        let w3 = run_w3(&small, n, args.json, 1);
         if args.json {
             println!("{}", w3_json(&w3, w2.events_s));
         } else {

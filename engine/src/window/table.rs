@@ -1113,20 +1113,20 @@ where
                     }
                 }
                 Due::CloseRange(range) => {
-                    // Taken out of the view first: a callback may read the table.
-                    let windows: Vec<(Rc<K>, V)> = {
+                    // The range is taken out of the view while its callbacks run (one may read
+                    // the table, which borrows the view), then put back until it expires.
+                    let taken = {
                         let mut view = self.view.borrow_mut();
                         let expiry = range.end.saturating_add(self.options.grace).saturating_add(self.options.expires);
                         view.wheel.arm(expiry, Due::ExpireRange(*range));
-                        let found = view.by_range.get(range);
-                        found
-                            .map(|w| w.values.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-                            .unwrap_or_default()
+                        view.by_range.remove(range)
                     };
-                    for (key, value) in &windows {
-                        self.emit_close(key, *range, value)?;
-                    }
-                    closed += windows.len() as u64;
+                    let Some(windows) = taken else { continue };
+                    let emitted =
+                        windows.values.iter().try_for_each(|(key, value)| self.emit_close(key, *range, value));
+                    closed += windows.values.len() as u64;
+                    self.view.borrow_mut().by_range.insert(*range, windows);
+                    emitted?;
                 }
                 _ => {}
             }
