@@ -124,6 +124,18 @@ struct Options<K, V> {
     finals: Option<FinalFn<K, V>>,
 }
 
+impl<K, V> Options<K, V> {
+    /// When `range` closes, in stream time.
+    fn close_at(&self, range: WindowRange) -> i64 {
+        range.end.saturating_add(self.grace)
+    }
+
+    /// When `range` leaves the table, in stream time.
+    fn expire_at(&self, range: WindowRange) -> i64 {
+        self.close_at(range).saturating_add(self.expires)
+    }
+}
+
 impl<K, V> Clone for Options<K, V> {
     fn clone(&self) -> Self {
         Options {
@@ -623,13 +635,6 @@ enum Due<K> {
     ExpireRange(WindowRange),
 }
 
-/// Fixed windows (tumbling, hopping written per window, sliding) of one range: each key's
-/// aggregate, as the windows table holds it. Kept window-major so that a range closes with one
-/// timer and one pass over its keys, instead of a timer and a table lookup per key.
-struct RangeWindows<K, V> {
-    values: Map<Rc<K>, V>,
-}
-
 /// A live window of a key, as the view knows it. Whether it closed is not kept: that is
 /// `end + grace <= stream time` ([`View::is_closed`]).
 struct Live {
@@ -653,7 +658,9 @@ struct View<K, V> {
     by_ranges: bool,
     /// Fixed windows by range, each key's aggregate mirrored from the windows table: every
     /// write of one goes through the view (the table is private), and an undo rebuilds it.
-    by_range: std::collections::BTreeMap<WindowRange, RangeWindows<K, V>>,
+    /// Kept window-major so that a range closes with one timer and one pass over its keys,
+    /// instead of a timer and a table lookup per key.
+    by_range: std::collections::BTreeMap<WindowRange, Map<Rc<K>, V>>,
     /// When the partition's last event came, by the wall clock, and the stream time then
     /// (idle closing: the stream time moves on from there with the wall clock).
     last_event: Instant,
@@ -786,7 +793,7 @@ fn size_of(windowing: Windowing) -> i64 {
 
 impl<K: Hash + Eq, V: Clone> View<K, V> {
     fn is_closed(&self, range: WindowRange, options: &Options<K, V>) -> bool {
-        self.stream_time.is_some_and(|st| range.end.saturating_add(options.grace) <= st)
+        self.stream_time.is_some_and(|st| options.close_at(range) <= st)
     }
 
     /// Gives a stored window its timer (a close if it is open, else its expiry) and its
@@ -798,11 +805,10 @@ impl<K: Hash + Eq, V: Clone> View<K, V> {
             Ok(_) => return,
             Err(at) => at,
         };
-        let close_at = range.end.saturating_add(options.grace);
         let timer = if closed {
-            self.wheel.arm(close_at.saturating_add(options.expires), Due::Expire(key.clone(), range))
+            self.wheel.arm(options.expire_at(range), Due::Expire(key.clone(), range))
         } else {
-            self.wheel.arm(close_at, Due::Close(key.clone(), range))
+            self.wheel.arm(options.close_at(range), Due::Close(key.clone(), range))
         };
         live.insert(at, Live { range, timer });
     }
@@ -819,14 +825,14 @@ impl<K: Hash + Eq, V: Clone> View<K, V> {
     /// Whether `key`'s window `range` is live (stored, open or closed and not expired).
     fn is_live(&self, key: &K, range: WindowRange) -> bool {
         if self.by_ranges {
-            return self.by_range.get(&range).is_some_and(|r| r.values.contains_key(key));
+            return self.by_range.get(&range).is_some_and(|values| values.contains_key(key));
         }
         self.live.get(key).is_some_and(|live| live.iter().any(|l| l.range == range))
     }
 
-    /// Notes `key`'s aggregate `value` in the fixed window `range` (`created`: the key had
-    /// none there); a range seen for the first time gets its timer (a close if it is open,
-    /// else its expiry).
+    /// Notes `key`'s aggregate `value` in the fixed window `range` (`rc` makes the view's copy
+    /// of the key when it is new there); a range seen for the first time gets its timer (a
+    /// close if it is open, else its expiry).
     fn note_value(
         &mut self,
         key: &K,
@@ -835,21 +841,20 @@ impl<K: Hash + Eq, V: Clone> View<K, V> {
         value: V,
         options: &Options<K, V>,
     ) {
-        if let Some(slot) = self.by_range.get_mut(&range).and_then(|r| r.values.get_mut(key)) {
+        if let Some(slot) = self.by_range.get_mut(&range).and_then(|values| values.get_mut(key)) {
             *slot = value;
             return;
         }
         let closed = self.is_closed(range, options);
         let windows = self.by_range.entry(range).or_insert_with(|| {
-            let close_at = range.end.saturating_add(options.grace);
             if closed {
-                self.wheel.arm(close_at.saturating_add(options.expires), Due::ExpireRange(range));
+                self.wheel.arm(options.expire_at(range), Due::ExpireRange(range));
             } else {
-                self.wheel.arm(close_at, Due::CloseRange(range));
+                self.wheel.arm(options.close_at(range), Due::CloseRange(range));
             }
-            RangeWindows { values: Map::default() }
+            Map::default()
         });
-        windows.values.insert(rc(), value);
+        windows.insert(rc(), value);
     }
 
     fn forget(&mut self, key: &K, range: WindowRange) {
@@ -1117,14 +1122,12 @@ where
                     // the table, which borrows the view), then put back until it expires.
                     let taken = {
                         let mut view = self.view.borrow_mut();
-                        let expiry = range.end.saturating_add(self.options.grace).saturating_add(self.options.expires);
-                        view.wheel.arm(expiry, Due::ExpireRange(*range));
+                        view.wheel.arm(self.options.expire_at(*range), Due::ExpireRange(*range));
                         view.by_range.remove(range)
                     };
                     let Some(windows) = taken else { continue };
-                    let emitted =
-                        windows.values.iter().try_for_each(|(key, value)| self.emit_close(key, *range, value));
-                    closed += windows.values.len() as u64;
+                    let emitted = windows.iter().try_for_each(|(key, value)| self.emit_close(key, *range, value));
+                    closed += windows.len() as u64;
                     self.view.borrow_mut().by_range.insert(*range, windows);
                     emitted?;
                 }
@@ -1150,7 +1153,7 @@ where
                 Due::CloseRange(_) => {}
                 Due::ExpireRange(range) => {
                     let gone = self.view.borrow_mut().by_range.remove(&range);
-                    for key in gone.into_iter().flat_map(|w| w.values.into_keys()) {
+                    for key in gone.into_iter().flat_map(|values| values.into_keys()) {
                         let probe = WindowKeyRef { key: &*key, start: range.start, end: range.end };
                         self.windows.write_borrowed(token, &probe, &|| Self::wk(&key, range), None)?;
                     }
@@ -1195,8 +1198,7 @@ where
         } else {
             self.stored(key, range)?
         };
-        let expiry = range.end.saturating_add(self.options.grace).saturating_add(self.options.expires);
-        self.view.borrow_mut().wheel.arm(expiry, Due::Expire(key.clone(), range));
+        self.view.borrow_mut().wheel.arm(self.options.expire_at(range), Due::Expire(key.clone(), range));
         Ok(value)
     }
 
@@ -1241,10 +1243,7 @@ where
             };
         }
         let range = self.shared.windowing.current(t);
-        let expired =
-            self.view.borrow().stream_time.is_some_and(|st| {
-                range.end.saturating_add(self.options.grace).saturating_add(self.options.expires) <= st
-            });
+        let expired = self.view.borrow().stream_time.is_some_and(|st| self.options.expire_at(range) <= st);
         if expired {
             return Ok(None);
         }
@@ -1255,7 +1254,7 @@ where
         {
             let view = self.view.borrow();
             if view.by_ranges {
-                let found = view.by_range.iter().filter_map(|(r, w)| w.values.get(key).map(|v| (*r, v.clone())));
+                let found = view.by_range.iter().filter_map(|(r, values)| values.get(key).map(|v| (*r, v.clone())));
                 return Ok(found.collect());
             }
         }
@@ -1276,7 +1275,8 @@ where
             let view = self.view.borrow();
             if view.by_ranges {
                 let overlapping = view.by_range.iter().filter(|(r, _)| r.overlaps(&span));
-                let found = overlapping.flat_map(|(r, w)| w.values.iter().map(|(k, v)| ((**k).clone(), *r, v.clone())));
+                let found =
+                    overlapping.flat_map(|(r, values)| values.iter().map(|(k, v)| ((**k).clone(), *r, v.clone())));
                 return Ok(found.collect());
             }
             view.live
