@@ -122,7 +122,7 @@ struct Shared {
 ///
 /// let transport = MemoryTransport::new();
 /// transport.create_topic_now("orders", &TopicConfig::new(4)).unwrap();
-/// let join = JoinRequest { topics: vec!["orders".into()], copartitioned: vec![], weight: 1 };
+/// let join = JoinRequest { topics: vec!["orders".into()], copartitioned: vec![], weight: 1, changelogs: vec![] };
 /// let mut first = transport.membership("app", &join).unwrap();
 /// let mut second = transport.clone().membership("app", &join).unwrap();
 /// block_on(async {
@@ -634,7 +634,8 @@ mod tests {
     fn a_single_worker_is_assigned_every_partition_then_waits_for_close() {
         let t = MemoryTransport::new();
         t.create_topic_now("a", &TopicConfig::new(3)).unwrap();
-        let join = JoinRequest { topics: vec!["a".to_string()], copartitioned: Vec::new(), weight: 1 };
+        let join =
+            JoinRequest { topics: vec!["a".to_string()], copartitioned: Vec::new(), weight: 1, changelogs: Vec::new() };
         let mut m = t.membership("g", &join).unwrap();
         let event = block_on(m.next_event()).unwrap();
         let AssignmentEvent::Assigned { generation, partitions } = event else { panic!("{event:?}") };

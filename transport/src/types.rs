@@ -139,6 +139,8 @@ pub struct JoinRequest {
     pub copartitioned: Vec<Vec<String>>,
     /// The worker's share of the work relative to the others: its number of cores.
     pub weight: u32,
+    /// Which of `topics` are table changelogs: a group can place standby replicas of them.
+    pub changelogs: Vec<String>,
 }
 
 /// Who commits: a member of a consumer group and the generation it was last told of. A

@@ -618,7 +618,7 @@ fn commits_round_trip() {
 }
 
 #[test]
-fn static_membership_assigns_every_partition_or_the_listed_ones() {
+fn static_membership_assigns_the_listed_partitions() {
     let broker = require_broker!();
     let (a, b) = (unique("member-a"), unique("member-b"));
     let t = transport(&broker);
@@ -627,16 +627,7 @@ fn static_membership_assigns_every_partition_or_the_listed_ones() {
         core.create_topic(&a2, &TopicConfig::new(3)).await.expect("create");
         core.create_topic(&b2, &TopicConfig::new(2)).await.expect("create");
     });
-    let join = JoinRequest { topics: vec![a.clone(), b.clone()], copartitioned: vec![], weight: 1 };
-    let mut m = t.membership("g", &join).expect("membership");
-    let event = futures_lite::future::block_on(m.next_event()).expect("event");
-    let AssignmentEvent::Assigned { generation: 1, partitions } = event else { panic!("{event:?}") };
-    let mut want: Vec<_> = (0..3).map(|p| TopicPartition::new(a.as_str(), p)).collect();
-    want.extend((0..2).map(|p| TopicPartition::new(b.as_str(), p)));
-    assert_eq!(partitions, want);
-    t.close();
-    assert!(matches!(futures_lite::future::block_on(m.next_event()), Err(Error::Closed)));
-
+    let join = JoinRequest { topics: vec![a.clone(), b.clone()], copartitioned: vec![], weight: 1, changelogs: vec![] };
     let listed = vec![TopicPartition::new(a.as_str(), 1), TopicPartition::new("not-joined", 0)];
     let options = KafkaOptions { partitions: Some(listed), ..KafkaOptions::default() };
     let t = KafkaTransport::open(&format!("kafka://{broker}"), options).expect("open");
@@ -647,9 +638,13 @@ fn static_membership_assigns_every_partition_or_the_listed_ones() {
         AssignmentEvent::Assigned { generation: 1, partitions: vec![TopicPartition::new(a.as_str(), 1)] }
     );
 
-    let join = JoinRequest { topics: vec![unique("absent")], copartitioned: vec![], weight: 1 };
-    let mut m = transport(&broker).membership("g", &join).expect("membership");
+    let join = JoinRequest { topics: vec![unique("absent")], copartitioned: vec![], weight: 1, changelogs: vec![] };
+    let options = KafkaOptions { partitions: Some(Vec::new()), ..KafkaOptions::default() };
+    let t = KafkaTransport::open(&format!("kafka://{broker}"), options).expect("open");
+    let mut m = t.membership("g", &join).expect("membership");
     assert!(matches!(futures_lite::future::block_on(m.next_event()), Err(Error::UnknownTopic { .. })));
+    t.close();
+    assert!(matches!(futures_lite::future::block_on(m.next_event()), Err(Error::Closed)));
 }
 
 #[test]
@@ -915,4 +910,83 @@ fn throughput_against_rskafka() {
         rate(fetch_s)
     );
     println!("rskafka          produce {:.2} M/s (1 in flight)  fetch {:.2} M/s", rate(rs_produce_s), rate(rs_fetch_s));
+}
+
+/// Options for group tests: tansu answers a JoinGroup round after about half the session
+/// timeout, so a short one keeps rebalances to a second or two.
+fn group_options() -> KafkaOptions {
+    KafkaOptions {
+        request_timeout: Duration::from_secs(10),
+        session_timeout: Duration::from_secs(2),
+        heartbeat_interval: Duration::from_millis(300),
+        rebalance_timeout: Duration::from_secs(10),
+        ..KafkaOptions::default()
+    }
+}
+
+/// The member's next event, within `secs` seconds.
+fn next_within(m: &mut faust_transport::KafkaMembership, secs: u64) -> AssignmentEvent {
+    let timeout = async {
+        futures_timer::Delay::new(Duration::from_secs(secs)).await;
+        None
+    };
+    match futures_lite::future::block_on(futures_lite::future::or(async { Some(m.next_event().await) }, timeout)) {
+        Some(event) => event.expect("an assignment event"),
+        None => panic!("no assignment event within {secs} s"),
+    }
+}
+
+/// Two workers in one consumer group: the first gets every partition; when the second joins,
+/// the first is asked to give half back, commits them as a member of the group, confirms, and
+/// only then does the second get them, starting from those commits. When the second leaves,
+/// the first gets them back.
+#[test]
+fn two_members_share_a_topic_in_two_steps() {
+    let broker = require_broker!();
+    let (topic, group) = (unique("shared"), unique("group"));
+    let url = format!("kafka://{broker}");
+    let (ta, tb) = (
+        KafkaTransport::open(&url, group_options()).expect("open"),
+        KafkaTransport::open(&url, group_options()).expect("open"),
+    );
+    let t2 = topic.clone();
+    on_glommio(&ta, move |core| async move {
+        core.create_topic(&t2, &TopicConfig::new(4)).await.expect("create");
+    });
+    let all: Vec<TopicPartition> = (0..4).map(|p| TopicPartition::new(topic.as_str(), p)).collect();
+    let join = JoinRequest { topics: vec![topic.clone()], copartitioned: vec![], weight: 1, changelogs: vec![] };
+    let mut a = ta.membership(&group, &join).expect("membership");
+    assert!(
+        matches!(next_within(&mut a, 20), AssignmentEvent::Assigned { partitions, .. } if partitions == all),
+        "a lone member gets everything"
+    );
+
+    let mut b = tb.membership(&group, &join).expect("membership");
+    let AssignmentEvent::Revoked { generation, partitions: moving } = next_within(&mut a, 30) else {
+        panic!("a gives some back")
+    };
+    assert_eq!(moving.len(), 2, "{moving:?}");
+    assert!(matches!(next_within(&mut b, 30), AssignmentEvent::Assigned { partitions, .. } if partitions.is_empty()));
+    // a commits what it gives away, as a member of the group, then confirms.
+    let fence = faust_transport::Fence { member: a.member_id().expect("a group member"), generation };
+    let (g2, first) = (group.clone(), moving[0].clone());
+    on_glommio(&ta, move |core| async move {
+        core.commit(&g2, Some(&fence), &[(first, 5)]).await.expect("a fenced commit by the owner");
+    });
+    futures_lite::future::block_on(a.revoked(generation)).expect("confirm");
+    let AssignmentEvent::Assigned { partitions: got, .. } = next_within(&mut b, 30) else { panic!("b gets them") };
+    assert_eq!(got, moving);
+    let (g2, first) = (group.clone(), moving[0].clone());
+    let committed = on_glommio(&tb, move |core| async move { core.committed(&g2, &[first]).await.expect("committed") });
+    assert_eq!(committed, vec![Some(5)], "b starts from a's commit");
+
+    // b leaves: a gets its partitions back at once.
+    futures_lite::future::block_on(b.leave()).expect("leave");
+    let AssignmentEvent::Assigned { partitions: back, .. } = next_within(&mut a, 30) else {
+        panic!("a gets them back")
+    };
+    assert_eq!(back, moving);
+    futures_lite::future::block_on(a.leave()).expect("leave");
+    ta.close();
+    tb.close();
 }

@@ -16,7 +16,12 @@ use futures_lite::future::block_on;
 const GROUP: &str = "g";
 
 fn join(topics: &[&str], weight: u32) -> JoinRequest {
-    JoinRequest { topics: topics.iter().map(|t| t.to_string()).collect(), copartitioned: Vec::new(), weight }
+    JoinRequest {
+        topics: topics.iter().map(|t| t.to_string()).collect(),
+        copartitioned: Vec::new(),
+        weight,
+        changelogs: Vec::new(),
+    }
 }
 
 fn transport(topics: &[(&str, u32)]) -> MemoryTransport {

@@ -13,11 +13,15 @@
 //! every request has a deadline, so nothing waits forever.
 //!
 //! Batches are produced uncompressed or with any of Kafka's codecs ([`Compression`]), and
-//! fetched batches of any codec are read. Not yet: consumer groups (membership is static, see
-//! [`KafkaMembership`]), idempotent and transactional producing, TLS and SASL.
+//! fetched batches of any codec are read. Workers share an app through Kafka's consumer
+//! groups, with our assignor on the group's leader (see [`KafkaMembership`]). Not yet:
+//! idempotent and transactional producing, TLS and SASL.
 
+mod assignor;
+mod blocking;
 mod connection;
 mod fetch;
+mod group;
 mod metadata;
 mod producer;
 mod protocol;
@@ -119,9 +123,29 @@ pub struct KafkaOptions {
     pub retries: u32,
     /// The wait before the first retry (100 ms); it doubles with each retry, up to 1 s.
     pub retry_backoff: Duration,
-    /// With `Some`, [`KafkaMembership`] assigns only these partitions (of the topics joined),
-    /// so several workers can split a topic by hand until consumer groups land.
+    /// With `Some`, [`KafkaMembership`] does not join a consumer group: it assigns only these
+    /// partitions (of the topics joined), so that several workers can split a topic by hand.
     pub partitions: Option<Vec<TopicPartition>>,
+    /// How long the group coordinator waits for a heartbeat before it drops a member and
+    /// gives its partitions to others (Faust's `broker_session_timeout`, 60 s). A takeover
+    /// after a crash takes about this long.
+    pub session_timeout: Duration,
+    /// How often a member heartbeats (Faust's `broker_heartbeat_interval`, 3 s; at most a
+    /// third of the session timeout is used).
+    pub heartbeat_interval: Duration,
+    /// How long the coordinator waits for members to rejoin when the group rebalances
+    /// (Faust's `broker_rebalance_timeout`, 60 s).
+    pub rebalance_timeout: Duration,
+    /// Static membership (KIP-345; Faust's `consumer_group_instance_id`): a worker restarted
+    /// with the same id within the session timeout gets its partitions back without a
+    /// rebalance. Each worker of a group needs its own. A static member does not leave the
+    /// group when it stops (its partitions wait for it up to the session timeout).
+    pub group_instance_id: Option<String>,
+    /// Standby replicas per changelog partition the group's leader assigns (Faust's
+    /// `table_standby_replicas`, 1).
+    pub standby_replicas: u32,
+    /// Where other workers reach this one (its web or control address), told to the group.
+    pub advertised_url: String,
 }
 
 impl Default for KafkaOptions {
@@ -136,6 +160,12 @@ impl Default for KafkaOptions {
             retries: 5,
             retry_backoff: Duration::from_millis(100),
             partitions: None,
+            session_timeout: Duration::from_secs(60),
+            heartbeat_interval: Duration::from_secs(3),
+            rebalance_timeout: Duration::from_secs(60),
+            group_instance_id: None,
+            standby_replicas: 1,
+            advertised_url: String::new(),
         }
     }
 }
@@ -146,6 +176,8 @@ struct Shared {
     options: KafkaOptions,
     client_id: Arc<str>,
     closing: Closing,
+    /// This process's group members, for the cores' commits.
+    live: group::Live,
 }
 
 /// The Kafka transport (`kafka://host:port[,host:port]`).
@@ -189,6 +221,9 @@ impl KafkaTransport {
         if options.request_timeout.is_zero() {
             return Err(bad("the request timeout must be more than zero"));
         }
+        if options.session_timeout < Duration::from_millis(100) {
+            return Err(bad("the session timeout must be at least 100 ms"));
+        }
         let client_id = Arc::from(options.client_id.as_str());
         Ok(KafkaTransport {
             shared: Arc::new(Shared {
@@ -197,6 +232,7 @@ impl KafkaTransport {
                 options,
                 client_id,
                 closing: Closing::default(),
+                live: group::Live::default(),
             }),
         })
     }
@@ -242,8 +278,12 @@ impl Transport for KafkaTransport {
         Ok(self.core())
     }
 
-    fn membership(&self, _group: &str, join: &JoinRequest) -> Result<KafkaMembership> {
-        Ok(KafkaMembership { transport: self.clone(), topics: join.topics.clone(), assigned: false })
+    fn membership(&self, group: &str, join: &JoinRequest) -> Result<KafkaMembership> {
+        let mode = match self.shared.options.partitions {
+            Some(_) => Mode::Static { topics: join.topics.clone(), assigned: false },
+            None => Mode::Group(group::GroupMember::start(self.shared.clone(), group, join)?),
+        };
+        Ok(KafkaMembership { transport: self.clone(), mode })
     }
 }
 
@@ -465,7 +505,14 @@ impl KafkaCore {
         self.connection(&addr, &Lane::Main).await
     }
 
-    async fn commit_once(&self, group: &str, offsets: &[(TopicPartition, u64)]) -> Result<()> {
+    /// One OffsetCommit: as `member` of the group's current generation, or, without one, as
+    /// a client outside the group (generation -1, no member id).
+    async fn commit_once(
+        &self,
+        group: &str,
+        member: Option<&group::LiveMember>,
+        offsets: &[(TopicPartition, u64)],
+    ) -> Result<()> {
         let conn = self.coordinator(group).await?;
         let mut topics: Vec<OffsetCommitRequestTopic> = Vec::new();
         for (tp, offset) in offsets {
@@ -481,12 +528,15 @@ impl KafkaCore {
                 ),
             }
         }
-        let req = OffsetCommitRequest::default()
+        let mut req = OffsetCommitRequest::default()
             .with_group_id(GroupId(StrBytes::from_string(group.to_string())))
-            .with_generation_id_or_member_epoch(-1)
-            .with_member_id(StrBytes::from_static_str(""))
+            .with_generation_id_or_member_epoch(member.map_or(-1, |m| m.generation))
+            .with_member_id(StrBytes::from_string(member.map(|m| m.member_id.clone()).unwrap_or_default()))
             .with_retention_time_ms(-1)
             .with_topics(topics);
+        if conn.version(ApiKey::OffsetCommit, About::default())? >= 7 {
+            req.group_instance_id = member.and_then(|m| m.instance_id.clone()).map(StrBytes::from_string);
+        }
         let (_, resp) =
             conn.request(ApiKey::OffsetCommit, &req, self.options().request_timeout, About::default()).await?;
         for t in &resp.topics {
@@ -582,14 +632,51 @@ impl CoreTransport for KafkaCore {
         self.retrying(None, || self.list_offset_once(tp, spec)).await
     }
 
-    /// Commits under `group` as a client outside any group generation (generation -1, no
-    /// member id). `fence` is ignored: there is no consumer-group membership on Kafka yet, so
-    /// there is nobody to fence.
-    async fn commit(&self, group: &str, _fence: Option<&Fence>, offsets: &[(TopicPartition, u64)]) -> Result<()> {
-        if offsets.is_empty() {
-            return Ok(());
+    /// Without a `fence`, commits as a client outside any group generation (generation -1, no
+    /// member id: static membership). With one, commits as that member of the group, with the
+    /// member id and generation it holds now; refused with [`Error::Fenced`] once the group went
+    /// on without it. A commit that meets a rebalance is tried again until the rebalance is
+    /// done (up to the rebalance timeout).
+    async fn commit(&self, group: &str, fence: Option<&Fence>, offsets: &[(TopicPartition, u64)]) -> Result<()> {
+        let Some(fence) = fence else {
+            if offsets.is_empty() {
+                return Ok(());
+            }
+            return self.retrying(Some(group), || self.commit_once(group, None, offsets)).await;
+        };
+        let deadline = std::time::Instant::now() + self.options().rebalance_timeout;
+        loop {
+            let member = self.shared.live.member(group, &fence.member).map_err(|reason| Error::Fenced {
+                group: group.to_string(),
+                member: fence.member.to_string(),
+                tp: None,
+                reason,
+            })?;
+            if offsets.is_empty() {
+                return Ok(());
+            }
+            let result = self.retrying(Some(group), || self.commit_once(group, Some(&member), offsets)).await;
+            let code = match &result {
+                Err(Error::KafkaBroker { code, .. }) => *code,
+                _ => return result,
+            };
+            let now_generation = self.shared.live.member(group, &fence.member).map(|m| m.generation).ok();
+            let moved_on = now_generation.is_some_and(|g| g != member.generation);
+            let retry = group::code_means_rebalancing(code) || (group::code_means_lost(code) && moved_on);
+            if retry && std::time::Instant::now() < deadline {
+                glommio::timer::sleep(self.options().retry_backoff).await;
+                continue;
+            }
+            if group::code_means_lost(code) {
+                return Err(Error::Fenced {
+                    group: group.to_string(),
+                    member: fence.member.to_string(),
+                    tp: offsets.first().map(|(tp, _)| tp.clone()),
+                    reason: result.err().map(|e| e.to_string()).unwrap_or_default(),
+                });
+            }
+            return result;
         }
-        self.retrying(Some(group), || self.commit_once(group, offsets)).await
     }
 
     async fn committed(&self, group: &str, partitions: &[TopicPartition]) -> Result<Vec<Option<u64>>> {
@@ -607,37 +694,54 @@ impl CoreTransport for KafkaCore {
     }
 }
 
-/// Static membership on Kafka: the worker gets every partition of the topics it joins (or,
-/// with [`KafkaOptions::partitions`], those of them listed: a listed partition a topic does
-/// not have is skipped, and fails with [`Error::UnknownPartition`] if no joined topic has
-/// its number) once, in generation 1, and keeps them. Consumer groups (JoinGroup/SyncGroup, rebalancing) are not implemented yet.
+/// A worker's membership on Kafka.
 ///
-/// The partition counts are read with a blocking Metadata request from the calling thread
-/// (the worker's control thread, which is not a glommio executor), bounded by the request
-/// timeout and retried like other requests.
+/// By default the worker joins the app's consumer group (the app id) with Kafka's classic
+/// group protocol, and the group's leader assigns partitions with our assignor: balanced by
+/// the workers' core counts, sticky, co-partitioned, never leaving a rejoining worker empty.
+/// A partition moves in two steps, as on the other transports: its owner is told
+/// [`AssignmentEvent::Revoked`], commits and confirms, and only then does the group grant it
+/// to its new owner. Heartbeats run on a thread of the membership's own. See
+/// [`KafkaOptions`] for the session, heartbeat and rebalance timeouts and static membership.
+///
+/// With [`KafkaOptions::partitions`] it joins no group: the worker gets those partitions of
+/// the topics it joins (a listed partition a topic does not have is skipped, and fails with
+/// [`Error::UnknownPartition`] if no joined topic has its number) once, in generation 1, and
+/// keeps them.
 #[derive(Debug)]
 pub struct KafkaMembership {
     transport: KafkaTransport,
-    topics: Vec<String>,
-    assigned: bool,
+    mode: Mode,
+}
+
+#[derive(Debug)]
+enum Mode {
+    /// Partitions chosen by hand.
+    Static { topics: Vec<String>, assigned: bool },
+    /// A member of the consumer group.
+    Group(group::GroupMember),
 }
 
 impl KafkaMembership {
-    fn partition_counts(&self) -> Result<HashMap<String, u32>> {
+    /// The partition counts of `topics`, read with a blocking Metadata request from the calling
+    /// thread (the worker's control thread, which is not a glommio executor), bounded by the
+    /// request timeout and retried like other requests.
+    fn partition_counts(&self, topics: &[String]) -> Result<HashMap<String, u32>> {
         let shared = &self.transport.shared;
         let opts = &shared.options;
         let req = MetadataRequest::default()
             .with_topics(Some(
-                self.topics.iter().map(|t| MetadataRequestTopic::default().with_name(Some(topic_name(t)))).collect(),
+                topics.iter().map(|t| MetadataRequestTopic::default().with_name(Some(topic_name(t)))).collect(),
             ))
             .with_allow_auto_topic_creation(false);
         let mut backoff = opts.retry_backoff;
         let mut last = None;
         for _ in 0..=opts.retries {
             for broker in &shared.bootstrap {
-                // Version 4: the first that can ask the broker not to create missing topics.
-                match protocol::blocking_request(broker, &req, 4, &shared.client_id, opts.request_timeout) {
-                    Ok(resp) => {
+                let answer = blocking::BlockingConn::connect(broker, &shared.client_id, opts.request_timeout)
+                    .and_then(|mut conn| conn.request(ApiKey::Metadata, &req, opts.request_timeout));
+                match answer {
+                    Ok((_, resp)) => {
                         let mut counts = HashMap::new();
                         for t in resp.topics {
                             if let Some(name) = t.name
@@ -656,49 +760,69 @@ impl KafkaMembership {
         }
         Err(last.unwrap_or(Error::Closed))
     }
+
+    /// The static assignment: the listed partitions of the joined topics.
+    fn static_assignment(&self, topics: &[String]) -> Result<Vec<TopicPartition>> {
+        let counts = self.partition_counts(topics)?;
+        let mut partitions = Vec::new();
+        for name in topics {
+            let n = *counts.get(name).ok_or_else(|| Error::UnknownTopic { topic: name.clone() })?;
+            partitions.extend((0..n).map(|p| TopicPartition::new(name.as_str(), p)));
+        }
+        if let Some(list) = &self.transport.shared.options.partitions {
+            // Of the listed partitions, those the joined topics have; one that none of
+            // them has is a mistake (a typo, or a topic with fewer partitions).
+            let joined: Vec<&TopicPartition> =
+                list.iter().filter(|tp| topics.iter().any(|t| **t == *tp.topic)).collect();
+            if let Some(missing) =
+                joined.iter().find(|tp| !joined.iter().any(|o| o.partition == tp.partition && partitions.contains(o)))
+            {
+                return Err(Error::UnknownPartition { tp: (*missing).clone() });
+            }
+            partitions.retain(|tp| joined.contains(&tp));
+        }
+        Ok(partitions)
+    }
 }
 
 impl Membership for KafkaMembership {
     async fn next_event(&mut self) -> Result<AssignmentEvent> {
         let shared = self.transport.shared.clone();
-        if !self.assigned {
-            shared.closing.check()?;
-            let counts = self.partition_counts()?;
-            let mut partitions = Vec::new();
-            for name in &self.topics {
-                let n = *counts.get(name).ok_or_else(|| Error::UnknownTopic { topic: name.clone() })?;
-                partitions.extend((0..n).map(|p| TopicPartition::new(name.as_str(), p)));
+        let topics = match &mut self.mode {
+            Mode::Group(member) => return member.next_event().await,
+            Mode::Static { assigned: true, .. } => {
+                shared.closing.wait().await;
+                return Err(Error::Closed);
             }
-            if let Some(list) = &shared.options.partitions {
-                // Of the listed partitions, those the joined topics have; one that none of
-                // them has is a mistake (a typo, or a topic with fewer partitions).
-                let joined: Vec<&TopicPartition> =
-                    list.iter().filter(|tp| self.topics.iter().any(|t| **t == *tp.topic)).collect();
-                if let Some(missing) = joined
-                    .iter()
-                    .find(|tp| !joined.iter().any(|o| o.partition == tp.partition && partitions.contains(o)))
-                {
-                    return Err(Error::UnknownPartition { tp: (*missing).clone() });
-                }
-                partitions.retain(|tp| joined.contains(&tp));
-            }
-            self.assigned = true;
-            return Ok(AssignmentEvent::Assigned { generation: 1, partitions });
+            Mode::Static { topics, .. } => topics.clone(),
+        };
+        shared.closing.check()?;
+        let partitions = self.static_assignment(&topics)?;
+        if let Mode::Static { assigned, .. } = &mut self.mode {
+            *assigned = true;
         }
-        shared.closing.wait().await;
-        Err(Error::Closed)
+        Ok(AssignmentEvent::Assigned { generation: 1, partitions })
     }
 
-    async fn revoked(&mut self, _generation: u64) -> Result<()> {
-        Ok(())
+    async fn revoked(&mut self, generation: u64) -> Result<()> {
+        match &self.mode {
+            Mode::Group(member) => member.confirm(generation),
+            Mode::Static { .. } => Ok(()),
+        }
     }
 
     fn member_id(&self) -> Option<Arc<str>> {
-        None
+        match &self.mode {
+            Mode::Group(member) => Some(member.handle().clone()),
+            Mode::Static { .. } => None,
+        }
     }
 
     async fn leave(&mut self) -> Result<()> {
-        Ok(())
+        match &mut self.mode {
+            Mode::Group(member) => member.leave(),
+            Mode::Static { .. } => Ok(()),
+        }
     }
 }
 

@@ -13,7 +13,8 @@ use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Message, Req
 
 /// The highest version of each API this client uses, and the lowest it can use. The caps
 /// keep to versions that name topics (Fetch 13+ and Metadata's topic ids are not used) and to
-/// the single-group forms of FindCoordinator (before 4) and OffsetFetch (before 8).
+/// the single-group forms of FindCoordinator (before 4) and OffsetFetch (before 8). Group
+/// membership uses JoinGroup from version 2 (rebalance timeout) on.
 pub(crate) const VERSIONS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::Produce, 3, 11),
     (ApiKey::Fetch, 4, 12),
@@ -23,6 +24,10 @@ pub(crate) const VERSIONS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::OffsetFetch, 1, 7),
     (ApiKey::FindCoordinator, 1, 3),
     (ApiKey::CreateTopics, 2, 7),
+    (ApiKey::JoinGroup, 2, 9),
+    (ApiKey::SyncGroup, 1, 5),
+    (ApiKey::Heartbeat, 1, 4),
+    (ApiKey::LeaveGroup, 1, 5),
 ];
 
 /// The versions one broker and this client both speak, per API key.
@@ -65,6 +70,10 @@ fn max_supported(key: ApiKey) -> i16 {
         ApiKey::OffsetFetch => OffsetFetchRequest::VERSIONS.max,
         ApiKey::FindCoordinator => FindCoordinatorRequest::VERSIONS.max,
         ApiKey::CreateTopics => CreateTopicsRequest::VERSIONS.max,
+        ApiKey::JoinGroup => JoinGroupRequest::VERSIONS.max,
+        ApiKey::SyncGroup => SyncGroupRequest::VERSIONS.max,
+        ApiKey::Heartbeat => HeartbeatRequest::VERSIONS.max,
+        ApiKey::LeaveGroup => LeaveGroupRequest::VERSIONS.max,
         _ => -1,
     }
 }
@@ -81,6 +90,10 @@ pub(crate) fn api_name(key: ApiKey) -> &'static str {
         ApiKey::FindCoordinator => "FindCoordinator",
         ApiKey::CreateTopics => "CreateTopics",
         ApiKey::ApiVersions => "ApiVersions",
+        ApiKey::JoinGroup => "JoinGroup",
+        ApiKey::SyncGroup => "SyncGroup",
+        ApiKey::Heartbeat => "Heartbeat",
+        ApiKey::LeaveGroup => "LeaveGroup",
         _ => "request",
     }
 }
@@ -206,50 +219,6 @@ pub(crate) fn read_frame_blocking(r: &mut impl std::io::Read) -> std::io::Result
 
 /// The largest answer this client accepts (a fetch answer is bounded by its max bytes).
 pub(crate) const MAX_FRAME: i32 = 1 << 30;
-
-/// Sends `req` at `version` over a fresh blocking connection and reads the answer: for
-/// callers that are not on a glommio executor (membership runs on the worker's control
-/// thread). Every step is bounded by `timeout`.
-pub(crate) fn blocking_request<R: Request>(
-    addr: &str,
-    req: &R,
-    version: i16,
-    client_id: &str,
-    timeout: std::time::Duration,
-) -> crate::Result<R::Response> {
-    use std::io::Write;
-    use std::net::ToSocketAddrs;
-    let conn_err = |op: &'static str, source: std::io::Error| crate::Error::KafkaConnection {
-        broker: addr.to_string(),
-        op,
-        source,
-    };
-    let sock = addr
-        .to_socket_addrs()
-        .map_err(|e| conn_err("resolve", e))?
-        .next()
-        .ok_or_else(|| conn_err("resolve", std::io::Error::new(std::io::ErrorKind::NotFound, "no address")))?;
-    let mut stream = std::net::TcpStream::connect_timeout(&sock, timeout).map_err(|e| conn_err("connect", e))?;
-    stream.set_read_timeout(Some(timeout)).map_err(|e| conn_err("connect", e))?;
-    stream.set_write_timeout(Some(timeout)).map_err(|e| conn_err("connect", e))?;
-    let api = api_name(ApiKey::try_from(R::KEY).unwrap_or(ApiKey::ApiVersions));
-    let frame = encode_request(req, version, 1, client_id).map_err(|reason| crate::Error::KafkaProtocol {
-        broker: addr.to_string(),
-        api,
-        topic: None,
-        partition: None,
-        reason,
-    })?;
-    stream.write_all(&frame).map_err(|e| conn_err("write", e))?;
-    let payload = read_frame_blocking(&mut stream).map_err(|e| conn_err("read", e))?;
-    decode_response::<R>(payload, version).map_err(|reason| crate::Error::KafkaProtocol {
-        broker: addr.to_string(),
-        api,
-        topic: None,
-        partition: None,
-        reason,
-    })
-}
 
 #[cfg(test)]
 mod tests {
