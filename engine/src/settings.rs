@@ -42,6 +42,11 @@ pub struct SettingsError {
 /// | `max_record_bytes` | 1 MiB | `MAX_RECORD_BYTES` |
 /// | `segment_bytes` | 64 MiB | `SEGMENT_BYTES` |
 /// | `partitions` | all (Kafka only) | `WORKER_PARTITIONS` (e.g. `0-3,6`) |
+/// | `broker_session_timeout` | 60 s | `BROKER_SESSION_TIMEOUT` (seconds) |
+/// | `broker_heartbeat_interval` | 3 s | `BROKER_HEARTBEAT_INTERVAL` (seconds) |
+/// | `broker_rebalance_timeout` | 60 s | `BROKER_REBALANCE_TIMEOUT` (seconds) |
+/// | `consumer_group_instance_id` | none | `CONSUMER_GROUP_INSTANCE_ID` |
+/// | `table_standby_replicas` | 1 | `TABLE_STANDBY_REPLICAS` |
 ///
 /// With `APP_ENV_PREFIX=X`, every variable is read as `X_NAME` instead (Faust's `env_prefix`).
 ///
@@ -100,13 +105,29 @@ pub struct Settings {
     /// 1 GiB.
     pub segment_bytes: u64,
     /// On `kafka://` only: the partition numbers this worker takes of every topic it
-    /// consumes (the agents' sources, repartition topics and the tables' changelogs), so that
-    /// several workers of one app can split a topic by hand until consumer groups land.
-    /// `None` (the default) takes every partition. Numbers a topic does not have are skipped
-    /// for that topic; a number no consumed topic has stops the worker at start-up. Faust has
-    /// no such setting. Other transports refuse it: `local://` has one worker, and
-    /// `memory://` splits partitions among its workers itself.
+    /// consumes (the agents' sources, repartition topics and the tables' changelogs), without
+    /// joining the app's consumer group: several workers of one app can split a topic by hand.
+    /// `None` (the default) joins the group, which shares the partitions out among the
+    /// workers. Numbers a topic does not have are skipped for that topic; a number no consumed
+    /// topic has stops the worker at start-up. Faust has no such setting. Other transports
+    /// refuse it: `local://` has one worker, and `memory://` splits partitions among its
+    /// workers itself.
     pub partitions: Option<Vec<u32>>,
+    /// On `kafka://`: how long the group waits for a worker's heartbeat before it gives the
+    /// worker's partitions to others. A takeover after a crash takes about this long.
+    pub broker_session_timeout: Duration,
+    /// On `kafka://`: how often a worker heartbeats (at most a third of the session timeout is
+    /// used).
+    pub broker_heartbeat_interval: Duration,
+    /// On `kafka://`: how long the group waits for its workers to rejoin when it rebalances.
+    pub broker_rebalance_timeout: Duration,
+    /// On `kafka://`: static membership. A worker restarted with the same id within the
+    /// session timeout gets its partitions back without a rebalance; each worker needs its
+    /// own, and a static worker does not leave the group when it stops.
+    pub consumer_group_instance_id: Option<String>,
+    /// On `kafka://`: how many other workers follow each table partition's changelog as a
+    /// standby, so that a takeover replays only what the standby has not read yet.
+    pub table_standby_replicas: u32,
 }
 
 /// What a stream does with a bad record: one whose key or value does not decode (malformed
@@ -170,6 +191,11 @@ impl Settings {
             max_record_bytes: 1 << 20,
             segment_bytes: 64 << 20,
             partitions: None,
+            broker_session_timeout: Duration::from_secs(60),
+            broker_heartbeat_interval: Duration::from_secs(3),
+            broker_rebalance_timeout: Duration::from_secs(60),
+            consumer_group_instance_id: None,
+            table_standby_replicas: 1,
         }
     }
 
@@ -235,16 +261,34 @@ impl Settings {
             }
             self.topic_partitions = n;
         }
-        if let Some(kv) = get("BROKER_COMMIT_INTERVAL") {
+        let seconds = |kv: (String, String)| -> Result<Duration, SettingsError> {
             let secs: f64 = parse(kv.clone(), "seconds, e.g. 2.8")?;
-            if !(secs.is_finite() && secs > 0.0) {
+            if !(secs.is_finite() && secs > 0.0 && secs < 1e9) {
                 return Err(SettingsError {
                     variable: kv.0,
                     value: kv.1,
                     reason: "expected a positive duration".into(),
                 });
             }
-            self.commit_interval = Duration::from_secs_f64(secs);
+            Ok(Duration::from_secs_f64(secs))
+        };
+        if let Some(kv) = get("BROKER_COMMIT_INTERVAL") {
+            self.commit_interval = seconds(kv)?;
+        }
+        if let Some(kv) = get("BROKER_SESSION_TIMEOUT") {
+            self.broker_session_timeout = seconds(kv)?;
+        }
+        if let Some(kv) = get("BROKER_HEARTBEAT_INTERVAL") {
+            self.broker_heartbeat_interval = seconds(kv)?;
+        }
+        if let Some(kv) = get("BROKER_REBALANCE_TIMEOUT") {
+            self.broker_rebalance_timeout = seconds(kv)?;
+        }
+        if let Some((_, v)) = get("CONSUMER_GROUP_INSTANCE_ID") {
+            self.consumer_group_instance_id = Some(v).filter(|v| !v.trim().is_empty());
+        }
+        if let Some(kv) = get("TABLE_STANDBY_REPLICAS") {
+            self.table_standby_replicas = parse(kv, "a number of replicas")?;
         }
         if let Some(kv) = get("BROKER_COMMIT_EVERY") {
             self.commit_every = parse(kv, "a number of events")?;

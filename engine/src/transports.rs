@@ -34,26 +34,25 @@ pub(crate) enum AnyMembership {
 }
 
 impl AnyTransport {
-    /// Opens the transport named by `url` for `cores` cores. `memory` serves `memory://`.
-    /// `partitions` (`Settings::partitions`, expanded over the topics the worker may
-    /// consume) is the static assignment on Kafka; the other transports refuse it.
+    /// Opens the transport named by `url` for `cores` cores. `memory` serves `memory://`;
+    /// `kafka` configures `kafka://`. Its `partitions` (`Settings::partitions`, expanded over
+    /// the topics the worker may consume) is the static assignment on Kafka; the other
+    /// transports refuse it.
     pub(crate) fn open(
         url: &str,
         cores: usize,
         memory: Option<&MemoryTransport>,
-        partitions: Option<Vec<TopicPartition>>,
+        kafka: KafkaOptions,
         segment_bytes: u64,
     ) -> Result<AnyTransport> {
-        let kafka =
-            |url: &str, partitions| KafkaTransport::open(url, KafkaOptions { partitions, ..KafkaOptions::default() });
         if url.starts_with("kafka://") {
-            return Ok(AnyTransport::Kafka(kafka(url, partitions)?));
+            return Ok(AnyTransport::Kafka(KafkaTransport::open(url, kafka)?));
         }
         // Faust's name for the same transport.
         if let Some(rest) = url.strip_prefix("aiokafka://") {
-            return Ok(AnyTransport::Kafka(kafka(&format!("kafka://{rest}"), partitions)?));
+            return Ok(AnyTransport::Kafka(KafkaTransport::open(&format!("kafka://{rest}"), kafka)?));
         }
-        if partitions.is_some() && (url.starts_with("local://") || url.starts_with("memory://")) {
+        if kafka.partitions.is_some() && (url.starts_with("local://") || url.starts_with("memory://")) {
             let reason = "the worker's partitions (--partitions, WORKER_PARTITIONS) can only be chosen on kafka://; \
                           local:// has one worker, which takes every partition, and memory:// splits them itself"
                 .to_string();
@@ -236,20 +235,22 @@ mod tests {
     #[test]
     fn only_kafka_takes_static_partitions() {
         let some = || Some(vec![TopicPartition::new("t", 0)]);
+        let kafka = || KafkaOptions { partitions: some(), ..KafkaOptions::default() };
         let dir = tempfile::tempdir().unwrap();
         let local = format!("local://{}", dir.path().display());
         for url in [local.as_str(), "memory://"] {
-            match AnyTransport::open(url, 1, None, some(), 64 << 20) {
+            match AnyTransport::open(url, 1, None, kafka(), 64 << 20) {
                 Err(faust_transport::Error::InvalidUrl { reason, .. }) => {
                     assert!(reason.contains("kafka://"), "{reason}")
                 }
                 other => panic!("{url}: {other:?}"),
             }
         }
-        match AnyTransport::open("kafka://127.0.0.1:9092", 1, None, some(), 64 << 20) {
+        match AnyTransport::open("kafka://127.0.0.1:9092", 1, None, kafka(), 64 << 20) {
             Ok(AnyTransport::Kafka(t)) => assert_eq!(t.options().partitions, some()),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(AnyTransport::open("memory://", 1, None, None, 64 << 20), Ok(AnyTransport::Memory(_))));
+        let none = KafkaOptions::default();
+        assert!(matches!(AnyTransport::open("memory://", 1, None, none, 64 << 20), Ok(AnyTransport::Memory(_))));
     }
 }

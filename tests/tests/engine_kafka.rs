@@ -25,6 +25,8 @@ fn run_on_kafka(
     s.topic_partitions = 3;
     s.commit_interval = Duration::from_millis(50);
     s.cores = Some(cores);
+    // tansu answers each JoinGroup round after half the session timeout.
+    s.broker_session_timeout = Duration::from_secs(2);
     let app = App::new(s);
     let orders = app.topic::<String, u64>(&format!("{id}-orders"));
     let counts = app.table::<String, u64>("counts").with_default(|| 0);

@@ -197,6 +197,15 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// A topic the worker consumes is gone from the broker although the worker's group had
+    /// it: it was deleted, or the broker lost its data.
+    #[error(
+        "the broker lost data of {topic}: the topic existed when this worker joined its group and is gone (deleted, or the broker lost its data)"
+    )]
+    TopicVanished {
+        /// The topic.
+        topic: String,
+    },
     /// The transport was shut down while the request was in flight.
     #[error("the transport is shut down")]
     Closed,

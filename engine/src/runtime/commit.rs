@@ -118,12 +118,19 @@ impl CoreRuntime {
         if lock(&self.lost_data).is_some() {
             return Err(FlushError::BrokerLostData);
         }
+        let shards: Vec<Rc<dyn AnyShard>> = self.shards.borrow().iter().flatten().flatten().cloned().collect();
         // A worker the group dropped (it missed a rebalance deadline) must not write
         // changelog records its successor could later replay as committed: ask first (an
         // empty fenced commit checks membership and writes nothing). This narrows the window
-        // to this commit's duration; closing it needs producer fencing.
+        // to this commit's duration; closing it needs producer fencing. A core with nothing
+        // to write (it holds no partition, or nothing changed) needs no membership to commit
+        // nothing.
         let fence = self.fence.borrow().clone();
-        if let Some(fence) = &fence {
+        let anything =
+            !self.acks.borrow().is_empty() || shards.iter().any(|s| s.is_dirty() || s.written_end().is_some());
+        if let Some(fence) = &fence
+            && anything
+        {
             self.transport.commit(&self.group, Some(fence), &[]).await?;
         }
         // Events acked from now on are the next commit's (`commit_every` counts them).
@@ -140,7 +147,6 @@ impl CoreRuntime {
         // await in between), so the frozen state holds exactly the effects of the events below
         // them: writes are applied when their event is acked, so only events acked out of
         // order (past the committable offset) could add more; then this commit waits.
-        let shards: Vec<Rc<dyn AnyShard>> = self.shards.borrow().iter().flatten().flatten().cloned().collect();
         let committable = |tp: &TopicPartition| lowest.get(tp).copied();
         if shards.iter().any(|s| s.applied_beyond(&committable)) {
             let deferred = self.deferred_commits.get() + 1;

@@ -171,8 +171,20 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
             names.chain(tables.iter().map(|t| t.changelog().clone())).collect();
         names.iter().flat_map(|n| numbers.iter().map(move |&p| TopicPartition::new(n.clone(), p))).collect::<Vec<_>>()
     });
-    let transport =
-        AnyTransport::open(&settings.broker_url(), cores, memory.as_ref(), partitions, settings.segment_bytes)?;
+    let kafka = faust_transport::KafkaOptions {
+        partitions,
+        session_timeout: settings.broker_session_timeout,
+        heartbeat_interval: settings.broker_heartbeat_interval,
+        rebalance_timeout: settings.broker_rebalance_timeout,
+        group_instance_id: settings.consumer_group_instance_id.clone(),
+        standby_replicas: settings.table_standby_replicas,
+        // Where the CLI reaches this worker (the web server's URL once there is one).
+        advertised_url: std::path::absolute(settings.datadir.join(crate::control::SOCKET_NAME))
+            .map(|p| format!("unix://{}", p.display()))
+            .unwrap_or_default(),
+        ..faust_transport::KafkaOptions::default()
+    };
+    let transport = AnyTransport::open(&settings.broker_url(), cores, memory.as_ref(), kafka, settings.segment_bytes)?;
     let startup = Arc::new(Startup {
         topics_ready: AtomicBool::new(false),
         cores_ready: std::sync::atomic::AtomicUsize::new(0),
@@ -217,6 +229,7 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
                         topics: counts.keys().map(|t| t.to_string()).collect(),
                         copartitioned: groups.iter().map(|g| g.iter().map(|t| t.to_string()).collect()).collect(),
                         weight: cores as u32,
+                        changelogs: tables.iter().map(|t| t.changelog().to_string()).collect(),
                     };
                     // A core releases within the shutdown timeout (agents finishing their
                     // events) plus a commit; the rest is margin for a loaded machine.

@@ -92,6 +92,8 @@ pub(crate) struct LiveMember {
 #[derive(Debug, Default)]
 pub(crate) struct Live {
     by_group: Mutex<HashMap<String, LiveMember>>,
+    /// Topics a member of this process found on the broker (one gone later was lost).
+    topics_seen: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Live {
@@ -106,6 +108,14 @@ impl Live {
             Some(m) => Ok(m.clone()),
             None => Err("not a member of the group (it left)".to_string()),
         }
+    }
+
+    fn saw_topics<'a>(&self, topics: impl Iterator<Item = &'a String>) {
+        self.topics_seen.lock().unwrap_or_else(|p| p.into_inner()).extend(topics.cloned());
+    }
+
+    fn had_topic(&self, topic: &str) -> bool {
+        self.topics_seen.lock().unwrap_or_else(|p| p.into_inner()).contains(topic)
     }
 
     fn update(&self, group: &str, f: impl FnOnce(&mut LiveMember)) {
@@ -481,9 +491,13 @@ impl MemberThread {
         for t in &self.join.topics {
             match counts.get(t) {
                 Some(&n) => topics.push((t.clone(), n)),
+                None if self.shared.live.had_topic(t) => {
+                    return Err(Step::Fatal(Error::TopicVanished { topic: t.clone() }));
+                }
                 None => return Err(Step::Fatal(Error::UnknownTopic { topic: t.clone() })),
             }
         }
+        self.shared.live.saw_topics(topics.iter().map(|(t, _)| t));
         Ok(MemberData {
             weight: self.join.weight.max(1),
             url: self.options().advertised_url.clone(),
