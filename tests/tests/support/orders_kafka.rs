@@ -155,6 +155,11 @@ pub(crate) fn worker(broker: &str, datadir: &Path, log: &Path) -> Child {
 
 /// An orders worker on `broker` with more `worker` arguments.
 pub(crate) fn worker_with(broker: &str, datadir: &Path, log: &Path, args: &[&str]) -> Child {
+    worker_env(broker, datadir, log, args, &[])
+}
+
+/// An orders worker on `broker` with more `worker` arguments and environment variables.
+pub(crate) fn worker_env(broker: &str, datadir: &Path, log: &Path, args: &[&str], env: &[(&str, &str)]) -> Child {
     Command::new(ORDERS_BIN)
         .arg("--broker")
         .arg(format!("kafka://{broker}"))
@@ -169,6 +174,7 @@ pub(crate) fn worker_with(broker: &str, datadir: &Path, log: &Path, args: &[&str
         .env("BROKER_SESSION_TIMEOUT", "2")
         .env_remove("RUST_LOG")
         .env_remove("FAUST_CRASH_AT")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap())
         .spawn()
@@ -229,4 +235,45 @@ pub(crate) fn assert_exact(counted: &BTreeMap<String, u64>, truth: &BTreeMap<Str
     let wrong: Vec<_> = truth.iter().filter(|(k, v)| counted.get(*k) != Some(v)).take(5).collect();
     assert!(wrong.is_empty(), "{what}: accounts counted wrongly (truth shown): {wrong:?}");
     assert_eq!(counted, truth, "{what}");
+}
+
+/// Produces orders `from..to` into `orders` (created with 4 partitions if missing) with
+/// rskafka, a client independent of ours, keyed by order id, order `id` into partition
+/// `id % 4`; returns them counted per account.
+pub(crate) fn produce_orders_rskafka(broker: &str, from: u64, to: u64) -> BTreeMap<String, u64> {
+    use chrono::{TimeZone, Utc};
+    use rskafka::client::partition::{Compression, UnknownTopicHandling};
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    runtime.block_on(async {
+        let client = rskafka::client::ClientBuilder::new(vec![broker.to_string()]).build().await.expect("rskafka");
+        let controller = client.controller_client().expect("controller");
+        // An existing topic is fine (a second batch of orders).
+        let _ = controller.create_topic("orders", 4, 1, 5_000).await;
+        let now = Utc.timestamp_millis_opt(
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64,
+        );
+        let now = now.single().expect("a timestamp");
+        let mut truth = BTreeMap::new();
+        let mut per_partition: Vec<Vec<rskafka::record::Record>> = vec![Vec::new(); 4];
+        for id in from..to {
+            let (account, value) = order(id);
+            *truth.entry(account).or_insert(0) += 1;
+            per_partition[(id % 4) as usize].push(rskafka::record::Record {
+                key: Some(format!("order-{id}").into_bytes()),
+                value: Some(value),
+                headers: Default::default(),
+                timestamp: now,
+            });
+        }
+        for (p, records) in per_partition.into_iter().enumerate() {
+            let pc = client
+                .partition_client("orders".to_string(), p as i32, UnknownTopicHandling::Retry)
+                .await
+                .expect("partition client");
+            for chunk in records.chunks(2_000) {
+                pc.produce(chunk.to_vec(), Compression::NoCompression).await.expect("produce with rskafka");
+            }
+        }
+        truth
+    })
 }

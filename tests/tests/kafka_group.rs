@@ -1,0 +1,125 @@
+//! Several worker processes of the orders example share one app through a Kafka consumer
+//! group (our assignor on the group's leader), against a tansu broker of each test's own:
+//! the orders, produced by an independent client (rskafka), are counted exactly once between
+//! them, every worker gets partitions, and when one is SIGKILLed the others take its
+//! partitions over (recovering its counts from the changelog) and go on counting exactly.
+//!
+//! The example's app id is fixed (`orders`), so each test starts a broker of its own on a free
+//! port (`FAUST_TANSU_BIN`, exported by `scripts/test`). Skipped, with a notice, without
+//! `FAUST_TEST_BROKER` (or the tansu binary).
+
+#[path = "support/orders_kafka.rs"]
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// One worker process, with its data directory and log.
+struct Worker {
+    child: Child,
+    data: PathBuf,
+    log: PathBuf,
+}
+
+impl Worker {
+    /// Worker `n` of the group, on one core (so that three fit this machine's two cores).
+    fn start(broker: &str, dir: &std::path::Path, n: usize) -> Worker {
+        let (data, log) = (dir.join(format!("data-{n}")), dir.join(format!("worker-{n}.log")));
+        let child = worker_env(broker, &data, &log, &[], &[("WORKER_CORES", "1")]);
+        Worker { child, data, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every worker's counts, merged, once they add up to `total` and stay so for half a second
+/// (read twice: a hand-over between two reads could show an account on two workers or on
+/// none). Fails, with the logs, if a worker exits or it takes longer than `within`. Returns
+/// the merged counts and each worker's number of accounts.
+fn wait_for_group_counts(workers: &mut [Worker], total: u64, within: Duration) -> (BTreeMap<String, u64>, Vec<usize>) {
+    let start = Instant::now();
+    let mut last = 0;
+    let read = |workers: &[Worker]| -> Option<(BTreeMap<String, u64>, Vec<usize>)> {
+        let mut merged = BTreeMap::new();
+        let mut sizes = Vec::new();
+        for w in workers {
+            let c = counts(&w.data)?;
+            sizes.push(c.len());
+            for (k, v) in c {
+                if merged.insert(k, v).is_some() {
+                    return None;
+                }
+            }
+        }
+        Some((merged, sizes))
+    };
+    loop {
+        for w in workers.iter_mut() {
+            if let Some(status) = w.child.try_wait().unwrap() {
+                panic!("a worker exited ({status}); its log:\n{}", w.log());
+            }
+        }
+        if let Some((merged, _)) = read(workers) {
+            last = merged.values().sum();
+            if last >= total {
+                std::thread::sleep(Duration::from_millis(500));
+                if let Some(again) = read(workers)
+                    && again.0 == merged
+                {
+                    return again;
+                }
+            }
+        }
+        if start.elapsed() > within {
+            let logs: Vec<String> = workers.iter().map(|w| w.log()).collect();
+            panic!("only {last} of {total} orders counted within {within:?}; the logs:\n{}", logs.join("\n---\n"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn three_workers_share_the_orders_and_take_over_from_a_killed_one() {
+    let Some(bin) = tansu("three_workers_share_the_orders_and_take_over_from_a_killed_one") else { return };
+    let broker = Broker::start(&bin);
+    let dir = tempfile::tempdir().unwrap();
+    let first: u64 = 30_000;
+    let mut truth = produce_orders_rskafka(&broker.addr(), 0, first);
+    let mut workers: Vec<Worker> = (0..3).map(|n| Worker::start(&broker.addr(), dir.path(), n)).collect();
+    let started = Instant::now();
+    let (counted, sizes) = wait_for_group_counts(&mut workers, first, Duration::from_secs(180));
+    eprintln!("three workers counted {first} orders in {:?}; accounts per worker: {sizes:?}", started.elapsed());
+    assert_exact(&counted, &truth, "three workers in one group");
+    assert!(sizes.iter().all(|&n| n > 0), "every worker holds some of the counts: {sizes:?}");
+
+    // SIGKILL one: the others take its partitions over and count what comes next.
+    let mut killed = workers.pop().expect("three workers");
+    signal_and_wait(&mut killed.child, libc::SIGKILL, Duration::from_secs(10));
+    let killed_at = Instant::now();
+    for (k, v) in produce_orders_rskafka(&broker.addr(), first, first + 10_000) {
+        *truth.entry(k).or_insert(0) += v;
+    }
+    let (counted, sizes) = wait_for_group_counts(&mut workers, first + 10_000, Duration::from_secs(120));
+    eprintln!(
+        "the two left counted everything {:?} after the SIGKILL; accounts per worker: {sizes:?}",
+        killed_at.elapsed()
+    );
+    assert_exact(&counted, &truth, "after a worker was SIGKILLed");
+    for w in &mut workers {
+        let status = signal_and_wait(&mut w.child, libc::SIGTERM, Duration::from_secs(60));
+        assert!(status.success(), "SIGTERM stops gracefully: {status}; the log:\n{}", w.log());
+    }
+}
