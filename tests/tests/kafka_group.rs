@@ -36,6 +36,13 @@ impl Worker {
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// The worker's `stats --json`, through the CLI.
+    fn stats(&self) -> serde_json::Value {
+        let out = cli(&self.data, &["stats", "--json"]);
+        assert!(out.status.success(), "stats: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("stats --json prints JSON")
+    }
 }
 
 impl Drop for Worker {
@@ -104,6 +111,23 @@ fn three_workers_share_the_orders_and_take_over_from_a_killed_one() {
     eprintln!("three workers counted {first} orders in {:?}; accounts per worker: {sizes:?}", started.elapsed());
     assert_exact(&counted, &truth, "three workers in one group");
     assert!(sizes.iter().all(|&n| n > 0), "every worker holds some of the counts: {sizes:?}");
+    // Each changelog partition (one per table shard the workers recovered) has a standby on
+    // another worker (table_standby_replicas = 1), kept up to date in the background.
+    let start = Instant::now();
+    loop {
+        let stats: Vec<serde_json::Value> = workers.iter().map(Worker::stats).collect();
+        let standbys: u64 = stats.iter().map(|s| s["standby_partitions"].as_u64().unwrap_or(0)).sum();
+        let applied: u64 = stats.iter().map(|s| s["standby_records_applied"].as_u64().unwrap_or(0)).sum();
+        let shards: u64 = stats.iter().map(|s| s["shards_recovered"].as_u64().unwrap_or(0)).sum();
+        if standbys == shards && applied > 0 {
+            eprintln!("standbys: {standbys} partitions, {applied} records applied");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "standbys not followed within 30 s: {stats:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let replayed_before: Vec<u64> =
+        workers.iter().map(|w| w.stats()["changelog_records_replayed"].as_u64().unwrap_or(0)).collect();
 
     // SIGKILL one: the others take its partitions over and count what comes next.
     let mut killed = workers.pop().expect("three workers");
@@ -118,6 +142,16 @@ fn three_workers_share_the_orders_and_take_over_from_a_killed_one() {
         killed_at.elapsed()
     );
     assert_exact(&counted, &truth, "after a worker was SIGKILLed");
+    // The takeover promoted the standbys: it replayed only what they had not applied.
+    let stats: Vec<serde_json::Value> = workers.iter().map(Worker::stats).collect();
+    let promoted: u64 = stats.iter().map(|s| s["standbys_promoted"].as_u64().unwrap_or(0)).sum();
+    let replayed: u64 = stats
+        .iter()
+        .zip(&replayed_before)
+        .map(|(s, before)| s["changelog_records_replayed"].as_u64().unwrap_or(0) - before)
+        .sum();
+    eprintln!("takeover: {promoted} standbys promoted, {replayed} changelog records replayed");
+    assert!(promoted >= 1, "the takeover promoted a standby: {stats:?}");
     for w in &mut workers {
         let status = signal_and_wait(&mut w.child, libc::SIGTERM, Duration::from_secs(60));
         assert!(status.success(), "SIGTERM stops gracefully: {status}; the log:\n{}", w.log());

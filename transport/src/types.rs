@@ -124,6 +124,15 @@ pub enum AssignmentEvent {
         /// The partitions taken away.
         partitions: Vec<TopicPartition>,
     },
+    /// The changelog partitions this worker follows as a standby replica from now on (all of
+    /// them: the list replaces the previous one). A standby keeps a local copy of another
+    /// worker's table partition up to date, so that taking it over replays only the tail.
+    Standbys {
+        /// The group generation.
+        generation: u64,
+        /// The changelog partitions to follow.
+        partitions: Vec<TopicPartition>,
+    },
 }
 
 /// What a worker tells its group when it joins: which partitions it can take and how much.

@@ -64,6 +64,9 @@ pub(crate) struct Command {
     pub(crate) close: Vec<TopicPartition>,
     /// Partitions to start processing (sources) or to open (changelogs).
     pub(crate) take: Vec<TopicPartition>,
+    /// With `Some`, the changelog partitions this core follows as standbys from now on (all
+    /// of them).
+    pub(crate) standbys: Option<Vec<TopicPartition>>,
     /// The released partitions were lost (the group dropped this worker): nothing of them
     /// is committed (the commit would be refused) and their shards are closed.
     pub(crate) lost: bool,
@@ -110,7 +113,7 @@ impl Commands {
 impl CoreRuntime {
     /// Applies one command: release, close, take. Answers it, also on failure.
     pub(crate) async fn apply(self: &Rc<Self>, command: Command) {
-        let Command { fence, release, close, take, lost, done } = command;
+        let Command { fence, release, close, take, standbys, lost, done } = command;
         if fence.is_some() {
             *self.fence.borrow_mut() = fence;
         }
@@ -119,9 +122,15 @@ impl CoreRuntime {
             report.suspended = self.release(&release, lost).await;
         }
         for tp in &close {
-            if self.suspended.borrow_mut().remove(tp).is_some() {
-                tracing::debug!(core = self.index, changelog = %tp, "closed a suspended shard (moved elsewhere)");
+            if self.suspended.borrow_mut().remove(tp).is_some() || self.close_standby(tp).await {
+                tracing::debug!(core = self.index, changelog = %tp, "closed a suspended or standby shard (moved elsewhere)");
             }
+        }
+        if let Some(standbys) = standbys
+            && let Err(e) = self.set_standbys(&standbys).await
+        {
+            // A standby is an optimisation: without it, a takeover replays the whole changelog.
+            tracing::warn!(core = self.index, error = %e, "opening standby shards failed");
         }
         match self.take(&take).await {
             Ok(()) => done.set(Ok(report)),
@@ -300,7 +309,15 @@ impl CoreRuntime {
             let Some(table) = self.is_changelog(tp) else { continue };
             let shard = match self.resume(tp).await? {
                 Some(shard) => shard,
-                None => self.open_shard(table, tp.partition).await?,
+                None => match self.take_standby(tp).await {
+                    Some(standby) => {
+                        self.stats.standbys_promoted.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(core = self.index, changelog = %tp, at = standby.checkpointed_changelog(),
+                            "promoting a standby shard");
+                        self.recover_shard(standby).await?
+                    }
+                    None => self.recover_shard(self.open_store(table, tp.partition)?).await?,
+                },
             };
             let mut shards = self.shards.borrow_mut();
             let list = &mut shards[table];
@@ -354,15 +371,18 @@ impl CoreRuntime {
         Ok(Some(suspended.shard))
     }
 
-    /// Opens the shard of `table`'s `partition` and recovers it from its changelog.
-    async fn open_shard(&self, table: usize, partition: u32) -> Result<Rc<dyn AnyShard>, String> {
+    /// Opens the shard of `table`'s `partition` (its store as it is on disk, not recovered).
+    pub(crate) fn open_store(&self, table: usize, partition: u32) -> Result<Rc<dyn AnyShard>, String> {
         let settings = self.settings();
         let meta = self.tables.get(table).ok_or_else(|| format!("no table #{table}"))?;
         let dir = (settings.store != "memory://" && !meta.in_memory())
             .then(|| settings.datadir.join("tables").join(&**meta.name()).join(partition.to_string()));
-        let shard = meta
-            .open(crate::runtime::state::ShardArgs { partition, dir, segment_bytes: settings.segment_bytes })
-            .map_err(|e| e.to_string())?;
+        meta.open(crate::runtime::state::ShardArgs { partition, dir, segment_bytes: settings.segment_bytes })
+            .map_err(|e| e.to_string())
+    }
+
+    /// Recovers `shard` from its changelog, from where it stands to the committed offset.
+    async fn recover_shard(&self, shard: Rc<dyn AnyShard>) -> Result<Rc<dyn AnyShard>, String> {
         let fence = self.fence.borrow().clone();
         let recovered = crate::runtime::recovery::recover(&self.transport, &self.group, fence.as_ref(), &shard)
             .await

@@ -22,6 +22,7 @@ pub(crate) mod queue;
 pub(crate) mod recovery;
 pub(crate) mod sends;
 pub(crate) mod signal;
+pub(crate) mod standby;
 pub(crate) mod state;
 pub(crate) mod stats;
 pub(crate) mod supervise;
@@ -108,6 +109,11 @@ pub(crate) struct CoreRuntime {
     /// Shards of revoked partitions, kept open in case they come back (by changelog
     /// partition).
     suspended: RefCell<HashMap<TopicPartition, crate::runtime::assignment::Suspended>>,
+    /// Shards this core follows as a standby replica (by changelog partition): never reachable
+    /// from stream processing, brought up to the committed changelog offset in the background.
+    standbys: RefCell<HashMap<TopicPartition, Rc<dyn AnyShard>>>,
+    /// Held by a standby catch-up pass, and by whoever takes a standby shard out of it.
+    standby_lock: glommio::sync::Semaphore,
     /// The consumer of each source partition this core processes.
     consumers: RefCell<HashMap<TopicPartition, crate::runtime::assignment::Consumer>>,
     /// Who commits, for transports with groups.
@@ -231,6 +237,8 @@ impl CoreRuntime {
             app_stop,
             shards: RefCell::new(tables.iter().map(|_| Vec::new()).collect()),
             suspended: RefCell::new(HashMap::default()),
+            standbys: RefCell::new(HashMap::default()),
+            standby_lock: glommio::sync::Semaphore::new(1),
             consumers: RefCell::new(HashMap::default()),
             fence: RefCell::new(None),
             commit_lock: glommio::sync::Semaphore::new(1),
@@ -295,6 +303,7 @@ impl CoreRuntime {
         let runtime = Rc::try_unwrap(self).map_err(|_| "a task still holds the core's runtime".to_string())?;
         // Suspended shards were checkpointed when they were suspended: closing them is enough.
         drop(runtime.suspended);
+        drop(runtime.standbys);
         drop(runtime.shards);
         runtime.transport.shutdown().await.map_err(|e| e.to_string())
     }

@@ -125,8 +125,11 @@ pub(crate) trait AnyShard {
     /// A bounded step (about `budget_bytes`) of compaction of the shard's store, once its
     /// superseded records pass the store's threshold; whether more is waiting.
     fn compact_store(&self, budget_bytes: usize) -> Result<bool, TableError>;
-    /// The changelog offset the store opened at.
+    /// The changelog offset the shard's state stands at without any replay: the store's
+    /// checkpoint when it opened, or as far as a standby replayed since.
     fn checkpointed_changelog(&self) -> u64;
+    /// A standby replayed the changelog up to `changelog_offset` (and checkpointed there).
+    fn advance_to(&self, changelog_offset: u64);
     /// Applies changelog records during recovery.
     fn replay(&self, records: &[Record], end: u64) -> Result<(), TableError>;
     /// The encoded current value of an encoded key (`None`: absent), for recovery.

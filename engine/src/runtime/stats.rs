@@ -50,6 +50,14 @@ pub struct WorkerStats {
     pub late_events: u64,
     /// Windows closed (each key's window counts once).
     pub windows_closed: u64,
+    /// Changelog partitions this worker follows as a standby replica now (Kafka groups with
+    /// `table_standby_replicas`).
+    pub standby_partitions: u64,
+    /// Changelog records the standbys applied in the background.
+    pub standby_records_applied: u64,
+    /// Standby shards promoted to active when their partition was assigned here (recovery
+    /// then replays only what the standby had not applied).
+    pub standbys_promoted: u64,
 }
 
 /// The counters behind [`WorkerStats`], shared by the cores and the control thread.
@@ -68,6 +76,9 @@ pub(crate) struct Counters {
     pub(crate) offsets_lost_to_damage: AtomicU64,
     pub(crate) late_events: AtomicU64,
     pub(crate) windows_closed: AtomicU64,
+    pub(crate) standby_partitions: AtomicU64,
+    pub(crate) standby_records_applied: AtomicU64,
+    pub(crate) standbys_promoted: AtomicU64,
     /// Cores whose writes fail now.
     pub(crate) blocked_cores: AtomicU64,
     /// What is wrong now, by where (`core 0 writes`, `orders/6`): shown by `stats`.
@@ -99,6 +110,9 @@ impl Counters {
             lag,
             late_events: get(&self.late_events),
             windows_closed: get(&self.windows_closed),
+            standby_partitions: get(&self.standby_partitions),
+            standby_records_applied: get(&self.standby_records_applied),
+            standbys_promoted: get(&self.standbys_promoted),
         }
     }
 

@@ -122,7 +122,8 @@ pub(crate) struct Shard<K, V> {
     partition: u32,
     changelog: TopicPartition,
     state: RefCell<State<K, V>>,
-    checkpointed_changelog: u64,
+    /// See [`AnyShard::checkpointed_changelog`].
+    checkpointed_changelog: std::cell::Cell<u64>,
     /// See [`AnyShard::written_end`].
     written_end: std::cell::Cell<Option<u64>>,
     /// Unique among the shards the process opened: what a view kept beside the shard (a
@@ -683,7 +684,11 @@ where
     }
 
     fn checkpointed_changelog(&self) -> u64 {
-        self.checkpointed_changelog
+        self.checkpointed_changelog.get()
+    }
+
+    fn advance_to(&self, changelog_offset: u64) {
+        self.checkpointed_changelog.set(changelog_offset);
     }
 
     fn replay(&self, records: &[Record], end: u64) -> Result<(), TableError> {
@@ -893,7 +898,7 @@ where
                 frozen_deletions: 0,
                 key_scratch: Vec::new(),
             }),
-            checkpointed_changelog: checkpointed.changelog,
+            checkpointed_changelog: std::cell::Cell::new(checkpointed.changelog),
             written_end: std::cell::Cell::new(None),
             instance: NEXT_INSTANCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             undos: std::cell::Cell::new(0),

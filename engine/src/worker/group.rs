@@ -24,6 +24,8 @@ pub(crate) struct Placement {
     placed: HashMap<TopicPartition, usize>,
     /// The core holding the suspended shard of each changelog partition.
     suspended: HashMap<TopicPartition, usize>,
+    /// The core following each changelog partition this worker is a standby of.
+    standbys: HashMap<TopicPartition, usize>,
     /// How long a core may take to apply a command before the worker gives up.
     timeout: Duration,
 }
@@ -36,15 +38,25 @@ impl Placement {
         commands: Vec<Arc<Commands>>,
         timeout: Duration,
     ) -> Placement {
-        Placement { transport, cores, groups, commands, placed: HashMap::new(), suspended: HashMap::new(), timeout }
+        Placement {
+            transport,
+            cores,
+            groups,
+            commands,
+            placed: HashMap::new(),
+            suspended: HashMap::new(),
+            standbys: HashMap::new(),
+            timeout,
+        }
     }
 
     /// Where each of `owned` goes: sticky (to its core, or to the core holding its suspended
-    /// shard) and balanced over the cores, co-partitioned groups together.
+    /// or standby shard) and balanced over the cores, co-partitioned groups together.
     pub(crate) fn target(&self, owned: &BTreeSet<TopicPartition>) -> HashMap<TopicPartition, usize> {
         let members: Vec<(usize, u32)> = (0..self.cores.max(1)).map(|c| (c, 1)).collect();
         let partitions: Vec<TopicPartition> = owned.iter().cloned().collect();
-        let mut previous = self.suspended.clone();
+        let mut previous = self.standbys.clone();
+        previous.extend(self.suspended.iter().map(|(tp, c)| (tp.clone(), *c)));
         previous.extend(self.placed.iter().map(|(tp, c)| (tp.clone(), *c)));
         let input = faust_transport::AssignInput {
             members: &members,
@@ -84,7 +96,7 @@ impl Placement {
                 }
             }
         }
-        for (tp, &core) in &self.suspended {
+        for (tp, &core) in self.suspended.iter().chain(&self.standbys) {
             if target.get(tp).is_some_and(|&c| c != core) {
                 close[core].push(tp.clone());
             }
@@ -139,8 +151,57 @@ impl Placement {
             if self.suspended.get(tp) == Some(&core) {
                 self.suspended.remove(tp);
             }
+            // Promoted where it was, or closed there (phase 1) and recovered elsewhere.
+            self.standbys.remove(tp);
         }
         Ok(())
+    }
+
+    /// Makes `partitions` (changelog partitions, none owned by this worker) the worker's
+    /// standbys: each stays on the core following it, or goes to the core holding its
+    /// suspended shard, or to the core with the fewest.
+    pub(crate) async fn set_standbys(&mut self, partitions: &[TopicPartition]) -> Result<(), String> {
+        let n = self.cores.max(1);
+        let mut placed: HashMap<TopicPartition, usize> = HashMap::new();
+        let mut load = vec![0usize; n];
+        let mut fresh = Vec::new();
+        for tp in partitions.iter().filter(|tp| !self.placed.contains_key(*tp)) {
+            match self.standbys.get(tp).or_else(|| self.suspended.get(tp)) {
+                Some(&core) => {
+                    placed.insert(tp.clone(), core);
+                    load[core] += 1;
+                }
+                None => fresh.push(tp.clone()),
+            }
+        }
+        fresh.sort();
+        for tp in fresh {
+            let core = (0..n).min_by_key(|&c| (load[c], c)).unwrap_or(0);
+            load[core] += 1;
+            placed.insert(tp, core);
+        }
+        let mut lists: Vec<Vec<TopicPartition>> = vec![Vec::new(); n];
+        for (tp, &core) in &placed {
+            lists[core].push(tp.clone());
+        }
+        let pending: Vec<(usize, Arc<Done>)> = lists
+            .into_iter()
+            .enumerate()
+            .map(|(c, mut list)| {
+                list.sort();
+                self.send(c, Command { standbys: Some(list), ..Command::default() })
+            })
+            .collect();
+        self.wait_all(pending, "follow its standbys").await?;
+        // A suspended shard that became a standby is the standby now.
+        self.suspended.retain(|tp, _| !placed.contains_key(tp));
+        self.standbys = placed;
+        Ok(())
+    }
+
+    /// How many changelog partitions the worker follows as a standby.
+    pub(crate) fn standby_count(&self) -> usize {
+        self.standbys.len()
     }
 
     /// Drops every partition and suspended shard at once, committing nothing: the group
@@ -161,6 +222,7 @@ impl Placement {
                 let command = Command {
                     release: std::mem::take(&mut release[c]),
                     close: std::mem::take(&mut close[c]),
+                    standbys: Some(Vec::new()),
                     lost: true,
                     ..Command::default()
                 };
@@ -170,6 +232,7 @@ impl Placement {
         let result = self.wait_all(pending, "drop lost partitions").await.map(|_| ());
         self.placed.clear();
         self.suspended.clear();
+        self.standbys.clear();
         result
     }
 
@@ -302,6 +365,18 @@ impl Control {
                 }
             };
             let (g, revoked) = match &event {
+                AssignmentEvent::Standbys { partitions, .. } => {
+                    if let Err(e) = self.placement.set_standbys(partitions).await {
+                        if !self.stop.is_stopped() {
+                            self.fail(&e);
+                        }
+                        break;
+                    }
+                    let count = self.placement.standby_count() as u64;
+                    self.counters.standby_partitions.store(count, Ordering::Relaxed);
+                    tracing::info!(group = %self.group, standbys = count, "following standby partitions");
+                    continue;
+                }
                 AssignmentEvent::Assigned { generation, partitions } => {
                     owned.extend(partitions.iter().cloned());
                     (*generation, false)

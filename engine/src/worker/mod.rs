@@ -519,6 +519,8 @@ async fn core_main(
     let committer = glommio::spawn_local(crate::runtime::commit::run_commits(runtime.clone()));
     // Compaction and retention, so that the disk stays bounded.
     let upkeep = glommio::spawn_local(crate::runtime::upkeep::run_upkeep(runtime.clone()));
+    // Standby replicas, brought up to the committed changelog offsets.
+    let standbys = glommio::spawn_local(crate::runtime::standby::run_standbys(runtime.clone()));
 
     // Buffered sends.
     let flusher = glommio::spawn_local(crate::runtime::sends::flush_buffered(runtime.clone()));
@@ -565,6 +567,7 @@ async fn core_main(
     }
     committer.await;
     upkeep.await;
+    standbys.await;
     flusher.await;
     if let Some(task) = outbox_task {
         task.await;

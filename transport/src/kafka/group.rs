@@ -195,6 +195,7 @@ impl GroupMember {
             owned: BTreeSet::new(),
             revoking: HashMap::new(),
             standbys: Vec::new(),
+            pending_standbys: None,
             joined_once: false,
             rejoin: true,
             next_heartbeat: Instant::now(),
@@ -283,8 +284,10 @@ struct MemberThread {
     owned: BTreeSet<TopicPartition>,
     /// Partitions being revoked, with the generation of their revoke.
     revoking: HashMap<TopicPartition, u64>,
-    /// The standby partitions of the latest assignment.
+    /// The standby partitions of the latest assignment, sorted.
     standbys: Vec<TopicPartition>,
+    /// A change of the standbys, given to the engine after the round's other events.
+    pending_standbys: Option<AssignmentEvent>,
     /// Whether the first assignment was given to the engine.
     joined_once: bool,
     /// Whether the member must (re)join before its next heartbeat.
@@ -616,7 +619,15 @@ impl MemberThread {
             }
         };
         self.generation = generation;
-        self.standbys = data.standbys;
+        let mut standbys = data.standbys;
+        standbys.sort();
+        if standbys != self.standbys {
+            self.standbys = standbys;
+            let event =
+                AssignmentEvent::Standbys { generation: generation.max(0) as u64, partitions: self.standbys.clone() };
+            // After the partitions' own events: a revoked partition's shard may become a standby.
+            self.pending_standbys = Some(event);
+        }
         self.rejoin = false;
         self.next_heartbeat = Instant::now() + self.heartbeat_interval();
         let (member_id, generation) = (self.member_id.clone(), self.generation);
@@ -625,6 +636,9 @@ impl MemberThread {
             m.generation = generation;
         });
         self.deliver(granted);
+        if let Some(event) = self.pending_standbys.take() {
+            let _ = self.events.unbounded_send(Ok(event));
+        }
         Ok(())
     }
 
