@@ -2,6 +2,7 @@
 //! W4, the takeover measurement and the codec section.
 
 pub mod codec;
+pub mod kafka_group;
 pub mod takeover;
 pub mod w2;
 pub mod w3;

@@ -594,6 +594,8 @@ mod tests {
                                     AssignmentEvent::Revoked { generation, partitions } => {
                                         w.revoking.push((generation, partitions))
                                     }
+                                    // The memory coordinator places no standbys.
+                                    AssignmentEvent::Standbys { .. } => {}
                                 }
                             }
                         }
@@ -635,6 +637,7 @@ mod tests {
                                     w.owns.remove(&tp);
                                 }
                             }
+                            AssignmentEvent::Standbys { .. } => {}
                         }
                     }
                     // Revokes read earlier and not yet confirmed are confirmed too.

@@ -89,6 +89,7 @@ fn settle_from(t: &MemoryTransport, members: &mut [&mut MemoryMembership], mut o
                         }
                         block_on(m.revoked(generation)).expect("confirm");
                     }
+                    AssignmentEvent::Standbys { .. } => panic!("the memory transport places no standbys"),
                 }
             }
         }
@@ -358,6 +359,7 @@ fn workers_on_threads_never_hold_a_partition_together() {
                         }
                         block_on(m.revoked(g)).expect("confirm");
                     }
+                    AssignmentEvent::Standbys { .. } => panic!("the memory transport places no standbys"),
                 }
             }
             // Leave like a worker shutting down: commit, release, leave.

@@ -12,7 +12,10 @@
 //! - produce: the same records into a fresh 4-partition topic, batches of 5,000 records, one
 //!   batch in flight per partition, acks=all, for both clients;
 //! - W2 on `kafka://`: a `faust::App` on 1 core counting the pre-loaded orders per account in
-//!   a table with its changelog, events/s from its first event to the last (`w2::run_on`).
+//!   a table with its changelog, events/s from its first event to the last (`w2::run_on`);
+//! - consumer groups, with worker processes (`faust_bench::kafka_group`): takeover after a
+//!   SIGKILL, the pause a join costs the partitions that do not move, and W2 with two worker
+//!   processes against one.
 //!
 //! ```text
 //! cargo run --release -p faust-bench --bin kafka -- --quick --json
@@ -60,6 +63,12 @@ struct Args {
     /// Only W2 through kafka://, once per round (for profiling).
     #[arg(long)]
     only_w2: bool,
+    /// Only the consumer-group figures (takeover, rebalance pause, W2 with two workers).
+    #[arg(long)]
+    only_groups: bool,
+    /// Without the consumer-group figures.
+    #[arg(long)]
+    skip_groups: bool,
 }
 
 const PARTITIONS: u32 = 4;
@@ -423,6 +432,8 @@ struct Figures {
     /// W2's floor: the decode and count on one plain thread over the orders in memory.
     floor: f64,
     preload_s: f64,
+    /// The consumer-group figures.
+    groups: Option<faust_bench::kafka_group::GroupFigures>,
 }
 
 /// `a[r] / b[r]` for each round `r` (the clients ran one after the other in each round).
@@ -449,6 +460,10 @@ fn run(args: &Args, broker: &str) -> BenchResult<Figures> {
             orders.bytes as f64 / n as f64
         ),
     );
+    if args.only_groups {
+        fig.groups = Some(groups(args, broker)?);
+        return Ok(fig);
+    }
     let topic = format!("orders-{tag}");
     let ends: Vec<u64> = orders.parts.iter().map(|p| p.len() as u64).collect();
     {
@@ -503,6 +518,8 @@ fn run(args: &Args, broker: &str) -> BenchResult<Figures> {
         s.datadir = datadir.path().join(&id);
         s.topic_partitions = PARTITIONS;
         s.cores = Some(1);
+        // tansu answers a JoinGroup round after half the session timeout.
+        s.broker_session_timeout = Duration::from_secs(2);
         let w = w2::run_on(s, &topic, n, STEP_DEADLINE)?;
         fig.w2.push(w.events_s);
         progress(
@@ -515,7 +532,35 @@ fn run(args: &Args, broker: &str) -> BenchResult<Figures> {
         progress(json, &format!("round {r}: W2 on local:// 1 core {:.0} events/s", w.events_s));
     }
     delete_topics(broker, vec![topic]);
+    if !args.skip_groups && !args.only_fetch && !args.only_w2 {
+        fig.groups = Some(groups(args, broker)?);
+    }
     Ok(fig)
+}
+
+/// The consumer-group figures, with this binary as the worker processes.
+fn groups(args: &Args, broker: &str) -> BenchResult<faust_bench::kafka_group::GroupFigures> {
+    let exe = std::env::current_exe().map_err(|e| format!("this benchmark's path: {e}"))?;
+    let json = args.json;
+    faust_bench::kafka_group::measure(&exe, broker, args.quick, &|msg: &str| progress(json, msg))
+}
+
+/// The consumer-group figures as JSON keys.
+fn group_keys(g: &faust_bench::kafka_group::GroupFigures) -> serde_json::Value {
+    serde_json::json!({
+        "kafka_takeover_ms": g.takeover_ms,
+        "kafka_takeover_replayed_records": g.takeover_replayed_records,
+        "kafka_takeover_standbys_promoted": g.takeover_standbys_promoted,
+        "kafka_takeover_changelog_records": g.changelog_records,
+        "kafka_join_round_ms": g.join_round_ms,
+        "kafka_takeover_first_ms": g.takeover_first_ms,
+        "kafka_group_flow_events_s": g.flow_events_s,
+        "kafka_rebalance_pause_ms": g.rebalance_pause_ms,
+        "kafka_rebalance_quiet_pause_ms": g.quiet_pause_ms,
+        "kafka_w2_1worker_events_s": g.w2_1worker,
+        "kafka_w2_2workers_events_s": g.w2_2workers,
+        "kafka_w2_2workers_vs_1_ratio": g.w2_2workers / g.w2_1worker,
+    })
 }
 
 fn check_seen(what: &str, seen: u64, n: u64) -> BenchResult<()> {
@@ -561,6 +606,12 @@ fn report(args: &Args, broker: &str, own: bool, fig: &Figures) {
             "kafka_produce_rskafka_rounds_msgs_s": fig.rs_produce,
             "kafka_w2_rounds_events_s": fig.w2,
         });
+        let mut out = out;
+        if let (Some(g), Some(map)) = (&fig.groups, out.as_object_mut())
+            && let serde_json::Value::Object(keys) = group_keys(g)
+        {
+            map.extend(keys);
+        }
         println!("{out}");
         return;
     }
@@ -589,9 +640,41 @@ fn report(args: &Args, broker: &str, own: bool, fig: &Figures) {
         fig.floor,
         fig.floor / fetch
     );
+    if let Some(g) = &fig.groups {
+        println!();
+        println!(
+            "Consumer groups (worker processes of 1 core, 2 s session timeout, {:.0} orders/s flowing)",
+            g.flow_events_s
+        );
+        println!("| | figure | target |");
+        println!("|---|---|---|");
+        println!(
+            "| takeover: SIGKILL to the first event of each of its partitions processed elsewhere | {:.0} ms (the first: {:.0} ms; session 2,000 ms, a join round {:.0} ms) | ≤ 3,000 ms |",
+            g.takeover_ms, g.takeover_first_ms, g.join_round_ms
+        );
+        println!(
+            "| records replayed to take over (standbys promoted: {}) | {} (changelog: {}) | ≤ the standby's tail |",
+            g.takeover_standbys_promoted, g.takeover_replayed_records, g.changelog_records
+        );
+        println!(
+            "| pause of the partitions that do not move while a worker joins | {:.0} ms (quiet: {:.0} ms) | 0 |",
+            g.rebalance_pause_ms, g.quiet_pause_ms
+        );
+        println!(
+            "| W2, 2 workers against 1 | {:.0} against {:.0} events/s: {:.2} | reported |",
+            g.w2_2workers,
+            g.w2_1worker,
+            g.w2_2workers / g.w2_1worker
+        );
+    }
 }
 
 fn main() {
+    // A worker process of the consumer-group figures.
+    let raw: Vec<String> = std::env::args().collect();
+    if raw.get(1).map(String::as_str) == Some(faust_bench::kafka_group::WORKER_FLAG) {
+        std::process::exit(faust_bench::kafka_group::worker_main(&raw[2..]));
+    }
     let args = Args::parse();
     let own = match &args.broker {
         Some(_) => None,

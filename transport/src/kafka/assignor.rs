@@ -13,6 +13,9 @@
 //! are never granted the same partition, and the new owner starts from what the old one
 //! committed.
 //!
+//! A partition nobody owns (its owner left or died) goes, when the balance allows, to a
+//! member that follows it as a standby: that member holds its state.
+//!
 //! When two members claim the same partition (one was dropped from the group and has not
 //! noticed yet), the claim of the later generation counts; with equal generations neither
 //! counts, and the partition is assigned as if free (the stale claimant learns it was dropped
@@ -23,7 +26,8 @@
 //! Each partition of a changelog topic (members list which of their topics are changelogs)
 //! gets up to `standby_replicas` standbys, never on the member its target places the active
 //! on: first where its state already is (the member that owns it now or held it as standby),
-//! then the members with the fewest standbys for their weight.
+//! then the members with the fewest partitions (active and standby) for their weight — the
+//! members a dead member's partitions would go to.
 //!
 //! # Wire formats
 //!
@@ -179,13 +183,14 @@ pub(crate) fn plan(members: &[Joined], standby_replicas: u32) -> Plan {
     let weighted: Vec<(Arc<str>, u32)> = members.iter().map(|m| (m.id.clone(), m.data.weight.max(1))).collect();
     let input = AssignInput { members: &weighted, groups: &groups, partitions: &partitions, previous: &owner };
     // Members are distinct (deduplicated), present (not empty) and weighted at least 1.
-    let target = match assign(&input) {
+    let mut target = match assign(&input) {
         Ok(target) => target,
         Err(e) => {
             tracing::error!(error = %e, "the group's assignment failed; assigning nothing this generation");
             return Plan::default();
         }
     };
+    prefer_standbys(&members, &groups, &owner, &mut target);
     let granted = target
         .iter()
         .map(|(m, tps)| {
@@ -195,6 +200,94 @@ pub(crate) fn plan(members: &[Joined], standby_replicas: u32) -> Plan {
         .collect();
     let standbys = standbys(&members, &target, &owner, &partitions, standby_replicas);
     Plan { granted, target, standbys }
+}
+
+/// Deals the slots nobody owns (their owner left or died) again among the members `assign`
+/// gave them to, each member keeping its count: first to a member that follows one of the
+/// slot's partitions as a standby (it holds the state: a takeover then replays only its
+/// tail), then the rest in order. Balance and co-partitioning are untouched (whole slots
+/// change hands, counts do not), and owned slots never move here.
+fn prefer_standbys(
+    members: &[&Joined],
+    groups: &[Vec<Arc<str>>],
+    owner: &HashMap<TopicPartition, Arc<str>>,
+    target: &mut BTreeMap<Arc<str>, Vec<TopicPartition>>,
+) {
+    // Co-partitioned groups, merged where they share a topic: a topic's group index.
+    let mut group_of: HashMap<Arc<str>, usize> = HashMap::new();
+    for (i, g) in groups.iter().enumerate() {
+        let joined: BTreeSet<usize> = g.iter().filter_map(|t| group_of.get(t).copied()).collect();
+        let id = joined.iter().next().copied().unwrap_or(i);
+        for v in group_of.values_mut() {
+            if joined.contains(v) {
+                *v = id;
+            }
+        }
+        for t in g {
+            group_of.insert(t.clone(), id);
+        }
+    }
+    // A topic in no group is a group of its own (keyed past the groups).
+    let slot = |tp: &TopicPartition, group_of: &HashMap<Arc<str>, usize>| -> (Option<usize>, Arc<str>, u32) {
+        match group_of.get(&tp.topic) {
+            Some(&g) => (Some(g), Arc::from(""), tp.partition),
+            None => (None, tp.topic.clone(), tp.partition),
+        }
+    };
+    type Slot = (Option<usize>, Arc<str>, u32);
+    let mut slots: BTreeMap<Slot, (Arc<str>, Vec<TopicPartition>)> = BTreeMap::new();
+    for (m, tps) in target.iter() {
+        for tp in tps {
+            slots.entry(slot(tp, &group_of)).or_insert_with(|| (m.clone(), Vec::new())).1.push(tp.clone());
+        }
+    }
+    let free: Vec<Slot> = slots
+        .iter()
+        .filter(|(_, (_, tps))| tps.iter().all(|tp| !owner.contains_key(tp)))
+        .map(|(k, _)| k.clone())
+        .collect();
+    if free.is_empty() {
+        return;
+    }
+    let mut room: BTreeMap<Arc<str>, usize> = BTreeMap::new();
+    for k in &free {
+        *room.entry(slots[k].0.clone()).or_default() += 1;
+    }
+    let mut placed: BTreeMap<Slot, Arc<str>> = BTreeMap::new();
+    for k in &free {
+        let tps = &slots[k].1;
+        let holder = members
+            .iter()
+            .find(|m| room.get(&m.id).is_some_and(|&r| r > 0) && m.data.standbys.iter().any(|s| tps.contains(s)));
+        if let Some(m) = holder {
+            if let Some(r) = room.get_mut(&m.id) {
+                *r -= 1;
+            }
+            placed.insert(k.clone(), m.id.clone());
+        }
+    }
+    for k in &free {
+        if placed.contains_key(k) {
+            continue;
+        }
+        if let Some((m, r)) = room.iter_mut().find(|(_, r)| **r > 0) {
+            *r -= 1;
+            placed.insert(k.clone(), m.clone());
+        }
+    }
+    for (k, to) in placed {
+        let (from, tps) = &slots[&k];
+        if *from == to {
+            continue;
+        }
+        if let Some(list) = target.get_mut(from) {
+            list.retain(|tp| !tps.contains(tp));
+        }
+        if let Some(list) = target.get_mut(&to) {
+            list.extend(tps.iter().cloned());
+            list.sort();
+        }
+    }
 }
 
 /// The standby partitions of each member (see the module documentation).
@@ -216,7 +309,10 @@ fn standbys(
         target.iter().flat_map(|(m, tps)| tps.iter().map(move |tp| (tp, m))).collect();
     let had: HashMap<&Arc<str>, BTreeSet<&TopicPartition>> =
         members.iter().map(|m| (&m.id, m.data.standbys.iter().collect())).collect();
-    let mut load: HashMap<&Arc<str>, usize> = HashMap::new();
+    // A member's load: its active partitions and its standbys. The least loaded are also
+    // those the group gives a dead member's partitions to (they are under their share), so a
+    // standby there is the one a takeover promotes.
+    let mut load: HashMap<&Arc<str>, usize> = target.iter().map(|(m, tps)| (m, tps.len())).collect();
     for tp in partitions.iter().filter(|tp| changelogs.contains(&*tp.topic)) {
         let Some(&active) = active.get(tp) else { continue };
         let mut candidates: Vec<&&Joined> = members.iter().filter(|m| m.id != *active).collect();
@@ -575,6 +671,37 @@ mod tests {
         // The moved changelog partitions are m0's standbys (it has their state).
         for tp in second.granted[&Arc::from("m1")].iter().filter(|tp| &*tp.topic == "counts-changelog") {
             assert!(second.standbys[&Arc::from("m0")].contains(tp), "{tp}");
+        }
+    }
+
+    /// A dead member's slots go to the members following them as standbys, when the balance
+    /// lets them (each still gets its share).
+    #[test]
+    fn orphaned_slots_go_to_their_standbys() {
+        let tp = |t: &str, p| TopicPartition::new(t, p);
+        let member = |id: &str, owned: Vec<TopicPartition>, standbys: Vec<TopicPartition>| Joined {
+            id: Arc::from(id),
+            generation: 5,
+            owned,
+            data: MemberData {
+                weight: 1,
+                url: String::new(),
+                topics: vec![("orders".into(), 4), ("counts-changelog".into(), 4)],
+                copartitioned: vec![vec!["orders".into(), "counts-changelog".into()]],
+                changelogs: vec!["counts-changelog".into()],
+                standbys,
+            },
+        };
+        for (a_standby, b_standby) in [(3, 2), (2, 3)] {
+            let members = [
+                member("a", vec![tp("orders", 0), tp("counts-changelog", 0)], vec![tp("counts-changelog", a_standby)]),
+                member("b", vec![tp("orders", 1), tp("counts-changelog", 1)], vec![tp("counts-changelog", b_standby)]),
+            ];
+            let p = plan(&members, 1);
+            assert!(p.granted[&Arc::from("a")].contains(&tp("orders", a_standby)), "{p:?}");
+            assert!(p.granted[&Arc::from("a")].contains(&tp("counts-changelog", a_standby)), "{p:?}");
+            assert!(p.granted[&Arc::from("b")].contains(&tp("orders", b_standby)), "{p:?}");
+            assert_eq!(p.granted[&Arc::from("a")].len(), 4);
         }
     }
 

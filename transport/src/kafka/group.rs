@@ -86,7 +86,16 @@ pub(crate) struct LiveMember {
     pub(crate) instance_id: Option<String>,
     /// Why the member is fenced, once it is.
     pub(crate) fenced: Option<String>,
+    /// Until when the coordinator surely still counts the member in (see [`LEASE`]); `None`
+    /// while it is joining (a member waiting in a JoinGroup does not expire).
+    pub(crate) lease_until: Option<Instant>,
 }
+
+/// The part of the session timeout, counted from when a heartbeat that was answered was
+/// *sent*, during which the member may commit: the coordinator started its own session
+/// timer later (when the heartbeat reached it), so the member stops writing before the group
+/// can give its partitions to another, with a margin for a write in flight.
+const LEASE: (u32, u32) = (3, 4);
 
 /// The live members of this process, by group.
 #[derive(Debug, Default)]
@@ -105,6 +114,10 @@ impl Live {
                 Err("this membership was replaced (the worker joined the group again)".to_string())
             }
             Some(LiveMember { fenced: Some(reason), .. }) => Err(reason.clone()),
+            Some(LiveMember { lease_until: Some(until), .. }) if *until <= Instant::now() => Err(
+                "no heartbeat was answered for most of the session timeout: the group may have given this worker's partitions away"
+                    .to_string(),
+            ),
             Some(m) => Ok(m.clone()),
             None => Err("not a member of the group (it left)".to_string()),
         }
@@ -137,6 +150,9 @@ impl Live {
         }
     }
 }
+
+/// How long a follower waits after its JoinGroup answer before its SyncGroup.
+const FOLLOWER_SYNC_DELAY: Duration = Duration::from_millis(30);
 
 /// What the engine asks of the member's thread.
 enum Command {
@@ -180,6 +196,7 @@ impl GroupMember {
                 generation: -1,
                 instance_id: shared.options.group_instance_id.clone(),
                 fenced: None,
+                lease_until: None,
             },
         );
         let mut thread = MemberThread {
@@ -469,10 +486,14 @@ impl MemberThread {
         if conn.version(ApiKey::Heartbeat).map_err(Step::Fatal)? >= 3 {
             req.group_instance_id = opts.group_instance_id.clone().map(StrBytes::from_string);
         }
+        let sent = Instant::now();
         let (_, resp) = conn.request(ApiKey::Heartbeat, &req, opts.request_timeout).map_err(Step::Retry)?;
         self.next_heartbeat = Instant::now() + self.heartbeat_interval();
         match resp.error_code {
-            0 => Ok(()),
+            0 => {
+                self.renew_lease(sent);
+                Ok(())
+            }
             code::REBALANCE_IN_PROGRESS => {
                 tracing::debug!(group = %self.group, "the group is rebalancing; rejoining");
                 self.rejoin = true;
@@ -480,6 +501,13 @@ impl MemberThread {
             }
             c => Err(self.judge(ApiKey::Heartbeat, c)),
         }
+    }
+
+    /// The coordinator answered a request sent at `sent`: the member may commit for most of
+    /// a session timeout from then.
+    fn renew_lease(&self, sent: Instant) {
+        let lease = self.options().session_timeout * LEASE.0 / LEASE.1;
+        self.shared.live.update(&self.group, |m| m.lease_until = Some(sent + lease));
     }
 
     fn heartbeat_interval(&self) -> Duration {
@@ -543,6 +571,8 @@ impl MemberThread {
         // A JoinGroup is answered once the group's members have rejoined: up to the rebalance
         // timeout on Kafka.
         let join_timeout = opts.rebalance_timeout + opts.request_timeout;
+        // A member waiting in a JoinGroup does not expire: no lease while joining.
+        self.shared.live.update(&self.group, |m| m.lease_until = None);
         let mut resp = None;
         for _ in 0..3 {
             if self.shared.closing.is_closed() {
@@ -586,7 +616,15 @@ impl MemberThread {
         }
         self.member_id = resp.member_id.to_string();
         let generation = resp.generation_id;
-        let assignments = if resp.leader == resp.member_id { self.lead(&resp.members) } else { Vec::new() };
+        let assignments = if resp.leader == resp.member_id {
+            self.lead(&resp.members)
+        } else {
+            // The leader's SyncGroup carries the assignment; a follower's that arrives first
+            // waits for it, and some brokers (tansu) make it wait a whole second. Let the
+            // leader go first.
+            std::thread::sleep(FOLLOWER_SYNC_DELAY);
+            Vec::new()
+        };
         let member_id = StrBytes::from_string(self.member_id.clone());
         let conn = self.coordinator()?;
         let version = conn.version(ApiKey::SyncGroup).map_err(Step::Fatal)?;
@@ -602,6 +640,7 @@ impl MemberThread {
             req.protocol_type = Some(StrBytes::from_static_str(PROTOCOL_TYPE));
             req.protocol_name = Some(StrBytes::from_static_str(PROTOCOL));
         }
+        let sync_sent = Instant::now();
         let (_, sync) = conn.request(ApiKey::SyncGroup, &req, join_timeout).map_err(Step::Retry)?;
         if sync.error_code != 0 {
             return Err(self.judge(ApiKey::SyncGroup, sync.error_code));
@@ -635,6 +674,7 @@ impl MemberThread {
             m.member_id = member_id;
             m.generation = generation;
         });
+        self.renew_lease(sync_sent);
         self.deliver(granted);
         if let Some(event) = self.pending_standbys.take() {
             let _ = self.events.unbounded_send(Ok(event));

@@ -635,8 +635,10 @@ impl CoreTransport for KafkaCore {
     /// Without a `fence`, commits as a client outside any group generation (generation -1, no
     /// member id: static membership). With one, commits as that member of the group, with the
     /// member id and generation it holds now; refused with [`Error::Fenced`] once the group went
-    /// on without it. A commit that meets a rebalance is tried again until the rebalance is
-    /// done (up to the rebalance timeout).
+    /// on without it. A commit the coordinator refuses while the member is still in (a
+    /// rebalance under way, a generation formed that the member has not synced yet) is tried
+    /// again until the member's thread settles it (up to the rebalance timeout): synced, the
+    /// commit goes through; dropped from the group, it fails fenced.
     async fn commit(&self, group: &str, fence: Option<&Fence>, offsets: &[(TopicPartition, u64)]) -> Result<()> {
         let Some(fence) = fence else {
             if offsets.is_empty() {
@@ -660,9 +662,7 @@ impl CoreTransport for KafkaCore {
                 Err(Error::KafkaBroker { code, .. }) => *code,
                 _ => return result,
             };
-            let now_generation = self.shared.live.member(group, &fence.member).map(|m| m.generation).ok();
-            let moved_on = now_generation.is_some_and(|g| g != member.generation);
-            let retry = group::code_means_rebalancing(code) || (group::code_means_lost(code) && moved_on);
+            let retry = group::code_means_rebalancing(code) || group::code_means_lost(code);
             if retry && std::time::Instant::now() < deadline {
                 glommio::timer::sleep(self.options().retry_backoff).await;
                 continue;
