@@ -157,3 +157,99 @@ fn three_workers_share_the_orders_and_take_over_from_a_killed_one() {
         assert!(status.success(), "SIGTERM stops gracefully: {status}; the log:\n{}", w.log());
     }
 }
+
+/// Orders produced by rskafka in chunks of 1,000 every 100 ms until `stop`, from order
+/// `from` on; returns them counted per account, and how many.
+fn produce_steadily(
+    broker: String,
+    from: u64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(BTreeMap<String, u64>, u64)> {
+    std::thread::spawn(move || {
+        let mut truth = BTreeMap::new();
+        let mut next = from;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            for (k, v) in produce_orders_rskafka(&broker, next, next + 1_000) {
+                *truth.entry(k).or_insert(0) += v;
+            }
+            next += 1_000;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        (truth, next - from)
+    })
+}
+
+/// Scaling under load: one worker, then three (the two new ones get partitions while orders
+/// keep coming), then one again (the two stop gracefully and leave): nothing is lost or
+/// counted twice, and while three run, none is left without partitions.
+#[test]
+fn scaling_from_one_to_three_workers_and_back_under_load_loses_nothing() {
+    let Some(bin) = tansu("scaling_from_one_to_three_workers_and_back_under_load_loses_nothing") else { return };
+    let broker = Broker::start(&bin);
+    let dir = tempfile::tempdir().unwrap();
+    let mut truth = produce_orders_rskafka(&broker.addr(), 0, 10_000);
+    let mut workers = vec![Worker::start(&broker.addr(), dir.path(), 0)];
+    let (counted, _) = wait_for_group_counts(&mut workers, 10_000, Duration::from_secs(120));
+    assert_exact(&counted, &truth, "one worker");
+
+    // Three, under load.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let producer = produce_steadily(broker.addr(), 10_000, stop.clone());
+    workers.push(Worker::start(&broker.addr(), dir.path(), 1));
+    workers.push(Worker::start(&broker.addr(), dir.path(), 2));
+    std::thread::sleep(Duration::from_secs(8));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (more, n) = producer.join().expect("producer");
+    for (k, v) in more {
+        *truth.entry(k).or_insert(0) += v;
+    }
+    let total = 10_000 + n;
+    let (counted, sizes) = wait_for_group_counts(&mut workers, total, Duration::from_secs(120));
+    eprintln!("three workers: {total} orders; accounts per worker {sizes:?}");
+    assert_exact(&counted, &truth, "scaled to three under load");
+    assert!(sizes.iter().all(|&n| n > 0), "no worker without partitions: {sizes:?}");
+
+    // Back to one, under load: the two leave gracefully while orders keep coming.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let producer = produce_steadily(broker.addr(), total, stop.clone());
+    for mut w in workers.drain(1..) {
+        let status = signal_and_wait(&mut w.child, libc::SIGTERM, Duration::from_secs(60));
+        assert!(status.success(), "SIGTERM stops gracefully: {status}; the log:\n{}", w.log());
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (more, n) = producer.join().expect("producer");
+    for (k, v) in more {
+        *truth.entry(k).or_insert(0) += v;
+    }
+    let (counted, _) = wait_for_group_counts(&mut workers, total + n, Duration::from_secs(120));
+    assert_exact(&counted, &truth, "back to one under load");
+    let status = signal_and_wait(&mut workers[0].child, libc::SIGTERM, Duration::from_secs(60));
+    assert!(status.success(), "SIGTERM stops gracefully: {status}");
+}
+
+/// The CLI's `send` on Kafka needs no running worker (it produces like any other client), and
+/// a worker started afterwards counts what it sent.
+#[test]
+fn the_cli_sends_to_kafka_without_a_worker() {
+    let Some(bin) = tansu("the_cli_sends_to_kafka_without_a_worker") else { return };
+    let broker = Broker::start(&bin);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // The topic exists (a worker created it before, or another producer did).
+    produce_orders_rskafka(&broker.addr(), 0, 0);
+    let order = r#"{"account_id": "account-cli", "product_id": "p", "amount": 1, "price": 1.0}"#;
+    let out = std::process::Command::new(ORDERS_BIN)
+        .args(["--broker", &format!("kafka://{}", broker.addr()), "--datadir"])
+        .arg(&data)
+        .args(["send", "orders", "--key", "order-cli", order])
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run the CLI");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "send without a worker: {stdout} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.starts_with("sent 1 record to orders (partition "), "{stdout}");
+    let mut workers = vec![Worker::start(&broker.addr(), dir.path(), 0)];
+    let (counted, _) = wait_for_group_counts(&mut workers, 1, Duration::from_secs(60));
+    assert_eq!(counted, BTreeMap::from([("account-cli".to_string(), 1)]));
+}

@@ -8,7 +8,7 @@
 //! Implementations are chosen by URL: `local://PATH` (segment logs on disk, the default),
 //! `memory://` (in RAM, for tests: one in-process broker that several workers can share as a
 //! consumer group) and `kafka://host:port[,host:port]` (our own Kafka client on glommio
-//! sockets; static membership until consumer groups land).
+//! sockets, with Kafka's consumer groups and our assignor on the group's leader).
 //!
 //! Records cross the API in the storage crate's formats: a produce takes a
 //! [`BatchBuilder`] (encoded once by the engine; the embedded
@@ -65,7 +65,8 @@ pub trait Transport: Send + Sync + 'static {
 /// [`AssignmentEvent::Revoked`], stops processing it, commits, and confirms with
 /// [`revoked`](Membership::revoked); only then does the new owner get it in an
 /// [`AssignmentEvent::Assigned`]. So two workers never process a partition at once, and the
-/// new owner starts from what the old one committed.
+/// new owner starts from what the old one committed. A transport with standby replicas also
+/// names the changelog partitions the worker follows ([`AssignmentEvent::Standbys`]).
 #[allow(async_fn_in_trait)]
 pub trait Membership: 'static {
     /// The next change. Pending until there is one; `Err(Error::Closed)` once the transport

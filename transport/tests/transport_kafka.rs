@@ -990,3 +990,56 @@ fn two_members_share_a_topic_in_two_steps() {
     ta.close();
     tb.close();
 }
+
+/// Interop: the offsets a member of our group commits are what aiokafka (the client Faust
+/// uses) reads as the group's committed offsets, and the offsets aiokafka commits are what we
+/// read. Needs `FAUST_TEST_PYTHON` (a Python with faust-streaming, hence aiokafka; made by
+/// `scripts/faust-python`).
+#[test]
+fn committed_offsets_read_the_same_with_aiokafka() {
+    let broker = require_broker!();
+    let Some(python) = std::env::var("FAUST_TEST_PYTHON").ok().filter(|p| !p.is_empty()) else {
+        eprintln!("skipping: FAUST_TEST_PYTHON unset (scripts/test sets it)");
+        return;
+    };
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/faust/committed_offsets.py");
+    let aiokafka = |group: &str, topic: &str, args: &[String]| -> String {
+        let out = std::process::Command::new(&python)
+            .args([script, broker.as_str(), group, topic, "3"])
+            .args(args)
+            .output()
+            .expect("run aiokafka");
+        assert!(out.status.success(), "aiokafka: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("utf-8").trim().to_string()
+    };
+    let (topic, group) = (unique("interop"), unique("interop-group"));
+    let t = KafkaTransport::open(&format!("kafka://{broker}"), group_options()).expect("open");
+    let t2 = topic.clone();
+    on_glommio(&t, move |core| async move {
+        core.create_topic(&t2, &TopicConfig::new(3)).await.expect("create");
+    });
+    // Ours, as a member of the group (its generation and member id).
+    let join = JoinRequest { topics: vec![topic.clone()], copartitioned: vec![], weight: 1, changelogs: vec![] };
+    let mut member = t.membership(&group, &join).expect("membership");
+    let AssignmentEvent::Assigned { generation, partitions } = next_within(&mut member, 20) else { panic!("in") };
+    assert_eq!(partitions.len(), 3);
+    let fence = faust_transport::Fence { member: member.member_id().expect("a member"), generation };
+    let offsets: Vec<(TopicPartition, u64)> =
+        partitions.iter().map(|tp| (tp.clone(), 10 + u64::from(tp.partition))).collect();
+    let g2 = group.clone();
+    on_glommio(&t, move |core| async move {
+        core.commit(&g2, Some(&fence), &offsets).await.expect("commit as a member");
+    });
+    let read: serde_json::Value = serde_json::from_str(&aiokafka(&group, &topic, &["read".into()])).expect("JSON");
+    assert_eq!(read, serde_json::json!({"0": 10, "1": 11, "2": 12}), "aiokafka reads what our member committed");
+    futures_lite::future::block_on(member.leave()).expect("leave");
+
+    // aiokafka's, read by us.
+    let other = unique("interop-aiokafka");
+    let args: Vec<String> = ["commit", "0=100", "1=101", "2=102"].iter().map(|s| s.to_string()).collect();
+    assert_eq!(aiokafka(&other, &topic, &args), "ok");
+    let tps: Vec<TopicPartition> = (0..3).map(|p| TopicPartition::new(topic.as_str(), p)).collect();
+    let got = on_glommio(&t, move |core| async move { core.committed(&other, &tps).await.expect("committed") });
+    assert_eq!(got, vec![Some(100), Some(101), Some(102)], "we read what aiokafka committed");
+    t.close();
+}

@@ -367,7 +367,14 @@ fn run(
                 value_serializer,
                 unchecked,
             };
-            let result = control::request(&datadir, &request)?;
+            // On Kafka a send needs no worker: the CLI produces like any other client.
+            let url = settings.broker_url();
+            let result = match control::request(&datadir, &request) {
+                Err(ClientError::NoWorker { .. }) if url.starts_with("kafka://") || url.starts_with("aiokafka://") => {
+                    control::send_without_worker(app, &settings, request)?
+                }
+                other => other?,
+            };
             if json {
                 return out(format_args!("{result}"));
             }

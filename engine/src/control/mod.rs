@@ -581,7 +581,7 @@ impl SendRequest {
     /// what was written. A send is never left buffered in the worker: when a write fails,
     /// the answer is final — what was not written is dropped, not written later behind the
     /// caller's back (a retried send would duplicate it) — and says which records did land.
-    async fn run(self, core: &Rc<CoreRuntime>) -> Answer {
+    async fn run<C: SendCore>(self, core: &C) -> Answer {
         let SendRequest { topic, key, values, partition, repeat, codecs, unchecked, topics } = self;
         let topic = topic.as_str();
         let inner = topics
@@ -591,7 +591,7 @@ impl SendRequest {
         if inner.kind == TopicKind::Channel {
             return Err(bad_request(format!("`{topic}` is an in-memory channel of the worker, not a topic")));
         }
-        let partitions = core.partitions(topic).ok_or_else(|| failed(format!("topic `{topic}` is not created yet")))?;
+        let partitions = core.partitions(topic).await?;
         let (key_codec, value_codec) = (
             codecs.0.unwrap_or_else(|| inner.key_codec.clone()),
             codecs.1.unwrap_or_else(|| inner.value_codec.clone()),
@@ -610,7 +610,7 @@ impl SendRequest {
         if !unchecked {
             // What the worker's agents would only drop as bad records is refused here, so
             // that "sent" means the records will be processed.
-            let max = core.settings().max_record_bytes;
+            let max = core.max_record_bytes();
             for (i, value) in encoded.iter().enumerate() {
                 let size = value.len() + key_bytes.as_ref().map_or(0, Vec::len);
                 let problem = if size > max {
@@ -664,10 +664,146 @@ impl SendRequest {
     }
 }
 
+/// Where a send writes: a worker's core (through its buffer), or the broker directly (the CLI
+/// on Kafka with no worker running).
+#[allow(async_fn_in_trait)] // Used on one thread, by one caller.
+pub(crate) trait SendCore {
+    /// The partition count of `topic`, or why it has none.
+    async fn partitions(&self, topic: &str) -> Result<u32, (Failure, String)>;
+    /// Records larger than this are refused (`max_record_bytes`).
+    fn max_record_bytes(&self) -> usize;
+    /// The partition of the next record without a key.
+    fn round_robin(&self, partitions: u32) -> u32;
+    /// Writes what is buffered for `tp` before a send's own batch (to keep the partition's
+    /// order); `Err(why)` if it could not.
+    async fn before_write(&self, tp: &TopicPartition) -> Result<(), String>;
+    /// Appends `batch` to `tp`.
+    async fn produce(
+        &self,
+        tp: &TopicPartition,
+        batch: faust_storage::BatchBuilder,
+    ) -> Result<faust_transport::Produced, faust_transport::Error>;
+}
+
+impl SendCore for Rc<CoreRuntime> {
+    async fn partitions(&self, topic: &str) -> Result<u32, (Failure, String)> {
+        CoreRuntime::partitions(self, topic).ok_or_else(|| failed(format!("topic `{topic}` is not created yet")))
+    }
+
+    fn max_record_bytes(&self) -> usize {
+        self.settings().max_record_bytes
+    }
+
+    fn round_robin(&self, partitions: u32) -> u32 {
+        CoreRuntime::round_robin(self, partitions)
+    }
+
+    async fn before_write(&self, tp: &TopicPartition) -> Result<(), String> {
+        if self.has_pending(tp) {
+            let flushed = self.flush().await;
+            if self.has_pending(tp) {
+                let why =
+                    flushed.err().map_or_else(|| "earlier records are not written yet".to_string(), |e| e.to_string());
+                return Err(format!("earlier records for {tp} are not written yet ({why})"));
+            }
+        }
+        Ok(())
+    }
+
+    async fn produce(
+        &self,
+        tp: &TopicPartition,
+        batch: faust_storage::BatchBuilder,
+    ) -> Result<faust_transport::Produced, faust_transport::Error> {
+        match crate::runtime::fault_point("send:produce") {
+            Ok(()) => self.transport().produce(tp, batch).await,
+            Err(e) => Err(crate::runtime::injected_produce_failure(tp, batch, e)),
+        }
+    }
+}
+
+/// The broker itself, for a send with no worker running (Kafka: the CLI is a producer).
+struct DirectSend {
+    core: crate::transports::AnyCore,
+    max_record_bytes: usize,
+    next: std::cell::Cell<u32>,
+}
+
+impl SendCore for DirectSend {
+    async fn partitions(&self, topic: &str) -> Result<u32, (Failure, String)> {
+        match self.core.topic_metadata(topic).await {
+            Ok(Some(meta)) => Ok(meta.config.partitions),
+            Ok(None) => Err(failed(format!("topic `{topic}` does not exist on the broker yet (a worker creates it)"))),
+            Err(e) => Err(failed(format!("reading topic `{topic}`: {e}"))),
+        }
+    }
+
+    fn max_record_bytes(&self) -> usize {
+        self.max_record_bytes
+    }
+
+    fn round_robin(&self, partitions: u32) -> u32 {
+        let n = self.next.get();
+        self.next.set(n.wrapping_add(1));
+        n % partitions.max(1)
+    }
+
+    async fn before_write(&self, _tp: &TopicPartition) -> Result<(), String> {
+        Ok(())
+    }
+
+    async fn produce(
+        &self,
+        tp: &TopicPartition,
+        batch: faust_storage::BatchBuilder,
+    ) -> Result<faust_transport::Produced, faust_transport::Error> {
+        self.core.produce(tp, batch).await
+    }
+}
+
+/// Runs `request` (a `Request::Send`) against the broker of `settings` with no worker: on
+/// Kafka the CLI is a producer like any other. Other transports need their worker.
+pub(crate) fn send_without_worker(
+    app: &App,
+    settings: &crate::Settings,
+    request: Request,
+) -> Result<Value, ClientError> {
+    let Request::Send { topic, key, values, partition, repeat, key_serializer, value_serializer, unchecked } = request
+    else {
+        return Err(ClientError::Refused(Failure::BadRequest, "only a send runs without a worker".into()));
+    };
+    let refused = |(failure, message): (Failure, String)| ClientError::Refused(failure, message);
+    let codec = |name: Option<String>| -> Result<Option<Codec>, (Failure, String)> {
+        name.map(|n| n.parse::<Codec>().map_err(|e| bad_request(e.to_string()))).transpose()
+    };
+    let codecs = (codec(key_serializer).map_err(refused)?, codec(value_serializer).map_err(refused)?);
+    let topics = app.inner.outbox.topics();
+    let send = SendRequest { topic, key, values, partition, repeat, codecs, unchecked, topics };
+    let kafka =
+        faust_transport::KafkaOptions { partitions: Some(Vec::new()), ..faust_transport::KafkaOptions::default() };
+    let transport =
+        crate::transports::AnyTransport::open(&settings.broker_url(), 1, None, kafka, settings.segment_bytes)
+            .map_err(|e| refused(failed(e.to_string())))?;
+    let max_record_bytes = settings.max_record_bytes;
+    let answer = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .name("faust-send")
+        .spawn(move || async move {
+            let core = transport.attach_core(0, 1).await.map_err(|e| failed(e.to_string()))?;
+            let direct = DirectSend { core, max_record_bytes, next: std::cell::Cell::new(0) };
+            let answer = send.run(&direct).await;
+            let _ = direct.core.shutdown().await;
+            answer
+        })
+        .map_err(|e| refused(failed(format!("starting an executor: {e}"))))?
+        .join()
+        .map_err(|e| refused(failed(format!("the executor failed: {e}"))))?;
+    answer.map_err(refused)
+}
+
 /// Writes one batch of a send to `topic`/`partition`, after whatever the core had buffered
 /// for that partition (to keep the partition's order); on failure, the final answer.
-async fn write_send(
-    core: &Rc<CoreRuntime>,
+async fn write_send<C: SendCore>(
+    core: &C,
     topic: &Arc<str>,
     partition: u32,
     batch: faust_storage::BatchBuilder,
@@ -683,18 +819,10 @@ async fn write_send(
             total - written.records()
         ))
     };
-    if core.has_pending(&tp) {
-        let flushed = core.flush().await;
-        if core.has_pending(&tp) {
-            let why =
-                flushed.err().map_or_else(|| "earlier records are not written yet".to_string(), |e| e.to_string());
-            return Err(not_written(written, format!("earlier records for {tp} are not written yet ({why})")));
-        }
+    if let Err(why) = core.before_write(&tp).await {
+        return Err(not_written(written, why));
     }
-    let produced = match crate::runtime::fault_point("send:produce") {
-        Ok(()) => core.transport().produce(&tp, batch).await,
-        Err(e) => Err(crate::runtime::injected_produce_failure(&tp, batch, e)),
-    };
+    let produced = core.produce(&tp, batch).await;
     match produced {
         Ok(produced) => {
             written.note(&produced, records);

@@ -11,8 +11,9 @@
 //! worker, the take promotes the standby's shard: recovery replays from where the standby
 //! stands to the committed offset — the tail written since its last pass.
 //!
-//! A standby shard is never reachable from stream processing; a revoked partition's
-//! suspended shard that becomes a standby is moved over as it is.
+//! A standby shard is never reachable from stream processing. A revoked partition's
+//! suspended shard that becomes a standby is closed and its store opened again (so no cache
+//! of the active shard outlives it); the standby starts from the store's checkpoint.
 
 use std::collections::HashSet;
 use std::rc::Rc;
@@ -42,14 +43,11 @@ impl CoreRuntime {
                 continue;
             }
             let Some(table) = self.changelog_tables.get(&tp.topic).copied() else { continue };
-            let shard = match self.suspended.borrow_mut().remove(tp) {
-                Some(suspended) => {
-                    // Its state is committed up to where it was suspended.
-                    suspended.shard.advance_to(suspended.committed_end);
-                    suspended.shard
-                }
-                None => self.open_store(table, tp.partition)?,
-            };
+            // A suspended shard of the partition is closed first: its cache holds values a
+            // standby's replay (which writes the store) would leave stale. Its store, on disk
+            // at its last checkpoint, is where the standby starts.
+            drop(self.suspended.borrow_mut().remove(tp));
+            let shard = self.open_store(table, tp.partition)?;
             self.standbys.borrow_mut().insert(tp.clone(), shard);
         }
         Ok(())

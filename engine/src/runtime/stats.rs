@@ -87,6 +87,8 @@ pub(crate) struct Counters {
     progress: Mutex<std::collections::BTreeMap<usize, (u64, u64)>>,
     /// Whether the worker was caught up (lag 0 everywhere) at the last publication.
     caught_up: std::sync::atomic::AtomicBool,
+    /// When "caught up" was last logged (a steady flow goes in and out of it all the time).
+    caught_up_logged: Mutex<Option<std::time::Instant>>,
 }
 
 impl Counters {
@@ -117,7 +119,7 @@ impl Counters {
     }
 
     /// Publishes core `core`'s events processed and lag; logs when the whole worker catches
-    /// up (its lag falls to 0) and when it falls behind again after that.
+    /// up (its lag falls to 0): the first time, then at most once a minute.
     pub(crate) fn publish_progress(&self, core: usize, processed: u64, lag: u64) {
         let (total_lag, processed_all) = {
             let mut progress = lock(&self.progress);
@@ -125,12 +127,23 @@ impl Counters {
             (progress.values().map(|(_, l)| l).sum::<u64>(), progress.values().map(|(n, _)| n).sum::<u64>())
         };
         let now = total_lag == 0;
-        if self.caught_up.swap(now, Ordering::Relaxed) != now && now {
+        if self.caught_up.swap(now, Ordering::Relaxed) != now && now && self.may_log_caught_up() {
             tracing::info!(
                 events_processed = processed_all,
                 "caught up: every consumed partition is processed to its end"
             );
         }
+    }
+
+    /// Whether to log a catch-up now: the first, then at most one a minute.
+    fn may_log_caught_up(&self) -> bool {
+        let mut last = lock(&self.caught_up_logged);
+        let now = std::time::Instant::now();
+        if last.is_some_and(|at| now.duration_since(at) < std::time::Duration::from_secs(60)) {
+            return false;
+        }
+        *last = Some(now);
+        true
     }
 
     /// Records (`Some`) or clears (`None`) the current problem of `place`.

@@ -703,6 +703,14 @@ where
                         Some(v) => batch.put(key, v),
                         None => batch.delete(key),
                     }
+                    // The store now has the newer value: a cached one would shadow it. (A
+                    // recovering shard's cache is empty; this keeps any other replay right.)
+                    if !state.cache.is_empty()
+                        && let Some(raw) = &r.key
+                        && let Ok(k) = self.config.key_codec.decode_bytes::<K>(raw)
+                    {
+                        state.cache.remove(&k);
+                    }
                 }
                 store.write(&mut batch).map_err(|e| self.store_err(e))
             }

@@ -97,6 +97,16 @@ pub(crate) struct LiveMember {
 /// can give its partitions to another, with a margin for a write in flight.
 const LEASE: (u32, u32) = (3, 4);
 
+/// Why a member may not commit.
+#[derive(Debug, Clone)]
+pub(crate) struct Refusal {
+    /// Why, in words.
+    pub(crate) reason: String,
+    /// Only for now: its lease ran out, and the member's thread is still trying to reach the
+    /// coordinator (a commit may wait for it). Otherwise the member is out of the group.
+    pub(crate) for_now: bool,
+}
+
 /// The live members of this process, by group.
 #[derive(Debug, Default)]
 pub(crate) struct Live {
@@ -106,20 +116,22 @@ pub(crate) struct Live {
 }
 
 impl Live {
-    /// The member committing as `handle` in `group`, or why it may not.
-    pub(crate) fn member(&self, group: &str, handle: &str) -> std::result::Result<LiveMember, String> {
+    /// The member committing as `handle` in `group`, or why it may not (now).
+    pub(crate) fn member(&self, group: &str, handle: &str) -> std::result::Result<LiveMember, Refusal> {
         let map = self.by_group.lock().unwrap_or_else(|p| p.into_inner());
+        let fenced = |reason: String| Refusal { reason, for_now: false };
         match map.get(group) {
             Some(m) if &*m.handle != handle => {
-                Err("this membership was replaced (the worker joined the group again)".to_string())
+                Err(fenced("this membership was replaced (the worker joined the group again)".to_string()))
             }
-            Some(LiveMember { fenced: Some(reason), .. }) => Err(reason.clone()),
-            Some(LiveMember { lease_until: Some(until), .. }) if *until <= Instant::now() => Err(
-                "no heartbeat was answered for most of the session timeout: the group may have given this worker's partitions away"
+            Some(LiveMember { fenced: Some(reason), .. }) => Err(fenced(reason.clone())),
+            Some(LiveMember { lease_until: Some(until), .. }) if *until <= Instant::now() => Err(Refusal {
+                reason: "no heartbeat was answered for most of the session timeout: the group may have given this worker's partitions away"
                     .to_string(),
-            ),
+                for_now: true,
+            }),
             Some(m) => Ok(m.clone()),
-            None => Err("not a member of the group (it left)".to_string()),
+            None => Err(fenced("not a member of the group (it left)".to_string())),
         }
     }
 
@@ -239,7 +251,10 @@ impl GroupMember {
 
     /// Confirms the revokes of `generation` and earlier.
     pub(crate) fn confirm(&self, generation: u64) -> Result<()> {
-        if let Err(reason) = self.live.live.member(&self.group, &self.handle) {
+        if let Err(refusal) = self.live.live.member(&self.group, &self.handle)
+            && !refusal.for_now
+        {
+            let reason = refusal.reason;
             return Err(Error::Fenced { group: self.group.clone(), member: self.handle.to_string(), tp: None, reason });
         }
         // A thread that ended (fenced, closed) no longer needs confirmations.
@@ -495,6 +510,8 @@ impl MemberThread {
                 Ok(())
             }
             code::REBALANCE_IN_PROGRESS => {
+                // Still a member (the coordinator answered it), for the rebalance.
+                self.renew_lease(sent);
                 tracing::debug!(group = %self.group, "the group is rebalancing; rejoining");
                 self.rejoin = true;
                 Ok(())
@@ -668,7 +685,9 @@ impl MemberThread {
             self.pending_standbys = Some(event);
         }
         self.rejoin = false;
-        self.next_heartbeat = Instant::now() + self.heartbeat_interval();
+        // A heartbeat at once: the lease from the SyncGroup counts from when it was sent, and a
+        // broker may have held it a while.
+        self.next_heartbeat = Instant::now();
         let (member_id, generation) = (self.member_id.clone(), self.generation);
         self.shared.live.update(&self.group, |m| {
             m.member_id = member_id;

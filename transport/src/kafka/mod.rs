@@ -648,12 +648,22 @@ impl CoreTransport for KafkaCore {
         };
         let deadline = std::time::Instant::now() + self.options().rebalance_timeout;
         loop {
-            let member = self.shared.live.member(group, &fence.member).map_err(|reason| Error::Fenced {
-                group: group.to_string(),
-                member: fence.member.to_string(),
-                tp: None,
-                reason,
-            })?;
+            let member = match self.shared.live.member(group, &fence.member) {
+                Ok(member) => member,
+                // The lease ran out while the member's thread is still trying: wait for it.
+                Err(refusal) if refusal.for_now && std::time::Instant::now() < deadline => {
+                    glommio::timer::sleep(self.options().retry_backoff).await;
+                    continue;
+                }
+                Err(refusal) => {
+                    return Err(Error::Fenced {
+                        group: group.to_string(),
+                        member: fence.member.to_string(),
+                        tp: None,
+                        reason: refusal.reason,
+                    });
+                }
+            };
             if offsets.is_empty() {
                 return Ok(());
             }
