@@ -35,6 +35,8 @@ use support::{Broker, signal_and_wait, tansu};
 const STRESS_BIN: &str = env!("CARGO_BIN_EXE_stress");
 const PARTITIONS: u32 = 4;
 const COMMIT_EVERY: u64 = 2_000;
+/// Orders counted while connections are cut.
+const ORDERS_CUT: u64 = 150_000;
 
 /// Runs `f` on a glommio executor with a core handle on the broker.
 fn on_glommio<T: Send + 'static, Fut: std::future::Future<Output = T> + 'static>(
@@ -254,4 +256,152 @@ fn chaos_keeps_forwarding_gapless_and_tables_exact() {
         assert_eq!(tables["highest"][key].as_u64(), Some(*highest), "highest[{key}]");
     }
     drop(broker);
+}
+
+/// A TCP proxy on loopback in front of the broker that cuts every connection through it at
+/// random moments (both directions shut, mid-request or not), while `cutting` is set.
+struct CuttingProxy {
+    cutting: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    cuts: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl CuttingProxy {
+    fn start(listen_port: u16, upstream: String) -> CuttingProxy {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", listen_port)).expect("bind the proxy");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let (cutting, stop) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let cuts = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let live: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>> = Arc::default();
+        {
+            let (live, stop) = (live.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((client, _)) = listener.accept() else {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    };
+                    let _ = client.set_nonblocking(false);
+                    let Ok(server) = std::net::TcpStream::connect(&upstream) else { continue };
+                    let _ = (client.set_nodelay(true), server.set_nodelay(true));
+                    for (mut from, mut to) in [
+                        (client.try_clone().expect("clone"), server.try_clone().expect("clone")),
+                        (server.try_clone().expect("clone"), client.try_clone().expect("clone")),
+                    ] {
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut from, &mut to);
+                            let _ = to.shutdown(std::net::Shutdown::Both);
+                            let _ = from.shutdown(std::net::Shutdown::Both);
+                        });
+                    }
+                    live.lock().expect("live").extend([client, server]);
+                }
+            });
+        }
+        {
+            let (live, stop, cutting, cuts) = (live.clone(), stop.clone(), cutting.clone(), cuts.clone());
+            std::thread::spawn(move || {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(rng.gen_range(300..1_200)));
+                    if cutting.load(Ordering::Relaxed) {
+                        let mut conns = live.lock().expect("live");
+                        for c in conns.drain(..) {
+                            let _ = c.shutdown(std::net::Shutdown::Both);
+                        }
+                        cuts.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+        CuttingProxy { cutting, stop, cuts }
+    }
+}
+
+impl Drop for CuttingProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Connections cut mid-request, over and over: a broker behind a proxy that cuts every
+/// connection at random moments (every 0.3–1.2 s) for 15 s, while three orders workers count.
+/// They reconnect with backoff, rejoin their group when they must, and the counts come out
+/// exact.
+#[test]
+fn connections_cut_mid_request_lose_nothing() {
+    let Some(bin) = tansu("connections_cut_mid_request_lose_nothing") else { return };
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (broker_port, proxy_port) = (free(), free());
+    // The broker listens on its port and advertises the proxy's: every client goes through it.
+    let mut tansu = Command::new(&bin)
+        .args(["broker", "--listener-url", &format!("tcp://127.0.0.1:{broker_port}")])
+        .args(["--advertised-listener-url", &format!("tcp://127.0.0.1:{proxy_port}")])
+        .args(["--storage-engine", "memory://tansu/"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start tansu");
+    let proxy = CuttingProxy::start(proxy_port, format!("127.0.0.1:{broker_port}"));
+    let addr = format!("127.0.0.1:{proxy_port}");
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", broker_port)).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(10), "tansu did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let truth = support::produce_orders_rskafka(&addr, 0, ORDERS_CUT);
+    let dir = tempfile::tempdir().unwrap();
+    let mut workers: Vec<Child> = (0..3)
+        .map(|n| {
+            support::worker_env(
+                &addr,
+                &dir.path().join(format!("data-{n}")),
+                &dir.path().join(format!("w{n}.log")),
+                &[],
+                &[("WORKER_CORES", "1")],
+            )
+        })
+        .collect();
+    proxy.cutting.store(true, Ordering::Relaxed);
+    std::thread::sleep(Duration::from_secs(15));
+    proxy.cutting.store(false, Ordering::Relaxed);
+    let counted: u64 = (0..3)
+        .filter_map(|n| support::counts(&dir.path().join(format!("data-{n}"))))
+        .map(|c| c.values().sum::<u64>())
+        .sum();
+    eprintln!(
+        "{} rounds of cuts; {counted} of {ORDERS_CUT} orders counted when they stopped",
+        proxy.cuts.load(Ordering::Relaxed)
+    );
+    // Then every order counted exactly once, between the three.
+    let started = Instant::now();
+    let merged = loop {
+        let mut merged = BTreeMap::new();
+        let mut complete = true;
+        for n in 0..3 {
+            match support::counts(&dir.path().join(format!("data-{n}"))) {
+                Some(c) => merged.extend(c),
+                None => complete = false,
+            }
+        }
+        if complete && merged.values().sum::<u64>() == ORDERS_CUT {
+            std::thread::sleep(Duration::from_millis(500));
+            break merged;
+        }
+        for (n, w) in workers.iter_mut().enumerate() {
+            if let Some(status) = w.try_wait().unwrap() {
+                let log = std::fs::read_to_string(dir.path().join(format!("w{n}.log"))).unwrap_or_default();
+                panic!("worker {n} exited ({status}); its log:\n{log}");
+            }
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "not every order counted within 120 s");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    support::assert_exact(&merged, &truth, "with connections cut");
+    for w in &mut workers {
+        let status = signal_and_wait(w, libc::SIGTERM, Duration::from_secs(60));
+        assert!(status.success(), "SIGTERM stops gracefully: {status}");
+    }
+    let _ = tansu.kill();
+    let _ = tansu.wait();
 }
