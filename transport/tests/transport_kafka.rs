@@ -1043,3 +1043,46 @@ fn committed_offsets_read_the_same_with_aiokafka() {
     assert_eq!(got, vec![Some(100), Some(101), Some(102)], "we read what aiokafka committed");
     t.close();
 }
+
+/// Static membership: a worker that crashes and restarts with its instance id gets its
+/// partitions back at once, without waiting for its old session to time out (a dynamic member
+/// would wait for the group to drop the dead one: the session timeout, 10 s here).
+///
+/// On tansu, only this lone-member case is tested: tansu does not tell other static members to
+/// rejoin when one rejoins with new metadata, so the second round of a two-step hand-over
+/// between static members waits until they rejoin for another reason (Kafka tells them).
+#[test]
+fn a_static_member_gets_its_partitions_back_after_a_restart() {
+    let broker = require_broker!();
+    let (topic, group) = (unique("static"), unique("static-group"));
+    let url = format!("kafka://{broker}");
+    let options = || KafkaOptions {
+        session_timeout: Duration::from_secs(10),
+        group_instance_id: Some("worker-a".to_string()),
+        ..group_options()
+    };
+    let ta = KafkaTransport::open(&url, options()).expect("open");
+    let t2 = topic.clone();
+    on_glommio(&ta, move |core| async move {
+        core.create_topic(&t2, &TopicConfig::new(4)).await.expect("create");
+    });
+    let join = JoinRequest { topics: vec![topic.clone()], copartitioned: vec![], weight: 1, changelogs: vec![] };
+    let mut a = ta.membership(&group, &join).expect("membership");
+    let AssignmentEvent::Assigned { partitions: first, .. } = next_within(&mut a, 30) else { panic!("a is in") };
+    assert_eq!(first.len(), 4);
+    // a "crashes" (no LeaveGroup: a static member does not leave) and comes straight back.
+    drop(a);
+    ta.close();
+    let restarted = Instant::now();
+    let ta = KafkaTransport::open(&url, options()).expect("open");
+    let mut a = ta.membership(&group, &join).expect("membership");
+    let AssignmentEvent::Assigned { partitions: back, .. } = next_within(&mut a, 30) else { panic!("a is back") };
+    assert_eq!(back, first, "the same partitions");
+    assert!(
+        restarted.elapsed() < Duration::from_secs(9),
+        "back in {:?}, before the old session timed out",
+        restarted.elapsed()
+    );
+    futures_lite::future::block_on(a.leave()).expect("leave");
+    ta.close();
+}
