@@ -150,6 +150,15 @@ impl AnyCore {
         dispatch!(self, t => t.create_topic(name, config).await)
     }
 
+    /// On Kafka with a consumer group: every member's advertised URL with the partitions the
+    /// latest assignment heads to it, and this worker's own URL.
+    pub(crate) fn group_owners(&self, group: &str) -> Option<(Vec<(String, Vec<TopicPartition>)>, String)> {
+        match self {
+            AnyCore::Kafka(k) => Some((k.group_owners(group), k.advertised_url().to_string())),
+            _ => None,
+        }
+    }
+
     pub(crate) async fn topic_metadata(&self, name: &str) -> Result<Option<TopicMetadata>> {
         dispatch!(self, t => t.topic_metadata(name).await)
     }

@@ -111,6 +111,14 @@ fn three_workers_share_the_orders_and_take_over_from_a_killed_one() {
     eprintln!("three workers counted {first} orders in {:?}; accounts per worker: {sizes:?}", started.elapsed());
     assert_exact(&counted, &truth, "three workers in one group");
     assert!(sizes.iter().all(|&n| n > 0), "every worker holds some of the counts: {sizes:?}");
+    // `table get` through any worker answers for every key: a key another worker holds is
+    // asked of that worker (found from the group's assignment).
+    for (account, count) in truth.iter().take(40) {
+        let out = cli(&workers[0].data, &["table", "get", "order_count", account]);
+        let got = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "table get {account}: {got} {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(got.trim(), count.to_string(), "table get {account}");
+    }
     // Each changelog partition (one per table shard the workers recovered) has a standby on
     // another worker (table_standby_replicas = 1), kept up to date in the background.
     let start = Instant::now();

@@ -181,7 +181,7 @@ impl From<ClientError> for Failed {
     fn from(e: ClientError) -> Failed {
         let code = match &e {
             ClientError::NoWorker { .. } => EXIT_NO_WORKER,
-            ClientError::Refused(Failure::NotFound, _) => EXIT_NOT_FOUND,
+            ClientError::Refused(Failure::NotFound | Failure::Elsewhere, _) => EXIT_NOT_FOUND,
             ClientError::Refused(Failure::BadRequest, _) => EXIT_USAGE,
             ClientError::Refused(Failure::Failed, _) | ClientError::Io { .. } => EXIT_FAILED,
         };
@@ -437,7 +437,20 @@ fn run(
             print_rows(json, &["topic", "kind", "partitions", "records", "uncounted"], &topics)
         }
         Command::Table { command: TableCommand::Get { table, key } } => {
-            let value = control::request(&datadir, &Request::TableGet { table: table.clone(), key: key.clone() })?;
+            let request = Request::TableGet { table: table.clone(), key: key.clone() };
+            let value = match control::request(&datadir, &request) {
+                // Another worker of the group holds the key: ask it, when it runs on this host.
+                Err(ClientError::Refused(Failure::Elsewhere, url)) => match control::datadir_of(&url) {
+                    Some(other) => control::request(&other, &request)?,
+                    None => {
+                        return Err(Failed::new(
+                            EXIT_NOT_FOUND,
+                            format!("table `{table}`: key {key} is held by the worker at {url}"),
+                        ));
+                    }
+                },
+                other => other?,
+            };
             if json {
                 out(format_args!("{}", json!({ "table": table, "key": key, "value": value })))
             } else {

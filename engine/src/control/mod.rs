@@ -89,6 +89,8 @@ pub(crate) enum Failure {
     BadRequest,
     /// The worker could not do it (a transport error, the worker stopping).
     Failed,
+    /// Another worker of the group holds what was asked for; the message is its URL.
+    Elsewhere,
 }
 
 /// The worker's answer.
@@ -173,6 +175,13 @@ pub(crate) fn encode_payload(codec: &Codec, payload: &Payload, is_key: bool) -> 
 /// The socket path for a data directory.
 pub(crate) fn socket_path(datadir: &Path) -> PathBuf {
     datadir.join(SOCKET_NAME)
+}
+
+/// The data directory of the worker whose advertised URL is `url`, when it is a control
+/// socket on this host (`unix://{datadir}/control.sock`).
+pub(crate) fn datadir_of(url: &str) -> Option<PathBuf> {
+    let path = Path::new(url.strip_prefix("unix://")?);
+    (path.file_name()? == SOCKET_NAME).then(|| path.parent().map(Path::to_path_buf)).flatten()
 }
 
 /// Encodes the text a user typed as a key or value with `codec`: for `raw`, the text's
@@ -396,6 +405,31 @@ fn handle(request: Request, app: &App, inboxes: &[Arc<Inbox>]) -> Answer {
                 if !found.is_null() {
                     return Ok(found);
                 }
+            }
+            // On Kafka the key may live on another worker of the group: the one its partition
+            // (by Kafka's default partitioner, as Faust routes table lookups) is assigned to.
+            let changelog = lock(&app.inner.tables)[index].changelog().clone();
+            let group = app.settings().id.clone();
+            let owner = ask(inboxes, 0, move |runtime| async move {
+                let Some((owners, me)) = runtime.transport().group_owners(&group) else { return Ok(Value::Null) };
+                let partitions = owners
+                    .iter()
+                    .flat_map(|(_, tps)| tps.iter())
+                    .filter(|tp| tp.topic == changelog)
+                    .map(|tp| tp.partition + 1)
+                    .max()
+                    .unwrap_or(0);
+                if partitions == 0 {
+                    return Ok(Value::Null);
+                }
+                let tp = TopicPartition::new(changelog, crate::partitioner::partition_for_key(&key_bytes, partitions));
+                Ok(owners
+                    .into_iter()
+                    .find(|(url, tps)| tps.contains(&tp) && *url != me && !url.is_empty())
+                    .map_or(Value::Null, |(url, _)| Value::String(url)))
+            })?;
+            if let Value::String(url) = owner {
+                return Err((Failure::Elsewhere, url));
             }
             Err(not_found(format!("table `{table}` has no key {key}")))
         }

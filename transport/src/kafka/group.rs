@@ -113,6 +113,8 @@ pub(crate) struct Live {
     by_group: Mutex<HashMap<String, LiveMember>>,
     /// Topics a member of this process found on the broker (one gone later was lost).
     topics_seen: Mutex<std::collections::HashSet<String>>,
+    /// Per group, every member's URL with the partitions the latest assignment heads to it.
+    owners: Mutex<HashMap<String, Vec<(String, Vec<TopicPartition>)>>>,
 }
 
 impl Live {
@@ -133,6 +135,11 @@ impl Live {
             Some(m) => Ok(m.clone()),
             None => Err(fenced("not a member of the group (it left)".to_string())),
         }
+    }
+
+    /// Every member's URL with its partitions, as the latest assignment of `group` said.
+    pub(crate) fn owners(&self, group: &str) -> Vec<(String, Vec<TopicPartition>)> {
+        self.owners.lock().unwrap_or_else(|p| p.into_inner()).get(group).cloned().unwrap_or_default()
     }
 
     fn saw_topics<'a>(&self, topics: impl Iterator<Item = &'a String>) {
@@ -675,6 +682,7 @@ impl MemberThread {
             }
         };
         self.generation = generation;
+        self.shared.live.owners.lock().unwrap_or_else(|p| p.into_inner()).insert(self.group.clone(), data.owners);
         let mut standbys = data.standbys;
         standbys.sort();
         if standbys != self.standbys {

@@ -370,6 +370,18 @@ fn retriable(e: &Error) -> bool {
 }
 
 impl KafkaCore {
+    /// The members of `group` in this process's view: each one's advertised URL
+    /// ([`KafkaOptions::advertised_url`]) with the partitions the latest assignment heads to
+    /// it. Empty before the first assignment, or without a group.
+    pub fn group_owners(&self, group: &str) -> Vec<(String, Vec<TopicPartition>)> {
+        self.shared.live.owners(group)
+    }
+
+    /// This worker's advertised URL.
+    pub fn advertised_url(&self) -> &str {
+        &self.shared.options.advertised_url
+    }
+
     /// This core's counters.
     pub fn stats(&self) -> KafkaStats {
         self.st.stats.get()
