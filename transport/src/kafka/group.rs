@@ -97,6 +97,9 @@ pub(crate) struct LiveMember {
 /// can give its partitions to another, with a margin for a write in flight.
 const LEASE: (u32, u32) = (3, 4);
 
+/// Every member's URL with the partitions an assignment heads to it.
+pub(crate) type Owners = Vec<(String, Vec<TopicPartition>)>;
+
 /// Why a member may not commit.
 #[derive(Debug, Clone)]
 pub(crate) struct Refusal {
@@ -114,7 +117,7 @@ pub(crate) struct Live {
     /// Topics a member of this process found on the broker (one gone later was lost).
     topics_seen: Mutex<std::collections::HashSet<String>>,
     /// Per group, every member's URL with the partitions the latest assignment heads to it.
-    owners: Mutex<HashMap<String, Vec<(String, Vec<TopicPartition>)>>>,
+    owners: Mutex<HashMap<String, Owners>>,
 }
 
 impl Live {
@@ -138,7 +141,7 @@ impl Live {
     }
 
     /// Every member's URL with its partitions, as the latest assignment of `group` said.
-    pub(crate) fn owners(&self, group: &str) -> Vec<(String, Vec<TopicPartition>)> {
+    pub(crate) fn owners(&self, group: &str) -> Owners {
         self.owners.lock().unwrap_or_else(|p| p.into_inner()).get(group).cloned().unwrap_or_default()
     }
 
