@@ -33,6 +33,9 @@ pub(crate) enum AnyMembership {
     Kafka(KafkaMembership),
 }
 
+/// Every group member's advertised URL with the partitions an assignment heads to it.
+pub(crate) type Owners = Vec<(String, Vec<TopicPartition>)>;
+
 impl AnyTransport {
     /// Opens the transport named by `url` for `cores` cores. `memory` serves `memory://`;
     /// `kafka` configures `kafka://`. Its `partitions` (`Settings::partitions`, expanded over
@@ -152,7 +155,7 @@ impl AnyCore {
 
     /// On Kafka with a consumer group: every member's advertised URL with the partitions the
     /// latest assignment heads to it, and this worker's own URL.
-    pub(crate) fn group_owners(&self, group: &str) -> Option<(Vec<(String, Vec<TopicPartition>)>, String)> {
+    pub(crate) fn group_owners(&self, group: &str) -> Option<(Owners, String)> {
         match self {
             AnyCore::Kafka(k) => Some((k.group_owners(group), k.advertised_url().to_string())),
             _ => None,
