@@ -64,8 +64,8 @@ enum Command {
         #[arg(long, short = 'p')]
         web_port: Option<u16>,
         /// On kafka:// only: the partitions this worker takes of every topic it consumes,
-        /// such as `0-3,6`, so several workers can split an app by hand [default: all, or
-        /// WORKER_PARTITIONS].
+        /// such as `0-3,6`, without joining the app's consumer group, so several workers can
+        /// split an app by hand [default: join the group, or WORKER_PARTITIONS].
         #[arg(long, value_name = "LIST", value_parser = crate::settings::parse_partitions)]
         partitions: Option<PartitionList>,
     },
@@ -722,7 +722,7 @@ impl App {
     ///
     /// | command | what it does |
     /// |---|---|
-    /// | `worker [--cores N] [--web-port P] [--partitions 0-3,6]` | runs the worker until Ctrl-C / SIGTERM (graceful; a second signal exits at once); `--partitions` (kafka:// only) takes only those partitions of each topic |
+    /// | `worker [--cores N] [--web-port P] [--partitions 0-3,6]` | runs the worker until Ctrl-C / SIGTERM (graceful; a second signal exits at once); `--partitions` (kafka:// only) takes only those partitions of each topic, joining no group |
     /// | `send TOPIC [VALUE] [--key K] [--partition P] [--repeat N]` | sends records through the running worker; without VALUE, one per line of stdin |
     /// | `table get TABLE KEY`, `table dump TABLE` | reads a table of the running worker |
     /// | `agents`, `tables`, `topics` | lists what the app declares (`topics` adds record counts when a worker runs) |
