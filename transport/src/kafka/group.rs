@@ -153,9 +153,10 @@ impl Live {
         self.topics_seen.lock().unwrap_or_else(|p| p.into_inner()).contains(topic)
     }
 
-    fn update(&self, group: &str, f: impl FnOnce(&mut LiveMember)) {
+    /// Changes `handle`'s entry of `group` (not a newer membership's that replaced it).
+    fn update(&self, group: &str, handle: &str, f: impl FnOnce(&mut LiveMember)) {
         let mut map = self.by_group.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(m) = map.get_mut(group) {
+        if let Some(m) = map.get_mut(group).filter(|m| &*m.handle == handle) {
             f(m);
         }
     }
@@ -388,7 +389,7 @@ impl MemberThread {
                 }
                 Err(Step::Lost(reason)) => {
                     tracing::warn!(group = %self.group, member = %self.member_id, %reason, "the group went on without this member");
-                    self.shared.live.update(&self.group, |m| m.fenced = Some(reason.clone()));
+                    self.shared.live.update(&self.group, &self.handle, |m| m.fenced = Some(reason.clone()));
                     let _ = self.events.unbounded_send(Err(Error::Fenced {
                         group: self.group.clone(),
                         member: self.member_id.clone(),
@@ -398,7 +399,7 @@ impl MemberThread {
                     return;
                 }
                 Err(Step::Fatal(e)) => {
-                    self.shared.live.update(&self.group, |m| m.fenced = Some(e.to_string()));
+                    self.shared.live.update(&self.group, &self.handle, |m| m.fenced = Some(e.to_string()));
                     let _ = self.events.unbounded_send(Err(e));
                     return;
                 }
@@ -534,7 +535,7 @@ impl MemberThread {
     /// a session timeout from then.
     fn renew_lease(&self, sent: Instant) {
         let lease = self.options().session_timeout * LEASE.0 / LEASE.1;
-        self.shared.live.update(&self.group, |m| m.lease_until = Some(sent + lease));
+        self.shared.live.update(&self.group, &self.handle, |m| m.lease_until = Some(sent + lease));
     }
 
     fn heartbeat_interval(&self) -> Duration {
@@ -599,7 +600,7 @@ impl MemberThread {
         // timeout on Kafka.
         let join_timeout = opts.rebalance_timeout + opts.request_timeout;
         // A member waiting in a JoinGroup does not expire: no lease while joining.
-        self.shared.live.update(&self.group, |m| m.lease_until = None);
+        self.shared.live.update(&self.group, &self.handle, |m| m.lease_until = None);
         let mut resp = None;
         for _ in 0..3 {
             if self.shared.closing.is_closed() {
@@ -700,7 +701,7 @@ impl MemberThread {
         // broker may have held it a while.
         self.next_heartbeat = Instant::now();
         let (member_id, generation) = (self.member_id.clone(), self.generation);
-        self.shared.live.update(&self.group, |m| {
+        self.shared.live.update(&self.group, &self.handle, |m| {
             m.member_id = member_id;
             m.generation = generation;
         });
