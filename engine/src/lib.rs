@@ -35,6 +35,7 @@ mod window;
 mod worker;
 
 pub use crate::app::group_by::{GroupBy, Source};
+pub use crate::app::page::{WebRequest, WebResponse};
 pub use crate::app::sink::{Sink, Sinks};
 pub use crate::app::{Agent, App};
 pub use crate::codec::{Codec, CodecError, Fixed};

@@ -36,7 +36,9 @@ pub struct SettingsError {
 /// | `value_serializer` | `json` | `APP_VALUE_SERIALIZER` |
 /// | `auto_offset_reset` | earliest | `CONSUMER_AUTO_OFFSET_RESET` |
 /// | `cores` | every usable CPU | `WORKER_CORES` |
-/// | `web_port` | 6066 | `WEB_PORT` |
+/// | `web_port` | 6066 (0: any free port) | `WEB_PORT` |
+/// | `web_bind` | 127.0.0.1 | `WEB_BIND` |
+/// | `web_enabled` | true | `WEB_ENABLED` |
 /// | `store` | `mmap://` (table shards in stores under `datadir/tables`) | `STORE` (`mmap://` or `memory://`) |
 /// | `bad_record_policy` | skip (and count) | `BAD_RECORD_POLICY` (`skip`, `stop`, `dead-letter`, `dead-letter:TOPIC`) |
 /// | `max_record_bytes` | 1 MiB | `MAX_RECORD_BYTES` |
@@ -86,8 +88,13 @@ pub struct Settings {
     pub auto_offset_reset: AutoOffsetReset,
     /// Cores to run on; `None` means every CPU the process may use.
     pub cores: Option<usize>,
-    /// Port of the web server (when it exists).
+    /// Port of the worker's web server (0: any free port; [`App::web_addr`](crate::App::web_addr)
+    /// tells which).
     pub web_port: u16,
+    /// The address the web server listens on (Faust's `web_bind`; ours defaults to loopback).
+    pub web_bind: String,
+    /// Whether the worker runs a web server (Faust's `web_enabled`).
+    pub web_enabled: bool,
     /// Where table shards keep their state: `mmap://` (a log-structured store per shard under
     /// `{datadir}/tables`) or `memory://` (rebuilt from the changelog at every start).
     pub store: String,
@@ -185,6 +192,8 @@ impl Settings {
             auto_offset_reset: AutoOffsetReset::Earliest,
             cores: None,
             web_port: 6066,
+            web_bind: "127.0.0.1".to_string(),
+            web_enabled: true,
             store: "mmap://".to_string(),
             shutdown_timeout: Duration::from_secs(10),
             bad_record_policy: BadRecordPolicy::Skip,
@@ -326,6 +335,16 @@ impl Settings {
         }
         if let Some(kv) = get("WEB_PORT") {
             self.web_port = parse(kv, "a TCP port")?;
+        }
+        if let Some((_, v)) = get("WEB_BIND") {
+            self.web_bind = v.trim().to_string();
+        }
+        if let Some((variable, value)) = get("WEB_ENABLED") {
+            self.web_enabled = match value.trim().to_ascii_lowercase().as_str() {
+                "1" | "true" | "yes" | "on" => true,
+                "0" | "false" | "no" | "off" => false,
+                _ => return Err(SettingsError { variable, value, reason: "expected true or false".into() }),
+            };
         }
         if let Some((variable, value)) = get("BAD_RECORD_POLICY") {
             self.bad_record_policy =

@@ -121,3 +121,18 @@ pub fn count_until(
     let per_core = totals.lock().unwrap_or_else(|p| p.into_inner()).clone();
     (result, per_core.into_values().flatten().collect())
 }
+
+/// One HTTP/1.1 request over a plain socket to `127.0.0.1:port` (bounded by 30 s): the
+/// status, the head (status line and headers) and the body.
+pub fn http(port: u16, method: &str, target: &str) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the web server");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30))).expect("a read timeout");
+    write!(s, "{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").expect("send the request");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read the answer");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, head.to_string(), body.to_string())
+}

@@ -23,14 +23,18 @@ struct Worker {
     child: Child,
     data: PathBuf,
     log: PathBuf,
+    /// Its web server's port.
+    web: u16,
 }
 
 impl Worker {
     /// Worker `n` of the group, on one core (so that three fit this machine's two cores).
     fn start(broker: &str, dir: &std::path::Path, n: usize) -> Worker {
         let (data, log) = (dir.join(format!("data-{n}")), dir.join(format!("worker-{n}.log")));
-        let child = worker_env(broker, &data, &log, &[], &[("WORKER_CORES", "1")]);
-        Worker { child, data, log }
+        let web = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let env = [("WORKER_CORES", "1"), ("WEB_PORT", &web.to_string())];
+        let child = worker_env(broker, &data, &log, &[], &env);
+        Worker { child, data, log, web }
     }
 
     fn log(&self) -> String {
@@ -119,6 +123,21 @@ fn three_workers_share_the_orders_and_take_over_from_a_killed_one() {
         assert!(out.status.success(), "table get {account}: {got} {}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(got.trim(), count.to_string(), "table get {account}");
     }
+    // The same through worker 0's web view: a key another worker holds is a redirect to it.
+    let mut redirected = 0;
+    for (account, count) in truth.iter().take(40) {
+        let (mut status, mut head, mut body) =
+            faust_tests::http(workers[0].web, "GET", &format!("/table/order_count/{account}"));
+        if status == 307 {
+            redirected += 1;
+            let location = head.lines().find_map(|l| l.strip_prefix("Location: ")).expect("a Location").to_string();
+            let (host, path) = location.trim_start_matches("http://").split_once('/').expect("a URL");
+            let port: u16 = host.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).expect("a port");
+            (status, head, body) = faust_tests::http(port, "GET", &format!("/{path}"));
+        }
+        assert_eq!((status, body.trim()), (200, count.to_string().as_str()), "GET {account}: {head}");
+    }
+    assert!(redirected > 0, "some keys live on the other workers");
     // Each changelog partition (one per table shard the workers recovered) has a standby on
     // another worker (table_standby_replicas = 1), kept up to date in the background.
     let start = Instant::now();

@@ -4,6 +4,7 @@
 
 mod agent;
 pub(crate) mod group_by;
+pub(crate) mod page;
 pub(crate) mod sink;
 mod spec;
 
@@ -86,6 +87,8 @@ impl App {
                 outbox: Arc::new(Outbox::default()),
                 stats: Arc::default(),
                 commands: Mutex::new(Vec::new()),
+                pages: Mutex::new(Vec::new()),
+                web_addr: Mutex::new(None),
             }),
         }
     }
@@ -105,6 +108,8 @@ impl App {
                 outbox: inner.outbox.clone(),
                 stats: inner.stats.clone(),
                 commands: Mutex::new(lock(&inner.commands).clone()),
+                pages: Mutex::new(lock(&inner.pages).clone()),
+                web_addr: Mutex::new(None),
             }),
         }
     }
@@ -131,6 +136,31 @@ impl App {
         let mut commands = lock(&self.inner.commands);
         commands.retain(|c| c.name != name);
         commands.push(UserCommand { name: name.to_string(), about: about.to_string(), run: Arc::new(run) });
+    }
+
+    /// Adds a page to the worker's web server (Faust's `@app.page`): a `GET` of `path` (exact,
+    /// without the query) is answered by `handler`, on the web server's threads (not on the
+    /// cores). A path the engine serves itself (`/health`, `/table/...`) cannot be replaced.
+    ///
+    /// ```
+    /// use faust::{App, Settings, WebResponse};
+    ///
+    /// let app = App::new(Settings::new("shop"));
+    /// app.page("/hello", |request| WebResponse::json(200, &serde_json::json!({ "path": request.path })));
+    /// ```
+    pub fn page<F>(&self, path: &str, handler: F)
+    where
+        F: Fn(&crate::WebRequest) -> crate::WebResponse + Send + Sync + 'static,
+    {
+        let mut pages = lock(&self.inner.pages);
+        pages.retain(|(p, _)| p != path);
+        pages.push((path.to_string(), Arc::new(handler)));
+    }
+
+    /// Where the running worker's web server listens (`None` before it does, or with
+    /// `web_enabled` off, or when its port was taken).
+    pub fn web_addr(&self) -> Option<std::net::SocketAddr> {
+        *lock(&self.inner.web_addr)
     }
 
     /// The app's settings.

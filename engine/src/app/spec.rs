@@ -52,7 +52,14 @@ pub(crate) struct AppInner {
     pub(crate) stats: Arc<crate::runtime::stats::Counters>,
     /// The app's own commands for its command line.
     pub(crate) commands: Mutex<Vec<UserCommand>>,
+    /// The app's own web pages, by path.
+    pub(crate) pages: Mutex<Vec<(String, PageHandler)>>,
+    /// Where the running worker's web server listens, once it does.
+    pub(crate) web_addr: Mutex<Option<std::net::SocketAddr>>,
 }
+
+/// What answers one of the app's own web pages ([`App::page`](crate::App::page)).
+pub(crate) type PageHandler = Arc<dyn Fn(&crate::app::page::WebRequest) -> crate::app::page::WebResponse + Send + Sync>;
 
 /// What runs a user command: the app and the arguments after the command's name.
 pub(crate) type RunCommand = Arc<dyn Fn(&crate::App, &[String]) -> Result<(), AgentError> + Send + Sync>;

@@ -11,6 +11,7 @@
 //! thread waits for the answer a bounded time.
 
 mod inbox;
+pub(crate) mod web;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -177,11 +178,13 @@ pub(crate) fn socket_path(datadir: &Path) -> PathBuf {
     datadir.join(SOCKET_NAME)
 }
 
-/// The data directory of the worker whose advertised URL is `url`, when it is a control
-/// socket on this host (`unix://{datadir}/control.sock`).
-pub(crate) fn datadir_of(url: &str) -> Option<PathBuf> {
-    let path = Path::new(url.strip_prefix("unix://")?);
-    (path.file_name()? == SOCKET_NAME).then(|| path.parent().map(Path::to_path_buf)).flatten()
+/// The data directory of the worker whose advertised URLs (space-separated) are `urls`, when
+/// one is a control socket on this host (`unix://{datadir}/control.sock`).
+pub(crate) fn datadir_of(urls: &str) -> Option<PathBuf> {
+    urls.split_whitespace().find_map(|url| {
+        let path = Path::new(url.strip_prefix("unix://")?);
+        (path.file_name()? == SOCKET_NAME).then(|| path.parent().map(Path::to_path_buf)).flatten()
+    })
 }
 
 /// Encodes the text a user typed as a key or value with `codec`: for `raw`, the text's

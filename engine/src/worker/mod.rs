@@ -96,7 +96,7 @@ fn copartitioned(counts: &std::collections::BTreeMap<Arc<str>, u32>) -> Vec<Vec<
 struct Startup {
     topics_ready: AtomicBool,
     /// Cores that applied their first assignment (the worker is ready when all did).
-    cores_ready: std::sync::atomic::AtomicUsize,
+    cores_ready: Arc<std::sync::atomic::AtomicUsize>,
     /// Cores past their final commit (or that ended early): a core keeps its transport (its
     /// appenders, which other cores' final commits may write through) until all are.
     cores_committed: std::sync::atomic::AtomicUsize,
@@ -171,6 +171,30 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
             names.chain(tables.iter().map(|t| t.changelog().clone())).collect();
         names.iter().flat_map(|n| numbers.iter().map(move |&p| TopicPartition::new(n.clone(), p))).collect::<Vec<_>>()
     });
+    // The CLI's commands reach a worker that keeps state in its data directory through a
+    // socket there, and anyone through the web server; the cores answer both from their
+    // inboxes.
+    let inboxes: Vec<Arc<crate::control::Inbox>> = (0..cores).map(|_| Arc::default()).collect();
+    let cores_ready = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let _web = if settings.web_enabled {
+        let ready = {
+            let cores_ready = cores_ready.clone();
+            Arc::new(move || cores_ready.load(Ordering::Acquire) >= cores) as Arc<dyn Fn() -> bool + Send + Sync>
+        };
+        crate::control::web::WebServer::start(app, inboxes.clone(), ready)
+            .map_err(|e| tracing::warn!(error = %e, "running without the web server"))
+            .ok()
+    } else {
+        None
+    };
+    // Where others reach this worker: its web server, and its control socket for the CLI.
+    let advertised = {
+        let web = _web.as_ref().map(|w| format!("http://{}", w.addr()));
+        let socket = std::path::absolute(settings.datadir.join(crate::control::SOCKET_NAME))
+            .map(|p| format!("unix://{}", p.display()))
+            .ok();
+        web.into_iter().chain(socket).collect::<Vec<_>>().join(" ")
+    };
     let kafka = faust_transport::KafkaOptions {
         partitions,
         session_timeout: settings.broker_session_timeout,
@@ -178,16 +202,13 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
         rebalance_timeout: settings.broker_rebalance_timeout,
         group_instance_id: settings.consumer_group_instance_id.clone(),
         standby_replicas: settings.table_standby_replicas,
-        // Where the CLI reaches this worker (the web server's URL once there is one).
-        advertised_url: std::path::absolute(settings.datadir.join(crate::control::SOCKET_NAME))
-            .map(|p| format!("unix://{}", p.display()))
-            .unwrap_or_default(),
+        advertised_url: advertised,
         ..faust_transport::KafkaOptions::default()
     };
     let transport = AnyTransport::open(&settings.broker_url(), cores, memory.as_ref(), kafka, settings.segment_bytes)?;
     let startup = Arc::new(Startup {
         topics_ready: AtomicBool::new(false),
-        cores_ready: std::sync::atomic::AtomicUsize::new(0),
+        cores_ready,
         cores_committed: std::sync::atomic::AtomicUsize::new(0),
         counts: Mutex::new(std::collections::BTreeMap::new()),
         event: Event::new(),
@@ -195,9 +216,7 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
         lost_data: Arc::default(),
     });
     let commands: Vec<Arc<crate::runtime::assignment::Commands>> = (0..cores).map(|_| Arc::default()).collect();
-    // The CLI's commands reach a worker that keeps state in its data directory through a
-    // socket there; a socket that cannot be opened is logged, not fatal.
-    let inboxes: Vec<Arc<crate::control::Inbox>> = (0..cores).map(|_| Arc::default()).collect();
+    // A control socket that cannot be opened is logged, not fatal.
     let _control_socket = if settings.broker_url().starts_with("local://") || store_backed {
         crate::control::ControlServer::start(&settings.datadir, app, inboxes.clone()).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "running without a control socket: the CLI cannot reach this worker");

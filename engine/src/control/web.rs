@@ -1,0 +1,342 @@
+//! The worker's web server (Faust's web views), on threads of its own — never on the cores:
+//! the views are the control socket's requests over HTTP (`handle`, whose table reads ask the
+//! cores through their inboxes), plus health, readiness, Prometheus metrics and the app's own
+//! pages.
+//!
+//! | path | answer |
+//! |---|---|
+//! | `GET /health` | 200 while the worker runs |
+//! | `GET /ready` | 200 once every partition assigned to the worker is recovered, 503 before |
+//! | `GET /app` | the app: id, cores, agents, tables, topics, stats |
+//! | `GET /metrics` | Prometheus text format |
+//! | `GET /table/{name}?offset=&limit=` | a page of the table's keys on this worker (limit 100, at most 10,000) |
+//! | `GET /table/{name}/{key}` | the key's value (a windowed table: its windows); on Kafka, a key another worker holds is a `307` to that worker's view |
+//! | `GET {path}` | the app's own pages ([`App::page`]) |
+//!
+//! Errors are JSON (`{"error": ..., "status": ...}`): 404 for unknown paths, tables and keys,
+//! 400 for a malformed path, 405 for another method, 413/414 for an oversized request.
+//!
+//! The HTTP layer is `tiny_http`: a small, synchronous HTTP/1.1 server, which fits views that
+//! block on the cores' answers anyway and needs no async runtime beside glommio's.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+
+use super::inbox::Inbox;
+use super::{Failure, Request, handle};
+use crate::app::page::{WebRequest, WebResponse};
+use crate::app::{App, lock};
+
+/// Threads answering requests.
+const THREADS: usize = 4;
+/// The longest request line accepted (path and query).
+const MAX_URL_BYTES: usize = 8 << 10;
+/// The largest request body accepted (the views take none).
+const MAX_BODY_BYTES: usize = 64 << 10;
+
+/// A running web server; stops when dropped.
+pub(crate) struct WebServer {
+    server: Arc<tiny_http::Server>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    addr: SocketAddr,
+}
+
+impl WebServer {
+    /// Listens on `bind:port` (port 0: any free one) for `app`, whose cores answer through
+    /// `inboxes`; `ready` says whether every assigned partition is recovered.
+    pub(crate) fn start(
+        app: &App,
+        inboxes: Vec<Arc<Inbox>>,
+        ready: Arc<dyn Fn() -> bool + Send + Sync>,
+    ) -> Result<WebServer, String> {
+        let s = app.settings();
+        let server = tiny_http::Server::http((s.web_bind.as_str(), s.web_port))
+            .map_err(|e| format!("listening on {}:{}: {e}", s.web_bind, s.web_port))?;
+        let addr = server.server_addr().to_ip().ok_or("the web server listens on no IP address")?;
+        let server = Arc::new(server);
+        let mut threads = Vec::new();
+        for n in 0..THREADS {
+            let (server, app, inboxes, ready) = (server.clone(), app.clone(), inboxes.clone(), ready.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("{}-web-{n}", app.settings().id))
+                .spawn(move || {
+                    while let Ok(request) = server.recv() {
+                        serve(request, &app, &inboxes, &*ready);
+                    }
+                })
+                .map_err(|e| format!("starting the web server's threads: {e}"))?;
+            threads.push(thread);
+        }
+        *lock(&app.inner.web_addr) = Some(addr);
+        tracing::info!(url = %format!("http://{addr}/"), "web server listening");
+        Ok(WebServer { server, threads, addr })
+    }
+
+    /// The address it listens on.
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for WebServer {
+    fn drop(&mut self) {
+        // Every thread's `recv` returns an error once unblocked.
+        for _ in 0..self.threads.len() {
+            self.server.unblock();
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Answers one request; a failure to write the answer (the client went away) is ignored.
+fn serve(request: tiny_http::Request, app: &App, inboxes: &[Arc<Inbox>], ready: &dyn Fn() -> bool) {
+    let answer = route(&request, app, inboxes, ready);
+    let mut response = tiny_http::Response::from_data(answer.body).with_status_code(answer.status);
+    if let Ok(h) = tiny_http::Header::from_bytes(&b"Content-Type"[..], answer.content_type.as_bytes()) {
+        response.add_header(h);
+    }
+    if let Some(location) = answer.location
+        && let Ok(h) = tiny_http::Header::from_bytes(&b"Location"[..], location.as_bytes())
+    {
+        response.add_header(h);
+    }
+    let _ = request.respond(response);
+}
+
+/// An answer, with a `Location` for redirects.
+struct Answer {
+    status: u16,
+    content_type: String,
+    body: Vec<u8>,
+    location: Option<String>,
+}
+
+impl From<WebResponse> for Answer {
+    fn from(r: WebResponse) -> Answer {
+        Answer { status: r.status, content_type: r.content_type, body: r.body, location: None }
+    }
+}
+
+fn error(status: u16, message: &str) -> Answer {
+    WebResponse::json(status, &json!({ "error": message, "status": status })).into()
+}
+
+fn route(request: &tiny_http::Request, app: &App, inboxes: &[Arc<Inbox>], ready: &dyn Fn() -> bool) -> Answer {
+    if request.url().len() > MAX_URL_BYTES {
+        return error(414, &format!("the request line is over {MAX_URL_BYTES} bytes"));
+    }
+    if request.body_length().unwrap_or(0) > MAX_BODY_BYTES {
+        return error(413, &format!("the request body is over {MAX_BODY_BYTES} bytes"));
+    }
+    if *request.method() != tiny_http::Method::Get {
+        return error(405, "only GET is served");
+    }
+    let (raw_path, raw_query) = request.url().split_once('?').unwrap_or((request.url(), ""));
+    let segments: Vec<String> = match raw_path.split('/').filter(|s| !s.is_empty()).map(percent_decode).collect() {
+        Ok(segments) => segments,
+        Err(e) => return error(400, &format!("the path: {e}")),
+    };
+    let query: Vec<(String, String)> = match raw_query
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            Ok((percent_decode(k)?, percent_decode(v)?))
+        })
+        .collect::<Result<_, String>>()
+    {
+        Ok(q) => q,
+        Err(e) => return error(400, &format!("the query: {e}")),
+    };
+    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    match segments[..] {
+        ["health"] => WebResponse::json(200, &json!({ "status": "ok" })).into(),
+        ["ready"] => {
+            let ready = ready();
+            WebResponse::json(if ready { 200 } else { 503 }, &json!({ "ready": ready })).into()
+        }
+        ["app"] => app_info(app, inboxes),
+        ["metrics"] => metrics(app),
+        ["table", name] => table_page(app, inboxes, name, &query),
+        ["table", name, key] => table_key(app, inboxes, name, key),
+        _ => {
+            let path = format!("/{}", segments.join("/"));
+            let page = lock(&app.inner.pages).iter().find(|(p, _)| *p == path).map(|(_, h)| h.clone());
+            match page {
+                Some(handler) => handler(&WebRequest::new(path, query)).into(),
+                None => error(404, &format!("nothing at {path}")),
+            }
+        }
+    }
+}
+
+/// A control-socket answer as an HTTP answer.
+fn answered(result: Result<Value, (Failure, String)>) -> Answer {
+    match result {
+        Ok(value) => WebResponse::json(200, &value).into(),
+        Err((Failure::NotFound, message)) => error(404, &message),
+        Err((Failure::BadRequest, message)) => error(400, &message),
+        Err((Failure::Failed, message)) => error(500, &message),
+        Err((Failure::Elsewhere, urls)) => error(404, &format!("held by the worker at {urls}")),
+    }
+}
+
+fn app_info(app: &App, inboxes: &[Arc<Inbox>]) -> Answer {
+    let s = app.settings();
+    let agents: Vec<Value> = lock(&app.inner.agents)
+        .iter()
+        .filter(|a| !a.topic.is_empty())
+        .map(|a| json!({ "agent": a.name, "topic": &*a.topic, "concurrency": a.concurrency }))
+        .collect();
+    let tables: Vec<Value> = lock(&app.inner.tables)
+        .iter()
+        .map(|t| json!({ "table": &**t.name(), "changelog": &**t.changelog(), "windowed": t.windowed() }))
+        .collect();
+    let topics = handle(Request::Topics, app, inboxes).unwrap_or(Value::Null);
+    let stats = serde_json::to_value(app.stats()).unwrap_or(Value::Null);
+    WebResponse::json(
+        200,
+        &json!({
+            "app": s.id,
+            "broker": s.broker_url(),
+            "cores": inboxes.len(),
+            "agents": agents,
+            "tables": tables,
+            "topics": topics,
+            "stats": stats,
+            "problems": app.problems(),
+        }),
+    )
+    .into()
+}
+
+/// A page of the table's keys on this worker.
+fn table_page(app: &App, inboxes: &[Arc<Inbox>], name: &str, query: &[(String, String)]) -> Answer {
+    let number = |key: &str, default: usize| -> Result<usize, String> {
+        match query.iter().find(|(k, _)| k == key) {
+            Some((_, v)) => v.parse().map_err(|_| format!("{key} must be a number, not {v:?}")),
+            None => Ok(default),
+        }
+    };
+    let (offset, limit) = match (number("offset", 0), number("limit", 100)) {
+        (Ok(o), Ok(l)) => (o, l.min(10_000)),
+        (Err(e), _) | (_, Err(e)) => return error(400, &e),
+    };
+    match handle(Request::TableDump { table: name.to_string() }, app, inboxes) {
+        Ok(Value::Array(items)) => {
+            let total = items.len();
+            let page: Vec<Value> = items.into_iter().skip(offset).take(limit).collect();
+            WebResponse::json(200, &json!({ "table": name, "offset": offset, "total": total, "items": page })).into()
+        }
+        other => answered(other),
+    }
+}
+
+/// One key: here, or a redirect to the worker of the group that holds it.
+fn table_key(app: &App, inboxes: &[Arc<Inbox>], name: &str, key: &str) -> Answer {
+    match handle(Request::TableGet { table: name.to_string(), key: key.to_string() }, app, inboxes) {
+        Err((Failure::Elsewhere, urls)) => match urls.split_whitespace().find(|u| u.starts_with("http://")) {
+            Some(base) => Answer {
+                status: 307,
+                content_type: "application/json".into(),
+                body: serde_json::to_vec(&json!({ "redirect": base })).unwrap_or_default(),
+                location: Some(format!("{}/table/{}/{}", base.trim_end_matches('/'), encode(name), encode(key))),
+            },
+            None => error(404, &format!("key {key} of `{name}` is held by the worker at {urls}")),
+        },
+        other => answered(other),
+    }
+}
+
+/// The worker's counters in Prometheus' text format.
+fn metrics(app: &App) -> Answer {
+    let stats = app.stats();
+    let id = app.settings().id.replace(['\\', '"', '\n'], "_");
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+        out.push_str(&format!("# HELP faust_{name} {help}\n# TYPE faust_{name} {kind}\n"));
+        out.push_str(&format!("faust_{name}{{app=\"{id}\"}} {value}\n"));
+    };
+    metric("events_processed_total", "counter", "Events the agents finished (acked).", stats.events_processed);
+    metric("lag", "gauge", "Records in the consumed partitions not processed yet.", stats.lag);
+    metric("rebalances_total", "counter", "Assignment changes applied.", stats.rebalances);
+    metric("partitions_assigned_total", "counter", "Source partitions started.", stats.partitions_assigned);
+    metric("partitions_revoked_total", "counter", "Source partitions stopped.", stats.partitions_revoked);
+    metric("shards_recovered_total", "counter", "Table shards recovered from their changelog.", stats.shards_recovered);
+    metric(
+        "changelog_records_replayed_total",
+        "counter",
+        "Changelog records replayed while recovering shards.",
+        stats.changelog_records_replayed,
+    );
+    metric("bad_records_total", "counter", "Bad records met.", stats.bad_records);
+    metric("write_failures_total", "counter", "Writes that failed and are retried.", stats.write_failures);
+    metric(
+        "writes_blocked",
+        "gauge",
+        "1 while some core takes no new events because writes fail.",
+        u64::from(stats.writes_blocked),
+    );
+    metric("late_events_total", "counter", "Events after their windows closed.", stats.late_events);
+    metric("windows_closed_total", "counter", "Windows closed.", stats.windows_closed);
+    metric("standby_partitions", "gauge", "Changelog partitions followed as a standby.", stats.standby_partitions);
+    metric(
+        "standby_records_applied_total",
+        "counter",
+        "Changelog records the standbys applied.",
+        stats.standby_records_applied,
+    );
+    metric("standbys_promoted_total", "counter", "Standby shards promoted to active.", stats.standbys_promoted);
+    Answer { status: 200, content_type: "text/plain; version=0.0.4".into(), body: out.into_bytes(), location: None }
+}
+
+/// `%XX` escapes decoded (and `+` left as it is); the result must be UTF-8.
+fn percent_decode(s: &str) -> Result<String, String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3).ok_or_else(|| format!("a % without two hex digits in {s:?}"))?;
+            let hex = std::str::from_utf8(hex).map_err(|_| format!("a bad % escape in {s:?}"))?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| format!("a bad % escape in {s:?}"))?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8 once decoded"))
+}
+
+/// Percent-encodes everything but unreserved characters.
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_escapes_round_trip_and_bad_ones_are_errors() {
+        for s in ["account-1", "a b/c?d=e&f", "ünïcødé", "100%"] {
+            assert_eq!(percent_decode(&encode(s)).unwrap(), s);
+        }
+        for bad in ["%", "%4", "%zz", "%ff"] {
+            assert!(percent_decode(bad).is_err(), "{bad}");
+        }
+    }
+}
