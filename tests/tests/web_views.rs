@@ -97,6 +97,46 @@ fn the_web_views_answer_tables_health_and_metrics() {
             .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
     };
     assert_eq!(Some(value("faust_events_processed_total") as u64), last, "events processed, as `stats` says");
+    // Per partition: the orders topic's partitions, processed to their ends.
+    let positions: Vec<&prometheus_parse::Sample> =
+        scrape.samples.iter().filter(|s| s.metric == "faust_partition_position").collect();
+    assert!(positions.iter().any(|s| s.labels.get("topic") == Some("orders")), "{text}");
+    assert!(scrape.samples.iter().any(|s| s.metric == "faust_core_busy_seconds_total"), "{text}");
+    let total_position: f64 = positions
+        .iter()
+        .filter(|s| s.labels.get("topic") == Some("orders"))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Gauge(v) => v,
+            _ => 0.0,
+        })
+        .sum();
+    assert_eq!(total_position, 4.0, "the four orders are processed:\n{text}");
+
+    // The status page, and the status it polls: this worker's partitions, moving as events flow.
+    let (status, head, page) = http(port, "GET", "/");
+    assert_eq!(status, 200);
+    assert!(head.to_ascii_lowercase().contains("text/html") && page.contains("fetch(\"/status\")"), "{page}");
+    let orders_position = |status: &Value| -> u64 {
+        status["cores"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|c| c["partitions"].as_array().unwrap().iter())
+            .filter(|p| p["topic"] == "orders")
+            .map(|p| p["position"].as_u64().unwrap())
+            .sum()
+    };
+    let (code_before, before) = get_json(port, "/status");
+    assert_eq!(code_before, 200);
+    assert_eq!(orders_position(&before), 4, "{before}");
+    let more = r#"{"account_id": "account-9", "product_id": "p", "amount": 1, "price": 1.0}"#;
+    let sent = cli(ORDERS, &data, &["send", "orders", "--key", "order-9", "--repeat", "10", more], None);
+    assert_eq!(code(&sent), 0);
+    let start = Instant::now();
+    while orders_position(&get_json(port, "/status").1) != 14 {
+        assert!(start.elapsed() < Duration::from_secs(30), "the status did not move");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert!(value("faust_events_processed_total") >= 4.0, "four orders went through the agents");
     assert_eq!(value("faust_lag"), 0.0);
     assert_eq!(worker.stop(), 0);

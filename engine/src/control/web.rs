@@ -5,10 +5,12 @@
 //!
 //! | path | answer |
 //! |---|---|
+//! | `GET /` | the live status page (HTML; it polls `/status`) |
+//! | `GET /status` | each core's partitions (position, end, committed), busy time, commit latencies |
 //! | `GET /health` | 200 while the worker runs |
 //! | `GET /ready` | 200 once every partition assigned to the worker is recovered, 503 before |
 //! | `GET /app` | the app: id, cores, agents, tables, topics, stats |
-//! | `GET /metrics` | Prometheus text format |
+//! | `GET /metrics` | Prometheus text format: the worker's counters, and per core and partition |
 //! | `GET /table/{name}?offset=&limit=` | a page of the table's keys on this worker (limit 100, at most 10,000) |
 //! | `GET /table/{name}/{key}` | the key's value (a windowed table: its windows); on Kafka, a key another worker holds is a `307` to that worker's view |
 //! | `GET {path}` | the app's own pages ([`App::page`]) |
@@ -24,7 +26,7 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use super::inbox::Inbox;
+use super::inbox::{Inbox, ask};
 use super::{Failure, Request, handle};
 use crate::app::page::{WebRequest, WebResponse};
 use crate::app::{App, lock};
@@ -154,13 +156,18 @@ fn route(request: &tiny_http::Request, app: &App, inboxes: &[Arc<Inbox>], ready:
     };
     let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
     match segments[..] {
+        [] => WebResponse::html(200, STATUS_PAGE).into(),
+        ["status"] => match status(app, inboxes) {
+            Ok(value) => WebResponse::json(200, &value).into(),
+            Err(e) => answered(Err(e)),
+        },
         ["health"] => WebResponse::json(200, &json!({ "status": "ok" })).into(),
         ["ready"] => {
             let ready = ready();
             WebResponse::json(if ready { 200 } else { 503 }, &json!({ "ready": ready })).into()
         }
         ["app"] => app_info(app, inboxes),
-        ["metrics"] => metrics(app),
+        ["metrics"] => metrics(app, inboxes),
         ["table", name] => table_page(app, inboxes, name, &query),
         ["table", name, key] => table_key(app, inboxes, name, key),
         _ => {
@@ -252,8 +259,30 @@ fn table_key(app: &App, inboxes: &[Arc<Inbox>], name: &str, key: &str) -> Answer
     }
 }
 
-/// The worker's counters in Prometheus' text format.
-fn metrics(app: &App) -> Answer {
+/// Every core's status, with the worker's counters.
+fn status(app: &App, inboxes: &[Arc<Inbox>]) -> Result<Value, (Failure, String)> {
+    let cores = core_statuses(inboxes)?;
+    Ok(json!({
+        "app": app.settings().id,
+        "stats": serde_json::to_value(app.stats()).unwrap_or(Value::Null),
+        "problems": app.problems(),
+        "cores": cores,
+    }))
+}
+
+/// Each core's status, asked through its inbox.
+fn core_statuses(inboxes: &[Arc<Inbox>]) -> Result<Vec<Value>, (Failure, String)> {
+    (0..inboxes.len())
+        .map(|core| {
+            ask(inboxes, core, |runtime| async move {
+                serde_json::to_value(runtime.status()).map_err(|e| super::failed(e.to_string()))
+            })
+        })
+        .collect()
+}
+
+/// The worker's counters in Prometheus' text format, then per core and partition.
+fn metrics(app: &App, inboxes: &[Arc<Inbox>]) -> Answer {
     let stats = app.stats();
     let id = app.settings().id.replace(['\\', '"', '\n'], "_");
     let mut out = String::new();
@@ -291,8 +320,136 @@ fn metrics(app: &App) -> Answer {
         stats.standby_records_applied,
     );
     metric("standbys_promoted_total", "counter", "Standby shards promoted to active.", stats.standbys_promoted);
+    // Per core and partition: read from the cores at scrape time (nothing per event).
+    if let Ok(cores) = core_statuses(inboxes) {
+        let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, f64)>| {
+            out.push_str(&format!("# HELP faust_{name} {help}\n# TYPE faust_{name} {kind}\n"));
+            for (labels, value) in rows {
+                out.push_str(&format!("faust_{name}{{app=\"{id}\",{labels}}} {value}\n"));
+            }
+        };
+        let per_core = |f: &dyn Fn(&Value) -> f64| -> Vec<(String, f64)> {
+            cores.iter().map(|c| (format!("core=\"{}\"", c["core"]), f(c))).collect()
+        };
+        let num = |v: &Value| v.as_f64().unwrap_or(0.0);
+        family(
+            "core_busy_seconds_total",
+            "counter",
+            "Time the core's executor spent running tasks and polling I/O.",
+            per_core(&|c| num(&c["busy_seconds"])),
+        );
+        family(
+            "core_events_processed_total",
+            "counter",
+            "Events the core's agents finished.",
+            per_core(&|c| num(&c["events_processed"])),
+        );
+        family("core_commits_total", "counter", "Commits the core completed.", per_core(&|c| num(&c["commits"])));
+        let mut quantiles = Vec::new();
+        for c in &cores {
+            for (q, key) in [("0.5", "commit_p50_us"), ("0.99", "commit_p99_us"), ("1", "commit_max_us")] {
+                quantiles.push((format!("core=\"{}\",quantile=\"{q}\"", c["core"]), num(&c[key]) / 1e6));
+            }
+        }
+        family(
+            "commit_latency_seconds",
+            "gauge",
+            "Commit latency quantiles per core since the worker started.",
+            quantiles,
+        );
+        let partitions = |f: &dyn Fn(&Value) -> Option<f64>| -> Vec<(String, f64)> {
+            cores
+                .iter()
+                .flat_map(|c| {
+                    c["partitions"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(move |p| (c["core"].clone(), p))
+                })
+                .filter_map(|(core, p)| {
+                    let topic = p["topic"].as_str().unwrap_or("").replace(['\\', '"', '\n'], "_");
+                    f(&p).map(|v| (format!("core=\"{core}\",topic=\"{topic}\",partition=\"{}\"", p["partition"]), v))
+                })
+                .collect()
+        };
+        family(
+            "partition_position",
+            "gauge",
+            "The offset processing stands at (everything below it is done).",
+            partitions(&|p| p["position"].as_f64()),
+        );
+        family("partition_end", "gauge", "The partition's end at the last fetch.", partitions(&|p| p["end"].as_f64()));
+        family(
+            "partition_lag",
+            "gauge",
+            "Records of the partition not processed yet.",
+            partitions(&|p| Some((num(&p["end"]) - num(&p["position"])).max(0.0))),
+        );
+        family("partition_committed", "gauge", "The committed offset.", partitions(&|p| p["committed"].as_f64()));
+    }
     Answer { status: 200, content_type: "text/plain; version=0.0.4".into(), body: out.into_bytes(), location: None }
 }
+
+/// The live status page: plain HTML and a little JavaScript polling `/status` every second.
+const STATUS_PAGE: &str = r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>faust worker</title>
+<style>
+body { font: 14px system-ui, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; }
+th, td { border: 1px solid #ccc; padding: 4px 10px; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+.problem { color: #b00; }
+</style></head>
+<body>
+<h1>faust worker <span id="app"></span></h1>
+<p><span id="events">–</span> events processed, <span id="rate">–</span> events/s, lag <span id="lag">–</span>;
+windows closed <span id="windows">–</span>; standbys <span id="standbys">–</span>.</p>
+<ul id="problems"></ul>
+<table><thead><tr><th>core</th><th>busy</th><th>events</th><th>shards</th><th>standbys</th><th>commits</th><th>commit p99</th></tr></thead>
+<tbody id="cores"></tbody></table>
+<table><thead><tr><th>partition</th><th>core</th><th>position</th><th>end</th><th>lag</th><th>committed</th><th>events/s</th></tr></thead>
+<tbody id="partitions"></tbody></table>
+<script>
+let last = null;
+function cell(row, text) { const td = document.createElement("td"); td.textContent = text; row.appendChild(td); }
+async function refresh() {
+  try {
+    const s = await (await fetch("/status")).json();
+    const now = performance.now();
+    document.getElementById("app").textContent = s.app;
+    document.getElementById("events").textContent = s.stats.events_processed;
+    document.getElementById("lag").textContent = s.stats.lag;
+    document.getElementById("windows").textContent = s.stats.windows_closed;
+    document.getElementById("standbys").textContent = s.stats.standby_partitions;
+    const dt = last ? (now - last.at) / 1000 : 0;
+    document.getElementById("rate").textContent = last ? Math.round((s.stats.events_processed - last.events) / dt) : "–";
+    const problems = document.getElementById("problems"); problems.replaceChildren();
+    for (const p of s.problems) { const li = document.createElement("li"); li.className = "problem"; li.textContent = p; problems.appendChild(li); }
+    const cores = document.getElementById("cores"); cores.replaceChildren();
+    const parts = document.getElementById("partitions"); parts.replaceChildren();
+    const positions = {};
+    for (const c of s.cores) {
+      const row = document.createElement("tr");
+      [c.core, c.busy_seconds.toFixed(1) + " s", c.events_processed, c.shards, c.standbys, c.commits, (c.commit_p99_us / 1000).toFixed(1) + " ms"].forEach(v => cell(row, v));
+      cores.appendChild(row);
+      for (const p of c.partitions) {
+        const name = p.topic + "/" + p.partition;
+        positions[name] = p.position;
+        const before = last && last.positions[name];
+        const row = document.createElement("tr"); row.dataset.partition = name;
+        [name, c.core, p.position, p.end, Math.max(0, p.end - p.position), p.committed ?? "–",
+         before !== undefined && dt > 0 ? Math.round((p.position - before) / dt) : "–"].forEach(v => cell(row, v));
+        parts.appendChild(row);
+      }
+    }
+    last = { at: now, events: s.stats.events_processed, positions };
+  } catch (e) { document.getElementById("problems").textContent = "the worker does not answer: " + e; }
+}
+refresh(); setInterval(refresh, 1000);
+</script></body></html>
+"#;
 
 /// `%XX` escapes decoded (and `+` left as it is); the result must be UTF-8.
 fn percent_decode(s: &str) -> Result<String, String> {

@@ -97,9 +97,14 @@ impl CoreRuntime {
     /// if nothing changed in it since. So a failed commit is simply retried, and the first
     /// one that succeeds commits the source offsets with exactly the state they produced.
     pub(crate) async fn commit_now(self: &Rc<Self>) -> Result<bool, FlushError> {
+        let started = std::time::Instant::now();
         let result = self.commit_once().await;
         match &result {
-            Ok(true) => self.writes_succeeded(),
+            Ok(true) => {
+                let micros = (started.elapsed().as_micros() as u64).clamp(1, 3_600_000_000);
+                let _ = self.commit_latency.borrow_mut().record(micros);
+                self.writes_succeeded()
+            }
             Ok(false) => {}
             Err(FlushError::Write { .. }) => {} // `flush` noted it.
             Err(e @ (FlushError::Tables(_) | FlushError::Transport(_))) => self.writes_failed(e),

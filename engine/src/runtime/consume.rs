@@ -273,6 +273,47 @@ impl CoreRuntime {
         self.stats.publish_progress(self.index, processed, lag);
     }
 
+    /// What this core is doing now (for the web server): its partitions with where processing
+    /// stands, its busy time, its commits' latencies.
+    pub(crate) fn status(&self) -> crate::runtime::stats::CoreStatus {
+        // glommio hands each interval's stats out once: add them up here.
+        let busy = self.busy.get() + glommio::executor().executor_stats().total_runtime();
+        self.busy.set(busy);
+        let acks = self.acks.borrow();
+        let committed = self.committed.borrow();
+        let mut partitions: Vec<crate::runtime::stats::PartitionStatus> = self
+            .consumers
+            .borrow()
+            .keys()
+            .map(|tp| {
+                let end = self.log_ends.borrow().get(tp).copied().unwrap_or(0);
+                let position = acks.iter().filter(|((_, t), _)| t == tp).map(|(_, t)| t.committable()).min();
+                crate::runtime::stats::PartitionStatus {
+                    topic: tp.topic.to_string(),
+                    partition: tp.partition,
+                    position: position.unwrap_or_else(|| committed.get(tp).copied().unwrap_or(0)),
+                    end,
+                    committed: committed.get(tp).copied(),
+                }
+            })
+            .collect();
+        partitions.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        let latency = self.commit_latency.borrow();
+        crate::runtime::stats::CoreStatus {
+            core: self.index,
+            busy_seconds: busy.as_secs_f64(),
+            events_processed: self.agent_acks.iter().map(Cell::get).sum(),
+            partitions,
+            commits: latency.len(),
+            commit_p50_us: latency.value_at_quantile(0.5),
+            commit_p99_us: latency.value_at_quantile(0.99),
+            commit_max_us: latency.max(),
+            commit_sum_us: (latency.mean() * latency.len() as f64) as u64,
+            shards: self.shards.borrow().iter().flatten().flatten().count(),
+            standbys: self.standbys.borrow().len(),
+        }
+    }
+
     /// The broker lost data of `tp` this core had read up to `position`: stops the worker,
     /// and no core commits any more (`WorkerError::BrokerLostData`).
     fn lost_data(&self, tp: &TopicPartition, position: u64, high_watermark: Option<u64>) {

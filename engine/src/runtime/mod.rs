@@ -161,6 +161,11 @@ pub(crate) struct CoreRuntime {
     damage_logs: RefCell<HashMap<TopicPartition, LogLimiter>>,
     /// Where each consumed partition's log ended at its last fetch (for the lag).
     log_ends: RefCell<HashMap<TopicPartition, u64>>,
+    /// Durations of the commits that completed, in microseconds (for the web server).
+    commit_latency: RefCell<hdrhistogram::Histogram<u64>>,
+    /// Time this core's executor spent running tasks and polling I/O, summed over the
+    /// executor's stats as they were read (glommio hands out each interval once).
+    busy: Cell<Duration>,
 }
 
 impl std::fmt::Debug for CoreRuntime {
@@ -262,6 +267,11 @@ impl CoreRuntime {
             agent_acks: (0..agents).map(|_| Cell::new(0)).collect(),
             damage_logs: RefCell::new(HashMap::default()),
             log_ends: RefCell::new(HashMap::default()),
+            // 1 µs to 1 hour at 3 significant digits: the bounds are valid, so this cannot fail.
+            commit_latency: RefCell::new(
+                hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds"),
+            ),
+            busy: Cell::new(Duration::ZERO),
         });
         CURRENT.with(|c| *c.borrow_mut() = Some(runtime.clone()));
         runtime

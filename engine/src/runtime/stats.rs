@@ -60,6 +60,38 @@ pub struct WorkerStats {
     pub standbys_promoted: u64,
 }
 
+/// One core's view of its work now, for the web server's status and metrics.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub(crate) struct CoreStatus {
+    pub(crate) core: usize,
+    /// Time the core's executor spent running tasks and polling I/O, in seconds.
+    pub(crate) busy_seconds: f64,
+    /// Events its agents finished.
+    pub(crate) events_processed: u64,
+    /// Per consumed partition: where processing stands (committable), the log's end at the
+    /// last fetch, and the committed offset.
+    pub(crate) partitions: Vec<PartitionStatus>,
+    /// Commits completed, and their latencies in microseconds.
+    pub(crate) commits: u64,
+    pub(crate) commit_p50_us: u64,
+    pub(crate) commit_p99_us: u64,
+    pub(crate) commit_max_us: u64,
+    pub(crate) commit_sum_us: u64,
+    /// Table shards it holds, and standby shards it follows.
+    pub(crate) shards: usize,
+    pub(crate) standbys: usize,
+}
+
+/// One consumed partition on a core.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct PartitionStatus {
+    pub(crate) topic: String,
+    pub(crate) partition: u32,
+    pub(crate) position: u64,
+    pub(crate) end: u64,
+    pub(crate) committed: Option<u64>,
+}
+
 /// The counters behind [`WorkerStats`], shared by the cores and the control thread.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
