@@ -141,3 +141,65 @@ fn the_web_views_answer_tables_health_and_metrics() {
     assert_eq!(value("faust_lag"), 0.0);
     assert_eq!(worker.stop(), 0);
 }
+
+/// The page as a headless browser renders it after running its script for `ms` of virtual
+/// time (the DOM, serialized).
+fn rendered(chromium: &str, port: u16, ms: u32) -> String {
+    let out = std::process::Command::new(chromium)
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        .arg(format!("--virtual-time-budget={ms}"))
+        .arg("--dump-dom")
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .stderr(std::process::Stdio::null())
+        .output()
+        .expect("run chromium");
+    assert!(out.status.success(), "chromium failed: {}", out.status);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The number in `<span id="{id}">` of a rendered page.
+fn span(dom: &str, id: &str) -> Option<u64> {
+    let start = dom.find(&format!("<span id=\"{id}\">"))? + id.len() + 12;
+    dom[start..].split('<').next()?.trim().parse().ok()
+}
+
+/// The status page in a real headless browser (Debian's chromium, `FAUST_TEST_CHROMIUM`,
+/// installed by `scripts/test`): it loads, shows the running worker's partitions, and its
+/// numbers move as events flow.
+#[test]
+fn the_status_page_shows_the_worker_in_a_browser() {
+    let Some(chromium) = std::env::var("FAUST_TEST_CHROMIUM").ok().filter(|c| !c.is_empty()) else {
+        eprintln!("skipping: FAUST_TEST_CHROMIUM unset (scripts/test installs chromium and sets it)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let worker = Worker::start(ORDERS, &data, &[("WEB_PORT", &port.to_string()), ("TOPIC_PARTITIONS", "2")]);
+    let order = r#"{"account_id": "account-1", "product_id": "p", "amount": 1, "price": 1.0}"#;
+    let send = |n: u64| {
+        let sent = cli(ORDERS, &data, &["send", "orders", "--key", "order", "--repeat", &n.to_string(), order], None);
+        assert_eq!(code(&sent), 0);
+    };
+    send(3);
+    let events_at_least = |n: u64| {
+        let start = Instant::now();
+        loop {
+            let dom = rendered(&chromium, port, 2_000);
+            if span(&dom, "events").is_some_and(|e| e >= n) {
+                return dom;
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "the page never showed {n} events:\n{dom}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let dom = events_at_least(6); // three orders, through two agents (group_by, then count)
+    assert!(dom.contains("<tr data-partition=\"orders/0\">"), "the worker's partitions are listed:\n{dom}");
+    assert!(dom.contains("<tr data-partition=\"orders/1\">"), "{dom}");
+    assert!(dom.contains("faust worker <span id=\"app\">orders</span>"), "{dom}");
+    let before = span(&dom, "events").unwrap();
+    send(10);
+    let dom = events_at_least(before + 20);
+    assert!(span(&dom, "events").unwrap() > before, "the numbers moved");
+    assert_eq!(worker.stop(), 0);
+}
