@@ -42,6 +42,7 @@ pub use crate::codec::{Codec, CodecError, Fixed};
 pub use crate::error::{AgentError, SendError, TableError};
 pub use crate::runtime::bad_record::{BadRecord, RecordPart};
 pub use crate::runtime::context::{EventPosition, current_event};
+pub use crate::runtime::sensor::Sensor;
 pub use crate::runtime::signal::StopSignal;
 pub use crate::runtime::stats::WorkerStats;
 pub use crate::settings::{BadRecordPolicy, Settings, SettingsError, parse_partitions};

@@ -88,6 +88,7 @@ impl App {
                 stats: Arc::default(),
                 commands: Mutex::new(Vec::new()),
                 pages: Mutex::new(Vec::new()),
+                sensors: Mutex::new(Vec::new()),
                 web_addr: Mutex::new(None),
             }),
         }
@@ -109,6 +110,7 @@ impl App {
                 stats: inner.stats.clone(),
                 commands: Mutex::new(lock(&inner.commands).clone()),
                 pages: Mutex::new(lock(&inner.pages).clone()),
+                sensors: Mutex::new(lock(&inner.sensors).clone()),
                 web_addr: Mutex::new(None),
             }),
         }
@@ -155,6 +157,15 @@ impl App {
         let mut pages = lock(&self.inner.pages);
         pages.retain(|(p, _)| p != path);
         pages.push((path.to_string(), Arc::new(handler)));
+    }
+
+    /// Adds a sensor (Faust's `app.monitor` sensors): the worker calls its hooks as events,
+    /// table operations, commits, sends, rebalances and recoveries happen (see [`Sensor`]).
+    /// Add sensors before the worker runs.
+    ///
+    /// [`Sensor`]: crate::Sensor
+    pub fn sensor(&self, sensor: Arc<dyn crate::runtime::sensor::Sensor>) {
+        lock(&self.inner.sensors).push(sensor);
     }
 
     /// Where the running worker's web server listens (`None` before it does, or with

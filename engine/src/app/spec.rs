@@ -54,6 +54,8 @@ pub(crate) struct AppInner {
     pub(crate) commands: Mutex<Vec<UserCommand>>,
     /// The app's own web pages, by path.
     pub(crate) pages: Mutex<Vec<(String, PageHandler)>>,
+    /// The app's sensors ([`App::sensor`](crate::App::sensor)).
+    pub(crate) sensors: Mutex<Vec<Arc<dyn crate::runtime::sensor::Sensor>>>,
     /// Where the running worker's web server listens, once it does.
     pub(crate) web_addr: Mutex<Option<std::net::SocketAddr>>,
 }

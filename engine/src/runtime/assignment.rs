@@ -384,9 +384,10 @@ impl CoreRuntime {
     /// Recovers `shard` from its changelog, from where it stands to the committed offset.
     async fn recover_shard(&self, shard: Rc<dyn AnyShard>) -> Result<Rc<dyn AnyShard>, String> {
         let fence = self.fence.borrow().clone();
-        let recovered = crate::runtime::recovery::recover(&self.transport, &self.group, fence.as_ref(), &shard)
-            .await
-            .map_err(|e| e.to_string())?;
+        let recovered =
+            crate::runtime::recovery::recover(&self.transport, &self.group, fence.as_ref(), &shard, &self.sensors)
+                .await
+                .map_err(|e| e.to_string())?;
         self.committed.borrow_mut().insert(shard.changelog().clone(), recovered.end);
         self.transport.set_compaction_horizon(shard.changelog(), recovered.end);
         if let Some(report) = recovered.repaired.filter(|r| !r.is_clean()) {

@@ -98,7 +98,13 @@ impl CoreRuntime {
     /// one that succeeds commits the source offsets with exactly the state they produced.
     pub(crate) async fn commit_now(self: &Rc<Self>) -> Result<bool, FlushError> {
         let started = std::time::Instant::now();
+        for sensor in self.sensors.iter() {
+            sensor.on_commit_initiated(self.index);
+        }
         let result = self.commit_once().await;
+        for sensor in self.sensors.iter() {
+            sensor.on_commit_completed(self.index, started.elapsed(), matches!(result, Ok(true)));
+        }
         match &result {
             Ok(true) => {
                 let micros = (started.elapsed().as_micros() as u64).clamp(1, 3_600_000_000);

@@ -106,6 +106,11 @@ pub(crate) async fn consume(
                     core.stats.set_problem(&tp.to_string(), None);
                 }
                 let fetched_count = fetched.records.len();
+                for sensor in core.sensors.iter() {
+                    for r in &fetched.records {
+                        sensor.on_message_in(&tp, r.offset);
+                    }
+                }
                 for record in fetched.records {
                     let mut record = Some(record);
                     for (i, (&a, &lane)) in agents.iter().zip(&lanes).enumerate() {

@@ -21,6 +21,7 @@ pub(crate) mod mailbox;
 pub(crate) mod queue;
 pub(crate) mod recovery;
 pub(crate) mod sends;
+pub(crate) mod sensor;
 pub(crate) mod signal;
 pub(crate) mod standby;
 pub(crate) mod state;
@@ -129,6 +130,8 @@ pub(crate) struct CoreRuntime {
     settings: Arc<crate::settings::Settings>,
     /// Topics the engine makes and can rebuild (changelogs, repartition topics).
     internal_topics: std::collections::HashSet<Arc<str>>,
+    /// The app's sensors (usually none: then each hook is one check of an empty list).
+    sensors: crate::runtime::sensor::Sensors,
     stats: Arc<crate::runtime::stats::Counters>,
     /// Shards whose undo logs hold writes of events not yet acked.
     written: RefCell<Vec<Rc<dyn AnyShard>>>,
@@ -196,6 +199,7 @@ pub(crate) struct CoreSetup {
     pub(crate) stopped_at: Arc<Mutex<Option<crate::runtime::bad_record::BadRecord>>>,
     pub(crate) lost_data: LostData,
     pub(crate) internal_topics: std::collections::HashSet<Arc<str>>,
+    pub(crate) sensors: crate::runtime::sensor::Sensors,
 }
 
 impl CoreRuntime {
@@ -217,6 +221,7 @@ impl CoreRuntime {
             stopped_at,
             lost_data,
             internal_topics,
+            sensors,
         } = setup;
         let changelog_tables = tables.iter().enumerate().map(|(i, t)| (t.changelog().clone(), i)).collect();
         let runtime = Rc::new(CoreRuntime {
@@ -252,6 +257,7 @@ impl CoreRuntime {
             agents_by_topic,
             settings,
             internal_topics,
+            sensors,
             stats,
             failure: RefCell::new(None),
             halted: RefCell::new(Vec::new()),
@@ -350,6 +356,11 @@ impl CoreRuntime {
         if offsets.is_empty() {
             return;
         }
+        for sensor in self.sensors.iter() {
+            for &offset in offsets {
+                sensor.on_stream_event_out(tp, offset);
+            }
+        }
         if let Some(t) = self.acks.borrow_mut().get_mut(&AckKey(agent, tp)) {
             for &offset in offsets {
                 t.ack(offset);
@@ -372,6 +383,11 @@ impl CoreRuntime {
                 shard.holds_writes_in_flight()
             });
         }
+    }
+
+    /// The app's sensors.
+    pub(crate) fn sensors(&self) -> &crate::runtime::sensor::Sensors {
+        &self.sensors
     }
 
     /// Events `agent` acked on this core so far (the supervisor tells a streak of failures

@@ -43,6 +43,7 @@ pub(crate) async fn recover(
     group: &str,
     fence: Option<&Fence>,
     shard: &Rc<dyn AnyShard>,
+    sensors: &crate::runtime::sensor::Sensors,
 ) -> Result<Recovered, TableError> {
     let tp = shard.changelog().clone();
     let (table, partition) = (shard.name().to_string(), shard.partition());
@@ -100,7 +101,7 @@ pub(crate) async fn recover(
     repair.check(shard, from, committed)?;
     let started = Instant::now();
     let total = committed - from;
-    let mut progress = Progress::new(&table, partition, total);
+    let mut progress = Progress::new(&table, partition, total, sensors.clone());
     let mut next = from;
     let mut empty_fetches = 0;
     while next < committed {
@@ -344,6 +345,9 @@ async fn write_current_values(
 /// Recovery progress: a bar on a terminal, a log line every few seconds otherwise.
 struct Progress {
     label: String,
+    table: String,
+    partition: u32,
+    sensors: crate::runtime::sensor::Sensors,
     total: u64,
     started: Instant,
     last: Instant,
@@ -351,10 +355,13 @@ struct Progress {
 }
 
 impl Progress {
-    fn new(table: &str, partition: u32, total: u64) -> Self {
+    fn new(table: &str, partition: u32, total: u64, sensors: crate::runtime::sensor::Sensors) -> Self {
         let now = Instant::now();
         Progress {
             label: format!("recovering {table}[{partition}]"),
+            table: table.to_string(),
+            partition,
+            sensors,
             total,
             started: now,
             last: now,
@@ -363,6 +370,9 @@ impl Progress {
     }
 
     fn update(&mut self, done: u64) {
+        for sensor in self.sensors.iter() {
+            sensor.on_recovery_progress(&self.table, self.partition, done, self.total);
+        }
         let now = Instant::now();
         if self.tty {
             if now.duration_since(self.last) >= Duration::from_millis(100) {

@@ -182,10 +182,18 @@ impl CoreRuntime {
         tp: &TopicPartition,
         batch: faust_storage::BatchBuilder,
     ) -> Result<Produced, faust_transport::Error> {
-        match crate::runtime::fault_point("sends:flush") {
+        let records = batch.len();
+        let produced = match crate::runtime::fault_point("sends:flush") {
             Ok(()) => self.transport.produce(tp, batch).await,
             Err(e) => Err(crate::runtime::injected_produce_failure(tp, batch, e)),
+        };
+        for sensor in self.sensors.iter() {
+            match &produced {
+                Ok(_) => sensor.on_send_completed(tp, records),
+                Err(e) => sensor.on_send_error(tp, &e.to_string()),
+            }
         }
+        produced
     }
 
     /// Keeps the batch of a failed write for a retry, or marks the core's sends as lost.

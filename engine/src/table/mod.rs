@@ -41,6 +41,17 @@ use crate::codec::Codec;
 pub(crate) use crate::error::TableError;
 use crate::runtime::state::{AnyShard, TableMeta, Token, same_topic};
 use crate::util::lock;
+
+/// What a table operation does, for the sensors ([`Sensor`](crate::Sensor)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Access {
+    /// An agent reads a key.
+    Read,
+    /// An agent writes a key.
+    Write,
+    /// The engine's own bookkeeping (positions, windows): not reported.
+    Internal,
+}
 pub(crate) use shard::Shard;
 
 /// How a table is configured; read when the worker starts.
@@ -266,7 +277,7 @@ where
     where
         V: PartialOrd,
     {
-        self.with_shard(None, |s, token| {
+        self.with_shard(None, Access::Internal, |s, token| {
             if s.get(&key)?.is_some_and(|latest| value <= latest) {
                 return Ok(false);
             }
@@ -315,6 +326,7 @@ where
     pub(crate) fn with_shard<T>(
         &self,
         partition: Option<u32>,
+        access: Access,
         f: impl FnOnce(&Shard<K, V>, Option<&Token>) -> Result<T, TableError>,
     ) -> Result<T, TableError> {
         let table = || self.shared.name.to_string();
@@ -339,6 +351,13 @@ where
                     let result = f(typed, token);
                     if !noted && typed.holds_writes_in_flight() {
                         core.note_writes(shard.clone());
+                    }
+                    for sensor in core.sensors().iter() {
+                        match access {
+                            Access::Read => sensor.on_table_get(&self.shared.name),
+                            Access::Write => sensor.on_table_set(&self.shared.name),
+                            Access::Internal => {}
+                        }
                     }
                     result
                 })
@@ -391,28 +410,28 @@ where
 
     /// The value of `key`, if any.
     pub fn get(&self, key: &K) -> Result<Option<V>, TableError> {
-        self.with_shard(None, |s, _| s.get(key))
+        self.with_shard(None, Access::Read, |s, _| s.get(key))
     }
 
     /// The value of `key`, or the table's default.
     pub fn get_or_default(&self, key: &K) -> Result<V, TableError> {
-        self.with_shard(None, |s, _| s.get_or_default(key))
+        self.with_shard(None, Access::Read, |s, _| s.get_or_default(key))
     }
 
     /// Sets `key` to `value`.
     pub fn insert(&self, key: K, value: V) -> Result<(), TableError> {
-        self.with_shard(None, |s, t| s.write(t, key, Some(value)))
+        self.with_shard(None, Access::Write, |s, t| s.write(t, key, Some(value)))
     }
 
     /// Changes the value of `key` in place (starting from the default when it has none) and
     /// returns the new value: `counts.update(&account, |n| *n += 1)`.
     pub fn update(&self, key: &K, f: impl FnOnce(&mut V)) -> Result<V, TableError> {
-        self.with_shard(None, |s, t| s.update(t, key, f))
+        self.with_shard(None, Access::Write, |s, t| s.update(t, key, f))
     }
 
     /// Removes `key`, returning its value.
     pub fn remove(&self, key: &K) -> Result<Option<V>, TableError> {
-        self.with_shard(None, |s, t| {
+        self.with_shard(None, Access::Write, |s, t| {
             let old = s.get(key)?;
             s.write(t, key.clone(), None)?;
             Ok(old)
@@ -448,27 +467,27 @@ where
 {
     /// The value of `key`, if any.
     pub fn get(&self, key: &K) -> Result<Option<V>, TableError> {
-        self.table.with_shard(Some(self.partition), |s, _| s.get(key))
+        self.table.with_shard(Some(self.partition), Access::Read, |s, _| s.get(key))
     }
 
     /// The value of `key`, or the table's default.
     pub fn get_or_default(&self, key: &K) -> Result<V, TableError> {
-        self.table.with_shard(Some(self.partition), |s, _| s.get_or_default(key))
+        self.table.with_shard(Some(self.partition), Access::Read, |s, _| s.get_or_default(key))
     }
 
     /// Sets `key` to `value`.
     pub fn insert(&self, key: K, value: V) -> Result<(), TableError> {
-        self.table.with_shard(Some(self.partition), |s, t| s.write(t, key, Some(value)))
+        self.table.with_shard(Some(self.partition), Access::Write, |s, t| s.write(t, key, Some(value)))
     }
 
     /// Changes the value of `key` in place and returns the new value.
     pub fn update(&self, key: &K, f: impl FnOnce(&mut V)) -> Result<V, TableError> {
-        self.table.with_shard(Some(self.partition), |s, t| s.update(t, key, f))
+        self.table.with_shard(Some(self.partition), Access::Write, |s, t| s.update(t, key, f))
     }
 
     /// Removes `key`, returning its value.
     pub fn remove(&self, key: &K) -> Result<Option<V>, TableError> {
-        self.table.with_shard(Some(self.partition), |s, t| {
+        self.table.with_shard(Some(self.partition), Access::Write, |s, t| {
             let old = s.get(key)?;
             s.write(t, key.clone(), None)?;
             Ok(old)
@@ -478,7 +497,7 @@ where
     /// Every key and value of this partition.
     pub fn items(&self) -> Result<Vec<(K, V)>, TableError> {
         let mut out = Vec::new();
-        self.table.with_shard(Some(self.partition), |s, _| s.items(&mut out))?;
+        self.table.with_shard(Some(self.partition), Access::Read, |s, _| s.items(&mut out))?;
         Ok(out)
     }
 }

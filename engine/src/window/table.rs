@@ -526,9 +526,9 @@ where
             self.ensure_ticker(idle);
         }
         let shared = &self.shared;
-        shared.windows.with_shard(partition, |windows, token| {
+        shared.windows.with_shard(partition, crate::table::Access::Internal, |windows, token| {
             let p = crate::runtime::state::AnyShard::partition(windows);
-            shared.clock.with_shard(Some(p), |clock, _| {
+            shared.clock.with_shard(Some(p), crate::table::Access::Internal, |clock, _| {
                 let view = view_of(shared, p, windows, clock, options)?;
                 let cx = Cx { shared, options, windows, clock, token, partition: p, view: &view };
                 f(&cx)

@@ -285,6 +285,8 @@ pub(crate) struct Control {
     /// How long to wait for the first assignment before letting the cores start without
     /// partitions (a worker joining a busy group gets its share only after others release it).
     pub(crate) first_wait: Duration,
+    /// The app's sensors (told when an assignment change starts and ends).
+    pub(crate) sensors: crate::runtime::sensor::Sensors,
 }
 
 impl Control {
@@ -392,7 +394,15 @@ impl Control {
             tracing::debug!(group = %self.group, ?event, "assignment change");
             let target = self.placement.target(&owned);
             let fence = member.clone().map(|member| Fence { member, generation });
-            if let Err(e) = self.placement.apply(&target, fence).await {
+            let started = Instant::now();
+            for sensor in self.sensors.iter() {
+                sensor.on_rebalance_start(g);
+            }
+            let applied = self.placement.apply(&target, fence).await;
+            for sensor in self.sensors.iter() {
+                sensor.on_rebalance_end(g, started.elapsed());
+            }
+            if let Err(e) = applied {
                 // A stop asked for meanwhile ends the cores' commands: not a failure.
                 if !self.stop.is_stopped() {
                     self.fail(&e);

@@ -234,6 +234,8 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
         let (commands, cores_done, counters) = (commands.clone(), cores_done.clone(), app.inner.stats.clone());
         let failure = group_failure.clone();
         let settings = settings.clone();
+        let sensors: crate::runtime::sensor::Sensors =
+            lock(&app.inner.sensors).iter().cloned().collect::<Vec<_>>().into();
         std::thread::Builder::new()
             .name(format!("{}-control", settings.id))
             .spawn(move || {
@@ -264,6 +266,7 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
                         counters,
                         failure,
                         first_wait: Duration::from_secs(1),
+                        sensors,
                     }
                     .run()
                     .await;
@@ -485,6 +488,7 @@ async fn core_main(
         stopped_at: startup.stopped_at.clone(),
         lost_data: startup.lost_data.clone(),
         internal_topics,
+        sensors: lock(&app.inner.sensors).iter().cloned().collect::<Vec<_>>().into(),
     });
 
     // The first assignment, before any agent or task runs: table shards are recovered before
