@@ -1,8 +1,10 @@
 //! Helpers shared by the benchmark binaries (`storage`, `engine`, `kafka`), workloads W2 and
 //! W4, the takeover measurement and the codec section.
 
+pub mod broker;
 pub mod codec;
 pub mod kafka_group;
+pub mod svg;
 pub mod takeover;
 pub mod w2;
 pub mod w3;

@@ -99,8 +99,41 @@ pub fn run_grouped(datadir: &Path, id: &str, n: u64, cores: usize) -> W2Run {
 }
 
 fn run_counting(datadir: &Path, id: &str, n: u64, cores: usize, grouped: bool) -> W2Run {
-    try_run_on(settings(id, datadir, cores), "orders", n, grouped, Duration::from_secs(600))
+    try_run_on(settings(id, datadir, cores), "orders", n, grouped, None, Duration::from_secs(600))
         .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// W2 on 1 core with the built-in monitor on or off (`Settings::monitor_enabled`), and with
+/// or without an app sensor that counts every event in and out and every table access (what
+/// a user's Prometheus or statsd sensor does per event): the monitor's cost.
+pub fn run_monitored(datadir: &Path, id: &str, n: u64, monitor: bool, sensor: bool) -> W2Run {
+    let mut s = settings(id, datadir, 1);
+    s.monitor_enabled = monitor;
+    let sensor: Option<Arc<dyn faust::Sensor>> = sensor.then(|| Arc::new(CountingSensor::default()) as _);
+    try_run_on(s, "orders", n, false, sensor, Duration::from_secs(600)).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A sensor counting events in and out and table reads and writes, with relaxed atomics.
+#[derive(Default)]
+struct CountingSensor {
+    events_in: AtomicU64,
+    events_out: AtomicU64,
+    table_ops: AtomicU64,
+}
+
+impl faust::Sensor for CountingSensor {
+    fn on_message_in(&self, _tp: &faust::TopicPartition, _offset: u64) {
+        self.events_in.fetch_add(1, Ordering::Relaxed);
+    }
+    fn on_stream_event_out(&self, _tp: &faust::TopicPartition, _offset: u64) {
+        self.events_out.fetch_add(1, Ordering::Relaxed);
+    }
+    fn on_table_get(&self, _table: &str) {
+        self.table_ops.fetch_add(1, Ordering::Relaxed);
+    }
+    fn on_table_set(&self, _table: &str) {
+        self.table_ops.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// W2 (the count per account, without `group_by`) as configured by `settings` (any broker;
@@ -108,13 +141,29 @@ fn run_counting(datadir: &Path, id: &str, n: u64, cores: usize, grouped: bool) -
 /// the first event to the `n`-th, or an error when the worker fails or has not counted them
 /// all within `deadline`.
 pub fn run_on(settings: Settings, topic: &str, n: u64, deadline: Duration) -> Result<W2Run, String> {
-    try_run_on(settings, topic, n, false, deadline)
+    try_run_on(settings, topic, n, false, None, deadline)
 }
 
-fn try_run_on(settings: Settings, topic: &str, n: u64, grouped: bool, deadline: Duration) -> Result<W2Run, String> {
+/// W4 (`group_by` by account, then the count: the Faust README's form) as configured by
+/// `settings` over the `n` orders already in `topic`, as [`run_on`] does W2.
+pub fn run_grouped_on(settings: Settings, topic: &str, n: u64, deadline: Duration) -> Result<W2Run, String> {
+    try_run_on(settings, topic, n, true, None, deadline)
+}
+
+fn try_run_on(
+    settings: Settings,
+    topic: &str,
+    n: u64,
+    grouped: bool,
+    sensor: Option<Arc<dyn faust::Sensor>>,
+    deadline: Duration,
+) -> Result<W2Run, String> {
     let id = settings.id.clone();
     let cores = settings.cores.unwrap_or(1).max(1);
     let app = App::new(settings);
+    if let Some(sensor) = sensor {
+        app.sensor(sensor);
+    }
     let orders = app.topic::<String, Order>(topic);
     let counts = app.table::<String, u64>("counts").with_default(|| 0);
     let counters: Arc<Vec<Counter>> = Arc::new((0..cores).map(|_| Counter::default()).collect());

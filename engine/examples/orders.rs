@@ -27,8 +27,9 @@
 //! `orders-count-orders-account_id-repartition`, so each account's orders reach the core that
 //! holds its shard — and counts them per account in the `order_count` table, whose changelog
 //! and stores make the counts survive crashes exactly; a timer on each core reads its shards
-//! four times a second, and the count is printed every second. `ORDERS_DUMP=FILE` writes
-//! every account's count to FILE as JSON at the end.
+//! four times a second, and the count shows as a progress bar (rate, time left) on a
+//! terminal, a line a second otherwise. `ORDERS_DUMP=FILE` writes every account's count to
+//! FILE as JSON at the end.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -121,7 +122,7 @@ fn run_alone() -> Result<(), Box<dyn std::error::Error>> {
     // the command line sets up its own logging (`--log-level`).
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(faust::log_writer).with_ansi(ansi).try_init();
     let orders_total = env_u64("ORDERS", 1_000_000)?;
     let accounts = env_u64("ACCOUNTS", 10_000)?.max(1);
     let temp = tempfile::tempdir()?;
@@ -220,6 +221,9 @@ fn run_alone() -> Result<(), Box<dyn std::error::Error>> {
             (counted.clone(), generated_all.clone(), generator_failed.clone(), app.clone());
         std::thread::spawn(move || {
             let (mut last, mut still_since, mut last_print) = (u64::MAX, Instant::now(), Instant::now());
+            // On a terminal, a bar (orders counted, rate, time left); otherwise a line a second.
+            let mut bar = std::io::IsTerminal::is_terminal(&std::io::stderr())
+                .then(|| faust::Progress::new("counting orders", Some(orders_total)));
             let mut finished_at = None;
             let mut blocked_since: Option<Instant> = None;
             // Until the work is done, or the worker is stopped otherwise (a signal).
@@ -247,13 +251,18 @@ fn run_alone() -> Result<(), Box<dyn std::error::Error>> {
                         finished_at = Some(start.elapsed());
                     }
                 }
-                if last_print.elapsed() >= Duration::from_secs(1) {
+                if let Some(bar) = &mut bar {
+                    bar.set(now, None);
+                } else if last_print.elapsed() >= Duration::from_secs(1) {
                     last_print = Instant::now();
                     println!("[{:5.1} s] {now} orders counted", start.elapsed().as_secs_f64());
                 }
                 if generated_all.load(Ordering::SeqCst) && still_since.elapsed() >= Duration::from_secs(1) {
                     break;
                 }
+            }
+            if let Some(bar) = &mut bar {
+                bar.finish();
             }
             stop.stop();
             finished_at

@@ -20,6 +20,20 @@ pub(crate) struct AckTracker {
     position: u64,
     /// What may be committed now: every event below it was acked or never delivered.
     committable: u64,
+    /// The monitor's sample of this partition's event latency, while its event is in flight.
+    sample: Option<LatencySample>,
+}
+
+/// One event the monitor follows from its fetch to its ack (one per partition at a time, so
+/// the per-event path pays a branch, not a clock read).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LatencySample {
+    /// The event's offset.
+    pub(crate) offset: u64,
+    /// When the event was fetched.
+    pub(crate) fetched_at: std::time::Instant,
+    /// The record's timestamp (milliseconds since the epoch).
+    pub(crate) timestamp_ms: i64,
 }
 
 /// What an ack did.
@@ -34,7 +48,7 @@ pub(crate) enum Acked {
 impl AckTracker {
     /// A tracker for a partition whose consumption starts at `start` (the committed offset).
     pub(crate) fn new(start: u64) -> Self {
-        AckTracker { in_flight: VecDeque::new(), position: start, committable: start }
+        AckTracker { in_flight: VecDeque::new(), position: start, committable: start, sample: None }
     }
 
     /// Records that the event at `offset` was handed to a stream. Offsets must increase.
@@ -101,6 +115,21 @@ impl AckTracker {
         self.committable
     }
 
+    /// Follows `sample` unless a sample is in flight already.
+    pub(crate) fn arm_sample(&mut self, sample: LatencySample) {
+        if self.sample.is_none() {
+            self.sample = Some(sample);
+        }
+    }
+
+    /// The sample in flight, once its event and every event before it were acked.
+    pub(crate) fn take_finished_sample(&mut self) -> Option<LatencySample> {
+        match self.sample {
+            Some(s) if self.committable > s.offset => self.sample.take(),
+            _ => None,
+        }
+    }
+
     /// Events delivered and not yet acked.
     #[cfg(test)]
     pub(crate) fn pending(&self) -> usize {
@@ -130,6 +159,24 @@ mod tests {
         t.ack(13);
         assert_eq!(t.committable(), 14);
         assert_eq!(t.pending(), 0);
+    }
+
+    #[test]
+    fn a_latency_sample_finishes_when_its_event_and_those_before_it_are_acked() {
+        let mut t = AckTracker::new(0);
+        for o in 0..3 {
+            t.delivered(o);
+        }
+        let fetched_at = std::time::Instant::now();
+        t.arm_sample(LatencySample { offset: 2, fetched_at, timestamp_ms: 7 });
+        t.arm_sample(LatencySample { offset: 99, fetched_at, timestamp_ms: 8 }); // one at a time
+        t.ack(2);
+        t.ack(0);
+        assert!(t.take_finished_sample().is_none(), "offset 1 is still in flight");
+        t.ack(1);
+        let s = t.take_finished_sample().expect("finished");
+        assert_eq!((s.offset, s.timestamp_ms), (2, 7));
+        assert!(t.take_finished_sample().is_none(), "taken once");
     }
 
     #[test]

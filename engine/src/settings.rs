@@ -39,6 +39,7 @@ pub struct SettingsError {
 /// | `web_port` | 6066 (0: any free port) | `WEB_PORT` |
 /// | `web_bind` | 127.0.0.1 | `WEB_BIND` |
 /// | `web_enabled` | true | `WEB_ENABLED` |
+/// | `monitor_enabled` | true | `MONITOR_ENABLED` |
 /// | `store` | `mmap://` (table shards in stores under `datadir/tables`) | `STORE` (`mmap://` or `memory://`) |
 /// | `bad_record_policy` | skip (and count) | `BAD_RECORD_POLICY` (`skip`, `stop`, `dead-letter`, `dead-letter:TOPIC`) |
 /// | `max_record_bytes` | 1 MiB | `MAX_RECORD_BYTES` |
@@ -95,6 +96,10 @@ pub struct Settings {
     pub web_bind: String,
     /// Whether the worker runs a web server (Faust's `web_enabled`).
     pub web_enabled: bool,
+    /// Whether the built-in monitor samples event latencies (one event per partition at a
+    /// time, from its fetch to its ack) for the web server's status and metrics. Counters,
+    /// busy time and commit latencies are kept either way.
+    pub monitor_enabled: bool,
     /// Where table shards keep their state: `mmap://` (a log-structured store per shard under
     /// `{datadir}/tables`) or `memory://` (rebuilt from the changelog at every start).
     pub store: String,
@@ -194,6 +199,7 @@ impl Settings {
             web_port: 6066,
             web_bind: "127.0.0.1".to_string(),
             web_enabled: true,
+            monitor_enabled: true,
             store: "mmap://".to_string(),
             shutdown_timeout: Duration::from_secs(10),
             bad_record_policy: BadRecordPolicy::Skip,
@@ -238,6 +244,13 @@ impl Settings {
         };
         fn parse<T: std::str::FromStr>((variable, value): (String, String), what: &str) -> Result<T, SettingsError> {
             value.trim().parse().map_err(|_| SettingsError { variable, value, reason: format!("expected {what}") })
+        }
+        fn parse_bool((variable, value): (String, String)) -> Result<bool, SettingsError> {
+            match value.trim().to_ascii_lowercase().as_str() {
+                "1" | "true" | "yes" | "on" => Ok(true),
+                "0" | "false" | "no" | "off" => Ok(false),
+                _ => Err(SettingsError { variable, value, reason: "expected true or false".into() }),
+            }
         }
         if let Some((variable, value)) = get("APP_ID") {
             if faust_transport::validate_topic_name(&value).is_err() {
@@ -339,12 +352,11 @@ impl Settings {
         if let Some((_, v)) = get("WEB_BIND") {
             self.web_bind = v.trim().to_string();
         }
-        if let Some((variable, value)) = get("WEB_ENABLED") {
-            self.web_enabled = match value.trim().to_ascii_lowercase().as_str() {
-                "1" | "true" | "yes" | "on" => true,
-                "0" | "false" | "no" | "off" => false,
-                _ => return Err(SettingsError { variable, value, reason: "expected true or false".into() }),
-            };
+        if let Some(kv) = get("WEB_ENABLED") {
+            self.web_enabled = parse_bool(kv)?;
+        }
+        if let Some(kv) = get("MONITOR_ENABLED") {
+            self.monitor_enabled = parse_bool(kv)?;
         }
         if let Some((variable, value)) = get("BAD_RECORD_POLICY") {
             self.bad_record_policy =

@@ -111,6 +111,14 @@ fn the_web_views_answer_tables_health_and_metrics() {
         })
         .sum();
     assert_eq!(total_position, 4.0, "the four orders are processed:\n{text}");
+    // The monitor's latency summaries: commits, and events sampled from fetch to ack.
+    for family in ["faust_commit_latency_seconds", "faust_event_latency_seconds", "faust_event_age_seconds"] {
+        assert!(text.contains(&format!("# TYPE {family} summary")), "{family} in:\n{text}");
+    }
+    let (_, status_now) = get_json(port, "/status");
+    let sampled: u64 =
+        status_now["cores"].as_array().unwrap().iter().map(|c| c["event_latency"]["count"].as_u64().unwrap()).sum();
+    assert!(sampled >= 1, "at least one event's latency was sampled: {status_now}");
 
     // The status page, and the status it polls: this worker's partitions, moving as events flow.
     let (status, head, page) = http(port, "GET", "/");
@@ -157,9 +165,9 @@ fn rendered(chromium: &str, port: u16, ms: u32) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The number in `<span id="{id}">` of a rendered page.
+/// The number in the element `id="{id}"` of a rendered page.
 fn span(dom: &str, id: &str) -> Option<u64> {
-    let start = dom.find(&format!("<span id=\"{id}\">"))? + id.len() + 12;
+    let start = dom.find(&format!(" id=\"{id}\">"))? + id.len() + 7;
     dom[start..].split('<').next()?.trim().parse().ok()
 }
 

@@ -71,6 +71,10 @@ struct Args {
     /// Only the codec section (decode cost per codec on one core).
     #[arg(long)]
     only_codec: bool,
+    /// Only the monitor's cost: W2 on 1 core with the monitor off, on, and on with a
+    /// counting sensor, interleaved over 5 rounds (3 with --quick).
+    #[arg(long)]
+    only_monitor: bool,
 }
 
 /// Runs the codec section: 1,000,000 records (200,000 with --quick), best of 5 rounds.
@@ -151,6 +155,12 @@ struct W2Figures {
     recovery_records_s: f64,
     recovery_records: u64,
     reopen_s: f64,
+    /// W2 on 1 core with the built-in monitor off, and with a counting app sensor added
+    /// (best of the runs, interleaved with the runs of `one`, where the monitor is on).
+    monitor_off: f64,
+    /// Median over the rounds of W2 with the monitor on (and with a sensor) / off.
+    monitor_ratio: f64,
+    sensor_ratio: f64,
     /// W4 (group_by then count), best of the runs, on the same orders.
     w4_one: f64,
     w4_two: f64,
@@ -256,7 +266,12 @@ fn run_w2(dir: &Path, n: u64, json: bool, runs: usize) -> W2Figures {
     let (mut one, mut two) = (0.0f64, 0.0f64);
     let mut one_cpu_ns = f64::NAN;
     let (mut w4_one, mut w4_two) = (0.0f64, 0.0f64);
+    // Per round: W2 with the monitor off, on (the default, `a` below) and with a sensor.
+    let (mut off_runs, mut on_runs, mut sensor_runs) = (Vec::new(), Vec::new(), Vec::new());
     for r in 0..runs {
+        let off = w2::run_monitored(&small, &format!("w2-monitor-off-{r}"), n, false, false);
+        progress(json, &format!("W2 1 core, monitor off, run {r}: {:.0} events/s", off.events_s));
+        off_runs.push(off.events_s);
         let a = w2::run(&small, &format!("w2-1core-{r}"), n, 1);
         assert_eq!(a.accounts, 10_000, "W2 counted {} accounts", a.accounts);
         progress(
@@ -264,6 +279,7 @@ fn run_w2(dir: &Path, n: u64, json: bool, runs: usize) -> W2Figures {
             &format!("W2 1 core run {r}: {:.0} events/s, {:.0} CPU ns per event", a.events_s, a.cpu_ns_per_event),
         );
         one = one.max(a.events_s);
+        on_runs.push(a.events_s);
         one_cpu_ns = one_cpu_ns.min(a.cpu_ns_per_event);
         let b = w2::run(&small, &format!("w2-2core-{r}"), n, 2);
         progress(json, &format!("W2 2 cores run {r}: {:.0} events/s", b.events_s));
@@ -274,6 +290,9 @@ fn run_w2(dir: &Path, n: u64, json: bool, runs: usize) -> W2Figures {
         w4_one = w4_one.max(c.events_s);
         w4_two = w4_two.max(d.events_s);
         two = two.max(b.events_s);
+        let e = w2::run_monitored(&small, &format!("w2-sensor-{r}"), n, true, true);
+        progress(json, &format!("W2 1 core, monitor on and a counting sensor, run {r}: {:.0} events/s", e.events_s));
+        sensor_runs.push(e.events_s);
     }
     let encoded: Vec<Vec<u8>> = (0..n).map(|i| serde_json::to_vec(&w2::order(i, 10_000)).unwrap()).collect();
     let floor_1 = w2::floor(&encoded, 1);
@@ -304,6 +323,9 @@ fn run_w2(dir: &Path, n: u64, json: bool, runs: usize) -> W2Figures {
         recovery_records_s: records as f64 / replay.as_secs_f64(),
         recovery_records: records,
         reopen_s: reopen.as_secs_f64(),
+        monitor_off: off_runs.iter().copied().fold(0.0, f64::max),
+        monitor_ratio: median_ratio(&on_runs, &off_runs),
+        sensor_ratio: median_ratio(&sensor_runs, &off_runs),
         w4_one,
         w4_two,
         takeover: run_takeover(dir, n, json),
@@ -363,11 +385,27 @@ fn print_w2(w: &W2Figures, n: u64) {
         w.w4_one / w.one
     );
     println!("| W4 2 cores | {:.0} events/s | W2 2 cores {:.0} | {:.2} |", w.w4_two, w.two, w.w4_two / w.two);
+    println!(
+        "| W2 1 core, monitor on (the default) against off | {:.0} events/s | monitor off {:.0} | {:.2} (≥ 0.95; median of the rounds' ratios) |",
+        w.one, w.monitor_off, w.monitor_ratio
+    );
+    println!("| W2 1 core, monitor and a counting sensor against off | | | {:.2} |", w.sensor_ratio);
     let t = &w.takeover;
     println!(
         "| takeover on memory:// ({} partitions) | {:.1} ms after the leave, {:.1} ms after the stop | replayed {} changelog records | (≤ 100 ms + tail replay) |",
         t.moved, t.takeover_ms, t.stop_to_processed_ms, t.replayed
     );
+}
+
+/// The median over rounds of `a[i] / b[i]`.
+fn median_ratio(a: &[f64], b: &[f64]) -> f64 {
+    let mut r: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+    r.sort_by(f64::total_cmp);
+    match r.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => r[n / 2],
+        n => (r[n / 2 - 1] + r[n / 2]) / 2.0,
+    }
 }
 
 /// The W4 and takeover keys of `--json`.
@@ -376,6 +414,9 @@ fn w4_json(w: &W2Figures) -> serde_json::Value {
         "w4_events_s_1core": w.w4_one,
         "w4_events_s_2core": w.w4_two,
         "w4_vs_w2_ratio": w.w4_one / w.one,
+        "w2_monitor_vs_off": w.monitor_ratio,
+        "w2_monitor_off_events_s_1core": w.monitor_off,
+        "w2_with_sensor_vs_off": w.sensor_ratio,
         "w4_vs_w2_ratio_2core": w.w4_two / w.two,
         "memory_takeover_ms": w.takeover.takeover_ms,
         "memory_stop_to_processed_ms": w.takeover.stop_to_processed_ms,
@@ -705,6 +746,42 @@ fn main() {
             "latency at {rate:.0}/s: p50 {:.0} µs, p99 {:.0} µs, p999 {:.0} µs, max {:.0} µs",
             lat.p50_us, lat.p99_us, lat.p999_us, lat.max_us
         );
+        return;
+    }
+    if args.only_monitor {
+        let small = dir.path().join("w2-10k");
+        faust_bench::w2::preload(&small, n, 10_000);
+        let rounds = if args.quick { 3 } else { 5 };
+        let (mut off, mut on, mut sensor) = (Vec::new(), Vec::new(), Vec::new());
+        for r in 0..rounds {
+            let a = faust_bench::w2::run_monitored(&small, &format!("m-off-{r}"), n, false, false).events_s;
+            let b = faust_bench::w2::run_monitored(&small, &format!("m-on-{r}"), n, true, false).events_s;
+            let c = faust_bench::w2::run_monitored(&small, &format!("m-sensor-{r}"), n, true, true).events_s;
+            progress(args.json, &format!("round {r}: off {a:.0}, on {b:.0}, on with a sensor {c:.0} events/s"));
+            off.push(a);
+            on.push(b);
+            sensor.push(c);
+        }
+        // Each round's runs follow one another: their ratio is the least disturbed by a
+        // machine whose load changes from round to round; the median drops outlying rounds.
+        let (on_ratio, sensor_ratio) = (median_ratio(&on, &off), median_ratio(&sensor, &off));
+        let best_off = off.iter().copied().fold(0.0, f64::max);
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "w2_monitor_vs_off": on_ratio,
+                    "w2_with_sensor_vs_off": sensor_ratio,
+                    "w2_monitor_off_events_s_1core": best_off,
+                    "w2_events_s_1core": on.iter().copied().fold(0.0, f64::max),
+                })
+            );
+        } else {
+            println!(
+                "W2 1 core over {rounds} rounds: monitor on / off {on_ratio:.3} (median of the rounds' ratios), \
+                 with a counting sensor / off {sensor_ratio:.3}; best with it off {best_off:.0} events/s"
+            );
+        }
         return;
     }
     if args.only_w2 || args.only_w2_1m {

@@ -22,8 +22,6 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -81,65 +79,6 @@ const BATCH: usize = 5_000;
 const STEP_DEADLINE: Duration = Duration::from_secs(120);
 
 type BenchResult<T> = Result<T, String>;
-
-/// A broker this run started; stopped (that PID only, through `scripts/broker stop` with the
-/// same private state directory) when dropped, so also on error and on panic.
-struct OwnBroker {
-    script: PathBuf,
-    state: tempfile::TempDir,
-    addr: String,
-}
-
-impl OwnBroker {
-    fn start() -> BenchResult<OwnBroker> {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().ok_or("no repository root")?;
-        let script = root.join("scripts").join("broker");
-        let state = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
-        let mut child = Command::new(&script)
-            .arg("start")
-            .env("FAUST_BROKER_STATE", state.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| format!("running {}: {e}", script.display()))?;
-        // The script bounds its own wait to 10 s; installing tansu (a 15 MB download) the
-        // first time may take longer, but not this long.
-        let deadline = Instant::now() + Duration::from_secs(180);
-        let status = loop {
-            match child.try_wait().map_err(|e| format!("waiting for scripts/broker: {e}"))? {
-                Some(status) => break status,
-                None if Instant::now() > deadline => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    // It may have started tansu before it hung.
-                    drop(OwnBroker { script, state, addr: String::new() });
-                    return Err("scripts/broker start did not finish within 180 s".into());
-                }
-                None => std::thread::sleep(Duration::from_millis(20)),
-            }
-        };
-        let mut out = String::new();
-        if let Some(mut stdout) = child.stdout.take() {
-            use std::io::Read;
-            stdout.read_to_string(&mut out).map_err(|e| format!("reading scripts/broker: {e}"))?;
-        }
-        let broker = OwnBroker { script, state, addr: out.trim().to_string() };
-        if !status.success() || broker.addr.is_empty() {
-            return Err(format!("scripts/broker start failed ({status})"));
-        }
-        Ok(broker)
-    }
-}
-
-impl Drop for OwnBroker {
-    fn drop(&mut self) {
-        let _ = Command::new(&self.script)
-            .arg("stop")
-            .env("FAUST_BROKER_STATE", self.state.path())
-            .stdout(Stdio::null())
-            .status();
-    }
-}
 
 fn pin_to_cpu(cpu: usize) {
     // SAFETY: a zeroed cpu_set_t is a valid empty set; we set one bit and pass its size.
@@ -680,7 +619,7 @@ fn main() {
         Some(_) => None,
         None => {
             progress(args.json, "starting a broker with scripts/broker");
-            match OwnBroker::start() {
+            match faust_bench::broker::OwnBroker::start() {
                 Ok(b) => Some(b),
                 Err(e) => {
                     eprintln!("kafka bench: {e}");

@@ -8,6 +8,8 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::os::unix::ffi::OsStringExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use serde_json::{Value, json};
@@ -276,7 +278,38 @@ pub(crate) fn main(app: &App, args: Vec<OsString>) -> ExitCode {
     }
 }
 
-/// Logs through `tracing` to stderr, at `level` (or RUST_LOG, or `default`).
+/// Shows the worker working through a backlog (events processed against the lag, with the
+/// rate and the time left) until `done`: a bar on a terminal, log lines otherwise
+/// (`crate::progress`). A worker that keeps up shows nothing.
+fn watch_backlog(app: App, done: Arc<AtomicBool>) -> Option<std::thread::JoinHandle<()>> {
+    let watch = move || {
+        // The backlog being shown: events processed when it was first seen, and its meter.
+        let mut backlog: Option<(u64, crate::progress::Progress)> = None;
+        while !done.load(Ordering::Relaxed) {
+            std::thread::sleep(std::time::Duration::from_millis(250));
+            let stats = app.stats();
+            match &mut backlog {
+                None if stats.lag > 0 => {
+                    let meter = crate::progress::Progress::new("processing the backlog", Some(stats.lag));
+                    backlog = Some((stats.events_processed, meter));
+                }
+                None => {}
+                Some((base, meter)) => {
+                    let done_now = stats.events_processed.saturating_sub(*base);
+                    meter.set(done_now, Some(done_now + stats.lag));
+                    if stats.lag == 0 {
+                        meter.finish();
+                        backlog = None;
+                    }
+                }
+            }
+        }
+    };
+    std::thread::Builder::new().name("faust-progress".into()).spawn(watch).ok()
+}
+
+/// Logs through `tracing` to stderr, at `level` (or RUST_LOG, or `default`), above the
+/// progress bars.
 fn init_logging(level: Option<&str>, default: &str) -> Result<(), String> {
     use tracing_subscriber::EnvFilter;
     let filter = match level {
@@ -288,7 +321,7 @@ fn init_logging(level: Option<&str>, default: &str) -> Result<(), String> {
     // A program that installed its own subscriber keeps it.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(crate::progress::log_writer)
         .with_ansi(std::io::stderr().is_terminal())
         .try_init();
     Ok(())
@@ -322,7 +355,14 @@ fn run(
             let partitions = s.partitions.as_ref().map_or_else(|| "all".to_string(), |p| format!("{p:?}"));
             tracing::info!(app = %s.id, transport = %s.broker_url(), datadir = %s.datadir.display(), %cores, %partitions,
                 control_socket = %control::socket_path(&s.datadir).display(), "starting the worker (Ctrl-C stops it)");
-            app.run().map_err(|e| Failed::new(EXIT_FAILED, format!("the worker stopped: {e}")))?;
+            let done = Arc::new(AtomicBool::new(false));
+            let watcher = watch_backlog(app.clone(), done.clone());
+            let ran = app.run();
+            done.store(true, Ordering::Relaxed);
+            if let Some(w) = watcher {
+                let _ = w.join();
+            }
+            ran.map_err(|e| Failed::new(EXIT_FAILED, format!("the worker stopped: {e}")))?;
             tracing::info!("the worker stopped");
             Ok(())
         }

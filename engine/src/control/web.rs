@@ -6,7 +6,7 @@
 //! | path | answer |
 //! |---|---|
 //! | `GET /` | the live status page (HTML; it polls `/status`) |
-//! | `GET /status` | each core's partitions (position, end, committed), busy time, commit latencies |
+//! | `GET /status` | each core's partitions (position, end, committed, events/s), busy time, recoveries, windows open, commit and event latencies |
 //! | `GET /health` | 200 while the worker runs |
 //! | `GET /ready` | 200 once every partition assigned to the worker is recovered, 503 before |
 //! | `GET /app` | the app: id, cores, agents, tables, topics, stats |
@@ -275,7 +275,9 @@ fn core_statuses(inboxes: &[Arc<Inbox>]) -> Result<Vec<Value>, (Failure, String)
     (0..inboxes.len())
         .map(|core| {
             ask(inboxes, core, |runtime| async move {
-                serde_json::to_value(runtime.status()).map_err(|e| super::failed(e.to_string()))
+                let mut status = serde_json::to_value(runtime.status()).map_err(|e| super::failed(e.to_string()))?;
+                status["windows_open"] = json!(crate::window::open_windows_on_this_core());
+                Ok(status)
             })
         })
         .collect()
@@ -344,18 +346,20 @@ fn metrics(app: &App, inboxes: &[Arc<Inbox>]) -> Answer {
             "Events the core's agents finished.",
             per_core(&|c| num(&c["events_processed"])),
         );
-        family("core_commits_total", "counter", "Commits the core completed.", per_core(&|c| num(&c["commits"])));
-        let mut quantiles = Vec::new();
-        for c in &cores {
-            for (q, key) in [("0.5", "commit_p50_us"), ("0.99", "commit_p99_us"), ("1", "commit_max_us")] {
-                quantiles.push((format!("core=\"{}\",quantile=\"{q}\"", c["core"]), num(&c[key]) / 1e6));
-            }
-        }
         family(
-            "commit_latency_seconds",
+            "core_windows_open",
             "gauge",
-            "Commit latency quantiles per core since the worker started.",
-            quantiles,
+            "Windows open in the core's partitions.",
+            per_core(&|c| num(&c["windows_open"])),
+        );
+        family(
+            "core_recovering_records_left",
+            "gauge",
+            "Changelog records the core's recovering shards have left to replay.",
+            per_core(&|c| {
+                let recovering = c["recovering"].as_array().cloned().unwrap_or_default();
+                recovering.iter().map(|r| (num(&r["total"]) - num(&r["done"])).max(0.0)).sum()
+            }),
         );
         let partitions = |f: &dyn Fn(&Value) -> Option<f64>| -> Vec<(String, f64)> {
             cores
@@ -388,6 +392,41 @@ fn metrics(app: &App, inboxes: &[Arc<Inbox>]) -> Answer {
             partitions(&|p| Some((num(&p["end"]) - num(&p["position"])).max(0.0))),
         );
         family("partition_committed", "gauge", "The committed offset.", partitions(&|p| p["committed"].as_f64()));
+        family(
+            "partition_events_per_second",
+            "gauge",
+            "Events of the partition processed per second over the last few seconds.",
+            partitions(&|p| p["events_per_s"].as_f64()),
+        );
+        for (name, key, help) in [
+            ("commit_latency_seconds", "commit_latency", "How long the core's commits took."),
+            (
+                "event_latency_seconds",
+                "event_latency",
+                "How long sampled events took from their fetch until processed (with every event before them).",
+            ),
+            (
+                "event_age_seconds",
+                "event_age",
+                "How old sampled events were (by their record's timestamp) when processed: the end-to-end latency.",
+            ),
+        ] {
+            out.push_str(&format!("# HELP faust_{name} {help}\n# TYPE faust_{name} summary\n"));
+            for c in &cores {
+                let (core, h) = (&c["core"], &c[key]);
+                for (q, k) in [("0.5", "p50_us"), ("0.99", "p99_us"), ("0.999", "p999_us"), ("1", "max_us")] {
+                    out.push_str(&format!(
+                        "faust_{name}{{app=\"{id}\",core=\"{core}\",quantile=\"{q}\"}} {}\n",
+                        num(&h[k]) / 1e6
+                    ));
+                }
+                out.push_str(&format!(
+                    "faust_{name}_sum{{app=\"{id}\",core=\"{core}\"}} {}\n",
+                    num(&h["sum_us"]) / 1e6
+                ));
+                out.push_str(&format!("faust_{name}_count{{app=\"{id}\",core=\"{core}\"}} {}\n", num(&h["count"])));
+            }
+        }
     }
     Answer { status: 200, content_type: "text/plain; version=0.0.4".into(), body: out.into_bytes(), location: None }
 }
@@ -397,54 +436,78 @@ const STATUS_PAGE: &str = r#"<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>faust worker</title>
 <style>
 body { font: 14px system-ui, sans-serif; margin: 2em; color: #222; }
-table { border-collapse: collapse; margin: 1em 0; }
+h2 { font-size: 1.1em; margin-top: 1.5em; }
+table { border-collapse: collapse; margin: .5em 0; }
 th, td { border: 1px solid #ccc; padding: 4px 10px; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
 .problem { color: #b00; }
+.bar { display: inline-block; width: 120px; height: 10px; background: #eee; vertical-align: middle; }
+.bar > span { display: block; height: 100%; background: #4a8; }
 </style></head>
 <body>
 <h1>faust worker <span id="app"></span></h1>
-<p><span id="events">–</span> events processed, <span id="rate">–</span> events/s, lag <span id="lag">–</span>;
-windows closed <span id="windows">–</span>; standbys <span id="standbys">–</span>.</p>
+<p><b id="events">–</b> events processed, <b id="rate">–</b> events/s, lag <b id="lag">–</b>;
+windows open <b id="windows_open">–</b>, closed <b id="windows">–</b>; standby partitions <b id="standbys">–</b>.</p>
 <ul id="problems"></ul>
-<table><thead><tr><th>core</th><th>busy</th><th>events</th><th>shards</th><th>standbys</th><th>commits</th><th>commit p99</th></tr></thead>
+<h2>Cores</h2>
+<table><thead><tr><th>core</th><th>busy</th><th>events</th><th>event p99</th><th>end-to-end p99</th><th>shards</th><th>standbys</th><th>windows open</th><th>commits</th><th>commit p99</th></tr></thead>
 <tbody id="cores"></tbody></table>
-<table><thead><tr><th>partition</th><th>core</th><th>position</th><th>end</th><th>lag</th><th>committed</th><th>events/s</th></tr></thead>
+<h2>Recovering</h2>
+<table><thead><tr><th>table</th><th>core</th><th>progress</th><th>records</th></tr></thead>
+<tbody id="recovering"></tbody></table>
+<h2>Partitions</h2>
+<table><thead><tr><th>partition</th><th>core</th><th>events/s</th><th>position</th><th>end</th><th>lag</th><th>committed</th></tr></thead>
 <tbody id="partitions"></tbody></table>
 <script>
-let last = null;
-function cell(row, text) { const td = document.createElement("td"); td.textContent = text; row.appendChild(td); }
+function cell(row, value) {
+  const td = document.createElement("td");
+  if (value instanceof Node) td.appendChild(value); else td.textContent = value;
+  row.appendChild(td);
+}
+function ms(us) { return us ? (us / 1000).toFixed(2) + " ms" : "–"; }
+function bar(done, total) {
+  const outer = document.createElement("span"); outer.className = "bar";
+  const inner = document.createElement("span"); inner.style.width = (total ? 100 * done / total : 100) + "%";
+  outer.appendChild(inner); return outer;
+}
 async function refresh() {
   try {
     const s = await (await fetch("/status")).json();
-    const now = performance.now();
     document.getElementById("app").textContent = s.app;
     document.getElementById("events").textContent = s.stats.events_processed;
     document.getElementById("lag").textContent = s.stats.lag;
     document.getElementById("windows").textContent = s.stats.windows_closed;
     document.getElementById("standbys").textContent = s.stats.standby_partitions;
-    const dt = last ? (now - last.at) / 1000 : 0;
-    document.getElementById("rate").textContent = last ? Math.round((s.stats.events_processed - last.events) / dt) : "–";
+    document.getElementById("windows_open").textContent = s.cores.reduce((n, c) => n + (c.windows_open || 0), 0);
+    // The worker's rate: its partitions' rates (each over the last few seconds, kept by the cores).
+    const rate = s.cores.flatMap(c => c.partitions).reduce((n, p) => n + p.events_per_s, 0);
+    document.getElementById("rate").textContent = Math.round(rate);
     const problems = document.getElementById("problems"); problems.replaceChildren();
     for (const p of s.problems) { const li = document.createElement("li"); li.className = "problem"; li.textContent = p; problems.appendChild(li); }
     const cores = document.getElementById("cores"); cores.replaceChildren();
     const parts = document.getElementById("partitions"); parts.replaceChildren();
-    const positions = {};
+    const recovering = document.getElementById("recovering"); recovering.replaceChildren();
     for (const c of s.cores) {
       const row = document.createElement("tr");
-      [c.core, c.busy_seconds.toFixed(1) + " s", c.events_processed, c.shards, c.standbys, c.commits, (c.commit_p99_us / 1000).toFixed(1) + " ms"].forEach(v => cell(row, v));
+      [c.core, c.busy_seconds.toFixed(1) + " s", c.events_processed, ms(c.event_latency.p99_us), ms(c.event_age.p99_us),
+       c.shards, c.standbys, c.windows_open, c.commit_latency.count, ms(c.commit_latency.p99_us)].forEach(v => cell(row, v));
       cores.appendChild(row);
+      for (const r of c.recovering) {
+        const row = document.createElement("tr");
+        [r.table + "[" + r.partition + "]", c.core, bar(r.done, r.total), r.done + " / " + r.total].forEach(v => cell(row, v));
+        recovering.appendChild(row);
+      }
       for (const p of c.partitions) {
         const name = p.topic + "/" + p.partition;
-        positions[name] = p.position;
-        const before = last && last.positions[name];
         const row = document.createElement("tr"); row.dataset.partition = name;
-        [name, c.core, p.position, p.end, Math.max(0, p.end - p.position), p.committed ?? "–",
-         before !== undefined && dt > 0 ? Math.round((p.position - before) / dt) : "–"].forEach(v => cell(row, v));
+        [name, c.core, Math.round(p.events_per_s), p.position, p.end, Math.max(0, p.end - p.position), p.committed ?? "–"].forEach(v => cell(row, v));
         parts.appendChild(row);
       }
     }
-    last = { at: now, events: s.stats.events_processed, positions };
+    if (!recovering.children.length) {
+      const row = document.createElement("tr"); cell(row, "nothing is recovering"); row.firstChild.colSpan = 4;
+      recovering.appendChild(row);
+    }
   } catch (e) { document.getElementById("problems").textContent = "the worker does not answer: " + e; }
 }
 refresh(); setInterval(refresh, 1000);

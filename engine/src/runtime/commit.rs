@@ -107,8 +107,7 @@ impl CoreRuntime {
         }
         match &result {
             Ok(true) => {
-                let micros = (started.elapsed().as_micros() as u64).clamp(1, 3_600_000_000);
-                let _ = self.commit_latency.borrow_mut().record(micros);
+                self.monitor.commit_done(started.elapsed());
                 self.writes_succeeded()
             }
             Ok(false) => {}

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use faust_transport::{AutoOffsetReset, OffsetSpec, TopicPartition};
 
-use crate::acks::AckTracker;
+use crate::acks::{AckTracker, LatencySample};
 use crate::runtime::queue::QueuedEvent;
 use crate::runtime::{AckKey, CoreRuntime};
 use crate::util::lock;
@@ -106,6 +106,7 @@ pub(crate) async fn consume(
                     core.stats.set_problem(&tp.to_string(), None);
                 }
                 let fetched_count = fetched.records.len();
+                let last_fetched = fetched.records.last().map(|r| (r.offset, r.timestamp));
                 for sensor in core.sensors.iter() {
                     for r in &fetched.records {
                         sensor.on_message_in(&tp, r.offset);
@@ -122,6 +123,16 @@ pub(crate) async fn consume(
                         let r = if i + 1 == agents.len() { record.take() } else { record.clone() };
                         if let Some(r) = r {
                             core.queues[a].push(lane, QueuedEvent { tp: tp.clone(), record: r });
+                        }
+                    }
+                }
+                // The monitor follows one event per partition at a time, from here to its ack.
+                if let Some((offset, timestamp_ms)) = last_fetched.filter(|_| core.monitor.enabled()) {
+                    let sample = LatencySample { offset, fetched_at: std::time::Instant::now(), timestamp_ms };
+                    let mut acks = core.acks.borrow_mut();
+                    for &a in &agents {
+                        if let Some(t) = acks.get_mut(&AckKey(a, &tp)) {
+                            t.arm_sample(sample);
                         }
                     }
                 }
@@ -280,40 +291,55 @@ impl CoreRuntime {
 
     /// What this core is doing now (for the web server): its partitions with where processing
     /// stands, its busy time, its commits' latencies.
-    pub(crate) fn status(&self) -> crate::runtime::stats::CoreStatus {
-        // glommio hands each interval's stats out once: add them up here.
-        let busy = self.busy.get() + glommio::executor().executor_stats().total_runtime();
-        self.busy.set(busy);
+    /// Each consumed partition's position, end, committed offset and recent rate, in order.
+    fn partition_statuses(&self) -> Vec<crate::runtime::stats::PartitionStatus> {
         let acks = self.acks.borrow();
         let committed = self.committed.borrow();
+        let log_ends = self.log_ends.borrow();
         let mut partitions: Vec<crate::runtime::stats::PartitionStatus> = self
             .consumers
             .borrow()
             .keys()
             .map(|tp| {
-                let end = self.log_ends.borrow().get(tp).copied().unwrap_or(0);
                 let position = acks.iter().filter(|((_, t), _)| t == tp).map(|(_, t)| t.committable()).min();
+                let position = position.unwrap_or_else(|| committed.get(tp).copied().unwrap_or(0));
                 crate::runtime::stats::PartitionStatus {
                     topic: tp.topic.to_string(),
                     partition: tp.partition,
-                    position: position.unwrap_or_else(|| committed.get(tp).copied().unwrap_or(0)),
-                    end,
+                    position,
+                    end: log_ends.get(tp).copied().unwrap_or(0),
                     committed: committed.get(tp).copied(),
+                    events_per_s: self.monitor.rate(tp, position),
                 }
             })
             .collect();
         partitions.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
-        let latency = self.commit_latency.borrow();
+        partitions
+    }
+
+    /// Samples every consumed partition's position for the monitor's rates (the upkeep task
+    /// calls it every second, so rates move whether or not anyone looks).
+    pub(crate) fn sample_rates(&self) {
+        if self.monitor.enabled() {
+            self.monitor.forget_rates_except(&self.consumers.borrow());
+            let _ = self.partition_statuses();
+        }
+    }
+
+    pub(crate) fn status(&self) -> crate::runtime::stats::CoreStatus {
+        // glommio hands each interval's stats out once: add them up here.
+        let busy = self.busy.get() + glommio::executor().executor_stats().total_runtime();
+        self.busy.set(busy);
+        let partitions = self.partition_statuses();
         crate::runtime::stats::CoreStatus {
             core: self.index,
             busy_seconds: busy.as_secs_f64(),
             events_processed: self.agent_acks.iter().map(Cell::get).sum(),
             partitions,
-            commits: latency.len(),
-            commit_p50_us: latency.value_at_quantile(0.5),
-            commit_p99_us: latency.value_at_quantile(0.99),
-            commit_max_us: latency.max(),
-            commit_sum_us: (latency.mean() * latency.len() as f64) as u64,
+            commit_latency: self.monitor.commit_latency(),
+            event_latency: self.monitor.event_latency(),
+            event_age: self.monitor.event_age(),
+            recovering: self.monitor.recoveries(),
             shards: self.shards.borrow().iter().flatten().flatten().count(),
             standbys: self.standbys.borrow().len(),
         }

@@ -164,8 +164,8 @@ pub(crate) struct CoreRuntime {
     damage_logs: RefCell<HashMap<TopicPartition, LogLimiter>>,
     /// Where each consumed partition's log ended at its last fetch (for the lag).
     log_ends: RefCell<HashMap<TopicPartition, u64>>,
-    /// Durations of the commits that completed, in microseconds (for the web server).
-    commit_latency: RefCell<hdrhistogram::Histogram<u64>>,
+    /// The built-in monitor's latency histograms (commits, events), for the web server.
+    monitor: crate::runtime::stats::Monitor,
     /// Time this core's executor spent running tasks and polling I/O, summed over the
     /// executor's stats as they were read (glommio hands out each interval once).
     busy: Cell<Duration>,
@@ -223,6 +223,7 @@ impl CoreRuntime {
             internal_topics,
             sensors,
         } = setup;
+        let monitor = crate::runtime::stats::Monitor::new(settings.monitor_enabled);
         let changelog_tables = tables.iter().enumerate().map(|(i, t)| (t.changelog().clone(), i)).collect();
         let runtime = Rc::new(CoreRuntime {
             index,
@@ -273,10 +274,7 @@ impl CoreRuntime {
             agent_acks: (0..agents).map(|_| Cell::new(0)).collect(),
             damage_logs: RefCell::new(HashMap::default()),
             log_ends: RefCell::new(HashMap::default()),
-            // 1 µs to 1 hour at 3 significant digits: the bounds are valid, so this cannot fail.
-            commit_latency: RefCell::new(
-                hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds"),
-            ),
+            monitor,
             busy: Cell::new(Duration::ZERO),
         });
         CURRENT.with(|c| *c.borrow_mut() = Some(runtime.clone()));
@@ -364,6 +362,9 @@ impl CoreRuntime {
         if let Some(t) = self.acks.borrow_mut().get_mut(&AckKey(agent, tp)) {
             for &offset in offsets {
                 t.ack(offset);
+            }
+            if let Some(sample) = t.take_finished_sample() {
+                self.monitor.event_done(sample);
             }
         }
         let n = offsets.len() as u64;

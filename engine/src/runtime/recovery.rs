@@ -6,7 +6,6 @@
 //! that any later replay through them also ends at the committed state. A damaged changelog
 //! is repaired, and rebuilt from the store when the store holds what it lost.
 
-use std::io::IsTerminal;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -24,8 +23,6 @@ const SHORT_CHANGELOG_RETRIES: u32 = 10;
 const SHORT_CHANGELOG_WAIT: Duration = Duration::from_millis(100);
 /// Bytes asked for per fetch while replaying a changelog.
 const REPLAY_FETCH_BYTES: usize = 4 << 20;
-/// How often recovery logs its progress when stderr is not a terminal.
-const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(5);
 
 /// Recovers `shard` before the core processes its partition: replays the changelog from the
 /// store's checkpoint to the committed changelog offset, neutralizes records past it, and
@@ -342,61 +339,52 @@ async fn write_current_values(
     Ok(end)
 }
 
-/// Recovery progress: a bar on a terminal, a log line every few seconds otherwise.
+/// Recovery progress: a bar on a terminal, a log line every few seconds otherwise (see
+/// `crate::progress`); the sensors and the core's monitor (the status page) follow it too.
 struct Progress {
-    label: String,
     table: String,
     partition: u32,
     sensors: crate::runtime::sensor::Sensors,
     total: u64,
+    /// Shown only for a replay long enough to watch: a short one would flash a bar.
+    meter: Option<crate::progress::Progress>,
     started: Instant,
-    last: Instant,
-    tty: bool,
 }
+
+/// Replays shorter than this get no bar or log lines.
+const PROGRESS_AFTER: Duration = Duration::from_millis(500);
 
 impl Progress {
     fn new(table: &str, partition: u32, total: u64, sensors: crate::runtime::sensor::Sensors) -> Self {
-        let now = Instant::now();
-        Progress {
-            label: format!("recovering {table}[{partition}]"),
-            table: table.to_string(),
-            partition,
-            sensors,
-            total,
-            started: now,
-            last: now,
-            tty: std::io::stderr().is_terminal(),
-        }
+        Progress { table: table.to_string(), partition, sensors, total, meter: None, started: Instant::now() }
     }
 
     fn update(&mut self, done: u64) {
         for sensor in self.sensors.iter() {
             sensor.on_recovery_progress(&self.table, self.partition, done, self.total);
         }
-        let now = Instant::now();
-        if self.tty {
-            if now.duration_since(self.last) >= Duration::from_millis(100) {
-                self.last = now;
-                let width = 30usize;
-                let filled = (done as f64 / self.total.max(1) as f64 * width as f64) as usize;
-                eprint!(
-                    "\r{} [{}{}] {done}/{} records",
-                    self.label,
-                    "#".repeat(filled.min(width)),
-                    " ".repeat(width - filled.min(width)),
-                    self.total
-                );
+        crate::runtime::CoreRuntime::with_current(|core| {
+            if let Some(core) = core {
+                core.monitor.recovering(&self.table, self.partition, Some((done, self.total)));
             }
-        } else if now.duration_since(self.last) >= PROGRESS_LOG_EVERY {
-            self.last = now;
-            let rate = done as f64 / now.duration_since(self.started).as_secs_f64().max(1e-9);
-            tracing::info!("{}: {done}/{} changelog records ({rate:.0}/s)", self.label, self.total);
+        });
+        if self.meter.is_none() && self.started.elapsed() >= PROGRESS_AFTER {
+            let label = format!("recovering {}[{}]", self.table, self.partition);
+            self.meter = Some(crate::progress::Progress::new(&label, Some(self.total)));
+        }
+        if let Some(meter) = &mut self.meter {
+            meter.set(done, None);
         }
     }
 
     fn finish(&mut self) {
-        if self.tty && self.started.elapsed() >= Duration::from_millis(100) {
-            eprintln!("\r{}: {} records in {:.1} s", self.label, self.total, self.started.elapsed().as_secs_f64());
+        crate::runtime::CoreRuntime::with_current(|core| {
+            if let Some(core) = core {
+                core.monitor.recovering(&self.table, self.partition, None);
+            }
+        });
+        if let Some(meter) = &mut self.meter {
+            meter.finish();
         }
     }
 }

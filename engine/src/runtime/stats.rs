@@ -1,7 +1,16 @@
 //! What the worker did and what is wrong now, shared by the cores and the control thread.
 
+use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use faust_transport::TopicPartition;
+use hdrhistogram::Histogram;
+
+use crate::acks::LatencySample;
+use crate::runtime::HashMap;
 
 use crate::util::lock;
 
@@ -71,15 +80,190 @@ pub(crate) struct CoreStatus {
     /// Per consumed partition: where processing stands (committable), the log's end at the
     /// last fetch, and the committed offset.
     pub(crate) partitions: Vec<PartitionStatus>,
-    /// Commits completed, and their latencies in microseconds.
-    pub(crate) commits: u64,
-    pub(crate) commit_p50_us: u64,
-    pub(crate) commit_p99_us: u64,
-    pub(crate) commit_max_us: u64,
-    pub(crate) commit_sum_us: u64,
+    /// How long its commits took.
+    pub(crate) commit_latency: LatencySummary,
+    /// How long sampled events took from their fetch until they were processed (acked, with
+    /// every event before them in their partition).
+    pub(crate) event_latency: LatencySummary,
+    /// How old sampled events were (by their record's timestamp) when they were processed:
+    /// the end-to-end latency, when producers' clocks agree with this host's.
+    pub(crate) event_age: LatencySummary,
+    /// Table shards recovering now.
+    pub(crate) recovering: Vec<RecoveryStatus>,
     /// Table shards it holds, and standby shards it follows.
     pub(crate) shards: usize,
     pub(crate) standbys: usize,
+}
+
+/// A table shard recovering from its changelog.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct RecoveryStatus {
+    pub(crate) table: String,
+    pub(crate) partition: u32,
+    /// Changelog records replayed, and to replay in all.
+    pub(crate) done: u64,
+    pub(crate) total: u64,
+}
+
+/// A latency histogram's summary, in microseconds.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub(crate) struct LatencySummary {
+    pub(crate) count: u64,
+    pub(crate) sum_us: u64,
+    pub(crate) p50_us: u64,
+    pub(crate) p99_us: u64,
+    pub(crate) p999_us: u64,
+    pub(crate) max_us: u64,
+}
+
+impl LatencySummary {
+    fn of(h: &Histogram<u64>) -> Self {
+        LatencySummary {
+            count: h.len(),
+            sum_us: (h.mean() * h.len() as f64) as u64,
+            p50_us: h.value_at_quantile(0.5),
+            p99_us: h.value_at_quantile(0.99),
+            p999_us: h.value_at_quantile(0.999),
+            max_us: h.max(),
+        }
+    }
+}
+
+/// The built-in monitor of one core (Faust's `Monitor`, the part that is not counters): its
+/// latency histograms. Single-core, like the runtime that holds it.
+#[derive(Debug)]
+pub(crate) struct Monitor {
+    /// Whether events are sampled (`Settings::monitor_enabled`).
+    enabled: bool,
+    commits: RefCell<Histogram<u64>>,
+    events: RefCell<Histogram<u64>>,
+    ages: RefCell<Histogram<u64>>,
+    /// Shards recovering now: (table, partition) → (records replayed, records to replay).
+    recovering: RefCell<std::collections::BTreeMap<(String, u32), (u64, u64)>>,
+    /// Per consumed partition: (when, position) samples over the last [`RATE_WINDOW`].
+    positions: RefCell<HashMap<TopicPartition, VecDeque<(Instant, u64)>>>,
+}
+
+/// The span over which a partition's rate is measured.
+const RATE_WINDOW: Duration = Duration::from_secs(5);
+/// Samples closer than this to the previous one are not kept (the status page and scrapers
+/// may ask often).
+const RATE_SAMPLE_EVERY: Duration = Duration::from_millis(200);
+
+/// The largest latency a histogram holds, in microseconds (a week: a backfill's records can
+/// be old); longer ones are counted as this.
+const LATENCY_MAX_US: u64 = 7 * 24 * 3_600 * 1_000_000;
+
+fn latency_histogram() -> Histogram<u64> {
+    // 2 significant digits (1 %) keep each histogram at a few tens of KiB; the bounds are
+    // constants and valid, so this cannot fail.
+    Histogram::new_with_bounds(1, LATENCY_MAX_US, 2).expect("valid histogram bounds")
+}
+
+fn record(h: &RefCell<Histogram<u64>>, micros: u64) {
+    // In bounds after the clamp: recording cannot fail.
+    let _ = h.borrow_mut().record(micros.clamp(1, LATENCY_MAX_US));
+}
+
+impl Monitor {
+    pub(crate) fn new(enabled: bool) -> Self {
+        Monitor {
+            enabled,
+            commits: RefCell::new(latency_histogram()),
+            events: RefCell::new(latency_histogram()),
+            ages: RefCell::new(latency_histogram()),
+            positions: RefCell::new(HashMap::default()),
+            recovering: RefCell::new(std::collections::BTreeMap::new()),
+        }
+    }
+
+    /// Notes a recovery's progress (`Some((done, total))`), or its end (`None`).
+    pub(crate) fn recovering(&self, table: &str, partition: u32, progress: Option<(u64, u64)>) {
+        let mut recovering = self.recovering.borrow_mut();
+        match progress {
+            Some(p) => {
+                recovering.insert((table.to_string(), partition), p);
+            }
+            None => {
+                recovering.remove(&(table.to_string(), partition));
+            }
+        }
+    }
+
+    /// The recoveries running now.
+    pub(crate) fn recoveries(&self) -> Vec<RecoveryStatus> {
+        self.recovering
+            .borrow()
+            .iter()
+            .map(|((table, partition), &(done, total))| RecoveryStatus {
+                table: table.clone(),
+                partition: *partition,
+                done,
+                total,
+            })
+            .collect()
+    }
+
+    /// Records `tp`'s `position` now, and answers its rate in events/s over the samples of
+    /// the last [`RATE_WINDOW`] (0 until there are two, or with the monitor off).
+    pub(crate) fn rate(&self, tp: &TopicPartition, position: u64) -> f64 {
+        if !self.enabled {
+            return 0.0;
+        }
+        let now = Instant::now();
+        let mut positions = self.positions.borrow_mut();
+        let samples = positions.entry(tp.clone()).or_default();
+        if samples.back().is_none_or(|&(at, _)| now.duration_since(at) >= RATE_SAMPLE_EVERY) {
+            samples.push_back((now, position));
+        }
+        // Keep one sample older than the window, so the rate spans all of it.
+        while samples.len() > 2 && samples.get(1).is_some_and(|&(at, _)| now.duration_since(at) > RATE_WINDOW) {
+            samples.pop_front();
+        }
+        match (samples.front(), samples.back()) {
+            (Some(&(t0, p0)), Some(&(t1, p1))) if t1 > t0 && p1 >= p0 => {
+                (p1 - p0) as f64 / t1.duration_since(t0).as_secs_f64()
+            }
+            _ => 0.0,
+        }
+    }
+
+    /// Drops the rate samples of partitions no longer consumed here.
+    pub(crate) fn forget_rates_except<V>(&self, consumed: &HashMap<TopicPartition, V>) {
+        self.positions.borrow_mut().retain(|tp, _| consumed.contains_key(tp));
+    }
+
+    /// Whether events are sampled.
+    pub(crate) fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// A commit completed after `took`.
+    pub(crate) fn commit_done(&self, took: Duration) {
+        record(&self.commits, took.as_micros() as u64);
+    }
+
+    /// A sampled event was processed.
+    pub(crate) fn event_done(&self, sample: LatencySample) {
+        record(&self.events, sample.fetched_at.elapsed().as_micros() as u64);
+        let now_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        if sample.timestamp_ms > 0 {
+            record(&self.ages, (now_ms - sample.timestamp_ms).max(0) as u64 * 1_000);
+        }
+    }
+
+    pub(crate) fn commit_latency(&self) -> LatencySummary {
+        LatencySummary::of(&self.commits.borrow())
+    }
+
+    pub(crate) fn event_latency(&self) -> LatencySummary {
+        LatencySummary::of(&self.events.borrow())
+    }
+
+    pub(crate) fn event_age(&self) -> LatencySummary {
+        LatencySummary::of(&self.ages.borrow())
+    }
 }
 
 /// One consumed partition on a core.
@@ -90,6 +274,8 @@ pub(crate) struct PartitionStatus {
     pub(crate) position: u64,
     pub(crate) end: u64,
     pub(crate) committed: Option<u64>,
+    /// Events processed per second over the last few seconds (0 with the monitor off).
+    pub(crate) events_per_s: f64,
 }
 
 /// The counters behind [`WorkerStats`], shared by the cores and the control thread.

@@ -26,6 +26,7 @@ pub(crate) async fn run_upkeep(runtime: Rc<CoreRuntime>) {
     let interval = runtime.settings().commit_interval.min(UPKEEP_INTERVAL);
     while !runtime.stopping.is_cancelled() {
         futures_lite::future::or(glommio::timer::sleep(interval), runtime.stopped()).await;
+        runtime.sample_rates();
         if let Err(e) = runtime.upkeep().await
             && let Some(repeats) = failures.allow()
         {

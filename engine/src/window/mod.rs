@@ -8,4 +8,5 @@ mod table;
 mod wheel;
 
 pub use math::{WindowRange, Windowing};
+pub(crate) use table::open_windows_on_this_core;
 pub use table::{WindowResult, WindowedPartition, WindowedTable};

@@ -650,6 +650,8 @@ struct View<K, V> {
     clock_instance: u64,
     undos: (u64, u64),
     stream_time: Option<i64>,
+    /// The table's grace (a window closes once the stream time passes its end plus it).
+    grace: i64,
     wheel: TimerWheel<Due<K>>,
     /// Per key, its live windows (sessions; for panes, the virtual windows), by start.
     live: Map<Rc<K>, Vec<Live>>,
@@ -683,7 +685,36 @@ impl<K> Default for Outcome<K> {
 
 thread_local! {
     /// The views of this core, by (table, partition).
-    static VIEWS: RefCell<hashbrown::HashMap<(usize, u32), Rc<dyn Any>>> = RefCell::new(hashbrown::HashMap::new());
+    static VIEWS: RefCell<hashbrown::HashMap<(usize, u32), Rc<dyn AnyView>>> = RefCell::new(hashbrown::HashMap::new());
+}
+
+/// A view whatever its key and value types: what the core's status needs of it.
+trait AnyView {
+    /// Windows stored and not closed yet.
+    fn open_windows(&self) -> u64;
+    fn into_any(self: Rc<Self>) -> Rc<dyn Any>;
+}
+
+impl<K: 'static, V: 'static> AnyView for RefCell<View<K, V>> {
+    fn open_windows(&self) -> u64 {
+        let view = self.borrow();
+        let open = |range: &WindowRange| view.stream_time.is_none_or(|st| range.end.saturating_add(view.grace) > st);
+        if view.by_ranges {
+            view.by_range.iter().filter(|(range, _)| open(range)).map(|(_, keys)| keys.len() as u64).sum()
+        } else {
+            view.live.values().flatten().filter(|l| open(&l.range)).count() as u64
+        }
+    }
+
+    fn into_any(self: Rc<Self>) -> Rc<dyn Any> {
+        self
+    }
+}
+
+/// Windows open (stored, not closed yet) in the windowed tables' partitions this core holds:
+/// one pass over their live windows, for the status page.
+pub(crate) fn open_windows_on_this_core() -> u64 {
+    VIEWS.with(|views| views.borrow().values().map(|v| v.open_windows()).sum())
 }
 
 /// The core's view of partition `p`, built (or built again) from the shards when it is
@@ -707,7 +738,7 @@ where
     };
     let known = VIEWS.with(|views| views.borrow().get(&id).cloned());
     if let Some(any) = known
-        && let Ok(view) = any.downcast::<RefCell<View<K, V>>>()
+        && let Ok(view) = any.into_any().downcast::<RefCell<View<K, V>>>()
         && fresh(&view.borrow())
     {
         return Ok(view);
@@ -719,7 +750,7 @@ where
     VIEWS.with(|views| {
         let mut views = views.borrow_mut();
         views.retain(|(table, partition), _| *table != id.0 || local.contains(partition));
-        views.insert(id, view.clone() as Rc<dyn Any>)
+        views.insert(id, view.clone() as Rc<dyn AnyView>)
     });
     Ok(view)
 }
@@ -743,6 +774,7 @@ where
         clock_instance: clock.instance(),
         undos: (windows.undos(), clock.undos()),
         stream_time,
+        grace: options.grace,
         wheel: TimerWheel::new(stream_time.unwrap_or(i64::MIN)),
         live: Map::default(),
         by_ranges: !(windowing.is_session() || (options.combine.is_some() && windowing.has_panes())),
