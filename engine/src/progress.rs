@@ -51,15 +51,21 @@ impl Progress {
     pub fn new(label: &str, total: Option<u64>) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
             let style = match total {
-                Some(_) => "{msg} [{bar:30}] {human_pos}/{human_len} records, {per_sec}, ETA {eta}",
-                None => "{msg} {human_pos} records, {per_sec}",
+                Some(_) => "{msg} [{bar:30}] {human_pos}/{human_len} records, {rate}, ETA {eta}",
+                None => "{msg} {human_pos} records, {rate}",
             };
             let bar = bars().add(match total {
                 Some(t) => ProgressBar::new(t),
                 None => ProgressBar::no_length(),
             });
             // The templates are constants and valid: the fallback is never used.
-            bar.set_style(ProgressStyle::with_template(style).unwrap_or_else(|_| ProgressStyle::default_bar()));
+            let style = ProgressStyle::with_template(style).unwrap_or_else(|_| ProgressStyle::default_bar()).with_key(
+                "rate",
+                |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = write!(w, "{:.0}/s", state.per_sec());
+                },
+            );
+            bar.set_style(style);
             bar.set_message(label.to_string());
             bar.enable_steady_tick(Duration::from_millis(200));
             bar
@@ -92,10 +98,20 @@ impl Progress {
     /// The work is over: the bar leaves a summary line; the log gets one when the work took
     /// long enough to have been reported on.
     pub fn finish(&mut self) {
-        let line = self.line();
         match self.bar.take() {
-            Some(bar) => bar.finish_with_message(format!("{} done", self.label)),
-            None if self.started.elapsed() >= LOG_EVERY => tracing::info!("{line} (done)"),
+            Some(bar) => {
+                // The bar goes; a line stays, so output after it starts on a line of its own.
+                bar.finish_and_clear();
+                let secs = self.started.elapsed().as_secs_f64();
+                let line = format!(
+                    "{}: {} records in {secs:.1} s ({:.0}/s)",
+                    self.label,
+                    self.done,
+                    self.done as f64 / secs.max(1e-9)
+                );
+                bars().suspend(|| eprintln!("{line}"));
+            }
+            None if self.started.elapsed() >= LOG_EVERY => tracing::info!("{} (done)", self.line()),
             None => {}
         }
     }
@@ -145,5 +161,26 @@ impl Write for LogWriter {
 
     fn flush(&mut self) -> std::io::Result<()> {
         std::io::stderr().flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_log_line_gives_records_rate_and_time_left() {
+        let mut p = Progress::new("recovering counts[3]", Some(1_000));
+        p.started = Instant::now() - Duration::from_secs(2);
+        p.set(500, None);
+        let line = p.line();
+        assert!(line.starts_with("recovering counts[3]: 500/1000 records ("), "{line}");
+        assert!(line.contains("/s, ETA 2 s)"), "{line}");
+        p.set(600, Some(2_000));
+        assert!(p.line().contains("600/2000 records"), "a growing backlog moves the total");
+        let mut open = Progress::new("reading", None);
+        open.set(7, None);
+        assert!(open.line().starts_with("reading: 7 records ("), "{}", open.line());
+        open.finish();
     }
 }

@@ -753,18 +753,31 @@ fn main() {
         faust_bench::w2::preload(&small, n, 10_000);
         let rounds = if args.quick { 3 } else { 5 };
         let (mut off, mut on, mut sensor) = (Vec::new(), Vec::new(), Vec::new());
+        // CPU time of the worker thread per event: steadier than rates on a shared machine.
+        let (mut off_cpu, mut on_cpu, mut sensor_cpu) = (Vec::new(), Vec::new(), Vec::new());
         for r in 0..rounds {
-            let a = faust_bench::w2::run_monitored(&small, &format!("m-off-{r}"), n, false, false).events_s;
-            let b = faust_bench::w2::run_monitored(&small, &format!("m-on-{r}"), n, true, false).events_s;
-            let c = faust_bench::w2::run_monitored(&small, &format!("m-sensor-{r}"), n, true, true).events_s;
-            progress(args.json, &format!("round {r}: off {a:.0}, on {b:.0}, on with a sensor {c:.0} events/s"));
-            off.push(a);
-            on.push(b);
-            sensor.push(c);
+            let a = faust_bench::w2::run_monitored(&small, &format!("m-off-{r}"), n, false, false);
+            let b = faust_bench::w2::run_monitored(&small, &format!("m-on-{r}"), n, true, false);
+            let c = faust_bench::w2::run_monitored(&small, &format!("m-sensor-{r}"), n, true, true);
+            progress(
+                args.json,
+                &format!(
+                    "round {r}: off {:.0}, on {:.0}, on with a sensor {:.0} events/s; CPU {:.0}, {:.0}, {:.0} ns per event",
+                    a.events_s, b.events_s, c.events_s, a.cpu_ns_per_event, b.cpu_ns_per_event, c.cpu_ns_per_event
+                ),
+            );
+            off.push(a.events_s);
+            on.push(b.events_s);
+            sensor.push(c.events_s);
+            off_cpu.push(a.cpu_ns_per_event);
+            on_cpu.push(b.cpu_ns_per_event);
+            sensor_cpu.push(c.cpu_ns_per_event);
         }
         // Each round's runs follow one another: their ratio is the least disturbed by a
         // machine whose load changes from round to round; the median drops outlying rounds.
         let (on_ratio, sensor_ratio) = (median_ratio(&on, &off), median_ratio(&sensor, &off));
+        // As a rate: CPU per event with it off over CPU per event with it on.
+        let (on_cpu_ratio, sensor_cpu_ratio) = (median_ratio(&off_cpu, &on_cpu), median_ratio(&off_cpu, &sensor_cpu));
         let best_off = off.iter().copied().fold(0.0, f64::max);
         if args.json {
             println!(
@@ -772,14 +785,17 @@ fn main() {
                 serde_json::json!({
                     "w2_monitor_vs_off": on_ratio,
                     "w2_with_sensor_vs_off": sensor_ratio,
+                    "w2_monitor_vs_off_cpu": on_cpu_ratio,
+                    "w2_with_sensor_vs_off_cpu": sensor_cpu_ratio,
                     "w2_monitor_off_events_s_1core": best_off,
                     "w2_events_s_1core": on.iter().copied().fold(0.0, f64::max),
                 })
             );
         } else {
             println!(
-                "W2 1 core over {rounds} rounds: monitor on / off {on_ratio:.3} (median of the rounds' ratios), \
-                 with a counting sensor / off {sensor_ratio:.3}; best with it off {best_off:.0} events/s"
+                "W2 1 core over {rounds} rounds (medians of the rounds' ratios): monitor on / off {on_ratio:.3} in events/s, \
+                 {on_cpu_ratio:.3} in CPU per event; with a counting sensor / off {sensor_ratio:.3} and {sensor_cpu_ratio:.3}; \
+                 best with it off {best_off:.0} events/s"
             );
         }
         return;

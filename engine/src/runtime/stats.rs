@@ -382,3 +382,40 @@ impl Counters {
         lock(&self.problems).iter().map(|(place, p)| format!("{place}: {p}")).collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partition_rate_is_its_position_change_over_the_samples() {
+        let monitor = Monitor::new(true);
+        let tp = TopicPartition::new("orders", 0);
+        assert_eq!(monitor.rate(&tp, 100), 0.0, "one sample: no rate yet");
+        std::thread::sleep(RATE_SAMPLE_EVERY + Duration::from_millis(50));
+        let rate = monitor.rate(&tp, 1_100);
+        // 1,000 events in 250 ms or a little more (a loaded machine sleeps longer).
+        assert!(rate > 500.0 && rate <= 4_000.0, "{rate}");
+        assert_eq!(Monitor::new(false).rate(&tp, 5), 0.0, "off: no rates");
+        let mut consumed = HashMap::default();
+        consumed.insert(TopicPartition::new("orders", 1), ());
+        monitor.forget_rates_except(&consumed);
+        assert_eq!(monitor.rate(&tp, 2_000), 0.0, "forgotten: starts again");
+    }
+
+    #[test]
+    fn latency_summaries_read_the_histograms() {
+        let monitor = Monitor::new(true);
+        for ms in [1, 2, 3, 100] {
+            monitor.commit_done(Duration::from_millis(ms));
+        }
+        let s = monitor.commit_latency();
+        assert_eq!(s.count, 4);
+        assert!((1_900..=2_100).contains(&s.p50_us) && (99_000..=101_000).contains(&s.max_us), "{s:?}");
+        let sample =
+            LatencySample { offset: 0, fetched_at: Instant::now() - Duration::from_millis(5), timestamp_ms: 1 };
+        monitor.event_done(sample);
+        assert!(monitor.event_latency().p50_us >= 5_000, "{:?}", monitor.event_latency());
+        assert!(monitor.event_age().count == 1 && monitor.event_age().max_us > 1_000_000, "an old timestamp");
+    }
+}
