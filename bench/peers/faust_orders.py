@@ -23,40 +23,19 @@ stdout (everything else goes to stderr):
 `seconds` runs from the first event counted to the last; `startup_s` from process start to
 the first event; `accounts` and `sum_of_counts` are read from the table itself.
 """
+# First, before Faust: notes the process start and points file descriptor 1 at stderr (the
+# result line alone goes to the real stdout), so whatever Faust or mode prints goes to stderr.
+from peer_common import START, Result, arguments, start_watchdog
+
+import asyncio
+import logging
 import os
+import signal
 import sys
+import threading
 import time
 
-
-def _process_age() -> float:
-    """Seconds since this process started (from /proc), so `startup_s` includes the
-    interpreter's start and the imports; 0 where /proc cannot tell."""
-    try:
-        with open("/proc/self/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
-START = time.monotonic() - _process_age()
-
-# The result line is the only thing on stdout: keep the real stdout for it, and point file
-# descriptor 1 at stderr, so whatever Faust or mode prints (banners, progress) goes to stderr.
-RESULT_OUT = os.fdopen(os.dup(1), "w")
-os.dup2(2, 1)
-
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import signal  # noqa: E402
-import threading  # noqa: E402
-import uuid  # noqa: E402
-
-import faust  # noqa: E402
+import faust
 
 
 class Order(faust.Record, serializer="json"):
@@ -66,95 +45,29 @@ class Order(faust.Record, serializer="json"):
     price: float
 
 
-class Result:
-    """What was counted, and the one result line (printed once, by whoever gets there
-    first: the agent, the deadline task or the watchdog thread)."""
+class FaustResult(Result):
+    """The common result (printed by the agent, the deadline task or the watchdog thread),
+    with `accounts` and `sum_of_counts` read from the Faust table itself."""
 
     def __init__(self, shape: str, orders: int):
-        self.shape = shape
-        self.orders = orders
-        self.events = 0
-        self.first_read = None  # monotonic time of the first record read from TOPIC
-        self.first = None  # ... of the first event counted
-        self.last = None  # ... and of the last one
+        super().__init__("faust", shape, orders)
         self.table = None  # the Faust table, read for accounts and sum_of_counts
-        self._lock = threading.Lock()
-        self._printed = False
 
-    def read(self, value):
-        """A stream processor that notes when the first record was read (before group_by's
-        repartition), and passes the value on."""
-        if self.first_read is None:
-            self.first_read = time.monotonic()
-        return value
-
-    def counted(self) -> bool:
-        """Notes one event counted; True when that was the last one wanted."""
-        now = time.monotonic()
-        if self.first is None:
-            self.first = now
-        self.last = now
-        self.events += 1
-        return self.events >= self.orders
-
-    def emit(self) -> bool:
-        """Prints the result line, unless it has been printed; True if this call did."""
-        with self._lock:
-            if self._printed:
-                return False
-            self._printed = True
-            accounts = total = 0
-            try:
-                # A snapshot: the watchdog may read while the loop writes.
-                counts = list(self.table.values()) if self.table is not None else []
-                accounts = sum(1 for c in counts if c)
-                total = sum(counts)
-            except Exception as e:  # a table mid-shutdown: report what was counted
-                print(f"faust_orders: reading the table: {e!r}", file=sys.stderr)
-            seconds = (self.last - self.first) if self.first is not None else 0.0
-            line = {
-                "peer": "faust",
-                "shape": self.shape,
-                "events": self.events,
-                "seconds": round(seconds, 3),
-                "events_per_s": round(self.events / seconds, 1) if seconds > 0 else 0.0,
-                "accounts": accounts,
-                "sum_of_counts": total,
-                "complete": self.events >= self.orders,
-                "startup_s": round(self.first - START, 3) if self.first is not None else None,
-                # Not in the common contract: from process start to the first record read
-                # from TOPIC. With group_by, the first count waits for the repartition to
-                # fill, so the work between the two is in startup_s, not in seconds.
-                "first_read_s": round(self.first_read - START, 3) if self.first_read is not None else None,
-            }
-            RESULT_OUT.write(json.dumps(line) + "\n")
-            RESULT_OUT.flush()
-            return True
+    def counts(self):
+        try:
+            # A snapshot: the watchdog may read while the loop writes.
+            return list(self.table.values()) if self.table is not None else []
+        except Exception as e:  # a table mid-shutdown: report what was counted
+            print(f"faust_orders: reading the table: {e!r}", file=sys.stderr)
+            return []
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--broker", required=True, help="HOST:PORT")
-    p.add_argument("--topic", required=True)
-    p.add_argument("--orders", type=int, required=True, help="stop after counting this many events")
-    p.add_argument("--timeout", type=float, required=True, help="seconds from process start")
-    p.add_argument("--shape", choices=["group_by", "by_key"], required=True)
-    p.add_argument("--app-id", default=f"faust-orders-{uuid.uuid4().hex[:8]}",
-                   help="Faust app id: the consumer group and the prefix of its own topics")
-    args = p.parse_args()
-    result = Result(args.shape, args.orders)
+    args = arguments(__doc__, "faust-orders",
+                     "Faust app id: the consumer group and the prefix of its own topics").parse_args()
+    result = FaustResult(args.shape, args.orders)
     deadline = START + args.timeout
-
-    # Hard watchdog: whatever hangs (a rebalance that never ends, a shutdown that waits on
-    # the broker), print what was counted and end 30 s after the timeout.
-    def watchdog() -> None:
-        print("faust_orders: watchdog: exiting", file=sys.stderr)
-        result.emit()
-        os._exit(0)
-
-    timer = threading.Timer(max(0.0, deadline + 30 - time.monotonic()), watchdog)
-    timer.daemon = True
-    timer.start()
+    start_watchdog("faust_orders", deadline, result)
 
     app = faust.App(
         args.app_id,

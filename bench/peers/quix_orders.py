@@ -25,41 +25,21 @@ goes to stderr):
 the first event. Quix's state is per key in RocksDB; the script keeps the latest count the
 state gave for each key, and `accounts` and `sum_of_counts` are read from that.
 """
+# First, before Quix: notes the process start and points file descriptor 1 at stderr (the
+# result line alone goes to the real stdout), so whatever Quix or librdkafka prints goes to
+# stderr.
+from peer_common import START, Result, arguments, start_watchdog
+
+import logging
 import os
+import shutil
 import sys
+import tempfile
+import threading
 import time
 
-
-def _process_age() -> float:
-    """Seconds since this process started (from /proc), so `startup_s` includes the
-    interpreter's start and the imports; 0 where /proc cannot tell."""
-    try:
-        with open("/proc/self/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
-START = time.monotonic() - _process_age()
-
-# The result line is the only thing on stdout: keep the real stdout for it, and point file
-# descriptor 1 at stderr, so whatever Quix prints goes to stderr.
-RESULT_OUT = os.fdopen(os.dup(1), "w")
-os.dup2(2, 1)
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import uuid  # noqa: E402
-
-from quixstreams import Application  # noqa: E402
-from quixstreams.models.topics.admin import TopicAdmin  # noqa: E402
+from quixstreams import Application
+from quixstreams.models.topics.admin import TopicAdmin
 
 # tansu workaround. Quix sizes its changelog and repartition topics from the source topic's
 # configs, read with DescribeConfigs, and needs "retention.ms" among them (a KeyError
@@ -82,86 +62,27 @@ def _inspect_topics_with_defaults(self, *args, **kwargs):
 TopicAdmin.inspect_topics = _inspect_topics_with_defaults
 
 
-class Result:
-    """What was counted, and the one result line (printed once, by whoever gets there
-    first: the main thread once Quix stops, or the watchdog thread)."""
+class QuixResult(Result):
+    """The common result (printed by the main thread once Quix stops, or by the watchdog
+    thread), with `accounts` and `sum_of_counts` read from the latest count Quix's state
+    gave for each key."""
 
     def __init__(self, shape: str, orders: int):
-        self.shape = shape
-        self.orders = orders
-        self.events = 0
-        self.first_read = None  # monotonic time of the first record read from TOPIC
-        self.first = None  # ... of the first event counted
-        self.last = None  # ... and of the last one
-        self.counts = {}  # key -> the latest count Quix's state held for it
-        self._lock = threading.Lock()
-        self._printed = False
+        super().__init__("quix", shape, orders)
+        self.latest = {}  # key -> the latest count Quix's state held for it
 
-    def read(self, _value) -> None:
-        """Notes when the first record was read (before group_by's repartition)."""
-        if self.first_read is None:
-            self.first_read = time.monotonic()
-
-    def counted(self) -> bool:
-        """Notes one event counted; True when that was the last one wanted."""
-        now = time.monotonic()
-        if self.first is None:
-            self.first = now
-        self.last = now
-        self.events += 1
-        return self.events >= self.orders
-
-    def emit(self) -> None:
-        with self._lock:
-            if self._printed:
-                return
-            self._printed = True
-            counts = list(self.counts.values())  # a snapshot: the watchdog may read mid-run
-            seconds = (self.last - self.first) if self.first is not None else 0.0
-            line = {
-                "peer": "quix",
-                "shape": self.shape,
-                "events": self.events,
-                "seconds": round(seconds, 3),
-                "events_per_s": round(self.events / seconds, 1) if seconds > 0 else 0.0,
-                "accounts": sum(1 for c in counts if c),
-                "sum_of_counts": sum(counts),
-                "complete": self.events >= self.orders,
-                "startup_s": round(self.first - START, 3) if self.first is not None else None,
-                # Not in the common contract: from process start to the first record read
-                # from TOPIC. With group_by, the first count waits for the repartition to
-                # fill, so the work between the two is in startup_s, not in seconds.
-                "first_read_s": round(self.first_read - START, 3) if self.first_read is not None else None,
-            }
-            RESULT_OUT.write(json.dumps(line) + "\n")
-            RESULT_OUT.flush()
+    def counts(self):
+        return list(self.latest.values())  # a snapshot: the watchdog may read mid-run
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--broker", required=True, help="HOST:PORT")
-    p.add_argument("--topic", required=True)
-    p.add_argument("--orders", type=int, required=True, help="stop after counting this many events")
-    p.add_argument("--timeout", type=float, required=True, help="seconds from process start")
-    p.add_argument("--shape", choices=["group_by", "by_key"], required=True)
-    p.add_argument("--app-id", default=f"quix-orders-{uuid.uuid4().hex[:8]}",
-                   help="the consumer group, which also names Quix's own topics")
-    args = p.parse_args()
-    result = Result(args.shape, args.orders)
+    args = arguments(__doc__, "quix-orders",
+                     "the consumer group, which also names Quix's own topics").parse_args()
+    result = QuixResult(args.shape, args.orders)
     deadline = START + args.timeout
     state_dir = tempfile.mkdtemp(prefix="quix-orders-state-")
-
-    # Hard watchdog: whatever hangs (a rebalance that never ends, a shutdown that waits on
-    # the broker), print what was counted and end 30 s after the timeout.
-    def watchdog() -> None:
-        print("quix_orders: watchdog: exiting", file=sys.stderr)
-        result.emit()
-        shutil.rmtree(state_dir, ignore_errors=True)
-        os._exit(0)
-
-    timer = threading.Timer(max(0.0, deadline + 30 - time.monotonic()), watchdog)
-    timer.daemon = True
-    timer.start()
+    start_watchdog("quix_orders", deadline, result,
+                   cleanup=lambda: shutil.rmtree(state_dir, ignore_errors=True))
 
     code = 0
     try:
@@ -177,7 +98,7 @@ def main() -> None:
         os._exit(code)
 
 
-def run(args, result: Result, deadline: float, state_dir: str) -> None:
+def run(args, result: QuixResult, deadline: float, state_dir: str) -> None:
     """Builds the application and runs it until it is stopped."""
     app = Application(
         broker_address=args.broker,
@@ -211,7 +132,7 @@ def run(args, result: Result, deadline: float, state_dir: str) -> None:
             return  # already done: messages Quix still hands over are not counted
         n = state.get("count", 0) + 1
         state.set("count", n)
-        result.counts[key] = n
+        result.latest[key] = n
         if result.counted():
             finish(f"{result.events} events counted")
 

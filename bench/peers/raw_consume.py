@@ -21,91 +21,28 @@ It assigns itself every partition of the topic (no subscribe, hence no group joi
 answers a JoinGroup only after about half the session timeout, and a ceiling needs no
 group). --app-id is the group.id all the same (librdkafka wants one); nothing is committed.
 """
+# First, before librdkafka: notes the process start and points file descriptor 1 at stderr
+# (the result line alone goes to the real stdout), so whatever a library prints goes to
+# stderr.
+from peer_common import START, Result, arguments, start_watchdog
+
 import os
 import sys
 import time
 
-
-def _process_age() -> float:
-    """Seconds since this process started (from /proc), so `startup_s` includes the
-    interpreter's start and the imports; 0 where /proc cannot tell."""
-    try:
-        with open("/proc/self/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
-START = time.monotonic() - _process_age()
-
-# The result line is the only thing on stdout: keep the real stdout for it, and point file
-# descriptor 1 at stderr, so whatever a library prints goes to stderr.
-RESULT_OUT = os.fdopen(os.dup(1), "w")
-os.dup2(2, 1)
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import threading  # noqa: E402
-import uuid  # noqa: E402
-
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition  # noqa: E402
-
-
-class Result:
-    """What was read, and the one result line (printed once, by whoever gets there first:
-    the main loop or the watchdog)."""
-
-    def __init__(self, orders: int):
-        self.orders = orders
-        self.events = 0
-        self.first = None  # monotonic time of the first record read
-        self.last = None  # ... and of the last one counted
-        self._lock = threading.Lock()
-        self._printed = False
-
-    def emit(self) -> None:
-        with self._lock:
-            if self._printed:
-                return
-            self._printed = True
-            seconds = (self.last - self.first) if self.first is not None else 0.0
-            line = {
-                "peer": "librdkafka",
-                "shape": "raw",
-                "events": self.events,
-                "seconds": round(seconds, 3),
-                "events_per_s": round(self.events / seconds, 1) if seconds > 0 else 0.0,
-                "complete": self.events >= self.orders,
-                "startup_s": round(self.first - START, 3) if self.first is not None else None,
-            }
-            RESULT_OUT.write(json.dumps(line) + "\n")
-            RESULT_OUT.flush()
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--broker", required=True, help="HOST:PORT")
-    p.add_argument("--topic", required=True)
-    p.add_argument("--orders", type=int, required=True, help="stop after this many records")
-    p.add_argument("--timeout", type=float, required=True, help="seconds from process start")
-    p.add_argument("--app-id", default=f"raw-consume-{uuid.uuid4().hex[:8]}", help="the group.id")
+    p = arguments(__doc__, "raw-consume", "the group.id", orders_help="stop after this many records",
+                  shape=False)
     p.add_argument("--batch", type=int, default=1000, help="num_messages of each consume()")
     args = p.parse_args()
-    result = Result(args.orders)
+    # Every record read counts as an event: `first` is the first batch with a record, and
+    # the line has no accounts, sum_of_counts nor first_read_s.
+    result = Result("librdkafka", "raw", args.orders, first_read=False)
     deadline = START + args.timeout
-
-    # Hard watchdog: whatever hangs, print what was read and end 30 s after the timeout.
-    def watchdog() -> None:
-        print("raw_consume: watchdog: exiting", file=sys.stderr)
-        result.emit()
-        os._exit(0)
-
-    timer = threading.Timer(max(0.0, deadline + 30 - time.monotonic()), watchdog)
-    timer.daemon = True
-    timer.start()
+    start_watchdog("raw_consume", deadline, result)
 
     code = 0
     try:

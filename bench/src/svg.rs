@@ -22,6 +22,17 @@ fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
+/// An SVG document's start: its size, a white background and the title.
+fn open_svg(width: f64, height: f64, title: &str) -> String {
+    format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="10" y="20" font-size="15" font-weight="bold">{}</text>
+"#,
+        esc(title)
+    )
+}
+
 /// `v` with thousands separators, or with two decimals below 10.
 pub fn human(v: f64) -> String {
     if !v.is_finite() {
@@ -60,15 +71,7 @@ pub fn bar_chart(title: &str, unit: &str, series: &[&str], bars: &[Bar], log: bo
             v / max * plot_w
         }
     };
-    let mut s = String::new();
-    let _ = write!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">
-<rect width="100%" height="100%" fill="white"/>
-<text x="10" y="20" font-size="15" font-weight="bold">{}</text>
-"#,
-        esc(title)
-    );
+    let mut s = open_svg(width, height, title);
     // The legend.
     let mut x = 10.0;
     for (i, name) in series.iter().enumerate() {
@@ -143,15 +146,7 @@ pub fn latency_chart(title: &str, percentiles: &[&str], series: &[(&str, Vec<f64
     let (lo, hi) = (10f64.powf(min.log10().floor()), 10f64.powf(max.log10().ceil().max(min.log10().floor() + 1.0)));
     let y_of = |v: f64| top + plot_h - (v.max(lo).log10() - lo.log10()) / (hi.log10() - lo.log10()) * plot_h;
     let step = plot_w / (percentiles.len().max(2) - 1) as f64;
-    let mut s = String::new();
-    let _ = write!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">
-<rect width="100%" height="100%" fill="white"/>
-<text x="10" y="20" font-size="15" font-weight="bold">{}</text>
-"#,
-        esc(title)
-    );
+    let mut s = open_svg(width, height, title);
     // Decades on the y axis.
     let mut d = lo;
     while d <= hi * 1.0001 {

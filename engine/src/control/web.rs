@@ -288,40 +288,49 @@ fn metrics(app: &App, inboxes: &[Arc<Inbox>]) -> Answer {
     let stats = app.stats();
     let id = app.settings().id.replace(['\\', '"', '\n'], "_");
     let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+    let counters: [(&str, &str, &str, u64); 17] = [
+        ("events_processed_total", "counter", "Events the agents finished (acked).", stats.events_processed),
+        ("lag", "gauge", "Records in the consumed partitions not processed yet.", stats.lag),
+        ("rebalances_total", "counter", "Assignment changes applied.", stats.rebalances),
+        ("partitions_assigned_total", "counter", "Source partitions started.", stats.partitions_assigned),
+        ("partitions_revoked_total", "counter", "Source partitions stopped.", stats.partitions_revoked),
+        ("shards_recovered_total", "counter", "Table shards recovered from their changelog.", stats.shards_recovered),
+        (
+            "changelog_records_replayed_total",
+            "counter",
+            "Changelog records replayed while recovering shards.",
+            stats.changelog_records_replayed,
+        ),
+        ("bad_records_total", "counter", "Bad records met.", stats.bad_records),
+        ("write_failures_total", "counter", "Writes that failed and are retried.", stats.write_failures),
+        (
+            "writes_blocked",
+            "gauge",
+            "1 while some core takes no new events because writes fail.",
+            u64::from(stats.writes_blocked),
+        ),
+        ("late_events_total", "counter", "Events after their windows closed.", stats.late_events),
+        ("windows_closed_total", "counter", "Windows closed.", stats.windows_closed),
+        ("standby_partitions", "gauge", "Changelog partitions followed as a standby.", stats.standby_partitions),
+        (
+            "standby_records_applied_total",
+            "counter",
+            "Changelog records the standbys applied.",
+            stats.standby_records_applied,
+        ),
+        ("standbys_promoted_total", "counter", "Standby shards promoted to active.", stats.standbys_promoted),
+        ("shards_resumed_total", "counter", "Suspended table shards resumed without a replay.", stats.shards_resumed),
+        (
+            "events_abandoned_total",
+            "counter",
+            "Fetched events dropped when their partition was revoked.",
+            stats.events_abandoned,
+        ),
+    ];
+    for (name, kind, help, value) in counters {
         out.push_str(&format!("# HELP faust_{name} {help}\n# TYPE faust_{name} {kind}\n"));
         out.push_str(&format!("faust_{name}{{app=\"{id}\"}} {value}\n"));
-    };
-    metric("events_processed_total", "counter", "Events the agents finished (acked).", stats.events_processed);
-    metric("lag", "gauge", "Records in the consumed partitions not processed yet.", stats.lag);
-    metric("rebalances_total", "counter", "Assignment changes applied.", stats.rebalances);
-    metric("partitions_assigned_total", "counter", "Source partitions started.", stats.partitions_assigned);
-    metric("partitions_revoked_total", "counter", "Source partitions stopped.", stats.partitions_revoked);
-    metric("shards_recovered_total", "counter", "Table shards recovered from their changelog.", stats.shards_recovered);
-    metric(
-        "changelog_records_replayed_total",
-        "counter",
-        "Changelog records replayed while recovering shards.",
-        stats.changelog_records_replayed,
-    );
-    metric("bad_records_total", "counter", "Bad records met.", stats.bad_records);
-    metric("write_failures_total", "counter", "Writes that failed and are retried.", stats.write_failures);
-    metric(
-        "writes_blocked",
-        "gauge",
-        "1 while some core takes no new events because writes fail.",
-        u64::from(stats.writes_blocked),
-    );
-    metric("late_events_total", "counter", "Events after their windows closed.", stats.late_events);
-    metric("windows_closed_total", "counter", "Windows closed.", stats.windows_closed);
-    metric("standby_partitions", "gauge", "Changelog partitions followed as a standby.", stats.standby_partitions);
-    metric(
-        "standby_records_applied_total",
-        "counter",
-        "Changelog records the standbys applied.",
-        stats.standby_records_applied,
-    );
-    metric("standbys_promoted_total", "counter", "Standby shards promoted to active.", stats.standbys_promoted);
+    }
     // Per core and partition: read from the cores at scrape time (nothing per event).
     if let Ok(cores) = core_statuses(inboxes) {
         let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, f64)>| {
