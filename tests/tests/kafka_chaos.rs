@@ -35,6 +35,8 @@ use support::{Broker, signal_and_wait, tansu};
 const STRESS_BIN: &str = env!("CARGO_BIN_EXE_stress");
 const PARTITIONS: u32 = 4;
 const COMMIT_EVERY: u64 = 2_000;
+/// The workers' and the verifier's `BROKER_REBALANCE_TIMEOUT`, in seconds.
+const REBALANCE_TIMEOUT_S: &str = "10";
 /// Orders counted while connections are cut.
 const ORDERS_CUT: u64 = 150_000;
 
@@ -115,6 +117,9 @@ impl Worker {
         let child = Command::new(STRESS_BIN)
             .args([broker, data.to_str().expect("utf-8 path"), "work"])
             .env("BROKER_SESSION_TIMEOUT", "2")
+            // tansu waits this long for members to rejoin a rebalance (a killed one never
+            // does): the default, 60 s, would stall the group for a minute after a kill.
+            .env("BROKER_REBALANCE_TIMEOUT", REBALANCE_TIMEOUT_S)
             .env("BROKER_COMMIT_EVERY", COMMIT_EVERY.to_string())
             .env("WORKER_CORES", "1")
             .env_remove("RUST_LOG")
@@ -201,12 +206,17 @@ fn chaos_keeps_forwarding_gapless_and_tables_exact() {
         assert!(settle.elapsed() < Duration::from_secs(120), "not every number was forwarded within 120 s");
         std::thread::sleep(Duration::from_millis(500));
     };
-    // Let the counts catch up, then stop everyone gracefully.
+    // Let the counts catch up, then stop everyone gracefully, one at a time: each leave
+    // completes its rebalance before the next. tansu keeps a departed leader as the group's
+    // leader when members leave during a rebalance and the group empties, and hands it to
+    // the next member to join (which then waits, as a follower, for a SyncGroup that never
+    // comes): seen in its own log, with every LeaveGroup answered 0.
     std::thread::sleep(Duration::from_secs(2));
     for w in &mut workers {
         let mut child = w.child.take().expect("running");
         let status = signal_and_wait(&mut child, libc::SIGTERM, Duration::from_secs(60));
         assert!(status.success(), "SIGTERM stops gracefully: {status}; the log:\n{}", w.log());
+        std::thread::sleep(Duration::from_secs(3));
     }
     let forwarded = {
         // Records forwarded after the settle check (the last events' re-sends) count too.
@@ -243,16 +253,38 @@ fn chaos_keeps_forwarding_gapless_and_tables_exact() {
         .arg(forwarded.len().to_string())
         .arg(&out)
         .env("BROKER_SESSION_TIMEOUT", "2")
+        .env("BROKER_REBALANCE_TIMEOUT", REBALANCE_TIMEOUT_S)
         .env("WORKER_CORES", "1")
         .env_remove("RUST_LOG")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("verify.log")).expect("verifier log"))
         .status()
         .expect("run the verifier");
-    assert!(verifier.success(), "the verifier failed: {verifier}");
+    // The verifier's log, shown when what it found is wrong.
+    let verify_log = || {
+        let log = std::fs::read_to_string(dir.path().join("verify.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        let verifier = lines[lines.len().saturating_sub(40)..].join("\n");
+        // And the end of each worker's log: how the group was left.
+        let workers: Vec<String> = workers
+            .iter()
+            .map(|w| {
+                let log = w.log();
+                let lines: Vec<&str> = log.lines().collect();
+                format!("{}:\n{}", w.log.display(), lines[lines.len().saturating_sub(15)..].join("\n"))
+            })
+            .collect();
+        format!("{verifier}\n\nthe workers' logs end:\n{}", workers.join("\n"))
+    };
+    assert!(verifier.success(), "the verifier failed: {verifier}\n{}", verify_log());
     let tables: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).expect("tables")).expect("JSON");
     for (key, (records, _, highest)) in &per_key {
-        assert_eq!(tables["count"][key].as_u64(), Some(*records), "count[{key}] equals the records forwarded");
+        assert_eq!(
+            tables["count"][key].as_u64(),
+            Some(*records),
+            "count[{key}] equals the records forwarded; the verifier's log ends:\n{}",
+            verify_log()
+        );
         assert_eq!(tables["highest"][key].as_u64(), Some(*highest), "highest[{key}]");
     }
     drop(broker);
