@@ -8,7 +8,7 @@ use std::fmt::Write;
 /// Colours of the series, in order (colour-blind safe).
 const PALETTE: [&str; 6] = ["#4477aa", "#ee6677", "#228833", "#ccbb44", "#66ccee", "#aa3377"];
 
-/// One bar: its label, and one value per series (`None`: not measured).
+/// One bar: its label, and one value per series (`None`: none to show).
 #[derive(Debug, Clone)]
 pub struct Bar {
     /// What the bar measures.
@@ -53,8 +53,10 @@ pub fn human(v: f64) -> String {
 }
 
 /// A horizontal bar chart: each bar's series side by side, with their values written at
-/// their ends; `log` uses a log₁₀ scale (for figures spanning orders of magnitude).
-pub fn bar_chart(title: &str, unit: &str, series: &[&str], bars: &[Bar], log: bool) -> String {
+/// their ends; `log` uses a log₁₀ scale (for figures spanning orders of magnitude). A value
+/// that is `None` shows `missing` in its place (nothing when it is empty: a series that does
+/// not apply to that bar).
+pub fn bar_chart(title: &str, unit: &str, series: &[&str], bars: &[Bar], log: bool, missing: &str) -> String {
     let (label_w, plot_w, row_h, bar_h, top) = (260.0, 460.0, 6.0, 16.0, 48.0);
     let per_bar = series.len().max(1) as f64 * bar_h + row_h * 2.0;
     let height = top + bars.len() as f64 * per_bar + 24.0;
@@ -115,12 +117,14 @@ pub fn bar_chart(title: &str, unit: &str, series: &[&str], bars: &[Bar], log: bo
                         human(*v)
                     );
                 }
+                None if missing.is_empty() => {}
                 None => {
                     let _ = writeln!(
                         s,
-                        r##"<text x="{}" y="{}" fill="#999">not measured</text>"##,
+                        r##"<text x="{}" y="{}" fill="#999">{}</text>"##,
                         label_w + 4.0,
-                        y + bar_h - 5.0
+                        y + bar_h - 5.0,
+                        esc(missing)
                     );
                 }
             }
@@ -215,12 +219,14 @@ mod tests {
             Bar { label: "W1 <decode>".into(), values: vec![Some(2_000_000.0), Some(5_000_000.0)] },
             Bar { label: "W2".into(), values: vec![Some(1_500_000.0), None] },
         ];
-        let svg = bar_chart("Events/s & floors", "events/s", &["ours", "floor"], &bars, true);
+        let svg = bar_chart("Events/s & floors", "events/s", &["ours", "floor"], &bars, true, "not measured");
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert!(svg.contains("W1 &lt;decode&gt;") && svg.contains("Events/s &amp; floors"));
         assert!(svg.contains("2,000,000") && svg.contains("not measured"));
         assert_eq!(svg.matches("<rect").count(), 1 + 2 + 3, "background, legend, bars");
         let lat = latency_chart("W1 latency", &["p50", "p99", "p99.9"], &[("25 %", vec![40.0, 90.0, 300.0])]);
+        let blank = bar_chart("x", "y", &["a", "b"], &bars, false, "");
+        assert!(!blank.contains("not measured"), "a series that does not apply leaves its place empty");
         assert!(lat.contains("<polyline") && lat.contains("p99.9") && lat.trim_end().ends_with("</svg>"));
         assert!(!lat.contains("NaN") && !svg.contains("NaN"));
     }

@@ -318,7 +318,7 @@ fn write_report(dir: &Path, figures: &Value) -> std::io::Result<()> {
     md.plot(
         dir,
         "throughput.svg",
-        &bar_chart("Events/s against the floor", "events/s", &["ours", "floor"], &bars, true),
+        &bar_chart("Events/s against the floor", "events/s", &["ours", "floor"], &bars, true, "not measured"),
     )?;
 
     // Scaling over cores.
@@ -336,7 +336,11 @@ fn write_report(dir: &Path, figures: &Value) -> std::io::Result<()> {
         scaling.iter().map(|(n, a, b)| vec![n.to_string(), opt(*a), opt(*b), ratio(*b, *a)]).collect(),
     );
     let bars: Vec<Bar> = scaling.iter().map(|(n, a, b)| Bar { label: n.to_string(), values: vec![*a, *b] }).collect();
-    md.plot(dir, "scaling.svg", &bar_chart("Scaling over cores", "events/s", &["1 core", "2 cores"], &bars, false))?;
+    md.plot(
+        dir,
+        "scaling.svg",
+        &bar_chart("Scaling over cores", "events/s", &["1 core", "2 cores"], &bars, false, "not measured"),
+    )?;
 
     // Latency.
     md.line("\n## Latency from send to processed (W1, 1 core)\n");
@@ -378,7 +382,14 @@ fn write_report(dir: &Path, figures: &Value) -> std::io::Result<()> {
     md.plot(
         dir,
         "storage.svg",
-        &bar_chart("Storage against its baselines", "ops/s or MB/s", &["ours", "baseline"], &bars, true),
+        &bar_chart(
+            "Storage against its baselines",
+            "ops/s or MB/s",
+            &["ours", "baseline"],
+            &bars,
+            true,
+            "not measured",
+        ),
     )?;
 
     // Kafka.
@@ -445,7 +456,14 @@ fn write_report(dir: &Path, figures: &Value) -> std::io::Result<()> {
         md.plot(
             dir,
             "peers.svg",
-            &bar_chart("The order count, events/s", "events/s", &["group_by", "by_key", "raw consume"], &bars, true),
+            &bar_chart(
+                "The order count, events/s",
+                "events/s",
+                &["group_by", "by_key", "raw consume"],
+                &bars,
+                true,
+                "",
+            ),
         )?;
     }
 
