@@ -289,8 +289,6 @@ impl CoreRuntime {
         self.stats.publish_progress(self.index, processed, lag);
     }
 
-    /// What this core is doing now (for the web server): its partitions with where processing
-    /// stands, its busy time, its commits' latencies.
     /// Each consumed partition's position, end, committed offset and recent rate, in order.
     fn partition_statuses(&self) -> Vec<crate::runtime::stats::PartitionStatus> {
         let acks = self.acks.borrow();
@@ -326,6 +324,8 @@ impl CoreRuntime {
         }
     }
 
+    /// What this core is doing now (for the web server): its partitions with where processing
+    /// stands, its busy time, its commit and event latencies, its recoveries.
     pub(crate) fn status(&self) -> crate::runtime::stats::CoreStatus {
         // glommio hands each interval's stats out once: add them up here.
         let busy = self.busy.get() + glommio::executor().executor_stats().total_runtime();
