@@ -54,7 +54,9 @@ pub use crate::testing::{TestContext, TestError};
 pub use crate::topic::Topic;
 pub use crate::window::{WindowRange, WindowResult, WindowedPartition, WindowedTable, Windowing};
 pub use crate::worker::WorkerError;
-pub use faust_transport::{MemoryTransport, Produced, TopicConfig, TopicPartition};
+pub use faust_transport::{
+    MemoryTransport, Produced, SaslMechanism, SaslOptions, TlsOptions, TopicConfig, TopicPartition,
+};
 
 /// Codecs by name, Faust's codec registry, and fixed-layout records: see [`Codec`].
 pub mod codecs {

@@ -50,6 +50,9 @@ pub struct SettingsError {
 /// | `broker_rebalance_timeout` | 60 s | `BROKER_REBALANCE_TIMEOUT` (seconds) |
 /// | `consumer_group_instance_id` | none | `CONSUMER_GROUP_INSTANCE_ID` |
 /// | `table_standby_replicas` | 1 | `TABLE_STANDBY_REPLICAS` |
+/// | `ssl_context` | none (plain text) | `BROKER_SSL` (`true`: system roots), `BROKER_SSL_CAFILE`, `BROKER_SSL_CERTFILE` and `BROKER_SSL_KEYFILE` (PEM files), `BROKER_SSL_SERVER_NAME` |
+/// | `broker_credentials` | none | `BROKER_SASL_MECHANISM` (`PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512`), `BROKER_SASL_USERNAME`, `BROKER_SASL_PASSWORD` |
+/// | `producer_idempotence` | true | `PRODUCER_IDEMPOTENCE` |
 ///
 /// With `APP_ENV_PREFIX=X`, every variable is read as `X_NAME` instead (Faust's `env_prefix`).
 ///
@@ -140,6 +143,15 @@ pub struct Settings {
     /// On `kafka://`: how many other workers follow each table partition's changelog as a
     /// standby, so that a takeover replays only what the standby has not read yet.
     pub table_standby_replicas: u32,
+    /// On `kafka://`: TLS to the brokers (Faust's `ssl_context`, and the `SSL` half of
+    /// `SASL_SSL`). `None` (the default) speaks plain text.
+    pub ssl_context: Option<faust_transport::TlsOptions>,
+    /// On `kafka://`: SASL authentication (Faust's `broker_credentials` with
+    /// `SASLCredentials`), over plain text or, with `ssl_context`, over TLS.
+    pub broker_credentials: Option<faust_transport::SaslOptions>,
+    /// On `kafka://`: idempotent producing (on by default): a produce retried after a lost
+    /// answer is written once and in order.
+    pub producer_idempotence: bool,
 }
 
 /// What a stream does with a bad record: one whose key or value does not decode (malformed
@@ -211,7 +223,86 @@ impl Settings {
             broker_rebalance_timeout: Duration::from_secs(60),
             consumer_group_instance_id: None,
             table_standby_replicas: 1,
+            ssl_context: None,
+            broker_credentials: None,
+            producer_idempotence: true,
         }
+    }
+
+    /// The Kafka client's options that follow from these settings; the worker adds what
+    /// only it knows (membership, its advertised address).
+    pub(crate) fn kafka_options(&self) -> faust_transport::KafkaOptions {
+        faust_transport::KafkaOptions {
+            session_timeout: self.broker_session_timeout,
+            heartbeat_interval: self.broker_heartbeat_interval,
+            rebalance_timeout: self.broker_rebalance_timeout,
+            group_instance_id: self.consumer_group_instance_id.clone(),
+            standby_replicas: self.table_standby_replicas,
+            tls: self.ssl_context.clone(),
+            sasl: self.broker_credentials.clone(),
+            idempotent: self.producer_idempotence,
+            ..faust_transport::KafkaOptions::default()
+        }
+    }
+
+    /// TLS and SASL from the environment: any `BROKER_SSL_*` variable (or `BROKER_SSL=true`)
+    /// turns TLS on; the three SASL variables go together.
+    fn apply_security_vars(&mut self, get: &dyn Fn(&str) -> Option<(String, String)>) -> Result<(), SettingsError> {
+        let path = |name: &str| get(name).map(|(_, v)| PathBuf::from(v.trim())).filter(|p| !p.as_os_str().is_empty());
+        let ca_file = path("BROKER_SSL_CAFILE");
+        let cert = path("BROKER_SSL_CERTFILE");
+        let key = path("BROKER_SSL_KEYFILE");
+        let server_name = get("BROKER_SSL_SERVER_NAME").map(|(_, v)| v.trim().to_string()).filter(|v| !v.is_empty());
+        let on = match get("BROKER_SSL") {
+            Some((variable, value)) => match value.trim().to_ascii_lowercase().as_str() {
+                "1" | "true" | "yes" | "on" => Some(true),
+                "0" | "false" | "no" | "off" => Some(false),
+                _ => return Err(SettingsError { variable, value, reason: "expected true or false".into() }),
+            },
+            None => None,
+        };
+        let any_file = ca_file.is_some() || cert.is_some() || key.is_some() || server_name.is_some();
+        if on == Some(false) {
+            self.ssl_context = None;
+        } else if on == Some(true) || any_file {
+            let client_cert = match (cert, key) {
+                (Some(cert), Some(key)) => Some((cert, key)),
+                (None, None) => None,
+                (cert, _) => {
+                    let (variable, missing) = if cert.is_some() {
+                        ("BROKER_SSL_CERTFILE", "BROKER_SSL_KEYFILE")
+                    } else {
+                        ("BROKER_SSL_KEYFILE", "BROKER_SSL_CERTFILE")
+                    };
+                    return Err(SettingsError {
+                        variable: variable.into(),
+                        value: String::new(),
+                        reason: format!("a client certificate needs both files: set {missing} too"),
+                    });
+                }
+            };
+            self.ssl_context = Some(faust_transport::TlsOptions { ca_file, client_cert, server_name });
+        }
+        let mechanism = get("BROKER_SASL_MECHANISM");
+        let username = get("BROKER_SASL_USERNAME");
+        let password = get("BROKER_SASL_PASSWORD");
+        if mechanism.is_some() || username.is_some() || password.is_some() {
+            let mechanism = match mechanism {
+                Some((variable, value)) => value
+                    .parse::<faust_transport::SaslMechanism>()
+                    .map_err(|reason| SettingsError { variable, value, reason })?,
+                None => faust_transport::SaslMechanism::Plain,
+            };
+            let (Some((_, username)), Some((_, password))) = (username, password) else {
+                return Err(SettingsError {
+                    variable: "BROKER_SASL_USERNAME".into(),
+                    value: String::new(),
+                    reason: "SASL needs both BROKER_SASL_USERNAME and BROKER_SASL_PASSWORD".into(),
+                });
+            };
+            self.broker_credentials = Some(faust_transport::SaslOptions { mechanism, username, password });
+        }
+        Ok(())
     }
 
     /// The dead-letter topic, when the policy has one.
@@ -312,6 +403,10 @@ impl Settings {
         if let Some(kv) = get("TABLE_STANDBY_REPLICAS") {
             self.table_standby_replicas = parse(kv, "a number of replicas")?;
         }
+        if let Some(kv) = get("PRODUCER_IDEMPOTENCE") {
+            self.producer_idempotence = parse_bool(kv)?;
+        }
+        self.apply_security_vars(&get)?;
         if let Some(kv) = get("BROKER_COMMIT_EVERY") {
             self.commit_every = parse(kv, "a number of events")?;
         }
@@ -472,6 +567,56 @@ mod tests {
         assert_eq!((s.id.as_str(), s.datadir.as_path()), ("orders-2", std::path::Path::new("orders-2-data")));
         let s = Settings::new("orders").from_vars([("APP_ID", "o2"), ("APP_DATADIR", "d")]).unwrap();
         assert_eq!((s.id.as_str(), s.datadir.as_path()), ("o2", std::path::Path::new("d")));
+    }
+
+    #[test]
+    fn tls_and_sasl_from_the_environment() {
+        let s = Settings::new("app");
+        assert_eq!(
+            (s.ssl_context.is_none(), s.broker_credentials.is_none(), s.producer_idempotence),
+            (true, true, true)
+        );
+        let s = Settings::new("app")
+            .from_vars([
+                ("BROKER_SSL_CAFILE", "/etc/ca.pem"),
+                ("BROKER_SASL_MECHANISM", "scram-sha-512"),
+                ("BROKER_SASL_USERNAME", "alice"),
+                ("BROKER_SASL_PASSWORD", "secret"),
+                ("PRODUCER_IDEMPOTENCE", "false"),
+            ])
+            .unwrap();
+        let tls = s.ssl_context.clone().unwrap();
+        assert_eq!(tls.ca_file, Some(PathBuf::from("/etc/ca.pem")));
+        assert_eq!(tls.client_cert, None);
+        let sasl = s.broker_credentials.clone().unwrap();
+        assert_eq!(sasl.mechanism, faust_transport::SaslMechanism::ScramSha512);
+        assert_eq!((sasl.username.as_str(), sasl.password.as_str()), ("alice", "secret"));
+        assert!(!format!("{sasl:?}").contains("secret"));
+        assert!(!s.producer_idempotence);
+        let options = s.kafka_options();
+        assert_eq!(
+            (options.tls, options.sasl.map(|o| o.username), options.idempotent),
+            (Some(tls), Some("alice".into()), false)
+        );
+        // System roots; PLAIN when no mechanism is named.
+        let s = Settings::new("app")
+            .from_vars([("BROKER_SSL", "true"), ("BROKER_SASL_USERNAME", "u"), ("BROKER_SASL_PASSWORD", "p")])
+            .unwrap();
+        assert_eq!(s.ssl_context, Some(faust_transport::TlsOptions::default()));
+        assert_eq!(s.broker_credentials.unwrap().mechanism, faust_transport::SaslMechanism::Plain);
+        // Half a client certificate, half the credentials, an unknown mechanism: refused, named.
+        let e = Settings::new("app").from_vars([("BROKER_SSL_CERTFILE", "c.pem")]).unwrap_err();
+        assert!(e.reason.contains("BROKER_SSL_KEYFILE"), "{e}");
+        let e = Settings::new("app").from_vars([("BROKER_SASL_USERNAME", "u")]).unwrap_err();
+        assert!(e.reason.contains("BROKER_SASL_PASSWORD"), "{e}");
+        let e = Settings::new("app")
+            .from_vars([
+                ("BROKER_SASL_MECHANISM", "GSSAPI"),
+                ("BROKER_SASL_USERNAME", "u"),
+                ("BROKER_SASL_PASSWORD", "p"),
+            ])
+            .unwrap_err();
+        assert_eq!(e.variable, "BROKER_SASL_MECHANISM");
     }
 
     #[test]

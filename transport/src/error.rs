@@ -152,6 +152,34 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A TLS connection to a Kafka broker failed: the handshake (its certificate does not
+    /// verify, it refused ours, no common protocol) or a record that does not decrypt.
+    /// Not retried.
+    #[error("kafka broker {broker}: TLS: {reason}")]
+    KafkaTls {
+        /// The broker's address.
+        broker: String,
+        /// What rustls reported.
+        reason: String,
+    },
+    /// A Kafka broker refused to authenticate this client (SASL). Not retried.
+    #[error("kafka broker {broker}: SASL {mechanism} authentication of user `{username}` failed: {reason}")]
+    KafkaAuth {
+        /// The broker's address.
+        broker: String,
+        /// The mechanism (`PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512`).
+        mechanism: &'static str,
+        /// The user.
+        username: String,
+        /// Why: the broker's answer, or what in it failed to verify.
+        reason: String,
+    },
+    /// The TLS settings cannot be used: a certificate or key file is missing or unreadable.
+    #[error("TLS settings: {reason}")]
+    TlsConfig {
+        /// What is wrong, naming the file.
+        reason: String,
+    },
     /// A Kafka broker did not answer in time.
     #[error("kafka broker {broker}: no answer to {api}{} within {timeout:?}", tp_suffix(topic, *partition))]
     KafkaTimeout {

@@ -30,7 +30,10 @@ use std::time::Duration;
 
 pub use crate::assign::{AssignError, AssignInput, assign};
 pub use crate::error::{Error, Result};
-pub use crate::kafka::{Acks, Compression, KafkaCore, KafkaMembership, KafkaOptions, KafkaStats, KafkaTransport};
+pub use crate::kafka::{
+    Acks, Compression, KafkaCore, KafkaMembership, KafkaOptions, KafkaStats, KafkaTransport, SaslMechanism,
+    SaslOptions, TlsOptions,
+};
 pub use crate::local::{LocalCore, LocalMembership, LocalOptions, LocalTransport, validate_topic_name};
 pub use crate::memory::{MemoryMembership, MemoryTransport};
 pub use crate::types::{

@@ -816,8 +816,7 @@ pub(crate) fn send_without_worker(
     let codecs = (codec(key_serializer).map_err(refused)?, codec(value_serializer).map_err(refused)?);
     let topics = app.inner.outbox.topics();
     let send = SendRequest { topic, key, values, partition, repeat, codecs, unchecked, topics };
-    let kafka =
-        faust_transport::KafkaOptions { partitions: Some(Vec::new()), ..faust_transport::KafkaOptions::default() };
+    let kafka = faust_transport::KafkaOptions { partitions: Some(Vec::new()), ..settings.kafka_options() };
     let transport =
         crate::transports::AnyTransport::open(&settings.broker_url(), 1, None, kafka, settings.segment_bytes)
             .map_err(|e| refused(failed(e.to_string())))?;

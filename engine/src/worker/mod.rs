@@ -195,16 +195,7 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
             .ok();
         web.into_iter().chain(socket).collect::<Vec<_>>().join(" ")
     };
-    let kafka = faust_transport::KafkaOptions {
-        partitions,
-        session_timeout: settings.broker_session_timeout,
-        heartbeat_interval: settings.broker_heartbeat_interval,
-        rebalance_timeout: settings.broker_rebalance_timeout,
-        group_instance_id: settings.consumer_group_instance_id.clone(),
-        standby_replicas: settings.table_standby_replicas,
-        advertised_url: advertised,
-        ..faust_transport::KafkaOptions::default()
-    };
+    let kafka = faust_transport::KafkaOptions { partitions, advertised_url: advertised, ..settings.kafka_options() };
     let transport = AnyTransport::open(&settings.broker_url(), cores, memory.as_ref(), kafka, settings.segment_bytes)?;
     let startup = Arc::new(Startup {
         topics_ready: AtomicBool::new(false),

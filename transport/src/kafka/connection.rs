@@ -18,6 +18,7 @@ use kafka_protocol::messages::{ApiKey, ApiVersionsRequest, ApiVersionsResponse};
 use kafka_protocol::protocol::{Request, StrBytes};
 
 use super::protocol::{self, MAX_FRAME, Versions, api_name};
+use super::security::{self, Exchange, Security};
 use crate::error::{Error, Result};
 
 /// What a request is about, for errors.
@@ -37,7 +38,35 @@ impl<'a> About<'a> {
     }
 }
 
-type Reply = oneshot::Sender<std::result::Result<Bytes, (&'static str, std::io::ErrorKind, String)>>;
+/// Why a connection died.
+#[derive(Debug, Clone)]
+struct Failure {
+    /// What was being done (`read`, `write`).
+    op: &'static str,
+    kind: std::io::ErrorKind,
+    message: String,
+    /// Whether TLS failed (an alert, a record that does not decrypt), not the socket.
+    tls: bool,
+}
+
+impl Failure {
+    fn of(op: &'static str, e: &std::io::Error) -> Failure {
+        match security::tls_failure(e) {
+            Some(message) => Failure { op, kind: e.kind(), message, tls: true },
+            None => Failure { op, kind: e.kind(), message: e.to_string(), tls: false },
+        }
+    }
+
+    fn error(&self, broker: &str) -> Error {
+        if self.tls {
+            Error::KafkaTls { broker: broker.to_string(), reason: self.message.clone() }
+        } else {
+            conn_err(broker, self.op, std::io::Error::new(self.kind, self.message.clone()))
+        }
+    }
+}
+
+type Reply = oneshot::Sender<std::result::Result<Bytes, Failure>>;
 
 /// State shared by a connection and its reader and writer tasks.
 #[derive(Default)]
@@ -45,18 +74,19 @@ struct State {
     /// Requests written or queued, by correlation id.
     pending: RefCell<HashMap<i32, Reply>>,
     next_id: Cell<i32>,
-    /// Why the connection died: (operation, kind, message).
-    failed: RefCell<Option<(&'static str, std::io::ErrorKind, String)>>,
+    /// Why the connection died.
+    failed: RefCell<Option<Failure>>,
 }
 
 impl State {
     fn fail(&self, op: &'static str, e: &std::io::Error) {
+        let failure = Failure::of(op, e);
         if self.failed.borrow().is_none() {
-            *self.failed.borrow_mut() = Some((op, e.kind(), e.to_string()));
+            *self.failed.borrow_mut() = Some(failure.clone());
         }
         let pending = std::mem::take(&mut *self.pending.borrow_mut());
         for (_, reply) in pending {
-            let _ = reply.send(Err((op, e.kind(), e.to_string())));
+            let _ = reply.send(Err(failure.clone()));
         }
     }
 }
@@ -83,8 +113,14 @@ fn conn_err(broker: &str, op: &'static str, source: std::io::Error) -> Error {
 }
 
 impl Connection {
-    /// Connects to `broker` (`host:port`) and negotiates API versions, all within `timeout`.
-    pub(crate) async fn connect(broker: Arc<str>, client_id: Arc<str>, timeout: Duration) -> Result<Connection> {
+    /// Connects to `broker` (`host:port`), with TLS when `security` says so, negotiates API
+    /// versions and authenticates (SASL), each step within `timeout`.
+    pub(crate) async fn connect(
+        broker: Arc<str>,
+        client_id: Arc<str>,
+        timeout: Duration,
+        security: &Security,
+    ) -> Result<Connection> {
         let addr = broker.to_socket_addrs().map_err(|e| conn_err(&broker, "resolve", e))?.next().ok_or_else(|| {
             conn_err(&broker, "resolve", std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))
         })?;
@@ -92,11 +128,38 @@ impl Connection {
             .await
             .map_err(|e| conn_err(&broker, "connect", std::io::Error::from(e)))?;
         stream.set_nodelay(true).map_err(|e| conn_err(&broker, "connect", std::io::Error::from(e)))?;
-        let (read, write) = futures_lite::io::split(stream);
         let state = Rc::new(State::default());
         let (frames, queued) = mpsc::unbounded();
-        let reader = glommio::spawn_local(read_loop(read, state.clone()));
-        let writer = glommio::spawn_local(write_loop(write, queued, state.clone()));
+        let (reader, writer) = match security.tls_for(&broker)? {
+            None => {
+                let (read, write) = futures_lite::io::split(stream);
+                (
+                    glommio::spawn_local(read_loop(read, state.clone())),
+                    glommio::spawn_local(write_loop(write, queued, state.clone())),
+                )
+            }
+            Some((config, name)) => {
+                let handshake = futures_rustls::TlsConnector::from(config).connect(name, stream);
+                let tls = futures_lite::future::or(async { Some(handshake.await) }, async {
+                    glommio::timer::sleep(timeout).await;
+                    None
+                })
+                .await;
+                let tls = match tls {
+                    Some(Ok(tls)) => tls,
+                    Some(Err(e)) => return Err(Failure::of("TLS handshake", &e).error(&broker)),
+                    None => {
+                        let e = std::io::Error::new(std::io::ErrorKind::TimedOut, "the TLS handshake timed out");
+                        return Err(conn_err(&broker, "TLS handshake", e));
+                    }
+                };
+                let (read, write) = futures_lite::io::split(tls);
+                (
+                    glommio::spawn_local(read_loop(read, state.clone())),
+                    glommio::spawn_local(write_loop(write, queued, state.clone())),
+                )
+            }
+        };
         let mut conn = Connection {
             broker,
             client_id,
@@ -107,7 +170,22 @@ impl Connection {
             _writer: writer,
         };
         conn.versions = conn.api_versions(timeout).await?;
+        if let Some(sasl) = &security.sasl {
+            conn.authenticate(sasl, timeout).await?;
+        }
         Ok(conn)
+    }
+
+    /// The SASL exchange: a handshake naming the mechanism, then its messages.
+    async fn authenticate(&self, sasl: &security::SaslOptions, timeout: Duration) -> Result<()> {
+        let (_, answer) =
+            self.request(ApiKey::SaslHandshake, &Exchange::handshake(sasl), timeout, About::default()).await?;
+        let mut exchange = Exchange::start(&self.broker, sasl, &answer)?;
+        while let Some(req) = exchange.request()? {
+            let (_, answer) = self.request(ApiKey::SaslAuthenticate, &req, timeout, About::default()).await?;
+            exchange.answer(&answer)?;
+        }
+        Ok(())
     }
 
     async fn api_versions(&self, timeout: Duration) -> Result<Versions> {
@@ -190,8 +268,8 @@ impl Connection {
         about: About<'_>,
     ) -> Result<R::Response> {
         let api = ApiKey::try_from(R::KEY).unwrap_or(ApiKey::ApiVersions);
-        if let Some((op, kind, msg)) = self.state.failed.borrow().clone() {
-            return Err(conn_err(&self.broker, op, std::io::Error::new(kind, msg)));
+        if let Some(failure) = self.state.failed.borrow().clone() {
+            return Err(failure.error(&self.broker));
         }
         let id = self.state.next_id.get();
         self.state.next_id.set(id.wrapping_add(1) & i32::MAX);
@@ -212,7 +290,7 @@ impl Connection {
         .await;
         let payload = match answer {
             Some(Ok(Ok(payload))) => payload,
-            Some(Ok(Err((op, kind, msg)))) => return Err(conn_err(&self.broker, op, std::io::Error::new(kind, msg))),
+            Some(Ok(Err(failure))) => return Err(failure.error(&self.broker)),
             Some(Err(_)) => {
                 let e = std::io::Error::new(std::io::ErrorKind::BrokenPipe, "connection closed");
                 return Err(conn_err(&self.broker, "read", e));
@@ -234,7 +312,10 @@ impl Connection {
     }
 }
 
-async fn read_loop(read: futures_lite::io::ReadHalf<TcpStream>, state: Rc<State>) {
+async fn read_loop<S: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin>(
+    read: futures_lite::io::ReadHalf<S>,
+    state: Rc<State>,
+) {
     let mut read = futures_lite::io::BufReader::with_capacity(256 << 10, read);
     loop {
         let mut size = [0u8; 4];
@@ -262,8 +343,8 @@ async fn read_loop(read: futures_lite::io::ReadHalf<TcpStream>, state: Rc<State>
     }
 }
 
-async fn write_loop(
-    mut write: futures_lite::io::WriteHalf<TcpStream>,
+async fn write_loop<S: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin>(
+    mut write: futures_lite::io::WriteHalf<S>,
     mut queued: mpsc::UnboundedReceiver<Vec<u8>>,
     state: Rc<State>,
 ) {

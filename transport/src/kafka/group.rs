@@ -423,7 +423,7 @@ impl MemberThread {
             let mut last = None;
             let mut found = None;
             for broker in &self.shared.bootstrap {
-                match BlockingConn::connect(broker, &opts.client_id, opts.request_timeout) {
+                match BlockingConn::connect(broker, &opts.client_id, opts.request_timeout, &self.shared.security) {
                     Ok(mut conn) => {
                         let req = FindCoordinatorRequest::default()
                             .with_key(StrBytes::from_string(self.group.clone()))
@@ -444,7 +444,8 @@ impl MemberThread {
                 }
             }
             let Some(addr) = found else { return Err(Step::Retry(last.unwrap_or(Error::Closed))) };
-            let conn = BlockingConn::connect(&addr, &opts.client_id, opts.request_timeout).map_err(Step::Retry)?;
+            let conn = BlockingConn::connect(&addr, &opts.client_id, opts.request_timeout, &self.shared.security)
+                .map_err(Step::Retry)?;
             self.coordinator = Some(conn);
         }
         self.coordinator.as_mut().ok_or(Step::Retry(Error::Closed))

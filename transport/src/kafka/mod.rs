@@ -26,6 +26,8 @@ mod metadata;
 mod producer;
 mod protocol;
 mod records;
+mod sasl;
+mod security;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
@@ -45,6 +47,8 @@ use kafka_protocol::protocol::StrBytes;
 use self::connection::{About, Connection};
 use self::metadata::Cluster;
 pub(crate) use self::protocol::code_name;
+pub use self::sasl::SaslMechanism;
+pub use self::security::{SaslOptions, TlsOptions};
 use crate::closing::Closing;
 use crate::error::{Error, Result};
 use crate::types::{
@@ -146,6 +150,14 @@ pub struct KafkaOptions {
     pub standby_replicas: u32,
     /// Where other workers reach this one (its web or control address), told to the group.
     pub advertised_url: String,
+    /// TLS to the brokers (`None`: plain text).
+    pub tls: Option<TlsOptions>,
+    /// SASL authentication (`None`: none), over plain text or TLS.
+    pub sasl: Option<SaslOptions>,
+    /// Idempotent producing (true, the default): each core is a producer with an id from the
+    /// broker and numbers its batches per partition, so a produce retried after a lost answer
+    /// is written once, in order. Off, a retry may write a batch twice.
+    pub idempotent: bool,
 }
 
 impl Default for KafkaOptions {
@@ -166,6 +178,9 @@ impl Default for KafkaOptions {
             group_instance_id: None,
             standby_replicas: 1,
             advertised_url: String::new(),
+            tls: None,
+            sasl: None,
+            idempotent: true,
         }
     }
 }
@@ -175,6 +190,8 @@ struct Shared {
     bootstrap: Vec<Arc<str>>,
     options: KafkaOptions,
     client_id: Arc<str>,
+    /// TLS configuration and SASL credentials every connection uses.
+    security: security::Security,
     closing: Closing,
     /// This process's group members, for the cores' commits.
     live: group::Live,
@@ -225,12 +242,14 @@ impl KafkaTransport {
             return Err(bad("the session timeout must be at least 100 ms"));
         }
         let client_id = Arc::from(options.client_id.as_str());
+        let security = security::Security::new(options.tls.as_ref(), options.sasl.as_ref())?;
         Ok(KafkaTransport {
             shared: Arc::new(Shared {
                 url: url.to_string(),
                 bootstrap,
                 options,
                 client_id,
+                security,
                 closing: Closing::default(),
                 live: group::Live::default(),
             }),
@@ -263,6 +282,9 @@ impl KafkaTransport {
                 cluster: RefCell::new(Cluster::default()),
                 coordinators: RefCell::new(HashMap::new()),
                 lingering: RefCell::new(HashMap::new()),
+                turns: RefCell::new(HashMap::new()),
+                producer: Cell::new(None),
+                producer_turn: glommio::sync::Semaphore::new(1),
                 stats: Cell::new(KafkaStats::default()),
             }),
             closed: Rc::new(Cell::new(false)),
@@ -308,6 +330,12 @@ struct CoreState {
     coordinators: RefCell<HashMap<String, Arc<str>>>,
     /// Per broker, the produces lingering to go out in one request.
     lingering: RefCell<HashMap<Arc<str>, Rc<RefCell<producer::Queue>>>>,
+    /// Per partition produced to, its turn and its sequence numbers.
+    turns: RefCell<HashMap<TopicPartition, Rc<producer::PartitionTurn>>>,
+    /// This core's idempotent producer id, once the broker gave one.
+    producer: Cell<Option<producer::ProducerId>>,
+    /// Held while asking for a producer id.
+    producer_turn: glommio::sync::Semaphore,
     stats: Cell<KafkaStats>,
 }
 
@@ -425,7 +453,13 @@ impl KafkaCore {
         // Clears the mark however the connect ends (failure, or this future dropped).
         let _guard = Connecting { core: self, key: key.clone() };
         let c = Rc::new(
-            Connection::connect(broker.clone(), self.shared.client_id.clone(), self.options().request_timeout).await?,
+            Connection::connect(
+                broker.clone(),
+                self.shared.client_id.clone(),
+                self.options().request_timeout,
+                &self.shared.security,
+            )
+            .await?,
         );
         self.count(|s| s.connections_opened += 1);
         self.check_open()?;
@@ -760,8 +794,9 @@ impl KafkaMembership {
         let mut last = None;
         for _ in 0..=opts.retries {
             for broker in &shared.bootstrap {
-                let answer = blocking::BlockingConn::connect(broker, &shared.client_id, opts.request_timeout)
-                    .and_then(|mut conn| conn.request(ApiKey::Metadata, &req, opts.request_timeout));
+                let answer =
+                    blocking::BlockingConn::connect(broker, &shared.client_id, opts.request_timeout, &shared.security)
+                        .and_then(|mut conn| conn.request(ApiKey::Metadata, &req, opts.request_timeout));
                 match answer {
                     Ok((_, resp)) => {
                         let mut counts = HashMap::new();

@@ -1,8 +1,20 @@
 //! Produce: to the partition's leader, retried on retriable errors.
 //!
-//! Requests to one broker share its connection and are written in the order `produce` was
-//! called, so batches for one partition land in that order unless one is retried. Records are
-//! not idempotent yet: a retry after a timeout may write a batch twice.
+//! A core produces to one partition one request at a time, in the order `produce` was called
+//! (its turn, `PartitionTurn`), and each request carries one RecordBatch (Kafka takes one
+//! batch per partition per request; a produce larger than `max_batch_bytes` goes out as
+//! several requests, in order).
+//!
+//! **Idempotence** (on by default): each core is a producer of its own, with an id and epoch
+//! from InitProducerId, and numbers the records it writes to each partition (a batch carries
+//! the sequence of its first record). A batch retried after its answer was lost carries the
+//! same numbers, so the broker writes it once: it answers a duplicate as a success, or with
+//! `DUPLICATE_SEQUENCE_NUMBER` when the original is older than what it remembers (then the
+//! offsets are read from the partition's end: a changelog has one writer, the owning core). If
+//! the broker forgot the producer (`UNKNOWN_PRODUCER_ID`) or the numbers are out of step
+//! (`OUT_OF_ORDER_SEQUENCE_NUMBER`, `INVALID_PRODUCER_EPOCH`), the core takes a new id and
+//! numbers from 0 again; a batch whose first attempt may have landed can then be written twice,
+//! which is the at-least-once floor.
 //!
 //! With a `linger`, the first produce for a broker opens a queue and waits that long; the
 //! produces for other partitions of that broker made meanwhile join it, and all go in one
@@ -13,18 +25,69 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 
+use std::cell::Cell;
+
 use bytes::Bytes;
 use futures_channel::oneshot;
 use kafka_protocol::messages::{
-    ApiKey, ProduceRequest,
+    ApiKey, InitProducerIdRequest, ProduceRequest,
     produce_request::{PartitionProduceData, TopicProduceData},
 };
 
 use super::connection::{About, Connection};
+use super::records::{Encoded, Stamp};
 use super::{Acks, KafkaCore, Lane, records, topic_name};
-use crate::BatchBuilder;
 use crate::error::{Error, Result};
-use crate::types::{Produced, TopicPartition};
+use crate::types::{OffsetSpec, Produced, TopicPartition};
+use crate::{BatchBuilder, CoreTransport};
+
+/// Kafka's error codes of idempotent producing.
+mod code {
+    pub(super) const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = 45;
+    pub(super) const DUPLICATE_SEQUENCE_NUMBER: i16 = 46;
+    pub(super) const INVALID_PRODUCER_EPOCH: i16 = 47;
+    pub(super) const UNKNOWN_PRODUCER_ID: i16 = 59;
+}
+
+/// A producer id and epoch from InitProducerId.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ProducerId {
+    pub(crate) id: i64,
+    pub(crate) epoch: i16,
+}
+
+/// One partition's produces on one core: taken one at a time, and numbered.
+pub(crate) struct PartitionTurn {
+    turn: glommio::sync::Semaphore,
+    /// The producer the numbers below belong to.
+    producer: Cell<Option<ProducerId>>,
+    /// The sequence of the next record written.
+    next_sequence: Cell<i32>,
+}
+
+impl Default for PartitionTurn {
+    fn default() -> Self {
+        PartitionTurn { turn: glommio::sync::Semaphore::new(1), producer: Cell::new(None), next_sequence: Cell::new(0) }
+    }
+}
+
+impl PartitionTurn {
+    /// The stamp of the next batch under `producer`; a new producer numbers from 0.
+    fn stamp(&self, producer: ProducerId) -> Stamp {
+        if self.producer.get() != Some(producer) {
+            self.producer.set(Some(producer));
+            self.next_sequence.set(0);
+        }
+        Stamp { producer_id: producer.id, epoch: producer.epoch, base_sequence: self.next_sequence.get() }
+    }
+}
+
+/// Whether `e` says the broker and this producer disagree on who it is or where its numbers
+/// are: a new producer id sets them straight.
+fn producer_out_of_step(e: &Error) -> bool {
+    matches!(e, Error::KafkaBroker { code, .. }
+        if matches!(*code, code::OUT_OF_ORDER_SEQUENCE_NUMBER | code::UNKNOWN_PRODUCER_ID | code::INVALID_PRODUCER_EPOCH))
+}
 
 impl KafkaCore {
     pub(super) async fn produce_batch(&self, tp: &TopicPartition, batch: BatchBuilder) -> Result<Produced> {
@@ -46,25 +109,138 @@ impl KafkaCore {
             };
             return Err(fail(batch, e));
         }
-        let codec = self.options().compression.codec();
-        let set = match records::encode(&batch, self.options().max_batch_bytes.max(1), codec) {
-            Ok(set) => Bytes::from(set),
-            Err(reason) => {
-                let e = Error::KafkaProtocol {
-                    broker: String::new(),
-                    api: "Produce",
-                    topic: Some(tp.topic.clone()),
-                    partition: Some(tp.partition),
-                    reason: format!("compressing the batch: {reason}"),
-                };
-                return Err(fail(batch, e));
-            }
+        let turn = self.st.turns.borrow_mut().entry(tp.clone()).or_default().clone();
+        let Ok(_permit) = turn.turn.acquire_permit(1).await else {
+            return Err(fail(batch, Error::Closed));
         };
-        let count = batch.len() as u64;
-        match self.retrying(None, || self.produce_once(tp, set.clone(), count)).await {
+        match self.produce_in_turn(tp, &batch, &turn).await {
             Ok(p) => Ok(p),
-            Err(e) => Err(fail(batch, e)),
+            // What was written stays written: only the rest goes back to the caller.
+            Err((0, e)) => Err(fail(batch, e)),
+            Err((written, e)) => {
+                let mut rest = BatchBuilder::new();
+                for r in batch.records().skip(written) {
+                    let headers: Vec<_> = r.headers.collect();
+                    rest.push(r.timestamp, r.key, r.value, &headers);
+                }
+                Err(fail(rest, e))
+            }
         }
+    }
+
+    /// Writes `batch` in its partition's turn; on failure, how many of its records were
+    /// written before it.
+    async fn produce_in_turn(
+        &self,
+        tp: &TopicPartition,
+        batch: &BatchBuilder,
+        turn: &PartitionTurn,
+    ) -> std::result::Result<Produced, (usize, Error)> {
+        let codec = self.options().compression.codec();
+        let max = self.options().max_batch_bytes.max(1);
+        let encode = |stamp: Option<Stamp>, skip: usize| {
+            records::encode(batch, max, codec, stamp, skip).map_err(|reason| Error::KafkaProtocol {
+                broker: String::new(),
+                api: "Produce",
+                topic: Some(tp.topic.clone()),
+                partition: Some(tp.partition),
+                reason: format!("compressing the batch: {reason}"),
+            })
+        };
+        let idempotent = self.options().idempotent;
+        let mut producer = if idempotent { Some(self.producer_id().await.map_err(|e| (0, e))?) } else { None };
+        let mut encoded: Encoded = encode(producer.map(|p| turn.stamp(p)), 0).map_err(|e| (0, e))?;
+        let mut set = Bytes::from(std::mem::take(&mut encoded.bytes));
+        let mut next = 0;
+        let mut written = 0;
+        let mut offsets: Option<(u64, u64)> = None;
+        // A new producer id is taken at most once per produce: a broker that keeps refusing
+        // the new one is not chased forever.
+        let mut renewed = false;
+        while next < encoded.batches.len() {
+            let b = encoded.batches[next].clone();
+            let bytes = set.slice(b.range.clone());
+            let count = b.count as u64;
+            let produced = match self.retrying(None, || self.produce_once(tp, bytes.clone(), count)).await {
+                Ok(p) => p,
+                Err(Error::KafkaBroker { code: code::DUPLICATE_SEQUENCE_NUMBER, .. }) if producer.is_some() => {
+                    // Written before, longer ago than the broker remembers the offsets: the
+                    // partition's end tells them (this core is its only writer).
+                    let end = self.list_offset(tp, OffsetSpec::Latest).await.map_err(|e| (written, e))?;
+                    let last = end.saturating_sub(1);
+                    Produced { partition: tp.partition, base_offset: (end.saturating_sub(count)), last_offset: last }
+                }
+                Err(e) if producer.is_some() && !renewed && producer_out_of_step(&e) => {
+                    tracing::warn!(topic = %tp.topic, partition = tp.partition, error = %e,
+                        "the broker and this producer are out of step: taking a new producer id");
+                    renewed = true;
+                    self.forget_producer_id(producer);
+                    let fresh = self.producer_id().await.map_err(|e| (written, e))?;
+                    producer = Some(fresh);
+                    encoded = encode(Some(turn.stamp(fresh)), b.first_record).map_err(|e| (written, e))?;
+                    set = Bytes::from(std::mem::take(&mut encoded.bytes));
+                    next = 0;
+                    continue;
+                }
+                Err(e) => return Err((written, e)),
+            };
+            if producer.is_some() {
+                turn.next_sequence.set(records::next_sequence(turn.next_sequence.get(), b.count));
+            }
+            offsets = Some(match offsets {
+                None => (produced.base_offset, produced.last_offset),
+                Some((base, _)) => (base, produced.last_offset),
+            });
+            written = b.first_record + b.count as usize;
+            next += 1;
+        }
+        let (base_offset, last_offset) = offsets.unwrap_or_default();
+        Ok(Produced { partition: tp.partition, base_offset, last_offset })
+    }
+
+    /// This core's producer id, asked for with InitProducerId the first time (one request
+    /// at a time: produces that need it meanwhile wait for the same answer).
+    pub(super) async fn producer_id(&self) -> Result<ProducerId> {
+        if let Some(p) = self.st.producer.get() {
+            return Ok(p);
+        }
+        let _permit = self.st.producer_turn.acquire_permit(1).await.map_err(|_| Error::Closed)?;
+        if let Some(p) = self.st.producer.get() {
+            return Ok(p);
+        }
+        let p = self.retrying(None, || self.init_producer_id_once()).await?;
+        self.st.producer.set(Some(p));
+        Ok(p)
+    }
+
+    /// Forgets `stale` (if it is still the current id), so that the next produce asks for a
+    /// new one.
+    fn forget_producer_id(&self, stale: Option<ProducerId>) {
+        if self.st.producer.get() == stale {
+            self.st.producer.set(None);
+        }
+    }
+
+    async fn init_producer_id_once(&self) -> Result<ProducerId> {
+        let conn = self.any_connection().await?;
+        let timeout = self.options().request_timeout;
+        let req = InitProducerIdRequest::default()
+            .with_transactional_id(None)
+            .with_transaction_timeout_ms(-1)
+            .with_producer_id((-1).into())
+            .with_producer_epoch(-1);
+        let (_, resp) = conn.request(ApiKey::InitProducerId, &req, timeout, About::default()).await?;
+        if resp.error_code != 0 {
+            return Err(conn.broker_error(ApiKey::InitProducerId, About::default(), resp.error_code, None));
+        }
+        if resp.producer_id.0 < 0 {
+            return Err(conn.protocol_error(
+                ApiKey::InitProducerId,
+                About::default(),
+                format!("producer id {}", resp.producer_id.0),
+            ));
+        }
+        Ok(ProducerId { id: resp.producer_id.0, epoch: resp.producer_epoch })
     }
 
     async fn produce_once(&self, tp: &TopicPartition, set: Bytes, count: u64) -> Result<Produced> {

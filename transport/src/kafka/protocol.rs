@@ -28,6 +28,9 @@ pub(crate) const VERSIONS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::SyncGroup, 1, 5),
     (ApiKey::Heartbeat, 1, 4),
     (ApiKey::LeaveGroup, 1, 5),
+    (ApiKey::SaslHandshake, 1, 1),
+    (ApiKey::SaslAuthenticate, 0, 2),
+    (ApiKey::InitProducerId, 0, 4),
 ];
 
 /// The versions one broker and this client both speak, per API key.
@@ -74,6 +77,9 @@ fn max_supported(key: ApiKey) -> i16 {
         ApiKey::SyncGroup => SyncGroupRequest::VERSIONS.max,
         ApiKey::Heartbeat => HeartbeatRequest::VERSIONS.max,
         ApiKey::LeaveGroup => LeaveGroupRequest::VERSIONS.max,
+        ApiKey::SaslHandshake => SaslHandshakeRequest::VERSIONS.max,
+        ApiKey::SaslAuthenticate => SaslAuthenticateRequest::VERSIONS.max,
+        ApiKey::InitProducerId => InitProducerIdRequest::VERSIONS.max,
         _ => -1,
     }
 }
@@ -94,6 +100,9 @@ pub(crate) fn api_name(key: ApiKey) -> &'static str {
         ApiKey::SyncGroup => "SyncGroup",
         ApiKey::Heartbeat => "Heartbeat",
         ApiKey::LeaveGroup => "LeaveGroup",
+        ApiKey::SaslHandshake => "SaslHandshake",
+        ApiKey::SaslAuthenticate => "SaslAuthenticate",
+        ApiKey::InitProducerId => "InitProducerId",
         _ => "request",
     }
 }

@@ -64,14 +64,56 @@ fn put_bytes(buf: &mut Vec<u8>, b: Option<&[u8]>) {
     }
 }
 
-/// Encodes the records of `batch` as RecordBatches of at most about `max_batch_bytes` each
-/// before compression (a record larger than that gets a batch of its own), concatenated: the
-/// `records` field of one partition in a Produce request. Offsets and timestamps are relative
-/// to each batch's first record; the broker assigns the offsets. `codec` is Kafka's
-/// compression attribute (0 none, 1 gzip, 2 snappy, 3 lz4, 4 zstd).
-pub(crate) fn encode(batch: &BatchBuilder, max_batch_bytes: usize, codec: i16) -> Result<Vec<u8>, String> {
+/// An idempotent producer's mark on a batch: who wrote it, and the sequence number of its
+/// first record within the partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Stamp {
+    pub(crate) producer_id: i64,
+    pub(crate) epoch: i16,
+    pub(crate) base_sequence: i32,
+}
+
+/// `sequence` advanced by `count`, wrapping to 0 after `i32::MAX` as Kafka's sequences do.
+pub(crate) fn next_sequence(sequence: i32, count: i32) -> i32 {
+    if sequence > i32::MAX - count { count - (i32::MAX - sequence) - 1 } else { sequence + count }
+}
+
+/// RecordBatches encoded back to back; each is sent in a Produce request of its own (Kafka
+/// takes one batch per partition per request).
+#[derive(Debug, Default)]
+pub(crate) struct Encoded {
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) batches: Vec<EncodedBatch>,
+}
+
+/// Where one batch is in [`Encoded::bytes`], and which records it holds.
+#[derive(Debug, Clone)]
+pub(crate) struct EncodedBatch {
+    pub(crate) range: std::ops::Range<usize>,
+    /// Its records.
+    pub(crate) count: i32,
+    /// The index, in the source batch, of its first record.
+    pub(crate) first_record: usize,
+}
+
+/// Encodes the records of `batch` from the `skip`th on as RecordBatches of at most about
+/// `max_batch_bytes` each before compression (a record larger than that gets a batch of its
+/// own). Offsets and timestamps are relative to each batch's first record; the broker assigns
+/// the offsets. `codec` is Kafka's compression attribute (0 none, 1 gzip, 2 snappy, 3 lz4,
+/// 4 zstd). With a `stamp`, the batches carry the producer's id and epoch and consecutive
+/// sequence numbers from its base sequence.
+pub(crate) fn encode(
+    batch: &BatchBuilder,
+    max_batch_bytes: usize,
+    codec: i16,
+    stamp: Option<Stamp>,
+    skip: usize,
+) -> Result<Encoded, String> {
     let mut out = Vec::with_capacity(batch.encoded_len() + BATCH_HEADER_LEN);
-    let mut records = batch.records().peekable();
+    let mut batches = Vec::new();
+    let mut records = batch.records().skip(skip).peekable();
+    let mut first_record = skip;
+    let mut sequence = stamp.map_or(-1, |s| s.base_sequence);
     while records.peek().is_some() {
         let start = out.len();
         out.resize(start + BATCH_HEADER_LEN, 0);
@@ -124,14 +166,20 @@ pub(crate) fn encode(batch: &BatchBuilder, max_batch_bytes: usize, codec: i16) -
         h[23..27].copy_from_slice(&(count - 1).to_be_bytes());
         h[27..35].copy_from_slice(&base_ts.to_be_bytes());
         h[35..43].copy_from_slice(&max_ts.to_be_bytes());
-        h[43..51].copy_from_slice(&(-1i64).to_be_bytes()); // producer id: not idempotent
-        h[51..53].copy_from_slice(&(-1i16).to_be_bytes());
-        h[53..57].copy_from_slice(&(-1i32).to_be_bytes()); // base sequence
+        // Without a stamp: producer id, epoch and sequence -1 (not idempotent).
+        h[43..51].copy_from_slice(&stamp.map_or(-1, |s| s.producer_id).to_be_bytes());
+        h[51..53].copy_from_slice(&stamp.map_or(-1, |s| s.epoch).to_be_bytes());
+        h[53..57].copy_from_slice(&sequence.to_be_bytes());
         h[57..61].copy_from_slice(&count.to_be_bytes());
         let crc = crc32c::crc32c(&h[21..]);
         h[17..21].copy_from_slice(&crc.to_be_bytes());
+        if stamp.is_some() {
+            sequence = next_sequence(sequence, count);
+        }
+        batches.push(EncodedBatch { range: start..out.len(), count, first_record });
+        first_record += count as usize;
     }
-    Ok(out)
+    Ok(Encoded { bytes: out, batches })
 }
 
 fn compress(codec: i16, data: &[u8]) -> Result<Vec<u8>, String> {
@@ -364,7 +412,7 @@ mod tests {
     use super::*;
 
     fn plain(b: &BatchBuilder, max: usize) -> Vec<u8> {
-        encode(b, max, 0).unwrap()
+        encode(b, max, 0, None, 0).unwrap().bytes
     }
 
     fn sample() -> BatchBuilder {
@@ -406,6 +454,45 @@ mod tests {
         let k = d.records[0].key.as_ref().unwrap();
         let range = set.as_ptr() as usize..set.as_ptr() as usize + set.len();
         assert!(range.contains(&(k.as_ptr() as usize)));
+    }
+
+    #[test]
+    fn stamped_batches_number_their_records_consecutively() {
+        let mut b = BatchBuilder::new();
+        for i in 0..100u32 {
+            b.push(i64::from(i), Some(&i.to_be_bytes()), Some(&[7u8; 50]), &[]);
+        }
+        let stamp = Stamp { producer_id: 77, epoch: 3, base_sequence: i32::MAX - 30 };
+        let enc = encode(&b, 1000, 0, Some(stamp), 10).unwrap();
+        assert!(enc.batches.len() > 2);
+        let mut sequence = stamp.base_sequence;
+        let mut first = 10;
+        for batch in &enc.batches {
+            let h = &enc.bytes[batch.range.clone()];
+            assert_eq!(be_i64(h, 43), 77);
+            assert_eq!(be_i16(h, 51), 3);
+            assert_eq!(be_i32(h, 53), sequence);
+            assert_eq!(be_i32(h, 57), batch.count);
+            assert_eq!(batch.first_record, first);
+            // Each batch stands alone: its CRC covers exactly its bytes.
+            assert_eq!(crc32c::crc32c(&h[21..]), u32::from_be_bytes([h[17], h[18], h[19], h[20]]));
+            sequence = next_sequence(sequence, batch.count);
+            first += batch.count as usize;
+        }
+        assert_eq!(first, 100);
+        // 90 records from i32::MAX - 30 wrap past i32::MAX to 0: (MAX - 30 + 90) mod (MAX + 1).
+        assert_eq!(sequence, 59);
+        let set = place(enc.bytes, 0);
+        let d = decode(&set, 0).unwrap();
+        assert_eq!(d.records.len(), 90);
+        assert_eq!(d.records[0].timestamp, 10);
+    }
+
+    #[test]
+    fn sequences_wrap_as_kafka_wraps_them() {
+        assert_eq!(next_sequence(0, 5), 5);
+        assert_eq!(next_sequence(i32::MAX, 1), 0);
+        assert_eq!(next_sequence(i32::MAX - 1, 3), 1);
     }
 
     #[test]
@@ -454,11 +541,11 @@ mod tests {
         }
         let want = decode(&place(plain(&b, 4096), 0), 0).unwrap().records;
         for codec in 1..=4 {
-            let raw = encode(&b, 4096, codec).unwrap();
+            let raw = encode(&b, 4096, codec, None, 0).unwrap().bytes;
             assert!(raw.len() < b.encoded_len() / 2, "codec {codec}: {} bytes", raw.len());
             assert_eq!(decode(&place(raw, 0), 0).unwrap().records, want, "codec {codec}");
         }
-        assert!(encode(&b, 4096, 9).is_err());
+        assert!(encode(&b, 4096, 9, None, 0).is_err());
     }
 
     #[test]
