@@ -98,7 +98,12 @@ pub(crate) fn order(id: u64) -> (String, Vec<u8>) {
 /// Produces orders `from..to` into `orders` (created with 4 partitions if missing), keyed by
 /// order id, with our client; returns them counted per account.
 pub(crate) fn produce_orders(broker: &str, from: u64, to: u64) -> BTreeMap<String, u64> {
-    let transport = KafkaTransport::open(&format!("kafka://{broker}"), KafkaOptions::default()).unwrap();
+    produce_orders_with(broker, KafkaOptions::default(), from, to)
+}
+
+/// [`produce_orders`] with a client configured by `options` (TLS, SASL).
+pub(crate) fn produce_orders_with(broker: &str, options: KafkaOptions, from: u64, to: u64) -> BTreeMap<String, u64> {
+    let transport = KafkaTransport::open(&format!("kafka://{broker}"), options).unwrap();
     glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
         .spawn(move || async move {
             let core = transport.attach_core(0, 1).await.expect("attach");
