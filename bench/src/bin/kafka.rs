@@ -10,7 +10,9 @@
 //!   glommio executor, rskafka's partition clients on a current-thread tokio runtime, both
 //!   pinned to the CPU the engine's core 0 uses;
 //! - produce: the same records into a fresh 4-partition topic, batches of 5,000 records, one
-//!   batch in flight per partition, acks=all, for both clients;
+//!   batch in flight per partition, acks=all, for both clients; ours idempotent (the default)
+//!   and not; and ours through a TLS-terminating front (`faust_tests::kafka_front`, in front of
+//!   a tansu of its own) against the same front without TLS, for the cost of TLS;
 //! - W2 on `kafka://`: a `faust::App` on 1 core counting the pre-loaded orders per account in
 //!   a table with its changelog, events/s from its first event to the last (`w2::run_on`);
 //! - consumer groups, with worker processes (`faust_bench::kafka_group`): takeover after a
@@ -30,8 +32,9 @@ use chrono::TimeZone;
 use clap::Parser;
 use faust::Settings;
 use faust_bench::{progress, w2};
+use faust_tests::kafka_front::{BrokerBehindFront, FrontConfig, TestPki};
 use faust_transport::{
-    BatchBuilder, CoreTransport, KafkaCore, KafkaOptions, KafkaTransport, TopicConfig, TopicPartition,
+    BatchBuilder, CoreTransport, KafkaCore, KafkaOptions, KafkaTransport, TlsOptions, TopicConfig, TopicPartition,
 };
 use glommio::{LocalExecutorBuilder, Placement};
 use rskafka::client::partition::{Compression, PartitionClient, UnknownTopicHandling};
@@ -119,8 +122,31 @@ fn now_ms() -> i64 {
 }
 
 fn transport(broker: &str) -> BenchResult<KafkaTransport> {
-    let options = KafkaOptions { request_timeout: Duration::from_secs(10), ..KafkaOptions::default() };
+    transport_with(broker, KafkaOptions::default())
+}
+
+fn transport_with(broker: &str, options: KafkaOptions) -> BenchResult<KafkaTransport> {
+    let options = KafkaOptions { request_timeout: Duration::from_secs(10), ..options };
     KafkaTransport::open(&format!("kafka://{broker}"), options).map_err(|e| e.to_string())
+}
+
+/// Two brokers of their own behind fronts, one plain and one terminating TLS, and the CA
+/// file that verifies the TLS one.
+struct Fronts {
+    plain: BrokerBehindFront,
+    tls: BrokerBehindFront,
+    ca: tempfile::NamedTempFile,
+}
+
+fn fronts() -> BenchResult<Fronts> {
+    let pki = TestPki::generate();
+    let unavailable = || "no tansu for the TLS figures (FAUST_TANSU_BIN or scripts/broker install)".to_string();
+    let plain = BrokerBehindFront::start(FrontConfig::default()).ok_or_else(unavailable)?;
+    let tls = BrokerBehindFront::start(FrontConfig { tls: Some(pki.server_tls(false)), sasl: None })
+        .ok_or_else(unavailable)?;
+    let ca = tempfile::NamedTempFile::new().map_err(|e| format!("CA file: {e}"))?;
+    std::fs::write(ca.path(), &pki.ca_pem).map_err(|e| format!("CA file: {e}"))?;
+    Ok(Fronts { plain, tls, ca })
 }
 
 /// Runs `f` on a fresh glommio executor pinned to `cpu0()`, with a core handle on `t`.
@@ -365,6 +391,11 @@ struct Figures {
     rs_fetch: Vec<f64>,
     produce: Vec<f64>,
     rs_produce: Vec<f64>,
+    /// Ours with idempotence off, same rounds.
+    produce_not_idempotent: Vec<f64>,
+    /// Ours through the front without TLS, and through the front with TLS, same rounds.
+    produce_front_plain: Vec<f64>,
+    produce_tls: Vec<f64>,
     w2: Vec<f64>,
     /// W2 on `local://` (the same orders, pre-loaded by `w2::preload`), same rounds.
     w2_local: Vec<f64>,
@@ -411,6 +442,7 @@ fn run(args: &Args, broker: &str) -> BenchResult<Figures> {
     }
     progress(json, &format!("pre-loaded in {:.2} s ({:.0} orders/s)", fig.preload_s, n as f64 / fig.preload_s));
 
+    let fronts = if args.only_fetch || args.only_w2 { None } else { Some(fronts()?) };
     let datadir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
     let local = datadir.path().join("w2-local");
     if !args.only_fetch {
@@ -448,7 +480,27 @@ fn run(args: &Args, broker: &str) -> BenchResult<Figures> {
             let secs = on_tokio(move || rs_produce(b, tp, o))?;
             fig.rs_produce.push(n as f64 / secs);
             progress(json, &format!("round {r}: produce, rskafka {:.0} msgs/s", n as f64 / secs));
-            delete_topics(broker, vec![ours_topic, rs_topic]);
+            let plain_topic = format!("produce-not-idempotent-{tag}-{r}");
+            let t_plain = transport_with(broker, KafkaOptions { idempotent: false, ..KafkaOptions::default() })?;
+            let (tp, o) = (plain_topic.clone(), orders.clone());
+            let secs = on_glommio(&t_plain, move |core| ours_produce(core, tp, o))?;
+            fig.produce_not_idempotent.push(n as f64 / secs);
+            progress(json, &format!("round {r}: produce, ours without idempotence {:.0} msgs/s", n as f64 / secs));
+            delete_topics(broker, vec![ours_topic, rs_topic, plain_topic]);
+            if let Some(f) = &fronts {
+                let tls = TlsOptions { ca_file: Some(f.ca.path().to_path_buf()), ..TlsOptions::default() };
+                let cases = [
+                    (&f.plain, KafkaOptions::default(), &mut fig.produce_front_plain, "plain text"),
+                    (&f.tls, KafkaOptions { tls: Some(tls), ..KafkaOptions::default() }, &mut fig.produce_tls, "TLS"),
+                ];
+                for (front, options, figures, what) in cases {
+                    let t = transport_with(&front.addr().to_string(), options)?;
+                    let (tp, o) = (format!("produce-front-{tag}-{r}"), orders.clone());
+                    let secs = on_glommio(&t, move |core| ours_produce(core, tp, o))?;
+                    figures.push(n as f64 / secs);
+                    progress(json, &format!("round {r}: produce through the front, {what}, {:.0} msgs/s", n as f64 / secs));
+                }
+            }
         }
 
         let id = format!("kafka-w2-{tag}-{r}");
@@ -512,6 +564,8 @@ fn report(args: &Args, broker: &str, own: bool, fig: &Figures) {
     let rs_fetch = best(&fig.rs_fetch);
     let produce = best(&fig.produce);
     let rs_produce = best(&fig.rs_produce);
+    let not_idempotent = best(&fig.produce_not_idempotent);
+    let (front_plain, tls) = (best(&fig.produce_front_plain), best(&fig.produce_tls));
     let w2 = best(&fig.w2);
     if args.json {
         let out = serde_json::json!({
@@ -526,6 +580,12 @@ fn report(args: &Args, broker: &str, own: bool, fig: &Figures) {
             "kafka_produce_msgs_s": produce,
             "kafka_produce_rskafka_msgs_s": rs_produce,
             "kafka_produce_vs_rskafka_ratio": produce / rs_produce,
+            "kafka_produce_not_idempotent_msgs_s": not_idempotent,
+            "kafka_produce_idempotent_vs_not_ratio": produce / not_idempotent,
+            "kafka_produce_front_plain_msgs_s": front_plain,
+            "kafka_produce_tls_msgs_s": tls,
+            "kafka_produce_tls_vs_plain_ratio": tls / front_plain,
+            "kafka_produce_tls_vs_plain_round_ratios": ratios(&fig.produce_tls, &fig.produce_front_plain),
             "kafka_w2_events_s_1core": w2,
             "kafka_w2_vs_fetch_ratio": w2 / fetch,
             "kafka_preload_msgs_s": n as f64 / fig.preload_s,
@@ -564,6 +624,14 @@ fn report(args: &Args, broker: &str, own: bool, fig: &Figures) {
     println!(
         "| produce (acks=all, {BATCH} per batch), msgs/s | {produce:.0} | {rs_produce:.0} | {:.2} (≥ 1) |",
         produce / rs_produce
+    );
+    println!(
+        "| produce, idempotence off, msgs/s | {not_idempotent:.0} | | idempotent at {:.2} of it |",
+        produce / not_idempotent
+    );
+    println!(
+        "| produce through a TLS front, msgs/s | {tls:.0} | | {:.2} of the same front in plain text, {front_plain:.0} (≥ 0.7) |",
+        tls / front_plain
     );
     println!(
         "| W2 (count per account, table + changelog), 1 core, events/s | {w2:.0} | | {:.2} of our raw fetch |",
@@ -615,6 +683,13 @@ fn main() {
         std::process::exit(faust_bench::kafka_group::worker_main(&raw[2..]));
     }
     let args = Args::parse();
+    if std::env::var_os("FAUST_TANSU_BIN").is_none()
+        && let Ok(out) = std::process::Command::new("scripts/broker").arg("bin").output()
+        && out.status.success()
+    {
+        // SAFETY: nothing else runs yet; the fronts' brokers read it from this one thread.
+        unsafe { std::env::set_var("FAUST_TANSU_BIN", String::from_utf8_lossy(&out.stdout).trim()) };
+    }
     let own = match &args.broker {
         Some(_) => None,
         None => {

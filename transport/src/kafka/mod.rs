@@ -14,8 +14,9 @@
 //!
 //! Batches are produced uncompressed or with any of Kafka's codecs ([`Compression`]), and
 //! fetched batches of any codec are read. Workers share an app through Kafka's consumer
-//! groups, with our assignor on the group's leader (see [`KafkaMembership`]). Not yet:
-//! idempotent and transactional producing, TLS and SASL.
+//! groups, with our assignor on the group's leader (see [`KafkaMembership`]). Connections
+//! may use TLS and SASL ([`TlsOptions`], [`SaslOptions`]; `security.rs`), and produces are
+//! idempotent by default (`producer.rs`). Not yet: transactional producing.
 
 mod assignor;
 mod blocking;
