@@ -5,6 +5,7 @@
 //! `cargo test` stays hermetic.
 
 pub mod cli;
+pub mod kafka_front;
 
 /// The environment variable through which `scripts/test` hands a running broker to the tests.
 pub const BROKER_ENV: &str = "FAUST_TEST_BROKER";
