@@ -130,6 +130,11 @@ impl AckTracker {
         }
     }
 
+    /// Whether every event delivered was acked (nothing in flight).
+    pub(crate) fn settled(&self) -> bool {
+        self.in_flight.is_empty()
+    }
+
     /// Events delivered and not yet acked.
     #[cfg(test)]
     pub(crate) fn pending(&self) -> usize {

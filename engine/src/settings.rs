@@ -53,6 +53,7 @@ pub struct SettingsError {
 /// | `ssl_context` | none (plain text) | `BROKER_SSL` (`true`: system roots), `BROKER_SSL_CAFILE`, `BROKER_SSL_CERTFILE` and `BROKER_SSL_KEYFILE` (PEM files), `BROKER_SSL_SERVER_NAME` |
 /// | `broker_credentials` | none | `BROKER_SASL_MECHANISM` (`PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512`), `BROKER_SASL_USERNAME`, `BROKER_SASL_PASSWORD` |
 /// | `producer_idempotence` | true | `PRODUCER_IDEMPOTENCE` |
+/// | `processing_guarantee` | at least once | `PROCESSING_GUARANTEE` (`at_least_once`, `exactly_once`) |
 ///
 /// With `APP_ENV_PREFIX=X`, every variable is read as `X_NAME` instead (Faust's `env_prefix`).
 ///
@@ -152,6 +153,36 @@ pub struct Settings {
     /// On `kafka://`: idempotent producing (on by default): a produce retried after a lost
     /// answer is written once and in order.
     pub producer_idempotence: bool,
+    /// What the app's outputs guarantee (Faust's `processing_guarantee`). Tables are exact
+    /// either way.
+    pub processing_guarantee: ProcessingGuarantee,
+}
+
+/// What an app's outputs guarantee (Faust's `processing_guarantee`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum ProcessingGuarantee {
+    /// Every output of an event is written at least once: events processed again after a
+    /// crash send again (the default).
+    #[default]
+    AtLeastOnce,
+    /// Every output of an event is seen by readers exactly once: records become visible with
+    /// the commit of the events that made them, and those of events processed again after a
+    /// crash never do. Outputs reach readers at commit time (`commit_interval`). On
+    /// `local://` only, for now.
+    ExactlyOnce,
+}
+
+impl std::str::FromStr for ProcessingGuarantee {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().replace('-', "_").as_str() {
+            "at_least_once" => Ok(ProcessingGuarantee::AtLeastOnce),
+            "exactly_once" => Ok(ProcessingGuarantee::ExactlyOnce),
+            _ => Err("expected at_least_once or exactly_once".to_string()),
+        }
+    }
 }
 
 /// What a stream does with a bad record: one whose key or value does not decode (malformed
@@ -226,6 +257,7 @@ impl Settings {
             ssl_context: None,
             broker_credentials: None,
             producer_idempotence: true,
+            processing_guarantee: ProcessingGuarantee::AtLeastOnce,
         }
     }
 
@@ -405,6 +437,9 @@ impl Settings {
         }
         if let Some(kv) = get("PRODUCER_IDEMPOTENCE") {
             self.producer_idempotence = parse_bool(kv)?;
+        }
+        if let Some((variable, value)) = get("PROCESSING_GUARANTEE") {
+            self.processing_guarantee = value.parse().map_err(|reason| SettingsError { variable, value, reason })?;
         }
         self.apply_security_vars(&get)?;
         if let Some(kv) = get("BROKER_COMMIT_EVERY") {

@@ -23,6 +23,7 @@ mod group;
 mod kafka;
 mod local;
 mod memory;
+mod txn;
 mod types;
 
 use std::sync::Arc;
@@ -36,6 +37,7 @@ pub use crate::kafka::{
 };
 pub use crate::local::{LocalCore, LocalMembership, LocalOptions, LocalTransport, validate_topic_name};
 pub use crate::memory::{MemoryMembership, MemoryTransport};
+pub use crate::txn::{TXN_HEADER, TXN_OFFSETS_PREFIX, TxnTag};
 pub use crate::types::{
     AssignmentEvent, AutoOffsetReset, Fence, Fetched, JoinRequest, OffsetSpec, Produced, TopicConfig, TopicMetadata,
     TopicPartition,

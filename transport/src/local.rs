@@ -98,6 +98,8 @@ struct Shared {
     /// never overwrites a newer one.
     commit_version: AtomicU64,
     commit_written: Mutex<HashMap<String, u64>>,
+    /// Committed transactions of every incarnation, for exactly-once reads (`txn.rs`).
+    txns: crate::txn::TxnBook,
     owners: RwLock<HashMap<TopicPartition, usize>>,
     /// Bumped on every change of `owners`, so cores refresh their cached copy.
     owners_version: AtomicU64,
@@ -167,6 +169,19 @@ impl LocalTransport {
         std::fs::create_dir_all(&root).map_err(|e| io("create directory", &root, e))?;
         let lock = ProcessLock::acquire(&root)?;
         let topics = load_topics(&root)?;
+        // Every group's offsets, for the transactions they committed.
+        let mut committed = HashMap::new();
+        if let Ok(entries) = std::fs::read_dir(root.join(".groups")) {
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                if let Some(group) = name.to_str().and_then(|n| n.strip_suffix(".offsets"))
+                    && validate_topic_name(group).is_ok()
+                {
+                    load_group(&root, &mut committed, group)?;
+                }
+            }
+        }
+        let txns = crate::txn::TxnBook::new(committed.values().flat_map(|offsets| offsets.iter()));
         let mut endpoints: Vec<Option<Endpoints>> = (0..cores)
             .map(|_| Some(((0..cores).map(|_| None).collect(), (0..cores).map(|_| None).collect())))
             .collect();
@@ -191,9 +206,10 @@ impl LocalTransport {
                 options,
                 _lock: lock,
                 topics: RwLock::new(topics),
-                committed: Mutex::new(HashMap::new()),
+                committed: Mutex::new(committed),
                 commit_version: AtomicU64::new(0),
                 commit_written: Mutex::new(HashMap::new()),
+                txns,
                 owners: RwLock::new(HashMap::new()),
                 owners_version: AtomicU64::new(0),
                 endpoints: Mutex::new(endpoints),
@@ -522,6 +538,12 @@ impl LocalCore {
         Appender { transport: self.transport.clone(), logs: self.logs.clone(), appended: self.appended.clone() }
     }
 
+    /// This process's incarnation, for the tags of exactly-once records
+    /// ([`TxnTag`](crate::TxnTag)).
+    pub fn incarnation(&self) -> u64 {
+        self.transport.shared.txns.incarnation()
+    }
+
     /// The core that owns `tp`.
     pub fn owner(&self, tp: &TopicPartition) -> usize {
         let shared = &self.transport.shared;
@@ -706,9 +728,12 @@ impl CoreTransport for LocalCore {
 
     async fn fetch(&self, tp: &TopicPartition, offset: u64, max_bytes: usize, max_wait: Duration) -> Result<Fetched> {
         let deadline = std::time::Instant::now() + max_wait;
+        let txns = &self.transport.shared.txns;
         loop {
             self.check_open()?;
             let listener = self.appended.listen();
+            let committing = txns.moved.listen();
+            let mut held = false;
             let fetched = self.with_log(tp, |log| {
                 let batches = log.read(offset, max_bytes).map_err(|e| match e {
                     faust_storage::Error::OffsetOutOfRange { requested, earliest, high_watermark, .. } => {
@@ -718,8 +743,19 @@ impl CoreTransport for LocalCore {
                 })?;
                 let mut records = Vec::new();
                 let mut next_offset = offset;
-                for b in &batches {
-                    records.extend(b.records_from(offset));
+                'batches: for b in &batches {
+                    for record in b.records_from(offset) {
+                        // Records of transactions: only committed ones are read (`txn.rs`).
+                        match crate::txn::TxnTag::of(&record).map(|tag| txns.visibility(&tag)) {
+                            None | Some(crate::txn::Visibility::Visible) => records.push(record),
+                            Some(crate::txn::Visibility::Aborted) => {}
+                            Some(crate::txn::Visibility::Open) => {
+                                next_offset = record.offset;
+                                held = true;
+                                break 'batches;
+                            }
+                        }
+                    }
                     next_offset = b.last_offset() + 1;
                 }
                 Ok(Fetched { records, next_offset, high_watermark: log.high_watermark() })
@@ -730,7 +766,12 @@ impl CoreTransport for LocalCore {
             if !fetched.records.is_empty() || fetched.next_offset > offset || now >= deadline {
                 return Ok(fetched);
             }
-            futures_lite::future::or(listener, glommio::timer::sleep(deadline - now)).await;
+            // Behind an open transaction, its commit is what lets the read go on.
+            if held {
+                futures_lite::future::or(committing, glommio::timer::sleep(deadline - now)).await;
+            } else {
+                futures_lite::future::or(listener, glommio::timer::sleep(deadline - now)).await;
+            }
         }
     }
 
@@ -772,6 +813,7 @@ impl CoreTransport for LocalCore {
         // The fsyncs take milliseconds: they run on the executor's blocking thread, so the
         // core keeps processing (and its latency stays flat) while the file is written.
         let (shared, group) = (shared.clone(), group.to_string());
+        let txns = self.transport.shared.clone();
         glommio::executor()
             .spawn_blocking(move || {
                 let mut written = lock(&shared.commit_written);
@@ -785,7 +827,10 @@ impl CoreTransport for LocalCore {
                 written.insert(group, version);
                 Ok(())
             })
-            .await
+            .await?;
+        // Durable: the transactions it commits become visible.
+        txns.txns.committed(offsets);
+        Ok(())
     }
 
     async fn committed(&self, group: &str, partitions: &[TopicPartition]) -> Result<Vec<Option<u64>>> {

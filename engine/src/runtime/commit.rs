@@ -143,6 +143,12 @@ impl CoreRuntime {
         {
             self.transport.commit(&self.group, Some(fence), &[]).await?;
         }
+        // Under exactly-once, nothing in flight from here until the transaction is closed
+        // below (`txn.rs`): no await between the drain and the close.
+        let drain = self.drain().await;
+        if self.eos().is_some() && drain.is_none() {
+            return Ok(false);
+        }
         // Events acked from now on are the next commit's (`commit_every` counts them).
         self.acked_since_commit.set(0);
         let mut lowest: HashMap<TopicPartition, u64> = HashMap::default();
@@ -173,6 +179,9 @@ impl CoreRuntime {
         self.deferred_commits.set(0);
         let mut frozen: Vec<(Rc<dyn AnyShard>, Box<dyn crate::runtime::state::FrozenSet>)> =
             shards.iter().filter(|s| s.is_dirty()).map(|s| (s.clone(), s.freeze())).collect();
+        // The transaction holding the sends of exactly these events; the fetches go on.
+        let txn = self.eos().and_then(|eos| eos.close());
+        drop(drain);
         crate::runtime::crash_point("commit:frozen");
         // 2. The changelog records and the buffered sends, durable. A failure gives the
         // entries not yet written back to their shards.
@@ -215,6 +224,8 @@ impl CoreRuntime {
             lowest.iter().filter(|(tp, o)| committed.get(*tp) != Some(*o)).map(|(tp, o)| (tp.clone(), *o)).collect()
         };
         offsets.extend(changelog_ends.iter().map(|(s, end)| (s.changelog().clone(), *end)));
+        // With the offsets, in the same atomic commit: the transaction, now visible.
+        offsets.extend(txn.map(|t| t.offsets_entry()));
         if !offsets.is_empty() {
             let fence = self.fence.borrow().clone();
             crate::runtime::fault_point("commit:offsets").map_err(|source| faust_transport::Error::Io {
@@ -226,6 +237,9 @@ impl CoreRuntime {
             let mut committed = self.committed.borrow_mut();
             for (tp, o) in offsets {
                 committed.insert(tp, o);
+            }
+            if let (Some(eos), Some(t)) = (self.eos(), txn) {
+                eos.committed(t);
             }
             // The changelogs may now be compacted up to their committed ends.
             for (shard, end) in &changelog_ends {

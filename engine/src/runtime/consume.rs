@@ -95,6 +95,8 @@ pub(crate) async fn consume(
         // No new events while this core's writes fail (a full disk): they would only add to
         // what cannot be written.
         core.wait_writable(Some(&cancel)).await;
+        // Nor while an exactly-once commit drains the events in flight.
+        core.wait_drained().await;
         if !running() {
             break;
         }

@@ -27,6 +27,7 @@ pub(crate) mod standby;
 pub(crate) mod state;
 pub(crate) mod stats;
 pub(crate) mod supervise;
+pub(crate) mod txn;
 pub(crate) mod upkeep;
 
 use std::cell::{Cell, RefCell};
@@ -169,6 +170,8 @@ pub(crate) struct CoreRuntime {
     /// Time this core's executor spent running tasks and polling I/O, summed over the
     /// executor's stats as they were read (glommio hands out each interval once).
     busy: Cell<Duration>,
+    /// Its transactions, under `processing_guarantee = exactly_once`.
+    eos: Option<crate::runtime::txn::Eos>,
 }
 
 impl std::fmt::Debug for CoreRuntime {
@@ -225,6 +228,12 @@ impl CoreRuntime {
         } = setup;
         let monitor = crate::runtime::stats::Monitor::new(settings.monitor_enabled);
         let changelog_tables = tables.iter().enumerate().map(|(i, t)| (t.changelog().clone(), i)).collect();
+        let eos = match (&settings.processing_guarantee, &transport) {
+            (crate::settings::ProcessingGuarantee::ExactlyOnce, AnyCore::Local(local)) => {
+                Some(crate::runtime::txn::Eos::new(local.incarnation(), index))
+            }
+            _ => None,
+        };
         let runtime = Rc::new(CoreRuntime {
             index,
             transport,
@@ -276,6 +285,7 @@ impl CoreRuntime {
             log_ends: RefCell::new(HashMap::default()),
             monitor,
             busy: Cell::new(Duration::ZERO),
+            eos,
         });
         CURRENT.with(|c| *c.borrow_mut() = Some(runtime.clone()));
         runtime

@@ -110,7 +110,7 @@ impl CoreRuntime {
     ) {
         let mut pending = self.pending.borrow_mut();
         let batch = pending.entry(tp).or_insert_with(|| faust_storage::BatchBuilder::with_capacity(16 * 1024));
-        batch.push(timestamp.unwrap_or_else(now_ms), key, Some(value), headers);
+        self.push_output(batch, timestamp.unwrap_or_else(now_ms), key, Some(value), headers);
         self.pending_bytes.set(self.pending_bytes.get() + key.map_or(0, <[u8]>::len) + value.len() + 32);
         self.pending_event.notify(1);
     }

@@ -220,7 +220,7 @@ impl TopicInner {
         }
         let size = key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len) + 128;
         let mut batch = faust_storage::BatchBuilder::with_capacity(size);
-        batch.push(crate::util::now_ms(), key, value, headers);
+        core.push_output(&mut batch, crate::util::now_ms(), key, value, headers);
         Ok(core.transport().produce(&tp, batch).await?)
     }
 

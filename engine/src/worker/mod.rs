@@ -79,6 +79,14 @@ pub enum WorkerError {
         /// What went wrong.
         message: String,
     },
+    /// The settings ask for something the transport cannot do.
+    #[error("{setting}: {message}")]
+    Unsupported {
+        /// The setting.
+        setting: &'static str,
+        /// What cannot be done, and what to do instead.
+        message: String,
+    },
 }
 
 /// Topics grouped by partition count: each group is co-partitioned, as in Faust (a source,
@@ -197,6 +205,17 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
     };
     let kafka = faust_transport::KafkaOptions { partitions, advertised_url: advertised, ..settings.kafka_options() };
     let transport = AnyTransport::open(&settings.broker_url(), cores, memory.as_ref(), kafka, settings.segment_bytes)?;
+    if settings.processing_guarantee == crate::settings::ProcessingGuarantee::ExactlyOnce
+        && !matches!(transport, AnyTransport::Local(_))
+    {
+        return Err(WorkerError::Unsupported {
+            setting: "processing_guarantee = exactly_once",
+            message: format!(
+                "exactly-once outputs work on local:// only for now, not on {} (use at_least_once: tables are exact either way)",
+                settings.broker_url()
+            ),
+        });
+    }
     let startup = Arc::new(Startup {
         topics_ready: AtomicBool::new(false),
         cores_ready,

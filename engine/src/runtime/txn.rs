@@ -1,0 +1,163 @@
+//! Exactly-once outputs (`processing_guarantee = exactly_once`, on `local://`).
+//!
+//! **Invariant: a record a core sends is visible to readers if and only if the commit that
+//! covers the events it came from is durable.** Each core has an open transaction, numbered;
+//! every record it sends carries the transaction's tag (`faust_transport::TxnTag`), and the
+//! transport shows a tagged record only once the core's commit of that transaction is in the
+//! offsets file (`faust-transport`'s `txn.rs`). So what the commit protocol (`commit.rs`)
+//! already gives tables — exactly the effects of the events below the committed offsets —
+//! holds for outputs too: a crash before the commit leaves records that no reader ever sees,
+//! and the events behind them are processed again under a new incarnation.
+//!
+//! For that, a transaction must hold the sends of exactly the events its commit covers. Events
+//! are processed concurrently, so a commit first *drains*: the core's fetch loops take no new
+//! events until every event already taken is acked; in that instant (no await) the commit
+//! reads the committable offsets, freezes the tables and closes the transaction, and then the
+//! fetches go on while the commit writes. Every record tagged with the closed transaction was
+//! sent by an event at or below the offsets this commit covers, and every later record is
+//! tagged with the next one.
+
+use std::cell::Cell;
+use std::time::{Duration, Instant};
+
+use event_listener::Event;
+use faust_transport::TxnTag;
+
+use crate::runtime::CoreRuntime;
+
+/// A core's transactions.
+#[derive(Debug)]
+pub(crate) struct Eos {
+    incarnation: u64,
+    core: u32,
+    /// The open transaction: what the core sends now is tagged with it.
+    open: Cell<u64>,
+    /// Whether anything was tagged with the open transaction.
+    used: Cell<bool>,
+    /// The newest closed transaction whose commit has not succeeded yet.
+    uncommitted: Cell<Option<u64>>,
+    /// Set while a commit drains the events in flight.
+    draining: Cell<bool>,
+    /// Notified when a drain ends.
+    drained: Event,
+}
+
+/// The longest a commit waits for the events in flight to be acked before it gives up (and
+/// is tried again): an agent holding events (a `take` with a long window) must not stall the
+/// fetches for longer.
+const DRAIN_LIMIT: Duration = Duration::from_secs(5);
+
+impl Eos {
+    pub(crate) fn new(incarnation: u64, core: usize) -> Eos {
+        Eos {
+            incarnation,
+            core: core as u32,
+            open: Cell::new(1),
+            used: Cell::new(false),
+            uncommitted: Cell::new(None),
+            draining: Cell::new(false),
+            drained: Event::new(),
+        }
+    }
+
+    /// The tag of a record sent now.
+    pub(crate) fn tag(&self) -> [u8; 20] {
+        self.used.set(true);
+        TxnTag { incarnation: self.incarnation, core: self.core, txn: self.open.get() }.encode()
+    }
+
+    /// Closes the open transaction (if anything was sent in it) and opens the next; the
+    /// transaction the commit must make visible: the newest closed one not committed yet.
+    pub(crate) fn close(&self) -> Option<TxnTag> {
+        if self.used.replace(false) {
+            self.uncommitted.set(Some(self.open.get()));
+            self.open.set(self.open.get() + 1);
+        }
+        self.uncommitted.get().map(|txn| TxnTag { incarnation: self.incarnation, core: self.core, txn })
+    }
+
+    /// The commit of `tag` is durable.
+    pub(crate) fn committed(&self, tag: TxnTag) {
+        if self.uncommitted.get() == Some(tag.txn) {
+            self.uncommitted.set(None);
+        }
+    }
+}
+
+/// Ends a drain when dropped, whatever way the commit leaves.
+pub(crate) struct Drain<'a>(&'a Eos);
+
+impl Drop for Drain<'_> {
+    fn drop(&mut self) {
+        self.0.draining.set(false);
+        self.0.drained.notify(usize::MAX);
+    }
+}
+
+impl CoreRuntime {
+    /// Adds a record the core sends to `batch`, tagged with the open transaction under
+    /// exactly-once.
+    pub(crate) fn push_output(
+        &self,
+        batch: &mut faust_storage::BatchBuilder,
+        timestamp: i64,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[faust_storage::Header<'_>],
+    ) {
+        let Some(eos) = &self.eos else {
+            batch.push(timestamp, key, value, headers);
+            return;
+        };
+        let tag = eos.tag();
+        let txn: faust_storage::Header<'_> = (faust_transport::TXN_HEADER, Some(&tag[..]));
+        if headers.is_empty() {
+            batch.push(timestamp, key, value, &[txn]);
+        } else {
+            let mut all = headers.to_vec();
+            all.push(txn);
+            batch.push(timestamp, key, value, &all);
+        }
+    }
+
+    /// Waits while a commit drains this core's events in flight (the fetch loops call it
+    /// before each fetch).
+    pub(crate) async fn wait_drained(&self) {
+        let Some(eos) = &self.eos else { return };
+        while eos.draining.get() && !self.stopping.is_cancelled() {
+            let listener = eos.drained.listen();
+            if eos.draining.get() {
+                futures_lite::future::or(listener, self.stopped()).await;
+            }
+        }
+    }
+
+    /// Under exactly-once, stops the fetches and waits until every event taken is acked:
+    /// `Some(drain)` then, with nothing taken until the drain is dropped; `None` when events
+    /// stayed in flight past the limit (the commit is tried again later). Without
+    /// exactly-once, `None` at once: there is nothing to drain ([`CoreRuntime::eos`] tells).
+    pub(crate) async fn drain(&self) -> Option<Drain<'_>> {
+        let eos = self.eos.as_ref()?;
+        eos.draining.set(true);
+        let drain = Drain(eos);
+        let deadline = Instant::now() + DRAIN_LIMIT;
+        loop {
+            if self.acks.borrow().values().all(|t| t.settled()) {
+                return Some(drain);
+            }
+            if Instant::now() >= deadline || self.stopping.is_cancelled() {
+                tracing::warn!(
+                    core = self.index,
+                    "events stayed in flight for {DRAIN_LIMIT:?}: this exactly-once commit waits for the next round"
+                );
+                return None;
+            }
+            glommio::timer::sleep(Duration::from_micros(200)).await;
+        }
+    }
+
+    /// This core's transactions, under exactly-once.
+    pub(crate) fn eos(&self) -> Option<&Eos> {
+        self.eos.as_ref()
+    }
+}
