@@ -113,6 +113,15 @@ pub fn run_monitored(datadir: &Path, id: &str, n: u64, monitor: bool, sensor: bo
     try_run_on(s, "orders", n, false, sensor, Duration::from_secs(600)).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// W2 (or, `grouped`, W4) on 1 core with `processing_guarantee = exactly_once`: each commit
+/// drains the events in flight, and W4's repartitioned orders reach the counting agent only
+/// once the commit that covers them is durable.
+pub fn run_exactly_once(datadir: &Path, id: &str, n: u64, grouped: bool) -> W2Run {
+    let mut s = settings(id, datadir, 1);
+    s.processing_guarantee = faust::ProcessingGuarantee::ExactlyOnce;
+    try_run_on(s, "orders", n, grouped, None, Duration::from_secs(600)).unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// A sensor counting events in and out and table reads and writes, with relaxed atomics.
 #[derive(Default)]
 struct CountingSensor {

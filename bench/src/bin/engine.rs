@@ -75,6 +75,10 @@ struct Args {
     /// counting sensor, interleaved over 5 rounds (3 with --quick).
     #[arg(long)]
     only_monitor: bool,
+    /// Only exactly-once against at-least-once: W2 and W4 on 1 core, interleaved over 5
+    /// rounds (3 with --quick).
+    #[arg(long)]
+    only_eos: bool,
 }
 
 /// Runs the codec section: 1,000,000 records (200,000 with --quick), best of 5 rounds.
@@ -161,6 +165,12 @@ struct W2Figures {
     /// Median over the rounds of W2 with the monitor on (and with a sensor) / off.
     monitor_ratio: f64,
     sensor_ratio: f64,
+    /// W2 and W4 on 1 core with exactly-once (best of the runs), and the median over the
+    /// rounds of their ratio to the at-least-once run of the same round.
+    eos_one: f64,
+    eos_ratio: f64,
+    w4_eos_one: f64,
+    w4_eos_ratio: f64,
     /// W4 (group_by then count), best of the runs, on the same orders.
     w4_one: f64,
     w4_two: f64,
@@ -268,6 +278,7 @@ fn run_w2(dir: &Path, n: u64, json: bool, runs: usize) -> W2Figures {
     let (mut w4_one, mut w4_two) = (0.0f64, 0.0f64);
     // Per round: W2 with the monitor off, on (the default, `a` below) and with a sensor.
     let (mut off_runs, mut on_runs, mut sensor_runs) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut eos_runs, mut w4_runs, mut w4_eos_runs) = (Vec::new(), Vec::new(), Vec::new());
     for r in 0..runs {
         let off = w2::run_monitored(&small, &format!("w2-monitor-off-{r}"), n, false, false);
         progress(json, &format!("W2 1 core, monitor off, run {r}: {:.0} events/s", off.events_s));
@@ -285,6 +296,14 @@ fn run_w2(dir: &Path, n: u64, json: bool, runs: usize) -> W2Figures {
         progress(json, &format!("W2 2 cores run {r}: {:.0} events/s", b.events_s));
         let c = w2::run_grouped(&small, &format!("w4-1core-{r}"), n, 1);
         progress(json, &format!("W4 1 core run {r}: {:.0} events/s", c.events_s));
+        w4_runs.push(c.events_s);
+        let x = w2::run_exactly_once(&small, &format!("w2-eos-{r}"), n, false);
+        assert_eq!(x.accounts, 10_000, "W2 with exactly-once counted {} accounts", x.accounts);
+        progress(json, &format!("W2 1 core, exactly-once, run {r}: {:.0} events/s", x.events_s));
+        eos_runs.push(x.events_s);
+        let y = w2::run_exactly_once(&small, &format!("w4-eos-{r}"), n, true);
+        progress(json, &format!("W4 1 core, exactly-once, run {r}: {:.0} events/s", y.events_s));
+        w4_eos_runs.push(y.events_s);
         let d = w2::run_grouped(&small, &format!("w4-2core-{r}"), n, 2);
         progress(json, &format!("W4 2 cores run {r}: {:.0} events/s", d.events_s));
         w4_one = w4_one.max(c.events_s);
@@ -326,6 +345,10 @@ fn run_w2(dir: &Path, n: u64, json: bool, runs: usize) -> W2Figures {
         monitor_off: off_runs.iter().copied().fold(0.0, f64::max),
         monitor_ratio: median_ratio(&on_runs, &off_runs),
         sensor_ratio: median_ratio(&sensor_runs, &off_runs),
+        eos_one: eos_runs.iter().copied().fold(0.0, f64::max),
+        eos_ratio: median_ratio(&eos_runs, &on_runs),
+        w4_eos_one: w4_eos_runs.iter().copied().fold(0.0, f64::max),
+        w4_eos_ratio: median_ratio(&w4_eos_runs, &w4_runs),
         w4_one,
         w4_two,
         takeover: run_takeover(dir, n, json),
@@ -390,6 +413,14 @@ fn print_w2(w: &W2Figures, n: u64) {
         w.one, w.monitor_off, w.monitor_ratio
     );
     println!("| W2 1 core, monitor and a counting sensor against off | | | {:.2} |", w.sensor_ratio);
+    println!(
+        "| W2 1 core, exactly-once against at-least-once | {:.0} events/s | | {:.2} (≥ 0.9; median of the rounds' ratios) |",
+        w.eos_one, w.eos_ratio
+    );
+    println!(
+        "| W4 1 core, exactly-once against at-least-once | {:.0} events/s | | {:.2} (reported) |",
+        w.w4_eos_one, w.w4_eos_ratio
+    );
     let t = &w.takeover;
     println!(
         "| takeover on memory:// ({} partitions) | {:.1} ms after the leave, {:.1} ms after the stop | replayed {} changelog records | (≤ 100 ms + tail replay) |",
@@ -417,6 +448,10 @@ fn w4_json(w: &W2Figures) -> serde_json::Value {
         "w2_monitor_vs_off": w.monitor_ratio,
         "w2_monitor_off_events_s_1core": w.monitor_off,
         "w2_with_sensor_vs_off": w.sensor_ratio,
+        "w2_eos_events_s_1core": w.eos_one,
+        "w2_eos_vs_alo_ratio": w.eos_ratio,
+        "w4_eos_events_s_1core": w.w4_eos_one,
+        "w4_eos_vs_alo_ratio": w.w4_eos_ratio,
         "w4_vs_w2_ratio_2core": w.w4_two / w.two,
         "memory_takeover_ms": w.takeover.takeover_ms,
         "memory_stop_to_processed_ms": w.takeover.stop_to_processed_ms,
@@ -746,6 +781,55 @@ fn main() {
             "latency at {rate:.0}/s: p50 {:.0} µs, p99 {:.0} µs, p999 {:.0} µs, max {:.0} µs",
             lat.p50_us, lat.p99_us, lat.p999_us, lat.max_us
         );
+        return;
+    }
+    if args.only_eos {
+        use faust_bench::w2;
+        let small = dir.path().join("w2-10k");
+        w2::preload(&small, n, 10_000);
+        let rounds = if args.quick { 3 } else { 5 };
+        let (mut alo, mut eos, mut w4_alo, mut w4_eos) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for r in 0..rounds {
+            let a = w2::run(&small, &format!("alo-{r}"), n, 1);
+            let b = w2::run_exactly_once(&small, &format!("eos-{r}"), n, false);
+            let c = w2::run_grouped(&small, &format!("w4-alo-{r}"), n, 1);
+            let d = w2::run_exactly_once(&small, &format!("w4-eos-{r}"), n, true);
+            progress(
+                args.json,
+                &format!(
+                    "round {r}: W2 {:.0} against {:.0} events/s exactly-once; W4 {:.0} against {:.0}",
+                    a.events_s, b.events_s, c.events_s, d.events_s
+                ),
+            );
+            alo.push(a.events_s);
+            eos.push(b.events_s);
+            w4_alo.push(c.events_s);
+            w4_eos.push(d.events_s);
+        }
+        let best = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+        let (ratio, w4_ratio) = (median_ratio(&eos, &alo), median_ratio(&w4_eos, &w4_alo));
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "w2_eos_vs_alo_ratio": ratio,
+                    "w2_eos_events_s_1core": best(&eos),
+                    "w2_events_s_1core": best(&alo),
+                    "w4_eos_vs_alo_ratio": w4_ratio,
+                    "w4_eos_events_s_1core": best(&w4_eos),
+                    "w4_events_s_1core": best(&w4_alo),
+                })
+            );
+        } else {
+            println!(
+                "1 core over {rounds} rounds (medians of the rounds' ratios): W2 exactly-once / at-least-once {ratio:.3} \
+                 (best {:.0} against {:.0} events/s); W4 {w4_ratio:.3} (best {:.0} against {:.0})",
+                best(&eos),
+                best(&alo),
+                best(&w4_eos),
+                best(&w4_alo)
+            );
+        }
         return;
     }
     if args.only_monitor {
