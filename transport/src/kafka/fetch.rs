@@ -36,7 +36,7 @@ impl KafkaCore {
             .with_max_wait_ms(ms(max_wait).max(1))
             .with_min_bytes(1)
             .with_max_bytes(max_bytes)
-            .with_isolation_level(0)
+            .with_isolation_level(i8::from(self.options().read_committed))
             .with_session_id(0)
             .with_session_epoch(-1)
             .with_topics(vec![FetchTopic::default().with_topic(topic_name(&tp.topic)).with_partitions(vec![
@@ -74,10 +74,13 @@ impl KafkaCore {
             }
             c => return Err(conn.broker_error(ApiKey::Fetch, about, c, None)),
         }
+        let aborted: Option<Vec<(i64, i64)>> = self
+            .options()
+            .read_committed
+            .then(|| part.aborted_transactions.iter().flatten().map(|a| (a.producer_id.0, a.first_offset)).collect());
         let decoded = match &part.records {
-            Some(set) => {
-                records::decode(set, offset).map_err(|e| conn.protocol_error(ApiKey::Fetch, about, e.to_string()))?
-            }
+            Some(set) => records::decode(set, offset, aborted.as_deref())
+                .map_err(|e| conn.protocol_error(ApiKey::Fetch, about, e.to_string()))?,
             None => records::Decoded::default(),
         };
         let high_watermark = part.high_watermark.max(0) as u64;

@@ -159,6 +159,10 @@ pub struct KafkaOptions {
     /// broker and numbers its batches per partition, so a produce retried after a lost answer
     /// is written once, in order. Off, a retry may write a batch twice.
     pub idempotent: bool,
+    /// Kafka's `isolation.level=read_committed` (false, the default: `read_uncommitted`):
+    /// fetches stop at the last stable offset and skip the records of aborted transactions,
+    /// so an upstream transactional producer's aborted writes are never processed.
+    pub read_committed: bool,
 }
 
 impl Default for KafkaOptions {
@@ -182,6 +186,7 @@ impl Default for KafkaOptions {
             tls: None,
             sasl: None,
             idempotent: true,
+            read_committed: false,
         }
     }
 }

@@ -78,7 +78,12 @@ impl PartitionTurn {
             self.producer.set(Some(producer));
             self.next_sequence.set(0);
         }
-        Stamp { producer_id: producer.id, epoch: producer.epoch, base_sequence: self.next_sequence.get() }
+        Stamp {
+            producer_id: producer.id,
+            epoch: producer.epoch,
+            base_sequence: self.next_sequence.get(),
+            transactional: false,
+        }
     }
 }
 

@@ -22,6 +22,7 @@ use faust_storage::{BatchBuilder, Record};
 pub(crate) const BATCH_HEADER_LEN: usize = 61;
 const MAGIC: i8 = 2;
 const ATTR_COMPRESSION: i16 = 0x07;
+const ATTR_TRANSACTIONAL: i16 = 0x10;
 const ATTR_CONTROL: i16 = 0x20;
 
 fn zigzag(v: i64) -> u64 {
@@ -71,6 +72,8 @@ pub(crate) struct Stamp {
     pub(crate) producer_id: i64,
     pub(crate) epoch: i16,
     pub(crate) base_sequence: i32,
+    /// Written inside a transaction (the batch's transactional attribute).
+    pub(crate) transactional: bool,
 }
 
 /// `sequence` advanced by `count`, wrapping to 0 after `i32::MAX` as Kafka's sequences do.
@@ -162,7 +165,8 @@ pub(crate) fn encode(
         h[8..12].copy_from_slice(&batch_len.to_be_bytes());
         h[12..16].copy_from_slice(&(-1i32).to_be_bytes()); // partition leader epoch
         h[16] = MAGIC as u8;
-        h[21..23].copy_from_slice(&(codec & ATTR_COMPRESSION).to_be_bytes()); // create time
+        let transactional = if stamp.is_some_and(|s| s.transactional) { ATTR_TRANSACTIONAL } else { 0 };
+        h[21..23].copy_from_slice(&((codec & ATTR_COMPRESSION) | transactional).to_be_bytes()); // create time
         h[23..27].copy_from_slice(&(count - 1).to_be_bytes());
         h[27..35].copy_from_slice(&base_ts.to_be_bytes());
         h[35..43].copy_from_slice(&max_ts.to_be_bytes());
@@ -319,7 +323,17 @@ fn be_i16(b: &[u8], at: usize) -> i16 {
 /// records with offset at least `from`. Keys and values are slices of `set` (no copy); a
 /// record with headers gets its headers re-encoded in the storage format. A partial batch at
 /// the end (the broker cuts at the byte limit) is ignored; control batches are skipped.
-pub(crate) fn decode(set: &Bytes, from: u64) -> Result<Decoded, DecodeError> {
+///
+/// For a `read_committed` fetch, `aborted` is the answer's list of aborted transactions,
+/// (producer id, first offset): a transactional batch of a producer whose aborted transaction
+/// began at or before it is skipped, until that producer's abort marker (a control batch)
+/// ends the transaction — the rule of Kafka's own consumer. With `None`, every data batch is
+/// read (`read_uncommitted`).
+pub(crate) fn decode(set: &Bytes, from: u64, aborted: Option<&[(i64, i64)]>) -> Result<Decoded, DecodeError> {
+    let mut pending_aborts: Vec<(i64, i64)> = aborted.map(<[_]>::to_vec).unwrap_or_default();
+    // Latest first offset last, so the next one to open is popped from the end.
+    pending_aborts.sort_by(|a, b| b.1.cmp(&a.1));
+    let mut aborting: std::collections::HashSet<i64> = std::collections::HashSet::new();
     let mut out = Decoded::default();
     let mut pos = 0usize;
     let mut headers: Vec<(std::ops::Range<usize>, Option<std::ops::Range<usize>>)> = Vec::new();
@@ -345,8 +359,27 @@ pub(crate) fn decode(set: &Bytes, from: u64) -> Result<Decoded, DecodeError> {
         let attributes = be_i16(b, 21);
         let last_offset_delta = be_i32(b, 23);
         let base_ts = be_i64(b, 27);
+        let producer_id = be_i64(b, 43);
         let count = be_i32(b, 57);
-        let batch_next = base_offset.saturating_add(i64::from(last_offset_delta)).saturating_add(1).max(0) as u64;
+        let last_offset = base_offset.saturating_add(i64::from(last_offset_delta));
+        let batch_next = last_offset.saturating_add(1).max(0) as u64;
+        if aborted.is_some() {
+            while pending_aborts.last().is_some_and(|&(_, first)| first <= last_offset) {
+                if let Some((pid, _)) = pending_aborts.pop() {
+                    aborting.insert(pid);
+                }
+            }
+            let transactional = attributes & ATTR_TRANSACTIONAL != 0;
+            if attributes & ATTR_CONTROL != 0 {
+                if transactional && control_type(b) == Some(CONTROL_ABORT) {
+                    aborting.remove(&producer_id);
+                }
+            } else if transactional && aborting.contains(&producer_id) {
+                out.next_offset = Some(batch_next);
+                pos = end;
+                continue;
+            }
+        }
         if attributes & ATTR_CONTROL != 0 || batch_next <= from {
             out.next_offset = Some(batch_next);
             pos = end;
@@ -407,6 +440,22 @@ pub(crate) fn decode(set: &Bytes, from: u64) -> Result<Decoded, DecodeError> {
     Ok(out)
 }
 
+/// A control record's type: an abort marker.
+const CONTROL_ABORT: i16 = 0;
+
+/// The type of the control record in the (uncompressed) control batch `b`: its key is
+/// version i16, type i16.
+fn control_type(b: &[u8]) -> Option<i16> {
+    let mut r = Reader { buf: b.get(BATCH_HEADER_LEN..)?, pos: 0, base_offset: 0 };
+    r.varint("record length").ok()?;
+    r.pos += 1;
+    r.varint("timestamp delta").ok()?;
+    r.varint("offset delta").ok()?;
+    let key = r.field("key").ok()??;
+    let key = r.buf.get(key)?;
+    (key.len() >= 4).then(|| i16::from_be_bytes([key[2], key[3]]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -440,7 +489,7 @@ mod tests {
     fn encoded_batches_decode_to_the_same_records() {
         let b = sample();
         let set = place(plain(&b, 1 << 20), 100);
-        let d = decode(&set, 0).unwrap();
+        let d = decode(&set, 0, None).unwrap();
         assert_eq!(d.next_offset, Some(103));
         assert_eq!(d.records.len(), 3);
         for (i, (got, want)) in d.records.iter().zip(b.records()).enumerate() {
@@ -462,7 +511,7 @@ mod tests {
         for i in 0..100u32 {
             b.push(i64::from(i), Some(&i.to_be_bytes()), Some(&[7u8; 50]), &[]);
         }
-        let stamp = Stamp { producer_id: 77, epoch: 3, base_sequence: i32::MAX - 30 };
+        let stamp = Stamp { producer_id: 77, epoch: 3, base_sequence: i32::MAX - 30, transactional: false };
         let enc = encode(&b, 1000, 0, Some(stamp), 10).unwrap();
         assert!(enc.batches.len() > 2);
         let mut sequence = stamp.base_sequence;
@@ -483,9 +532,68 @@ mod tests {
         // 90 records from i32::MAX - 30 wrap past i32::MAX to 0: (MAX - 30 + 90) mod (MAX + 1).
         assert_eq!(sequence, 59);
         let set = place(enc.bytes, 0);
-        let d = decode(&set, 0).unwrap();
+        let d = decode(&set, 0, None).unwrap();
         assert_eq!(d.records.len(), 90);
         assert_eq!(d.records[0].timestamp, 10);
+    }
+
+    /// A transactional batch of `pid` with `values`, placed at `base`.
+    fn txn_batch(pid: i64, base: i64, values: &[&str]) -> Vec<u8> {
+        let mut b = BatchBuilder::new();
+        for v in values {
+            b.push(0, None, Some(v.as_bytes()), &[]);
+        }
+        let stamp = Stamp { producer_id: pid, epoch: 0, base_sequence: 0, transactional: true };
+        place(encode(&b, 1 << 20, 0, Some(stamp), 0).unwrap().bytes, base).to_vec()
+    }
+
+    /// `pid`'s end marker (`commit` or abort) at `offset`: a control batch whose one record's
+    /// key is (version 0, type).
+    fn marker(pid: i64, offset: i64, commit: bool) -> Vec<u8> {
+        let mut b = BatchBuilder::new();
+        let key = [0u8, 0, 0, u8::from(commit)];
+        b.push(0, Some(&key), Some(&[0, 0, 0, 0, 0, 0]), &[]);
+        let stamp = Stamp { producer_id: pid, epoch: 0, base_sequence: -1, transactional: true };
+        let mut set = encode(&b, 1 << 20, 0, Some(stamp), 0).unwrap().bytes;
+        let attributes = be_i16(&set, 21) | ATTR_CONTROL;
+        set[21..23].copy_from_slice(&attributes.to_be_bytes());
+        let crc = crc32c::crc32c(&set[21..]);
+        set[17..21].copy_from_slice(&crc.to_be_bytes());
+        place(set, offset).to_vec()
+    }
+
+    fn values(d: &Decoded) -> Vec<(u64, String)> {
+        d.records
+            .iter()
+            .map(|r| (r.offset, String::from_utf8_lossy(r.value.as_deref().unwrap()).into_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn read_committed_skips_aborted_transactions_only() {
+        // Producer 7 aborts its first transaction and commits its second; producer 8's
+        // transaction, interleaved with 7's aborted one, commits; a plain batch follows.
+        let mut set = Vec::new();
+        set.extend(txn_batch(7, 0, &["a0", "a1"]));
+        set.extend(txn_batch(8, 2, &["b0"]));
+        set.extend(txn_batch(7, 3, &["a2"]));
+        set.extend(marker(7, 4, false));
+        set.extend(marker(8, 5, true));
+        set.extend(txn_batch(7, 6, &["c0"]));
+        set.extend(marker(7, 7, true));
+        let mut plain = BatchBuilder::new();
+        plain.push(0, None, Some(b"p0"), &[]);
+        set.extend(place(encode(&plain, 1 << 20, 0, None, 0).unwrap().bytes, 8).to_vec());
+        let set = Bytes::from(set);
+        let all = decode(&set, 0, None).unwrap();
+        assert_eq!(values(&all).len(), 6, "read_uncommitted sees every data record");
+        let committed = decode(&set, 0, Some(&[(7, 0)])).unwrap();
+        let want = vec![(2, "b0".to_string()), (6, "c0".into()), (8, "p0".into())];
+        assert_eq!(values(&committed), want);
+        assert_eq!(committed.next_offset, Some(9));
+        // From the middle of the aborted transaction, and with nothing aborted.
+        assert_eq!(values(&decode(&set, 3, Some(&[(7, 0)])).unwrap()), want[1..].to_vec());
+        assert_eq!(values(&decode(&set, 0, Some(&[])).unwrap()), values(&all));
     }
 
     #[test]
@@ -503,14 +611,14 @@ mod tests {
         }
         let raw = plain(&b, 1000);
         let set = place(raw, 0);
-        let d = decode(&set, 0).unwrap();
+        let d = decode(&set, 0, None).unwrap();
         assert_eq!(d.records.len(), 100);
         assert!(d.records.iter().enumerate().all(|(i, r)| r.offset == i as u64 && r.timestamp == i as i64));
         // From the middle of a batch, and with the last batch cut short.
-        let d = decode(&set, 42).unwrap();
+        let d = decode(&set, 42, None).unwrap();
         assert_eq!(d.records.first().map(|r| r.offset), Some(42));
         let cut = set.slice(..set.len() - 10);
-        let d = decode(&cut, 0).unwrap();
+        let d = decode(&cut, 0, None).unwrap();
         assert!(d.records.len() < 100 && d.next_offset == Some(d.records.len() as u64));
     }
 
@@ -539,11 +647,11 @@ mod tests {
         for i in 0..300u32 {
             b.push(i64::from(i), Some(&i.to_be_bytes()), Some(format!("value {i} {}", "z".repeat(40)).as_bytes()), &[]);
         }
-        let want = decode(&place(plain(&b, 4096), 0), 0).unwrap().records;
+        let want = decode(&place(plain(&b, 4096), 0), 0, None).unwrap().records;
         for codec in 1..=4 {
             let raw = encode(&b, 4096, codec, None, 0).unwrap().bytes;
             assert!(raw.len() < b.encoded_len() / 2, "codec {codec}: {} bytes", raw.len());
-            assert_eq!(decode(&place(raw, 0), 0).unwrap().records, want, "codec {codec}");
+            assert_eq!(decode(&place(raw, 0), 0, None).unwrap().records, want, "codec {codec}");
         }
         assert!(encode(&b, 4096, 9, None, 0).is_err());
     }
@@ -553,19 +661,19 @@ mod tests {
         use kafka_protocol::compression::{Gzip, Lz4, Snappy, Zstd};
         let b = sample();
         let plain = place(plain(&b, 1 << 20), 7);
-        let want = decode(&plain, 0).unwrap().records;
+        let want = decode(&plain, 0, None).unwrap().records;
         for (codec, set) in [
             (1, compressed::<Gzip>(&plain, 1)),
             (2, compressed::<Snappy>(&plain, 2)),
             (3, compressed::<Lz4>(&plain, 3)),
             (4, compressed::<Zstd>(&plain, 4)),
         ] {
-            let d = decode(&set, 8).unwrap();
+            let d = decode(&set, 8, None).unwrap();
             assert_eq!(d.records, want[1..].to_vec(), "codec {codec}");
             assert_eq!(d.next_offset, Some(10));
         }
         let bad = compressed::<Gzip>(&plain, 5);
-        assert!(matches!(decode(&bad, 0), Err(DecodeError::Compressed { codec: 5, .. })));
+        assert!(matches!(decode(&bad, 0, None), Err(DecodeError::Compressed { codec: 5, .. })));
     }
 
     #[test]
@@ -574,15 +682,15 @@ mod tests {
         for i in 0..set.len() {
             let mut bad = set.clone();
             bad[i] ^= 0x55;
-            let _ = decode(&Bytes::from(bad), 0);
+            let _ = decode(&Bytes::from(bad), 0, None);
         }
         let mut bad = set.clone();
         bad[30] ^= 1;
-        assert!(matches!(decode(&Bytes::from(bad), 0), Err(DecodeError::Checksum { .. })));
-        assert_eq!(decode(&Bytes::new(), 0).unwrap().records.len(), 0);
+        assert!(matches!(decode(&Bytes::from(bad), 0, None), Err(DecodeError::Checksum { .. })));
+        assert_eq!(decode(&Bytes::new(), 0, None).unwrap().records.len(), 0);
         // Offsets at the end of the range: an error or records, never an overflow.
         let set = place(plain(&sample(), 1 << 20), i64::MAX - 1);
-        assert!(matches!(decode(&set, 0), Err(DecodeError::Malformed { .. })));
+        assert!(matches!(decode(&set, 0, None), Err(DecodeError::Malformed { .. })));
     }
 
     type Rec = (i64, Option<Vec<u8>>, Option<Vec<u8>>, Vec<(Vec<u8>, Option<Vec<u8>>)>);
@@ -615,7 +723,7 @@ mod tests {
             }
             let set = place(plain(&b, limit), base);
             let from = base as u64 + skip as u64;
-            let d = decode(&set, from).unwrap();
+            let d = decode(&set, from, None).unwrap();
             proptest::prop_assert_eq!(d.next_offset, Some(base as u64 + recs.len() as u64));
             let want: Vec<_> = recs.iter().enumerate().skip(skip).collect();
             proptest::prop_assert_eq!(d.records.len(), want.len());
