@@ -332,7 +332,7 @@ fn be_i16(b: &[u8], at: usize) -> i16 {
 pub(crate) fn decode(set: &Bytes, from: u64, aborted: Option<&[(i64, i64)]>) -> Result<Decoded, DecodeError> {
     let mut pending_aborts: Vec<(i64, i64)> = aborted.map(<[_]>::to_vec).unwrap_or_default();
     // Latest first offset last, so the next one to open is popped from the end.
-    pending_aborts.sort_by(|a, b| b.1.cmp(&a.1));
+    pending_aborts.sort_by_key(|&(_, first)| std::cmp::Reverse(first));
     let mut aborting: std::collections::HashSet<i64> = std::collections::HashSet::new();
     let mut out = Decoded::default();
     let mut pos = 0usize;
