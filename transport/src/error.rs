@@ -174,6 +174,19 @@ pub enum Error {
         /// Why: the broker's answer, or what in it failed to verify.
         reason: String,
     },
+    /// A transactional producer was fenced: another producer took its transactional id (a
+    /// newer instance of it, after a takeover). Never retried: the fenced one must stop.
+    #[error(
+        "kafka broker {broker}: the producer of transactional id `{transactional_id}` was fenced by a newer one (error {code})"
+    )]
+    ProducerFenced {
+        /// The broker's address.
+        broker: String,
+        /// The transactional id.
+        transactional_id: String,
+        /// The Kafka error code (`PRODUCER_FENCED` or `INVALID_PRODUCER_EPOCH`).
+        code: i16,
+    },
     /// The TLS settings cannot be used: a certificate or key file is missing or unreadable.
     #[error("TLS settings: {reason}")]
     TlsConfig {

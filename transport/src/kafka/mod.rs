@@ -29,6 +29,7 @@ mod protocol;
 mod records;
 mod sasl;
 mod security;
+mod transaction;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
@@ -291,6 +292,7 @@ impl KafkaTransport {
                 turns: RefCell::new(HashMap::new()),
                 producer: Cell::new(None),
                 producer_turn: glommio::sync::Semaphore::new(1),
+                transactions: RefCell::new(None),
                 stats: Cell::new(KafkaStats::default()),
             }),
             closed: Rc::new(Cell::new(false)),
@@ -342,6 +344,8 @@ struct CoreState {
     producer: Cell<Option<producer::ProducerId>>,
     /// Held while asking for a producer id.
     producer_turn: glommio::sync::Semaphore,
+    /// This core's transactional producer, once `init_transactions` made it one.
+    transactions: RefCell<Option<transaction::Transactions>>,
     stats: Cell<KafkaStats>,
 }
 
@@ -534,14 +538,21 @@ impl KafkaCore {
         }
     }
 
-    /// The address of `group`'s coordinator, found with FindCoordinator if not known.
+    /// A connection to `group`'s coordinator, found with FindCoordinator if not known.
     async fn coordinator(&self, group: &str) -> Result<Rc<Connection>> {
-        let known = self.st.coordinators.borrow().get(group).cloned();
+        self.coordinator_of(group, group, 0).await
+    }
+
+    /// A connection to the coordinator of `key` (key type 0: a group, 1: a transactional
+    /// id), cached under `cache_key`.
+    async fn coordinator_of(&self, cache_key: &str, key: &str, key_type: i8) -> Result<Rc<Connection>> {
+        let known = self.st.coordinators.borrow().get(cache_key).cloned();
         if let Some(addr) = known {
             return self.connection(&addr, &Lane::Main).await;
         }
         let conn = self.any_connection().await?;
-        let req = FindCoordinatorRequest::default().with_key(StrBytes::from_string(group.to_string())).with_key_type(0);
+        let req =
+            FindCoordinatorRequest::default().with_key(StrBytes::from_string(key.to_string())).with_key_type(key_type);
         let (_, resp) =
             conn.request(ApiKey::FindCoordinator, &req, self.options().request_timeout, About::default()).await?;
         if resp.error_code != 0 {
@@ -553,7 +564,7 @@ impl KafkaCore {
             ));
         }
         let addr: Arc<str> = Arc::from(format!("{}:{}", resp.host.as_str(), resp.port));
-        self.st.coordinators.borrow_mut().insert(group.to_string(), addr.clone());
+        self.st.coordinators.borrow_mut().insert(cache_key.to_string(), addr.clone());
         self.connection(&addr, &Lane::Main).await
     }
 

@@ -152,9 +152,22 @@ impl KafkaCore {
                 reason: format!("compressing the batch: {reason}"),
             })
         };
-        let idempotent = self.options().idempotent;
-        let mut producer = if idempotent { Some(self.producer_id().await.map_err(|e| (0, e))?) } else { None };
-        let mut encoded: Encoded = encode(producer.map(|p| turn.stamp(p)), 0).map_err(|e| (0, e))?;
+        // A transactional core stamps its batches with its transactional producer, once the
+        // partition is part of the open transaction.
+        let transactional = self.transactional_producer();
+        if transactional.is_some() {
+            self.add_to_transaction(tp).await.map_err(|e| (0, e))?;
+        }
+        let mut producer = match &transactional {
+            Some((p, _)) => Some(*p),
+            None if self.options().idempotent => Some(self.producer_id().await.map_err(|e| (0, e))?),
+            None => None,
+        };
+        let stamp = |p: ProducerId, skip_turn: &PartitionTurn| Stamp {
+            transactional: transactional.is_some(),
+            ..skip_turn.stamp(p)
+        };
+        let mut encoded: Encoded = encode(producer.map(|p| stamp(p, turn)), 0).map_err(|e| (0, e))?;
         let mut set = Bytes::from(std::mem::take(&mut encoded.bytes));
         let mut next = 0;
         let mut written = 0;
@@ -166,7 +179,11 @@ impl KafkaCore {
             let b = encoded.batches[next].clone();
             let bytes = set.slice(b.range.clone());
             let count = b.count as u64;
-            let produced = match self.retrying(None, || self.produce_once(tp, bytes.clone(), count)).await {
+            let produced = match self
+                .retrying(None, || self.produce_once(tp, bytes.clone(), count))
+                .await
+                .map_err(|e| self.fenced_if(e))
+            {
                 Ok(p) => p,
                 Err(Error::KafkaBroker { code: code::DUPLICATE_SEQUENCE_NUMBER, .. }) if producer.is_some() => {
                     // Written before, longer ago than the broker remembers the offsets: the
@@ -175,14 +192,16 @@ impl KafkaCore {
                     let last = end.saturating_sub(1);
                     Produced { partition: tp.partition, base_offset: (end.saturating_sub(count)), last_offset: last }
                 }
-                Err(e) if producer.is_some() && !renewed && producer_out_of_step(&e) => {
+                // A transactional producer cannot take a new id by itself: it is fenced or
+                // must be made again (`init_transactions`).
+                Err(e) if producer.is_some() && transactional.is_none() && !renewed && producer_out_of_step(&e) => {
                     tracing::warn!(topic = %tp.topic, partition = tp.partition, error = %e,
                         "the broker and this producer are out of step: taking a new producer id");
                     renewed = true;
                     self.forget_producer_id(producer);
                     let fresh = self.producer_id().await.map_err(|e| (written, e))?;
                     producer = Some(fresh);
-                    encoded = encode(Some(turn.stamp(fresh)), b.first_record).map_err(|e| (written, e))?;
+                    encoded = encode(Some(stamp(fresh, turn)), b.first_record).map_err(|e| (written, e))?;
                     set = Bytes::from(std::mem::take(&mut encoded.bytes));
                     next = 0;
                     continue;
@@ -340,7 +359,11 @@ impl KafkaCore {
                 ),
             }
         }
+        let transactional_id = self.transactional_producer().map(|(_, id)| {
+            kafka_protocol::messages::TransactionalId(kafka_protocol::protocol::StrBytes::from_string(id))
+        });
         let req = ProduceRequest::default()
+            .with_transactional_id(transactional_id)
             .with_acks(acks)
             .with_timeout_ms(timeout.as_millis().min(i32::MAX as u128) as i32)
             .with_topic_data(topics);

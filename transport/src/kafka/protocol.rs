@@ -31,6 +31,10 @@ pub(crate) const VERSIONS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::SaslHandshake, 1, 1),
     (ApiKey::SaslAuthenticate, 0, 2),
     (ApiKey::InitProducerId, 0, 4),
+    (ApiKey::AddPartitionsToTxn, 0, 3),
+    (ApiKey::AddOffsetsToTxn, 0, 3),
+    (ApiKey::TxnOffsetCommit, 0, 3),
+    (ApiKey::EndTxn, 0, 3),
 ];
 
 /// The versions one broker and this client both speak, per API key.
@@ -80,6 +84,10 @@ fn max_supported(key: ApiKey) -> i16 {
         ApiKey::SaslHandshake => SaslHandshakeRequest::VERSIONS.max,
         ApiKey::SaslAuthenticate => SaslAuthenticateRequest::VERSIONS.max,
         ApiKey::InitProducerId => InitProducerIdRequest::VERSIONS.max,
+        ApiKey::AddPartitionsToTxn => AddPartitionsToTxnRequest::VERSIONS.max,
+        ApiKey::AddOffsetsToTxn => AddOffsetsToTxnRequest::VERSIONS.max,
+        ApiKey::TxnOffsetCommit => TxnOffsetCommitRequest::VERSIONS.max,
+        ApiKey::EndTxn => EndTxnRequest::VERSIONS.max,
         _ => -1,
     }
 }
@@ -103,6 +111,10 @@ pub(crate) fn api_name(key: ApiKey) -> &'static str {
         ApiKey::SaslHandshake => "SaslHandshake",
         ApiKey::SaslAuthenticate => "SaslAuthenticate",
         ApiKey::InitProducerId => "InitProducerId",
+        ApiKey::AddPartitionsToTxn => "AddPartitionsToTxn",
+        ApiKey::AddOffsetsToTxn => "AddOffsetsToTxn",
+        ApiKey::TxnOffsetCommit => "TxnOffsetCommit",
+        ApiKey::EndTxn => "EndTxn",
         _ => "request",
     }
 }
