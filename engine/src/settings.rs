@@ -273,6 +273,8 @@ impl Settings {
             tls: self.ssl_context.clone(),
             sasl: self.broker_credentials.clone(),
             idempotent: self.producer_idempotence,
+            // Exactly-once reads only what committed transactions wrote.
+            read_committed: self.processing_guarantee == ProcessingGuarantee::ExactlyOnce,
             ..faust_transport::KafkaOptions::default()
         }
     }

@@ -193,6 +193,35 @@ impl AnyCore {
         dispatch!(self, t => t.commit(group, fence, offsets).await)
     }
 
+    /// Exactly-once on Kafka: puts `offsets` into the open transaction and commits it (one is
+    /// opened for the offsets if nothing was produced). Other transports have no transactions.
+    pub(crate) async fn commit_transaction(
+        &self,
+        group: &str,
+        fence: Option<&Fence>,
+        offsets: &[(TopicPartition, u64)],
+    ) -> Result<()> {
+        let AnyCore::Kafka(k) = self else {
+            return Err(faust_transport::Error::KafkaProtocol {
+                broker: String::new(),
+                api: "EndTxn",
+                topic: None,
+                partition: None,
+                reason: "only kafka:// has transactions".into(),
+            });
+        };
+        if !offsets.is_empty() {
+            if !k.transaction_open() {
+                k.begin_transaction()?;
+            }
+            k.send_offsets_to_transaction(group, fence, offsets).await?;
+        }
+        if k.transaction_open() {
+            k.commit_transaction().await?;
+        }
+        Ok(())
+    }
+
     pub(crate) async fn committed(&self, group: &str, partitions: &[TopicPartition]) -> Result<Vec<Option<u64>>> {
         dispatch!(self, t => t.committed(group, partitions).await)
     }

@@ -397,6 +397,8 @@ struct Figures {
     produce_front_plain: Vec<f64>,
     produce_tls: Vec<f64>,
     w2: Vec<f64>,
+    /// W2 through `kafka://` with exactly-once (Kafka transactions), same rounds.
+    w2_eos: Vec<f64>,
     /// W2 on `local://` (the same orders, pre-loaded by `w2::preload`), same rounds.
     w2_local: Vec<f64>,
     /// W2's floor: the decode and count on one plain thread over the orders in memory.
@@ -518,6 +520,18 @@ fn run(args: &Args, broker: &str) -> BenchResult<Figures> {
             &format!("round {r}: W2 on kafka:// 1 core {:.0} events/s ({} account shards)", w.events_s, w.accounts),
         );
         delete_topics(broker, vec![format!("{id}-counts-changelog")]);
+        let eos_id = format!("kafka-w2-eos-{tag}-{r}");
+        let mut s = Settings::new(eos_id.as_str());
+        s.broker = format!("kafka://{broker}");
+        s.datadir = datadir.path().join(&eos_id);
+        s.topic_partitions = PARTITIONS;
+        s.cores = Some(1);
+        s.broker_session_timeout = Duration::from_secs(2);
+        s.processing_guarantee = faust::ProcessingGuarantee::ExactlyOnce;
+        let w = w2::run_on(s, &topic, n, STEP_DEADLINE)?;
+        fig.w2_eos.push(w.events_s);
+        progress(json, &format!("round {r}: W2 on kafka:// 1 core, exactly-once, {:.0} events/s", w.events_s));
+        delete_topics(broker, vec![format!("{eos_id}-counts-changelog")]);
         let w = w2::run(&local, &format!("w2-local-{r}"), n, 1);
         fig.w2_local.push(w.events_s);
         progress(json, &format!("round {r}: W2 on local:// 1 core {:.0} events/s", w.events_s));
@@ -604,6 +618,9 @@ fn report(args: &Args, broker: &str, own: bool, fig: &Figures) {
             "kafka_produce_rounds_msgs_s": fig.produce,
             "kafka_produce_rskafka_rounds_msgs_s": fig.rs_produce,
             "kafka_w2_rounds_events_s": fig.w2,
+            "kafka_w2_eos_events_s_1core": best(&fig.w2_eos),
+            "kafka_w2_eos_vs_alo_ratio": best(&fig.w2_eos) / w2,
+            "kafka_w2_eos_vs_alo_round_ratios": ratios(&fig.w2_eos, &fig.w2),
         });
         let mut out = out;
         if let (Some(g), Some(map)) = (&fig.groups, out.as_object_mut())
@@ -636,6 +653,11 @@ fn report(args: &Args, broker: &str, own: bool, fig: &Figures) {
     println!(
         "| W2 (count per account, table + changelog), 1 core, events/s | {w2:.0} | | {:.2} of our raw fetch |",
         w2 / fetch
+    );
+    println!(
+        "| W2 on `kafka://` with exactly-once (transactions), 1 core, events/s | {:.0} | | {:.2} of at-least-once (≥ 0.8) |",
+        best(&fig.w2_eos),
+        best(&fig.w2_eos) / w2
     );
     let local = best(&fig.w2_local);
     println!(

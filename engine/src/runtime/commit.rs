@@ -180,7 +180,15 @@ impl CoreRuntime {
         let mut frozen: Vec<(Rc<dyn AnyShard>, Box<dyn crate::runtime::state::FrozenSet>)> =
             shards.iter().filter(|s| s.is_dirty()).map(|s| (s.clone(), s.freeze())).collect();
         // The transaction holding the sends of exactly these events; the fetches go on.
-        let txn = self.eos().and_then(|eos| eos.close());
+        let kafka_eos = self.eos().filter(|e| e.is_kafka());
+        let txn = self.eos().filter(|e| !e.is_kafka()).and_then(|eos| eos.close());
+        // On Kafka, the sends buffered so far are this transaction's; later ones wait behind
+        // the gate until it has ended.
+        let gate = kafka_eos.map(|eos| eos.close_gate());
+        let sealed = gate.as_ref().map(|_| {
+            self.pending_bytes.set(0);
+            std::mem::take(&mut *self.pending.borrow_mut())
+        });
         drop(drain);
         crate::runtime::crash_point("commit:frozen");
         // 2. The changelog records and the buffered sends, durable. A failure gives the
@@ -198,12 +206,14 @@ impl CoreRuntime {
             }
         }
         if let Some(e) = failure {
-            return Err(self.tables_failed(e));
+            return Err(self.kafka_eos_failed(gate.is_some(), self.tables_failed(e)));
         }
         crate::runtime::crash_point("commit:changelog");
         // The offsets were read before the flush: every send made for the events they cover
         // was buffered by then, so it is in this flush (or an earlier one).
-        self.flush().await?;
+        if let Err(e) = self.flush_batches(sealed).await {
+            return Err(self.kafka_eos_failed(gate.is_some(), e));
+        }
         if self.sends_lost.get() {
             return Err(FlushError::SendsLost);
         }
@@ -226,6 +236,12 @@ impl CoreRuntime {
         offsets.extend(changelog_ends.iter().map(|(s, end)| (s.changelog().clone(), *end)));
         // With the offsets, in the same atomic commit: the transaction, now visible.
         offsets.extend(txn.map(|t| t.offsets_entry()));
+        // On Kafka, the transaction ends here: its records and the offsets, together.
+        if gate.is_some()
+            && let Err(e) = self.transport.commit_transaction(&self.group, fence.as_ref(), &offsets).await
+        {
+            return Err(self.kafka_eos_failed(true, FlushError::Transport(e)));
+        }
         if !offsets.is_empty() {
             let fence = self.fence.borrow().clone();
             crate::runtime::fault_point("commit:offsets").map_err(|source| faust_transport::Error::Io {
@@ -233,7 +249,9 @@ impl CoreRuntime {
                 path: "the offsets file".into(),
                 source,
             })?;
-            self.transport.commit(&self.group, fence.as_ref(), &offsets).await?;
+            if gate.is_none() {
+                self.transport.commit(&self.group, fence.as_ref(), &offsets).await?;
+            }
             let mut committed = self.committed.borrow_mut();
             for (tp, o) in offsets {
                 committed.insert(tp, o);
@@ -246,6 +264,7 @@ impl CoreRuntime {
                 self.transport.set_compaction_horizon(shard.changelog(), *end);
             }
         }
+        drop(gate);
         crate::runtime::crash_point("commit:committed");
         // 4. Checkpoint the stores at what is now committed: a checkpoint never claims more.
         for (shard, end) in &changelog_ends {
@@ -283,6 +302,20 @@ impl CoreRuntime {
             glommio::timer::sleep(Duration::from_millis(10)).await;
         }
         self.commit_now().await
+    }
+
+    /// An exactly-once commit on Kafka that fails after its transaction took this commit's
+    /// records stops the worker: the transaction is left to the coordinator to abort, and a
+    /// restart resumes from the last committed one (what it held cannot be written again
+    /// into a later transaction: its sends are gone from the buffer).
+    fn kafka_eos_failed(&self, kafka: bool, error: FlushError) -> FlushError {
+        if kafka {
+            tracing::error!(core = self.index, error = %error,
+                "an exactly-once commit failed: stopping the worker; a restart resumes from the last committed transaction");
+            self.sends_lost.set(true);
+            self.app_stop.stop();
+        }
+        error
     }
 
     /// A table's frozen state could not be written. A failure that a retry can mend (a full

@@ -230,7 +230,10 @@ impl CoreRuntime {
         let changelog_tables = tables.iter().enumerate().map(|(i, t)| (t.changelog().clone(), i)).collect();
         let eos = match (&settings.processing_guarantee, &transport) {
             (crate::settings::ProcessingGuarantee::ExactlyOnce, AnyCore::Local(local)) => {
-                Some(crate::runtime::txn::Eos::new(local.incarnation(), index))
+                Some(crate::runtime::txn::Eos::tagging(local.incarnation(), index))
+            }
+            (crate::settings::ProcessingGuarantee::ExactlyOnce, AnyCore::Kafka(_)) => {
+                Some(crate::runtime::txn::Eos::kafka(index))
             }
             _ => None,
         };

@@ -11,7 +11,7 @@ use faust_storage::Record;
 use faust_transport::{Produced, TopicPartition};
 
 use crate::acks::AckTracker;
-use crate::runtime::CoreRuntime;
+use crate::runtime::{CoreRuntime, HashMap};
 use crate::runtime::queue::QueuedEvent;
 use crate::util::now_ms;
 
@@ -121,6 +121,17 @@ impl CoreRuntime {
     /// writes fail does not hold back the others. Only when the transport lost a batch (it did
     /// not hand it back) does this core refuse to commit and stop the worker.
     pub(crate) async fn flush(self: &Rc<Self>) -> Result<(), FlushError> {
+        // While an exactly-once commit on Kafka ends its transaction, new records wait.
+        self.wait_gate().await;
+        self.flush_batches(None).await
+    }
+
+    /// [`flush`](CoreRuntime::flush) of `sealed` (the sends an exactly-once commit took aside)
+    /// instead of what is buffered now; `None`: what is buffered now.
+    pub(crate) async fn flush_batches(
+        self: &Rc<Self>,
+        sealed: Option<HashMap<TopicPartition, faust_storage::BatchBuilder>>,
+    ) -> Result<(), FlushError> {
         let Ok(_permit) = self.flush_lock.acquire_permit(1).await else {
             return Err(FlushError::Transport(faust_transport::Error::Closed));
         };
@@ -139,9 +150,13 @@ impl CoreRuntime {
                 first_error.get_or_insert(self.keep_failed(tp, e));
             }
         }
-        let mut batches: Vec<(TopicPartition, faust_storage::BatchBuilder)> =
-            self.pending.borrow_mut().drain().collect();
-        self.pending_bytes.set(0);
+        let mut batches: Vec<(TopicPartition, faust_storage::BatchBuilder)> = match sealed {
+            Some(sealed) => sealed.into_iter().collect(),
+            None => {
+                self.pending_bytes.set(0);
+                self.pending.borrow_mut().drain().collect()
+            }
+        };
         // Behind an earlier batch of their partition that is still unwritten.
         batches.retain_mut(|(tp, batch)| {
             let behind = failed.contains(tp) || self.retry.borrow().iter().any(|(t, _)| t == tp);

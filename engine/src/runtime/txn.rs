@@ -1,4 +1,4 @@
-//! Exactly-once outputs (`processing_guarantee = exactly_once`, on `local://`).
+//! Exactly-once outputs (`processing_guarantee = exactly_once`), on `local://` and on Kafka.
 //!
 //! **Invariant: a record a core sends is visible to readers if and only if the commit that
 //! covers the events it came from is durable.** Each core has an open transaction, numbered;
@@ -16,6 +16,16 @@
 //! fetches go on while the commit writes. Every record tagged with the closed transaction was
 //! sent by an event at or below the offsets this commit covers, and every later record is
 //! tagged with the next one.
+//!
+//! **On Kafka** the transaction is Kafka's own: each core is a transactional producer
+//! (`{app}-{instance}-{core}`, made at start-up, which fences an earlier life of the same
+//! worker), its changelog records and sends go into the open transaction, and the commit
+//! ends it with the source offsets and changelog ends in it (TxnOffsetCommit, then EndTxn);
+//! readers fetch `read_committed`. There are no tags: in the drained instant the commit takes
+//! the buffered sends aside and closes a *gate*, behind which sends made afterwards wait
+//! until the transaction has ended, so that they go into the next one. A Kafka exactly-once
+//! commit that fails stops the worker: what the transaction held is aborted by the
+//! coordinator, and a restart resumes from the last committed one.
 
 use std::cell::Cell;
 use std::time::{Duration, Instant};
@@ -28,6 +38,8 @@ use crate::runtime::CoreRuntime;
 /// A core's transactions.
 #[derive(Debug)]
 pub(crate) struct Eos {
+    /// Kafka's transactions, rather than tags (`local://`).
+    kafka: bool,
     incarnation: u64,
     core: u32,
     /// The open transaction: what the core sends now is tagged with it.
@@ -40,6 +52,9 @@ pub(crate) struct Eos {
     draining: Cell<bool>,
     /// Notified when a drain ends.
     drained: Event,
+    /// Kafka: closed from the drained instant until the transaction ended.
+    gate_closed: Cell<bool>,
+    gate_opened: Event,
 }
 
 /// The longest a commit waits for the events in flight to be acked before it gives up (and
@@ -48,8 +63,19 @@ pub(crate) struct Eos {
 const DRAIN_LIMIT: Duration = Duration::from_secs(5);
 
 impl Eos {
-    pub(crate) fn new(incarnation: u64, core: usize) -> Eos {
+    /// Transactions by tags on `local://`, for the process's `incarnation`.
+    pub(crate) fn tagging(incarnation: u64, core: usize) -> Eos {
+        Eos::new(false, incarnation, core)
+    }
+
+    /// Kafka's transactions.
+    pub(crate) fn kafka(core: usize) -> Eos {
+        Eos::new(true, 0, core)
+    }
+
+    fn new(kafka: bool, incarnation: u64, core: usize) -> Eos {
         Eos {
+            kafka,
             incarnation,
             core: core as u32,
             open: Cell::new(1),
@@ -57,7 +83,20 @@ impl Eos {
             uncommitted: Cell::new(None),
             draining: Cell::new(false),
             drained: Event::new(),
+            gate_closed: Cell::new(false),
+            gate_opened: Event::new(),
         }
+    }
+
+    /// Whether the transactions are Kafka's.
+    pub(crate) fn is_kafka(&self) -> bool {
+        self.kafka
+    }
+
+    /// Closes the gate until the returned guard is dropped.
+    pub(crate) fn close_gate(&self) -> Gate<'_> {
+        self.gate_closed.set(true);
+        Gate(self)
     }
 
     /// The tag of a record sent now.
@@ -84,6 +123,16 @@ impl Eos {
     }
 }
 
+/// Opens the gate when dropped, whatever way the commit leaves.
+pub(crate) struct Gate<'a>(&'a Eos);
+
+impl Drop for Gate<'_> {
+    fn drop(&mut self) {
+        self.0.gate_closed.set(false);
+        self.0.gate_opened.notify(usize::MAX);
+    }
+}
+
 /// Ends a drain when dropped, whatever way the commit leaves.
 pub(crate) struct Drain<'a>(&'a Eos);
 
@@ -105,7 +154,7 @@ impl CoreRuntime {
         value: Option<&[u8]>,
         headers: &[faust_storage::Header<'_>],
     ) {
-        let Some(eos) = &self.eos else {
+        let Some(eos) = self.eos.as_ref().filter(|e| !e.kafka) else {
             batch.push(timestamp, key, value, headers);
             return;
         };
@@ -117,6 +166,18 @@ impl CoreRuntime {
             let mut all = headers.to_vec();
             all.push(txn);
             batch.push(timestamp, key, value, &all);
+        }
+    }
+
+    /// Waits while an exactly-once commit on Kafka ends its transaction (sends made meanwhile
+    /// belong to the next one).
+    pub(crate) async fn wait_gate(&self) {
+        let Some(eos) = &self.eos else { return };
+        while eos.gate_closed.get() && !self.stopping.is_cancelled() {
+            let listener = eos.gate_opened.listen();
+            if eos.gate_closed.get() {
+                futures_lite::future::or(listener, self.stopped()).await;
+            }
         }
     }
 

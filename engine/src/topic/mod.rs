@@ -212,6 +212,7 @@ impl TopicInner {
             return core.deliver(&self.name, key, value).await;
         }
         let tp = self.route(core, key)?;
+        core.wait_gate().await;
         // Records of a partition land in the order they were sent, buffered or not.
         if core.has_pending(&tp) {
             core.flush()

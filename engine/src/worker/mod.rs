@@ -206,12 +206,12 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
     let kafka = faust_transport::KafkaOptions { partitions, advertised_url: advertised, ..settings.kafka_options() };
     let transport = AnyTransport::open(&settings.broker_url(), cores, memory.as_ref(), kafka, settings.segment_bytes)?;
     if settings.processing_guarantee == crate::settings::ProcessingGuarantee::ExactlyOnce
-        && !matches!(transport, AnyTransport::Local(_))
+        && matches!(transport, AnyTransport::Memory(_))
     {
         return Err(WorkerError::Unsupported {
             setting: "processing_guarantee = exactly_once",
             message: format!(
-                "exactly-once outputs work on local:// only for now, not on {} (use at_least_once: tables are exact either way)",
+                "exactly-once outputs work on local:// and kafka://, not on {} (use at_least_once: tables are exact either way)",
                 settings.broker_url()
             ),
         });
@@ -423,6 +423,15 @@ async fn core_main(
     let stop = app.inner.stop.clone();
     let committed_guard = Committed(&startup);
     let core = transport.attach_core(index, cores).await.map_err(|e| e.to_string())?;
+    if settings.processing_guarantee == crate::settings::ProcessingGuarantee::ExactlyOnce
+        && let AnyCore::Kafka(kafka) = &core
+    {
+        // A transactional producer per core; its id outlives restarts, so a new life of this
+        // worker fences whatever an old one left in flight.
+        let id = format!("{}-{}-{index}", settings.id, transactional_instance(settings)?);
+        let timeout = (settings.commit_interval * 10).max(std::time::Duration::from_secs(60));
+        kafka.init_transactions(&id, timeout).await.map_err(|e| format!("transactional id {id}: {e}"))?;
+    }
     let declared = app.inner.topics.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let tables: Vec<Arc<dyn TableMeta>> = app.inner.tables.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let specs: Vec<(String, Arc<str>, crate::runtime::supervise::StartAgent, usize, bool)> = app
@@ -646,4 +655,25 @@ async fn core_main(
         Some(e) => Err(e),
         None => result,
     }
+}
+
+/// What names this worker in its cores' transactional ids: its static membership id, or an
+/// id kept in its data directory (made on the first start), so that each worker has its own
+/// and keeps it across restarts.
+fn transactional_instance(settings: &crate::settings::Settings) -> Result<String, String> {
+    if let Some(id) = &settings.consumer_group_instance_id {
+        return Ok(id.clone());
+    }
+    let path = settings.datadir.join("transactional.id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("reading {}: {e}", path.display())),
+    }
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let id = format!("{:x}{:x}", nanos as u64, std::process::id());
+    std::fs::create_dir_all(&settings.datadir).map_err(|e| format!("creating {}: {e}", settings.datadir.display()))?;
+    std::fs::write(&path, &id).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    Ok(id)
 }

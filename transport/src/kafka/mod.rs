@@ -293,6 +293,7 @@ impl KafkaTransport {
                 producer: Cell::new(None),
                 producer_turn: glommio::sync::Semaphore::new(1),
                 transactions: RefCell::new(None),
+                transaction_ended: Event::new(),
                 stats: Cell::new(KafkaStats::default()),
             }),
             closed: Rc::new(Cell::new(false)),
@@ -346,6 +347,8 @@ struct CoreState {
     producer_turn: glommio::sync::Semaphore,
     /// This core's transactional producer, once `init_transactions` made it one.
     transactions: RefCell<Option<transaction::Transactions>>,
+    /// Notified when a transaction ended (produces waiting for it go on).
+    transaction_ended: Event,
     stats: Cell<KafkaStats>,
 }
 

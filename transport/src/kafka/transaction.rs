@@ -3,7 +3,9 @@
 //! [`KafkaCore::init_transactions`] finds the transaction coordinator of a transactional id
 //! and takes a producer id and epoch from it (InitProducerId); an earlier producer with the
 //! same id is fenced (the coordinator bumps the epoch, aborts what it left open, and refuses
-//! its requests from then on). Then, per transaction: [`KafkaCore::begin_transaction`];
+//! its requests from then on). Then, per transaction: [`KafkaCore::begin_transaction`] (or
+//! the first produce, which opens one; produces made while a transaction ends wait for the
+//! next);
 //! produces (each partition is added with AddPartitionsToTxn before its first batch, and the
 //! batches carry the transactional attribute, the producer id, epoch and sequence numbers);
 //! [`KafkaCore::send_offsets_to_transaction`] (AddOffsetsToTxn, then TxnOffsetCommit to the
@@ -47,6 +49,8 @@ pub(crate) struct Transactions {
     pub(crate) open: bool,
     /// Partitions added to the open transaction.
     pub(crate) partitions: HashSet<TopicPartition>,
+    /// Set while EndTxn is in flight: produces wait, then open the next transaction.
+    pub(crate) ending: bool,
 }
 
 /// The cache key of a transactional id's coordinator (group names cannot hold a NUL).
@@ -67,9 +71,19 @@ impl KafkaCore {
         let key = coordinator_key(transactional_id);
         let producer =
             self.retrying(Some(&key), || self.init_transactions_once(transactional_id, transaction_timeout)).await?;
-        *self.st.transactions.borrow_mut() =
-            Some(Transactions { id: transactional_id.to_string(), producer, open: false, partitions: HashSet::new() });
+        *self.st.transactions.borrow_mut() = Some(Transactions {
+            id: transactional_id.to_string(),
+            producer,
+            open: false,
+            partitions: HashSet::new(),
+            ending: false,
+        });
         Ok(())
+    }
+
+    /// Whether a transaction is open (something was produced in it, or it was begun).
+    pub fn transaction_open(&self) -> bool {
+        self.st.transactions.borrow().as_ref().is_some_and(|t| t.open)
     }
 
     async fn init_transactions_once(&self, id: &str, timeout: std::time::Duration) -> Result<ProducerId> {
@@ -121,14 +135,24 @@ impl KafkaCore {
         }
     }
 
-    /// Before a produce to `tp`: adds it to the open transaction if it is not in it yet.
-    /// Fails when this core is transactional and no transaction is open.
+    /// Before a produce to `tp`: adds it to the open transaction if it is not in it yet. A
+    /// produce while no transaction is open opens one; while one is ending, it waits for the
+    /// end (it belongs to the next).
     pub(crate) async fn add_to_transaction(&self, tp: &TopicPartition) -> Result<()> {
+        loop {
+            let listener = self.st.transaction_ended.listen();
+            if !self.st.transactions.borrow().as_ref().is_some_and(|t| t.ending) {
+                break;
+            }
+            listener.await;
+            self.check_open()?;
+        }
         let (id, producer) = {
-            let txns = self.st.transactions.borrow();
-            let Some(t) = txns.as_ref() else { return Ok(()) };
+            let mut txns = self.st.transactions.borrow_mut();
+            let Some(t) = txns.as_mut() else { return Ok(()) };
             if !t.open {
-                return Err(not_transactional("produce outside a transaction"));
+                t.open = true;
+                t.partitions.clear();
             }
             if t.partitions.contains(tp) {
                 return Ok(());
@@ -266,6 +290,8 @@ impl KafkaCore {
         if !open {
             return Err(not_transactional("end a transaction that is not open"));
         }
+        // Produces made meanwhile wait and go into the next transaction.
+        let _ending = Ending::start(self);
         let key = coordinator_key(&id);
         self.retrying(Some(&key), || async {
             let conn = self.transaction_coordinator(&id).await?;
@@ -301,6 +327,27 @@ impl KafkaCore {
             }
             code => Err(conn.broker_error(api, About::default(), code, None)),
         }
+    }
+}
+
+/// Marks the transaction as ending while it lives; wakes the waiting produces when dropped.
+struct Ending<'a>(&'a KafkaCore);
+
+impl<'a> Ending<'a> {
+    fn start(core: &'a KafkaCore) -> Ending<'a> {
+        if let Some(t) = core.st.transactions.borrow_mut().as_mut() {
+            t.ending = true;
+        }
+        Ending(core)
+    }
+}
+
+impl Drop for Ending<'_> {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.st.transactions.borrow_mut().as_mut() {
+            t.ending = false;
+        }
+        self.0.st.transaction_ended.notify(usize::MAX);
     }
 }
 
