@@ -500,7 +500,10 @@ fn run(args: &Args, broker: &str) -> BenchResult<Figures> {
                     let (tp, o) = (format!("produce-front-{tag}-{r}"), orders.clone());
                     let secs = on_glommio(&t, move |core| ours_produce(core, tp, o))?;
                     figures.push(n as f64 / secs);
-                    progress(json, &format!("round {r}: produce through the front, {what}, {:.0} msgs/s", n as f64 / secs));
+                    progress(
+                        json,
+                        &format!("round {r}: produce through the front, {what}, {:.0} msgs/s", n as f64 / secs),
+                    );
                 }
             }
         }

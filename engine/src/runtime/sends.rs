@@ -11,8 +11,8 @@ use faust_storage::Record;
 use faust_transport::{Produced, TopicPartition};
 
 use crate::acks::AckTracker;
-use crate::runtime::{CoreRuntime, HashMap};
 use crate::runtime::queue::QueuedEvent;
+use crate::runtime::{CoreRuntime, HashMap};
 use crate::util::now_ms;
 
 /// Why buffered sends, or a commit that waits for them, failed.
@@ -121,13 +121,24 @@ impl CoreRuntime {
     /// writes fail does not hold back the others. Only when the transport lost a batch (it did
     /// not hand it back) does this core refuse to commit and stop the worker.
     pub(crate) async fn flush(self: &Rc<Self>) -> Result<(), FlushError> {
-        // While an exactly-once commit on Kafka ends its transaction, new records wait.
-        self.wait_gate().await;
-        self.flush_batches(None).await
+        // While an exactly-once commit on Kafka ends its transaction, what is buffered belongs
+        // to the next one: wait, and check again once the flush is ours (the gate may have
+        // closed while this waited for the lock).
+        loop {
+            self.wait_gate().await;
+            let Ok(permit) = self.flush_lock.acquire_permit(1).await else {
+                return Err(FlushError::Transport(faust_transport::Error::Closed));
+            };
+            if self.gate_closed() {
+                drop(permit);
+                continue;
+            }
+            return self.flush_locked(None).await;
+        }
     }
 
-    /// [`flush`](CoreRuntime::flush) of `sealed` (the sends an exactly-once commit took aside)
-    /// instead of what is buffered now; `None`: what is buffered now.
+    /// [`flush`](CoreRuntime::flush) of `sealed`, the sends an exactly-once commit took aside
+    /// (not what is buffered now), whatever the gate.
     pub(crate) async fn flush_batches(
         self: &Rc<Self>,
         sealed: Option<HashMap<TopicPartition, faust_storage::BatchBuilder>>,
@@ -135,6 +146,14 @@ impl CoreRuntime {
         let Ok(_permit) = self.flush_lock.acquire_permit(1).await else {
             return Err(FlushError::Transport(faust_transport::Error::Closed));
         };
+        self.flush_locked(sealed).await
+    }
+
+    /// The flush, with the flush lock held.
+    async fn flush_locked(
+        self: &Rc<Self>,
+        sealed: Option<HashMap<TopicPartition, faust_storage::BatchBuilder>>,
+    ) -> Result<(), FlushError> {
         let mut first_error = None;
         // Partitions whose write failed in this flush: their later batches wait behind.
         let mut failed: Vec<TopicPartition> = Vec::new();

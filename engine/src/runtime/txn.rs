@@ -169,6 +169,11 @@ impl CoreRuntime {
         }
     }
 
+    /// Whether an exactly-once commit on Kafka holds the gate closed.
+    pub(crate) fn gate_closed(&self) -> bool {
+        self.eos.as_ref().is_some_and(|e| e.gate_closed.get())
+    }
+
     /// Waits while an exactly-once commit on Kafka ends its transaction (sends made meanwhile
     /// belong to the next one).
     pub(crate) async fn wait_gate(&self) {
