@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod kafka_front;
+pub mod tally;
 
 /// The environment variable through which `scripts/test` hands a running broker to the tests.
 pub const BROKER_ENV: &str = "FAUST_TEST_BROKER";

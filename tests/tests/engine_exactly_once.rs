@@ -18,17 +18,7 @@ use std::time::{Duration, Instant};
 use faust_transport::{CoreTransport, LocalTransport, TopicPartition, Transport};
 use rand::{Rng, SeedableRng};
 
-/// The steps a worker can die at (`FAUST_CRASH_AT`).
-const CRASH_POINTS: [&str; 8] = [
-    "commit:frozen",
-    "commit:changelog-batch",
-    "commit:changelog",
-    "commit:flushed",
-    "commit:committed",
-    "commit:checkpoint",
-    "recover:replayed",
-    "recover:neutralizing",
-];
+use faust_tests::tally::CRASH_POINTS;
 /// Events added before each run, so that every run has work to crash in.
 const EVENTS_PER_RUN: u64 = 10_000;
 const KEYS: u64 = 16;

@@ -12,17 +12,7 @@ use std::process::{Command, Stdio};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
-/// The steps a worker can die at (`FAUST_CRASH_AT`), in the order the protocol passes them.
-const CRASH_POINTS: [&str; 8] = [
-    "commit:frozen",
-    "commit:changelog-batch",
-    "commit:changelog",
-    "commit:flushed",
-    "commit:committed",
-    "commit:checkpoint",
-    "recover:replayed",
-    "recover:neutralizing",
-];
+use faust_tests::tally::CRASH_POINTS;
 
 /// Events per run; the runs with small segments take more, so that their changelogs and
 /// stores fill enough segments for the upkeep to compact them between crashes.

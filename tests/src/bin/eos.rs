@@ -13,14 +13,9 @@
 //! it sees only committed outputs: a count above N would be an output seen twice.
 //! With `FAUST_CRASH_AT=<point>:<n>` the engine aborts at that step of its commit protocol.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use faust::{App, ProcessingGuarantee, Settings};
-
-type Snapshot = HashMap<usize, (Vec<(String, u64)>, Vec<(String, u64)>)>;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -110,49 +105,15 @@ fn main() {
                     }
                 });
             }
-            let snapshot: Arc<Mutex<Snapshot>> = Arc::default();
-            let total = Arc::new(AtomicU64::new(0));
-            {
-                let (counts, sums, snapshot, total) = (counts.clone(), sums.clone(), snapshot.clone(), total.clone());
-                app.timer(Duration::from_millis(10), move || {
-                    let (counts, sums, snapshot, total) =
-                        (counts.clone(), sums.clone(), snapshot.clone(), total.clone());
-                    async move {
-                        let core = faust::runtime::current_core().ok_or("timers run on cores")?;
-                        let mine = (counts.local_items()?, sums.local_items()?);
-                        let mut all = snapshot.lock().map_err(|_| "poisoned")?;
-                        all.insert(core, mine);
-                        total.store(all.values().flat_map(|(c, _)| c.iter().map(|(_, n)| n)).sum(), Ordering::SeqCst);
-                        Ok(())
-                    }
-                });
-            }
-            let watcher = {
-                let (stop, total) = (stop.clone(), total.clone());
-                std::thread::spawn(move || {
-                    let deadline = Instant::now() + Duration::from_secs(120);
-                    while total.load(Ordering::SeqCst) < n && Instant::now() < deadline {
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    // A little longer: an output counted twice would show now.
-                    std::thread::sleep(Duration::from_millis(300));
-                    stop.stop();
-                })
-            };
+            let tally = faust_tests::tally::Tally::follow(&app, &counts, &sums);
+            let watcher = tally.stop_when_counted(&app, n, Duration::from_millis(300));
             if let Err(e) = app.run() {
                 eprintln!("eos: {e}");
                 std::process::exit(1);
             }
             let _ = watcher.join();
-            let all = snapshot.lock().map(|s| s.clone()).unwrap_or_default();
-            let mut dump: BTreeMap<&str, BTreeMap<String, u64>> = BTreeMap::new();
-            for (c, s) in all.values() {
-                dump.entry("counts").or_default().extend(c.iter().cloned());
-                dump.entry("sums").or_default().extend(s.iter().cloned());
-            }
-            let text = serde_json::to_string(&dump).unwrap_or_default();
-            if let Err(e) = std::fs::write(&out, text) {
-                eprintln!("eos: writing {out}: {e}");
+            if let Err(e) = tally.write(&out) {
+                eprintln!("eos: {e}");
                 std::process::exit(1);
             }
         }

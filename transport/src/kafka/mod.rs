@@ -580,20 +580,17 @@ impl KafkaCore {
         offsets: &[(TopicPartition, u64)],
     ) -> Result<()> {
         let conn = self.coordinator(group).await?;
-        let mut topics: Vec<OffsetCommitRequestTopic> = Vec::new();
-        for (tp, offset) in offsets {
+        let topics: Vec<OffsetCommitRequestTopic> = by_topic(offsets.iter().map(|(tp, offset)| {
             let p = OffsetCommitRequestPartition::default()
                 .with_partition_index(tp.partition as i32)
                 .with_committed_offset(*offset as i64)
                 .with_committed_leader_epoch(-1)
                 .with_committed_metadata(None);
-            match topics.iter_mut().find(|t| t.name.0.as_str() == &*tp.topic) {
-                Some(t) => t.partitions.push(p),
-                None => topics.push(
-                    OffsetCommitRequestTopic::default().with_name(topic_name(&tp.topic)).with_partitions(vec![p]),
-                ),
-            }
-        }
+            (tp, p)
+        }))
+        .into_iter()
+        .map(|(topic, partitions)| OffsetCommitRequestTopic::default().with_name(topic).with_partitions(partitions))
+        .collect();
         let mut req = OffsetCommitRequest::default()
             .with_group_id(GroupId(StrBytes::from_string(group.to_string())))
             .with_generation_id_or_member_epoch(member.map_or(-1, |m| m.generation))
@@ -656,6 +653,19 @@ impl KafkaCore {
         }
         Ok(out)
     }
+}
+
+/// `items` grouped by topic, in the order topics first appear: a request names each topic
+/// once, with its partitions.
+pub(crate) fn by_topic<'a, P>(items: impl IntoIterator<Item = (&'a TopicPartition, P)>) -> Vec<(TopicName, Vec<P>)> {
+    let mut out: Vec<(TopicName, Vec<P>)> = Vec::new();
+    for (tp, p) in items {
+        match out.iter_mut().find(|(t, _)| t.0.as_str() == &*tp.topic) {
+            Some((_, ps)) => ps.push(p),
+            None => out.push((topic_name(&tp.topic), vec![p])),
+        }
+    }
+    out
 }
 
 pub(crate) fn topic_name(name: &str) -> TopicName {

@@ -30,7 +30,7 @@ use kafka_protocol::protocol::StrBytes;
 
 use super::connection::{About, Connection};
 use super::producer::ProducerId;
-use super::{KafkaCore, topic_name};
+use super::{KafkaCore, by_topic, topic_name};
 use crate::error::{Error, Result};
 use crate::types::{Fence, TopicPartition};
 
@@ -230,22 +230,19 @@ impl KafkaCore {
         .await?;
         self.retrying(Some(group), || async {
             let conn = self.coordinator(group).await?;
-            let mut topics: Vec<TxnOffsetCommitRequestTopic> = Vec::new();
-            for (tp, offset) in offsets {
+            let topics: Vec<TxnOffsetCommitRequestTopic> = by_topic(offsets.iter().map(|(tp, offset)| {
                 let p = TxnOffsetCommitRequestPartition::default()
                     .with_partition_index(tp.partition as i32)
                     .with_committed_offset(*offset as i64)
                     .with_committed_leader_epoch(-1)
                     .with_committed_metadata(None);
-                match topics.iter_mut().find(|t| t.name.0.as_str() == &*tp.topic) {
-                    Some(t) => t.partitions.push(p),
-                    None => topics.push(
-                        TxnOffsetCommitRequestTopic::default()
-                            .with_name(topic_name(&tp.topic))
-                            .with_partitions(vec![p]),
-                    ),
-                }
-            }
+                (tp, p)
+            }))
+            .into_iter()
+            .map(|(topic, partitions)| {
+                TxnOffsetCommitRequestTopic::default().with_name(topic).with_partitions(partitions)
+            })
+            .collect();
             let mut req = TxnOffsetCommitRequest::default()
                 .with_transactional_id(TransactionalId(StrBytes::from_string(id.clone())))
                 .with_group_id(GroupId(StrBytes::from_string(group.to_string())))
