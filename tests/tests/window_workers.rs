@@ -110,6 +110,17 @@ fn windows_after_group_by_close_once_on_their_owner_as_partitions_move() {
     let second = start(&transport, dir.path(), 1);
     let late = |w: &Worker| w.app.stats().late_events;
     produce(&transport, 6_000, 12_000, &mut expected);
+    // Every order so far processed first (both hops of `group_by`): otherwise an order far
+    // later, repartitioned ahead of them, would make them late. (On a loaded machine the
+    // workers can be seconds behind.)
+    let settled = Instant::now() + Duration::from_secs(60);
+    let mut quiet = 0;
+    while quiet < 3 && Instant::now() < settled {
+        let (a, b) = (first.app.stats(), second.app.stats());
+        let caught_up = a.events_processed + b.events_processed >= 12_000 && a.lag == 0 && b.lag == 0;
+        quiet = if caught_up { quiet + 1 } else { 0 };
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // One order per account far later: every window of every account closes.
     let mut last = BTreeMap::new();
     produce(&transport, 10_000_000, 10_000_000 + ACCOUNTS, &mut last);
