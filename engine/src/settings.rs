@@ -54,6 +54,16 @@ pub struct SettingsError {
 /// | `broker_credentials` | none | `BROKER_SASL_MECHANISM` (`PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512`), `BROKER_SASL_USERNAME`, `BROKER_SASL_PASSWORD` |
 /// | `producer_idempotence` | true | `PRODUCER_IDEMPOTENCE` |
 /// | `processing_guarantee` | at least once | `PROCESSING_GUARANTEE` (`at_least_once`, `exactly_once`) |
+/// | `broker_client_id` | `faust-rs` | `BROKER_CLIENT_ID` |
+/// | `broker_request_timeout` | 30 s | `BROKER_REQUEST_TIMEOUT` (seconds) |
+/// | `producer_acks` | all | `PRODUCER_ACKS` (`-1`/`all`, `1`) |
+/// | `producer_compression_type` | none | `PRODUCER_COMPRESSION_TYPE` (`gzip`, `snappy`, `lz4`, `zstd`, `none`) |
+/// | `producer_linger` | 0 s | `PRODUCER_LINGER` (seconds), or Faust's older `PRODUCER_LINGER_MS` |
+/// | `producer_max_batch_size` | 1 MiB | `PRODUCER_MAX_BATCH_SIZE` (bytes) |
+/// | `topic_replication_factor` | 1 | `TOPIC_REPLICATION_FACTOR` |
+///
+/// Faust's `APP_STORE` names the store too (`memory://`; `rocksdb://` means this engine's
+/// persistent store, `mmap://`), and Faust's `;` between brokers is understood.
 ///
 /// With `APP_ENV_PREFIX=X`, every variable is read as `X_NAME` instead (Faust's `env_prefix`).
 ///
@@ -156,6 +166,21 @@ pub struct Settings {
     /// What the app's outputs guarantee (Faust's `processing_guarantee`). Tables are exact
     /// either way.
     pub processing_guarantee: ProcessingGuarantee,
+    /// On `kafka://`: the client id sent with every request.
+    pub broker_client_id: String,
+    /// On `kafka://`: the longest one request may take.
+    pub broker_request_timeout: Duration,
+    /// On `kafka://`: how many replicas acknowledge a produce.
+    pub producer_acks: faust_transport::Acks,
+    /// On `kafka://`: how produced batches are compressed.
+    pub producer_compression_type: faust_transport::Compression,
+    /// On `kafka://`: how long a produce waits for others to the same broker, to share a
+    /// request.
+    pub producer_linger: Duration,
+    /// On `kafka://`: the largest record batch written, in bytes.
+    pub producer_max_batch_size: usize,
+    /// On `kafka://`: the replication factor of the topics the app creates.
+    pub topic_replication_factor: i16,
 }
 
 /// What an app's outputs guarantee (Faust's `processing_guarantee`).
@@ -258,6 +283,13 @@ impl Settings {
             broker_credentials: None,
             producer_idempotence: true,
             processing_guarantee: ProcessingGuarantee::AtLeastOnce,
+            broker_client_id: "faust-rs".to_string(),
+            broker_request_timeout: Duration::from_secs(30),
+            producer_acks: faust_transport::Acks::All,
+            producer_compression_type: faust_transport::Compression::None,
+            producer_linger: Duration::ZERO,
+            producer_max_batch_size: 1 << 20,
+            topic_replication_factor: 1,
         }
     }
 
@@ -275,8 +307,82 @@ impl Settings {
             idempotent: self.producer_idempotence,
             // Exactly-once reads only what committed transactions wrote.
             read_committed: self.processing_guarantee == ProcessingGuarantee::ExactlyOnce,
+            client_id: self.broker_client_id.clone(),
+            request_timeout: self.broker_request_timeout,
+            acks: self.producer_acks,
+            compression: self.producer_compression_type,
+            linger: self.producer_linger,
+            max_batch_bytes: self.producer_max_batch_size,
+            replication_factor: self.topic_replication_factor,
             ..faust_transport::KafkaOptions::default()
         }
+    }
+
+    /// The Kafka client's tuning, under Faust's names.
+    fn apply_kafka_vars(
+        &mut self,
+        get: &dyn Fn(&str) -> Option<(String, String)>,
+        seconds: &dyn Fn((String, String)) -> Result<Duration, SettingsError>,
+    ) -> Result<(), SettingsError> {
+        let refuse = |(variable, value): (String, String), reason: &str| SettingsError {
+            variable,
+            value,
+            reason: reason.to_string(),
+        };
+        if let Some((_, v)) = get("BROKER_CLIENT_ID") {
+            self.broker_client_id = v.trim().to_string();
+        }
+        if let Some(kv) = get("BROKER_REQUEST_TIMEOUT") {
+            self.broker_request_timeout = seconds(kv)?;
+        }
+        if let Some(kv) = get("PRODUCER_ACKS") {
+            self.producer_acks = match kv.1.trim().to_ascii_lowercase().as_str() {
+                "-1" | "all" => faust_transport::Acks::All,
+                "1" => faust_transport::Acks::Leader,
+                "0" => {
+                    return Err(refuse(
+                        kv,
+                        "acks=0 is not offered: a commit must know its sends are durable; use 1 or all",
+                    ));
+                }
+                _ => return Err(refuse(kv, "expected -1 (all) or 1")),
+            };
+        }
+        if let Some(kv) = get("PRODUCER_COMPRESSION_TYPE") {
+            self.producer_compression_type = match kv.1.trim().to_ascii_lowercase().as_str() {
+                "" | "none" => faust_transport::Compression::None,
+                "gzip" => faust_transport::Compression::Gzip,
+                "snappy" => faust_transport::Compression::Snappy,
+                "lz4" => faust_transport::Compression::Lz4,
+                "zstd" => faust_transport::Compression::Zstd,
+                _ => return Err(refuse(kv, "expected gzip, snappy, lz4, zstd or none")),
+            };
+        }
+        if let Some(kv) = get("PRODUCER_LINGER_MS") {
+            let ms: u64 = kv.1.trim().parse().map_err(|_| refuse(kv.clone(), "expected milliseconds"))?;
+            self.producer_linger = Duration::from_millis(ms);
+        }
+        if let Some(kv) = get("PRODUCER_LINGER") {
+            let secs: f64 = kv.1.trim().parse().map_err(|_| refuse(kv.clone(), "expected seconds, e.g. 0.005"))?;
+            if !(secs.is_finite() && (0.0..3600.0).contains(&secs)) {
+                return Err(refuse(kv, "expected seconds from 0 to 3600"));
+            }
+            self.producer_linger = Duration::from_secs_f64(secs);
+        }
+        if let Some(kv) = get("PRODUCER_MAX_BATCH_SIZE") {
+            let bytes: usize = kv.1.trim().parse().map_err(|_| refuse(kv.clone(), "expected bytes"))?;
+            if bytes == 0 {
+                return Err(refuse(kv, "expected at least 1 byte"));
+            }
+            self.producer_max_batch_size = bytes;
+        }
+        if let Some(kv) = get("TOPIC_REPLICATION_FACTOR") {
+            self.topic_replication_factor = match kv.1.trim().parse::<i16>() {
+                Ok(n) if n >= 1 => n,
+                _ => return Err(refuse(kv, "expected a replication factor of at least 1")),
+            };
+        }
+        Ok(())
     }
 
     /// TLS and SASL from the environment: any `BROKER_SSL_*` variable (or `BROKER_SSL=true`)
@@ -472,12 +578,23 @@ impl Settings {
             }
             self.cores = Some(n);
         }
-        if let Some((variable, value)) = get("STORE") {
-            if value != "mmap://" && value != "memory://" {
-                return Err(SettingsError { variable, value, reason: "expected mmap:// or memory://".into() });
+        for name in ["APP_STORE", "STORE"] {
+            if let Some((variable, value)) = get(name) {
+                self.store = match value.trim() {
+                    "mmap://" | "memory://" => value.trim().to_string(),
+                    // Faust's persistent store: ours is the mmap'd one.
+                    "rocksdb://" => "mmap://".to_string(),
+                    _ => {
+                        return Err(SettingsError {
+                            variable,
+                            value,
+                            reason: "expected mmap:// (rocksdb:// is taken for it) or memory://".into(),
+                        });
+                    }
+                };
             }
-            self.store = value;
         }
+        self.apply_kafka_vars(&get, &seconds)?;
         if let Some(kv) = get("WEB_PORT") {
             self.web_port = parse(kv, "a TCP port")?;
         }
@@ -654,6 +771,39 @@ mod tests {
             ])
             .unwrap_err();
         assert_eq!(e.variable, "BROKER_SASL_MECHANISM");
+    }
+
+    #[test]
+    fn kafka_tuning_under_faust_names() {
+        let s = Settings::new("app")
+            .from_vars([
+                ("BROKER_CLIENT_ID", "orders-1"),
+                ("BROKER_REQUEST_TIMEOUT", "90"),
+                ("PRODUCER_ACKS", "1"),
+                ("PRODUCER_COMPRESSION_TYPE", "zstd"),
+                ("PRODUCER_LINGER_MS", "7"),
+                ("PRODUCER_MAX_BATCH_SIZE", "16384"),
+                ("TOPIC_REPLICATION_FACTOR", "3"),
+                ("APP_STORE", "rocksdb://"),
+            ])
+            .unwrap();
+        let o = s.kafka_options();
+        assert_eq!((o.client_id.as_str(), o.request_timeout), ("orders-1", Duration::from_secs(90)));
+        assert_eq!((o.acks, o.compression), (faust_transport::Acks::Leader, faust_transport::Compression::Zstd));
+        assert_eq!((o.linger, o.max_batch_bytes, o.replication_factor), (Duration::from_millis(7), 16384, 3));
+        assert_eq!(s.store, "mmap://");
+        // `producer_linger` in seconds wins over the deprecated milliseconds.
+        let s = Settings::new("app").from_vars([("PRODUCER_LINGER_MS", "7"), ("PRODUCER_LINGER", "0.5")]).unwrap();
+        assert_eq!(s.producer_linger, Duration::from_millis(500));
+        for (variable, value, says) in [
+            ("PRODUCER_ACKS", "0", "durable"),
+            ("PRODUCER_COMPRESSION_TYPE", "brotli", "zstd"),
+            ("TOPIC_REPLICATION_FACTOR", "0", "at least 1"),
+            ("APP_STORE", "aerospike://", "mmap://"),
+        ] {
+            let e = Settings::new("app").from_vars([(variable, value)]).unwrap_err();
+            assert!(e.variable == variable && e.reason.contains(says), "{e}");
+        }
     }
 
     #[test]

@@ -156,7 +156,7 @@ impl KafkaCore {
                 CreatableTopic::default()
                     .with_name(topic_name(name))
                     .with_num_partitions(config.partitions as i32)
-                    .with_replication_factor(1)
+                    .with_replication_factor(self.options().replication_factor)
                     .with_configs(configs),
             ])
             .with_timeout_ms(timeout.as_millis().min(i32::MAX as u128) as i32);

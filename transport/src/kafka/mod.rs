@@ -160,6 +160,9 @@ pub struct KafkaOptions {
     /// broker and numbers its batches per partition, so a produce retried after a lost answer
     /// is written once, in order. Off, a retry may write a batch twice.
     pub idempotent: bool,
+    /// The replication factor of the topics this client creates (Faust's
+    /// `topic_replication_factor`, 1).
+    pub replication_factor: i16,
     /// Kafka's `isolation.level=read_committed` (false, the default: `read_uncommitted`):
     /// fetches stop at the last stable offset and skip the records of aborted transactions,
     /// so an upstream transactional producer's aborted writes are never processed.
@@ -188,6 +191,7 @@ impl Default for KafkaOptions {
             sasl: None,
             idempotent: true,
             read_committed: false,
+            replication_factor: 1,
         }
     }
 }
@@ -232,7 +236,8 @@ impl KafkaTransport {
         let rest = url.strip_prefix("kafka://").ok_or_else(|| bad("a Kafka URL starts with kafka://"))?;
         let rest = rest.trim_end_matches('/');
         let mut bootstrap = Vec::new();
-        for hp in rest.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        // Faust separates brokers with `;` as well as `,`.
+        for hp in rest.split([',', ';']).map(str::trim).filter(|s| !s.is_empty()) {
             let (host, port) = hp.rsplit_once(':').ok_or_else(|| bad("each broker is host:port"))?;
             if host.is_empty() || port.parse::<u16>().is_err() {
                 return Err(bad("each broker is host:port, with a port from 1 to 65535"));
@@ -241,6 +246,9 @@ impl KafkaTransport {
         }
         if bootstrap.is_empty() {
             return Err(bad("name at least one broker, as kafka://host:port"));
+        }
+        if options.replication_factor < 1 {
+            return Err(bad("the replication factor must be at least 1"));
         }
         if options.request_timeout.is_zero() {
             return Err(bad("the request timeout must be more than zero"));
@@ -292,6 +300,7 @@ impl KafkaTransport {
                 turns: RefCell::new(HashMap::new()),
                 producer: Cell::new(None),
                 producer_turn: glommio::sync::Semaphore::new(1),
+                producer_sessions: Cell::new(0),
                 transactions: RefCell::new(None),
                 transaction_ended: Event::new(),
                 stats: Cell::new(KafkaStats::default()),
@@ -345,6 +354,8 @@ struct CoreState {
     producer: Cell<Option<producer::ProducerId>>,
     /// Held while asking for a producer id.
     producer_turn: glommio::sync::Semaphore,
+    /// Producer ids this core was given so far.
+    producer_sessions: Cell<u64>,
     /// This core's transactional producer, once `init_transactions` made it one.
     transactions: RefCell<Option<transaction::Transactions>>,
     /// Notified when a transaction ended (produces waiting for it go on).
@@ -673,7 +684,7 @@ pub(crate) fn topic_name(name: &str) -> TopicName {
 }
 
 impl CoreTransport for KafkaCore {
-    /// Creates the topic with replication factor 1 (`cleanup.policy=compact` when compacted,
+    /// Creates the topic with [`KafkaOptions::replication_factor`] (`cleanup.policy=compact` when compacted,
     /// `retention.ms`/`retention.bytes` when set), or checks the partition count of an existing
     /// one. The other settings of an existing topic are not compared.
     async fn create_topic(&self, name: &str, config: &TopicConfig) -> Result<TopicMetadata> {
@@ -963,5 +974,13 @@ mod tests {
         assert!(!retriable(&broker(protocol::code::TOPIC_ALREADY_EXISTS)));
         assert!(!retriable(&Error::UnknownTopic { topic: "t".into() }));
         assert!(broker(6).to_string().contains("NotLeaderOrFollower"), "{}", broker(6));
+    }
+
+    #[test]
+    fn broker_lists_take_fausts_separators_too() {
+        let t = KafkaTransport::open("kafka://a:1;b:2, c:3", KafkaOptions::default()).unwrap();
+        assert_eq!(t.bootstrap().iter().map(|b| &**b).collect::<Vec<_>>(), ["a:1", "b:2", "c:3"]);
+        let none = KafkaOptions { replication_factor: 0, ..KafkaOptions::default() };
+        assert!(KafkaTransport::open("kafka://a:1", none).is_err());
     }
 }

@@ -54,6 +54,9 @@ mod code {
 pub(crate) struct ProducerId {
     pub(crate) id: i64,
     pub(crate) epoch: i16,
+    /// Which InitProducerId of this core gave it. A broker that lost its state (restarted
+    /// empty) may hand out the same id and epoch again; numbering must start over anyway.
+    pub(crate) session: u64,
 }
 
 /// One partition's produces on one core: taken one at a time, and numbered.
@@ -237,6 +240,13 @@ impl KafkaCore {
         Ok(p)
     }
 
+    /// A number no earlier producer id of this core had.
+    pub(crate) fn next_producer_session(&self) -> u64 {
+        let n = self.st.producer_sessions.get() + 1;
+        self.st.producer_sessions.set(n);
+        n
+    }
+
     /// Forgets `stale` (if it is still the current id), so that the next produce asks for a
     /// new one.
     fn forget_producer_id(&self, stale: Option<ProducerId>) {
@@ -264,7 +274,7 @@ impl KafkaCore {
                 format!("producer id {}", resp.producer_id.0),
             ));
         }
-        Ok(ProducerId { id: resp.producer_id.0, epoch: resp.producer_epoch })
+        Ok(ProducerId { id: resp.producer_id.0, epoch: resp.producer_epoch, session: self.next_producer_session() })
     }
 
     async fn produce_once(&self, tp: &TopicPartition, set: Bytes, count: u64) -> Result<Produced> {

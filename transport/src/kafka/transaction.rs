@@ -96,7 +96,7 @@ impl KafkaCore {
         let (_, resp) =
             conn.request(ApiKey::InitProducerId, &req, self.options().request_timeout, About::default()).await?;
         self.check(&conn, ApiKey::InitProducerId, id, resp.error_code)?;
-        Ok(ProducerId { id: resp.producer_id.0, epoch: resp.producer_epoch })
+        Ok(ProducerId { id: resp.producer_id.0, epoch: resp.producer_epoch, session: self.next_producer_session() })
     }
 
     /// Opens a transaction: what this core produces until it commits or aborts is part of it.
