@@ -196,7 +196,7 @@ fn run_alone() -> Result<(), Box<dyn std::error::Error>> {
     let start = Instant::now();
     {
         let (order_count, totals, counted, dump) = (order_count.clone(), totals.clone(), counted.clone(), dump.clone());
-        app.timer(Duration::from_millis(250), move || {
+        app.timer_on_every_core(Duration::from_millis(250), move || {
             let (order_count, totals, counted, dump) =
                 (order_count.clone(), totals.clone(), counted.clone(), dump.clone());
             async move {

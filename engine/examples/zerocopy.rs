@@ -111,7 +111,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let totals: Totals = Arc::default();
     {
         let (sums, totals) = (sums.clone(), totals.clone());
-        app.timer(Duration::from_millis(100), move || {
+        app.timer_on_every_core(Duration::from_millis(100), move || {
             let (sums, totals) = (sums.clone(), totals.clone());
             async move {
                 let core = faust::runtime::current_core().ok_or("timers run on a core")?;

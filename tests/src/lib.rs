@@ -97,7 +97,7 @@ pub fn count_until(
     let seen = Arc::new(AtomicU64::new(0));
     {
         let (counts, totals, seen) = (table.clone(), totals.clone(), seen.clone());
-        app.timer(std::time::Duration::from_millis(20), move || {
+        app.timer_on_every_core(std::time::Duration::from_millis(20), move || {
             let (counts, totals, seen) = (counts.clone(), totals.clone(), seen.clone());
             async move {
                 let core = faust::runtime::current_core().ok_or("timers run on a core")?;

@@ -25,7 +25,7 @@ impl Tally {
         let tally = Tally::default();
         let (counts, sums, snapshot, total) =
             (counts.clone(), sums.clone(), tally.snapshot.clone(), tally.total.clone());
-        app.timer(Duration::from_millis(10), move || {
+        app.timer_on_every_core(Duration::from_millis(10), move || {
             let (counts, sums, snapshot, total) = (counts.clone(), sums.clone(), snapshot.clone(), total.clone());
             async move {
                 let core = faust::runtime::current_core().ok_or("timers run on cores")?;

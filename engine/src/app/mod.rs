@@ -407,33 +407,100 @@ impl App {
         });
     }
 
-    /// Registers `f` to run every `interval` on every core, from one interval after start-up
-    /// until the worker stops (Faust's `@app.timer`, which runs once per worker: here each core
-    /// runs it, and a table read in it sees that core's shards). A failing run is logged.
+    /// Registers `f` to run every `interval` (Faust's `@app.timer`): once per worker, on its
+    /// first core, from one interval after start-up until the worker stops. Runs keep to the
+    /// schedule (start + k × interval) rather than drifting by the time each run takes; a run
+    /// that overruns skips the ticks it missed. A failing run is logged.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use faust::{App, Settings};
+    ///
+    /// let app = App::new(Settings::new("ticker"));
+    /// let ticks = app.topic::<String, u64>("ticks");
+    /// app.timer(Duration::from_secs(1), move || {
+    ///     let ticks = ticks.clone();
+    ///     async move {
+    ///         ticks.send(None, &1).await?;
+    ///         Ok(())
+    ///     }
+    /// });
+    /// ```
     pub fn timer<F, Fut>(&self, interval: std::time::Duration, f: F)
     where
         F: Fn() -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), AgentError>> + 'static,
     {
+        self.add_timer(interval, f, false);
+    }
+
+    /// [`App::timer`] on every core of the worker: a table read in it sees that core's shards
+    /// (`Table::local_items`), which is how a worker gathers a table from all its cores.
+    pub fn timer_on_every_core<F, Fut>(&self, interval: std::time::Duration, f: F)
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), AgentError>> + 'static,
+    {
+        self.add_timer(interval, f, true);
+    }
+
+    fn add_timer<F, Fut>(&self, interval: std::time::Duration, f: F, every_core: bool)
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), AgentError>> + 'static,
+    {
         let f = Arc::new(f);
+        let interval = interval.max(std::time::Duration::from_micros(1));
         lock(&self.inner.agents).push(AgentSpec {
             name: "timer".to_string(),
             topic: Arc::from(""),
             start: Arc::new(move |run: AgentRun| {
                 let f = f.clone();
                 Box::pin(async move {
+                    let mut next = std::time::Instant::now() + interval;
                     loop {
-                        if !run.core.sleep_unless_stopped(interval).await {
+                        let wait = next.saturating_duration_since(std::time::Instant::now());
+                        if !run.core.sleep_unless_stopped(wait).await {
                             return;
                         }
                         if let Err(e) = f().await {
                             tracing::error!(error = %e, "timer failed");
                         }
+                        next = crate::app::next_tick(next, interval, std::time::Instant::now());
                     }
                 })
             }),
             concurrency: 1,
-            every_core: true,
+            every_core,
         });
+    }
+}
+
+/// The tick after `last` on a schedule of `interval`, skipping those already past at `now`.
+pub(crate) fn next_tick(
+    last: std::time::Instant,
+    interval: std::time::Duration,
+    now: std::time::Instant,
+) -> std::time::Instant {
+    let next = last + interval;
+    if next > now {
+        return next;
+    }
+    let behind = now.duration_since(next).as_nanos() / interval.as_nanos().max(1);
+    next + interval * (u32::try_from(behind + 1).unwrap_or(u32::MAX))
+}
+
+#[cfg(test)]
+mod timer_tests {
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn ticks_keep_to_the_schedule_and_skip_missed_ones() {
+        let (t0, i) = (Instant::now(), Duration::from_millis(100));
+        // On time: the next tick, not now + interval.
+        assert_eq!(super::next_tick(t0, i, t0 + Duration::from_millis(30)), t0 + i);
+        // A run that took 250 ms: ticks at 100 and 200 are past; the next is 300.
+        assert_eq!(super::next_tick(t0, i, t0 + Duration::from_millis(250)), t0 + 3 * i);
+        assert_eq!(super::next_tick(t0, i, t0 + i), t0 + 2 * i);
     }
 }

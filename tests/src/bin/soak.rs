@@ -105,7 +105,7 @@ fn main() {
     let counted: Arc<Mutex<BTreeMap<usize, u64>>> = Arc::default();
     if std::env::var_os("SOAK_WINDOWED").is_none() {
         let (counts, counted) = (counts.clone(), counted.clone());
-        app.timer(Duration::from_millis(100), move || {
+        app.timer_on_every_core(Duration::from_millis(100), move || {
             let (counts, counted) = (counts.clone(), counted.clone());
             async move {
                 let core = faust::runtime::current_core().ok_or("timers run on cores")?;

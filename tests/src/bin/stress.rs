@@ -95,7 +95,7 @@ fn main() {
             {
                 let (counts, highest, snapshot, total) =
                     (counts.clone(), highest.clone(), snapshot.clone(), total.clone());
-                app.timer(Duration::from_millis(100), move || {
+                app.timer_on_every_core(Duration::from_millis(100), move || {
                     let (counts, highest, snapshot, total) =
                         (counts.clone(), highest.clone(), snapshot.clone(), total.clone());
                     async move {
