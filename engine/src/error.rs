@@ -27,6 +27,16 @@ pub enum SendError {
         #[source]
         source: CodecError,
     },
+    /// A send named a partition the topic does not have.
+    #[error("`{topic}` has {partitions} partitions: there is no partition {partition} to send to")]
+    UnknownPartition {
+        /// The topic.
+        topic: String,
+        /// The partition asked for.
+        partition: u32,
+        /// How many partitions the topic has.
+        partitions: u32,
+    },
     /// The topic is not known to the worker (declare it with `app.topic` before `run`).
     #[error("unknown topic `{topic}`: declare it with app.topic() before the worker starts")]
     UnknownTopic {

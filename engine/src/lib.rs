@@ -51,7 +51,7 @@ pub use crate::settings::{BadRecordPolicy, ProcessingGuarantee, Settings, Settin
 pub use crate::stream::{Event, Stream};
 pub use crate::table::{Table, TablePartition};
 pub use crate::testing::{TestContext, TestError};
-pub use crate::topic::Topic;
+pub use crate::topic::{SendOptions, Topic};
 pub use crate::window::{WindowRange, WindowResult, WindowedPartition, WindowedTable, Windowing};
 pub use crate::worker::WorkerError;
 pub use faust_transport::{

@@ -125,7 +125,7 @@ impl<K, V> Event<K, V> {
     pub async fn forward<K2, V2>(&self, topic: &Topic<K2, V2>) -> Result<Produced, SendError> {
         let record = &self.headers;
         let headers: Vec<faust_storage::Header<'_>> = record.headers().collect();
-        topic.inner.send_raw(&self.core, record.key.as_deref(), record.value.as_deref(), &headers).await
+        topic.inner.send_raw(&self.core, record.key.as_deref(), record.value.as_deref(), &headers, None).await
     }
 
     /// [`forward`](Event::forward) without waiting: buffered like

@@ -16,6 +16,41 @@ use crate::runtime::CoreRuntime;
 use crate::topic::outbox::{Outbox, Reply};
 use crate::util::lock;
 
+/// What a send sets beyond its key and value (Faust's `topic.send(..., partition=,
+/// timestamp=, headers=)`).
+///
+/// ```no_run
+/// use faust::{App, SendOptions, Settings};
+///
+/// let app = App::new(Settings::new("orders"));
+/// let orders = app.topic::<String, u64>("orders");
+/// let options = SendOptions {
+///     partition: Some(2),
+///     timestamp: Some(1_700_000_000_000),
+///     headers: vec![("source".into(), b"web".to_vec())],
+/// };
+/// # async {
+/// orders.send_with(Some(&"order-1".to_string()), &42, &options).await?;
+/// # Ok::<(), faust::SendError>(())
+/// # };
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SendOptions {
+    /// The partition (default: Kafka's murmur2 of the key, or round-robin without one).
+    pub partition: Option<u32>,
+    /// The record's timestamp in milliseconds since the epoch (default: now).
+    pub timestamp: Option<i64>,
+    /// Headers, in order (names need not be unique).
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl SendOptions {
+    /// The headers as the storage layer takes them.
+    pub(crate) fn raw_headers(&self) -> Vec<faust_storage::Header<'_>> {
+        self.headers.iter().map(|(n, v)| (n.as_bytes(), Some(&v[..]))).collect()
+    }
+}
+
 /// Whether a topic lives in the transport or only in this process's memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum TopicKind {
@@ -136,11 +171,30 @@ impl<K: Serialize + 'static, V: Serialize + 'static> Topic<K, V> {
         match CoreRuntime::current() {
             Some(core) => {
                 let (key_bytes, value_bytes) = self.encode(key, value)?;
-                self.inner.send_raw(&core, key_bytes.as_deref(), Some(&value_bytes), &[]).await
+                self.inner.send_raw(&core, key_bytes.as_deref(), Some(&value_bytes), &[], None).await
             }
             None => {
                 let reply = Arc::new(Reply::default());
-                self.inner.outbox.push(&self.inner, key, value, Some(reply.clone()))?;
+                self.inner.outbox.push(&self.inner, key, value, Some(reply.clone()), None)?;
+                reply.wait().await
+            }
+        }
+    }
+
+    /// [`Topic::send`] with a partition, a timestamp and headers of the caller's choosing
+    /// ([`SendOptions`]). A partition the topic does not have is
+    /// [`SendError::UnknownPartition`]. On a channel, only the key and value travel.
+    pub async fn send_with(&self, key: Option<&K>, value: &V, options: &SendOptions) -> Result<Produced, SendError> {
+        match CoreRuntime::current() {
+            Some(core) => {
+                let (key_bytes, value_bytes) = self.encode(key, value)?;
+                let headers = options.raw_headers();
+                self.inner.send_raw(&core, key_bytes.as_deref(), Some(&value_bytes), &headers, Some(options)).await
+            }
+            None => {
+                let reply = Arc::new(Reply::default());
+                let options = Box::new(options.clone());
+                self.inner.outbox.push(&self.inner, key, value, Some(reply.clone()), Some(options))?;
                 reply.wait().await
             }
         }
@@ -160,7 +214,7 @@ impl<K: Serialize + 'static, V: Serialize + 'static> Topic<K, V> {
                 let has_key = self.encode_into(key, value, key_bytes, value_bytes)?;
                 self.inner.send_soon_raw(&core, None, has_key.then_some(&key_bytes[..]), value_bytes, &[])
             }),
-            None => self.inner.outbox.push(&self.inner, key, value, None),
+            None => self.inner.outbox.push(&self.inner, key, value, None, None),
         }
     }
 
@@ -191,27 +245,43 @@ impl TopicInner {
     /// The partition a record goes to: Kafka's murmur2 of the key, or round-robin for a null
     /// key.
     fn route(&self, core: &CoreRuntime, key: Option<&[u8]>) -> Result<TopicPartition, SendError> {
+        self.route_to(core, key, None)
+    }
+
+    /// [`route`](TopicInner::route), unless the sender chose the partition.
+    fn route_to(
+        &self,
+        core: &CoreRuntime,
+        key: Option<&[u8]>,
+        chosen: Option<u32>,
+    ) -> Result<TopicPartition, SendError> {
         let partitions =
             core.partitions(&self.name).ok_or_else(|| SendError::UnknownTopic { topic: self.name.to_string() })?;
-        let partition = match key {
-            Some(k) => crate::partitioner::partition_for_key(k, partitions),
-            None => core.round_robin(partitions),
+        let partition = match (chosen, key) {
+            (Some(p), _) if p < partitions => p,
+            (Some(partition), _) => {
+                return Err(SendError::UnknownPartition { topic: self.name.to_string(), partition, partitions });
+            }
+            (None, Some(k)) => crate::partitioner::partition_for_key(k, partitions),
+            (None, None) => core.round_robin(partitions),
         };
         Ok(TopicPartition::new(self.name.clone(), partition))
     }
 
-    /// Sends already-encoded bytes; resolves once the transport has the record.
+    /// Sends already-encoded bytes; resolves once the transport has the record. `options`
+    /// may choose its partition and timestamp (its headers are in `headers`).
     pub(crate) async fn send_raw(
         &self,
         core: &Rc<CoreRuntime>,
         key: Option<&[u8]>,
         value: Option<&[u8]>,
         headers: &[faust_storage::Header<'_>],
+        options: Option<&SendOptions>,
     ) -> Result<Produced, SendError> {
         if self.kind == TopicKind::Channel {
             return core.deliver(&self.name, key, value).await;
         }
-        let tp = self.route(core, key)?;
+        let tp = self.route_to(core, key, options.and_then(|o| o.partition))?;
         core.wait_gate().await;
         // Records of a partition land in the order they were sent, buffered or not.
         if core.has_pending(&tp) {
@@ -221,7 +291,8 @@ impl TopicInner {
         }
         let size = key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len) + 128;
         let mut batch = faust_storage::BatchBuilder::with_capacity(size);
-        core.push_output(&mut batch, crate::util::now_ms(), key, value, headers);
+        let timestamp = options.and_then(|o| o.timestamp).unwrap_or_else(crate::util::now_ms);
+        core.push_output(&mut batch, timestamp, key, value, headers);
         Ok(core.transport().produce(&tp, batch).await?)
     }
 

@@ -53,6 +53,8 @@ pub(crate) struct Outbound {
     pub(crate) key: Option<std::ops::Range<usize>>,
     pub(crate) value: std::ops::Range<usize>,
     pub(crate) reply: Option<Arc<Reply>>,
+    /// A partition, timestamp or headers the sender chose (`send_with`).
+    pub(crate) options: Option<Box<crate::topic::SendOptions>>,
 }
 
 /// Asks core 0 to answer once every agent of `tp`'s topic has finished the event at `offset`.
@@ -85,6 +87,7 @@ impl Outbox {
         key: Option<&K>,
         value: &V,
         reply: Option<Arc<Reply>>,
+        options: Option<Box<crate::topic::SendOptions>>,
     ) -> Result<(), SendError> {
         let mut queue = lock(&self.queue);
         if self.state.load(Ordering::Acquire) == OUTBOX_STOPPED {
@@ -112,7 +115,7 @@ impl Outbox {
                 return Err(e);
             }
         };
-        queue.records.push(Outbound { topic: topic.outbox_index, key, value, reply });
+        queue.records.push(Outbound { topic: topic.outbox_index, key, value, reply, options });
         drop(queue);
         self.event.notify(1);
         Ok(())

@@ -82,13 +82,17 @@ pub(super) async fn take_outbound(
         let bytes = &outgoing.bytes;
         let key = record.key.map(|k| &bytes[k]);
         let value = &bytes[record.value];
-        match record.reply {
-            None => {
+        match (record.reply, record.options) {
+            (None, _) => {
                 if let Err(e) = topic.send_soon_raw(core, None, key, value, &[]) {
                     tracing::error!(topic = %topic.name, error = %e, "dropping a record sent from outside the worker");
                 }
             }
-            Some(reply) => reply.set(topic.send_raw(core, key, Some(value), &[]).await),
+            (Some(reply), None) => reply.set(topic.send_raw(core, key, Some(value), &[], None).await),
+            (Some(reply), Some(options)) => {
+                let headers = options.raw_headers();
+                reply.set(topic.send_raw(core, key, Some(value), &headers, Some(&options)).await);
+            }
         }
     }
     outbox.recycle(outgoing);
