@@ -259,8 +259,17 @@ impl App {
     /// topic, but a send hands the event to the agents on the core it is sent from (core 0
     /// for sends from outside the worker), without a log: nothing is durable, events still
     /// queued when the worker stops are dropped, and there is nothing to commit.
+    ///
+    /// Keys and values are encoded with the app's codecs (`key_serializer`,
+    /// `value_serializer`), as Faust's channels are; [`App::channel_with`] names others.
     pub fn channel<K, V>(&self, name: &str) -> Topic<K, V> {
-        self.declare(name, Codec::JSON, Codec::JSON, TopicKind::Channel)
+        let settings = &self.inner.settings;
+        self.channel_with(name, settings.key_serializer.clone(), settings.value_serializer.clone())
+    }
+
+    /// Declares an in-memory channel with explicit codecs.
+    pub fn channel_with<K, V>(&self, name: &str, key_codec: Codec, value_codec: Codec) -> Topic<K, V> {
+        self.declare(name, key_codec, value_codec, TopicKind::Channel)
     }
 
     /// Limits how much of the declared topic `name` is kept (Faust's `retention` argument of
