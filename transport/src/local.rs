@@ -731,10 +731,12 @@ impl CoreTransport for LocalCore {
     async fn fetch(&self, tp: &TopicPartition, offset: u64, max_bytes: usize, max_wait: Duration) -> Result<Fetched> {
         let deadline = std::time::Instant::now() + max_wait;
         let txns = &self.transport.shared.txns;
+        // Armed once a read stopped behind an open transaction (a commit is what moves it on);
+        // reads that never meet one pay for no listener.
+        let mut committing = None;
         loop {
             self.check_open()?;
             let listener = self.appended.listen();
-            let committing = txns.moved.listen();
             let mut held = false;
             let fetched = self.with_log(tp, |log| {
                 let batches = log.read(offset, max_bytes).map_err(|e| match e {
@@ -768,9 +770,16 @@ impl CoreTransport for LocalCore {
             if !fetched.records.is_empty() || fetched.next_offset > offset || now >= deadline {
                 return Ok(fetched);
             }
-            // Behind an open transaction, its commit is what lets the read go on.
+            // Behind an open transaction, its commit is what lets the read go on: listen for
+            // it, then read once more (it may have come before the listener), then wait.
             if held {
-                futures_lite::future::or(committing, glommio::timer::sleep(deadline - now)).await;
+                match committing.take() {
+                    None => committing = Some(txns.moved.listen()),
+                    Some(commit) => {
+                        futures_lite::future::or(commit, glommio::timer::sleep(deadline - now)).await;
+                        committing = Some(txns.moved.listen());
+                    }
+                }
             } else {
                 futures_lite::future::or(listener, glommio::timer::sleep(deadline - now)).await;
             }

@@ -48,13 +48,45 @@ pub(crate) struct Eos {
     used: Cell<bool>,
     /// The newest closed transaction whose commit has not succeeded yet.
     uncommitted: Cell<Option<u64>>,
-    /// Set while a commit drains the events in flight.
-    draining: Cell<bool>,
-    /// Notified when a drain ends.
-    drained: Event,
-    /// Kafka: closed from the drained instant until the transaction ended.
-    gate_closed: Cell<bool>,
-    gate_opened: Event,
+    /// Held while a commit drains the events in flight: the fetch loops wait.
+    draining: Hold,
+    /// Kafka: held from the drained instant until the transaction ended: sends wait.
+    gate: Hold,
+}
+
+/// A condition a commit holds up while other tasks wait for it to drop.
+#[derive(Debug, Default)]
+struct Hold {
+    held: Cell<bool>,
+    released: Event,
+}
+
+impl Hold {
+    /// Holds it until the returned guard is dropped, whatever way the commit leaves.
+    fn hold(&self) -> Held<'_> {
+        self.held.set(true);
+        Held(self)
+    }
+
+    /// Waits while it is held (or until the core stops).
+    async fn released(&self, core: &CoreRuntime) {
+        while self.held.get() && !core.stopping.is_cancelled() {
+            let listener = self.released.listen();
+            if self.held.get() {
+                futures_lite::future::or(listener, core.stopped()).await;
+            }
+        }
+    }
+}
+
+/// Releases a [`Hold`] when dropped.
+pub(crate) struct Held<'a>(&'a Hold);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.held.set(false);
+        self.0.released.notify(usize::MAX);
+    }
 }
 
 /// The longest a commit waits for the events in flight to be acked before it gives up (and
@@ -81,10 +113,8 @@ impl Eos {
             open: Cell::new(1),
             used: Cell::new(false),
             uncommitted: Cell::new(None),
-            draining: Cell::new(false),
-            drained: Event::new(),
-            gate_closed: Cell::new(false),
-            gate_opened: Event::new(),
+            draining: Hold::default(),
+            gate: Hold::default(),
         }
     }
 
@@ -94,9 +124,8 @@ impl Eos {
     }
 
     /// Closes the gate until the returned guard is dropped.
-    pub(crate) fn close_gate(&self) -> Gate<'_> {
-        self.gate_closed.set(true);
-        Gate(self)
+    pub(crate) fn close_gate(&self) -> Held<'_> {
+        self.gate.hold()
     }
 
     /// The tag of a record sent now.
@@ -120,26 +149,6 @@ impl Eos {
         if self.uncommitted.get() == Some(tag.txn) {
             self.uncommitted.set(None);
         }
-    }
-}
-
-/// Opens the gate when dropped, whatever way the commit leaves.
-pub(crate) struct Gate<'a>(&'a Eos);
-
-impl Drop for Gate<'_> {
-    fn drop(&mut self) {
-        self.0.gate_closed.set(false);
-        self.0.gate_opened.notify(usize::MAX);
-    }
-}
-
-/// Ends a drain when dropped, whatever way the commit leaves.
-pub(crate) struct Drain<'a>(&'a Eos);
-
-impl Drop for Drain<'_> {
-    fn drop(&mut self) {
-        self.0.draining.set(false);
-        self.0.drained.notify(usize::MAX);
     }
 }
 
@@ -171,30 +180,22 @@ impl CoreRuntime {
 
     /// Whether an exactly-once commit on Kafka holds the gate closed.
     pub(crate) fn gate_closed(&self) -> bool {
-        self.eos.as_ref().is_some_and(|e| e.gate_closed.get())
+        self.eos.as_ref().is_some_and(|e| e.gate.held.get())
     }
 
     /// Waits while an exactly-once commit on Kafka ends its transaction (sends made meanwhile
     /// belong to the next one).
     pub(crate) async fn wait_gate(&self) {
-        let Some(eos) = &self.eos else { return };
-        while eos.gate_closed.get() && !self.stopping.is_cancelled() {
-            let listener = eos.gate_opened.listen();
-            if eos.gate_closed.get() {
-                futures_lite::future::or(listener, self.stopped()).await;
-            }
+        if let Some(eos) = &self.eos {
+            eos.gate.released(self).await;
         }
     }
 
     /// Waits while a commit drains this core's events in flight (the fetch loops call it
     /// before each fetch).
     pub(crate) async fn wait_drained(&self) {
-        let Some(eos) = &self.eos else { return };
-        while eos.draining.get() && !self.stopping.is_cancelled() {
-            let listener = eos.drained.listen();
-            if eos.draining.get() {
-                futures_lite::future::or(listener, self.stopped()).await;
-            }
+        if let Some(eos) = &self.eos {
+            eos.draining.released(self).await;
         }
     }
 
@@ -202,10 +203,9 @@ impl CoreRuntime {
     /// `Some(drain)` then, with nothing taken until the drain is dropped; `None` when events
     /// stayed in flight past the limit (the commit is tried again later). Without
     /// exactly-once, `None` at once: there is nothing to drain ([`CoreRuntime::eos`] tells).
-    pub(crate) async fn drain(&self) -> Option<Drain<'_>> {
+    pub(crate) async fn drain(&self) -> Option<Held<'_>> {
         let eos = self.eos.as_ref()?;
-        eos.draining.set(true);
-        let drain = Drain(eos);
+        let drain = eos.draining.hold();
         let deadline = Instant::now() + DRAIN_LIMIT;
         loop {
             if self.acks.borrow().values().all(|t| t.settled()) {

@@ -131,13 +131,7 @@ impl Connection {
         let state = Rc::new(State::default());
         let (frames, queued) = mpsc::unbounded();
         let (reader, writer) = match security.tls_for(&broker)? {
-            None => {
-                let (read, write) = futures_lite::io::split(stream);
-                (
-                    glommio::spawn_local(read_loop(read, state.clone())),
-                    glommio::spawn_local(write_loop(write, queued, state.clone())),
-                )
-            }
+            None => spawn_loops(stream, queued, &state),
             Some((config, name)) => {
                 let handshake = futures_rustls::TlsConnector::from(config).connect(name, stream);
                 let tls = futures_lite::future::or(async { Some(handshake.await) }, async {
@@ -153,11 +147,7 @@ impl Connection {
                         return Err(conn_err(&broker, "TLS handshake", e));
                     }
                 };
-                let (read, write) = futures_lite::io::split(tls);
-                (
-                    glommio::spawn_local(read_loop(read, state.clone())),
-                    glommio::spawn_local(write_loop(write, queued, state.clone())),
-                )
+                spawn_loops(tls, queued, &state)
             }
         };
         let mut conn = Connection {
@@ -310,6 +300,19 @@ impl Connection {
         };
         protocol::decode_response::<R>(payload, version).map_err(|reason| self.protocol_error(api, about, reason))
     }
+}
+
+/// The reader and writer tasks of a connection over `stream` (plain or TLS).
+fn spawn_loops<S: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin + 'static>(
+    stream: S,
+    queued: mpsc::UnboundedReceiver<Vec<u8>>,
+    state: &Rc<State>,
+) -> (glommio::Task<()>, glommio::Task<()>) {
+    let (read, write) = futures_lite::io::split(stream);
+    (
+        glommio::spawn_local(read_loop(read, state.clone())),
+        glommio::spawn_local(write_loop(write, queued, state.clone())),
+    )
 }
 
 async fn read_loop<S: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin>(

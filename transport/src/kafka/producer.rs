@@ -21,11 +21,9 @@
 //! request. A second produce for a partition already queued opens a queue of its own, which
 //! goes out after the first, so a partition's order holds.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
-
-use std::cell::Cell;
 
 use bytes::Bytes;
 use futures_channel::oneshot;
@@ -75,8 +73,9 @@ impl Default for PartitionTurn {
 }
 
 impl PartitionTurn {
-    /// The stamp of the next batch under `producer`; a new producer numbers from 0.
-    fn stamp(&self, producer: ProducerId) -> Stamp {
+    /// The stamp of the next batch under `producer` (inside a transaction or not); a new
+    /// producer numbers from 0.
+    fn stamp(&self, producer: ProducerId, transactional: bool) -> Stamp {
         if self.producer.get() != Some(producer) {
             self.producer.set(Some(producer));
             self.next_sequence.set(0);
@@ -85,7 +84,7 @@ impl PartitionTurn {
             producer_id: producer.id,
             epoch: producer.epoch,
             base_sequence: self.next_sequence.get(),
-            transactional: false,
+            transactional,
         }
     }
 }
@@ -166,11 +165,8 @@ impl KafkaCore {
             None if self.options().idempotent => Some(self.producer_id().await.map_err(|e| (0, e))?),
             None => None,
         };
-        let stamp = |p: ProducerId, skip_turn: &PartitionTurn| Stamp {
-            transactional: transactional.is_some(),
-            ..skip_turn.stamp(p)
-        };
-        let mut encoded: Encoded = encode(producer.map(|p| stamp(p, turn)), 0).map_err(|e| (0, e))?;
+        let stamp = |p: ProducerId| turn.stamp(p, transactional.is_some());
+        let mut encoded: Encoded = encode(producer.map(stamp), 0).map_err(|e| (0, e))?;
         let mut set = Bytes::from(std::mem::take(&mut encoded.bytes));
         let mut next = 0;
         let mut written = 0;
@@ -193,7 +189,7 @@ impl KafkaCore {
                     // partition's end tells them (this core is its only writer).
                     let end = self.list_offset(tp, OffsetSpec::Latest).await.map_err(|e| (written, e))?;
                     let last = end.saturating_sub(1);
-                    Produced { partition: tp.partition, base_offset: (end.saturating_sub(count)), last_offset: last }
+                    Produced { partition: tp.partition, base_offset: end.saturating_sub(count), last_offset: last }
                 }
                 // A transactional producer cannot take a new id by itself: it is fenced or
                 // must be made again (`init_transactions`).
@@ -204,7 +200,7 @@ impl KafkaCore {
                     self.forget_producer_id(producer);
                     let fresh = self.producer_id().await.map_err(|e| (written, e))?;
                     producer = Some(fresh);
-                    encoded = encode(Some(stamp(fresh, turn)), b.first_record).map_err(|e| (written, e))?;
+                    encoded = encode(Some(stamp(fresh)), b.first_record).map_err(|e| (written, e))?;
                     set = Bytes::from(std::mem::take(&mut encoded.bytes));
                     next = 0;
                     continue;

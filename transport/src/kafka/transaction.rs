@@ -62,7 +62,8 @@ impl KafkaCore {
     /// Makes this core a transactional producer with `transactional_id` (InitProducerId via
     /// the id's transaction coordinator; `transaction_timeout` is how long the coordinator
     /// lets a transaction stay open before it aborts it). A producer that used the same id
-    /// before is fenced. Produces then need an open transaction.
+    /// before is fenced. From then on every produce is part of a transaction: the open one,
+    /// or one it opens.
     pub async fn init_transactions(
         &self,
         transactional_id: &str,
@@ -126,11 +127,7 @@ impl KafkaCore {
     /// `e` as [`Error::ProducerFenced`] when it says this transactional producer was fenced.
     pub(crate) fn fenced_if(&self, e: Error) -> Error {
         match (&e, self.st.transactions.borrow().as_ref()) {
-            (Error::KafkaBroker { broker, code, .. }, Some(t))
-                if matches!(*code, code::PRODUCER_FENCED | code::INVALID_PRODUCER_EPOCH) =>
-            {
-                Error::ProducerFenced { broker: broker.clone(), transactional_id: t.id.clone(), code: *code }
-            }
+            (Error::KafkaBroker { broker, code, .. }, Some(t)) => fenced(broker, &t.id, *code).unwrap_or(e),
             _ => e,
         }
     }
@@ -319,12 +316,21 @@ impl KafkaCore {
     fn check(&self, conn: &Connection, api: ApiKey, id: &str, code: i16) -> Result<()> {
         match code {
             0 => Ok(()),
-            code::PRODUCER_FENCED | code::INVALID_PRODUCER_EPOCH => {
-                Err(Error::ProducerFenced { broker: conn.broker().to_string(), transactional_id: id.to_string(), code })
+            code => {
+                Err(fenced(conn.broker(), id, code)
+                    .unwrap_or_else(|| conn.broker_error(api, About::default(), code, None)))
             }
-            code => Err(conn.broker_error(api, About::default(), code, None)),
         }
     }
+}
+
+/// [`Error::ProducerFenced`] when `code` says the producer of `id` was fenced.
+fn fenced(broker: &str, id: &str, code: i16) -> Option<Error> {
+    matches!(code, code::PRODUCER_FENCED | code::INVALID_PRODUCER_EPOCH).then(|| Error::ProducerFenced {
+        broker: broker.to_string(),
+        transactional_id: id.to_string(),
+        code,
+    })
 }
 
 /// Marks the transaction as ending while it lives; wakes the waiting produces when dropped.
