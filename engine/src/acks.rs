@@ -106,6 +106,17 @@ impl AckTracker {
     }
 
     /// One past the highest offset delivered or read through.
+    /// Whether the event at `offset` (delivered to this tracker) was acked.
+    pub(crate) fn is_acked(&self, offset: u64) -> bool {
+        match self.in_flight.front() {
+            Some(&(front, _)) if offset >= front => {
+                self.in_flight.binary_search_by_key(&offset, |&(o, _)| o).is_ok_and(|i| self.in_flight[i].1)
+            }
+            // Retired (acked, with everything before it), or never in flight.
+            _ => offset < self.committable,
+        }
+    }
+
     pub(crate) fn position(&self) -> u64 {
         self.position
     }

@@ -61,6 +61,8 @@ pub struct SettingsError {
 /// | `producer_linger` | 0 s | `PRODUCER_LINGER` (seconds), or Faust's older `PRODUCER_LINGER_MS` |
 /// | `producer_max_batch_size` | 1 MiB | `PRODUCER_MAX_BATCH_SIZE` (bytes) |
 /// | `topic_replication_factor` | 1 | `TOPIC_REPLICATION_FACTOR` |
+/// | `timezone` | UTC | `TIMEZONE` (an IANA name: the default time zone of crontabs) |
+/// | `topic_disable_leader` | false | `TOPIC_DISABLE_LEADER` (no leader topic, no leader) |
 ///
 /// Faust's `APP_STORE` names the store too (`memory://`; `rocksdb://` means this engine's
 /// persistent store, `mmap://`), and Faust's `;` between brokers is understood.
@@ -181,6 +183,11 @@ pub struct Settings {
     pub producer_max_batch_size: usize,
     /// On `kafka://`: the replication factor of the topics the app creates.
     pub topic_replication_factor: i16,
+    /// The time zone of crontabs that name none (an IANA name such as `Europe/Paris`).
+    pub timezone: String,
+    /// Declares no leader topic (`{id}-__assignor-__leader`): no worker is the leader, and
+    /// leader-only timers and crontabs never run.
+    pub topic_disable_leader: bool,
 }
 
 /// What an app's outputs guarantee (Faust's `processing_guarantee`).
@@ -290,6 +297,8 @@ impl Settings {
             producer_linger: Duration::ZERO,
             producer_max_batch_size: 1 << 20,
             topic_replication_factor: 1,
+            timezone: "UTC".to_string(),
+            topic_disable_leader: false,
         }
     }
 
@@ -603,6 +612,17 @@ impl Settings {
         }
         if let Some(kv) = get("WEB_ENABLED") {
             self.web_enabled = parse_bool(kv)?;
+        }
+        if let Some((variable, value)) = get("TIMEZONE") {
+            crate::cron::time_zone(value.trim()).map_err(|e| SettingsError {
+                variable,
+                value: value.clone(),
+                reason: e.to_string(),
+            })?;
+            self.timezone = value.trim().to_string();
+        }
+        if let Some(kv) = get("TOPIC_DISABLE_LEADER") {
+            self.topic_disable_leader = parse_bool(kv)?;
         }
         if let Some(kv) = get("MONITOR_ENABLED") {
             self.monitor_enabled = parse_bool(kv)?;

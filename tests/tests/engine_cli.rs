@@ -71,7 +71,8 @@ fn hello_prints_what_send_sends() {
     // The worker's counters.
     let stats = cli(HELLO, &data, &["stats", "--json"], None);
     assert_eq!(code(&stats), 0, "{}", stderr(&stats));
-    assert_eq!(json(&stats)["partitions_assigned"], 4, "{}", stdout(&stats));
+    // The 4 of `greetings`, and the app's leader topic's one.
+    assert_eq!(json(&stats)["partitions_assigned"], 5, "{}", stdout(&stats));
 
     assert_eq!(worker.stop(), 0);
     let after = cli(HELLO, &data, &["send", "greetings", "late"], None);

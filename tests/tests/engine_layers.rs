@@ -4,7 +4,7 @@
 //!
 //! | layer | modules | may use |
 //! |---|---|---|
-//! | 0, leaves | `util`, `error`, `settings`, `partitioner`, `progress`, `acks`, `transports`, `codec` | layer 0 |
+//! | 0, leaves | `util`, `error`, `settings`, `partitioner`, `progress`, `acks`, `transports`, `codec`, `cron` | layer 0 |
 //! | 1 | `runtime` (the per-core engine and the contract table shards implement) | layers 0–1 |
 //! | 2 | `table`, `topic`, `window`, `stream`, in that order | layers 0–1 and the layer-2 modules listed before it |
 //! | 3 | `app` | layers 0–3 |
@@ -29,6 +29,7 @@ const MODULES: &[(&str, u32, u32)] = &[
     ("acks", 0, 0),
     ("transports", 0, 0),
     ("codec", 0, 0),
+    ("cron", 0, 0),
     ("runtime", 1, 0),
     ("table", 2, 0),
     ("topic", 2, 1),

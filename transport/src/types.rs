@@ -47,12 +47,27 @@ pub struct TopicConfig {
     /// In a compacted topic, how long a tombstone stays once the key's earlier records are
     /// gone (`delete.retention.ms`; default one day).
     pub delete_retention: Option<Duration>,
+    /// On Kafka: the replication factor, instead of the transport's
+    /// ([`KafkaOptions::replication_factor`](crate::KafkaOptions)).
+    pub replicas: Option<i16>,
+    /// On Kafka: more topic configuration, as the broker names it (`min.insync.replicas`,
+    /// `segment.bytes`...), sent when the topic is created; an entry here wins over the one
+    /// the fields above would send. Other transports read the fields only.
+    pub broker_config: Vec<(String, String)>,
 }
 
 impl TopicConfig {
     /// A plain topic with `partitions` partitions and no retention limit.
     pub fn new(partitions: u32) -> Self {
-        TopicConfig { partitions, compacted: false, retention: None, retention_bytes: None, delete_retention: None }
+        TopicConfig {
+            partitions,
+            compacted: false,
+            retention: None,
+            retention_bytes: None,
+            delete_retention: None,
+            replicas: None,
+            broker_config: Vec::new(),
+        }
     }
 
     /// The same topic, compacted.

@@ -5,6 +5,7 @@
 mod agent;
 pub(crate) mod group_by;
 pub(crate) mod page;
+pub(crate) mod services;
 pub(crate) mod sink;
 mod spec;
 
@@ -90,6 +91,7 @@ impl App {
                 pages: Mutex::new(Vec::new()),
                 sensors: Mutex::new(Vec::new()),
                 web_addr: Mutex::new(None),
+                services: Arc::default(),
             }),
         }
     }
@@ -112,6 +114,7 @@ impl App {
                 pages: Mutex::new(lock(&inner.pages).clone()),
                 sensors: Mutex::new(lock(&inner.sensors).clone()),
                 web_addr: Mutex::new(None),
+                services: inner.services.clone(),
             }),
         }
     }
@@ -294,6 +297,36 @@ impl App {
         }
     }
 
+    /// Sets how the worker creates the declared topic `name` (Faust's `partitions=`,
+    /// `replicas=`, `retention=`, `compacting=` and `config=` arguments of `app.topic`): see
+    /// [`TopicOptions`]. Applies when the worker creates the topic; an existing topic keeps its
+    /// settings, except that an explicit partition count must match its own (the worker
+    /// refuses to start otherwise).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use faust::{App, Settings, TopicOptions};
+    ///
+    /// let app = App::new(Settings::new("shop"));
+    /// let orders = app.topic::<String, u64>("orders");
+    /// app.configure_topic(
+    ///     orders.name(),
+    ///     TopicOptions::new().partitions(12).replicas(3).retention(Duration::from_secs(7 * 86_400))
+    ///         .broker_config("min.insync.replicas", "2"),
+    /// );
+    /// ```
+    pub fn configure_topic(&self, name: &str, options: TopicOptions) {
+        if let Some(t) = lock(&self.inner.topics).iter_mut().find(|t| &*t.name == name) {
+            let TopicOptions { partitions, replicas, retention, retention_bytes, compacting, broker_config } = options;
+            t.partitions = partitions.or(t.partitions);
+            t.replicas = replicas.or(t.replicas);
+            t.retention = retention.or(t.retention);
+            t.retention_bytes = retention_bytes.or(t.retention_bytes);
+            t.compacting |= compacting;
+            t.broker_config.extend(broker_config);
+        }
+    }
+
     /// Makes the declared topic `name` take the partition count of `like` when created.
     pub(crate) fn copartition_with(&self, name: &str, like: &Arc<str>) {
         if let Some(t) = lock(&self.inner.topics).iter_mut().find(|t| &*t.name == name) {
@@ -317,6 +350,9 @@ impl App {
                 kind,
                 retention: None,
                 retention_bytes: None,
+                compacting: false,
+                replicas: None,
+                broker_config: Vec::new(),
             });
         }
         Topic::declared(&self.inner.outbox, name, key_codec, value_codec, kind)
@@ -392,124 +428,64 @@ impl App {
         let (key, value) = (settings.key_serializer.clone(), settings.value_serializer.clone());
         crate::Table::declare(&self.inner.tables, name, &settings.id, key, value)
     }
-
-    /// Registers work that runs once on core 0 when the worker starts (Faust's `@app.task`).
-    pub fn task<F, Fut>(&self, f: F)
-    where
-        F: Fn() -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<(), AgentError>> + 'static,
-    {
-        let f = Arc::new(f);
-        lock(&self.inner.agents).push(AgentSpec {
-            name: "task".to_string(),
-            topic: Arc::from(""),
-            start: Arc::new(move |_run: AgentRun| {
-                let f = f.clone();
-                Box::pin(async move {
-                    if let Err(e) = f().await {
-                        tracing::error!(error = %e, "task failed");
-                    }
-                })
-            }),
-            concurrency: 1,
-            every_core: false,
-        });
-    }
-
-    /// Registers `f` to run every `interval` (Faust's `@app.timer`): once per worker, on its
-    /// first core, from one interval after start-up until the worker stops. Runs keep to the
-    /// schedule (start + k × interval) rather than drifting by the time each run takes; a run
-    /// that overruns skips the ticks it missed. A failing run is logged.
-    ///
-    /// ```no_run
-    /// use std::time::Duration;
-    /// use faust::{App, Settings};
-    ///
-    /// let app = App::new(Settings::new("ticker"));
-    /// let ticks = app.topic::<String, u64>("ticks");
-    /// app.timer(Duration::from_secs(1), move || {
-    ///     let ticks = ticks.clone();
-    ///     async move {
-    ///         ticks.send(None, &1).await?;
-    ///         Ok(())
-    ///     }
-    /// });
-    /// ```
-    pub fn timer<F, Fut>(&self, interval: std::time::Duration, f: F)
-    where
-        F: Fn() -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<(), AgentError>> + 'static,
-    {
-        self.add_timer(interval, f, false);
-    }
-
-    /// [`App::timer`] on every core of the worker: a table read in it sees that core's shards
-    /// (`Table::local_items`), which is how a worker gathers a table from all its cores.
-    pub fn timer_on_every_core<F, Fut>(&self, interval: std::time::Duration, f: F)
-    where
-        F: Fn() -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<(), AgentError>> + 'static,
-    {
-        self.add_timer(interval, f, true);
-    }
-
-    fn add_timer<F, Fut>(&self, interval: std::time::Duration, f: F, every_core: bool)
-    where
-        F: Fn() -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<(), AgentError>> + 'static,
-    {
-        let f = Arc::new(f);
-        let interval = interval.max(std::time::Duration::from_micros(1));
-        lock(&self.inner.agents).push(AgentSpec {
-            name: "timer".to_string(),
-            topic: Arc::from(""),
-            start: Arc::new(move |run: AgentRun| {
-                let f = f.clone();
-                Box::pin(async move {
-                    let mut next = std::time::Instant::now() + interval;
-                    loop {
-                        let wait = next.saturating_duration_since(std::time::Instant::now());
-                        if !run.core.sleep_unless_stopped(wait).await {
-                            return;
-                        }
-                        if let Err(e) = f().await {
-                            tracing::error!(error = %e, "timer failed");
-                        }
-                        next = crate::app::next_tick(next, interval, std::time::Instant::now());
-                    }
-                })
-            }),
-            concurrency: 1,
-            every_core,
-        });
-    }
 }
 
-/// The tick after `last` on a schedule of `interval`, skipping those already past at `now`.
-pub(crate) fn next_tick(
-    last: std::time::Instant,
-    interval: std::time::Duration,
-    now: std::time::Instant,
-) -> std::time::Instant {
-    let next = last + interval;
-    if next > now {
-        return next;
-    }
-    let behind = now.duration_since(next).as_nanos() / interval.as_nanos().max(1);
-    next + interval * (u32::try_from(behind + 1).unwrap_or(u32::MAX))
+/// How the worker creates a topic the app declared: [`App::configure_topic`]. Unset options
+/// keep the app's defaults (`topic_partitions`, `topic_replication_factor`, no retention).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TopicOptions {
+    partitions: Option<u32>,
+    replicas: Option<i16>,
+    retention: Option<std::time::Duration>,
+    retention_bytes: Option<u64>,
+    compacting: bool,
+    broker_config: Vec<(String, String)>,
 }
 
-#[cfg(test)]
-mod timer_tests {
-    use std::time::{Duration, Instant};
+impl TopicOptions {
+    /// No options set.
+    pub fn new() -> TopicOptions {
+        TopicOptions::default()
+    }
 
-    #[test]
-    fn ticks_keep_to_the_schedule_and_skip_missed_ones() {
-        let (t0, i) = (Instant::now(), Duration::from_millis(100));
-        // On time: the next tick, not now + interval.
-        assert_eq!(super::next_tick(t0, i, t0 + Duration::from_millis(30)), t0 + i);
-        // A run that took 250 ms: ticks at 100 and 200 are past; the next is 300.
-        assert_eq!(super::next_tick(t0, i, t0 + Duration::from_millis(250)), t0 + 3 * i);
-        assert_eq!(super::next_tick(t0, i, t0 + i), t0 + 2 * i);
+    /// Its partition count (Faust's `partitions=`).
+    pub fn partitions(mut self, n: u32) -> TopicOptions {
+        self.partitions = Some(n.max(1));
+        self
+    }
+
+    /// Its replication factor on Kafka (Faust's `replicas=`).
+    pub fn replicas(mut self, n: i16) -> TopicOptions {
+        self.replicas = Some(n);
+        self
+    }
+
+    /// Records older than this are deleted (Faust's `retention=`; Kafka's `retention.ms`).
+    pub fn retention(mut self, age: std::time::Duration) -> TopicOptions {
+        self.retention = Some(age);
+        self
+    }
+
+    /// The oldest records are deleted while a partition is larger than this
+    /// (`retention.bytes`).
+    pub fn retention_bytes(mut self, bytes: u64) -> TopicOptions {
+        self.retention_bytes = Some(bytes);
+        self
+    }
+
+    /// Only the latest record of each key is kept (Faust's `compacting=True`; Kafka's
+    /// `cleanup.policy=compact`).
+    pub fn compacting(mut self) -> TopicOptions {
+        self.compacting = true;
+        self
+    }
+
+    /// More of the topic's configuration on Kafka, by the broker's name (Faust's `config=`):
+    /// `min.insync.replicas`, `segment.bytes`... An entry for `cleanup.policy`,
+    /// `retention.ms`, `retention.bytes` or `delete.retention.ms` applies on every transport
+    /// (and wins over the options above); the others go to Kafka only.
+    pub fn broker_config(mut self, name: &str, value: &str) -> TopicOptions {
+        self.broker_config.push((name.to_string(), value.to_string()));
+        self
     }
 }

@@ -37,6 +37,12 @@ pub(crate) struct TopicDecl {
     pub(crate) retention: Option<std::time::Duration>,
     /// The oldest records are deleted while a partition is larger (`retention.bytes`).
     pub(crate) retention_bytes: Option<u64>,
+    /// Created compacted (`cleanup.policy=compact`).
+    pub(crate) compacting: bool,
+    /// On Kafka, the replication factor instead of `topic_replication_factor`.
+    pub(crate) replicas: Option<i16>,
+    /// On Kafka, more of the topic's configuration, by the broker's names.
+    pub(crate) broker_config: Vec<(String, String)>,
 }
 
 /// What an [`App`](crate::App) holds: its settings and everything it declared.
@@ -58,6 +64,8 @@ pub(crate) struct AppInner {
     pub(crate) sensors: Mutex<Vec<Arc<dyn crate::runtime::sensor::Sensor>>>,
     /// Where the running worker's web server listens, once it does.
     pub(crate) web_addr: Mutex<Option<std::net::SocketAddr>>,
+    /// Leadership and lifecycle hooks, shared with the worker's cores and control thread.
+    pub(crate) services: Arc<crate::app::services::Services>,
 }
 
 /// What answers one of the app's own web pages ([`App::page`](crate::App::page)).

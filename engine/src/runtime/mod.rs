@@ -399,6 +399,12 @@ impl CoreRuntime {
         }
     }
 
+    /// Whether `agent` acked the event at `offset` of `tp` (or it is no longer tracked: its
+    /// partition was released).
+    pub(crate) fn acked(&self, agent: usize, tp: &TopicPartition, offset: u64) -> bool {
+        self.acks.borrow().get(&AckKey(agent, tp)).is_none_or(|t| t.is_acked(offset))
+    }
+
     /// The app's sensors.
     pub(crate) fn sensors(&self) -> &crate::runtime::sensor::Sensors {
         &self.sensors

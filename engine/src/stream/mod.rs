@@ -38,7 +38,8 @@ enum Rejected {
 /// The events of one agent on one core: the core's partitions of the agent's topic.
 ///
 /// As in Faust, asking for the next event acks the previous one: an event counts as
-/// processed once the agent moves past it, and only then may its offset be committed. A key
+/// processed once the agent moves past it, and only then may its offset be committed
+/// ([`noack`](Stream::noack) leaves acking to the agent). A key
 /// or value that does not decode is logged (topic, partition, offset and a hex preview),
 /// counted and skipped. Keys are decoded only once something can see them: a stream read
 /// with [`next`](Stream::next) or [`take`](Stream::take) alone hands out values and leaves
@@ -65,6 +66,8 @@ pub struct Stream<K, V> {
     /// processor has effects (`echo` sends), which must happen event by event, so that an
     /// agent failing on an event has not yet sent for the events after it.
     decode_ahead: bool,
+    /// Events are acked by the agent ([`Event::ack`]), not when it moves on ([`Stream::noack`]).
+    manual_ack: bool,
 }
 
 impl<K, V> std::fmt::Debug for Stream<K, V> {
@@ -177,6 +180,7 @@ impl<K: DeserializeOwned + 'static, V: DeserializeOwned + 'static> Stream<K, V> 
         Stream {
             in_place,
             decode_ahead: true,
+            manual_ack: false,
             core: run.core.clone(),
             agent: run.agent,
             queue: run.queue.clone(),
@@ -241,6 +245,7 @@ impl<K: 'static, V: 'static> Stream<K, V> {
             keys: self.keys,
             in_place: false,
             decode_ahead: self.decode_ahead,
+            manual_ack: self.manual_ack,
             stage: Box::new(move |queued: &QueuedEvent| match previous(queued)? {
                 Some((k, v)) => next(k, v).map_err(Rejected::Failed),
                 None => Ok(None),
@@ -303,9 +308,46 @@ impl<K: 'static, V: 'static> Stream<K, V> {
         stream
     }
 
+    /// The same stream, without acking an event when the agent asks for the next one
+    /// (Faust's `stream.noack()`): the agent acks each with [`Event::ack`] when it is done
+    /// with it — after an asynchronous step, say, or once a batch it belongs to is written
+    /// elsewhere. Until then the event's offset, and every later one of its partition, is not
+    /// committed, and its table writes stay undoable: an agent that fails gets the events it
+    /// has not acked again (their writes undone), as it gets the event it failed on. Events
+    /// still unacked when the agent returns are acked then. Filtered and bad records are
+    /// acked by the stream, as without `noack`.
+    ///
+    /// ```no_run
+    /// # use faust::{App, Settings};
+    /// # let app = App::new(Settings::new("doc"));
+    /// let orders = app.topic::<String, u64>("orders");
+    /// app.agent("batches", &orders, |stream| async move {
+    ///     let mut stream = stream.noack();
+    ///     let mut pending = Vec::new();
+    ///     while let Some(event) = stream.next_event().await {
+    ///         pending.push(event);
+    ///         if pending.len() == 100 {
+    ///             // ... write the hundred somewhere, then:
+    ///             pending.drain(..).for_each(|e| e.ack());
+    ///         }
+    ///     }
+    ///     Ok(())
+    /// });
+    /// ```
+    pub fn noack(mut self) -> Self {
+        self.manual_ack = true;
+        self
+    }
+
     fn ack_current(&mut self) {
-        for e in self.current.borrow_mut().drain(..) {
-            self.core.ack(self.agent, &e.tp, e.record.offset);
+        if self.manual_ack {
+            // Events stay in hand until the agent acks them: a failure hands them back.
+            let (core, agent) = (&self.core, self.agent);
+            self.current.borrow_mut().retain(|e| !core.acked(agent, &e.tp, e.record.offset));
+        } else {
+            for e in self.current.borrow_mut().drain(..) {
+                self.core.ack(self.agent, &e.tp, e.record.offset);
+            }
         }
         // Until the next event is handed out, the task processes none (table writes then
         // need an explicit partition).
@@ -553,12 +595,20 @@ impl<K: 'static, V: 'static> Stream<K, V> {
                         acks.flush();
                         return Err(e);
                     }
-                    acks.push(&queued.tp, queued.record.offset);
+                    if self.manual_ack {
+                        self.current.borrow_mut().push(queued.clone());
+                    } else {
+                        acks.push(&queued.tp, queued.record.offset);
+                    }
                 }
                 hand.batch.pop_front();
             }
             // Before the core's other tasks run (a commit reads the acks).
             acks.flush();
+            if self.manual_ack {
+                let (core, agent) = (&self.core, self.agent);
+                self.current.borrow_mut().retain(|e| !core.acked(agent, &e.tp, e.record.offset));
+            }
             if let Some(slot) = &slot {
                 slot.clear();
             }

@@ -287,6 +287,10 @@ pub(crate) struct Control {
     pub(crate) first_wait: Duration,
     /// The app's sensors (told when an assignment change starts and ends).
     pub(crate) sensors: crate::runtime::sensor::Sensors,
+    /// Leadership and the partition hooks.
+    pub(crate) services: Arc<crate::app::services::Services>,
+    /// The app's leader topic (`None` with `topic_disable_leader`).
+    pub(crate) leader_topic: Option<String>,
 }
 
 impl Control {
@@ -348,7 +352,8 @@ impl Control {
                         }
                         break;
                     }
-                    owned.clear();
+                    self.services.partitions_revoked(&std::mem::take(&mut owned).into_iter().collect::<Vec<_>>());
+                    self.services.note_owned(None, owned.iter());
                     match self.transport.membership(&self.group, &self.join) {
                         Ok(m) => {
                             membership = m;
@@ -392,6 +397,17 @@ impl Control {
             };
             generation = generation.max(g);
             tracing::debug!(group = %self.group, ?event, "assignment change");
+            match &event {
+                AssignmentEvent::Revoked { partitions, .. } => {
+                    // Leadership ends before the partition is released: a leader-only run must
+                    // not start on a worker that is handing leadership over.
+                    self.services.note_owned(self.leader_topic.as_deref(), owned.iter());
+                    self.services.partitions_revoked(partitions);
+                }
+                // As Faust does, before the tables of the partitions are recovered.
+                AssignmentEvent::Assigned { partitions, .. } => self.services.partitions_assigned(partitions),
+                AssignmentEvent::Standbys { .. } => {}
+            }
             let target = self.placement.target(&owned);
             let fence = member.clone().map(|member| Fence { member, generation });
             let started = Instant::now();
@@ -410,6 +426,10 @@ impl Control {
                 break;
             }
             self.counters.rebalances.fetch_add(1, Ordering::Relaxed);
+            if let AssignmentEvent::Assigned { .. } = &event {
+                // Leadership starts once the leader partition is taken.
+                self.services.note_owned(self.leader_topic.as_deref(), owned.iter());
+            }
             if revoked && let Err(e) = membership.revoked(g).await {
                 if matches!(e, faust_transport::Error::Fenced { .. }) {
                     // Too late: the group dropped this worker meanwhile; the next event says so.
@@ -420,6 +440,10 @@ impl Control {
                 break;
             }
         }
+        // The worker stops: it gives up everything it holds.
+        self.services.before_shutdown();
+        self.services.note_owned(None, owned.iter());
+        self.services.partitions_revoked(&owned.iter().cloned().collect::<Vec<_>>());
         // Leave once the cores committed their last offsets, so others take over from there.
         self.cores_done.wait().await;
         if let Err(e) = membership.leave().await {

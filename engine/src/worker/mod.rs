@@ -92,10 +92,28 @@ pub enum WorkerError {
 /// Topics grouped by partition count: each group is co-partitioned, as in Faust (a source,
 /// its repartition topics and the changelogs of its tables have the same count), so
 /// partition `p` of each lands on the same worker and core.
-fn copartitioned(counts: &std::collections::BTreeMap<Arc<str>, u32>) -> Vec<Vec<Arc<str>>> {
+///
+/// The `leader` topic (one partition) joins the group with the most partitions, where it
+/// rides along with slot 0: leadership goes with partition 0 of the app's main topics
+/// instead of counting as a partition of its own in the balance (which would give its holder
+/// one source partition less than the others).
+fn copartitioned(counts: &std::collections::BTreeMap<Arc<str>, u32>, leader: Option<&str>) -> Vec<Vec<Arc<str>>> {
     let mut by_count: std::collections::BTreeMap<u32, Vec<Arc<str>>> = std::collections::BTreeMap::new();
+    let mut leader_topic = None;
     for (topic, count) in counts {
+        if leader == Some(&**topic) {
+            leader_topic = Some(topic.clone());
+            continue;
+        }
         by_count.entry(*count).or_default().push(topic.clone());
+    }
+    if let Some(topic) = leader_topic {
+        match by_count.values_mut().next_back() {
+            Some(largest) => largest.push(topic),
+            None => {
+                by_count.insert(1, vec![topic]);
+            }
+        }
     }
     by_count.into_values().collect()
 }
@@ -151,6 +169,9 @@ impl App {
 
 pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
     let settings = app.inner.settings.clone();
+    app.inner.services.worker_init();
+    app.declare_leader_election();
+    let leader_topic = (!settings.topic_disable_leader).then(|| crate::app::services::leader_topic(&settings.id));
     let cores = crate::runtime::choose_cpus(settings.cores, &crate::runtime::usable_cpus())?.len();
     // Only what is kept on disk needs the data directory (tests on memory:// leave none).
     if settings.broker_url().starts_with("local://") {
@@ -244,6 +265,7 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
         let (commands, cores_done, counters) = (commands.clone(), cores_done.clone(), app.inner.stats.clone());
         let failure = group_failure.clone();
         let settings = settings.clone();
+        let (services, leader_topic) = (app.inner.services.clone(), leader_topic.clone());
         let sensors: crate::runtime::sensor::Sensors =
             lock(&app.inner.sensors).iter().cloned().collect::<Vec<_>>().into();
         std::thread::Builder::new()
@@ -255,7 +277,7 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
                         return;
                     }
                     let counts = startup.counts.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                    let groups = copartitioned(&counts);
+                    let groups = copartitioned(&counts, leader_topic.as_deref());
                     let join = faust_transport::JoinRequest {
                         topics: counts.keys().map(|t| t.to_string()).collect(),
                         copartitioned: groups.iter().map(|g| g.iter().map(|t| t.to_string()).collect()).collect(),
@@ -277,6 +299,8 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
                         failure,
                         first_wait: Duration::from_secs(1),
                         sensors,
+                        services,
+                        leader_topic,
                     }
                     .run()
                     .await;
@@ -338,6 +362,31 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
 /// How long the changelog of a windowed table keeps the tombstone of an expired window.
 const WINDOW_TOMBSTONE_RETENTION: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// What the worker creates a declared topic with: its options, with the broker settings every
+/// transport understands read into their fields (a bad value is left to the broker).
+fn topic_config(t: &crate::app::TopicDecl, partitions: u32) -> TopicConfig {
+    let mut config = TopicConfig {
+        compacted: t.compacting,
+        retention: t.retention,
+        retention_bytes: t.retention_bytes,
+        replicas: t.replicas,
+        broker_config: t.broker_config.clone(),
+        ..TopicConfig::new(partitions)
+    };
+    let millis = |v: &str| v.trim().parse::<u64>().ok().map(std::time::Duration::from_millis);
+    for (name, value) in &t.broker_config {
+        match name.as_str() {
+            "cleanup.policy" => config.compacted = value.split(',').any(|p| p.trim() == "compact"),
+            // -1: no limit.
+            "retention.ms" => config.retention = millis(value),
+            "retention.bytes" => config.retention_bytes = value.trim().parse().ok(),
+            "delete.retention.ms" => config.delete_retention = millis(value),
+            _ => {}
+        }
+    }
+    config
+}
+
 /// Creates the declared topics and the tables' changelogs (core 0, before anything else
 /// runs); returns the partition count of every topic whose partitions the worker takes.
 async fn create_topics(
@@ -358,11 +407,7 @@ async fn create_topics(
         let count = match (existing, wanted) {
             (Some(meta), None) => meta.config.partitions,
             (_, wanted) => {
-                let config = TopicConfig {
-                    retention: t.retention,
-                    retention_bytes: t.retention_bytes,
-                    ..TopicConfig::new(wanted.unwrap_or(settings.topic_partitions))
-                };
+                let config = topic_config(t, wanted.unwrap_or(settings.topic_partitions));
                 core.create_topic(&t.name, &config).await?.config.partitions
             }
         };
@@ -382,8 +427,10 @@ async fn create_topics(
     // the agents consume when they all have the same (a table is co-partitioned with its
     // agent's topic: an existing topic with 4 partitions gets a 4-partition changelog even
     // though `topic_partitions` says 8), and `topic_partitions` otherwise.
+    // (The leader topic's one partition says nothing about the app's data.)
+    let leader = crate::app::services::leader_topic(&settings.id);
     let source_counts: std::collections::BTreeSet<u32> =
-        sources.iter().filter_map(|s| created.get(s).copied()).collect();
+        sources.iter().filter(|s| ***s != *leader).filter_map(|s| created.get(s).copied()).collect();
     let default_count = match source_counts.iter().collect::<Vec<_>>()[..] {
         [&only] => only,
         _ => settings.topic_partitions,
@@ -491,7 +538,8 @@ async fn core_main(
     // The repartition topics: those a `group_by` declared (with their positions table).
     let repartition =
         app.inner.outbox.topics().into_iter().filter(|t| t.positions.get().is_some()).map(|t| t.name.clone());
-    let internal_topics = changelog_tables.iter().cloned().chain(repartition).collect();
+    let leader = (!settings.topic_disable_leader).then(|| Arc::from(crate::app::services::leader_topic(&settings.id)));
+    let internal_topics = changelog_tables.iter().cloned().chain(repartition).chain(leader).collect();
     let runtime = CoreRuntime::install(CoreSetup {
         index,
         transport: core,
@@ -524,6 +572,7 @@ async fn core_main(
         let counts = startup.counts.lock().unwrap_or_else(|p| p.into_inner()).clone();
         tracing::info!(app = %settings.id, cores, topics = counts.len(), partitions = counts.values().sum::<u32>(),
             "the worker is ready: its partitions are recovered and being processed");
+        app.inner.services.startup_finished();
     }
     // Later assignment changes, one at a time.
     let control_task = {
@@ -573,6 +622,9 @@ async fn core_main(
     let outbox_task = (index == 0).then(|| glommio::spawn_local(outbox::serve_outbox(runtime.clone(), outbox.clone())));
 
     stop.wait().await;
+    if index == 0 {
+        app.inner.services.before_shutdown();
+    }
     // Shutdown: stop fetching, let agents drain what they were given, commit, release.
     drop(background);
     runtime.begin_stop();

@@ -132,6 +132,9 @@ impl KafkaCore {
         };
         let mut configs = Vec::new();
         let mut set = |k: &'static str, v: String| {
+            if config.broker_config.iter().any(|(name, _)| name == k) {
+                return;
+            }
             configs.push(
                 CreatableTopicConfig::default()
                     .with_name(StrBytes::from_static_str(k))
@@ -150,13 +153,20 @@ impl KafkaCore {
         if let Some(d) = config.delete_retention {
             set("delete.retention.ms", d.as_millis().to_string());
         }
+        for (k, v) in &config.broker_config {
+            configs.push(
+                CreatableTopicConfig::default()
+                    .with_name(StrBytes::from_string(k.clone()))
+                    .with_value(Some(StrBytes::from_string(v.clone()))),
+            );
+        }
         let timeout = self.options().request_timeout;
         let req = CreateTopicsRequest::default()
             .with_topics(vec![
                 CreatableTopic::default()
                     .with_name(topic_name(name))
                     .with_num_partitions(config.partitions as i32)
-                    .with_replication_factor(self.options().replication_factor)
+                    .with_replication_factor(config.replicas.unwrap_or(self.options().replication_factor))
                     .with_configs(configs),
             ])
             .with_timeout_ms(timeout.as_millis().min(i32::MAX as u128) as i32);
