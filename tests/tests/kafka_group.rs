@@ -153,11 +153,18 @@ fn three_workers_share_the_orders_and_take_over_from_a_killed_one() {
         assert!(start.elapsed() < Duration::from_secs(30), "standbys not followed within 30 s: {stats:?}");
         std::thread::sleep(Duration::from_millis(200));
     }
+    // One of the three leads the app (holds its leader topic's partition).
+    let leaders = |workers: &[Worker]| -> Vec<usize> {
+        workers.iter().enumerate().filter(|(_, w)| w.stats()["leader"] == true).map(|(i, _)| i).collect()
+    };
+    let leader = leaders(&workers);
+    assert_eq!(leader.len(), 1, "exactly one leader among three: {leader:?}");
+
+    // SIGKILL the leader: the others take its partitions (and leadership) over and count
+    // what comes next.
+    let mut killed = workers.remove(leader[0]);
     let replayed_before: Vec<u64> =
         workers.iter().map(|w| w.stats()["changelog_records_replayed"].as_u64().unwrap_or(0)).collect();
-
-    // SIGKILL one: the others take its partitions over and count what comes next.
-    let mut killed = workers.pop().expect("three workers");
     signal_and_wait(&mut killed.child, libc::SIGKILL, Duration::from_secs(10));
     let killed_at = Instant::now();
     for (k, v) in produce_orders_rskafka(&broker.addr(), first, first + 10_000) {
@@ -179,6 +186,7 @@ fn three_workers_share_the_orders_and_take_over_from_a_killed_one() {
         .sum();
     eprintln!("takeover: {promoted} standbys promoted, {replayed} changelog records replayed");
     assert!(promoted >= 1, "the takeover promoted a standby: {stats:?}");
+    assert_eq!(leaders(&workers).len(), 1, "one of the two left took leadership over");
     for w in &mut workers {
         let status = signal_and_wait(&mut w.child, libc::SIGTERM, Duration::from_secs(60));
         assert!(status.success(), "SIGTERM stops gracefully: {status}; the log:\n{}", w.log());

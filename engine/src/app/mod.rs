@@ -192,7 +192,7 @@ impl App {
     /// What the worker did about assignment changes so far (partitions taken and released,
     /// shards recovered or resumed in place), counted over every run of this app.
     pub fn stats(&self) -> crate::WorkerStats {
-        self.inner.stats.snapshot()
+        crate::WorkerStats { leader: self.inner.services.is_leader(), ..self.inner.stats.snapshot() }
     }
 
     /// What is wrong with the running worker now, one line each (`core 0 writes: ...` while a

@@ -310,7 +310,8 @@ impl App {
                 let mut led = false;
                 loop {
                     let leads = services.is_leader();
-                    if leads && !led
+                    if leads
+                        && !led
                         && let Err(e) = f().await
                     {
                         tracing::error!(error = %e, "leader task failed");

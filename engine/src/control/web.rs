@@ -288,7 +288,7 @@ fn metrics(app: &App, inboxes: &[Arc<Inbox>]) -> Answer {
     let stats = app.stats();
     let id = app.settings().id.replace(['\\', '"', '\n'], "_");
     let mut out = String::new();
-    let counters: [(&str, &str, &str, u64); 17] = [
+    let counters: [(&str, &str, &str, u64); 18] = [
         ("events_processed_total", "counter", "Events the agents finished (acked).", stats.events_processed),
         ("lag", "gauge", "Records in the consumed partitions not processed yet.", stats.lag),
         ("rebalances_total", "counter", "Assignment changes applied.", stats.rebalances),
@@ -319,6 +319,7 @@ fn metrics(app: &App, inboxes: &[Arc<Inbox>]) -> Answer {
             stats.standby_records_applied,
         ),
         ("standbys_promoted_total", "counter", "Standby shards promoted to active.", stats.standbys_promoted),
+        ("leader", "gauge", "1 while this worker is the app's leader.", u64::from(stats.leader)),
         ("shards_resumed_total", "counter", "Suspended table shards resumed without a replay.", stats.shards_resumed),
         (
             "events_abandoned_total",

@@ -67,6 +67,8 @@ pub struct WorkerStats {
     /// Standby shards promoted to active when their partition was assigned here (recovery
     /// then replays only what the standby had not applied).
     pub standbys_promoted: u64,
+    /// Whether this worker is the app's leader now (see [`App::is_leader`](crate::App::is_leader)).
+    pub leader: bool,
 }
 
 /// One core's view of its work now, for the web server's status and metrics.
@@ -333,6 +335,7 @@ impl Counters {
             standby_partitions: get(&self.standby_partitions),
             standby_records_applied: get(&self.standby_records_applied),
             standbys_promoted: get(&self.standbys_promoted),
+            leader: false,
         }
     }
 
