@@ -8,6 +8,49 @@ use crate::codec::CodecError;
 /// What an agent returns when it fails: any error.
 pub type AgentError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Why a question to an agent ([`Agent::ask`](crate::Agent::ask), `map`, `join`) got no
+/// answer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AskError {
+    /// The worker is not running, or the app has no agent that can reply (one registered with
+    /// [`App::agent_with_sinks`](crate::App::agent_with_sinks)): replies come back through
+    /// the running worker's reply topic.
+    #[error("cannot ask agent `{agent}`: {reason}")]
+    NotRunning {
+        /// The agent.
+        agent: String,
+        /// Why.
+        reason: &'static str,
+    },
+    /// Sending the question failed.
+    #[error("asking agent `{agent}`: {source}")]
+    Send {
+        /// The agent.
+        agent: String,
+        /// The send's error.
+        #[source]
+        source: Box<SendError>,
+    },
+    /// No reply came in time.
+    #[error("agent `{agent}` did not reply within {after:?}")]
+    Timeout {
+        /// The agent.
+        agent: String,
+        /// How long the asker waited.
+        after: std::time::Duration,
+    },
+    /// The reply does not decode as the type asked for.
+    #[error("the reply of agent `{agent}` does not decode: {source}")]
+    Decode {
+        /// The agent.
+        agent: String,
+        /// The codec's error.
+        #[source]
+        source: CodecError,
+    },
+}
+
 /// Why a send failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

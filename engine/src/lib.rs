@@ -38,11 +38,12 @@ mod worker;
 
 pub use crate::app::group_by::{GroupBy, Source};
 pub use crate::app::page::{WebRequest, WebResponse};
+pub use crate::app::rpc::AskStream;
 pub use crate::app::sink::{Sink, Sinks};
 pub use crate::app::{Agent, App, TopicOptions};
 pub use crate::codec::{Codec, CodecError, Fixed};
 pub use crate::cron::{CronError, Crontab};
-pub use crate::error::{AgentError, SendError, TableError};
+pub use crate::error::{AgentError, AskError, SendError, TableError};
 pub use crate::progress::{LogWriter, Progress, log_writer};
 pub use crate::runtime::bad_record::{BadRecord, RecordPart};
 pub use crate::runtime::context::{EventPosition, current_event};

@@ -231,6 +231,11 @@ impl std::fmt::Debug for Record {
 }
 
 impl Record {
+    /// Whether the record has any header (cheaper than looking at [`headers`](Record::headers)).
+    pub fn has_headers(&self) -> bool {
+        !self.headers.is_empty()
+    }
+
     /// A record without headers, made in memory rather than read from a log (in-memory
     /// channels hand these to streams).
     pub fn new(offset: u64, timestamp: i64, key: Option<Bytes>, value: Option<Bytes>) -> Self {

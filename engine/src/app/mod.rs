@@ -5,6 +5,7 @@
 mod agent;
 pub(crate) mod group_by;
 pub(crate) mod page;
+pub(crate) mod rpc;
 pub(crate) mod services;
 pub(crate) mod sink;
 mod spec;
@@ -92,6 +93,7 @@ impl App {
                 sensors: Mutex::new(Vec::new()),
                 web_addr: Mutex::new(None),
                 services: Arc::default(),
+                replies: Arc::default(),
             }),
         }
     }
@@ -115,6 +117,7 @@ impl App {
                 sensors: Mutex::new(lock(&inner.sensors).clone()),
                 web_addr: Mutex::new(None),
                 services: inner.services.clone(),
+                replies: inner.replies.clone(),
             }),
         }
     }

@@ -3,7 +3,8 @@
 //! Rust agents have no `yield`; an agent registered with [`App::agent_with_sinks`] gets a
 //! [`Sinks`] handle next to its stream and calls [`Sinks::emit`] where a Faust agent would
 //! `yield`. Each value goes to every sink in order: a topic (sent with `send_soon`, so it is
-//! durable before the event behind it is committed), another agent (`cast`), or a callback.
+//! durable before the event behind it is committed), another agent (`cast`), or a callback
+//! — and, when the event was a question ([`Agent::ask`]), to the asker.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -59,14 +60,19 @@ impl<O> Sink<O> {
     }
 }
 
+/// Encodes a value an agent emits as the reply to an asked event.
+type EncodeReply<O> = Arc<dyn Fn(&O) -> Result<Vec<u8>, crate::codec::CodecError> + Send + Sync>;
+
 /// An agent's sinks, handed to it beside its stream.
 pub struct Sinks<O> {
     sinks: Arc<[Sink<O>]>,
+    /// Encodes a reply to an asked event (the app's value codec).
+    reply: EncodeReply<O>,
 }
 
 impl<O> Clone for Sinks<O> {
     fn clone(&self) -> Self {
-        Sinks { sinks: self.sinks.clone() }
+        Sinks { sinks: self.sinks.clone(), reply: self.reply.clone() }
     }
 }
 
@@ -77,10 +83,28 @@ impl<O> std::fmt::Debug for Sinks<O> {
 }
 
 impl<O> Sinks<O> {
-    /// Hands `value` to every sink, in the order they were given (Faust's `yield`). Stops at
+    /// Hands `value` to every sink, in the order they were given (Faust's `yield`), and,
+    /// when the event being processed was asked ([`Agent::ask`]), to the asker: buffered
+    /// like [`Topic::send_soon`], durable before the event's offset is committed. Stops at
     /// the first sink that fails (a value that does not encode, a stopped worker).
     pub fn emit(&self, value: &O) -> Result<(), SendError> {
-        self.sinks.iter().try_for_each(|sink| (sink.deliver)(value))
+        self.sinks.iter().try_for_each(|sink| (sink.deliver)(value))?;
+        if let Some(reply) = crate::runtime::context::current_reply()
+            && let Some(core) = crate::runtime::CoreRuntime::current()
+        {
+            let bytes =
+                (self.reply)(value).map_err(|source| SendError::Codec { topic: reply.topic.to_string(), source })?;
+            let correlation: faust_storage::Header<'_> =
+                (crate::runtime::context::CORRELATION_HEADER, Some(&reply.correlation[..]));
+            core.buffer(
+                faust_transport::TopicPartition::new(reply.topic.clone(), 0),
+                None,
+                None,
+                &bytes,
+                &[correlation],
+            );
+        }
+        Ok(())
     }
 }
 
@@ -113,7 +137,8 @@ impl App {
 
     /// Registers an agent whose values go to `sinks` (Faust's `sink=[...]`): `f` gets the
     /// stream and a [`Sinks`] handle, and calls [`Sinks::emit`] for each value it yields.
-    /// Otherwise as [`App::agent`] (`source` is a topic or a [`Topic::group_by`]).
+    /// Otherwise as [`App::agent`] (`source` is a topic or a [`Topic::group_by`]). Such an
+    /// agent can be asked ([`Agent::ask`]): what it emits for a question is also the reply.
     ///
     /// ```
     /// use std::sync::{Arc, Mutex};
@@ -142,11 +167,18 @@ impl App {
         K: DeserializeOwned + 'static,
         V: DeserializeOwned + 'static,
         S: crate::Source<K, V>,
-        O: 'static,
+        O: Serialize + 'static,
         F: Fn(Stream<K, V>, Sinks<O>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), AgentError>> + 'static,
     {
-        let sinks = Sinks { sinks: sinks.into() };
+        // The agent can reply: the worker reads replies.
+        self.inner.replies.want();
+        let codec = self.inner.settings.value_serializer.clone();
+        let reply = Arc::new(move |value: &O| {
+            let mut out = Vec::new();
+            codec.encode(value, &mut out).map(|()| out)
+        });
+        let sinks = Sinks { sinks: sinks.into(), reply };
         self.agent(name, source, move |stream| f(stream, sinks.clone()))
     }
 }

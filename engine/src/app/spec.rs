@@ -66,6 +66,8 @@ pub(crate) struct AppInner {
     pub(crate) web_addr: Mutex<Option<std::net::SocketAddr>>,
     /// Leadership and lifecycle hooks, shared with the worker's cores and control thread.
     pub(crate) services: Arc<crate::app::services::Services>,
+    /// Questions to agents waiting for replies ([`Agent::ask`](crate::Agent::ask)).
+    pub(crate) replies: Arc<crate::app::rpc::Replies>,
 }
 
 /// What answers one of the app's own web pages ([`App::page`](crate::App::page)).

@@ -30,6 +30,39 @@ pub struct EventPosition {
     pub timestamp: i64,
 }
 
+/// The header of an asked event ([`Agent::ask`](crate::Agent::ask)) naming the topic its
+/// replies go to.
+pub(crate) const REPLY_TO_HEADER: &[u8] = b"faust-reply-to";
+/// The header of an asked event and of its replies: which question a reply answers.
+pub(crate) const CORRELATION_HEADER: &[u8] = b"faust-correlation-id";
+
+/// Where the replies to an asked event go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ReplyTo {
+    /// The asking worker's reply topic (one partition).
+    pub(crate) topic: Arc<str>,
+    /// The question's id, as the asker wrote it.
+    pub(crate) correlation: Vec<u8>,
+}
+
+impl ReplyTo {
+    /// The reply address `record` carries, if it was asked.
+    pub(crate) fn of(record: &faust_storage::Record) -> Option<ReplyTo> {
+        if !record.has_headers() {
+            return None;
+        }
+        let (mut topic, mut correlation) = (None, None);
+        for (name, value) in record.headers() {
+            if name == REPLY_TO_HEADER {
+                topic = value.and_then(|v| std::str::from_utf8(v).ok()).map(Arc::from);
+            } else if name == CORRELATION_HEADER {
+                correlation = value.map(<[u8]>::to_vec);
+            }
+        }
+        Some(ReplyTo { topic: topic?, correlation: correlation? })
+    }
+}
+
 /// One task's slot.
 #[derive(Debug, Default)]
 pub(crate) struct TaskSlot {
@@ -37,11 +70,23 @@ pub(crate) struct TaskSlot {
     current: RefCell<Option<Token>>,
     /// The agent the task runs (its index), which owns the acks of its events.
     agent: std::cell::Cell<usize>,
+    /// Where replies to the current event go, when it was asked.
+    reply: RefCell<Option<ReplyTo>>,
 }
 
 impl TaskSlot {
     pub(crate) fn for_agent(agent: usize) -> Self {
-        TaskSlot { current: RefCell::new(None), agent: std::cell::Cell::new(agent) }
+        TaskSlot { current: RefCell::new(None), agent: std::cell::Cell::new(agent), reply: RefCell::new(None) }
+    }
+
+    /// Notes where the replies to the event just made current go (`record`'s reply headers;
+    /// nothing for the common event without headers once none is noted).
+    pub(crate) fn note_reply(&self, record: &faust_storage::Record) {
+        if record.has_headers() {
+            *self.reply.borrow_mut() = ReplyTo::of(record);
+        } else if self.reply.borrow().is_some() {
+            *self.reply.borrow_mut() = None;
+        }
     }
 
     /// Makes the event at `offset` of `topic`/`partition` the task's current one. The token
@@ -60,6 +105,9 @@ impl TaskSlot {
     /// The task processes no event (until the next one is handed out).
     pub(crate) fn clear(&self) {
         *self.current.borrow_mut() = None;
+        if self.reply.borrow().is_some() {
+            *self.reply.borrow_mut() = None;
+        }
     }
 
     /// Clears the current event if it is the one at `offset` of `tp` (it was acked).
@@ -101,6 +149,11 @@ pub fn current_event() -> Option<EventPosition> {
             timestamp: t.timestamp,
         })
     })
+}
+
+/// Where the replies to the calling agent's current event go, if it was asked.
+pub(crate) fn current_reply() -> Option<ReplyTo> {
+    POLLING.with(|p| p.borrow().as_ref().and_then(|slot| slot.reply.borrow().clone()))
 }
 
 /// The slot of the task being polled, for code that hands this task an event.

@@ -419,6 +419,7 @@ impl<K: 'static, V: 'static> Stream<K, V> {
             Ok(Some(value)) => {
                 if let Some(slot) = slot {
                     slot.set_at(&tp.topic, tp.partition, offset, queued.record.timestamp);
+                    slot.note_reply(&queued.record);
                 }
                 if let Some(positions) = &self.positions
                     && !self.admit(positions, queued)

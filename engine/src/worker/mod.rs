@@ -387,6 +387,21 @@ fn topic_config(t: &crate::app::TopicDecl, partitions: u32) -> TopicConfig {
     config
 }
 
+/// Creates this worker's reply topic (`{id}-reply-{instance}`) and makes it where questions
+/// asked in this process want their replies.
+async fn create_reply_topic(core: &AnyCore, app: &App) -> Result<(), faust_transport::Error> {
+    let settings = &app.inner.settings;
+    let instance = transactional_instance(settings).map_err(|message| faust_transport::Error::Io {
+        op: "read the worker's instance id",
+        path: settings.datadir.clone(),
+        source: std::io::Error::other(message),
+    })?;
+    let name = crate::app::rpc::reply_topic(&settings.id, &instance);
+    core.create_topic(&name, &crate::app::rpc::reply_topic_config()).await?;
+    app.inner.replies.set_topic(Some(Arc::from(name)));
+    Ok(())
+}
+
 /// Creates the declared topics and the tables' changelogs (core 0, before anything else
 /// runs); returns the partition count of every topic whose partitions the worker takes.
 async fn create_topics(
@@ -502,7 +517,13 @@ async fn core_main(
     }
     if index == 0 {
         let sources: Vec<Arc<str>> = agents_by_topic.keys().cloned().collect();
-        let created = create_topics(&core, settings, &declared, &tables, &sources).await;
+        let mut created = create_topics(&core, settings, &declared, &tables, &sources).await;
+        if created.is_ok()
+            && app.inner.replies.wanted()
+            && let Err(e) = create_reply_topic(&core, &app).await
+        {
+            created = Err(e);
+        }
         if let Ok(counts) = &created {
             *startup.counts.lock().unwrap_or_else(|p| p.into_inner()) = counts.clone();
         }
@@ -620,11 +641,18 @@ async fn core_main(
     // Sends from outside the worker.
     let outbox = app.inner.outbox.clone();
     let outbox_task = (index == 0).then(|| glommio::spawn_local(outbox::serve_outbox(runtime.clone(), outbox.clone())));
+    // Replies to this worker's questions to agents.
+    let reply_reader = (index == 0).then(|| app.inner.replies.topic()).flatten().map(|topic| {
+        glommio::spawn_local(crate::app::rpc::read_replies(runtime.clone(), topic, app.inner.replies.clone()))
+    });
 
     stop.wait().await;
     if index == 0 {
         app.inner.services.before_shutdown();
+        // Questions asked from now on fail at once instead of waiting for replies never read.
+        app.inner.replies.set_topic(None);
     }
+    drop(reply_reader);
     // Shutdown: stop fetching, let agents drain what they were given, commit, release.
     drop(background);
     runtime.begin_stop();
