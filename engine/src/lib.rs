@@ -50,6 +50,7 @@ pub use crate::runtime::context::{EventPosition, current_event};
 pub use crate::runtime::sensor::Sensor;
 pub use crate::runtime::signal::StopSignal;
 pub use crate::runtime::stats::WorkerStats;
+pub use crate::runtime::supervise::{AgentFailure, Supervisor};
 pub use crate::settings::{BadRecordPolicy, ProcessingGuarantee, Settings, SettingsError, parse_partitions};
 pub use crate::stream::{Event, Stream};
 pub use crate::table::{Table, TablePartition};

@@ -45,6 +45,44 @@ impl<K, V> Agent<K, V> {
     pub fn topic(&self) -> &Topic<K, V> {
         &self.topic
     }
+
+    /// What happens when the agent fails on an event (Faust's `supervisor_strategy`): see
+    /// [`Supervisor`](crate::Supervisor). Set it before the worker starts.
+    ///
+    /// ```
+    /// use faust::{App, Settings, Supervisor};
+    ///
+    /// let app = App::new(Settings::new("strict"));
+    /// let payments = app.topic::<String, u64>("payments");
+    /// // A failure is a bug to fix, not an event to skip: stop, leaving it uncommitted.
+    /// app.agent("pay", &payments, |mut stream| async move {
+    ///     while let Some(cents) = stream.next().await {
+    ///         if cents == 0 {
+    ///             return Err("a payment of nothing".into());
+    ///         }
+    ///     }
+    ///     Ok(())
+    /// })
+    /// .supervisor(Supervisor::Crash);
+    /// ```
+    pub fn supervisor(self, strategy: crate::Supervisor) -> Self {
+        self.with_supervision(|s| s.strategy = strategy);
+        self
+    }
+
+    /// Calls `f` each time the agent fails (an error or a panic), on the core where it
+    /// failed, before the supervisor restarts it, skips the event or stops the worker.
+    pub fn on_error(self, f: impl Fn(&crate::AgentFailure) + Send + Sync + 'static) -> Self {
+        let f: crate::runtime::supervise::OnError = Arc::new(f);
+        self.with_supervision(|s| s.on_error = Some(f.clone()));
+        self
+    }
+
+    fn with_supervision(&self, change: impl Fn(&mut crate::runtime::supervise::SupervisorOptions)) {
+        if let Some(supervision) = lock(&self.app.agents).get(self.index).and_then(|a| a.supervision.clone()) {
+            change(&mut lock(&supervision));
+        }
+    }
 }
 
 impl<K: Serialize + 'static, V: Serialize + 'static> Agent<K, V> {

@@ -381,7 +381,75 @@ impl App {
         self.agent_on(name, &topic, true, f)
     }
 
-    /// Registers an agent on `topic` itself (see [`App::agent`]).
+    /// Registers an agent without a topic of the caller's (Faust's `@app.agent()` with no
+    /// channel): it consumes the topic `{id}-{name}`, declared with the app's codecs, which
+    /// [`Agent::send`] and [`Agent::ask`] reach.
+    ///
+    /// ```
+    /// use faust::{App, Settings};
+    ///
+    /// let app = App::new(Settings::new("shop"));
+    /// let audit = app.agent_with_own_topic::<String, String, _, _>("audit", |mut stream| async move {
+    ///     while let Some(line) = stream.next().await {
+    ///         println!("{line}");
+    ///     }
+    ///     Ok(())
+    /// });
+    /// assert_eq!(audit.topic().name(), "shop-audit");
+    /// ```
+    pub fn agent_with_own_topic<K, V, F, Fut>(&self, name: &str, f: F) -> Agent<K, V>
+    where
+        K: DeserializeOwned + 'static,
+        V: DeserializeOwned + 'static,
+        F: Fn(Stream<K, V>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), AgentError>> + 'static,
+    {
+        let topic = self.topic::<K, V>(&format!("{}-{name}", self.inner.settings.id));
+        self.agent(name, &topic, f)
+    }
+
+    /// A channel named `name` that the worker fills with `values` when it starts (Faust's
+    /// `app.stream(iterable)`): give it to [`App::agent`] to process a fixed set of values —
+    /// a test's input, a backfill read from a file — with the same agent code as a topic.
+    /// The values are taken from the iterator one at a time, as the agent's queue has room,
+    /// on core 0 (where its agent instance gets them), once per run of the worker; like any
+    /// channel, nothing is durable.
+    ///
+    /// ```
+    /// use faust::{App, Settings};
+    ///
+    /// let app = App::new(Settings::new("backfill"));
+    /// let history = app.stream_of("history", (1..=3u64).map(|n| n * 100));
+    /// app.agent("replay", &history, |mut stream| async move {
+    ///     while let Some(cents) = stream.next().await {
+    ///         println!("{cents}");
+    ///     }
+    ///     Ok(())
+    /// });
+    /// ```
+    pub fn stream_of<V, I>(&self, name: &str, values: I) -> Topic<(), V>
+    where
+        V: Serialize + 'static,
+        I: IntoIterator<Item = V>,
+        I::IntoIter: Send + 'static,
+    {
+        let channel = self.channel::<(), V>(name);
+        let values = Arc::new(Mutex::new(Some(values.into_iter())));
+        let target = channel.clone();
+        self.task(move || {
+            let (values, target) = (values.clone(), target.clone());
+            async move {
+                // Taken once: a second run of the worker finds the iterator used up.
+                let Some(values) = lock(&values).take() else { return Ok(()) };
+                for value in values {
+                    target.send(None, &value).await?;
+                }
+                Ok(())
+            }
+        });
+        channel
+    }
+
     /// Registers an agent on `topic`; `decodes_key` says whether its stream decodes keys (the
     /// re-keying agent of a `group_by` does not).
     pub(crate) fn agent_on<K, V, F, Fut>(&self, name: &str, topic: &Topic<K, V>, decodes_key: bool, f: F) -> Agent<K, V>
@@ -401,9 +469,13 @@ impl App {
         let topic_inner = topic.inner.clone();
         let f = Arc::new(f);
         let agent_name: Arc<str> = Arc::from(name);
+        // Set on the handle ([`Agent::supervisor`], [`Agent::on_error`]) before the worker starts.
+        let supervision: Arc<Mutex<crate::runtime::supervise::SupervisorOptions>> = Arc::default();
+        let options = supervision.clone();
         let start: StartAgent = Arc::new(move |run: AgentRun| {
             let (f, topic, name) = (f.clone(), topic_inner.clone(), agent_name.clone());
-            Box::pin(crate::runtime::supervise::supervise(run, name, move |run: &AgentRun| {
+            let options = lock(&options).clone();
+            Box::pin(crate::runtime::supervise::supervise(run, name, options, move |run: &AgentRun| {
                 f(Stream::new(run, topic.key_codec.clone(), topic.value_codec.clone())
                     .deduplicated_by(topic.positions.get().cloned()))
             }))
@@ -415,6 +487,7 @@ impl App {
             start,
             concurrency: 1,
             every_core: false,
+            supervision: Some(supervision),
         });
         Agent { app: self.inner.clone(), index: agents.len() - 1, topic: topic.clone() }
     }

@@ -372,6 +372,7 @@ impl App {
             start: Arc::new(move |run: AgentRun| Box::pin(start(run))),
             concurrency: 1,
             every_core,
+            supervision: None,
         });
     }
 }

@@ -22,6 +22,8 @@ pub(crate) struct AgentSpec {
     pub(crate) concurrency: usize,
     /// For work without a topic: runs on every core (timers) rather than on core 0 (tasks).
     pub(crate) every_core: bool,
+    /// An agent's supervision, which its handle may change until the worker starts.
+    pub(crate) supervision: Option<Arc<Mutex<crate::runtime::supervise::SupervisorOptions>>>,
 }
 
 /// A topic declared by the app.

@@ -39,6 +39,48 @@ fn systemic(error: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
     }
 }
 
+/// What an agent's supervisor does when the agent fails on an event (Faust's
+/// `supervisor_strategy`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Supervisor {
+    /// Restart the agent on the event it failed on; after 3 failures on the same event, log
+    /// and skip it (Faust's default, the one-for-one supervisor, which restarts the failed
+    /// actor).
+    #[default]
+    Restart,
+    /// Log and skip the event at once, and go on with the next one.
+    Skip,
+    /// Stop the worker with the error (Faust's crashing supervisor), the event and everything
+    /// after it uncommitted: a restart after the fix processes it.
+    Crash,
+}
+
+/// One failure of an agent on an event, as [`Agent::on_error`](crate::Agent::on_error) hears
+/// of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AgentFailure {
+    /// The agent.
+    pub agent: String,
+    /// What it failed with (the error, or the panic's message).
+    pub error: String,
+    /// The event's topic, partition and offset (`None` when it failed outside an event).
+    pub event: Option<(TopicPartition, u64)>,
+    /// How many times in a row it failed on this event.
+    pub attempt: u32,
+}
+
+/// An agent's `on_error` hook.
+pub(crate) type OnError = Arc<dyn Fn(&AgentFailure) + Send + Sync>;
+
+/// How an agent is supervised (set on its handle before the worker starts).
+#[derive(Clone, Default)]
+pub(crate) struct SupervisorOptions {
+    pub(crate) strategy: Supervisor,
+    pub(crate) on_error: Option<OnError>,
+}
+
 /// What an agent's supervisor gets on its core.
 #[derive(Clone)]
 pub(crate) struct AgentRun {
@@ -52,8 +94,9 @@ pub(crate) struct AgentRun {
 
 /// Runs an agent, restarting it when it fails: the event it failed on goes back to the front
 /// of its queue (it was not acked), up to `MAX_RESTARTS_PER_EVENT` times; then the event is
-/// logged and skipped (acked) and the agent restarted on the next one.
-pub(crate) async fn supervise<F, Fut>(run: AgentRun, name: Arc<str>, make: F)
+/// logged and skipped (acked) and the agent restarted on the next one — or, as `options`
+/// say, skipped at once, or the worker stopped.
+pub(crate) async fn supervise<F, Fut>(run: AgentRun, name: Arc<str>, options: SupervisorOptions, make: F)
 where
     F: Fn(&AgentRun) -> Fut,
     Fut: Future<Output = Result<(), AgentError>>,
@@ -92,6 +135,13 @@ where
             return;
         }
         let Some(event) = failed.first().cloned() else {
+            if let Some(on_error) = &options.on_error {
+                on_error(&AgentFailure { agent: name.to_string(), error: error.clone(), event: None, attempt: 1 });
+            }
+            if options.strategy == Supervisor::Crash {
+                run.core.agent_failed_for_good(&name, &error, "the agent's supervisor crashes on a failure", None);
+                return;
+            }
             tracing::error!(agent = %name, %error, "agent failed outside an event; restarting it");
             if run.core.stopping.is_cancelled() {
                 return;
@@ -104,7 +154,19 @@ where
             Some((t, o, n)) if *t == tp && *o == offset => n + 1,
             _ => 1,
         };
-        if attempts > MAX_RESTARTS_PER_EVENT {
+        if let Some(on_error) = &options.on_error {
+            on_error(&AgentFailure {
+                agent: name.to_string(),
+                error: error.clone(),
+                event: Some((tp.clone(), offset)),
+                attempt: attempts,
+            });
+        }
+        if options.strategy == Supervisor::Crash {
+            run.core.agent_failed_for_good(&name, &error, "the agent's supervisor crashes on a failure", Some(&event));
+            return;
+        }
+        if attempts > MAX_RESTARTS_PER_EVENT || options.strategy == Supervisor::Skip {
             let in_a_row = match &streak {
                 Some((same, n, acks)) if *same == error && *acks == run.core.agent_acks(run.agent) => n + 1,
                 _ => 1,

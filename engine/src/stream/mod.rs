@@ -366,12 +366,18 @@ impl<K: 'static, V: 'static> Stream<K, V> {
     /// `None` unless something else asked for keys).
     pub(crate) async fn next_event_keyless(&mut self) -> Option<Event<K, V>> {
         self.ack_current();
-        self.pull(None).await
+        self.pull(None, None).await
     }
 
     /// The next event that gets through the stream's processors, added to the events in
-    /// hand. With a deadline, gives up (returning `None`) when it passes.
-    async fn pull(&mut self, deadline: Option<std::time::Instant>) -> Option<Event<K, V>> {
+    /// hand. With a deadline, gives up (returning `None`) when it passes. With `before`, a
+    /// record it refuses (by what can be seen undecoded, such as its timestamp) is put back
+    /// at the front of the queue, untouched, and `None` returned.
+    async fn pull(
+        &mut self,
+        deadline: Option<std::time::Instant>,
+        before: Option<&dyn Fn(&QueuedEvent) -> bool>,
+    ) -> Option<Event<K, V>> {
         // An agent whose events and sends are all ready would never give the core back: let
         // the commit task and the other partitions' consumers run when its time slice is up.
         glommio::yield_if_needed().await;
@@ -393,6 +399,12 @@ impl<K: 'static, V: 'static> Stream<K, V> {
             // the worker is stopping, and its offset stays at the bad record).
             if self.core.halted(&queued.tp) {
                 continue;
+            }
+            if let Some(before) = before
+                && !before(&queued)
+            {
+                self.queue.push_front(queued);
+                return None;
             }
             let outcome = self.outcome(&queued, &Self::decode);
             if let Some((key, value)) = self.hand_out(current_slot().as_deref(), &queued, outcome) {
@@ -464,11 +476,35 @@ impl<K: 'static, V: 'static> Stream<K, V> {
     async fn take_events_keyless(&mut self, max: usize, within: std::time::Duration) -> Vec<Event<K, V>> {
         self.ack_current();
         let mut batch = Vec::new();
-        let Some(first) = self.pull(None).await else { return batch };
+        let Some(first) = self.pull(None, None).await else { return batch };
         batch.push(first);
         let deadline = std::time::Instant::now() + within;
         while batch.len() < max.max(1) {
-            match self.pull(Some(deadline)).await {
+            match self.pull(Some(deadline), None).await {
+                Some(e) => batch.push(e),
+                None => break,
+            }
+        }
+        batch
+    }
+
+    /// Up to `max` events that lie within `within` of event time (Faust's
+    /// `take_with_timestamp`): the batch ends before the first event whose timestamp is
+    /// `within` or more after the first event's (that event opens the next batch), at `max`
+    /// events, or when `within` of wall-clock time passed since the first arrived, whichever
+    /// comes first — so a batch is never held up by a quiet stream. Acked as
+    /// [`take_events`](Stream::take_events) batches are. Empty only when the worker stops.
+    pub async fn take_with_timestamp(&mut self, max: usize, within: std::time::Duration) -> Vec<Event<K, V>> {
+        self.keys.set(true);
+        self.ack_current();
+        let mut batch = Vec::new();
+        let Some(first) = self.pull(None, None).await else { return batch };
+        let end = first.timestamp.saturating_add(i64::try_from(within.as_millis()).unwrap_or(i64::MAX));
+        batch.push(first);
+        let deadline = std::time::Instant::now() + within;
+        let in_window = move |queued: &QueuedEvent| queued.record.timestamp < end;
+        while batch.len() < max.max(1) {
+            match self.pull(Some(deadline), Some(&in_window)).await {
                 Some(e) => batch.push(e),
                 None => break,
             }

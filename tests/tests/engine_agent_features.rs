@@ -1,0 +1,176 @@
+//! The agent features around the stream (Faust's): `app.stream(iterable)` (`stream_of`), an
+//! agent without a topic of its own naming, supervisor strategies with an `on_error` hook,
+//! and `take_with_timestamp`'s batches by event time.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use faust::{AgentFailure, App, MemoryTransport, Settings, Supervisor, TopicConfig, TopicPartition};
+use faust_storage::BatchBuilder;
+use faust_transport::CoreTransport;
+use futures_lite::future::block_on;
+
+fn settings(id: &str) -> Settings {
+    let mut settings = Settings::new(id);
+    settings.topic_partitions = 1;
+    settings
+}
+
+fn wait_for(what: &str, ready: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !ready() {
+        assert!(start.elapsed() < Duration::from_secs(20), "{what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_stream_of_values_and_an_agent_with_its_own_topic() {
+    let app = App::new(settings("backfill"));
+    let seen: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let history = app.stream_of("history", (1..=100u64).map(|n| n * 10));
+    {
+        let seen = seen.clone();
+        app.agent("replay", &history, move |mut stream| {
+            let seen = seen.clone();
+            async move {
+                while let Some(v) = stream.next().await {
+                    seen.lock().unwrap().push(v);
+                }
+                Ok(())
+            }
+        });
+    }
+    let own: Arc<Mutex<Vec<String>>> = Arc::default();
+    let audit = {
+        let own = own.clone();
+        app.agent_with_own_topic::<String, String, _, _>("audit", move |mut stream| {
+            let own = own.clone();
+            async move {
+                while let Some(line) = stream.next().await {
+                    own.lock().unwrap().push(line);
+                }
+                Ok(())
+            }
+        })
+    };
+    assert_eq!(audit.topic().name(), "backfill-audit");
+    let test = app.test_context().unwrap();
+    wait_for("the hundred values", || seen.lock().unwrap().len() == 100);
+    assert_eq!(*seen.lock().unwrap(), (1..=100u64).map(|n| n * 10).collect::<Vec<_>>(), "all, in order");
+    test.put(audit.topic(), None, &"hello".to_string()).unwrap();
+    assert_eq!(*own.lock().unwrap(), vec!["hello".to_string()]);
+    assert_eq!(test.records(audit.topic()).unwrap(), vec![(None, "hello".to_string())]);
+    test.stop().unwrap();
+}
+
+/// An app whose agent fails on 13, supervised by `strategy`; returns what the agent processed
+/// and the failures `on_error` heard of, or the worker's error.
+fn failing_on_13(strategy: Option<Supervisor>) -> (Vec<u64>, Vec<AgentFailure>, Result<(), String>) {
+    let app = App::new(settings("supervised"));
+    let numbers = app.topic::<String, u64>("numbers");
+    let processed: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let failures: Arc<Mutex<Vec<AgentFailure>>> = Arc::default();
+    let agent = {
+        let processed = processed.clone();
+        app.agent("unlucky", &numbers, move |mut stream| {
+            let processed = processed.clone();
+            async move {
+                while let Some(n) = stream.next().await {
+                    if n == 13 {
+                        return Err("thirteen".into());
+                    }
+                    processed.lock().unwrap().push(n);
+                }
+                Ok(())
+            }
+        })
+    };
+    let log = failures.clone();
+    let agent = agent.on_error(move |f| log.lock().unwrap().push(f.clone()));
+    if let Some(strategy) = strategy {
+        agent.supervisor(strategy);
+    }
+    let test = app.test_context().unwrap();
+    let mut result = Ok(());
+    for n in 10..=15u64 {
+        if let Err(e) = test.put(&numbers, None, &n) {
+            result = Err(e.to_string());
+            break;
+        }
+    }
+    let stopped = test.stop().map_err(|e| e.to_string());
+    // The worker's own error (why it stopped) over a send's that met the stopped worker.
+    let result = stopped.and(result);
+    let processed = processed.lock().unwrap().clone();
+    let failures = failures.lock().unwrap().clone();
+    (processed, failures, result)
+}
+
+#[test]
+fn supervisors_restart_skip_or_crash_and_on_error_hears_each_failure() {
+    // Restart (the default): three restarts on 13, then it is skipped.
+    let (processed, failures, result) = failing_on_13(None);
+    result.expect("the worker goes on");
+    assert_eq!(processed, vec![10, 11, 12, 14, 15]);
+    let attempts: Vec<u32> = failures.iter().map(|f| f.attempt).collect();
+    assert_eq!(attempts, vec![1, 2, 3, 4], "{failures:?}");
+    let first = &failures[0];
+    assert_eq!((first.agent.as_str(), first.error.as_str()), ("unlucky", "thirteen"));
+    assert_eq!(first.event.as_ref().map(|(tp, offset)| (tp.topic.to_string(), *offset)), Some(("numbers".into(), 3)));
+
+    // Skip: no restart, 13 skipped at once.
+    let (processed, failures, result) = failing_on_13(Some(Supervisor::Skip));
+    result.expect("the worker goes on");
+    assert_eq!(processed, vec![10, 11, 12, 14, 15]);
+    assert_eq!(failures.len(), 1, "{failures:?}");
+
+    // Crash: the worker stops at 13, naming the agent and the event.
+    let (processed, failures, result) = failing_on_13(Some(Supervisor::Crash));
+    let error = result.expect_err("the worker stops");
+    assert!(error.contains("unlucky") && error.contains("thirteen") && error.contains("numbers/0@3"), "{error}");
+    assert_eq!(processed, vec![10, 11, 12]);
+    assert_eq!(failures.len(), 1, "{failures:?}");
+}
+
+#[test]
+fn take_with_timestamp_batches_by_event_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let transport = MemoryTransport::new();
+    transport.create_topic_now("readings", &TopicConfig::new(1)).unwrap();
+    // Timestamps 0, 400, ..., 3600 ms: each batch holds what lies within 1 s of its first
+    // event's time (0-800; 1200-2000; 2400-3200; 3600), whatever the wall clock says.
+    let mut batch = BatchBuilder::new();
+    for i in 0..10i64 {
+        batch.push(i * 400, None, Some(i.to_string().as_bytes()), &[]);
+    }
+    block_on(transport.produce(&TopicPartition::new("readings", 0), batch)).unwrap();
+    let mut s = settings("batches");
+    s.broker = "memory://".into();
+    s.cores = Some(1);
+    s.datadir = dir.path().to_path_buf();
+    let app = App::new(s).with_memory_transport(transport);
+    let readings = app.topic::<String, i64>("readings");
+    let batches: Arc<Mutex<Vec<Vec<i64>>>> = Arc::default();
+    {
+        let batches = batches.clone();
+        app.agent("batch", &readings, move |mut stream| {
+            let batches = batches.clone();
+            async move {
+                loop {
+                    let batch = stream.take_with_timestamp(100, Duration::from_secs(1)).await;
+                    if batch.is_empty() {
+                        return Ok(());
+                    }
+                    batches.lock().unwrap().push(batch.iter().map(|e| e.value).collect());
+                }
+            }
+        });
+    }
+    let runner = app.clone();
+    let worker = std::thread::spawn(move || runner.run());
+    wait_for("all ten readings", || batches.lock().unwrap().iter().map(Vec::len).sum::<usize>() == 10);
+    app.stop_signal().stop();
+    worker.join().unwrap().unwrap();
+    assert_eq!(*batches.lock().unwrap(), vec![vec![0, 1, 2], vec![3, 4, 5], vec![6, 7, 8], vec![9]]);
+}
