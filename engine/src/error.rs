@@ -80,6 +80,13 @@ pub enum SendError {
         /// How many partitions the topic has.
         partitions: u32,
     },
+    /// The event to forward is no longer held by the agent (it was acked, or the call was
+    /// made outside the agent's task).
+    #[error("cannot forward to `{topic}`: the event's record is no longer held by the agent")]
+    NoRecord {
+        /// The topic.
+        topic: String,
+    },
     /// The topic is not known to the worker (declare it with `app.topic` before `run`).
     #[error("unknown topic `{topic}`: declare it with app.topic() before the worker starts")]
     UnknownTopic {

@@ -174,3 +174,49 @@ fn take_with_timestamp_batches_by_event_time() {
     worker.join().unwrap().unwrap();
     assert_eq!(*batches.lock().unwrap(), vec![vec![0, 1, 2], vec![3, 4, 5], vec![6, 7, 8], vec![9]]);
 }
+
+#[test]
+fn current_event_is_the_event_with_its_record() {
+    let app = App::new(settings("current"));
+    let orders = app.topic::<String, u64>("orders");
+    let copies = app.topic::<String, u64>("copies");
+    let seen: Arc<Mutex<Vec<(Option<String>, Option<u64>, Vec<String>, u64)>>> = Arc::default();
+    let note = {
+        let seen = seen.clone();
+        move || {
+            let e = faust::current_event().expect("an event");
+            let headers = e.headers().iter().map(|(k, _)| String::from_utf8_lossy(k).into_owned()).collect();
+            seen.lock().unwrap().push((e.key::<String>().unwrap(), e.value::<u64>().unwrap(), headers, e.offset));
+            e
+        }
+    };
+    {
+        let (note, copies) = (note.clone(), copies.clone());
+        // Through `next`: the event is found among those the agent holds, and forwarded as read.
+        app.agent("one_by_one", &orders, move |mut stream| {
+            let (note, copies) = (note.clone(), copies.clone());
+            async move {
+                while stream.next().await.is_some() {
+                    note().forward(&copies).await?;
+                }
+                Ok(())
+            }
+        });
+    }
+    // Through `for_each`: the event is the front of the batch being processed.
+    app.agent("batched", &copies, move |stream| {
+        let note = note.clone();
+        stream.for_each(move |_| {
+            note().ack();
+            Ok(())
+        })
+    });
+    let test = app.test_context().unwrap();
+    let options = faust::SendOptions { headers: vec![("trace".into(), b"1".to_vec())], ..Default::default() };
+    block_on(orders.send_with(Some(&"k".to_string()), &7, &options)).unwrap();
+    wait_for("both agents saw the event", || seen.lock().unwrap().len() == 2);
+    test.stop().unwrap();
+    let seen = seen.lock().unwrap().clone();
+    let expected = (Some("k".to_string()), Some(7), vec!["trace".to_string()], 0);
+    assert_eq!(seen, vec![expected.clone(), expected], "the copy has the same key, value and headers");
+}

@@ -14,12 +14,15 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use crate::runtime::queue::QueuedEvent;
 use crate::runtime::state::Token;
 
-/// Where the event a task is processing came from: enough to route table writes to the
-/// shard of its partition.
+/// The event an agent is processing ([`current_event`], Faust's `faust.current_event()`):
+/// where it came from, its record as read (key, value and headers, undecoded), and what
+/// Faust's event does with it — [`ack`](CurrentEvent::ack) and
+/// [`forward`](CurrentEvent::forward).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EventPosition {
+pub struct CurrentEvent {
     /// The topic.
     pub topic: std::sync::Arc<str>,
     /// The partition.
@@ -28,6 +31,63 @@ pub struct EventPosition {
     pub offset: u64,
     /// The event's timestamp (milliseconds).
     pub timestamp: i64,
+    /// The record as read (`None` only for a task's own writes outside any record).
+    record: Option<faust_storage::Record>,
+    agent: usize,
+}
+
+/// The former name of [`CurrentEvent`].
+pub type EventPosition = CurrentEvent;
+
+impl CurrentEvent {
+    /// The record's key as read (`None` for a null key).
+    pub fn key_bytes(&self) -> Option<&[u8]> {
+        self.record.as_ref().and_then(|r| r.key.as_deref())
+    }
+
+    /// The record's value as read.
+    pub fn value_bytes(&self) -> Option<&[u8]> {
+        self.record.as_ref().and_then(|r| r.value.as_deref())
+    }
+
+    /// The record's headers, in order.
+    pub fn headers(&self) -> Vec<(&[u8], Option<&[u8]>)> {
+        self.record.as_ref().map(|r| r.headers().collect()).unwrap_or_default()
+    }
+
+    /// The key decoded with the app's key codec (`key_serializer`); decode
+    /// [`key_bytes`](CurrentEvent::key_bytes) yourself for a topic with another codec.
+    pub fn key<K: serde::de::DeserializeOwned>(&self) -> Result<Option<K>, crate::codec::CodecError> {
+        let Some(key) = self.record.as_ref().and_then(|r| r.key.as_ref()) else { return Ok(None) };
+        let codec = crate::runtime::CoreRuntime::with_current(|c| c.map(|c| c.settings().key_serializer.clone()));
+        codec.unwrap_or(crate::codec::Codec::RAW).decode_bytes(key).map(Some)
+    }
+
+    /// The value decoded with the app's value codec (`value_serializer`).
+    pub fn value<V: serde::de::DeserializeOwned>(&self) -> Result<Option<V>, crate::codec::CodecError> {
+        let Some(value) = self.record.as_ref().and_then(|r| r.value.as_ref()) else { return Ok(None) };
+        let codec = crate::runtime::CoreRuntime::with_current(|c| c.map(|c| c.settings().value_serializer.clone()));
+        codec.unwrap_or(crate::codec::Codec::JSON).decode_bytes(value).map(Some)
+    }
+
+    /// Acks the event now (Faust's `event.ack()`), as [`Event::ack`](crate::Event::ack) does.
+    /// Sending it on unchanged is [`forward`](CurrentEvent::forward).
+    pub fn ack(&self) {
+        let tp = faust_transport::TopicPartition::new(self.topic.clone(), self.partition);
+        crate::runtime::CoreRuntime::with_current(|core| {
+            if let Some(core) = core {
+                core.ack(self.agent, &tp, self.offset);
+            }
+        });
+        if let Some(slot) = current_slot() {
+            slot.clear_if(&tp, self.offset);
+        }
+    }
+
+    /// The record as read, to send it on unchanged.
+    pub(crate) fn record(&self) -> Option<&faust_storage::Record> {
+        self.record.as_ref()
+    }
 }
 
 /// The header of an asked event ([`Agent::ask`](crate::Agent::ask)) naming the topic its
@@ -72,11 +132,40 @@ pub(crate) struct TaskSlot {
     agent: std::cell::Cell<usize>,
     /// Where replies to the current event go, when it was asked.
     reply: RefCell<Option<ReplyTo>>,
+    /// Where the current event's record is: the events the agent holds (the supervisor's
+    /// list), or the front of the batch a `for_each` is going through.
+    held: Option<Rc<RefCell<Vec<QueuedEvent>>>>,
+    batch: RefCell<Option<Rc<RefCell<std::collections::VecDeque<QueuedEvent>>>>>,
 }
 
 impl TaskSlot {
-    pub(crate) fn for_agent(agent: usize) -> Self {
-        TaskSlot { current: RefCell::new(None), agent: std::cell::Cell::new(agent), reply: RefCell::new(None) }
+    /// The slot of an agent's task; `held` is its supervisor's list of events in hand.
+    pub(crate) fn for_agent(agent: usize, held: Rc<RefCell<Vec<QueuedEvent>>>) -> Self {
+        TaskSlot {
+            current: RefCell::new(None),
+            agent: std::cell::Cell::new(agent),
+            reply: RefCell::new(None),
+            held: Some(held),
+            batch: RefCell::new(None),
+        }
+    }
+
+    /// The batch a `for_each` goes through: its front is the event being processed.
+    pub(crate) fn show_batch(&self, batch: Rc<RefCell<std::collections::VecDeque<QueuedEvent>>>) {
+        *self.batch.borrow_mut() = Some(batch);
+    }
+
+    /// The record of the event at `offset` of `topic`/`partition`, if the task holds it.
+    fn record_of(&self, topic: &str, partition: u32, offset: u64) -> Option<faust_storage::Record> {
+        let is = |e: &QueuedEvent| e.record.offset == offset && e.tp.partition == partition && *e.tp.topic == *topic;
+        if let Some(batch) = self.batch.borrow().as_ref()
+            && let Ok(batch) = batch.try_borrow()
+            && let Some(front) = batch.front().filter(|e| is(e))
+        {
+            return Some(front.record.clone());
+        }
+        let held = self.held.as_ref()?.try_borrow().ok()?;
+        held.iter().rev().find(|e| is(e)).map(|e| e.record.clone())
     }
 
     /// Notes where the replies to the event just made current go (`record`'s reply headers;
@@ -139,14 +228,20 @@ thread_local! {
 }
 
 /// The event the calling agent is processing (Faust's `current_event()`): the one its stream
-/// handed out last. `None` outside an agent, or before its first event.
-pub fn current_event() -> Option<EventPosition> {
-    with_current_token(|t| {
-        t.map(|t| EventPosition {
+/// handed out last, with its record. `None` outside an agent, or before its first event.
+pub fn current_event() -> Option<CurrentEvent> {
+    POLLING.with(|p| {
+        let slot = p.borrow();
+        let slot = slot.as_ref()?;
+        let token = slot.current.borrow();
+        let t = token.as_ref()?;
+        Some(CurrentEvent {
             topic: t.topic.clone(),
             partition: t.partition,
             offset: t.offset,
             timestamp: t.timestamp,
+            record: slot.record_of(&t.topic, t.partition, t.offset),
+            agent: t.agent,
         })
     })
 }

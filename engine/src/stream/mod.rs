@@ -590,35 +590,43 @@ impl<K: 'static, V: 'static> Stream<K, V> {
     ) -> Result<(), AgentError> {
         self.ack_current();
         let slot = current_slot();
-        let mut hand = InHand {
+        let hand = InHand {
             current: self.current.clone(),
             queue: self.queue.clone(),
             core: self.core.clone(),
-            batch: std::collections::VecDeque::new(),
+            batch: Rc::default(),
         };
+        // `current_event()` finds the event being processed at the front of the batch.
+        if let Some(slot) = &slot {
+            slot.show_batch(hand.batch.clone());
+        }
         let mut decoded: Vec<Result<Option<D>, Rejected>> = Vec::with_capacity(BATCH);
         let mut acks = BatchAcks { core: self.core.clone(), agent: self.agent, tp: None, offsets: Vec::new() };
         loop {
             glommio::yield_if_needed().await;
             self.core.flush_if_full().await;
             match self.queue.pop().await {
-                Some(first) => hand.batch.push_back(first),
+                Some(first) => hand.batch.borrow_mut().push_back(first),
                 None => return Ok(()),
             }
-            self.queue.take_into(&mut hand.batch, BATCH - 1);
+            self.queue.take_into(&mut hand.batch.borrow_mut(), BATCH - 1);
             // The whole batch is decoded first, then processed: each loop keeps its code and
             // data in the caches. Decoding reads nothing the processing writes; processors
             // with effects turn it off (`decode_ahead`).
             if self.decode_ahead {
-                decoded.extend(hand.batch.iter().map(|queued| self.outcome(queued, &decode)));
+                decoded.extend(hand.batch.borrow().iter().map(|queued| self.outcome(queued, &decode)));
             }
             let mut ahead = decoded.drain(..);
-            while let Some(queued) = hand.batch.front() {
+            loop {
+                // Shared while the agent's function runs (`current_event()` reads the front).
+                let batch = hand.batch.borrow();
+                let Some(queued) = batch.front() else { break };
                 let decoded_ahead = ahead.next();
                 // A partition stopped at a bad record hands nothing more out (not acked
                 // either: the worker is stopping, and its offset stays at the bad record).
                 if self.core.halted(&queued.tp) {
-                    hand.batch.pop_front();
+                    drop(batch);
+                    hand.batch.borrow_mut().pop_front();
                     continue;
                 }
                 let outcome = match decoded_ahead {
@@ -638,7 +646,8 @@ impl<K: 'static, V: 'static> Stream<K, V> {
                         acks.push(&queued.tp, queued.record.offset);
                     }
                 }
-                hand.batch.pop_front();
+                drop(batch);
+                hand.batch.borrow_mut().pop_front();
             }
             // Before the core's other tasks run (a commit reads the acks).
             acks.flush();
@@ -744,14 +753,16 @@ struct InHand {
     current: Rc<std::cell::RefCell<Vec<QueuedEvent>>>,
     queue: Rc<EventQueue>,
     core: Rc<CoreRuntime>,
-    batch: std::collections::VecDeque<QueuedEvent>,
+    batch: Rc<std::cell::RefCell<std::collections::VecDeque<QueuedEvent>>>,
 }
 
 impl Drop for InHand {
     fn drop(&mut self) {
-        let Some(failed) = self.batch.pop_front() else { return };
+        // Taken out first: a panic may unwind past a borrow of the batch.
+        let mut batch = std::mem::take(&mut *self.batch.borrow_mut());
+        let Some(failed) = batch.pop_front() else { return };
         self.current.borrow_mut().push(failed);
-        while let Some(e) = self.batch.pop_back() {
+        while let Some(e) = batch.pop_back() {
             if !self.core.released(&e.tp) {
                 self.queue.push_front(e);
             }

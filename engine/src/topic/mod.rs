@@ -319,3 +319,16 @@ thread_local! {
     /// Where a core encodes a buffered send before copying it into the partition's batch.
     static SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<u8>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
+
+impl crate::runtime::context::CurrentEvent {
+    /// Sends the event's record — key, value and headers as read — to `topic` (Faust's
+    /// `event.forward`), and waits until it is durable.
+    pub async fn forward<K, V>(&self, topic: &Topic<K, V>) -> Result<Produced, SendError> {
+        let core = CoreRuntime::current().ok_or_else(|| SendError::Stopped { topic: topic.inner.name.to_string() })?;
+        let Some(record) = self.record() else {
+            return Err(SendError::NoRecord { topic: topic.inner.name.to_string() });
+        };
+        let headers: Vec<faust_storage::Header<'_>> = record.headers().collect();
+        topic.inner.send_raw(&core, record.key.as_deref(), record.value.as_deref(), &headers, None).await
+    }
+}
