@@ -180,7 +180,9 @@ fn current_event_is_the_event_with_its_record() {
     let app = App::new(settings("current"));
     let orders = app.topic::<String, u64>("orders");
     let copies = app.topic::<String, u64>("copies");
-    let seen: Arc<Mutex<Vec<(Option<String>, Option<u64>, Vec<String>, u64)>>> = Arc::default();
+    // (key, value, header names, offset) as each agent saw them.
+    type Seen = (Option<String>, Option<u64>, Vec<String>, u64);
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
     let note = {
         let seen = seen.clone();
         move || {
