@@ -41,6 +41,7 @@ pub use crate::app::page::{WebRequest, WebResponse};
 pub use crate::app::rpc::AskStream;
 pub use crate::app::sink::{Sink, Sinks};
 pub use crate::app::{Agent, App, TopicOptions};
+pub use crate::codec::record::{AnyRecord, FaustRecord, Models, Record, record_namespace};
 pub use crate::codec::{Codec, CodecError, Fixed};
 pub use crate::cron::{CronError, Crontab};
 pub use crate::error::{AgentError, AskError, SendError, TableError};

@@ -94,6 +94,7 @@ impl App {
                 web_addr: Mutex::new(None),
                 services: Arc::default(),
                 replies: Arc::default(),
+                models: Arc::default(),
             }),
         }
     }
@@ -118,8 +119,21 @@ impl App {
                 web_addr: Mutex::new(None),
                 services: inner.services.clone(),
                 replies: inner.replies.clone(),
+                models: inner.models.clone(),
             }),
         }
+    }
+
+    /// Registers a Faust record model (Faust's model registry): the command line's `models`
+    /// lists it, and [`App::models`] decodes records by their namespace with it.
+    pub fn model<T: crate::FaustRecord + Send + 'static>(&self) -> &App {
+        lock(&self.inner.models).register::<T>();
+        self
+    }
+
+    /// The models registered with [`App::model`], to decode a record by its namespace.
+    pub fn models(&self) -> crate::Models {
+        lock(&self.inner.models).clone()
     }
 
     /// Adds a command to the app's command line (Faust's `@app.command`): `name ARGS...` calls

@@ -70,6 +70,8 @@ pub(crate) struct AppInner {
     pub(crate) services: Arc<crate::app::services::Services>,
     /// Questions to agents waiting for replies ([`Agent::ask`](crate::Agent::ask)).
     pub(crate) replies: Arc<crate::app::rpc::Replies>,
+    /// The Faust record models the app registered ([`App::model`](crate::App::model)).
+    pub(crate) models: Arc<Mutex<crate::codec::record::Models>>,
 }
 
 /// What answers one of the app's own web pages ([`App::page`](crate::App::page)).

@@ -110,6 +110,8 @@ enum Command {
     Agents,
     /// List the app's tables.
     Tables,
+    /// List the Faust record models the app registered (`App::model`): namespace and type.
+    Models,
     /// List the app's topics; with a running worker, with their record counts.
     Topics,
     /// Read a table through the running worker.
@@ -431,6 +433,14 @@ fn run(
                 .map(|a| json!({ "agent": a.name, "topic": &*a.topic, "concurrency": a.concurrency }))
                 .collect();
             print_rows(json, &["agent", "topic", "concurrency"], &agents)
+        }
+        Command::Models => {
+            let models: Vec<Value> = lock(&app.inner.models)
+                .list()
+                .into_iter()
+                .map(|(namespace, rust_type)| json!({ "namespace": namespace, "type": rust_type }))
+                .collect();
+            print_rows(json, &["namespace", "type"], &models)
         }
         Command::Tables => {
             let tables: Vec<Value> = lock(&app.inner.tables)

@@ -25,6 +25,7 @@ pub(crate) use fixed::view as view_fixed;
 pub(crate) mod fuzz;
 mod json;
 mod raw;
+pub(crate) mod record;
 
 pub use self::fixed::Fixed;
 
