@@ -21,14 +21,18 @@ fn hello_prints_what_send_sends() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
 
-    // Without a worker: listings from the declarations; commands that need one say so (3).
+    // Without a worker: listings from the declarations; a send writes the embedded log itself
+    // (creating the declared topic as a worker would); commands that need a worker say so (3).
     let agents = cli(HELLO, &data, &["agents", "--json"], None);
     assert_eq!(code(&agents), 0, "{}", stderr(&agents));
     assert_eq!(json(&agents)[0]["agent"], "greet");
     assert_eq!(json(&agents)[0]["topic"], "greetings");
     let send = cli(HELLO, &data, &["send", "@greet", "hi"], None);
-    assert_eq!(code(&send), 3, "{}", stderr(&send));
-    assert!(stderr(&send).contains("no worker is running"), "{}", stderr(&send));
+    assert_eq!(code(&send), 0, "{}", stderr(&send));
+    assert!(stdout(&send).contains("sent 1 record to greetings"), "{}", stdout(&send));
+    let stats = cli(HELLO, &data, &["stats"], None);
+    assert_eq!(code(&stats), 3, "{}", stderr(&stats));
+    assert!(stderr(&stats).contains("no worker is running"), "{}", stderr(&stats));
     let topics = cli(HELLO, &data, &["topics"], None);
     assert_eq!(code(&topics), 0);
     assert!(stdout(&topics).contains("greetings"), "{}", stdout(&topics));
@@ -54,7 +58,9 @@ fn hello_prints_what_send_sends() {
     assert_eq!(stdout(&piped).trim(), "sent 6 records to greetings");
     eventually("the worker prints every greeting", || {
         let out = worker.stdout();
-        out.contains("Hello Faust") && ["one", "two", "three"].iter().all(|g| out.matches(g).count() == 2)
+        out.contains("Hello Faust")
+            && out.lines().any(|l| l == "hi")
+            && ["one", "two", "three"].iter().all(|g| out.matches(g).count() == 2)
     });
     // Bad requests: a partition out of range (2), an unknown topic or agent (4).
     let wrong = cli(HELLO, &data, &["send", "greetings", "x", "--partition", "9"], None);
@@ -65,7 +71,7 @@ fn hello_prints_what_send_sends() {
     // With a worker, topics have record counts.
     let topics = json(&cli(HELLO, &data, &["topics", "--json"], None));
     let greetings = topics.as_array().unwrap().iter().find(|t| t["topic"] == "greetings").unwrap().clone();
-    assert_eq!((greetings["partitions"].as_u64(), greetings["records"].as_u64()), (Some(4), Some(7)), "{topics}");
+    assert_eq!((greetings["partitions"].as_u64(), greetings["records"].as_u64()), (Some(4), Some(8)), "{topics}");
     // A reset under a running worker is refused.
     assert_eq!(code(&cli(HELLO, &data, &["reset", "--yes"], None)), 1);
     // The worker's counters.
@@ -75,8 +81,19 @@ fn hello_prints_what_send_sends() {
     assert_eq!(json(&stats)["partitions_assigned"], 5, "{}", stdout(&stats));
 
     assert_eq!(worker.stop(), 0);
-    let after = cli(HELLO, &data, &["send", "greetings", "late"], None);
-    assert_eq!(code(&after), 3, "the socket is gone with the worker: {}", stderr(&after));
+    // Without a worker, the CLI writes the embedded log itself (holding its lock), and takes
+    // Faust's flag names: -V/--value-type for the value's codec, --loglevel, `completion`.
+    let after = cli(HELLO, &data, &["send", "greetings", "late", "-V", "raw", "--loglevel", "warn"], None);
+    assert_eq!(code(&after), 0, "a send needs no worker: {}", stderr(&after));
+    assert!(stdout(&after).contains("sent 1 record to greetings"), "{}", stdout(&after));
+    let topics = json(&cli(HELLO, &data, &["topics", "--json"], None));
+    assert!(topics.to_string().contains("greetings"), "{topics}");
+    let completion = cli(HELLO, &data, &["completion", "bash"], None);
+    assert_eq!(code(&completion), 0, "{}", stderr(&completion));
+    // The next worker processes what was sent meanwhile.
+    let worker = Worker::start(HELLO, &data, &[]);
+    eventually("the late greeting printed", || worker.stdout().lines().any(|l| l == "late"));
+    assert_eq!(worker.stop(), 0);
 }
 
 #[test]

@@ -47,6 +47,34 @@ pub(crate) struct TopicDecl {
     pub(crate) broker_config: Vec<(String, String)>,
 }
 
+impl TopicDecl {
+    /// What a declared topic is created with (by the worker, or a send without one): its
+    /// options, with the broker settings every transport understands read into their fields
+    /// (a bad value is left to the broker).
+    pub(crate) fn config(&self, partitions: u32) -> faust_transport::TopicConfig {
+        let mut config = faust_transport::TopicConfig {
+            compacted: self.compacting,
+            retention: self.retention,
+            retention_bytes: self.retention_bytes,
+            replicas: self.replicas,
+            broker_config: self.broker_config.clone(),
+            ..faust_transport::TopicConfig::new(partitions)
+        };
+        let millis = |v: &str| v.trim().parse::<u64>().ok().map(std::time::Duration::from_millis);
+        for (name, value) in &self.broker_config {
+            match name.as_str() {
+                "cleanup.policy" => config.compacted = value.split(',').any(|p| p.trim() == "compact"),
+                // -1: no limit.
+                "retention.ms" => config.retention = millis(value),
+                "retention.bytes" => config.retention_bytes = value.trim().parse().ok(),
+                "delete.retention.ms" => config.delete_retention = millis(value),
+                _ => {}
+            }
+        }
+        config
+    }
+}
+
 /// What an [`App`](crate::App) holds: its settings and everything it declared.
 pub(crate) struct AppInner {
     pub(crate) settings: Settings,

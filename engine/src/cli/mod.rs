@@ -30,8 +30,11 @@ pub(crate) const EXIT_NO_WORKER: u8 = 3;
 pub(crate) const EXIT_NOT_FOUND: u8 = 4;
 
 #[derive(Parser, Debug)]
-#[command(version, about = "A faust stream-processing app", propagate_version = true)]
+#[command(version, about = "A faust stream-processing app", propagate_version = true, disable_version_flag = true)]
 struct Cli {
+    /// Print the version (`--version` only, as in Faust: `-V` is `send --value-type`).
+    #[arg(long, action = clap::ArgAction::Version, global = true)]
+    version: Option<bool>,
     /// The data directory (default: the app's `datadir`, `{id}-data`, or APP_DATADIR).
     #[arg(long, global = true, value_name = "DIR")]
     datadir: Option<PathBuf>,
@@ -41,7 +44,7 @@ struct Cli {
     broker: Option<String>,
     /// Log level (error, warn, info, debug, trace) or a filter such as `faust=debug,info`
     /// [default: info for the worker, warn for other commands; RUST_LOG when set].
-    #[arg(long, short = 'l', global = true, value_name = "LEVEL")]
+    #[arg(long, short = 'l', global = true, value_name = "LEVEL", visible_alias = "loglevel")]
     log_level: Option<String>,
     /// Print results and listings as JSON.
     #[arg(long, global = true)]
@@ -71,7 +74,8 @@ enum Command {
         #[arg(long, value_name = "LIST", value_parser = crate::settings::parse_partitions)]
         partitions: Option<PartitionList>,
     },
-    /// Send records to a topic through the running worker.
+    /// Send records to a topic: through the running worker, or, with none running, as a
+    /// producer of its own (on local:// and kafka://).
     ///
     /// VALUE is the record's value as text: a JSON document for a JSON topic, the bytes of
     /// the text for a raw one. Without VALUE, every non-empty line of stdin is a value.
@@ -98,12 +102,13 @@ enum Command {
         /// Send every value this many times.
         #[arg(long, short = 'r', default_value_t = 1)]
         repeat: u64,
-        /// Encode the key with this codec rather than the topic's (`raw` sends the text's bytes).
-        #[arg(long, value_name = "CODEC")]
+        /// Encode the key with this codec rather than the topic's (`raw` sends the text's
+        /// bytes). `-K`/`--key-type` (Faust's names) say the same: a type here is a codec.
+        #[arg(long, value_name = "CODEC", short = 'K', visible_alias = "key-type")]
         key_serializer: Option<String>,
         /// Encode the value with this codec rather than the topic's (`raw` sends the text's
-        /// bytes as they are, valid for the topic or not).
-        #[arg(long, value_name = "CODEC")]
+        /// bytes as they are, valid for the topic or not). `-V`/`--value-type` too.
+        #[arg(long, value_name = "CODEC", short = 'V', visible_alias = "value-type")]
         value_serializer: Option<String>,
     },
     /// List the app's agents.
@@ -147,6 +152,7 @@ enum Command {
         yes: bool,
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(visible_alias = "completion")]
     Completions {
         /// The shell.
         shell: clap_complete::Shell,
@@ -409,10 +415,14 @@ fn run(
                 value_serializer,
                 unchecked,
             };
-            // On Kafka a send needs no worker: the CLI produces like any other client.
+            // A send needs no worker: on Kafka the CLI produces like any other client; on
+            // local:// it writes the log itself, holding the log's lock as a worker would (a
+            // worker starting meanwhile waits for it or is refused, never interleaves).
             let url = settings.broker_url();
             let result = match control::request(&datadir, &request) {
-                Err(ClientError::NoWorker { .. }) if url.starts_with("kafka://") || url.starts_with("aiokafka://") => {
+                Err(ClientError::NoWorker { .. })
+                    if ["kafka://", "aiokafka://", "local://"].iter().any(|p| url.starts_with(p)) =>
+                {
                     control::send_without_worker(app, &settings, request)?
                 }
                 other => other?,

@@ -761,18 +761,27 @@ impl SendCore for Rc<CoreRuntime> {
     }
 }
 
-/// The broker itself, for a send with no worker running (Kafka: the CLI is a producer).
+/// The broker itself, for a send with no worker running (the CLI is a producer).
 struct DirectSend {
     core: crate::transports::AnyCore,
     max_record_bytes: usize,
     next: std::cell::Cell<u32>,
+    /// How to create the app's declared topics that do not exist yet, by name.
+    declared: std::collections::HashMap<String, faust_transport::TopicConfig>,
 }
 
 impl SendCore for DirectSend {
     async fn partitions(&self, topic: &str) -> Result<u32, (Failure, String)> {
         match self.core.topic_metadata(topic).await {
             Ok(Some(meta)) => Ok(meta.config.partitions),
-            Ok(None) => Err(failed(format!("topic `{topic}` does not exist on the broker yet (a worker creates it)"))),
+            // The app declares it: created as the worker would create it.
+            Ok(None) => match self.declared.get(topic) {
+                Some(config) => match self.core.create_topic(topic, config).await {
+                    Ok(meta) => Ok(meta.config.partitions),
+                    Err(e) => Err(failed(format!("creating topic `{topic}`: {e}"))),
+                },
+                None => Err(failed(format!("topic `{topic}` does not exist on the broker yet (a worker creates it)"))),
+            },
             Err(e) => Err(failed(format!("reading topic `{topic}`: {e}"))),
         }
     }
@@ -818,16 +827,24 @@ pub(crate) fn send_without_worker(
     let codecs = (codec(key_serializer).map_err(refused)?, codec(value_serializer).map_err(refused)?);
     let topics = app.inner.outbox.topics();
     let send = SendRequest { topic, key, values, partition, repeat, codecs, unchecked, topics };
-    let kafka = faust_transport::KafkaOptions { partitions: Some(Vec::new()), ..settings.kafka_options() };
+    // On Kafka, a client outside the group (no partitions of its own to consume).
+    let url = settings.broker_url();
+    let partitions = (!url.starts_with("local://")).then(Vec::new);
+    let kafka = faust_transport::KafkaOptions { partitions, ..settings.kafka_options() };
     let transport =
         crate::transports::AnyTransport::open(&settings.broker_url(), 1, None, kafka, settings.segment_bytes)
             .map_err(|e| refused(failed(e.to_string())))?;
     let max_record_bytes = settings.max_record_bytes;
+    let declared: std::collections::HashMap<String, faust_transport::TopicConfig> = lock(&app.inner.topics)
+        .iter()
+        .filter(|t| t.kind == crate::topic::TopicKind::Log && t.partitions_like.is_none())
+        .map(|t| (t.name.to_string(), t.config(t.partitions.unwrap_or(settings.topic_partitions))))
+        .collect();
     let answer = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
         .name("faust-send")
         .spawn(move || async move {
             let core = transport.attach_core(0, 1).await.map_err(|e| failed(e.to_string()))?;
-            let direct = DirectSend { core, max_record_bytes, next: std::cell::Cell::new(0) };
+            let direct = DirectSend { core, max_record_bytes, next: std::cell::Cell::new(0), declared };
             let answer = send.run(&direct).await;
             let _ = direct.core.shutdown().await;
             answer

@@ -362,31 +362,6 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
 /// How long the changelog of a windowed table keeps the tombstone of an expired window.
 const WINDOW_TOMBSTONE_RETENTION: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// What the worker creates a declared topic with: its options, with the broker settings every
-/// transport understands read into their fields (a bad value is left to the broker).
-fn topic_config(t: &crate::app::TopicDecl, partitions: u32) -> TopicConfig {
-    let mut config = TopicConfig {
-        compacted: t.compacting,
-        retention: t.retention,
-        retention_bytes: t.retention_bytes,
-        replicas: t.replicas,
-        broker_config: t.broker_config.clone(),
-        ..TopicConfig::new(partitions)
-    };
-    let millis = |v: &str| v.trim().parse::<u64>().ok().map(std::time::Duration::from_millis);
-    for (name, value) in &t.broker_config {
-        match name.as_str() {
-            "cleanup.policy" => config.compacted = value.split(',').any(|p| p.trim() == "compact"),
-            // -1: no limit.
-            "retention.ms" => config.retention = millis(value),
-            "retention.bytes" => config.retention_bytes = value.trim().parse().ok(),
-            "delete.retention.ms" => config.delete_retention = millis(value),
-            _ => {}
-        }
-    }
-    config
-}
-
 /// Creates this worker's reply topic (`{id}-reply-{instance}`) and makes it where questions
 /// asked in this process want their replies.
 async fn create_reply_topic(core: &AnyCore, app: &App) -> Result<(), faust_transport::Error> {
@@ -422,7 +397,7 @@ async fn create_topics(
         let count = match (existing, wanted) {
             (Some(meta), None) => meta.config.partitions,
             (_, wanted) => {
-                let config = topic_config(t, wanted.unwrap_or(settings.topic_partitions));
+                let config = t.config(wanted.unwrap_or(settings.topic_partitions));
                 core.create_topic(&t.name, &config).await?.config.partitions
             }
         };
