@@ -222,3 +222,82 @@ fn current_event_is_the_event_with_its_record() {
     let expected = (Some("k".to_string()), Some(7), vec!["trace".to_string()], 0);
     assert_eq!(seen, vec![expected.clone(), expected], "the copy has the same key, value and headers");
 }
+
+#[test]
+fn streams_join_a_co_partitioned_table_inner_and_left() {
+    let mut s = settings("joins");
+    s.topic_partitions = 4;
+    let app = App::new(s);
+    let users = app.topic::<String, String>("users");
+    let clicks = app.topic::<String, String>("clicks");
+    let names = app.table::<String, String>("user_names");
+    {
+        let names = names.clone();
+        app.agent("remember", &users, move |stream| {
+            let names = names.clone();
+            stream.for_each_item(move |user, name| {
+                names.insert(user.unwrap_or_default(), name)?;
+                Ok(())
+            })
+        });
+    }
+    let inner: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let left: Arc<Mutex<Vec<(String, Option<String>)>>> = Arc::default();
+    {
+        let (names, inner) = (names.clone(), inner.clone());
+        app.agent("inner", &clicks, move |stream| {
+            let inner = inner.clone();
+            let mut joined = stream.join(&names);
+            async move {
+                while let Some((page, name)) = joined.next().await {
+                    inner.lock().unwrap().push((page, name));
+                }
+                Ok(())
+            }
+        });
+    }
+    {
+        let (names, left) = (names.clone(), left.clone());
+        app.agent("left", &clicks, move |stream| {
+            let left = left.clone();
+            let mut joined = stream.left_join(&names);
+            async move {
+                while let Some((page, name)) = joined.next().await {
+                    left.lock().unwrap().push((page, name));
+                }
+                Ok(())
+            }
+        });
+    }
+    let test = app.test_context().unwrap();
+    for (user, name) in [("u1", "Ada"), ("u2", "Grace")] {
+        test.put(&users, Some(&user.to_string()), &name.to_string()).unwrap();
+    }
+    for (user, page) in [("u1", "/home"), ("u3", "/nobody"), ("u2", "/docs"), ("u1", "/cart")] {
+        test.put(&clicks, Some(&user.to_string()), &page.to_string()).unwrap();
+    }
+    // A name learnt later joins the clicks after it.
+    test.put(&users, Some(&"u3".to_string()), &"Linus".to_string()).unwrap();
+    test.put(&clicks, Some(&"u3".to_string()), &"/again".to_string()).unwrap();
+    test.stop().unwrap();
+    let mut inner = inner.lock().unwrap().clone();
+    inner.sort();
+    let pair = |p: &str, n: &str| (p.to_string(), n.to_string());
+    assert_eq!(
+        inner,
+        vec![pair("/again", "Linus"), pair("/cart", "Ada"), pair("/docs", "Grace"), pair("/home", "Ada")]
+    );
+    let mut left = left.lock().unwrap().clone();
+    left.sort();
+    let some = |p: &str, n: Option<&str>| (p.to_string(), n.map(str::to_string));
+    assert_eq!(
+        left,
+        vec![
+            some("/again", Some("Linus")),
+            some("/cart", Some("Ada")),
+            some("/docs", Some("Grace")),
+            some("/home", Some("Ada")),
+            some("/nobody", None)
+        ]
+    );
+}

@@ -234,6 +234,14 @@ impl<K: 'static, V: 'static> Stream<K, V> {
         self,
         next: impl Fn(Option<K>, V) -> Result<Option<(Option<K2>, V2)>, String> + 'static,
     ) -> Stream<K2, V2> {
+        self.then_queued(move |_, k, v| next(k, v).map_err(Rejected::Failed))
+    }
+
+    /// [`then`](Stream::then) for a processor that also looks at where the record came from.
+    fn then_queued<K2, V2>(
+        self,
+        next: impl Fn(&QueuedEvent, Option<K>, V) -> Result<Option<(Option<K2>, V2)>, Rejected> + 'static,
+    ) -> Stream<K2, V2> {
         let previous = self.stage;
         Stream {
             core: self.core,
@@ -247,7 +255,7 @@ impl<K: 'static, V: 'static> Stream<K, V> {
             decode_ahead: self.decode_ahead,
             manual_ack: self.manual_ack,
             stage: Box::new(move |queued: &QueuedEvent| match previous(queued)? {
-                Some((k, v)) => next(k, v).map_err(Rejected::Failed),
+                Some((k, v)) => next(queued, k, v),
                 None => Ok(None),
             }),
         }
@@ -276,6 +284,71 @@ impl<K: 'static, V: 'static> Stream<K, V> {
     /// ```
     pub fn map<W: 'static>(self, f: impl Fn(V) -> W + 'static) -> Stream<K, W> {
         self.then(move |k, v| Ok(Some((k, f(v)))))
+    }
+
+    /// Each value with the value of its key in `table` (a stream-table join, inner: Kafka
+    /// Streams' `join`; Faust's is a stub): an event whose key the table does not hold, or
+    /// without a key, is acked and skipped. The table must be co-partitioned with the stream's
+    /// topic (the same partition count, and keys partitioned alike), so the lookup is local:
+    /// the shard of the event's own partition, on its own core. The table is read as the event
+    /// reaches the agent, after the writes of the events before it.
+    ///
+    /// ```no_run
+    /// # use faust::{App, Settings};
+    /// # let app = App::new(Settings::new("doc"));
+    /// let clicks = app.topic::<String, String>("clicks"); // keyed by user
+    /// let users = app.table::<String, String>("user_names");
+    /// app.agent("named", &clicks, move |stream| {
+    ///     let mut named = stream.join(&users);
+    ///     async move {
+    ///         while let Some((page, name)) = named.next().await {
+    ///             println!("{name} clicked {page}");
+    ///         }
+    ///         Ok(())
+    ///     }
+    /// });
+    /// ```
+    pub fn join<T>(self, table: &crate::Table<K, T>) -> Stream<K, (V, T)>
+    where
+        K: Serialize + DeserializeOwned + std::hash::Hash + Eq + Clone,
+        T: Serialize + DeserializeOwned + Clone + 'static,
+    {
+        self.with_table(table, |value, found| found.map(|t| (value, t)))
+    }
+
+    /// [`join`](Stream::join), left: every event, with the value of its key in `table` if the
+    /// table holds one (Kafka Streams' `leftJoin`).
+    pub fn left_join<T>(self, table: &crate::Table<K, T>) -> Stream<K, (V, Option<T>)>
+    where
+        K: Serialize + DeserializeOwned + std::hash::Hash + Eq + Clone,
+        T: Serialize + DeserializeOwned + Clone + 'static,
+    {
+        self.with_table(table, |value, found| Some((value, found)))
+    }
+
+    fn with_table<T, W: 'static>(
+        self,
+        table: &crate::Table<K, T>,
+        combine: impl Fn(V, Option<T>) -> Option<W> + 'static,
+    ) -> Stream<K, W>
+    where
+        K: Serialize + DeserializeOwned + std::hash::Hash + Eq + Clone,
+        T: Serialize + DeserializeOwned + Clone + 'static,
+    {
+        self.keys.set(true);
+        let table = table.clone();
+        let mut stream = self.then_queued(move |queued, key, value| {
+            let found = match &key {
+                Some(k) => table
+                    .join_lookup(&queued.tp.topic, queued.tp.partition, k)
+                    .map_err(|e| Rejected::Failed(format!("join with table `{}`: {e}", table.name())))?,
+                None => None,
+            };
+            Ok(combine(value, found).map(|w| (key, w)))
+        });
+        // Read in turn, after the writes of the events before it (not ahead with the batch).
+        stream.decode_ahead = false;
+        stream
     }
 
     /// Each value with its position in this stream, counting from 0 (Faust's `enumerate`).

@@ -365,6 +365,17 @@ where
         })
     }
 
+    /// The value of `key` in the shard of `partition` for an event of `topic`, checked
+    /// co-partitioned with it: a stream-table join's lookup (made before the event is the
+    /// task's current one).
+    pub(crate) fn join_lookup(&self, topic: &Arc<str>, partition: u32, key: &K) -> Result<Option<V>, TableError> {
+        crate::runtime::CoreRuntime::with_current(|core| match core {
+            Some(core) => self.check_copartitioned(core, topic),
+            None => Err(TableError::NotRunning { table: self.shared.name.to_string() }),
+        })?;
+        self.partition(partition).get(key)
+    }
+
     /// Checks that the table's changelog has as many partitions as `topic`, the topic of the
     /// current event (once per topic and core: later calls compare a pointer, or the name
     /// when each partition has its own copy of it).
