@@ -242,7 +242,8 @@ fn streams_join_a_co_partitioned_table_inner_and_left() {
         });
     }
     let inner: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
-    let left: Arc<Mutex<Vec<(String, Option<String>)>>> = Arc::default();
+    type Pages = Arc<Mutex<Vec<(String, Option<String>)>>>;
+    let left: Pages = Arc::default();
     {
         let (names, inner) = (names.clone(), inner.clone());
         app.agent("inner", &clicks, move |stream| {
