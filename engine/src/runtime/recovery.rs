@@ -142,6 +142,7 @@ pub(crate) async fn recover(
         tracing::info!(table = %shard.name(), partition, replayed = total, orphans = high_watermark - committed,
             elapsed_ms = started.elapsed().as_millis() as u64, "recovered table partition");
     }
+    shard.recovered();
     Ok(Recovered { end, replayed: total, repaired: repair.report })
 }
 

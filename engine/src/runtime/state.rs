@@ -132,6 +132,8 @@ pub(crate) trait AnyShard {
     fn advance_to(&self, changelog_offset: u64);
     /// Applies changelog records during recovery.
     fn replay(&self, records: &[Record], end: u64) -> Result<(), TableError>;
+    /// The shard was recovered: its state is the changelog's, and its events come next.
+    fn recovered(&self) {}
     /// The encoded current value of an encoded key (`None`: absent), for recovery.
     fn current_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, TableError>;
     /// Every key the shard holds, encoded (for rewriting a repaired changelog).

@@ -83,6 +83,27 @@ impl<V> Clone for Config<V> {
     }
 }
 
+/// A table's callbacks ([`Table::on_recover`], [`Table::on_changelog_event`]).
+pub(crate) struct Hooks<K, V> {
+    pub(crate) on_recover: Option<Arc<dyn Fn(u32) + Send + Sync>>,
+    pub(crate) on_changelog_event: Option<ChangelogHook<K, V>>,
+}
+
+/// Told of each changelog record a shard applies while recovering or following as a standby.
+pub(crate) type ChangelogHook<K, V> = Arc<dyn Fn(u32, &K, Option<&V>) + Send + Sync>;
+
+impl<K, V> Default for Hooks<K, V> {
+    fn default() -> Self {
+        Hooks { on_recover: None, on_changelog_event: None }
+    }
+}
+
+impl<K, V> Clone for Hooks<K, V> {
+    fn clone(&self) -> Self {
+        Hooks { on_recover: self.on_recover.clone(), on_changelog_event: self.on_changelog_event.clone() }
+    }
+}
+
 /// The app's tables, by index.
 pub(crate) type TableList = Arc<Mutex<Vec<Arc<dyn TableMeta>>>>;
 
@@ -95,6 +116,7 @@ pub(crate) struct TableShared<K, V> {
     list: Option<TableList>,
     pub(crate) index: usize,
     config: Mutex<Config<V>>,
+    hooks: Mutex<Hooks<K, V>>,
     _types: PhantomData<fn() -> K>,
 }
 
@@ -203,6 +225,7 @@ where
             list: self.shared.list.clone(),
             index: self.shared.index,
             config: Mutex::new(config),
+            hooks: Mutex::default(),
             _types: PhantomData,
         };
         let table = Table { shared: Arc::new(shared) };
@@ -244,6 +267,7 @@ where
                     key_codec,
                     value_codec,
                 }),
+                hooks: Mutex::default(),
                 _types: PhantomData,
             }),
         }
@@ -261,6 +285,23 @@ where
     /// `topic_partitions`); it must match the partitions of the topics that write it.
     pub fn with_partitions(self, partitions: u32) -> Self {
         lock(&self.shared.config).partitions = Some(partitions.max(1));
+        self
+    }
+
+    /// Calls `f` with the partition each time one of the table's shards is recovered from
+    /// its changelog (Faust's `on_recover`), on the shard's core, before its partition's
+    /// events are processed — the place to rebuild what is derived from the table. Set
+    /// before the worker starts.
+    pub fn on_recover(self, f: impl Fn(u32) + Send + Sync + 'static) -> Self {
+        lock(&self.shared.hooks).on_recover = Some(Arc::new(f));
+        self
+    }
+
+    /// Calls `f` with the partition, key and value (`None`: deleted) of each changelog record
+    /// a shard applies while it recovers or follows the changelog as a standby (Faust's
+    /// `on_changelog_event`), on the shard's core. Set before the worker starts.
+    pub fn on_changelog_event(self, f: impl Fn(u32, &K, Option<&V>) + Send + Sync + 'static) -> Self {
+        lock(&self.shared.hooks).on_changelog_event = Some(Arc::new(f));
         self
     }
 

@@ -119,6 +119,8 @@ struct State<K, V> {
 pub(crate) struct Shard<K, V> {
     name: Arc<str>,
     config: Config<V>,
+    /// The table's callbacks, as they were when the shard opened.
+    hooks: super::Hooks<K, V>,
     partition: u32,
     changelog: TopicPartition,
     state: RefCell<State<K, V>>,
@@ -691,7 +693,22 @@ where
         self.checkpointed_changelog.set(changelog_offset);
     }
 
+    fn recovered(&self) {
+        if let Some(on_recover) = &self.hooks.on_recover {
+            on_recover(self.partition);
+        }
+    }
+
     fn replay(&self, records: &[Record], end: u64) -> Result<(), TableError> {
+        if let Some(hook) = &self.hooks.on_changelog_event {
+            // Decoded for the callback only when there is one (a store takes the bytes).
+            for r in records.iter().filter(|r| r.offset < end) {
+                let Some(raw_key) = &r.key else { continue };
+                let Ok(key) = self.config.key_codec.decode_bytes::<K>(raw_key) else { continue };
+                let value = r.value.as_ref().and_then(|v| self.config.value_codec.decode_bytes::<V>(v).ok());
+                hook(self.partition, &key, value.as_ref());
+            }
+        }
         let mut state = self.state.borrow_mut();
         let state = &mut *state;
         match state.store.as_mut() {
@@ -892,6 +909,7 @@ where
         Ok(Rc::new(Shard::<K, V> {
             name: self.name.clone(),
             config,
+            hooks: lock(&self.hooks).clone(),
             partition: args.partition,
             changelog,
             state: RefCell::new(State {
