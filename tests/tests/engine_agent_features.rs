@@ -358,3 +358,38 @@ fn a_recovering_table_calls_on_changelog_event_and_on_recover() {
     let last = |key: &str| changes.iter().rev().find(|(_, k, _)| k == key).map(|(_, _, v)| *v);
     assert_eq!((last("a"), last("b")), (Some(Some(2)), Some(Some(1))), "{changes:?}");
 }
+
+#[test]
+fn one_agent_gets_the_events_of_several_topics() {
+    let mut s = settings("combined");
+    s.topic_partitions = 2;
+    let app = App::new(s);
+    let web = app.topic::<String, String>("clicks-web");
+    let mobile = app.topic::<String, String>("clicks-mobile");
+    let seen: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    {
+        let seen = seen.clone();
+        app.agent_on_topics("clicks", &[&web, &mobile], move |mut stream| {
+            let seen = seen.clone();
+            async move {
+                while let Some(event) = stream.next_event().await {
+                    seen.lock().unwrap().push((event.tp.topic.to_string(), event.value));
+                }
+                Ok(())
+            }
+        });
+    }
+    let test = app.test_context().unwrap();
+    for i in 0..4 {
+        test.put(&web, Some(&format!("u{i}")), &format!("w{i}")).unwrap();
+        test.put(&mobile, Some(&format!("u{i}")), &format!("m{i}")).unwrap();
+    }
+    test.stop().unwrap();
+    let mut seen = seen.lock().unwrap().clone();
+    seen.sort();
+    let mut expected: Vec<(String, String)> = (0..4)
+        .flat_map(|i| [("clicks-mobile".to_string(), format!("m{i}")), ("clicks-web".to_string(), format!("w{i}"))])
+        .collect();
+    expected.sort();
+    assert_eq!(seen, expected);
+}

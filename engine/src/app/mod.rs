@@ -395,6 +395,56 @@ impl App {
         self.agent_on(name, &topic, true, f)
     }
 
+    /// Registers an agent on several topics at once: its stream holds the events of all of
+    /// them, each from the core that owns its partition (what Faust's `app.topic('a', 'b')`
+    /// and `stream.combine` promise; Faust's iterates only the first). The topics share the
+    /// key and value types, and are decoded with the first one's codecs; a record of another
+    /// topic that does not decode with them is a bad record. The handle sends to the first.
+    ///
+    /// ```no_run
+    /// # use faust::{App, Settings};
+    /// # let app = App::new(Settings::new("doc"));
+    /// let web = app.topic::<String, String>("clicks-web");
+    /// let mobile = app.topic::<String, String>("clicks-mobile");
+    /// app.agent_on_topics("clicks", &[&web, &mobile], |mut stream| async move {
+    ///     while let Some(event) = stream.next_event().await {
+    ///         println!("{} from {}", event.value, event.tp.topic);
+    ///     }
+    ///     Ok(())
+    /// });
+    /// ```
+    pub fn agent_on_topics<K, V, F, Fut>(&self, name: &str, topics: &[&Topic<K, V>], f: F) -> Agent<K, V>
+    where
+        K: DeserializeOwned + 'static,
+        V: DeserializeOwned + 'static,
+        F: Fn(Stream<K, V>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), AgentError>> + 'static,
+    {
+        let Some((first, rest)) = topics.split_first() else {
+            // No topic: an agent of its own topic, as Faust makes for `@app.agent()`.
+            return self.agent_with_own_topic(name, f);
+        };
+        let agent = self.agent_on(name, first, true, f);
+        for topic in rest {
+            if (&topic.inner.key_codec, &topic.inner.value_codec) != (&first.inner.key_codec, &first.inner.value_codec)
+            {
+                tracing::warn!(agent = name, first = %first.inner.name, topic = %topic.inner.name,
+                    "the agent decodes every topic with the first one's codecs, and this one's differ");
+            }
+            let (key_codec, value_codec) = (first.inner.key_codec.clone(), first.inner.value_codec.clone());
+            topic.inner.add_check(Arc::new(move |key, value| {
+                if let Some(key) = key {
+                    key_codec.decode::<K>(key).map(drop).map_err(|e| format!("key: {e}"))?;
+                }
+                value_codec.decode::<V>(value).map(drop).map_err(|e| format!("value: {e}"))
+            }));
+        }
+        if let Some(spec) = lock(&self.inner.agents).get_mut(agent.index) {
+            spec.also = rest.iter().map(|t| t.inner.name.clone()).collect();
+        }
+        agent
+    }
+
     /// Registers an agent without a topic of the caller's (Faust's `@app.agent()` with no
     /// channel): it consumes the topic `{id}-{name}`, declared with the app's codecs, which
     /// [`Agent::send`] and [`Agent::ask`] reach.
@@ -499,6 +549,7 @@ impl App {
             name: name.to_string(),
             topic: topic.inner.name.clone(),
             start,
+            also: Vec::new(),
             concurrency: 1,
             every_core: false,
             supervision: Some(supervision),

@@ -370,6 +370,7 @@ impl App {
             name: name.to_string(),
             topic: Arc::from(""),
             start: Arc::new(move |run: AgentRun| Box::pin(start(run))),
+            also: Vec::new(),
             concurrency: 1,
             every_core,
             supervision: None,

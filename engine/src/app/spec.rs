@@ -18,12 +18,21 @@ pub(crate) struct AgentSpec {
     pub(crate) name: String,
     pub(crate) topic: Arc<str>,
     pub(crate) start: StartAgent,
+    /// More topics whose events the agent gets in the same stream ([`App::agent_on_topics`](crate::App::agent_on_topics)).
+    pub(crate) also: Vec<Arc<str>>,
     /// Instances per core, sharing the core's events of the topic.
     pub(crate) concurrency: usize,
     /// For work without a topic: runs on every core (timers) rather than on core 0 (tasks).
     pub(crate) every_core: bool,
     /// An agent's supervision, which its handle may change until the worker starts.
     pub(crate) supervision: Option<Arc<Mutex<crate::runtime::supervise::SupervisorOptions>>>,
+}
+
+impl AgentSpec {
+    /// The agent's topics, as listings show them (`a,b` for an agent on several).
+    pub(crate) fn topics(&self) -> String {
+        std::iter::once(&self.topic).chain(&self.also).map(|t| &**t).collect::<Vec<_>>().join(",")
+    }
 }
 
 /// A topic declared by the app.

@@ -440,7 +440,7 @@ fn run(
             let agents: Vec<Value> = lock(&app.inner.agents)
                 .iter()
                 .filter(|a| !a.topic.is_empty())
-                .map(|a| json!({ "agent": a.name, "topic": &*a.topic, "concurrency": a.concurrency }))
+                .map(|a| json!({ "agent": a.name, "topic": a.topics(), "concurrency": a.concurrency }))
                 .collect();
             print_rows(json, &["agent", "topic", "concurrency"], &agents)
         }

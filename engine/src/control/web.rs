@@ -197,7 +197,7 @@ fn app_info(app: &App, inboxes: &[Arc<Inbox>]) -> Answer {
     let agents: Vec<Value> = lock(&app.inner.agents)
         .iter()
         .filter(|a| !a.topic.is_empty())
-        .map(|a| json!({ "agent": a.name, "topic": &*a.topic, "concurrency": a.concurrency }))
+        .map(|a| json!({ "agent": a.name, "topic": a.topics(), "concurrency": a.concurrency }))
         .collect();
     let tables: Vec<Value> = lock(&app.inner.tables)
         .iter()

@@ -490,6 +490,12 @@ async fn core_main(
             agents_by_topic.entry(spec.1.clone()).or_default().push(i);
         }
     }
+    // Agents on several topics get the others' events in the same queue.
+    for (i, spec) in app.inner.agents.lock().unwrap_or_else(|p| p.into_inner()).iter().enumerate() {
+        for topic in spec.also.iter().filter(|t| !channel_agents.contains_key(*t)) {
+            agents_by_topic.entry(topic.clone()).or_default().push(i);
+        }
+    }
     if index == 0 {
         let sources: Vec<Arc<str>> = agents_by_topic.keys().cloned().collect();
         let mut created = create_topics(&core, settings, &declared, &tables, &sources).await;
