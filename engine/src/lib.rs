@@ -39,6 +39,7 @@ mod worker;
 pub use crate::app::group_by::{GroupBy, Source};
 pub use crate::app::page::{WebRequest, WebResponse};
 pub use crate::app::rpc::AskStream;
+pub use crate::app::set_table::SetTable;
 pub use crate::app::sink::{Sink, Sinks};
 pub use crate::app::{Agent, App, TopicOptions};
 pub use crate::codec::record::{AnyRecord, FaustRecord, Models, Record, record_namespace};

@@ -134,6 +134,18 @@ impl TestContext {
         })
     }
 
+    /// Waits until the agents have processed every record now in the topics they consume,
+    /// whoever sent them (a send from another thread, a [`SetTable`](crate::SetTable)
+    /// operation, an agent's own sends).
+    pub fn settle(&self) -> Result<(), TestError> {
+        let consumed: Vec<Arc<str>> = crate::util::lock(&self.inner.agents)
+            .iter()
+            .flat_map(|a| std::iter::once(a.topic.clone()).chain(a.also.iter().cloned()))
+            .filter(|t| !t.is_empty())
+            .collect();
+        futures_lite::future::block_on(self.settle_topics(consumed))
+    }
+
     /// Waits until the agents consuming repartition topics (`group_by`) have processed every
     /// record in them, so that `put` also covers what the event became after re-keying.
     async fn settle_repartitioned(&self) -> Result<(), TestError> {
@@ -142,7 +154,12 @@ impl TestContext {
             .filter(|t| t.partitions_like.is_some())
             .map(|t| t.name.clone())
             .collect();
-        for name in repartitioned {
+        self.settle_topics(repartitioned).await
+    }
+
+    /// Waits until the agents consuming `topics` processed every record now in them.
+    async fn settle_topics(&self, topics: Vec<Arc<str>>) -> Result<(), TestError> {
+        for name in topics {
             let Some(meta) = self.transport.topic_metadata(&name).await? else { continue };
             for p in 0..meta.config.partitions {
                 let tp = TopicPartition::new(name.clone(), p);

@@ -393,3 +393,63 @@ fn one_agent_gets_the_events_of_several_topics() {
     expected.sort();
     assert_eq!(seen, expected);
 }
+
+#[test]
+fn set_table_operations_are_applied_where_each_key_lives() {
+    use std::collections::BTreeSet;
+    let dir = tempfile::tempdir().unwrap();
+    let transport = MemoryTransport::new();
+    let worker = |n: usize| {
+        let mut s = settings("sets");
+        s.broker = "memory://".into();
+        s.datadir = dir.path().join(format!("w{n}"));
+        s.topic_partitions = 4;
+        s.cores = Some(1);
+        let app = App::new(s).with_memory_transport(transport.clone());
+        let rooms = app.set_table::<String, String>("rooms");
+        (app, rooms)
+    };
+    let (a, rooms) = worker(0);
+    let (b, _) = worker(1);
+    let runners: Vec<_> = [a.clone(), b.clone()]
+        .into_iter()
+        .map(|app| {
+            let runner = app.clone();
+            (app, std::thread::spawn(move || runner.run()))
+        })
+        .collect();
+    wait_for("both workers hold partitions", || {
+        transport.group_assignment("sets").len() == 2 && transport.pending_revokes("sets") == 0
+    });
+    let s = |items: &[&str]| items.iter().map(|i| i.to_string()).collect::<Vec<String>>();
+    for i in 0..8 {
+        let room = format!("room-{i}");
+        block_on(rooms.add(&room, s(&["ada", "grace", "linus"]))).unwrap();
+        block_on(rooms.discard(&room, s(&["grace"]))).unwrap();
+        if i % 2 == 0 {
+            block_on(rooms.symmetric_difference_update(&room, s(&["ada", "ken"]))).unwrap();
+        }
+    }
+    // The changelog says what each room holds, once the operations are applied and committed.
+    let expected = |i: usize| -> BTreeSet<String> {
+        if i % 2 == 0 { s(&["ken", "linus"]).into_iter().collect() } else { s(&["ada", "linus"]).into_iter().collect() }
+    };
+    let committed = || {
+        let mut sets = std::collections::BTreeMap::new();
+        for p in 0..4 {
+            for r in transport.records(&TopicPartition::new("sets-rooms-changelog", p)).unwrap_or_default() {
+                let key: String = String::from_utf8(r.key.unwrap().to_vec()).unwrap();
+                let value: BTreeSet<String> = serde_json::from_slice(&r.value.unwrap()).unwrap();
+                sets.insert(key, value);
+            }
+        }
+        sets
+    };
+    wait_for("every room's set committed", || {
+        (0..8).all(|i| committed().get(&format!("room-{i}")) == Some(&expected(i)))
+    });
+    for (app, thread) in runners {
+        app.stop_signal().stop();
+        thread.join().unwrap().unwrap();
+    }
+}

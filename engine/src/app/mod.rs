@@ -7,6 +7,7 @@ pub(crate) mod group_by;
 pub(crate) mod page;
 pub(crate) mod rpc;
 pub(crate) mod services;
+pub(crate) mod set_table;
 pub(crate) mod sink;
 mod spec;
 
