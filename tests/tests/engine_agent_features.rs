@@ -426,13 +426,13 @@ fn set_table_operations_are_applied_where_each_key_lives() {
         let room = format!("room-{i}");
         block_on(rooms.add(&room, s(&["ada", "grace", "linus"]))).unwrap();
         block_on(rooms.discard(&room, s(&["grace"]))).unwrap();
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             block_on(rooms.symmetric_difference_update(&room, s(&["ada", "ken"]))).unwrap();
         }
     }
     // The changelog says what each room holds, once the operations are applied and committed.
     let expected = |i: usize| -> BTreeSet<String> {
-        if i % 2 == 0 { s(&["ken", "linus"]).into_iter().collect() } else { s(&["ada", "linus"]).into_iter().collect() }
+        if i.is_multiple_of(2) { s(&["ken", "linus"]).into_iter().collect() } else { s(&["ada", "linus"]).into_iter().collect() }
     };
     let committed = || {
         let mut sets = std::collections::BTreeMap::new();
