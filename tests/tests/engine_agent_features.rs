@@ -422,7 +422,7 @@ fn set_table_operations_are_applied_where_each_key_lives() {
         transport.group_assignment("sets").len() == 2 && transport.pending_revokes("sets") == 0
     });
     let s = |items: &[&str]| items.iter().map(|i| i.to_string()).collect::<Vec<String>>();
-    for i in 0..8 {
+    for i in 0..8usize {
         let room = format!("room-{i}");
         block_on(rooms.add(&room, s(&["ada", "grace", "linus"]))).unwrap();
         block_on(rooms.discard(&room, s(&["grace"]))).unwrap();
