@@ -36,6 +36,7 @@ mod util;
 mod window;
 mod worker;
 
+pub use crate::app::global_table::GlobalTable;
 pub use crate::app::group_by::{GroupBy, Source};
 pub use crate::app::page::{WebRequest, WebResponse};
 pub use crate::app::rpc::AskStream;

@@ -432,7 +432,11 @@ fn set_table_operations_are_applied_where_each_key_lives() {
     }
     // The changelog says what each room holds, once the operations are applied and committed.
     let expected = |i: usize| -> BTreeSet<String> {
-        if i.is_multiple_of(2) { s(&["ken", "linus"]).into_iter().collect() } else { s(&["ada", "linus"]).into_iter().collect() }
+        if i.is_multiple_of(2) {
+            s(&["ken", "linus"]).into_iter().collect()
+        } else {
+            s(&["ada", "linus"]).into_iter().collect()
+        }
     };
     let committed = || {
         let mut sets = std::collections::BTreeMap::new();
@@ -447,6 +451,64 @@ fn set_table_operations_are_applied_where_each_key_lives() {
     };
     wait_for("every room's set committed", || {
         (0..8).all(|i| committed().get(&format!("room-{i}")) == Some(&expected(i)))
+    });
+    for (app, thread) in runners {
+        app.stop_signal().stop();
+        thread.join().unwrap().unwrap();
+    }
+}
+
+#[test]
+fn every_worker_reads_a_global_table_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let transport = MemoryTransport::new();
+    let worker = |n: usize| {
+        let mut s = settings("globals");
+        s.broker = "memory://".into();
+        s.datadir = dir.path().join(format!("w{n}"));
+        s.topic_partitions = 4;
+        s.cores = Some(1);
+        s.commit_interval = Duration::from_millis(100);
+        let app = App::new(s).with_memory_transport(transport.clone());
+        let prices = app.topic::<String, u64>("prices");
+        let price_of = app.global_table::<String, u64>("price_of");
+        let table = price_of.clone();
+        app.agent("prices", &prices, move |stream| {
+            let price_of = table.clone();
+            stream.for_each_item(move |product, cents| {
+                price_of.insert(product.unwrap_or_default(), cents)?;
+                Ok(())
+            })
+        });
+        (app, prices, price_of)
+    };
+    let (a, prices, replica_a) = worker(0);
+    let (b, _, replica_b) = worker(1);
+    let runners: Vec<_> = [a.clone(), b.clone()]
+        .into_iter()
+        .map(|app| {
+            let runner = app.clone();
+            (app, std::thread::spawn(move || runner.run()))
+        })
+        .collect();
+    wait_for("both workers hold partitions", || {
+        transport.group_assignment("globals").len() == 2 && transport.pending_revokes("globals") == 0
+    });
+    block_on(replica_a.wait_ready());
+    for i in 0..20u64 {
+        block_on(prices.send(Some(&format!("p{i}")), &(i * 100))).unwrap();
+    }
+    // Each worker owns about half the partitions, and reads every price.
+    for replica in [&replica_a, &replica_b] {
+        wait_for("every price in the replica", || replica.len() == 20);
+        assert!(replica.is_ready());
+        assert_eq!(replica.get(&"p7".to_string()), Some(700));
+        assert_eq!(replica.get(&"p19".to_string()), Some(1900));
+    }
+    // A change reaches every replica.
+    block_on(prices.send(Some(&"p7".to_string()), &777)).unwrap();
+    wait_for("the change everywhere", || {
+        replica_a.get(&"p7".to_string()) == Some(777) && replica_b.get(&"p7".to_string()) == Some(777)
     });
     for (app, thread) in runners {
         app.stop_signal().stop();

@@ -3,6 +3,7 @@
 //! (`cli/`) drives it.
 
 mod agent;
+pub(crate) mod global_table;
 pub(crate) mod group_by;
 pub(crate) mod page;
 pub(crate) mod rpc;

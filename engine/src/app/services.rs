@@ -361,7 +361,7 @@ impl App {
     }
 
     /// Registers work without a topic, on core 0 (or on every core).
-    fn add_service<F, Fut>(&self, name: &str, every_core: bool, start: F)
+    pub(crate) fn add_service<F, Fut>(&self, name: &str, every_core: bool, start: F)
     where
         F: Fn(AgentRun) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + 'static,
