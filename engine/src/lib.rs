@@ -40,7 +40,7 @@ pub use crate::app::global_table::GlobalTable;
 pub use crate::app::group_by::{GroupBy, Source};
 pub use crate::app::page::{WebRequest, WebResponse};
 pub use crate::app::rpc::AskStream;
-pub use crate::app::set_table::SetTable;
+pub use crate::app::set_table::{SetGlobalTable, SetTable};
 pub use crate::app::sink::{Sink, Sinks};
 pub use crate::app::{Agent, App, TopicOptions};
 pub use crate::codec::record::{AnyRecord, FaustRecord, Models, Record, record_namespace};

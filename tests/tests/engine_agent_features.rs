@@ -515,3 +515,47 @@ fn every_worker_reads_a_global_table_whole() {
         thread.join().unwrap().unwrap();
     }
 }
+
+#[test]
+fn a_set_global_table_is_read_whole_on_every_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let transport = MemoryTransport::new();
+    let worker = |n: usize| {
+        let mut s = settings("set-globals");
+        s.broker = "memory://".into();
+        s.datadir = dir.path().join(format!("w{n}"));
+        s.topic_partitions = 4;
+        s.cores = Some(1);
+        s.commit_interval = Duration::from_millis(100);
+        let app = App::new(s).with_memory_transport(transport.clone());
+        let teams = app.set_global_table::<String, String>("teams");
+        (app, teams)
+    };
+    let (a, teams_a) = worker(0);
+    let (b, teams_b) = worker(1);
+    let runners: Vec<_> = [a.clone(), b.clone()]
+        .into_iter()
+        .map(|app| {
+            let runner = app.clone();
+            (app, std::thread::spawn(move || runner.run()))
+        })
+        .collect();
+    wait_for("both workers hold partitions", || {
+        transport.group_assignment("set-globals").len() == 2 && transport.pending_revokes("set-globals") == 0
+    });
+    for i in 0..6 {
+        let team = format!("team-{i}");
+        block_on(teams_a.operations().add(&team, [format!("lead-{i}"), "bot".to_string()])).unwrap();
+        block_on(teams_b.operations().discard(&team, ["bot".to_string()])).unwrap();
+    }
+    for teams in [&teams_a, &teams_b] {
+        wait_for("every team on this worker", || {
+            (0..6).all(|i| teams.members(&format!("team-{i}")).into_iter().collect::<Vec<_>>() == [format!("lead-{i}")])
+        });
+        assert!(teams.contains(&"team-3".to_string(), &"lead-3".to_string()));
+    }
+    for (app, thread) in runners {
+        app.stop_signal().stop();
+        thread.join().unwrap().unwrap();
+    }
+}

@@ -150,6 +150,15 @@ impl App {
         V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
     {
         let table = self.table::<K, V>(name);
+        self.global_of(table)
+    }
+
+    /// A replica of `table` on every worker, kept current from its changelog.
+    pub(crate) fn global_of<K, V>(&self, table: Table<K, V>) -> GlobalTable<K, V>
+    where
+        K: Serialize + DeserializeOwned + Hash + Eq + Clone + Send + Sync + 'static,
+        V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+    {
         let replica = Arc::new(Replica {
             values: RwLock::new(HashMap::new()),
             ready: AtomicBool::new(false),

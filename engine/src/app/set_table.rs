@@ -177,6 +177,67 @@ impl App {
     }
 }
 
+/// A set table every worker reads whole (Faust's `SetGlobalTable`): changed by operations,
+/// as a [`SetTable`], and read from a replica of every partition on every worker, as a
+/// [`GlobalTable`](crate::GlobalTable). See [`App::set_global_table`].
+pub struct SetGlobalTable<K, M> {
+    set: SetTable<K, M>,
+    global: crate::app::global_table::GlobalTable<K, BTreeSet<M>>,
+}
+
+impl<K, M> Clone for SetGlobalTable<K, M> {
+    fn clone(&self) -> Self {
+        SetGlobalTable { set: self.set.clone(), global: self.global.clone() }
+    }
+}
+
+impl<K, M> std::fmt::Debug for SetGlobalTable<K, M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SetGlobalTable").field("table", &self.set.table.name()).finish()
+    }
+}
+
+impl<K, M> SetGlobalTable<K, M>
+where
+    K: Serialize + DeserializeOwned + Hash + Eq + Clone + 'static,
+    M: Serialize + DeserializeOwned + Ord + Clone + 'static,
+{
+    /// The set of `key` in this worker's replica (empty when it has none), from any core or
+    /// thread.
+    pub fn members(&self, key: &K) -> BTreeSet<M> {
+        self.global.get(key).unwrap_or_default()
+    }
+
+    /// Whether `member` is in the set of `key`, in this worker's replica.
+    pub fn contains(&self, key: &K, member: &M) -> bool {
+        self.global.get(key).is_some_and(|set| set.contains(member))
+    }
+
+    /// The replica (readiness, every set).
+    pub fn global(&self) -> &crate::app::global_table::GlobalTable<K, BTreeSet<M>> {
+        &self.global
+    }
+
+    /// The operations: [`SetTable::add`], [`discard`](SetTable::discard), ...
+    pub fn operations(&self) -> &SetTable<K, M> {
+        &self.set
+    }
+}
+
+impl App {
+    /// Declares a set table every worker reads whole (Faust's `app.SetGlobalTable`): see
+    /// [`App::set_table`] for the operations and [`App::global_table`] for the reads.
+    pub fn set_global_table<K, M>(&self, name: &str) -> SetGlobalTable<K, M>
+    where
+        K: Serialize + DeserializeOwned + Hash + Eq + Clone + Send + Sync + 'static,
+        M: Serialize + DeserializeOwned + Ord + Clone + Send + Sync + 'static,
+    {
+        let set = self.set_table::<K, M>(name);
+        let global = self.global_of(set.table.clone());
+        SetGlobalTable { set, global }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
