@@ -67,7 +67,9 @@ pub use faust_transport::{
 
 /// Codecs by name, Faust's codec registry, and fixed-layout records: see [`Codec`].
 pub mod codecs {
-    pub use crate::codec::{Codec, CodecError, Fixed, Transform, TransformError, register};
+    pub use crate::codec::{
+        Codec, CodecError, Fixed, Transform, TransformError, ValueFormat, register, register_format,
+    };
 }
 
 /// Entry points for the fuzz targets in `engine/fuzz`; not a stable API.

@@ -151,9 +151,89 @@ pub fn register(name: &str, transform: impl Transform) -> Result<(), CodecError>
     if FORMATS.iter().any(|(n, _)| *n == name) || name == BINARY {
         return bad("built-in codecs cannot be replaced");
     }
+    if formats().read().unwrap_or_else(|poisoned| poisoned.into_inner()).contains_key(name) {
+        return bad("a whole codec has this name");
+    }
     let mut transforms = registry().write().unwrap_or_else(|poisoned| poisoned.into_inner());
     transforms.insert(name.to_string(), Arc::new(transform));
     Ok(())
+}
+
+/// A whole codec: the first stage of a codec, which turns values into bytes and back (Faust's
+/// codecs such as `json` or `yaml`, as opposed to the byte [`Transform`]s after it). Values
+/// reach it as [`serde_json::Value`]s, serde's data model in one type, so any serde format
+/// fits (MessagePack, CBOR, YAML, a company's own). [`register_format`] one under a name, then
+/// use the name as a codec's first stage (`NAME` or `NAME|binary`).
+///
+/// Both methods must not panic on any input: `decode` is given whatever bytes a topic holds.
+pub trait ValueFormat: Send + Sync + 'static {
+    /// Appends the encoding of `value` to `out`.
+    fn encode(&self, value: &serde_json::Value, out: &mut Vec<u8>) -> Result<(), TransformError>;
+    /// The value `bytes` encode.
+    fn decode(&self, bytes: &[u8]) -> Result<serde_json::Value, TransformError>;
+}
+
+/// Registers the whole codec `format` under `name` for every codec parsed afterwards, in this
+/// process (Faust's `codecs.register` of a codec): `name` is then a first stage, alone or
+/// followed by transforms. A value goes through serde's data model on the way
+/// ([`ValueFormat`]), which costs a little over the built-in `json` and `raw`.
+///
+/// ```
+/// use faust::codecs::{self, Codec, TransformError, ValueFormat};
+///
+/// /// JSON behind a one-byte tag: a stand-in for a binary format.
+/// struct Tagged;
+///
+/// impl ValueFormat for Tagged {
+///     fn encode(&self, value: &serde_json::Value, out: &mut Vec<u8>) -> Result<(), TransformError> {
+///         out.push(b'J');
+///         serde_json::to_writer(out, value)?;
+///         Ok(())
+///     }
+///     fn decode(&self, bytes: &[u8]) -> Result<serde_json::Value, TransformError> {
+///         match bytes.split_first() {
+///             Some((b'J', json)) => Ok(serde_json::from_slice(json)?),
+///             _ => Err("not tagged".into()),
+///         }
+///     }
+/// }
+///
+/// codecs::register_format("tagged", Tagged)?;
+/// let codec: Codec = "tagged".parse()?;
+/// let mut out = Vec::new();
+/// codec.encode(&vec![1, 2], &mut out)?;
+/// assert_eq!(out, b"J[1,2]");
+/// assert_eq!(codec.decode::<Vec<u32>>(&out)?, vec![1, 2]);
+/// assert!(codec.decode::<Vec<u32>>(b"[1,2]").is_err());
+/// let wrapped: Codec = "tagged|binary".parse()?;
+/// assert_eq!(wrapped.decode::<Vec<u32>>(b"SlsxLDJd")?, vec![1, 2]);
+/// # Ok::<(), faust::CodecError>(())
+/// ```
+pub fn register_format(name: &str, format: impl ValueFormat) -> Result<(), CodecError> {
+    let bad = |reason: &str| Err(CodecError::BadName { name: name.to_string(), reason: reason.to_string() });
+    if name.is_empty() || name.contains('|') || name.chars().any(char::is_whitespace) {
+        return bad("a name is non-empty, without `|` or whitespace");
+    }
+    if FORMATS.iter().any(|(n, _)| *n == name) || name == BINARY {
+        return bad("built-in codecs cannot be replaced");
+    }
+    if registry().read().unwrap_or_else(|poisoned| poisoned.into_inner()).contains_key(name) {
+        return bad("a transform has this name");
+    }
+    // Leaked once per registration: a codec's first stage is named by a `&'static str`, and
+    // formats are registered a handful of times in a process's life.
+    let name: &'static str = Box::leak(name.to_string().into_boxed_str());
+    let mut formats = formats().write().unwrap_or_else(|poisoned| poisoned.into_inner());
+    formats.insert(name.to_string(), (name, Arc::new(format)));
+    Ok(())
+}
+
+/// The whole codecs [`register_format`]ed so far, by name.
+#[allow(clippy::type_complexity)]
+fn formats() -> &'static RwLock<HashMap<String, (&'static str, Arc<dyn ValueFormat>)>> {
+    static FORMATS_REGISTERED: OnceLock<RwLock<HashMap<String, (&'static str, Arc<dyn ValueFormat>)>>> =
+        OnceLock::new();
+    FORMATS_REGISTERED.get_or_init(Default::default)
 }
 
 /// The transforms [`register`]ed so far, by name. A lock taken only to parse codec names
@@ -169,6 +249,8 @@ enum Format {
     Raw,
     JsonSimd,
     JsonSerde,
+    /// A [`register_format`]ed codec (the spec holds it).
+    Custom,
 }
 
 /// The decoder `json` uses. serde_json: on the benchmark's order records (86 bytes) it
@@ -191,6 +273,7 @@ impl Format {
                 serde_json::to_writer(out, value).map_err(|e| CodecError::encode(name, e))
             }
             Format::Raw => raw::encode(value, out).map_err(|e| CodecError::encode(name, e)),
+            Format::Custom => Err(CodecError::encode(name, "a registered codec encodes through its spec")),
         }
     }
 
@@ -202,6 +285,7 @@ impl Format {
             Format::JsonSerde => serde_json::from_slice(bytes).map_err(|e| CodecError::decode(name, e)),
             Format::JsonSimd => json::decode_simd(bytes).map_err(|e| CodecError::decode(name, e)),
             Format::Raw => raw::decode(bytes, owner).map_err(|e| CodecError::decode(name, e)),
+            Format::Custom => Err(CodecError::decode(name, "a registered codec decodes through its spec")),
         }
     }
 }
@@ -220,11 +304,13 @@ struct Spec {
     /// The first stage's name (`raw` when the name starts with a transform).
     format_name: &'static str,
     format: Format,
+    /// The registered whole codec, when `format` is [`Format::Custom`].
+    custom: Option<Arc<dyn ValueFormat>>,
     stages: Vec<Stage>,
 }
 
 const fn builtin(name: &'static str, format: Format) -> Spec {
-    Spec { name: Cow::Borrowed(name), format_name: name, format, stages: Vec::new() }
+    Spec { name: Cow::Borrowed(name), format_name: name, format, custom: None, stages: Vec::new() }
 }
 
 static RAW: Spec = builtin("raw", Format::Raw);
@@ -284,11 +370,28 @@ impl Codec {
                 registry().read().unwrap_or_else(|poisoned| poisoned.into_inner()).keys().cloned().collect();
             user.sort();
             known.extend(user);
+            let mut whole: Vec<String> =
+                formats().read().unwrap_or_else(|poisoned| poisoned.into_inner()).keys().cloned().collect();
+            whole.sort();
+            known.extend(whole);
             CodecError::Unknown { name: part.to_string(), spec: name.to_string(), known: known.join(", ") }
         };
         let format_named = |part: &str| FORMATS.iter().find(|(n, _)| *n == part).copied();
         if parts.iter().any(|p| p.is_empty()) {
             return Err(CodecError::BadName { name: name.to_string(), reason: "a stage has no name".to_string() });
+        }
+        let registered =
+            |part: &str| formats().read().unwrap_or_else(|poisoned| poisoned.into_inner()).get(part).cloned();
+        if let Some((format_name, custom)) = registered(parts[0]) {
+            let stages =
+                parts[1..].iter().map(|part| Self::transform(name, part, &unknown)).collect::<Result<_, _>>()?;
+            return Ok(Codec(Repr::Shared(Arc::new(Spec {
+                name: Cow::Owned(parts.join("|")),
+                format_name,
+                format: Format::Custom,
+                custom: Some(custom),
+                stages,
+            }))));
         }
         let ((format_name, format), rest) = match format_named(parts[0]) {
             Some(format) => (format, &parts[1..]),
@@ -302,23 +405,33 @@ impl Codec {
                 _ => Codec::JSON_SERDE,
             });
         }
-        let mut stages = Vec::with_capacity(rest.len());
-        for part in rest {
-            if format_named(part).is_some() {
-                return Err(CodecError::BadName {
-                    name: name.to_string(),
-                    reason: format!("`{part}` turns values into bytes, so it can only be the first stage"),
-                });
-            }
-            let transform: Arc<dyn Transform> = if *part == BINARY {
-                Arc::new(Base64)
-            } else {
-                let transforms = registry().read().unwrap_or_else(|poisoned| poisoned.into_inner());
-                transforms.get(*part).cloned().ok_or_else(|| unknown(part))?
-            };
-            stages.push(Stage { name: Arc::from(*part), transform });
+        let stages = rest.iter().map(|part| Self::transform(name, part, &unknown)).collect::<Result<_, _>>()?;
+        Ok(Codec(Repr::Shared(Arc::new(Spec {
+            name: Cow::Owned(parts.join("|")),
+            format_name,
+            format,
+            custom: None,
+            stages,
+        }))))
+    }
+
+    /// The transform stage `part` of the codec `name`.
+    fn transform(name: &str, part: &str, unknown: &dyn Fn(&str) -> CodecError) -> Result<Stage, CodecError> {
+        let is_format = FORMATS.iter().any(|(n, _)| *n == part)
+            || formats().read().unwrap_or_else(|poisoned| poisoned.into_inner()).contains_key(part);
+        if is_format {
+            return Err(CodecError::BadName {
+                name: name.to_string(),
+                reason: format!("`{part}` turns values into bytes, so it can only be the first stage"),
+            });
         }
-        Ok(Codec(Repr::Shared(Arc::new(Spec { name: Cow::Owned(parts.join("|")), format_name, format, stages }))))
+        let transform: Arc<dyn Transform> = if part == BINARY {
+            Arc::new(Base64)
+        } else {
+            let transforms = registry().read().unwrap_or_else(|poisoned| poisoned.into_inner());
+            transforms.get(part).cloned().ok_or_else(|| unknown(part))?
+        };
+        Ok(Stage { name: Arc::from(part), transform })
     }
 
     fn spec(&self) -> &Spec {
@@ -392,6 +505,13 @@ impl Codec {
     /// Appends the encoding of `value` to `out`. On an error, `out` may hold part of it.
     pub fn encode<T: Serialize + ?Sized>(&self, value: &T, out: &mut Vec<u8>) -> Result<(), CodecError> {
         let spec = self.spec();
+        if let Some(custom) = &spec.custom {
+            let name = self.format_name();
+            let value = serde_json::to_value(value).map_err(|e| CodecError::encode(name, e))?;
+            let mut plain = Vec::new();
+            custom.encode(&value, &mut plain).map_err(|e| CodecError::encode(name, e))?;
+            return self.encode_stages(&plain, out);
+        }
         if spec.stages.is_empty() {
             return spec.format.encode(self.format_name(), value, out);
         }
@@ -449,6 +569,9 @@ impl Codec {
     /// [`decode_bytes`](Codec::decode_bytes).
     pub fn decode<T: DeserializeOwned>(&self, bytes: &[u8]) -> Result<T, CodecError> {
         let spec = self.spec();
+        if spec.custom.is_some() {
+            return self.decode_custom(bytes);
+        }
         if spec.stages.is_empty() {
             return spec.format.decode(self.format_name(), bytes, None);
         }
@@ -460,11 +583,27 @@ impl Codec {
     /// [`Fixed`] value keeps a reference-counted handle on `bytes` instead of a copy.
     pub fn decode_bytes<T: DeserializeOwned>(&self, bytes: &Bytes) -> Result<T, CodecError> {
         let spec = self.spec();
+        if spec.custom.is_some() {
+            return self.decode_custom(bytes);
+        }
         if spec.stages.is_empty() {
             return spec.format.decode(self.format_name(), bytes, Some(bytes));
         }
         let plain = Bytes::from(self.decode_stages(bytes)?);
         spec.format.decode(self.format_name(), &plain, Some(&plain))
+    }
+}
+
+impl Codec {
+    /// Decodes through a registered whole codec: the transforms undone, then the format, then
+    /// serde's data model into `T`.
+    fn decode_custom<T: DeserializeOwned>(&self, bytes: &[u8]) -> Result<T, CodecError> {
+        let name = self.format_name();
+        let Some(custom) = &self.spec().custom else { return Err(CodecError::decode(name, "not a registered codec")) };
+        let plain =
+            if self.spec().stages.is_empty() { Cow::Borrowed(bytes) } else { Cow::Owned(self.decode_stages(bytes)?) };
+        let value = custom.decode(&plain).map_err(|e| CodecError::decode(name, e))?;
+        serde_json::from_value(value).map_err(|e| CodecError::decode(name, e))
     }
 }
 

@@ -316,3 +316,42 @@ fn codecs_and_fixed_values_cross_threads() {
     send_sync::<CodecError>();
     send_sync::<Fixed<Layout>>();
 }
+
+/// JSON with its bytes reversed: a whole codec of the tests' own.
+struct ReversedJson;
+
+impl ValueFormat for ReversedJson {
+    fn encode(&self, value: &serde_json::Value, out: &mut Vec<u8>) -> Result<(), TransformError> {
+        out.extend(serde_json::to_vec(value)?.into_iter().rev());
+        Ok(())
+    }
+
+    fn decode(&self, bytes: &[u8]) -> Result<serde_json::Value, TransformError> {
+        Ok(serde_json::from_slice(&bytes.iter().rev().copied().collect::<Vec<u8>>())?)
+    }
+}
+
+#[test]
+fn whole_codecs_are_first_stages_by_name() {
+    register_format("reversed-json", ReversedJson).unwrap();
+    let codec: Codec = "reversed-json|binary".parse().unwrap();
+    let order = Order { account_id: "a".into(), product_id: "p".into(), amount: 2, price: 1.5 };
+    let mut out = Vec::new();
+    codec.encode(&order, &mut out).unwrap();
+    assert_eq!(codec.decode::<Order>(&out).unwrap(), order);
+    assert_eq!(codec.decode_bytes::<Order>(&Bytes::from(out)).unwrap(), order);
+    // Names: no clash with built-ins or transforms; a format is only ever first.
+    for (name, says) in [("json", "built-in"), ("binary", "built-in"), ("a|b", "without `|`")] {
+        let e = register_format(name, ReversedJson).unwrap_err().to_string();
+        assert!(e.contains(says), "{name}: {e}");
+    }
+    let e = "json|reversed-json".parse::<Codec>().unwrap_err().to_string();
+    assert!(e.contains("can only be the first stage"), "{e}");
+    assert!(register("reversed-json", Base64).unwrap_err().to_string().contains("whole codec"));
+    // Bad bytes are a decode error naming the codec, never a panic.
+    let e = codec.decode::<Order>(b"not base64 at all!").unwrap_err();
+    assert!(matches!(e, CodecError::Decode { .. }), "{e}");
+    let plain: Codec = "reversed-json".parse().unwrap();
+    let e = plain.decode::<Order>(b"}{").unwrap_err().to_string();
+    assert!(e.contains("reversed-json"), "{e}");
+}
