@@ -138,3 +138,42 @@ pub fn http(port: u16, method: &str, target: &str) -> (u16, String, String) {
     let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     (status, head.to_string(), body.to_string())
 }
+
+/// An app's worker, run on a thread of its own by a test.
+pub struct Running {
+    /// The app.
+    pub app: faust::App,
+    thread: std::thread::JoinHandle<Result<(), faust::WorkerError>>,
+}
+
+impl Running {
+    /// Runs `app`'s worker on a new thread.
+    pub fn start(app: &faust::App) -> Running {
+        let runner = app.clone();
+        let thread = std::thread::spawn(move || runner.run());
+        Running { app: app.clone(), thread }
+    }
+
+    /// Stops the worker and waits for it; panics if it failed.
+    pub fn stop(self) {
+        self.app.stop_signal().stop();
+        self.thread.join().expect("the worker thread").expect("the worker runs");
+    }
+}
+
+/// Polls `ready` every 10 ms until it holds; panics naming `what` after `within`.
+pub fn wait_for(what: &str, within: std::time::Duration, ready: impl Fn() -> bool) {
+    let start = std::time::Instant::now();
+    while !ready() {
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Waits until the `memory://` group `group` has `members` members and no revocation in
+/// flight (every worker holds its share).
+pub fn wait_for_group(transport: &faust::MemoryTransport, group: &str, members: usize) {
+    wait_for(&format!("{members} workers in group {group}"), std::time::Duration::from_secs(30), || {
+        transport.group_assignment(group).len() == members && transport.pending_revokes(group) == 0
+    });
+}

@@ -3,10 +3,11 @@
 //! and `take_with_timestamp`'s batches by event time.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use faust::{AgentFailure, App, MemoryTransport, Settings, Supervisor, TopicConfig, TopicPartition};
 use faust_storage::BatchBuilder;
+use faust_tests::{Running, wait_for, wait_for_group};
 use faust_transport::CoreTransport;
 use futures_lite::future::block_on;
 
@@ -14,14 +15,6 @@ fn settings(id: &str) -> Settings {
     let mut settings = Settings::new(id);
     settings.topic_partitions = 1;
     settings
-}
-
-fn wait_for(what: &str, ready: impl Fn() -> bool) {
-    let start = Instant::now();
-    while !ready() {
-        assert!(start.elapsed() < Duration::from_secs(20), "{what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 #[test]
@@ -56,7 +49,7 @@ fn a_stream_of_values_and_an_agent_with_its_own_topic() {
     };
     assert_eq!(audit.topic().name(), "backfill-audit");
     let test = app.test_context().unwrap();
-    wait_for("the hundred values", || seen.lock().unwrap().len() == 100);
+    wait_for("the hundred values", Duration::from_secs(20), || seen.lock().unwrap().len() == 100);
     assert_eq!(*seen.lock().unwrap(), (1..=100u64).map(|n| n * 10).collect::<Vec<_>>(), "all, in order");
     test.put(audit.topic(), None, &"hello".to_string()).unwrap();
     assert_eq!(*own.lock().unwrap(), vec!["hello".to_string()]);
@@ -169,7 +162,9 @@ fn take_with_timestamp_batches_by_event_time() {
     }
     let runner = app.clone();
     let worker = std::thread::spawn(move || runner.run());
-    wait_for("all ten readings", || batches.lock().unwrap().iter().map(Vec::len).sum::<usize>() == 10);
+    wait_for("all ten readings", Duration::from_secs(20), || {
+        batches.lock().unwrap().iter().map(Vec::len).sum::<usize>() == 10
+    });
     app.stop_signal().stop();
     worker.join().unwrap().unwrap();
     assert_eq!(*batches.lock().unwrap(), vec![vec![0, 1, 2], vec![3, 4, 5], vec![6, 7, 8], vec![9]]);
@@ -216,7 +211,7 @@ fn current_event_is_the_event_with_its_record() {
     let test = app.test_context().unwrap();
     let options = faust::SendOptions { headers: vec![("trace".into(), b"1".to_vec())], ..Default::default() };
     block_on(orders.send_with(Some(&"k".to_string()), &7, &options)).unwrap();
-    wait_for("both agents saw the event", || seen.lock().unwrap().len() == 2);
+    wait_for("both agents saw the event", Duration::from_secs(20), || seen.lock().unwrap().len() == 2);
     test.stop().unwrap();
     let seen = seen.lock().unwrap().clone();
     let expected = (Some("k".to_string()), Some(7), vec!["trace".to_string()], 0);
@@ -347,7 +342,7 @@ fn a_recovering_table_calls_on_changelog_event_and_on_recover() {
     let (app, _, recovered, changes) = app_with(true);
     let runner = app.clone();
     let worker = std::thread::spawn(move || runner.run());
-    wait_for("both partitions recovered", || recovered.lock().unwrap().len() == 2);
+    wait_for("both partitions recovered", Duration::from_secs(20), || recovered.lock().unwrap().len() == 2);
     app.stop_signal().stop();
     worker.join().unwrap().unwrap();
     let mut recovered = recovered.lock().unwrap().clone();
@@ -411,16 +406,8 @@ fn set_table_operations_are_applied_where_each_key_lives() {
     };
     let (a, rooms) = worker(0);
     let (b, _) = worker(1);
-    let runners: Vec<_> = [a.clone(), b.clone()]
-        .into_iter()
-        .map(|app| {
-            let runner = app.clone();
-            (app, std::thread::spawn(move || runner.run()))
-        })
-        .collect();
-    wait_for("both workers hold partitions", || {
-        transport.group_assignment("sets").len() == 2 && transport.pending_revokes("sets") == 0
-    });
+    let runners = [Running::start(&a), Running::start(&b)];
+    wait_for_group(&transport, "sets", 2);
     let s = |items: &[&str]| items.iter().map(|i| i.to_string()).collect::<Vec<String>>();
     for i in 0..8usize {
         let room = format!("room-{i}");
@@ -449,12 +436,11 @@ fn set_table_operations_are_applied_where_each_key_lives() {
         }
         sets
     };
-    wait_for("every room's set committed", || {
+    wait_for("every room's set committed", Duration::from_secs(20), || {
         (0..8).all(|i| committed().get(&format!("room-{i}")) == Some(&expected(i)))
     });
-    for (app, thread) in runners {
-        app.stop_signal().stop();
-        thread.join().unwrap().unwrap();
+    for running in runners {
+        running.stop();
     }
 }
 
@@ -484,35 +470,26 @@ fn every_worker_reads_a_global_table_whole() {
     };
     let (a, prices, replica_a) = worker(0);
     let (b, _, replica_b) = worker(1);
-    let runners: Vec<_> = [a.clone(), b.clone()]
-        .into_iter()
-        .map(|app| {
-            let runner = app.clone();
-            (app, std::thread::spawn(move || runner.run()))
-        })
-        .collect();
-    wait_for("both workers hold partitions", || {
-        transport.group_assignment("globals").len() == 2 && transport.pending_revokes("globals") == 0
-    });
+    let runners = [Running::start(&a), Running::start(&b)];
+    wait_for_group(&transport, "globals", 2);
     block_on(replica_a.wait_ready());
     for i in 0..20u64 {
         block_on(prices.send(Some(&format!("p{i}")), &(i * 100))).unwrap();
     }
     // Each worker owns about half the partitions, and reads every price.
     for replica in [&replica_a, &replica_b] {
-        wait_for("every price in the replica", || replica.len() == 20);
+        wait_for("every price in the replica", Duration::from_secs(20), || replica.len() == 20);
         assert!(replica.is_ready());
         assert_eq!(replica.get(&"p7".to_string()), Some(700));
         assert_eq!(replica.get(&"p19".to_string()), Some(1900));
     }
     // A change reaches every replica.
     block_on(prices.send(Some(&"p7".to_string()), &777)).unwrap();
-    wait_for("the change everywhere", || {
+    wait_for("the change everywhere", Duration::from_secs(20), || {
         replica_a.get(&"p7".to_string()) == Some(777) && replica_b.get(&"p7".to_string()) == Some(777)
     });
-    for (app, thread) in runners {
-        app.stop_signal().stop();
-        thread.join().unwrap().unwrap();
+    for running in runners {
+        running.stop();
     }
 }
 
@@ -533,29 +510,20 @@ fn a_set_global_table_is_read_whole_on_every_worker() {
     };
     let (a, teams_a) = worker(0);
     let (b, teams_b) = worker(1);
-    let runners: Vec<_> = [a.clone(), b.clone()]
-        .into_iter()
-        .map(|app| {
-            let runner = app.clone();
-            (app, std::thread::spawn(move || runner.run()))
-        })
-        .collect();
-    wait_for("both workers hold partitions", || {
-        transport.group_assignment("set-globals").len() == 2 && transport.pending_revokes("set-globals") == 0
-    });
+    let runners = [Running::start(&a), Running::start(&b)];
+    wait_for_group(&transport, "set-globals", 2);
     for i in 0..6 {
         let team = format!("team-{i}");
         block_on(teams_a.operations().add(&team, [format!("lead-{i}"), "bot".to_string()])).unwrap();
         block_on(teams_b.operations().discard(&team, ["bot".to_string()])).unwrap();
     }
     for teams in [&teams_a, &teams_b] {
-        wait_for("every team on this worker", || {
+        wait_for("every team on this worker", Duration::from_secs(20), || {
             (0..6).all(|i| teams.members(&format!("team-{i}")).into_iter().collect::<Vec<_>>() == [format!("lead-{i}")])
         });
         assert!(teams.contains(&"team-3".to_string(), &"lead-3".to_string()));
     }
-    for (app, thread) in runners {
-        app.stop_signal().stop();
-        thread.join().unwrap().unwrap();
+    for running in runners {
+        running.stop();
     }
 }

@@ -11,36 +11,10 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use faust::{App, Crontab, MemoryTransport, Settings, WorkerError};
-
-fn wait_for(what: &str, within: Duration, ready: impl Fn() -> bool) {
-    let start = Instant::now();
-    while !ready() {
-        assert!(start.elapsed() < within, "{what} within {within:?}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-struct Running {
-    app: App,
-    thread: JoinHandle<Result<(), WorkerError>>,
-}
-
-impl Running {
-    fn start(app: &App) -> Running {
-        let runner = app.clone();
-        let thread = std::thread::spawn(move || runner.run());
-        Running { app: app.clone(), thread }
-    }
-
-    fn stop(self) {
-        self.app.stop_signal().stop();
-        self.thread.join().expect("the worker thread").expect("the worker runs");
-    }
-}
+use faust::{App, Crontab, MemoryTransport, Settings};
+use faust_tests::{Running, wait_for, wait_for_group};
 
 fn counting(
     counter: &Arc<AtomicU64>,
@@ -160,9 +134,7 @@ fn one_of_two_workers_leads_and_the_other_takes_over_when_it_stops() {
     wait_for("the first worker leads", Duration::from_secs(20), || apps[0].is_leader());
     let second = Running::start(&apps[1]);
     // Once the group settled on both workers, exactly one leads, for good.
-    wait_for("both workers hold partitions", Duration::from_secs(30), || {
-        transport.group_assignment("shared").len() == 2 && transport.pending_revokes("shared") == 0
-    });
+    wait_for_group(&transport, "shared", 2);
     let leaders = || apps.iter().filter(|a| a.is_leader()).count();
     wait_for("one leader", Duration::from_secs(10), || leaders() == 1);
     let leader = if apps[0].is_leader() { 0 } else { 1 };

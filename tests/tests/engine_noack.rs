@@ -4,10 +4,11 @@
 //! writes undone.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use faust::{App, MemoryTransport, Settings, TopicConfig, TopicPartition};
 use faust_storage::BatchBuilder;
+use faust_tests::wait_for;
 use faust_transport::CoreTransport;
 use futures_lite::future::block_on;
 
@@ -37,14 +38,6 @@ fn app(transport: &MemoryTransport, dir: &std::path::Path) -> App {
 
 fn committed(transport: &MemoryTransport) -> u64 {
     block_on(transport.committed(GROUP, &[TopicPartition::new("events", 0)])).unwrap()[0].unwrap_or(0)
-}
-
-fn wait_for(what: &str, ready: impl Fn() -> bool) {
-    let start = Instant::now();
-    while !ready() {
-        assert!(start.elapsed() < Duration::from_secs(20), "{what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 #[test]
@@ -78,8 +71,8 @@ fn unacked_events_hold_the_commit_back_and_acked_ones_are_committed() {
     }
     let runner = app.clone();
     let worker = std::thread::spawn(move || runner.run());
-    wait_for("25 events seen", || seen.lock().unwrap().len() == 25);
-    wait_for("the acked 20 committed", || committed(&transport) == 20);
+    wait_for("25 events seen", Duration::from_secs(20), || seen.lock().unwrap().len() == 25);
+    wait_for("the acked 20 committed", Duration::from_secs(20), || committed(&transport) == 20);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(committed(&transport), 20, "the 5 unacked events hold the commit at 20");
     app.stop_signal().stop();
@@ -104,7 +97,7 @@ fn unacked_events_hold_the_commit_back_and_acked_ones_are_committed() {
     }
     let runner = again.clone();
     let worker = std::thread::spawn(move || runner.run());
-    wait_for("the 5 unacked events again", || resumed.lock().unwrap().len() == 5);
+    wait_for("the 5 unacked events again", Duration::from_secs(20), || resumed.lock().unwrap().len() == 5);
     again.stop_signal().stop();
     worker.join().unwrap().unwrap();
     assert_eq!(*resumed.lock().unwrap(), (20..25).collect::<Vec<u64>>());
@@ -146,8 +139,10 @@ fn a_failing_agent_gets_its_unacked_events_again_with_their_writes_undone() {
     }
     let runner = app.clone();
     let worker = std::thread::spawn(move || runner.run());
-    wait_for("all 10 events processed", || attempts.lock().unwrap().iter().map(Vec::len).sum::<usize>() >= 13);
-    wait_for("everything acked is committed", || committed(&transport) >= 9);
+    wait_for("all 10 events processed", Duration::from_secs(20), || {
+        attempts.lock().unwrap().iter().map(Vec::len).sum::<usize>() >= 13
+    });
+    wait_for("everything acked is committed", Duration::from_secs(20), || committed(&transport) >= 9);
     app.stop_signal().stop();
     worker.join().unwrap().unwrap();
     let attempts = attempts.lock().unwrap().clone();

@@ -7,31 +7,13 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use faust::{Agent, App, AskError, MemoryTransport, Settings, Sink, WorkerError};
+use faust::{Agent, App, AskError, MemoryTransport, Settings, Sink};
+use faust_tests::{Running, wait_for_group};
 use futures_lite::future::block_on;
 
 const PATIENCE: Duration = Duration::from_secs(10);
-
-struct Running {
-    app: App,
-    thread: JoinHandle<Result<(), WorkerError>>,
-}
-
-impl Running {
-    fn start(app: &App) -> Running {
-        let runner = app.clone();
-        let thread = std::thread::spawn(move || runner.run());
-        Running { app: app.clone(), thread }
-    }
-
-    fn stop(self) {
-        self.app.stop_signal().stop();
-        self.thread.join().expect("the worker thread").expect("the worker runs");
-    }
-}
 
 /// An app with agent `double` (replies 2n, and sends 2n to its callback sink) and agent
 /// `silent` (never emits).
@@ -163,11 +145,7 @@ fn answers_from_another_worker_come_back_to_the_asker() {
     let (first, asker) = worker(0);
     let (second, _) = worker(1);
     let running = [Running::start(&first), Running::start(&second)];
-    let start = Instant::now();
-    while !(transport.group_assignment("rpc-group").len() == 2 && transport.pending_revokes("rpc-group") == 0) {
-        assert!(start.elapsed() < Duration::from_secs(30), "both workers hold partitions");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_group(&transport, "rpc-group", 2);
     assert_eq!(first_answer(&asker), 42);
     // Keys over all four partitions: about half are answered by the other worker.
     let items: Vec<(String, u64)> = (0..32).map(|i| (format!("key-{i}"), i)).collect();
