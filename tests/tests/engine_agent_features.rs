@@ -17,6 +17,18 @@ fn settings(id: &str) -> Settings {
     settings
 }
 
+/// Worker `n` of app `id` in a `memory://` group of one-core workers over 4 partitions,
+/// committing every 100 ms.
+fn group_settings(id: &str, dir: &std::path::Path, n: usize) -> Settings {
+    let mut s = settings(id);
+    s.broker = "memory://".into();
+    s.datadir = dir.join(format!("w{n}"));
+    s.topic_partitions = 4;
+    s.cores = Some(1);
+    s.commit_interval = Duration::from_millis(100);
+    s
+}
+
 #[test]
 fn a_stream_of_values_and_an_agent_with_its_own_topic() {
     let app = App::new(settings("backfill"));
@@ -395,12 +407,7 @@ fn set_table_operations_are_applied_where_each_key_lives() {
     let dir = tempfile::tempdir().unwrap();
     let transport = MemoryTransport::new();
     let worker = |n: usize| {
-        let mut s = settings("sets");
-        s.broker = "memory://".into();
-        s.datadir = dir.path().join(format!("w{n}"));
-        s.topic_partitions = 4;
-        s.cores = Some(1);
-        let app = App::new(s).with_memory_transport(transport.clone());
+        let app = App::new(group_settings("sets", dir.path(), n)).with_memory_transport(transport.clone());
         let rooms = app.set_table::<String, String>("rooms");
         (app, rooms)
     };
@@ -449,13 +456,7 @@ fn every_worker_reads_a_global_table_whole() {
     let dir = tempfile::tempdir().unwrap();
     let transport = MemoryTransport::new();
     let worker = |n: usize| {
-        let mut s = settings("globals");
-        s.broker = "memory://".into();
-        s.datadir = dir.path().join(format!("w{n}"));
-        s.topic_partitions = 4;
-        s.cores = Some(1);
-        s.commit_interval = Duration::from_millis(100);
-        let app = App::new(s).with_memory_transport(transport.clone());
+        let app = App::new(group_settings("globals", dir.path(), n)).with_memory_transport(transport.clone());
         let prices = app.topic::<String, u64>("prices");
         let price_of = app.global_table::<String, u64>("price_of");
         let table = price_of.clone();
@@ -498,13 +499,7 @@ fn a_set_global_table_is_read_whole_on_every_worker() {
     let dir = tempfile::tempdir().unwrap();
     let transport = MemoryTransport::new();
     let worker = |n: usize| {
-        let mut s = settings("set-globals");
-        s.broker = "memory://".into();
-        s.datadir = dir.path().join(format!("w{n}"));
-        s.topic_partitions = 4;
-        s.cores = Some(1);
-        s.commit_interval = Duration::from_millis(100);
-        let app = App::new(s).with_memory_transport(transport.clone());
+        let app = App::new(group_settings("set-globals", dir.path(), n)).with_memory_transport(transport.clone());
         let teams = app.set_global_table::<String, String>("teams");
         (app, teams)
     };
