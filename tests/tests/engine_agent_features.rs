@@ -522,3 +522,65 @@ fn a_set_global_table_is_read_whole_on_every_worker() {
         running.stop();
     }
 }
+
+/// Runs a windowed join of `views` and `clicks` (window 1 s) over records with the given
+/// timestamps, the views first; returns what the join handed over, sorted.
+fn joined(kind: faust::JoinKind) -> Vec<(String, Option<String>, Option<String>)> {
+    let dir = tempfile::tempdir().unwrap();
+    let transport = MemoryTransport::new();
+    for topic in ["views", "clicks"] {
+        transport.create_topic_now(topic, &TopicConfig::new(2)).unwrap();
+    }
+    let produce = |topic: &str, records: &[(&str, i64, &str)]| {
+        for (key, ts, value) in records {
+            let mut batch = BatchBuilder::new();
+            batch.push(*ts, Some(key.as_bytes()), Some(serde_json::to_vec(value).unwrap().as_slice()), &[]);
+            let partition = key.bytes().map(u32::from).sum::<u32>() % 2;
+            block_on(transport.produce(&TopicPartition::new(topic, partition), batch)).unwrap();
+        }
+    };
+    let app = App::new(group_settings("joins-windowed", dir.path(), 0)).with_memory_transport(transport.clone());
+    let views = app.topic::<String, String>("views");
+    let clicks = app.topic::<String, String>("clicks");
+    type Joined = Arc<Mutex<Vec<(String, Option<String>, Option<String>)>>>;
+    let out: Joined = Arc::default();
+    {
+        let out = out.clone();
+        app.join_windowed("view-click", &views, &clicks, Duration::from_secs(1), kind, move |ad, view, click| {
+            out.lock().unwrap().push((ad.clone(), view.cloned(), click.cloned()));
+            Ok(())
+        });
+    }
+    let running = Running::start(&app);
+    produce("views", &[("ad1", 0, "v1"), ("ad2", 0, "v2"), ("ad3", 2000, "v3")]);
+    let unpaired_views = if kind == faust::JoinKind::Inner { 0 } else { 3 };
+    wait_for("the views buffered", Duration::from_secs(20), || {
+        out.lock().unwrap().len() >= unpaired_views && app.stats().events_processed >= 3
+    });
+    // ad4 has no view; ad2's click is 2.5 s after its view: no pair; ad1's is 0.5 s after.
+    produce("clicks", &[("ad4", 100, "c4"), ("ad1", 500, "c1"), ("ad2", 2500, "c2")]);
+    wait_for("the clicks joined", Duration::from_secs(20), || app.stats().events_processed >= 6);
+    std::thread::sleep(Duration::from_millis(200));
+    running.stop();
+    let mut out = out.lock().unwrap().clone();
+    out.sort();
+    out
+}
+
+#[test]
+fn a_windowed_stream_stream_join_pairs_events_within_the_window() {
+    let pair =
+        |ad: &str, v: Option<&str>, c: Option<&str>| (ad.to_string(), v.map(str::to_string), c.map(str::to_string));
+    assert_eq!(joined(faust::JoinKind::Inner), vec![pair("ad1", Some("v1"), Some("c1"))]);
+    assert_eq!(
+        joined(faust::JoinKind::Outer),
+        vec![
+            pair("ad1", Some("v1"), None),
+            pair("ad1", Some("v1"), Some("c1")),
+            pair("ad2", None, Some("c2")),
+            pair("ad2", Some("v2"), None),
+            pair("ad3", Some("v3"), None),
+            pair("ad4", None, Some("c4")),
+        ]
+    );
+}

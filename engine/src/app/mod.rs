@@ -5,6 +5,7 @@
 mod agent;
 pub(crate) mod global_table;
 pub(crate) mod group_by;
+pub(crate) mod join;
 pub(crate) mod page;
 pub(crate) mod rpc;
 pub(crate) mod services;
