@@ -584,3 +584,41 @@ fn a_windowed_stream_stream_join_pairs_events_within_the_window() {
         ]
     );
 }
+
+#[test]
+fn an_agent_knows_its_name_and_commits_when_it_asks() {
+    let dir = tempfile::tempdir().unwrap();
+    let transport = MemoryTransport::new();
+    let mut s = group_settings("committing", dir.path(), 0);
+    s.commit_interval = Duration::from_secs(3600); // only the agent's own commits
+    s.commit_every = u64::MAX;
+    let app = App::new(s).with_memory_transport(transport.clone());
+    let events = app.topic::<String, u64>("events");
+    let names: Arc<Mutex<Vec<String>>> = Arc::default();
+    {
+        let (names, committer) = (names.clone(), app.clone());
+        app.agent("committer", &events, move |mut stream| {
+            let (names, app) = (names.clone(), committer.clone());
+            async move {
+                while let Some(n) = stream.next_event().await {
+                    names.lock().unwrap().push(faust::current_agent().map(|a| a.to_string()).unwrap_or_default());
+                    n.ack();
+                    app.commit().await?;
+                }
+                Ok(())
+            }
+        });
+    }
+    let running = Running::start(&app);
+    wait_for_group(&transport, "committing", 1);
+    let sent = block_on(events.send(Some(&"k".to_string()), &1)).unwrap();
+    let tp = TopicPartition::new("events", sent.partition);
+    wait_for("the agent's commit", Duration::from_secs(20), || {
+        block_on(transport.committed("committing", std::slice::from_ref(&tp))).unwrap()[0] == Some(sent.base_offset + 1)
+    });
+    assert_eq!(*names.lock().unwrap(), vec!["committer".to_string()]);
+    assert!(faust::current_agent().is_none(), "no agent outside one");
+    let e = block_on(app.commit()).unwrap_err().to_string();
+    assert!(e.contains("core"), "{e}");
+    running.stop();
+}

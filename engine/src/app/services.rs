@@ -141,6 +141,26 @@ impl App {
         });
     }
 
+    /// Commits now what the calling core has processed (Faust's `await app.commit()`): the
+    /// source offsets of the events acked so far, with the table writes and sends made for
+    /// them, rather than at the next `commit_interval`. Each core commits its own partitions:
+    /// call it from an agent, task or timer of the core to commit (`timer_on_every_core` for
+    /// all of them). An error when called outside a core, or when the commit's writes fail
+    /// (they are retried by the next commit).
+    pub async fn commit(&self) -> Result<(), AgentError> {
+        let core = crate::runtime::CoreRuntime::current()
+            .ok_or("App::commit commits the calling core's partitions: call it on a worker's core")?;
+        // A commit already under way, or acks that ran ahead of table state, defer this one:
+        // it is tried again shortly (bounded).
+        for _ in 0..500 {
+            if core.commit_now().await.map_err(|e| e.to_string())? {
+                return Ok(());
+            }
+            glommio::timer::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        Err("the commit kept being deferred for a second".into())
+    }
+
     /// Registers work that runs once on core 0 when the worker starts (Faust's `@app.task`).
     pub fn task<F, Fut>(&self, f: F)
     where

@@ -136,17 +136,20 @@ pub(crate) struct TaskSlot {
     /// list), or the front of the batch a `for_each` is going through.
     held: Option<Rc<RefCell<Vec<QueuedEvent>>>>,
     batch: RefCell<Option<Rc<RefCell<std::collections::VecDeque<QueuedEvent>>>>>,
+    /// The agent's name (`None` for a slot that is not an agent's).
+    name: Option<Arc<str>>,
 }
 
 impl TaskSlot {
-    /// The slot of an agent's task; `held` is its supervisor's list of events in hand.
-    pub(crate) fn for_agent(agent: usize, held: Rc<RefCell<Vec<QueuedEvent>>>) -> Self {
+    /// The slot of agent `name`'s task; `held` is its supervisor's list of events in hand.
+    pub(crate) fn for_agent(agent: usize, name: Arc<str>, held: Rc<RefCell<Vec<QueuedEvent>>>) -> Self {
         TaskSlot {
             current: RefCell::new(None),
             agent: std::cell::Cell::new(agent),
             reply: RefCell::new(None),
             held: Some(held),
             batch: RefCell::new(None),
+            name: Some(name),
         }
     }
 
@@ -244,6 +247,12 @@ pub fn current_event() -> Option<CurrentEvent> {
             agent: t.agent,
         })
     })
+}
+
+/// The name of the agent whose task calls this (Faust's `current_agent()`); `None` outside
+/// an agent (a timer, a task, another thread).
+pub fn current_agent() -> Option<Arc<str>> {
+    POLLING.with(|p| p.borrow().as_ref().and_then(|slot| slot.name.clone()))
 }
 
 /// Where the replies to the calling agent's current event go, if it was asked.

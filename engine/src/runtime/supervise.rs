@@ -101,7 +101,7 @@ where
     F: Fn(&AgentRun) -> Fut,
     Fut: Future<Output = Result<(), AgentError>>,
 {
-    let slot = Rc::new(TaskSlot::for_agent(run.agent, run.current.clone()));
+    let slot = Rc::new(TaskSlot::for_agent(run.agent, name.clone(), run.current.clone()));
     let mut failures_on: Option<(TopicPartition, u64, u32)> = None;
     // Events skipped in a row with the same error: (the error, how many, the agent's acks
     // right after the last one). An event handled in between ends the streak.
