@@ -622,3 +622,47 @@ fn an_agent_knows_its_name_and_commits_when_it_asks() {
     assert!(e.contains("core"), "{e}");
     running.stop();
 }
+
+#[test]
+fn a_table_using_the_partitioner_routes_writes_by_key_outside_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let transport = MemoryTransport::new();
+    let app = App::new(group_settings("routed", dir.path(), 0)).with_memory_transport(transport.clone());
+    let probe = app.topic::<String, u64>("probe");
+    let limits = app.table::<String, u64>("limits").use_partitioner();
+    let plain = app.table::<String, u64>("plain");
+    let partitions: Arc<Mutex<Vec<(String, u32)>>> = Arc::default();
+    let refused = Arc::new(Mutex::new(String::new()));
+    {
+        let (limits, plain, probe, partitions, refused) =
+            (limits.clone(), plain.clone(), probe.clone(), partitions.clone(), refused.clone());
+        // A task: no event, so only the partitioner can say where a key goes.
+        app.task(move || {
+            let (limits, plain, probe, partitions, refused) =
+                (limits.clone(), plain.clone(), probe.clone(), partitions.clone(), refused.clone());
+            async move {
+                for i in 0..8u64 {
+                    let key = format!("k{i}");
+                    limits.insert(key.clone(), i)?;
+                    let sent = probe.send(Some(&key), &i).await?;
+                    partitions.lock().unwrap().push((key, sent.partition));
+                }
+                *refused.lock().unwrap() = plain.insert("k0".to_string(), 1).unwrap_err().to_string();
+                Ok(())
+            }
+        });
+    }
+    let running = Running::start(&app);
+    wait_for("the task's writes", Duration::from_secs(20), || partitions.lock().unwrap().len() == 8);
+    running.stop();
+    // Each key is in the changelog partition the producer's partitioner sent it to.
+    for (key, partition) in partitions.lock().unwrap().iter() {
+        let records = transport.records(&TopicPartition::new("routed-limits-changelog", *partition)).unwrap();
+        assert!(records.iter().any(|r| r.key.as_deref() == Some(key.as_bytes())), "{key} in partition {partition}");
+    }
+    assert!(
+        refused.lock().unwrap().contains("plain"),
+        "a table without it needs an event: {}",
+        refused.lock().unwrap()
+    );
+}

@@ -117,6 +117,9 @@ pub(crate) struct TableShared<K, V> {
     pub(crate) index: usize,
     config: Mutex<Config<V>>,
     hooks: Mutex<Hooks<K, V>>,
+    /// Keys go to the partition the producer's partitioner gives them, not the current
+    /// event's ([`Table::use_partitioner`]); read on every operation, so not under the lock.
+    use_partitioner: std::sync::atomic::AtomicBool,
     _types: PhantomData<fn() -> K>,
 }
 
@@ -226,6 +229,7 @@ where
             index: self.shared.index,
             config: Mutex::new(config),
             hooks: Mutex::default(),
+            use_partitioner: std::sync::atomic::AtomicBool::new(false),
             _types: PhantomData,
         };
         let table = Table { shared: Arc::new(shared) };
@@ -268,6 +272,7 @@ where
                     value_codec,
                 }),
                 hooks: Mutex::default(),
+                use_partitioner: std::sync::atomic::AtomicBool::new(false),
                 _types: PhantomData,
             }),
         }
@@ -285,6 +290,17 @@ where
     /// `topic_partitions`); it must match the partitions of the topics that write it.
     pub fn with_partitions(self, partitions: u32) -> Self {
         lock(&self.shared.config).partitions = Some(partitions.max(1));
+        self
+    }
+
+    /// Routes each key to the partition Kafka's default partitioner gives its encoded bytes
+    /// (Faust's `use_partitioner=True`), rather than to the current event's: for a table
+    /// written outside stream processing (a timer, a task) or by events of a topic keyed
+    /// otherwise. The key's partition must be on the calling core (else
+    /// [`TableError::NotLocal`]): a table written this way suits one-core workers, or keys
+    /// whose partition the caller holds. Set before the worker starts.
+    pub fn use_partitioner(self) -> Self {
+        self.shared.use_partitioner.store(true, std::sync::atomic::Ordering::Relaxed);
         self
     }
 
@@ -460,30 +476,52 @@ where
         Ok(())
     }
 
+    /// The partition of `key` under [`use_partitioner`](Table::use_partitioner); `None`
+    /// (the current event's) otherwise.
+    fn key_partition(&self, key: &K) -> Result<Option<u32>, TableError> {
+        if !self.shared.use_partitioner.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let table = || self.shared.name.to_string();
+        let partitions =
+            crate::runtime::CoreRuntime::with_current(|core| core.and_then(|c| c.partitions(&self.shared.changelog)))
+                .ok_or_else(|| TableError::NotRunning { table: table() })?;
+        let (key_codec, _) = self.codecs();
+        let mut bytes = Vec::new();
+        key_codec.encode(key, &mut bytes).map_err(|source| TableError::Codec {
+            table: table(),
+            // Not known yet: the key's bytes choose it.
+            partition: 0,
+            what: "key (to choose its partition)".to_string(),
+            source,
+        })?;
+        Ok(Some(crate::partitioner::partition_for_key(&bytes, partitions)))
+    }
+
     /// The value of `key`, if any.
     pub fn get(&self, key: &K) -> Result<Option<V>, TableError> {
-        self.with_shard(None, Access::Read, |s, _| s.get(key))
+        self.with_shard(self.key_partition(key)?, Access::Read, |s, _| s.get(key))
     }
 
     /// The value of `key`, or the table's default.
     pub fn get_or_default(&self, key: &K) -> Result<V, TableError> {
-        self.with_shard(None, Access::Read, |s, _| s.get_or_default(key))
+        self.with_shard(self.key_partition(key)?, Access::Read, |s, _| s.get_or_default(key))
     }
 
     /// Sets `key` to `value`.
     pub fn insert(&self, key: K, value: V) -> Result<(), TableError> {
-        self.with_shard(None, Access::Write, |s, t| s.write(t, key, Some(value)))
+        self.with_shard(self.key_partition(&key)?, Access::Write, |s, t| s.write(t, key, Some(value)))
     }
 
     /// Changes the value of `key` in place (starting from the default when it has none) and
     /// returns the new value: `counts.update(&account, |n| *n += 1)`.
     pub fn update(&self, key: &K, f: impl FnOnce(&mut V)) -> Result<V, TableError> {
-        self.with_shard(None, Access::Write, |s, t| s.update(t, key, f))
+        self.with_shard(self.key_partition(key)?, Access::Write, |s, t| s.update(t, key, f))
     }
 
     /// Removes `key`, returning its value.
     pub fn remove(&self, key: &K) -> Result<Option<V>, TableError> {
-        self.with_shard(None, Access::Write, |s, t| {
+        self.with_shard(self.key_partition(key)?, Access::Write, |s, t| {
             let old = s.get(key)?;
             s.write(t, key.clone(), None)?;
             Ok(old)
