@@ -133,9 +133,7 @@ impl Crontab {
             on_leader: false,
         };
         // A schedule that can never fire is a mistake to report now, not a silent timer.
-        let always = TimeZone::UTC;
-        let probe = DateTime::constant(2000, 1, 1, 0, 0, 0, 0);
-        if crontab.next_civil(probe).is_none() || crontab.next_in(&always, SystemTime::UNIX_EPOCH).is_none() {
+        if crontab.next_in(&TimeZone::UTC, SystemTime::UNIX_EPOCH).is_none() {
             return Err(CronError::NeverFires { spec: crontab.spec });
         }
         Ok(crontab)

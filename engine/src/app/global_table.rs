@@ -200,7 +200,7 @@ async fn follow<K, V>(
             return;
         }
         let mut read_any = false;
-        for (tp, next, ready_at) in positions.iter_mut() {
+        for (tp, next, _) in positions.iter_mut() {
             let fetched = match core.transport().fetch(tp, *next, 1 << 20, Duration::ZERO).await {
                 Ok(fetched) => fetched,
                 Err(e) => {
@@ -226,11 +226,9 @@ async fn follow<K, V>(
                 }
             }
             *next = (*next).max(fetched.next_offset);
-            if *next >= *ready_at {
-                *ready_at = 0;
-            }
         }
-        if !replica.ready.load(Ordering::Acquire) && positions.iter().all(|(_, _, ready_at)| *ready_at == 0) {
+        // Ready once every partition was read up to where it ended at the start.
+        if !replica.ready.load(Ordering::Acquire) && positions.iter().all(|(_, next, end)| next >= end) {
             replica.ready.store(true, Ordering::Release);
             replica.became_ready.notify(usize::MAX);
         }

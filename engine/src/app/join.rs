@@ -80,42 +80,56 @@ impl App {
             (buffer(self, &format!("{name}-left"), window), buffer(self, &format!("{name}-right"), window));
         let f = Arc::new(f);
         let width = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
-        {
-            let (lefts, rights, f) = (lefts.clone(), rights.clone(), f.clone());
-            let alone = kind != JoinKind::Inner;
-            self.agent(&format!("{name}-left"), left, move |mut stream| {
-                let (lefts, rights, f) = (lefts.clone(), rights.clone(), f.clone());
-                async move {
-                    while let Some(event) = stream.next_event().await {
-                        let Some(key) = &event.key else { continue };
-                        let t = event.timestamp;
-                        lefts.update_at(key, t, |buffered| buffered.push((t, event.value.clone())))?;
-                        let partners = partners(&rights, key, t, width)?;
-                        for r in &partners {
-                            f(key, Some(&event.value), Some(r))?;
-                        }
-                        if partners.is_empty() && alone {
-                            f(key, Some(&event.value), None)?;
-                        }
-                    }
-                    Ok(())
-                }
-            });
-        }
-        let alone = kind == JoinKind::Outer;
-        self.agent(&format!("{name}-right"), right, move |mut stream| {
-            let (lefts, rights, f) = (lefts.clone(), rights.clone(), f.clone());
+        let on_left = {
+            let f = f.clone();
+            move |key: &K, l: &L, r: Option<&R>| f(key, Some(l), r)
+        };
+        let on_right = move |key: &K, r: &R, l: Option<&L>| f(key, l, Some(r));
+        let side = Side { width, alone: kind != JoinKind::Inner };
+        side.run(self, &format!("{name}-left"), left, &lefts, &rights, on_left);
+        let side = Side { width, alone: kind == JoinKind::Outer };
+        side.run(self, &format!("{name}-right"), right, &rights, &lefts, on_right);
+    }
+}
+
+/// One side of a join: its events are buffered, and paired with the other side's.
+struct Side {
+    width: i64,
+    /// Whether an event without a partner is handed over alone.
+    alone: bool,
+}
+
+impl Side {
+    /// Registers the agent of `topic`: each event goes into `own` and meets the events of
+    /// `other`; `emit(key, event, partner)` hands over each pair (and a lone event).
+    fn run<K, A, B>(
+        self,
+        app: &App,
+        agent: &str,
+        topic: &Topic<K, A>,
+        own: &Buffer<K, A>,
+        other: &Buffer<K, B>,
+        emit: impl Fn(&K, &A, Option<&B>) -> Result<(), AgentError> + Send + Sync + 'static,
+    ) where
+        K: Serialize + DeserializeOwned + Hash + Eq + Clone + 'static,
+        A: Serialize + DeserializeOwned + Clone + 'static,
+        B: Serialize + DeserializeOwned + Clone + 'static,
+    {
+        let (own, other, emit) = (own.clone(), other.clone(), Arc::new(emit));
+        let Side { width, alone } = self;
+        app.agent(agent, topic, move |mut stream| {
+            let (own, other, emit) = (own.clone(), other.clone(), emit.clone());
             async move {
                 while let Some(event) = stream.next_event().await {
                     let Some(key) = &event.key else { continue };
                     let t = event.timestamp;
-                    rights.update_at(key, t, |buffered| buffered.push((t, event.value.clone())))?;
-                    let partners = partners(&lefts, key, t, width)?;
-                    for l in &partners {
-                        f(key, Some(l), Some(&event.value))?;
+                    own.update_at(key, t, |buffered| buffered.push((t, event.value.clone())))?;
+                    let partners = partners(&other, key, t, width)?;
+                    for partner in &partners {
+                        emit(key, &event.value, Some(partner))?;
                     }
                     if partners.is_empty() && alone {
-                        f(key, None, Some(&event.value))?;
+                        emit(key, &event.value, None)?;
                     }
                 }
                 Ok(())

@@ -105,9 +105,9 @@ impl Services {
     }
 }
 
-/// The name of the app's leader topic (Faust's).
-pub(crate) fn leader_topic(app_id: &str) -> String {
-    format!("{app_id}-__assignor-__leader")
+/// The name of the app's leader topic (Faust's), or `None` with `topic_disable_leader`.
+pub(crate) fn leader_topic(settings: &crate::settings::Settings) -> Option<String> {
+    (!settings.topic_disable_leader).then(|| format!("{}-__assignor-__leader", settings.id))
 }
 
 /// The name of the agent that subscribes the worker to the leader topic.
@@ -126,10 +126,10 @@ impl App {
     /// Declares the leader topic and the agent that subscribes to it (once; the worker calls
     /// this as it starts, unless `topic_disable_leader`).
     pub(crate) fn declare_leader_election(&self) {
-        if self.inner.settings.topic_disable_leader || lock(&self.inner.agents).iter().any(|a| a.name == LEADER_AGENT) {
+        let Some(name) = leader_topic(&self.inner.settings) else { return };
+        if lock(&self.inner.agents).iter().any(|a| a.name == LEADER_AGENT) {
             return;
         }
-        let name = leader_topic(&self.inner.settings.id);
         let topic = self.topic::<serde_json::Value, serde_json::Value>(&name);
         if let Some(t) = lock(&self.inner.topics).iter_mut().find(|t| *t.name == *name) {
             t.partitions = Some(1);
@@ -435,7 +435,7 @@ mod tests {
     #[test]
     fn the_worker_holding_the_leader_partition_leads() {
         let services = super::Services::default();
-        let leader = super::leader_topic("shop");
+        let leader = super::leader_topic(&crate::settings::Settings::new("shop")).expect("a leader topic");
         let owned = [TopicPartition::new("orders", 0), TopicPartition::new(leader.as_str(), 0)];
         services.note_owned(Some(&leader), owned.iter());
         assert!(services.is_leader());

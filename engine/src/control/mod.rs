@@ -545,13 +545,13 @@ fn find_table(app: &App, name: &str) -> Result<(usize, (Codec, Codec)), (Failure
 
 /// Every topic the app declares, and the changelogs of its tables, with their kind.
 pub(crate) fn topic_names(app: &App) -> Vec<(String, &'static str)> {
-    let leader = crate::app::services::leader_topic(&app.settings().id);
+    let leader = crate::app::services::leader_topic(app.settings());
     let mut names: Vec<(String, &'static str)> = lock(&app.inner.topics)
         .iter()
         .map(|t| {
             let kind = match t.kind {
                 TopicKind::Channel => "channel",
-                TopicKind::Log if *t.name == *leader => "leader",
+                TopicKind::Log if leader.as_deref() == Some(&*t.name) => "leader",
                 TopicKind::Log if t.name.ends_with("-repartition") => "repartition",
                 TopicKind::Log => "topic",
             };

@@ -171,7 +171,7 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
     let settings = app.inner.settings.clone();
     app.inner.services.worker_init();
     app.declare_leader_election();
-    let leader_topic = (!settings.topic_disable_leader).then(|| crate::app::services::leader_topic(&settings.id));
+    let leader_topic = crate::app::services::leader_topic(&settings);
     let cores = crate::runtime::choose_cpus(settings.cores, &crate::runtime::usable_cpus())?.len();
     // Only what is kept on disk needs the data directory (tests on memory:// leave none).
     if settings.broker_url().starts_with("local://") {
@@ -418,9 +418,9 @@ async fn create_topics(
     // agent's topic: an existing topic with 4 partitions gets a 4-partition changelog even
     // though `topic_partitions` says 8), and `topic_partitions` otherwise.
     // (The leader topic's one partition says nothing about the app's data.)
-    let leader = crate::app::services::leader_topic(&settings.id);
+    let leader = crate::app::services::leader_topic(settings);
     let source_counts: std::collections::BTreeSet<u32> =
-        sources.iter().filter(|s| ***s != *leader).filter_map(|s| created.get(s).copied()).collect();
+        sources.iter().filter(|s| leader.as_deref() != Some(&***s)).filter_map(|s| created.get(s).copied()).collect();
     let default_count = match source_counts.iter().collect::<Vec<_>>()[..] {
         [&only] => only,
         _ => settings.topic_partitions,
@@ -540,7 +540,7 @@ async fn core_main(
     // The repartition topics: those a `group_by` declared (with their positions table).
     let repartition =
         app.inner.outbox.topics().into_iter().filter(|t| t.positions.get().is_some()).map(|t| t.name.clone());
-    let leader = (!settings.topic_disable_leader).then(|| Arc::from(crate::app::services::leader_topic(&settings.id)));
+    let leader = crate::app::services::leader_topic(settings).map(Arc::from);
     let internal_topics = changelog_tables.iter().cloned().chain(repartition).chain(leader).collect();
     let runtime = CoreRuntime::install(CoreSetup {
         index,
