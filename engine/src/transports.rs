@@ -166,6 +166,14 @@ impl AnyCore {
         dispatch!(self, t => t.topic_metadata(name).await)
     }
 
+    /// Every topic's name, sorted, internal ones left out (see `CoreTransport::topic_names`):
+    /// what a pattern subscription matches against.
+    // No caller yet: pattern subscriptions (`app.topic(pattern=...)`) will use it.
+    #[allow(dead_code)]
+    pub(crate) async fn topic_names(&self) -> Result<Vec<String>> {
+        dispatch!(self, t => t.topic_names().await)
+    }
+
     pub(crate) async fn produce(&self, tp: &TopicPartition, batch: BatchBuilder) -> Result<Produced> {
         dispatch!(self, t => t.produce(tp, batch).await)
     }

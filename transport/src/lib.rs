@@ -44,6 +44,12 @@ pub use crate::types::{
 };
 pub use faust_storage::{BatchBuilder, Record};
 
+/// Whether `name` is an internal topic, which [`CoreTransport::topic_names`] leaves out:
+/// Kafka names its own (`__consumer_offsets`, `__transaction_state`) with a `__` prefix.
+pub(crate) fn is_internal_topic(name: &str) -> bool {
+    name.starts_with("__")
+}
+
 /// A transport for one worker process.
 ///
 /// `attach_core` is called once on each core's own thread when the worker starts, by all
@@ -103,6 +109,16 @@ pub trait CoreTransport: 'static {
 
     /// What the transport knows about `name`, or `None` if it does not exist.
     async fn topic_metadata(&self, name: &str) -> Result<Option<TopicMetadata>>;
+
+    /// The names of every topic that exists now, sorted, for subscriptions by pattern
+    /// (`app.topic(pattern="^orders-.*")`). Internal topics, whose names start with `__`
+    /// (Kafka's `__consumer_offsets` and `__transaction_state`), are left out on every
+    /// transport: they hold the broker's own bookkeeping, and a pattern such as `.*` must not
+    /// subscribe the app to them.
+    ///
+    /// The list is a snapshot: a topic created a moment later is not in it, so a caller that
+    /// follows a pattern asks again from time to time.
+    async fn topic_names(&self) -> Result<Vec<String>>;
 
     /// Appends `batch` to `tp`. On failure the batch comes back in the error
     /// ([`Error::into_batch`]).

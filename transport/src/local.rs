@@ -702,6 +702,18 @@ impl CoreTransport for LocalCore {
         Ok(self.transport.topic_config(name).map(|config| TopicMetadata { name: Arc::from(name), config }))
     }
 
+    /// The topics in the shared map. It is complete: [`LocalTransport::open`] loads every
+    /// topic directory already on disk (those an earlier process created), and while this
+    /// process holds the directory's lock no other can add one, so every later topic goes
+    /// through [`create_topic`](CoreTransport::create_topic) and into the map.
+    async fn topic_names(&self) -> Result<Vec<String>> {
+        let topics = self.transport.shared.topics.read().unwrap_or_else(|p| p.into_inner());
+        let mut names: Vec<String> =
+            topics.keys().filter(|name| !crate::is_internal_topic(name)).map(|name| name.to_string()).collect();
+        names.sort_unstable();
+        Ok(names)
+    }
+
     async fn produce(&self, tp: &TopicPartition, batch: BatchBuilder) -> Result<Produced> {
         if let Err(e) = self.check_open() {
             return Err(Error::Produce { tp: tp.clone(), batch: Box::new(batch), source: Box::new(e) });
@@ -989,5 +1001,33 @@ mod tests {
             log_config(&LocalOptions::default(), &TopicConfig::new(1)).delete_retention,
             LogConfig::default().delete_retention
         );
+    }
+
+    /// Topics created by an earlier opening of the directory (standing in for an earlier
+    /// process) are listed by a transport opened later on it, which loads them from disk at
+    /// open; sorted, and without internal ones.
+    #[test]
+    fn topic_names_lists_the_topics_already_on_disk() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let root = dir.path().to_path_buf();
+        glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .spawn(move || async move {
+                let first = LocalTransport::open(&root, 1).expect("open");
+                let core = first.attach_core(0, 1).await.expect("attach");
+                core.create_topic("orders-eu", &TopicConfig::new(2)).await.expect("create");
+                core.create_topic("orders-us", &TopicConfig::new(1)).await.expect("create");
+                core.create_topic("__internal", &TopicConfig::new(1)).await.expect("create");
+                assert_eq!(core.topic_names().await.expect("names"), ["orders-eu", "orders-us"]);
+                core.shutdown().await.expect("shutdown");
+                drop(first); // Releases the directory's lock.
+
+                let second = LocalTransport::open(&root, 1).expect("open again");
+                let core = second.attach_core(0, 1).await.expect("attach");
+                assert_eq!(core.topic_names().await.expect("names"), ["orders-eu", "orders-us"]);
+                core.shutdown().await.expect("shutdown");
+            })
+            .expect("executor")
+            .join()
+            .expect("join");
     }
 }

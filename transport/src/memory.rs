@@ -483,6 +483,15 @@ impl CoreTransport for MemoryTransport {
         Ok(state.topics.get(name).map(|t| TopicMetadata { name: Arc::from(name), config: t.config.clone() }))
     }
 
+    /// The topics in the shared state: every topic any clone of this transport created.
+    async fn topic_names(&self) -> Result<Vec<String>> {
+        let state = self.lock();
+        let mut names: Vec<String> =
+            state.topics.keys().filter(|name| !crate::is_internal_topic(name)).map(|name| name.to_string()).collect();
+        names.sort_unstable();
+        Ok(names)
+    }
+
     async fn produce(&self, tp: &TopicPartition, batch: BatchBuilder) -> Result<Produced> {
         self.produce_now(tp, batch)
     }
@@ -627,6 +636,19 @@ mod tests {
             assert_eq!(t.committed("other", &tps).await.unwrap(), vec![None, None]);
             let err = t.produce(&TopicPartition::new("nope", 0), batch(&["x"])).await.unwrap_err();
             assert_eq!(err.into_batch().map(|b| b.len()), Some(1), "a failed produce hands the batch back");
+        });
+    }
+
+    #[test]
+    fn topic_names_are_sorted_and_leave_internal_topics_out() {
+        let t = MemoryTransport::new();
+        block_on(async {
+            assert!(t.topic_names().await.unwrap().is_empty());
+            t.create_topic("orders-us", &TopicConfig::new(1)).await.unwrap();
+            t.create_topic("__consumer_offsets", &TopicConfig::new(1)).await.unwrap();
+            // Created through another handle on the same broker.
+            t.clone().create_topic_now("orders-eu", &TopicConfig::new(2)).unwrap();
+            assert_eq!(t.topic_names().await.unwrap(), ["orders-eu", "orders-us"]);
         });
     }
 

@@ -594,6 +594,21 @@ fn create_topic_is_idempotent_and_checks_partitions() {
 }
 
 #[test]
+fn topic_names_lists_created_topics_sorted_without_internal_ones() {
+    let broker = require_broker!();
+    let (a, b) = (unique("names-b"), unique("names-a"));
+    on_glommio(&transport(&broker), move |core| async move {
+        core.create_topic(&a, &TopicConfig::new(1)).await.expect("create");
+        core.create_topic(&b, &TopicConfig::new(2)).await.expect("create");
+        // Other tests make topics on the same broker at the same time: look for ours only.
+        let names = core.topic_names().await.expect("topic names");
+        assert!(names.contains(&a) && names.contains(&b), "{names:?}");
+        assert!(names.is_sorted(), "{names:?}");
+        assert!(!names.iter().any(|n| n.starts_with("__")), "{names:?}");
+    });
+}
+
+#[test]
 fn commits_round_trip() {
     let broker = require_broker!();
     let topic = unique("commits");

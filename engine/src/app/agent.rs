@@ -35,8 +35,41 @@ impl<K, V> Agent<K, V> {
     /// and an offset is committed only once every event below it is done. Set it before
     /// the worker starts.
     pub fn concurrency(self, n: usize) -> Self {
-        if let Some(spec) = lock(&self.app.agents).get_mut(self.index) {
+        if let Some(spec) = lock(&self.app.agents).get_mut(self.index)
+            && !spec.isolated
+        {
             spec.concurrency = n.max(1);
+        }
+        self
+    }
+
+    /// Runs one instance of the agent per partition (Faust's `isolated_partitions=True`):
+    /// each gets the events of its partition alone, starts when the worker takes the
+    /// partition and ends (its stream returns `None`) when the worker releases it, after the
+    /// events it was given are done — state kept in the agent's body is per partition, and
+    /// never sees another partition's events. Instead of [`concurrency`](Agent::concurrency).
+    /// Set it before the worker starts.
+    ///
+    /// ```
+    /// use faust::{App, Settings};
+    ///
+    /// let app = App::new(Settings::new("meters"));
+    /// let readings = app.topic::<String, u64>("readings");
+    /// app.agent("running_total", &readings, |mut stream| async move {
+    ///     // One total per partition: the actor never sees another partition's readings.
+    ///     let mut total = 0;
+    ///     while let Some(reading) = stream.next().await {
+    ///         total += reading;
+    ///         println!("partition {:?}: {total}", faust::current_event().map(|e| e.partition));
+    ///     }
+    ///     Ok(())
+    /// })
+    /// .isolated_partitions();
+    /// ```
+    pub fn isolated_partitions(self) -> Self {
+        if let Some(spec) = lock(&self.app.agents).get_mut(self.index) {
+            spec.isolated = true;
+            spec.concurrency = 1;
         }
         self
     }

@@ -147,3 +147,84 @@ where
         }
     }
 }
+
+/// What re-routes the stream of one agent inside its body ([`Stream::group_by`],
+/// [`Stream::through`]): declares what the worker must consume for it and restarts the run
+/// that does not yet.
+///
+/// [`Stream::group_by`]: crate::Stream::group_by
+/// [`Stream::through`]: crate::Stream::through
+pub(crate) struct AgentRoutes {
+    /// The app (not kept alive by its agents' streams).
+    pub(crate) app: std::sync::Weak<crate::app::AppInner>,
+    /// The agent's name and topic, which name its repartition topics.
+    pub(crate) agent: Arc<str>,
+    pub(crate) source: Arc<str>,
+    pub(crate) value_codec: Codec,
+}
+
+impl AgentRoutes {
+    /// Subscribes agent `index` to `topic` from the next run on, and ends this run for it.
+    /// A topic the agent was subscribed to already but that this run does not route to it
+    /// (a channel) is an error: restarting again would not help.
+    fn subscribe(&self, app: &App, agents: &mut [crate::app::AgentSpec], index: usize, topic: &Arc<str>) {
+        let Some(spec) = agents.get_mut(index) else { return };
+        if spec.also.contains(topic) || spec.topic == *topic {
+            tracing::error!(agent = %self.agent, %topic, "the agent's stream is routed to a topic the worker cannot consume for it (a channel?); it hands out nothing");
+            return;
+        }
+        spec.also.push(topic.clone());
+        tracing::info!(agent = %self.agent, %topic,
+            "the agent's stream is routed to a new topic: the worker restarts its run to subscribe to it");
+        app.inner.stop.restart();
+    }
+}
+
+impl crate::stream::reroute::Reroute for AgentRoutes {
+    fn group_by(
+        &self,
+        core: &crate::runtime::CoreRuntime,
+        agent: usize,
+        name: &str,
+    ) -> Option<crate::stream::reroute::Repartition> {
+        let app = App { inner: self.app.upgrade()? };
+        let topic_name: Arc<str> =
+            crate::runtime::upkeep::repartition_topic(&app.settings().id, &self.agent, &self.source, name).into();
+        // Under the agents' lock: cores of this worker meeting the same group_by at once
+        // declare it once.
+        let agents = app.inner.agents.clone();
+        let mut agents = crate::util::lock(&agents);
+        let known = app.inner.outbox.topics().into_iter().find(|t| t.name == topic_name && t.positions.get().is_some());
+        let topic = match known {
+            Some(topic) => topic,
+            None => {
+                let key_codec = app.settings().key_serializer.clone();
+                let topic = app.declare::<(), ()>(&topic_name, key_codec, self.value_codec.clone(), TopicKind::Log);
+                app.copartition_with(&topic_name, &self.source);
+                let positions = app
+                    .table::<u32, u64>(&format!("{}-{}-{name}-positions", self.agent, self.source))
+                    .with_codecs(Codec::JSON, Codec::JSON)
+                    .with_partitions_like(topic_name.clone());
+                let _ = topic.inner.positions.set(positions);
+                topic.inner
+            }
+        };
+        if core.routes_to(&topic_name, agent) {
+            let positions = topic.positions.get()?.clone();
+            return Some(crate::stream::reroute::Repartition { topic, positions });
+        }
+        self.subscribe(&app, &mut agents, agent, &topic_name);
+        None
+    }
+
+    fn through(&self, core: &crate::runtime::CoreRuntime, agent: usize, topic: &Arc<str>) -> bool {
+        if core.routes_to(topic, agent) {
+            return true;
+        }
+        let Some(inner) = self.app.upgrade() else { return false };
+        let app = App { inner };
+        let agents = app.inner.agents.clone();
+        self.subscribe(&app, &mut crate::util::lock(&agents), agent, topic);
+        false
+    }
+}

@@ -84,8 +84,8 @@ impl App {
         App {
             inner: Arc::new(AppInner {
                 settings,
-                topics: Mutex::new(Vec::new()),
-                agents: Mutex::new(Vec::new()),
+                topics: Arc::default(),
+                agents: Arc::default(),
                 tables: Arc::default(),
                 memory: Mutex::new(None),
                 stop: Arc::new(StopSignal::default()),
@@ -109,8 +109,8 @@ impl App {
         App {
             inner: Arc::new(AppInner {
                 settings,
-                topics: Mutex::new(lock(&inner.topics).clone()),
-                agents: Mutex::new(lock(&inner.agents).clone()),
+                topics: inner.topics.clone(),
+                agents: inner.agents.clone(),
                 tables: inner.tables.clone(),
                 memory: Mutex::new(lock(&inner.memory).clone()),
                 stop: inner.stop.clone(),
@@ -536,15 +536,22 @@ impl App {
         let topic_inner = topic.inner.clone();
         let f = Arc::new(f);
         let agent_name: Arc<str> = Arc::from(name);
+        let routes: Arc<dyn crate::stream::reroute::Reroute> = Arc::new(crate::app::group_by::AgentRoutes {
+            app: Arc::downgrade(&self.inner),
+            agent: agent_name.clone(),
+            source: topic.inner.name.clone(),
+            value_codec: topic.inner.value_codec.clone(),
+        });
         // Set on the handle ([`Agent::supervisor`], [`Agent::on_error`]) before the worker starts.
         let supervision: Arc<Mutex<crate::runtime::supervise::SupervisorOptions>> = Arc::default();
         let options = supervision.clone();
         let start: StartAgent = Arc::new(move |run: AgentRun| {
-            let (f, topic, name) = (f.clone(), topic_inner.clone(), agent_name.clone());
+            let (f, topic, name, routes) = (f.clone(), topic_inner.clone(), agent_name.clone(), routes.clone());
             let options = lock(&options).clone();
             Box::pin(crate::runtime::supervise::supervise(run, name, options, move |run: &AgentRun| {
                 f(Stream::new(run, topic.key_codec.clone(), topic.value_codec.clone())
-                    .deduplicated_by(topic.positions.get().cloned()))
+                    .deduplicated_by(topic.positions.get().cloned())
+                    .rerouted_by(routes.clone()))
             }))
         });
         let mut agents = lock(&self.inner.agents);
@@ -555,6 +562,7 @@ impl App {
             also: Vec::new(),
             concurrency: 1,
             every_core: false,
+            isolated: false,
             supervision: Some(supervision),
         });
         Agent { app: self.inner.clone(), index: agents.len() - 1, topic: topic.clone() }

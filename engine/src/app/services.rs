@@ -39,6 +39,8 @@ pub(crate) struct Services {
     /// Set once `on_before_shutdown` ran in this run of the worker (core 0 and the control
     /// thread both call it, whichever sees the stop first).
     shutting_down: AtomicBool,
+    /// Set once `on_startup_finished` ran since the worker started.
+    started: AtomicBool,
 }
 
 impl Services {
@@ -73,11 +75,15 @@ impl Services {
 
     pub(crate) fn worker_init(&self) {
         self.shutting_down.store(false, Ordering::Release);
+        self.started.store(false, Ordering::Release);
         Self::call(&self.on_worker_init);
     }
 
+    /// Once per start of the worker, not again when it restarts a run for new subscriptions.
     pub(crate) fn startup_finished(&self) {
-        Self::call(&self.on_startup_finished);
+        if !self.started.swap(true, Ordering::AcqRel) {
+            Self::call(&self.on_startup_finished);
+        }
     }
 
     pub(crate) fn before_shutdown(&self) {
@@ -393,6 +399,7 @@ impl App {
             also: Vec::new(),
             concurrency: 1,
             every_core,
+            isolated: false,
             supervision: None,
         });
     }

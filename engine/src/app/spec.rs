@@ -24,6 +24,9 @@ pub(crate) struct AgentSpec {
     pub(crate) concurrency: usize,
     /// For work without a topic: runs on every core (timers) rather than on core 0 (tasks).
     pub(crate) every_core: bool,
+    /// One instance per partition, started and stopped with the assignment
+    /// ([`Agent::isolated_partitions`](crate::Agent::isolated_partitions)).
+    pub(crate) isolated: bool,
     /// An agent's supervision, which its handle may change until the worker starts.
     pub(crate) supervision: Option<Arc<Mutex<crate::runtime::supervise::SupervisorOptions>>>,
 }
@@ -87,8 +90,10 @@ impl TopicDecl {
 /// What an [`App`](crate::App) holds: its settings and everything it declared.
 pub(crate) struct AppInner {
     pub(crate) settings: Settings,
-    pub(crate) topics: Mutex<Vec<TopicDecl>>,
-    pub(crate) agents: Mutex<Vec<AgentSpec>>,
+    /// Shared with the copies a worker runs ([`App::with_settings`](crate::App)): what an
+    /// agent declares while it runs (`Stream::group_by`) reaches the next run.
+    pub(crate) topics: Arc<Mutex<Vec<TopicDecl>>>,
+    pub(crate) agents: Arc<Mutex<Vec<AgentSpec>>>,
     /// Shared with each table, so that a table can declare itself again (as a windowed one).
     pub(crate) tables: crate::table::TableList,
     pub(crate) memory: Mutex<Option<MemoryTransport>>,

@@ -43,7 +43,7 @@ use crate::acks::AckTracker;
 use crate::runtime::consume::LostData;
 use crate::runtime::queue::{EventQueue, QueuedEvent};
 use crate::runtime::sends::{LogLimiter, WriteTrouble};
-use crate::runtime::state::{AnyShard, TableMeta, Token};
+use crate::runtime::state::{AnyShard, TableMeta, Token, same_topic};
 use crate::transports::AnyCore;
 
 pub(crate) use crash::{crash_point, fault_point, injected_produce_failure};
@@ -297,6 +297,24 @@ impl CoreRuntime {
     /// The queue of agent `agent`.
     pub(crate) fn queue(&self, agent: usize) -> Rc<EventQueue> {
         self.queues[agent].clone()
+    }
+
+    /// Whether this run of the worker hands `topic`'s events to `agent`.
+    pub(crate) fn routes_to(&self, topic: &str, agent: usize) -> bool {
+        self.agents_by_topic.get(topic).or_else(|| self.channel_agents.get(topic)).is_some_and(|a| a.contains(&agent))
+    }
+
+    /// The partitions of `topics` this core consumes now.
+    pub(crate) fn consuming(&self, topics: &[Arc<str>]) -> Vec<TopicPartition> {
+        let mut held: Vec<TopicPartition> = self
+            .consumers
+            .borrow()
+            .keys()
+            .filter(|tp| topics.iter().any(|t| same_topic(t, &tp.topic)))
+            .cloned()
+            .collect();
+        held.sort();
+        held
     }
 
     /// Starts winding the core down: its tasks see [`CoreRuntime::stopping`].

@@ -33,12 +33,31 @@ pub(crate) struct EventQueue {
     /// What was left in the lane of the event taken last.
     last_remaining: Cell<usize>,
     closed: Cell<bool>,
+    /// Wake every waiting reader on new events, not one per event: set once readers take
+    /// from one lane each (isolated partitions), where the reader woken must be the lane's.
+    wake_all: Cell<bool>,
 }
 
 #[derive(Debug)]
 struct Lane {
     tp: TopicPartition,
     events: VecDeque<QueuedEvent>,
+    /// Counts the times the lane's partition was released from a reader of its own
+    /// ([`EventQueue::retire`]): that reader's [`Scope::Partition`] names an older one.
+    generation: u64,
+}
+
+/// Which of a queue's events a reader takes.
+#[derive(Debug, Clone)]
+pub(crate) enum Scope {
+    /// Any partition's, in turn.
+    All,
+    /// One partition's, until the lane's generation moves past this one (the partition was
+    /// released): the actor of an isolated partition.
+    Partition(TopicPartition, u64),
+    /// None: the reader only waits for the queue to close (a stream parked until the worker
+    /// restarts its run).
+    Nothing,
 }
 
 impl EventQueue {
@@ -53,7 +72,29 @@ impl EventQueue {
             writers_waiting: Cell::new(0),
             last_remaining: Cell::new(0),
             closed: Cell::new(false),
+            wake_all: Cell::new(false),
         }
+    }
+
+    /// Makes every new event wake every waiting reader (readers of one lane each).
+    pub(crate) fn isolate(&self) {
+        self.wake_all.set(true);
+    }
+
+    /// The scope of a reader of `tp` alone, from now until the partition is retired.
+    pub(crate) fn partition_scope(&self, tp: &TopicPartition) -> Scope {
+        let lane = self.lane(tp);
+        Scope::Partition(tp.clone(), self.lanes.borrow()[lane].generation)
+    }
+
+    /// Ends the scope of `tp`'s reader: its waiting events are dropped (the partition was
+    /// released) and its reader gets `None`.
+    pub(crate) fn retire(&self, tp: &TopicPartition) {
+        if let Some(lane) = self.lanes.borrow_mut().iter_mut().find(|l| l.tp == *tp) {
+            lane.events.clear();
+            lane.generation += 1;
+        }
+        self.readable.notify(usize::MAX);
     }
 
     /// The lane of `tp`, created on first use.
@@ -62,7 +103,7 @@ impl EventQueue {
         if let Some(i) = lanes.iter().position(|l| l.tp == *tp) {
             return i;
         }
-        lanes.push(Lane { tp: tp.clone(), events: VecDeque::new() });
+        lanes.push(Lane { tp: tp.clone(), events: VecDeque::new(), generation: 0 });
         lanes.len() - 1
     }
 
@@ -78,7 +119,8 @@ impl EventQueue {
     pub(crate) fn wake(&self, pushed: usize) {
         let waiting = self.readers_waiting.get();
         if waiting > 0 && pushed > 0 {
-            self.readable.notify(pushed.min(waiting).additional());
+            let n = if self.wake_all.get() { usize::MAX } else { pushed.min(waiting) };
+            self.readable.notify(n.additional());
         }
     }
 
@@ -90,7 +132,7 @@ impl EventQueue {
             l.events.push_front(event);
         }
         self.next.set(lane);
-        self.readable.notify(1);
+        self.readable.notify(if self.wake_all.get() { usize::MAX } else { 1 });
     }
 
     pub(crate) fn take(&self) -> Option<QueuedEvent> {
@@ -107,12 +149,35 @@ impl EventQueue {
         None
     }
 
-    /// Moves up to `max` waiting events into `batch`, taking from the partitions in turn as
-    /// `pop` does; returns how many. Never waits.
-    pub(crate) fn take_into(&self, batch: &mut VecDeque<QueuedEvent>, max: usize) -> usize {
+    /// The next event in `scope`, if one waits.
+    fn take_in(&self, scope: &Scope) -> Option<QueuedEvent> {
+        match scope {
+            Scope::All => self.take(),
+            Scope::Nothing => None,
+            Scope::Partition(tp, generation) => {
+                let mut lanes = self.lanes.borrow_mut();
+                let lane = lanes.iter_mut().find(|l| l.tp == *tp && l.generation == *generation)?;
+                let e = lane.events.pop_front()?;
+                self.last_remaining.set(lane.events.len());
+                Some(e)
+            }
+        }
+    }
+
+    /// Whether a reader of `scope` gets nothing more: the queue closed, or its partition was
+    /// retired.
+    fn ended(&self, scope: &Scope) -> bool {
+        self.closed.get()
+            || matches!(scope, Scope::Partition(tp, generation)
+                if self.lanes.borrow().iter().any(|l| l.tp == *tp && l.generation != *generation))
+    }
+
+    /// Moves up to `max` waiting events of `scope` into `batch`, taking from the partitions
+    /// in turn as `pop` does; returns how many. Never waits.
+    pub(crate) fn take_into(&self, batch: &mut VecDeque<QueuedEvent>, max: usize, scope: &Scope) -> usize {
         let mut taken = 0;
         while taken < max {
-            match self.take() {
+            match self.take_in(scope) {
                 Some(e) => batch.push_back(e),
                 None => break,
             }
@@ -124,20 +189,21 @@ impl EventQueue {
         taken
     }
 
-    /// The next event; `None` once the queue is closed and drained.
-    pub(crate) async fn pop(&self) -> Option<QueuedEvent> {
+    /// The next event of `scope`; `None` once the queue is closed and drained (or the
+    /// scope's partition retired).
+    pub(crate) async fn pop(&self, scope: &Scope) -> Option<QueuedEvent> {
         // The common case, an event waiting, without registering a listener.
-        if let Some(e) = self.take() {
+        if let Some(e) = self.take_in(scope) {
             self.taken();
             return Some(e);
         }
         loop {
             let listener = self.readable.listen();
-            if let Some(e) = self.take() {
+            if let Some(e) = self.take_in(scope) {
                 self.taken();
                 return Some(e);
             }
-            if self.closed.get() {
+            if self.ended(scope) {
                 return None;
             }
             self.readers_waiting.set(self.readers_waiting.get() + 1);

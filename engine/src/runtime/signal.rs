@@ -3,7 +3,7 @@
 
 use std::cell::Cell;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use event_listener::Event;
@@ -11,31 +11,62 @@ use event_listener::Event;
 use crate::util::lock;
 
 /// Tells a running worker to stop; cheap to clone and usable from any thread.
+///
+/// The worker itself may also stop its run to start again at once ([`restart`](Self::restart)):
+/// an agent that re-routes its stream inside its body (`Stream::group_by`, `Stream::through`)
+/// makes the worker consume a topic it did not subscribe to, which a run takes on only when it
+/// joins its group. A stop asked for from outside always wins over a restart.
 #[derive(Debug, Default)]
 pub struct StopSignal {
-    stopped: AtomicBool,
+    state: AtomicU8,
     event: Event,
 }
+
+/// The worker runs.
+const RUNNING: u8 = 0;
+/// A stop was asked for: `App::run` returns.
+const STOPPED: u8 = 1;
+/// The run stops to start again with what it learned (new subscriptions).
+const RESTARTING: u8 = 2;
 
 impl StopSignal {
     /// Asks the worker to stop: fetching stops, agents finish their current event, offsets are
     /// committed, and `App::run` returns.
     pub fn stop(&self) {
-        self.stopped.store(true, Ordering::Release);
+        self.state.store(STOPPED, Ordering::Release);
         self.event.notify(usize::MAX);
+    }
+
+    /// Ends the worker's current run as a stop does, for `App::run` to start another at once
+    /// (unless a stop is asked for meanwhile, or already was).
+    pub(crate) fn restart(&self) {
+        if self.state.compare_exchange(RUNNING, RESTARTING, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            self.event.notify(usize::MAX);
+        }
+    }
+
+    /// Whether the run that ended was ended by [`restart`](Self::restart) and no stop came
+    /// since: then the signal is running again, for the next run.
+    pub(crate) fn take_restart(&self) -> bool {
+        self.state.compare_exchange(RESTARTING, RUNNING, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
+    /// Whether the current run ends for a restart (not a stop).
+    pub(crate) fn is_restarting(&self) -> bool {
+        self.state.load(Ordering::Acquire) == RESTARTING
     }
 
     /// Clears an earlier stop, for a worker that starts again (a second test context).
     pub(crate) fn reset(&self) {
-        self.stopped.store(false, Ordering::Release);
+        self.state.store(RUNNING, Ordering::Release);
     }
 
-    /// Whether a stop was asked for.
+    /// Whether a stop (or a restart) was asked for: the current run ends.
     pub fn is_stopped(&self) -> bool {
-        self.stopped.load(Ordering::Acquire)
+        self.state.load(Ordering::Acquire) != RUNNING
     }
 
-    /// Resolves once a stop is asked for.
+    /// Resolves once a stop (or a restart) is asked for.
     pub async fn wait(&self) {
         loop {
             let listener = self.event.listen();

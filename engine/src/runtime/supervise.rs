@@ -90,6 +90,8 @@ pub(crate) struct AgentRun {
     /// The events the agent holds (one, or a batch from `take`), shared with the supervisor
     /// so that what an agent failed on is handed to the restarted agent.
     pub(crate) current: Rc<RefCell<Vec<QueuedEvent>>>,
+    /// Which of the queue's events are this instance's.
+    pub(crate) scope: crate::runtime::queue::Scope,
 }
 
 /// Runs an agent, restarting it when it fails: the event it failed on goes back to the front

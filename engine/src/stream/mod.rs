@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 use zerocopy::{FromBytes, Immutable, KnownLayout, Unaligned};
 
 pub(crate) mod repartition;
+pub(crate) mod reroute;
 
 use crate::codec::{Codec, Fixed};
 use crate::error::{AgentError, SendError};
@@ -16,7 +17,7 @@ use crate::runtime::CoreRuntime;
 use crate::runtime::bad_record::RecordPart;
 use crate::runtime::bad_record::preview;
 use crate::runtime::context::{TaskSlot, current_slot};
-use crate::runtime::queue::{EventQueue, QueuedEvent};
+use crate::runtime::queue::{EventQueue, QueuedEvent, Scope};
 use crate::runtime::state::same_topic;
 use crate::runtime::supervise::AgentRun;
 use crate::topic::Topic;
@@ -68,6 +69,11 @@ pub struct Stream<K, V> {
     decode_ahead: bool,
     /// Events are acked by the agent ([`Event::ack`]), not when it moves on ([`Stream::noack`]).
     manual_ack: bool,
+    /// Which of the queue's events are this stream's: all, one partition's (an isolated
+    /// partition's actor), or none (parked until the worker restarts its run).
+    scope: Scope,
+    /// What re-routes the stream inside the agent ([`Stream::group_by`], [`Stream::through`]).
+    reroute: Option<std::sync::Arc<dyn reroute::Reroute>>,
 }
 
 impl<K, V> std::fmt::Debug for Stream<K, V> {
@@ -152,15 +158,9 @@ impl<K, V> Event<K, V> {
     ) -> Result<(), SendError> {
         let record = &self.headers;
         let Some(value) = record.value.as_deref() else { return Ok(()) };
-        let position = crate::stream::repartition::encode_position(self.tp.partition, self.offset);
-        let stamp: faust_storage::Header<'_> = (crate::stream::repartition::POSITION_HEADER, Some(&position[..]));
-        let mut headers = record.headers().peekable();
-        if headers.peek().is_none() {
-            // The common case, no headers of its own: no allocation.
-            return topic.send_soon_keyed_raw(&self.core, Some(self.timestamp), key, value, &[stamp]);
-        }
-        let headers: Vec<faust_storage::Header<'_>> = headers.chain(std::iter::once(stamp)).collect();
-        topic.send_soon_keyed_raw(&self.core, Some(self.timestamp), key, value, &headers)
+        crate::stream::repartition::with_position(record, self.tp.partition, self.offset, |headers| {
+            topic.send_soon_keyed_raw(&self.core, Some(self.timestamp), key, value, headers)
+        })
     }
 }
 
@@ -181,6 +181,8 @@ impl<K: DeserializeOwned + 'static, V: DeserializeOwned + 'static> Stream<K, V> 
             in_place,
             decode_ahead: true,
             manual_ack: false,
+            scope: run.scope.clone(),
+            reroute: None,
             core: run.core.clone(),
             agent: run.agent,
             queue: run.queue.clone(),
@@ -254,6 +256,8 @@ impl<K: 'static, V: 'static> Stream<K, V> {
             in_place: false,
             decode_ahead: self.decode_ahead,
             manual_ack: self.manual_ack,
+            scope: self.scope,
+            reroute: self.reroute,
             stage: Box::new(move |queued: &QueuedEvent| match previous(queued)? {
                 Some((k, v)) => next(queued, k, v),
                 None => Ok(None),
@@ -458,10 +462,10 @@ impl<K: 'static, V: 'static> Stream<K, V> {
         self.core.flush_if_full().await;
         loop {
             let queued = match deadline {
-                None => self.queue.pop().await?,
+                None => self.queue.pop(&self.scope).await?,
                 Some(d) => {
                     let left = d.saturating_duration_since(std::time::Instant::now());
-                    futures_lite::future::or(self.queue.pop(), async {
+                    futures_lite::future::or(self.queue.pop(&self.scope), async {
                         glommio::timer::sleep(left).await;
                         None
                     })
@@ -678,11 +682,11 @@ impl<K: 'static, V: 'static> Stream<K, V> {
         loop {
             glommio::yield_if_needed().await;
             self.core.flush_if_full().await;
-            match self.queue.pop().await {
+            match self.queue.pop(&self.scope).await {
                 Some(first) => hand.batch.borrow_mut().push_back(first),
                 None => return Ok(()),
             }
-            self.queue.take_into(&mut hand.batch.borrow_mut(), BATCH - 1);
+            self.queue.take_into(&mut hand.batch.borrow_mut(), BATCH - 1, &self.scope);
             // The whole batch is decoded first, then processed: each loop keeps its code and
             // data in the caches. Decoding reads nothing the processing writes; processors
             // with effects turn it off (`decode_ahead`).

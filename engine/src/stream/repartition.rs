@@ -20,3 +20,22 @@ pub(crate) fn source_position(record: &faust_storage::Record) -> Option<(u32, u6
     let (p, o) = value.split_at(4);
     Some((u32::from_be_bytes(p.try_into().ok()?), u64::from_be_bytes(o.try_into().ok()?)))
 }
+
+/// Calls `send` with `record`'s headers and its source position stamped on them (replacing a
+/// stamp it carries from an earlier repartition).
+pub(crate) fn with_position<T>(
+    record: &faust_storage::Record,
+    partition: u32,
+    offset: u64,
+    send: impl FnOnce(&[faust_storage::Header<'_>]) -> T,
+) -> T {
+    let position = encode_position(partition, offset);
+    let stamp: faust_storage::Header<'_> = (POSITION_HEADER, Some(&position[..]));
+    let mut headers = record.headers().filter(|(k, _)| *k != POSITION_HEADER).peekable();
+    if headers.peek().is_none() {
+        // The common case, no headers of its own: no allocation.
+        return send(&[stamp]);
+    }
+    let headers: Vec<faust_storage::Header<'_>> = headers.chain(std::iter::once(stamp)).collect();
+    send(&headers)
+}

@@ -128,6 +128,12 @@ impl<K, V> Topic<K, V> {
         Topic { inner, _types: PhantomData }
     }
 
+    /// A handle of these types on a topic already registered (a repartition topic declared
+    /// while the worker runs, typed by the stream that uses it).
+    pub(crate) fn of_inner(inner: Arc<TopicInner>) -> Self {
+        Topic { inner, _types: PhantomData }
+    }
+
     /// The topic's name.
     pub fn name(&self) -> &str {
         &self.inner.name

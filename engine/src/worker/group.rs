@@ -440,8 +440,10 @@ impl Control {
                 break;
             }
         }
-        // The worker stops: it gives up everything it holds.
-        self.services.before_shutdown();
+        // The worker stops (or restarts its run): it gives up everything it holds.
+        if !self.stop.is_restarting() {
+            self.services.before_shutdown();
+        }
         self.services.note_owned(None, owned.iter());
         self.services.partitions_revoked(&owned.iter().cloned().collect::<Vec<_>>());
         // Leave once the cores committed their last offsets, so others take over from there.

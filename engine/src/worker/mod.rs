@@ -21,6 +21,7 @@ use event_listener::Event;
 use faust_transport::{TopicConfig, TopicPartition};
 
 use crate::app::{AgentSpec, App, TopicKind};
+use crate::runtime::queue::Scope;
 use crate::runtime::state::TableMeta;
 use crate::runtime::supervise::AgentRun;
 use crate::runtime::{CoreRuntime, CoreSetup};
@@ -168,9 +169,25 @@ impl App {
 }
 
 pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
-    let settings = app.inner.settings.clone();
     app.inner.services.worker_init();
+    loop {
+        let result = run_once(app);
+        // A run ended to take on new subscriptions starts again at once; a failed one, or a
+        // stop asked for meanwhile, ends the worker.
+        if result.is_ok() && app.inner.stop.take_restart() {
+            tracing::info!(app = %app.inner.settings.id, "starting the worker again with its new subscriptions");
+            continue;
+        }
+        return result;
+    }
+}
+
+/// One run of the worker: from joining its group to leaving it.
+fn run_once(app: &App) -> Result<(), WorkerError> {
+    let settings = app.inner.settings.clone();
     app.declare_leader_election();
+    // What this run consumes: agents that re-route their streams add to it, for the next run.
+    let agents: Arc<Vec<AgentSpec>> = Arc::new(lock(&app.inner.agents).clone());
     let leader_topic = crate::app::services::leader_topic(&settings);
     let cores = crate::runtime::choose_cpus(settings.cores, &crate::runtime::usable_cpus())?.len();
     // Only what is kept on disk needs the data directory (tests on memory:// leave none).
@@ -315,15 +332,20 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
         let (app, transport, startup, commands) = (app.clone(), transport.clone(), startup.clone(), commands.clone());
         let inboxes = inboxes.clone();
         run_on_cores(&config, move |ctx| {
-            let (app, transport, startup) = (app.clone(), transport.clone(), startup.clone());
+            let (app, transport, startup, agents) = (app.clone(), transport.clone(), startup.clone(), agents.clone());
             let (commands, inbox) = (commands[ctx.index].clone(), inboxes[ctx.index].clone());
-            async move { core_main(ctx.index, ctx.cores, app, transport, startup, commands, inbox).await }
+            let core =
+                CoreMain { index: ctx.index, cores: ctx.cores, app, agents, transport, startup, commands, inbox };
+            async move { core_main(core).await }
         })
     };
     // Whatever happened, let the control thread finish: it leaves the group now that the
     // cores made their last commits.
     startup.topics_ready.store(true, Ordering::Release);
-    app.inner.stop.stop();
+    let restarting = app.inner.stop.is_restarting();
+    if !restarting {
+        app.inner.stop.stop();
+    }
     startup.event.notify(usize::MAX);
     for c in &commands {
         c.close();
@@ -331,17 +353,20 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
     cores_done.stop();
     let _ = control.join();
     transport.close();
-    // Whoever still waits on the worker (sends from outside, test probes) hears it stopped.
+    // Whoever still waits on the worker (sends from outside, test probes) hears it stopped;
+    // across a restart they wait for the next run.
     let outbox = &app.inner.outbox;
-    let topics = outbox.topics();
-    for record in outbox.take(true).records {
-        if let Some(reply) = record.reply {
-            let topic = topics.get(record.topic).map_or_else(String::new, |t| t.name.to_string());
-            reply.set(Err(crate::error::SendError::Stopped { topic }));
+    if !restarting {
+        let topics = outbox.topics();
+        for record in outbox.take(true).records {
+            if let Some(reply) = record.reply {
+                let topic = topics.get(record.topic).map_or_else(String::new, |t| t.name.to_string());
+                reply.set(Err(crate::error::SendError::Stopped { topic }));
+            }
         }
-    }
-    for probe in outbox.take_probes() {
-        probe.reply.set(Err(crate::error::SendError::Stopped { topic: probe.tp.topic.to_string() }));
+        for probe in outbox.take_probes() {
+            probe.reply.set(Err(crate::error::SendError::Stopped { topic: probe.tp.topic.to_string() }));
+        }
     }
     let results = results?;
     if let Some(bad) = lock(&startup.stopped_at).take() {
@@ -447,15 +472,21 @@ async fn create_topics(
     Ok(counts)
 }
 
-async fn core_main(
+/// What one core of the worker runs with.
+struct CoreMain {
     index: usize,
     cores: usize,
     app: App,
+    /// The app's agents as this run has them.
+    agents: Arc<Vec<AgentSpec>>,
     transport: AnyTransport,
     startup: Arc<Startup>,
     commands: Arc<crate::runtime::assignment::Commands>,
     inbox: Arc<crate::control::Inbox>,
-) -> Result<(), String> {
+}
+
+async fn core_main(core_main: CoreMain) -> Result<(), String> {
+    let CoreMain { index, cores, app, agents, transport, startup, commands, inbox } = core_main;
     let settings = &app.inner.settings;
     let stop = app.inner.stop.clone();
     let committed_guard = Committed(&startup);
@@ -471,27 +502,20 @@ async fn core_main(
     }
     let declared = app.inner.topics.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let tables: Vec<Arc<dyn TableMeta>> = app.inner.tables.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let specs: Vec<(String, Arc<str>, crate::runtime::supervise::StartAgent, usize, bool)> = app
-        .inner
-        .agents
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter()
-        .map(|a: &AgentSpec| (a.name.clone(), a.topic.clone(), a.start.clone(), a.concurrency, a.every_core))
-        .collect();
+    let specs = &*agents;
     let mut channel_agents: HashMap<Arc<str>, Vec<usize>> = HashMap::default();
     for t in declared.iter().filter(|t| t.kind == TopicKind::Channel) {
-        let agents = specs.iter().enumerate().filter(|(_, s)| s.1 == t.name).map(|(i, _)| i).collect();
+        let agents = specs.iter().enumerate().filter(|(_, s)| s.topic == t.name).map(|(i, _)| i).collect();
         channel_agents.insert(t.name.clone(), agents);
     }
     let mut agents_by_topic: HashMap<Arc<str>, Vec<usize>> = HashMap::default();
     for (i, spec) in specs.iter().enumerate() {
-        if !spec.1.is_empty() && !channel_agents.contains_key(&spec.1) {
-            agents_by_topic.entry(spec.1.clone()).or_default().push(i);
+        if !spec.topic.is_empty() && !channel_agents.contains_key(&spec.topic) {
+            agents_by_topic.entry(spec.topic.clone()).or_default().push(i);
         }
     }
     // Agents on several topics get the others' events in the same queue.
-    for (i, spec) in app.inner.agents.lock().unwrap_or_else(|p| p.into_inner()).iter().enumerate() {
+    for (i, spec) in specs.iter().enumerate() {
         for topic in spec.also.iter().filter(|t| !channel_agents.contains_key(*t)) {
             agents_by_topic.entry(topic.clone()).or_default().push(i);
         }
@@ -567,8 +591,27 @@ async fn core_main(
         None
     })
     .await;
+    // Agents with isolated partitions: an actor per partition, started and stopped with
+    // the core's assignment.
+    let isolated: Rc<Vec<IsolatedAgent>> = Rc::new(
+        specs
+            .iter()
+            .enumerate()
+            .filter(|(_, spec)| spec.isolated && !spec.topic.is_empty())
+            .map(|(agent, spec)| IsolatedAgent {
+                agent,
+                topics: std::iter::once(spec.topic.clone()).chain(spec.also.iter().cloned()).collect(),
+                start: spec.start.clone(),
+                actors: RefCell::default(),
+                finished: RefCell::default(),
+            })
+            .collect(),
+    );
     if let Some(command) = first {
         runtime.apply(command).await;
+    }
+    for agent in isolated.iter() {
+        agent.follow_assignment(&runtime);
     }
     if startup.cores_ready.fetch_add(1, Ordering::AcqRel) + 1 == cores && !stop.is_stopped() {
         let counts = startup.counts.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -578,10 +621,13 @@ async fn core_main(
     }
     // Later assignment changes, one at a time.
     let control_task = {
-        let (runtime, commands) = (runtime.clone(), commands.clone());
+        let (runtime, commands, isolated) = (runtime.clone(), commands.clone(), isolated.clone());
         glommio::spawn_local(async move {
             while let Some(command) = commands.next(runtime.stopping()).await {
                 runtime.apply(command).await;
+                for agent in isolated.iter() {
+                    agent.follow_assignment(&runtime);
+                }
             }
         })
     };
@@ -589,23 +635,28 @@ async fn core_main(
     // Agents on every core; tasks (no topic) on core 0 only, cancelled at shutdown.
     let mut agent_tasks = Vec::new();
     let mut background = Vec::new();
-    for (i, (name, topic, start, concurrency, every_core)) in specs.iter().enumerate() {
+    for (i, spec) in specs.iter().enumerate() {
         let run = || AgentRun {
             core: runtime.clone(),
             agent: i,
             queue: runtime.queue(i),
             current: Rc::new(RefCell::new(Vec::new())),
+            scope: Scope::All,
         };
-        if topic.is_empty() {
-            if index == 0 || *every_core {
-                background.push(glommio::spawn_local(start(run())));
+        if spec.topic.is_empty() {
+            if index == 0 || spec.every_core {
+                background.push(glommio::spawn_local((spec.start)(run())));
             }
             continue;
         }
-        tracing::debug!(agent = %name, core = index, topic = %topic, concurrency, "starting agent");
+        if spec.isolated {
+            // Started per partition, above.
+            continue;
+        }
+        tracing::debug!(agent = %spec.name, core = index, topic = %spec.topic, concurrency = spec.concurrency, "starting agent");
         // Instances share the queue; each has its own events in hand.
-        for _ in 0..*concurrency {
-            agent_tasks.push(glommio::spawn_local(start(run())));
+        for _ in 0..spec.concurrency {
+            agent_tasks.push(glommio::spawn_local((spec.start)(run())));
         }
     }
     // Commits.
@@ -628,7 +679,7 @@ async fn core_main(
     });
 
     stop.wait().await;
-    if index == 0 {
+    if index == 0 && !stop.is_restarting() {
         app.inner.services.before_shutdown();
         // Questions asked from now on fail at once instead of waiting for replies never read.
         app.inner.replies.set_topic(None);
@@ -642,6 +693,11 @@ async fn core_main(
     control_task.await;
     queries.await;
     runtime.stop_consumers().await;
+    // The actors of isolated partitions finish with the other agents.
+    for agent in isolated.iter() {
+        agent_tasks.extend(std::mem::take(&mut *agent.actors.borrow_mut()).into_values());
+        agent_tasks.append(&mut agent.finished.borrow_mut());
+    }
     // Agents finish the events they were given; one that does not within the grace period is
     // cancelled (its unacked event will be processed again after a restart).
     let grace = settings.shutdown_timeout;
@@ -675,7 +731,8 @@ async fn core_main(
     if let Some(task) = outbox_task {
         task.await;
         // Whatever was sent from outside until now is still sent (and flushed below).
-        outbox::take_outbound(&runtime, &outbox, outbox.take(true)).await;
+        // (Across a restart the outbox stays open: later sends wait for the next run.)
+        outbox::take_outbound(&runtime, &outbox, outbox.take(!stop.is_restarting())).await;
     }
     // Cancelled tasks release the runtime when the executor drops them. Two references stay:
     // this one and the thread's `CURRENT`.
@@ -715,6 +772,51 @@ async fn core_main(
     match failure {
         Some(e) => Err(e),
         None => result,
+    }
+}
+
+/// An agent with isolated partitions on one core (Faust's `isolated_partitions=True`): one
+/// actor per partition of its topics the core holds, each with that partition's events
+/// only, started when the partition is taken and ended when it is released.
+struct IsolatedAgent {
+    agent: usize,
+    topics: Vec<Arc<str>>,
+    start: crate::runtime::supervise::StartAgent,
+    actors: RefCell<std::collections::BTreeMap<TopicPartition, glommio::Task<()>>>,
+    /// Actors of released partitions, which end by themselves (awaited at shutdown).
+    finished: RefCell<Vec<glommio::Task<()>>>,
+}
+
+impl IsolatedAgent {
+    /// After an assignment change: ends the actors of partitions the core released (they
+    /// finished their events before the release was done) and starts one for each partition
+    /// taken.
+    fn follow_assignment(&self, runtime: &Rc<CoreRuntime>) {
+        let queue = runtime.queue(self.agent);
+        queue.isolate();
+        let held = runtime.consuming(&self.topics);
+        let mut actors = self.actors.borrow_mut();
+        let released: Vec<TopicPartition> = actors.keys().filter(|tp| !held.contains(tp)).cloned().collect();
+        for tp in released {
+            queue.retire(&tp);
+            if let Some(task) = actors.remove(&tp) {
+                self.finished.borrow_mut().push(task);
+            }
+        }
+        for tp in held {
+            if actors.contains_key(&tp) {
+                continue;
+            }
+            tracing::debug!(core = runtime.index(), agent = self.agent, partition = %tp, "starting the partition's actor");
+            let run = AgentRun {
+                core: runtime.clone(),
+                agent: self.agent,
+                queue: queue.clone(),
+                current: Rc::default(),
+                scope: queue.partition_scope(&tp),
+            };
+            actors.insert(tp, glommio::spawn_local((self.start)(run)));
+        }
     }
 }
 

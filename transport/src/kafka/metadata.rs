@@ -84,6 +84,28 @@ impl KafkaCore {
         Ok(self.st.cluster.borrow().topics.get(name).map(|l| l.len() as u32))
     }
 
+    /// The names of every topic the cluster has, sorted: one Metadata request for all topics
+    /// (`topics: None`). Left out: topics the answer gives an error for (one being created
+    /// or deleted, one this client may not describe), since they cannot be subscribed to
+    /// yet, and internal ones, by the broker's `is_internal` flag (every Metadata version
+    /// this client uses has it) and by the `__` prefix (a broker may not flag them all).
+    /// The cluster cache is left as it is: this is a listing, not a refresh of the leaders.
+    pub(super) async fn topic_names_once(&self) -> Result<Vec<String>> {
+        let conn = self.any_connection().await?;
+        let req = MetadataRequest::default().with_topics(None).with_allow_auto_topic_creation(false);
+        let (_, resp) = conn.request(ApiKey::Metadata, &req, self.options().request_timeout, About::default()).await?;
+        let mut names: Vec<String> = resp
+            .topics
+            .iter()
+            .filter(|t| t.error_code == code::NONE && !t.is_internal)
+            .filter_map(|t| t.name.as_ref().map(|name| name.0.to_string()))
+            .filter(|name| !crate::is_internal_topic(name))
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        Ok(names)
+    }
+
     /// A connection to the leader of `tp`, on `lane`.
     pub(super) async fn leader(&self, tp: &TopicPartition, lane: &Lane) -> Result<Rc<Connection>> {
         let mut refreshed = false;

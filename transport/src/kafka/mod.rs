@@ -706,6 +706,12 @@ impl CoreTransport for KafkaCore {
         Ok(partitions.map(|p| TopicMetadata { name: Arc::from(name), config: TopicConfig::new(p) }))
     }
 
+    /// Asks the cluster for all its topics (retried like other requests); see
+    /// `KafkaCore::topic_names_once` for which are left out.
+    async fn topic_names(&self) -> Result<Vec<String>> {
+        self.retrying(None, || self.topic_names_once()).await
+    }
+
     async fn produce(&self, tp: &TopicPartition, batch: BatchBuilder) -> Result<Produced> {
         self.produce_batch(tp, batch).await
     }
