@@ -40,6 +40,7 @@ pub use crate::app::global_table::GlobalTable;
 pub use crate::app::group_by::{GroupBy, Source};
 pub use crate::app::join::JoinKind;
 pub use crate::app::page::{WebRequest, WebResponse};
+pub use crate::app::pattern::{PatternError, TopicPattern};
 pub use crate::app::rpc::AskStream;
 pub use crate::app::set_table::{SetGlobalTable, SetTable};
 pub use crate::app::sink::{Sink, Sinks};

@@ -63,6 +63,7 @@ pub struct SettingsError {
 /// | `topic_replication_factor` | 1 | `TOPIC_REPLICATION_FACTOR` |
 /// | `timezone` | UTC | `TIMEZONE` (an IANA name: the default time zone of crontabs) |
 /// | `topic_disable_leader` | false | `TOPIC_DISABLE_LEADER` (no leader topic, no leader) |
+/// | `topic_pattern_refresh` | 10 s | `TOPIC_PATTERN_REFRESH` (seconds) |
 ///
 /// Faust's `APP_STORE` names the store too (`memory://`; `rocksdb://` means this engine's
 /// persistent store, `mmap://`), and Faust's `;` between brokers is understood.
@@ -188,6 +189,10 @@ pub struct Settings {
     /// Declares no leader topic (`{id}-__assignor-__leader`): no worker is the leader, and
     /// leader-only timers and crontabs never run.
     pub topic_disable_leader: bool,
+    /// How often a worker whose agents subscribe to topic patterns
+    /// ([`App::topics_matching`](crate::App::topics_matching)) looks for new matching topics
+    /// (Kafka's `metadata.max.age.ms` for pattern subscriptions).
+    pub topic_pattern_refresh: Duration,
 }
 
 /// What an app's outputs guarantee (Faust's `processing_guarantee`).
@@ -299,6 +304,7 @@ impl Settings {
             topic_replication_factor: 1,
             timezone: "UTC".to_string(),
             topic_disable_leader: false,
+            topic_pattern_refresh: Duration::from_secs(10),
         }
     }
 
@@ -536,6 +542,9 @@ impl Settings {
         };
         if let Some(kv) = get("BROKER_COMMIT_INTERVAL") {
             self.commit_interval = seconds(kv)?;
+        }
+        if let Some(kv) = get("TOPIC_PATTERN_REFRESH") {
+            self.topic_pattern_refresh = seconds(kv)?;
         }
         if let Some(kv) = get("BROKER_SESSION_TIMEOUT") {
             self.broker_session_timeout = seconds(kv)?;

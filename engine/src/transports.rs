@@ -168,8 +168,6 @@ impl AnyCore {
 
     /// Every topic's name, sorted, internal ones left out (see `CoreTransport::topic_names`):
     /// what a pattern subscription matches against.
-    // No caller yet: pattern subscriptions (`app.topic(pattern=...)`) will use it.
-    #[allow(dead_code)]
     pub(crate) async fn topic_names(&self) -> Result<Vec<String>> {
         dispatch!(self, t => t.topic_names().await)
     }

@@ -97,3 +97,83 @@ fn on_broker(broker: &str, orders: String, changelog: String) -> (u64, u64) {
         .join()
         .expect("join")
 }
+
+/// Creates `topic` on the broker with one partition, and writes `values` to it (keyed by
+/// themselves, JSON strings), with our client.
+fn create_with_values(broker: &str, topic: String, values: Vec<String>) {
+    use faust_transport::{
+        BatchBuilder, CoreTransport, KafkaOptions, KafkaTransport, TopicConfig, TopicPartition, Transport,
+    };
+    let t = KafkaTransport::open(&format!("kafka://{broker}"), KafkaOptions::default()).expect("open");
+    glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .spawn(move || async move {
+            let core = t.attach_core(0, 1).await.expect("attach");
+            core.create_topic(&topic, &TopicConfig::new(1)).await.expect("create");
+            let mut batch = BatchBuilder::new();
+            for v in &values {
+                let json = serde_json::to_vec(v).expect("json");
+                batch.push(0, Some(v.as_bytes()), Some(&json), &[]);
+            }
+            core.produce(&TopicPartition::new(topic.as_str(), 0), batch).await.expect("produce");
+            core.shutdown().await.expect("shutdown");
+        })
+        .expect("executor")
+        .join()
+        .expect("join")
+}
+
+#[test]
+fn an_agent_on_a_pattern_consumes_the_matching_topics_on_kafka_including_new_ones() {
+    let Some(broker) = faust_tests::test_broker("an_agent_on_a_pattern_consumes_the_matching_topics_on_kafka") else {
+        return;
+    };
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let id = format!("kafka-pattern-{}-{}", std::process::id(), nanos % 1_000_000_000);
+    let values = |topic: &str, n: usize| (0..n).map(|i| format!("{topic}/{i}")).collect::<Vec<_>>();
+    // Two matching topics and one that does not match, there before the worker starts.
+    for (suffix, n) in [("feed-a", 3), ("feed-b", 2), ("other", 2)] {
+        let topic = format!("{id}-{suffix}");
+        create_with_values(&broker, topic.clone(), values(&topic, n));
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = Settings::new(&id);
+    s.broker = format!("kafka://{broker}");
+    s.datadir = dir.path().to_path_buf();
+    s.topic_partitions = 1;
+    s.cores = Some(1);
+    s.commit_interval = Duration::from_millis(100);
+    s.broker_session_timeout = Duration::from_secs(2);
+    s.topic_pattern_refresh = Duration::from_millis(500);
+    let app = App::new(s);
+    let seen: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+    let feeds = app.topics_matching::<String, String>(&format!("{id}-feed-.*")).expect("the pattern compiles");
+    let record = seen.clone();
+    app.agent("audit", &feeds, move |mut stream| {
+        let record = record.clone();
+        async move {
+            while let Some(value) = stream.next().await {
+                record.lock().unwrap().push(value);
+            }
+            Ok(())
+        }
+    });
+    let running = faust_tests::Running::start(&app);
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    let mut expected = sorted([values(&format!("{id}-feed-a"), 3), values(&format!("{id}-feed-b"), 2)].concat());
+    faust_tests::wait_for("the topics there at start", Duration::from_secs(60), || {
+        sorted(seen.lock().unwrap().clone()) == expected
+    });
+    // A matching topic created while the worker runs joins at the next refresh.
+    let late = format!("{id}-feed-c");
+    create_with_values(&broker, late.clone(), values(&late, 4));
+    expected = sorted([expected, values(&late, 4)].concat());
+    faust_tests::wait_for("the topic created later", Duration::from_secs(60), || {
+        seen.lock().unwrap().len() >= expected.len()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(sorted(seen.lock().unwrap().clone()), expected, "each event once, none of the other topic");
+    running.stop();
+}

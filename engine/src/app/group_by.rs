@@ -9,17 +9,23 @@ use serde::de::DeserializeOwned;
 use crate::app::{App, Topic, TopicKind};
 use crate::codec::Codec;
 
-mod sealed {
+pub(crate) mod sealed {
     pub trait Sealed {}
 }
 
-/// What an agent consumes: a [`Topic`] (or channel), or a topic re-keyed by
-/// [`Topic::group_by`]. Implemented by those two only.
+/// What an agent consumes: a [`Topic`] (or channel), a topic re-keyed by
+/// [`Topic::group_by`], or the topics matching a pattern
+/// ([`App::topics_matching`](crate::App::topics_matching)). Implemented by those three only.
 pub trait Source<K, V>: sealed::Sealed {
     /// Declares what `agent` of `app` needs to consume this source; returns the topic whose
     /// events it gets.
     #[doc(hidden)]
     fn consumed_by(&self, app: &App, agent: &str) -> Topic<K, V>;
+
+    /// Records what else the agent registered at `agent` (its index) subscribes to, once it
+    /// is registered.
+    #[doc(hidden)]
+    fn subscribe(&self, _app: &App, _agent: usize) {}
 }
 
 impl<K, V> sealed::Sealed for Topic<K, V> {}

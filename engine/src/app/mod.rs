@@ -7,6 +7,7 @@ pub(crate) mod global_table;
 pub(crate) mod group_by;
 pub(crate) mod join;
 pub(crate) mod page;
+pub(crate) mod pattern;
 pub(crate) mod rpc;
 pub(crate) mod services;
 pub(crate) mod set_table;
@@ -395,7 +396,9 @@ impl App {
         Fut: Future<Output = Result<(), AgentError>> + 'static,
     {
         let topic = source.consumed_by(self, name);
-        self.agent_on(name, &topic, true, f)
+        let agent = self.agent_on(name, &topic, true, f);
+        source.subscribe(self, agent.index);
+        agent
     }
 
     /// Registers an agent on several topics at once: its stream holds the events of all of
@@ -434,13 +437,7 @@ impl App {
                 tracing::warn!(agent = name, first = %first.inner.name, topic = %topic.inner.name,
                     "the agent decodes every topic with the first one's codecs, and this one's differ");
             }
-            let (key_codec, value_codec) = (first.inner.key_codec.clone(), first.inner.value_codec.clone());
-            topic.inner.add_check(Arc::new(move |key, value| {
-                if let Some(key) = key {
-                    key_codec.decode::<K>(key).map(drop).map_err(|e| format!("key: {e}"))?;
-                }
-                value_codec.decode::<V>(value).map(drop).map_err(|e| format!("value: {e}"))
-            }));
+            topic.inner.add_check(decode_check::<K, V>(&first.inner.key_codec, &first.inner.value_codec, true));
         }
         if let Some(spec) = lock(&self.inner.agents).get_mut(agent.index) {
             spec.also = rest.iter().map(|t| t.inner.name.clone()).collect();
@@ -526,13 +523,7 @@ impl App {
         F: Fn(Stream<K, V>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), AgentError>> + 'static,
     {
-        let (key_codec, value_codec) = (topic.inner.key_codec.clone(), topic.inner.value_codec.clone());
-        topic.inner.add_check(Arc::new(move |key, value| {
-            if decodes_key && let Some(key) = key {
-                key_codec.decode::<K>(key).map(drop).map_err(|e| format!("key: {e}"))?;
-            }
-            value_codec.decode::<V>(value).map(drop).map_err(|e| format!("value: {e}"))
-        }));
+        topic.inner.add_check(decode_check::<K, V>(&topic.inner.key_codec, &topic.inner.value_codec, decodes_key));
         let topic_inner = topic.inner.clone();
         let f = Arc::new(f);
         let agent_name: Arc<str> = Arc::from(name);
@@ -563,11 +554,30 @@ impl App {
             concurrency: 1,
             every_core: false,
             isolated: false,
+            patterns: Vec::new(),
             supervision: Some(supervision),
         });
         Agent { app: self.inner.clone(), index: agents.len() - 1, topic: topic.clone() }
     }
+}
 
+/// Decodes a record's key (when `decodes_key`) and value as an agent of `K` and `V` with
+/// these codecs would; what [`TopicInner::check`](crate::topic::TopicInner::check) runs.
+pub(crate) fn decode_check<K, V>(key_codec: &Codec, value_codec: &Codec, decodes_key: bool) -> crate::topic::RecordCheck
+where
+    K: DeserializeOwned + 'static,
+    V: DeserializeOwned + 'static,
+{
+    let (key_codec, value_codec) = (key_codec.clone(), value_codec.clone());
+    Arc::new(move |key, value| {
+        if decodes_key && let Some(key) = key {
+            key_codec.decode::<K>(key).map(drop).map_err(|e| format!("key: {e}"))?;
+        }
+        value_codec.decode::<V>(value).map(drop).map_err(|e| format!("value: {e}"))
+    })
+}
+
+impl App {
     /// Declares a table (Faust's `app.Table`) with keys `K` and values `V`, encoded with the
     /// app's default codecs; see [`Table`](crate::Table). Its changelog topic,
     /// `{app}-{name}-changelog`, is created (compacted) when the worker starts.

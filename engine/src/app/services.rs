@@ -400,6 +400,7 @@ impl App {
             concurrency: 1,
             every_core,
             isolated: false,
+            patterns: Vec::new(),
             supervision: None,
         });
     }

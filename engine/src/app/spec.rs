@@ -27,6 +27,9 @@ pub(crate) struct AgentSpec {
     /// One instance per partition, started and stopped with the assignment
     /// ([`Agent::isolated_partitions`](crate::Agent::isolated_partitions)).
     pub(crate) isolated: bool,
+    /// Topic patterns: every topic whose name matches one is added to `also` when the
+    /// worker starts or finds it later ([`App::topics_matching`](crate::App::topics_matching)).
+    pub(crate) patterns: Vec<crate::app::pattern::Subscription>,
     /// An agent's supervision, which its handle may change until the worker starts.
     pub(crate) supervision: Option<Arc<Mutex<crate::runtime::supervise::SupervisorOptions>>>,
 }

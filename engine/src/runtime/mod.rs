@@ -78,7 +78,9 @@ pub(crate) struct CoreRuntime {
     group: String,
     /// `Settings::commit_every`, read on every ack.
     commit_every: u64,
-    partitions: HashMap<Arc<str>, u32>,
+    /// Partition counts of the topics the core knows: those declared, read at start, and any
+    /// other a send named since ([`learn_partitions`](Self::learn_partitions)).
+    partitions: RefCell<HashMap<Arc<str>, u32>>,
     /// Per agent (by index): its queue.
     queues: Vec<Rc<EventQueue>>,
     /// Per (agent, partition): what the agent acked.
@@ -242,7 +244,7 @@ impl CoreRuntime {
             transport,
             group: settings.id.clone(),
             commit_every: settings.commit_every.max(1),
-            partitions,
+            partitions: RefCell::new(partitions),
             queues: (0..agents).map(|_| Rc::new(EventQueue::new(settings.stream_buffer_maxsize))).collect(),
             acks: RefCell::new(AckMap::default()),
             committed: RefCell::new(HashMap::default()),
@@ -365,7 +367,15 @@ impl CoreRuntime {
     }
 
     pub(crate) fn partitions(&self, topic: &str) -> Option<u32> {
-        self.partitions.get(topic).copied()
+        self.partitions.borrow().get(topic).copied()
+    }
+
+    /// Reads the partition count of a topic the core did not know (one created after the
+    /// worker started, that a send names) from the transport; `None` when it does not exist.
+    pub(crate) async fn learn_partitions(&self, topic: &str) -> Option<u32> {
+        let meta = self.transport.topic_metadata(topic).await.ok().flatten()?;
+        self.partitions.borrow_mut().insert(Arc::from(topic), meta.config.partitions);
+        Some(meta.config.partitions)
     }
 
     pub(crate) fn round_robin(&self, partitions: u32) -> u32 {

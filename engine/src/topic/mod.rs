@@ -287,6 +287,10 @@ impl TopicInner {
         if self.kind == TopicKind::Channel {
             return core.deliver(&self.name, key, value).await;
         }
+        if core.partitions(&self.name).is_none() {
+            // A topic created since the worker started: its partitions, once.
+            core.learn_partitions(&self.name).await;
+        }
         let tp = self.route_to(core, key, options.and_then(|o| o.partition))?;
         core.wait_gate().await;
         // Records of a partition land in the order they were sent, buffered or not.

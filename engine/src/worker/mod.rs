@@ -130,6 +130,9 @@ struct Startup {
     /// Partition counts of the topics whose partitions the worker takes (sources and
     /// changelogs), set with `topics_ready`.
     counts: Mutex<std::collections::BTreeMap<Arc<str>, u32>>,
+    /// The app's agents as this run has them: set by core 0 with `topics_ready`, once it
+    /// subscribed the agents with topic patterns to the topics that match.
+    agents: Mutex<Arc<Vec<AgentSpec>>>,
     event: Event,
     /// The bad record that stopped the worker, if one did.
     stopped_at: Arc<Mutex<Option<crate::runtime::bad_record::BadRecord>>>,
@@ -186,8 +189,6 @@ pub(crate) fn run(app: &App) -> Result<(), WorkerError> {
 fn run_once(app: &App) -> Result<(), WorkerError> {
     let settings = app.inner.settings.clone();
     app.declare_leader_election();
-    // What this run consumes: agents that re-route their streams add to it, for the next run.
-    let agents: Arc<Vec<AgentSpec>> = Arc::new(lock(&app.inner.agents).clone());
     let leader_topic = crate::app::services::leader_topic(&settings);
     let cores = crate::runtime::choose_cpus(settings.cores, &crate::runtime::usable_cpus())?.len();
     // Only what is kept on disk needs the data directory (tests on memory:// leave none).
@@ -259,6 +260,7 @@ fn run_once(app: &App) -> Result<(), WorkerError> {
         cores_ready,
         cores_committed: std::sync::atomic::AtomicUsize::new(0),
         counts: Mutex::new(std::collections::BTreeMap::new()),
+        agents: Mutex::default(),
         event: Event::new(),
         stopped_at: Arc::default(),
         lost_data: Arc::default(),
@@ -332,10 +334,9 @@ fn run_once(app: &App) -> Result<(), WorkerError> {
         let (app, transport, startup, commands) = (app.clone(), transport.clone(), startup.clone(), commands.clone());
         let inboxes = inboxes.clone();
         run_on_cores(&config, move |ctx| {
-            let (app, transport, startup, agents) = (app.clone(), transport.clone(), startup.clone(), agents.clone());
+            let (app, transport, startup) = (app.clone(), transport.clone(), startup.clone());
             let (commands, inbox) = (commands[ctx.index].clone(), inboxes[ctx.index].clone());
-            let core =
-                CoreMain { index: ctx.index, cores: ctx.cores, app, agents, transport, startup, commands, inbox };
+            let core = CoreMain { index: ctx.index, cores: ctx.cores, app, transport, startup, commands, inbox };
             async move { core_main(core).await }
         })
     };
@@ -472,13 +473,42 @@ async fn create_topics(
     Ok(counts)
 }
 
+/// Which agents get the events of which topic, by their index in the run's agents.
+struct AgentRoutes {
+    /// Channels, with the agents on each.
+    channels: HashMap<Arc<str>, Vec<usize>>,
+    /// Topics, with the agents consuming each (agents on several topics get the others'
+    /// events in the same queue).
+    by_topic: HashMap<Arc<str>, Vec<usize>>,
+}
+
+impl AgentRoutes {
+    fn of(declared: &[crate::app::TopicDecl], specs: &[AgentSpec]) -> AgentRoutes {
+        let mut channels: HashMap<Arc<str>, Vec<usize>> = HashMap::default();
+        for t in declared.iter().filter(|t| t.kind == TopicKind::Channel) {
+            let agents = specs.iter().enumerate().filter(|(_, s)| s.topic == t.name).map(|(i, _)| i).collect();
+            channels.insert(t.name.clone(), agents);
+        }
+        let mut by_topic: HashMap<Arc<str>, Vec<usize>> = HashMap::default();
+        for (i, spec) in specs.iter().enumerate() {
+            if !spec.topic.is_empty() && !channels.contains_key(&spec.topic) {
+                by_topic.entry(spec.topic.clone()).or_default().push(i);
+            }
+        }
+        for (i, spec) in specs.iter().enumerate() {
+            for topic in spec.also.iter().filter(|t| !channels.contains_key(*t)) {
+                by_topic.entry(topic.clone()).or_default().push(i);
+            }
+        }
+        AgentRoutes { channels, by_topic }
+    }
+}
+
 /// What one core of the worker runs with.
 struct CoreMain {
     index: usize,
     cores: usize,
     app: App,
-    /// The app's agents as this run has them.
-    agents: Arc<Vec<AgentSpec>>,
     transport: AnyTransport,
     startup: Arc<Startup>,
     commands: Arc<crate::runtime::assignment::Commands>,
@@ -486,7 +516,7 @@ struct CoreMain {
 }
 
 async fn core_main(core_main: CoreMain) -> Result<(), String> {
-    let CoreMain { index, cores, app, agents, transport, startup, commands, inbox } = core_main;
+    let CoreMain { index, cores, app, transport, startup, commands, inbox } = core_main;
     let settings = &app.inner.settings;
     let stop = app.inner.stop.clone();
     let committed_guard = Committed(&startup);
@@ -500,29 +530,30 @@ async fn core_main(core_main: CoreMain) -> Result<(), String> {
         let timeout = (settings.commit_interval * 10).max(std::time::Duration::from_secs(60));
         kafka.init_transactions(&id, timeout).await.map_err(|e| format!("transactional id {id}: {e}"))?;
     }
-    let declared = app.inner.topics.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let tables: Vec<Arc<dyn TableMeta>> = app.inner.tables.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let specs = &*agents;
-    let mut channel_agents: HashMap<Arc<str>, Vec<usize>> = HashMap::default();
-    for t in declared.iter().filter(|t| t.kind == TopicKind::Channel) {
-        let agents = specs.iter().enumerate().filter(|(_, s)| s.topic == t.name).map(|(i, _)| i).collect();
-        channel_agents.insert(t.name.clone(), agents);
-    }
-    let mut agents_by_topic: HashMap<Arc<str>, Vec<usize>> = HashMap::default();
-    for (i, spec) in specs.iter().enumerate() {
-        if !spec.topic.is_empty() && !channel_agents.contains_key(&spec.topic) {
-            agents_by_topic.entry(spec.topic.clone()).or_default().push(i);
-        }
-    }
-    // Agents on several topics get the others' events in the same queue.
-    for (i, spec) in specs.iter().enumerate() {
-        for topic in spec.also.iter().filter(|t| !channel_agents.contains_key(*t)) {
-            agents_by_topic.entry(topic.clone()).or_default().push(i);
-        }
-    }
     if index == 0 {
-        let sources: Vec<Arc<str>> = agents_by_topic.keys().cloned().collect();
-        let mut created = create_topics(&core, settings, &declared, &tables, &sources).await;
+        // What this run consumes: the agents as they are now (agents that re-route their
+        // streams, or whose patterns matched, added to them for this run), with the topics
+        // their patterns match now.
+        let subscribed = if crate::app::pattern::has_patterns(&app) {
+            core.topic_names().await.map(|mut names| {
+                // Topics the app declares match too: they are created below.
+                let declared = lock(&app.inner.topics);
+                names.extend(declared.iter().filter(|t| t.kind == TopicKind::Log).map(|t| t.name.to_string()));
+                drop(declared);
+                crate::app::pattern::subscribe_matching(&app, &names);
+            })
+        } else {
+            Ok(())
+        };
+        let agents = Arc::new(lock(&app.inner.agents).clone());
+        *lock(&startup.agents) = agents.clone();
+        let declared = lock(&app.inner.topics).clone();
+        let tables: Vec<Arc<dyn TableMeta>> = lock(&app.inner.tables).clone();
+        let sources: Vec<Arc<str>> = AgentRoutes::of(&declared, &agents).by_topic.keys().cloned().collect();
+        let mut created = match subscribed {
+            Ok(()) => create_topics(&core, settings, &declared, &tables, &sources).await,
+            Err(e) => Err(e),
+        };
         if created.is_ok()
             && app.inner.replies.wanted()
             && let Err(e) = create_reply_topic(&core, &app).await
@@ -541,6 +572,11 @@ async fn core_main(core_main: CoreMain) -> Result<(), String> {
         }
     }
     futures_lite::future::or(startup.wait_until(|| startup.topics_ready.load(Ordering::Acquire)), stop.wait()).await;
+    let agents = lock(&startup.agents).clone();
+    let specs = &*agents;
+    let declared = lock(&app.inner.topics).clone();
+    let tables: Vec<Arc<dyn TableMeta>> = lock(&app.inner.tables).clone();
+    let AgentRoutes { channels: channel_agents, by_topic: agents_by_topic } = AgentRoutes::of(&declared, specs);
     let mut partitions = HashMap::default();
     let dead_letter: Option<Arc<str>> = settings.dead_letter_topic().map(Arc::from);
     // The tables' changelogs too: a table write checks that its changelog has as many
@@ -678,7 +714,12 @@ async fn core_main(core_main: CoreMain) -> Result<(), String> {
         glommio::spawn_local(crate::app::rpc::read_replies(runtime.clone(), topic, app.inner.replies.clone()))
     });
 
+    // Topics created later that match an agent's pattern: the run restarts to consume them.
+    let pattern_watch = (index == 0 && specs.iter().any(|spec| !spec.patterns.is_empty()))
+        .then(|| glommio::spawn_local(crate::app::pattern::watch_for_new_matches(runtime.clone(), app.clone())));
+
     stop.wait().await;
+    drop(pattern_watch);
     if index == 0 && !stop.is_restarting() {
         app.inner.services.before_shutdown();
         // Questions asked from now on fail at once instead of waiting for replies never read.
