@@ -64,6 +64,8 @@ pub struct SettingsError {
 /// | `timezone` | UTC | `TIMEZONE` (an IANA name: the default time zone of crontabs) |
 /// | `topic_disable_leader` | false | `TOPIC_DISABLE_LEADER` (no leader topic, no leader) |
 /// | `topic_pattern_refresh` | 10 s | `TOPIC_PATTERN_REFRESH` (seconds) |
+/// | `version` | 1 | `APP_VERSION` |
+/// | `id_format` | `{id}-v{version}` | `APP_ID_FORMAT` |
 ///
 /// Faust's `APP_STORE` names the store too (`memory://`; `rocksdb://` means this engine's
 /// persistent store, `mmap://`), and Faust's `;` between brokers is understood.
@@ -193,6 +195,17 @@ pub struct Settings {
     /// ([`App::topics_matching`](crate::App::topics_matching)) looks for new matching topics
     /// (Kafka's `metadata.max.age.ms` for pattern subscriptions).
     pub topic_pattern_refresh: Duration,
+    /// The app's version (Faust's `version`): above 1, [`App::new`](crate::App::new) makes
+    /// the id `id_format` of `id` and `version`, so a new version is a new app — a new
+    /// consumer group, new internal topics (changelogs start empty), table stores under
+    /// `{datadir}/v{version}` — that reads the same source topics from the start. The
+    /// command line's `clean-versions` deletes the stores of other versions.
+    pub version: u32,
+    /// The id of a version above 1: `{id}` and `{version}` are replaced (Faust's
+    /// `{self.version}` is understood too).
+    pub id_format: String,
+    /// The id before `version` was applied to it, once [`App::new`](crate::App::new) did.
+    base_id: Option<String>,
 }
 
 /// What an app's outputs guarantee (Faust's `processing_guarantee`).
@@ -305,6 +318,32 @@ impl Settings {
             timezone: "UTC".to_string(),
             topic_disable_leader: false,
             topic_pattern_refresh: Duration::from_secs(10),
+            version: 1,
+            id_format: "{id}-v{version}".to_string(),
+            base_id: None,
+        }
+    }
+
+    /// These settings with `version` applied to the id (once): for a version above 1, the id
+    /// is `id_format` of the id and the version.
+    pub(crate) fn versioned(mut self) -> Settings {
+        if self.version > 1 && self.base_id.is_none() {
+            let id = self
+                .id_format
+                .replace("{id}", &self.id)
+                .replace("{self.version}", &self.version.to_string())
+                .replace("{version}", &self.version.to_string());
+            self.base_id = Some(std::mem::replace(&mut self.id, id));
+        }
+        self
+    }
+
+    /// Where the table stores are: `{datadir}/tables` for version 1, `{datadir}/v{version}/tables`
+    /// for a later one (Faust's `tabledir` under `appdir`).
+    pub(crate) fn table_dir(&self) -> PathBuf {
+        match self.version {
+            0 | 1 => self.datadir.join("tables"),
+            version => self.datadir.join(format!("v{version}")).join("tables"),
         }
     }
 
@@ -511,6 +550,23 @@ impl Settings {
                 self.datadir = PathBuf::from(format!("{value}-data"));
             }
             self.id = value;
+        }
+        if let Some(kv) = get("APP_VERSION") {
+            let version: u32 = parse(kv.clone(), "a version number, 1 or more")?;
+            if version == 0 {
+                return Err(SettingsError {
+                    variable: kv.0,
+                    value: kv.1,
+                    reason: "expected a version number, 1 or more".into(),
+                });
+            }
+            self.version = version;
+        }
+        if let Some((variable, value)) = get("APP_ID_FORMAT") {
+            if !value.contains("{id}") {
+                return Err(SettingsError { variable, value, reason: "expected a template with `{id}`".into() });
+            }
+            self.id_format = value;
         }
         if let Some((_, v)) = get("BROKER_URL") {
             self.broker = v;
@@ -832,6 +888,23 @@ mod tests {
         ] {
             let e = Settings::new("app").from_vars([(variable, value)]).unwrap_err();
             assert!(e.variable == variable && e.reason.contains(says), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_new_version_is_a_new_app_id() {
+        let s = Settings::new("orders").from_vars([("APP_VERSION", "2")]).unwrap();
+        assert_eq!((s.version, s.id.as_str()), (2, "orders"), "applied by App::new");
+        assert_eq!(s.clone().versioned().id, "orders-v2");
+        assert_eq!(s.versioned().versioned().id, "orders-v2", "once");
+        let s = Settings::new("orders")
+            .from_vars([("APP_VERSION", "4"), ("APP_ID_FORMAT", "{id}.{self.version}")])
+            .unwrap();
+        assert_eq!(s.versioned().id, "orders.4", "Faust's placeholder");
+        assert_eq!(Settings::new("orders").versioned().id, "orders", "version 1 keeps the id");
+        for bad in [("APP_VERSION", "0"), ("APP_VERSION", "x"), ("APP_ID_FORMAT", "v2")] {
+            let err = Settings::new("orders").from_vars([bad]).unwrap_err();
+            assert_eq!(err.variable, bad.0);
         }
     }
 

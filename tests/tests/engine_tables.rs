@@ -163,3 +163,30 @@ fn counts_survive_restarts_on_the_embedded_log() {
     assert_eq!(run_local(dir.path(), 2, &batch(8000, 2000), 10_000), model(10_000));
     assert!(shard.with_extension("damaged").exists(), "the damaged store is kept aside");
 }
+
+#[test]
+fn a_new_version_of_the_app_counts_from_the_start_in_state_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |version: u32, to_send: &[(String, u64)], expected_total: u64| {
+        let mut s = settings("tables-version", 2);
+        s.datadir = dir.path().to_path_buf();
+        s.cores = Some(1);
+        s.version = version;
+        let (app, orders, counts) = counting_app(s);
+        let (result, counted) =
+            faust_tests::count_until(&app, &orders, &counts, to_send, expected_total, Duration::from_secs(60));
+        result.unwrap();
+        (app.settings().id.clone(), counted)
+    };
+    let orders = |from: u64, n: u64| (from..from + n).map(|i| (format!("acct-{}", i % 3), i)).collect::<Vec<_>>();
+    let (id, counted) = run(1, &orders(0, 300), 300);
+    assert_eq!((id.as_str(), counted.values().sum::<u64>()), ("tables-version", 300));
+    // Version 2: a new app id, group and changelog; it reads the same orders topic from the
+    // start (and the 60 sent now), counting into stores of its own.
+    let (id, counted) = run(2, &orders(300, 60), 360);
+    assert_eq!((id.as_str(), counted.values().sum::<u64>()), ("tables-version-v2", 360));
+    assert!(dir.path().join("tables").join("counts").is_dir(), "version 1's stores are kept");
+    assert!(dir.path().join("v2").join("tables").join("counts").is_dir(), "version 2's are apart");
+    let changelog = faust_tests::topic_records(dir.path(), "tables-version-v2-counts-changelog");
+    assert!(!changelog.is_empty(), "version 2 has its own changelog");
+}

@@ -80,11 +80,11 @@ impl std::fmt::Debug for App {
 }
 
 impl App {
-    /// An app with these settings.
+    /// An app with these settings (its id made from `id_format` when `version` is above 1).
     pub fn new(settings: Settings) -> App {
         App {
             inner: Arc::new(AppInner {
-                settings,
+                settings: settings.versioned(),
                 topics: Arc::default(),
                 agents: Arc::default(),
                 tables: Arc::default(),
@@ -476,8 +476,9 @@ impl App {
     /// `app.stream(iterable)`): give it to [`App::agent`] to process a fixed set of values —
     /// a test's input, a backfill read from a file — with the same agent code as a topic.
     /// The values are taken from the iterator one at a time, as the agent's queue has room,
-    /// on core 0 (where its agent instance gets them), once per run of the worker; like any
-    /// channel, nothing is durable.
+    /// on core 0 (where its agent instance gets them), once: a worker that runs again (or
+    /// restarts its run for a new subscription) goes on with the values not yet taken. Like
+    /// any channel, nothing is durable: values in the agent's queue when a run ends are lost.
     ///
     /// ```
     /// use faust::{App, Settings};
@@ -498,17 +499,18 @@ impl App {
         I::IntoIter: Send + 'static,
     {
         let channel = self.channel::<(), V>(name);
-        let values = Arc::new(Mutex::new(Some(values.into_iter())));
+        let values = Arc::new(Mutex::new(values.into_iter()));
         let target = channel.clone();
         self.task(move || {
             let (values, target) = (values.clone(), target.clone());
             async move {
-                // Taken once: a second run of the worker finds the iterator used up.
-                let Some(values) = lock(&values).take() else { return Ok(()) };
-                for value in values {
+                // One at a time from the shared iterator: what a run did not take, the next
+                // run takes.
+                loop {
+                    let next = lock(&values).next();
+                    let Some(value) = next else { return Ok(()) };
                     target.send(None, &value).await?;
                 }
-                Ok(())
             }
         });
         channel

@@ -69,7 +69,7 @@ impl App {
     /// `app.topic(pattern=...)`; matched as Kafka's Java client does, against the whole
     /// name), decoded with the app's codecs. An agent given it consumes the matching topics
     /// that exist when the worker starts and those created while it runs (looked for every
-    /// [`topic_pattern_refresh`](Settings::topic_pattern_refresh)), in one stream; its own
+    /// [`topic_pattern_refresh`](crate::Settings::topic_pattern_refresh)), in one stream; its own
     /// topic, `{id}-{agent}`, is where [`Agent::send`](crate::Agent::send) puts events.
     /// Topics the app keeps for itself (changelogs, repartition and reply topics, the leader
     /// topic, the dead-letter topic) never match.
@@ -90,8 +90,6 @@ impl App {
     /// });
     /// # Ok::<(), faust::PatternError>(())
     /// ```
-    ///
-    /// [`Settings::topic_pattern_refresh`]: crate::Settings::topic_pattern_refresh
     pub fn topics_matching<K, V>(&self, pattern: &str) -> Result<TopicPattern<K, V>, PatternError> {
         let regex = regex::Regex::new(&format!("^(?:{pattern})$"))
             .map_err(|e| PatternError { pattern: pattern.to_string(), reason: e.to_string() })?;

@@ -117,6 +117,11 @@ enum Command {
     Tables,
     /// List the Faust record models the app registered (`App::model`): namespace and type.
     Models,
+    /// Show a registered model: its Rust type and its fields (Faust's `faust model NAME`).
+    Model {
+        /// The model's namespace, as `models` lists it (e.g. `orders.Order`).
+        name: String,
+    },
     /// List the app's topics; with a running worker, with their record counts.
     Topics,
     /// Read a table through the running worker.
@@ -134,6 +139,10 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Delete the table stores of the app's other versions (`version` in the settings) from
+    /// the data directory.
+    #[command(visible_alias = "clean_versions")]
+    CleanVersions,
     /// The running worker's counters (rebalances, partitions, shards recovered, bad records,
     /// failing writes) and its current problems.
     Stats,
@@ -176,6 +185,7 @@ enum TableCommand {
 }
 
 /// A command's failure: what to print and the exit code.
+#[derive(Debug)]
 struct Failed {
     code: u8,
     message: String,
@@ -197,6 +207,17 @@ impl From<ClientError> for Failed {
         };
         Failed::new(code, e.to_string())
     }
+}
+
+/// A registered model as `model NAME` shows it: namespace, Rust type and fields (`null` for
+/// a model that is not a plain struct); an unknown name is an error listing the known ones.
+fn describe_model(models: &crate::Models, name: &str) -> Result<Value, Failed> {
+    let list = models.list();
+    let Some((namespace, rust_type)) = list.iter().find(|(ns, _)| *ns == name) else {
+        let known: Vec<&str> = list.iter().map(|(ns, _)| *ns).collect();
+        return Err(Failed::new(EXIT_NOT_FOUND, format!("no model named {name:?} (registered: {known:?})")));
+    };
+    Ok(json!({ "namespace": namespace, "type": rust_type, "fields": models.fields(name) }))
 }
 
 /// The program's name, as it was called.
@@ -452,6 +473,23 @@ fn run(
                 .collect();
             print_rows(json, &["namespace", "type"], &models)
         }
+        Command::Model { name } => {
+            let model = describe_model(&lock(&app.inner.models), &name)?;
+            if json {
+                out(format_args!("{model}"))
+            } else {
+                out(format_args!("{name}: {}", model["type"].as_str().unwrap_or("?")))?;
+                let fields: Vec<Value> = model["fields"]
+                    .as_array()
+                    .map(|f| f.iter().map(|name| json!({ "field": name })).collect())
+                    .unwrap_or_default();
+                if fields.is_empty() {
+                    out(format_args!("(not a struct: no fields to list)"))
+                } else {
+                    print_rows(false, &["field"], &fields)
+                }
+            }
+        }
         Command::Tables => {
             let tables: Vec<Value> = lock(&app.inner.tables)
                 .iter()
@@ -531,7 +569,17 @@ fn run(
             }
             Ok(())
         }
-        Command::Reset { yes, all } => reset(&datadir, yes, all, json),
+        Command::Reset { yes, all } => reset(&settings, yes, all, json),
+        Command::CleanVersions => {
+            let deleted = clean_versions(&settings)?;
+            if json {
+                return out(format_args!("{}", json!({ "deleted": deleted })));
+            }
+            if deleted.is_empty() {
+                return out(format_args!("no other version's state in {}", datadir.display()));
+            }
+            deleted.iter().try_for_each(|path| out(format_args!("deleted {path}")))
+        }
         Command::Repair { topic, partition, yes } => repair(&settings, &topic, partition, yes, json),
         Command::Stats => {
             let stats = control::request(&datadir, &Request::Stats)?;
@@ -751,16 +799,57 @@ fn confirm(yes: bool, question: &str) -> Result<(), Failed> {
     }
 }
 
+/// Refuses when a worker runs on the data directory: `doing` would pull its state from under it.
+fn no_worker_running(datadir: &std::path::Path, doing: &str) -> Result<(), Failed> {
+    match control::request(datadir, &Request::Ping) {
+        Ok(_) => Err(Failed::new(
+            EXIT_FAILED,
+            format!("a worker is running on {}: stop it before {doing}", datadir.display()),
+        )),
+        Err(_) => Ok(()),
+    }
+}
+
+/// `clean-versions`: deletes the table stores of versions other than the settings' (Faust's
+/// `clean_versions`): `{datadir}/v{n}`, and `{datadir}/tables` (version 1's) when the app is
+/// at a later version; never under a running worker. Returns what it deleted.
+fn clean_versions(settings: &crate::Settings) -> Result<Vec<String>, Failed> {
+    let datadir = &settings.datadir;
+    no_worker_running(datadir, "deleting old versions' state")?;
+    let entries = match std::fs::read_dir(datadir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Failed::new(EXIT_FAILED, format!("reading {}: {e}", datadir.display()))),
+    };
+    let current = settings.version.max(1);
+    let mut old = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let version = match name.strip_prefix('v').and_then(|n| n.parse::<u32>().ok()) {
+            Some(n) => n,
+            None if name == "tables" => 1,
+            None => continue,
+        };
+        if version != current && entry.path().is_dir() {
+            old.push(entry.path());
+        }
+    }
+    old.sort();
+    let mut deleted = Vec::new();
+    for path in old {
+        std::fs::remove_dir_all(&path)
+            .map_err(|e| Failed::new(EXIT_FAILED, format!("deleting {}: {e}", path.display())))?;
+        deleted.push(path.display().to_string());
+    }
+    Ok(deleted)
+}
+
 /// `reset`: deletes the table stores (or the whole data directory), never under a running
 /// worker, after confirmation.
-fn reset(datadir: &std::path::Path, yes: bool, all: bool, json: bool) -> Result<(), Failed> {
-    if control::request(datadir, &Request::Ping).is_ok() {
-        return Err(Failed::new(
-            EXIT_FAILED,
-            format!("a worker is running on {}: stop it before resetting its state", datadir.display()),
-        ));
-    }
-    let target = if all { datadir.to_path_buf() } else { datadir.join("tables") };
+fn reset(settings: &crate::Settings, yes: bool, all: bool, json: bool) -> Result<(), Failed> {
+    let datadir = &settings.datadir;
+    no_worker_running(datadir, "resetting its state")?;
+    let target = if all { datadir.to_path_buf() } else { settings.table_dir() };
     if !target.exists() {
         return match json {
             true => out(format_args!("{}", json!({ "deleted": Value::Null }))),
@@ -789,6 +878,8 @@ impl App {
     /// | `stats` | the running worker's counters ([`WorkerStats`](crate::WorkerStats)) and current problems |
     /// | `repair TOPIC [--partition P] [--yes]` | repairs a damaged log of the embedded transport (drops its damaged batches, keeps them aside, reports what was lost) |
     /// | `reset [--all] [--yes]` | deletes the table stores (with `--all`, the whole data directory), never under a running worker |
+    /// | `model NAME` | a registered model's Rust type and fields ([`Models::fields`](crate::Models::fields)) |
+    /// | `clean-versions` | deletes the table stores of the app's other [versions](crate::Settings::version) |
     /// | `completions SHELL` | prints a shell completion script |
     /// | the app's own | see [`App::command`] |
     ///
@@ -856,6 +947,52 @@ mod tests {
             let err = parse(&["app", "worker", &format!("--partitions={bad}")]).unwrap_err();
             assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation, "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn a_model_is_described_by_its_fields_and_an_unknown_one_is_not_found() {
+        #[derive(serde::Serialize, serde::Deserialize)]
+        struct Order {
+            account_id: String,
+            amount: u64,
+        }
+        impl crate::FaustRecord for Order {
+            const NAMESPACE: &'static str = "orders.Order";
+        }
+        let mut models = crate::Models::new();
+        models.register::<Order>();
+        let model = describe_model(&models, "orders.Order").unwrap();
+        assert_eq!(model["fields"], json!(["account_id", "amount"]));
+        assert!(model["type"].as_str().unwrap().ends_with("Order"), "{model}");
+        let err = describe_model(&models, "orders.Refund").unwrap_err();
+        assert_eq!(err.code, EXIT_NOT_FOUND);
+        assert!(err.message.contains("registered: [\"orders.Order\"]"), "{}", err.message);
+        let cli = Cli::try_parse_from(["app", "model", "orders.Order"]).unwrap();
+        assert!(matches!(cli.command, Command::Model { name } if name == "orders.Order"));
+    }
+
+    #[test]
+    fn clean_versions_deletes_the_stores_of_other_versions_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = crate::Settings::new("shop");
+        settings.datadir = dir.path().to_path_buf();
+        settings.version = 3;
+        let settings = settings.versioned();
+        assert_eq!(settings.id, "shop-v3");
+        assert_eq!(settings.table_dir(), dir.path().join("v3").join("tables"));
+        for sub in ["tables/counts/0", "v2/tables/counts/0", "v3/tables/counts/0", "topics/orders/0", "vx"] {
+            std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+        }
+        let deleted = clean_versions(&settings).unwrap();
+        let expected: Vec<String> = ["tables", "v2"].iter().map(|d| dir.path().join(d).display().to_string()).collect();
+        assert_eq!(deleted, expected);
+        for kept in ["v3/tables/counts/0", "topics/orders/0", "vx"] {
+            assert!(dir.path().join(kept).is_dir(), "{kept} is kept");
+        }
+        assert!(clean_versions(&settings).unwrap().is_empty(), "nothing left to delete");
+        assert_eq!(settings.clone().versioned().id, "shop-v3", "applied once");
+        let cli = Cli::try_parse_from(["app", "clean_versions"]).unwrap();
+        assert!(matches!(cli.command, Command::CleanVersions));
     }
 
     #[test]

@@ -153,7 +153,16 @@ type DecodeAny = Arc<dyn Fn(&[u8]) -> Result<Box<dyn Any + Send>, CodecError> + 
 /// ```
 #[derive(Clone, Default)]
 pub struct Models {
-    by_namespace: BTreeMap<&'static str, (&'static str, DecodeAny)>,
+    by_namespace: BTreeMap<&'static str, Model>,
+}
+
+/// A registered model.
+#[derive(Clone)]
+struct Model {
+    rust_type: &'static str,
+    /// Its fields, when it is a struct (serde names them).
+    fields: Option<&'static [&'static str]>,
+    decode: DecodeAny,
 }
 
 impl std::fmt::Debug for Models {
@@ -174,13 +183,38 @@ impl Models {
             let record: Record<T> = serde_json::from_slice(bytes).map_err(|e| CodecError::decode("json", e))?;
             Ok(Box::new(record.0) as Box<dyn Any + Send>)
         });
-        self.by_namespace.insert(T::NAMESPACE, (std::any::type_name::<T>(), decode));
+        let model = Model { rust_type: std::any::type_name::<T>(), fields: struct_fields::<T>(), decode };
+        self.by_namespace.insert(T::NAMESPACE, model);
         self
     }
 
     /// The registered models: each namespace with the Rust type it decodes to.
     pub fn list(&self) -> Vec<(&'static str, &'static str)> {
-        self.by_namespace.iter().map(|(ns, (ty, _))| (*ns, *ty)).collect()
+        self.by_namespace.iter().map(|(ns, model)| (*ns, model.rust_type)).collect()
+    }
+
+    /// The fields of the model of `namespace` (Faust's `faust model NAME`), in declaration
+    /// order as serde names them; `None` when no model has that namespace, or when it is not
+    /// a plain struct (an enum, a map, a struct with flattened fields).
+    ///
+    /// ```
+    /// # use serde::{Deserialize, Serialize};
+    /// #[derive(Serialize, Deserialize)]
+    /// struct Order {
+    ///     account_id: String,
+    ///     #[serde(rename = "amount_cents")]
+    ///     amount: u64,
+    /// }
+    /// impl faust::FaustRecord for Order {
+    ///     const NAMESPACE: &'static str = "orders.Order";
+    /// }
+    ///
+    /// let mut models = faust::Models::new();
+    /// models.register::<Order>();
+    /// assert_eq!(models.fields("orders.Order"), Some(&["account_id", "amount_cents"][..]));
+    /// ```
+    pub fn fields(&self, namespace: &str) -> Option<&'static [&'static str]> {
+        self.by_namespace.get(namespace).and_then(|model| model.fields)
     }
 
     /// Decodes `bytes` as the model its namespace names; a record without Faust's metadata,
@@ -188,11 +222,54 @@ impl Models {
     pub fn decode(&self, bytes: &[u8]) -> Result<AnyRecord, CodecError> {
         let ns = record_namespace(bytes)
             .ok_or_else(|| CodecError::decode("json", "not a Faust record: no `__faust.ns` metadata"))?;
-        let Some((_, decode)) = self.by_namespace.get(ns.as_str()) else {
+        let Some(Model { decode, .. }) = self.by_namespace.get(ns.as_str()) else {
             let known: Vec<&str> = self.by_namespace.keys().copied().collect();
             return Err(CodecError::decode("json", format!("no model of namespace `{ns}` (registered: {known:?})")));
         };
         Ok(AnyRecord { value: decode(bytes)?, namespace: ns })
+    }
+}
+
+/// The field names of `T` when serde deserializes it as a struct: asked of a deserializer
+/// that records them and reads nothing.
+fn struct_fields<T: DeserializeOwned>() -> Option<&'static [&'static str]> {
+    let mut fields = None;
+    let _ = T::deserialize(FieldNames(&mut fields));
+    fields
+}
+
+/// A deserializer that only answers `deserialize_struct`, recording the field names (through
+/// newtype wrappers); everything else is an error.
+struct FieldNames<'a>(&'a mut Option<&'static [&'static str]>);
+
+impl<'de> Deserializer<'de> for FieldNames<'_> {
+    type Error = serde::de::value::Error;
+
+    fn deserialize_any<V: serde::de::Visitor<'de>>(self, _visitor: V) -> Result<V::Value, Self::Error> {
+        Err(serde::de::Error::custom("not a struct"))
+    }
+
+    fn deserialize_newtype_struct<V: serde::de::Visitor<'de>>(
+        self,
+        _name: &'static str,
+        visitor: V,
+    ) -> Result<V::Value, Self::Error> {
+        visitor.visit_newtype_struct(self)
+    }
+
+    fn deserialize_struct<V: serde::de::Visitor<'de>>(
+        self,
+        _name: &'static str,
+        fields: &'static [&'static str],
+        _visitor: V,
+    ) -> Result<V::Value, Self::Error> {
+        *self.0 = Some(fields);
+        Err(serde::de::Error::custom("fields recorded"))
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        option unit unit_struct seq tuple tuple_struct map enum identifier ignored_any
     }
 }
 
@@ -238,6 +315,26 @@ mod tests {
 
     impl FaustRecord for Order {
         const NAMESPACE: &'static str = "shop.Order";
+    }
+
+    #[test]
+    fn a_model_s_fields_are_listed_when_it_is_a_struct() {
+        #[derive(Serialize, Deserialize)]
+        struct Cents(u64);
+        impl FaustRecord for Cents {
+            const NAMESPACE: &'static str = "shop.Cents";
+        }
+        #[derive(Serialize, Deserialize)]
+        struct Wrapped(Order);
+        impl FaustRecord for Wrapped {
+            const NAMESPACE: &'static str = "shop.Wrapped";
+        }
+        let mut models = Models::new();
+        models.register::<Order>().register::<Cents>().register::<Wrapped>();
+        assert_eq!(models.fields("shop.Order"), Some(&["account_id", "amount", "price", "note"][..]));
+        assert_eq!(models.fields("shop.Wrapped"), models.fields("shop.Order"), "through a newtype");
+        assert_eq!(models.fields("shop.Cents"), None, "not a struct");
+        assert_eq!(models.fields("shop.Missing"), None, "not registered");
     }
 
     #[test]

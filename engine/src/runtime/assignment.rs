@@ -376,7 +376,7 @@ impl CoreRuntime {
         let settings = self.settings();
         let meta = self.tables.get(table).ok_or_else(|| format!("no table #{table}"))?;
         let dir = (settings.store != "memory://" && !meta.in_memory())
-            .then(|| settings.datadir.join("tables").join(&**meta.name()).join(partition.to_string()));
+            .then(|| settings.table_dir().join(&**meta.name()).join(partition.to_string()));
         meta.open(crate::runtime::state::ShardArgs { partition, dir, segment_bytes: settings.segment_bytes })
             .map_err(|e| e.to_string())
     }

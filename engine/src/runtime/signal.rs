@@ -12,10 +12,11 @@ use crate::util::lock;
 
 /// Tells a running worker to stop; cheap to clone and usable from any thread.
 ///
-/// The worker itself may also stop its run to start again at once ([`restart`](Self::restart)):
-/// an agent that re-routes its stream inside its body (`Stream::group_by`, `Stream::through`)
-/// makes the worker consume a topic it did not subscribe to, which a run takes on only when it
-/// joins its group. A stop asked for from outside always wins over a restart.
+/// The worker itself may also stop its run to start again at once: an agent that re-routes
+/// its stream inside its body ([`Stream::group_by`](crate::Stream::group_by),
+/// [`Stream::through`](crate::Stream::through)), or a new topic that matches an agent's
+/// pattern, makes the worker consume a topic it did not subscribe to, which a run takes on
+/// only when it joins its group. A stop asked for from outside always wins over a restart.
 #[derive(Debug, Default)]
 pub struct StopSignal {
     state: AtomicU8,
