@@ -65,6 +65,9 @@ struct Args {
     /// Only the W3 runs (windowed counts), once each.
     #[arg(long)]
     only_w3: bool,
+    /// Only the tumbling W3 run, after W2, once (for profiling).
+    #[arg(long)]
+    only_w3_tumbling: bool,
     /// Only the takeover on memory://, once.
     #[arg(long)]
     only_takeover: bool,
@@ -916,6 +919,20 @@ fn main() {
         faust_bench::w2::preload(&small, n, 10_000);
         let r = faust_bench::w2::run_grouped(&small, "w4-only", n, 1);
         println!("W4 1 core: {:.0} events/s ({} accounts)", r.events_s, r.accounts);
+        return;
+    }
+    if args.only_w3_tumbling {
+        let small = dir.path().join("w3-only");
+        faust_bench::w2::preload(&small, n, 10_000);
+        let w2 = faust_bench::w2::run(&small, "w2-for-w3", n, 1);
+        let w3 = faust_bench::w3::run(&small, "w3-tumbling", n, faust_bench::w3::Kind::Tumbling)
+            .unwrap_or_else(|e| panic!("{e}"));
+        println!(
+            "W2 1 core: {:.0} events/s; W3 tumbling: {:.0} events/s, {:.2} of W2",
+            w2.events_s,
+            w3.events_s,
+            w3.events_s / w2.events_s
+        );
         return;
     }
     if args.only_w3 {
