@@ -276,8 +276,8 @@ impl CompactionJob {
 
 /// Liveness for a plain compacted log: a record is live when it is the latest of its key in
 /// the segments being compacted and those after them up to the horizon. Tombstones go once
-/// they are older than the cutoff and the group starts at the head of the log (nothing older
-/// can hide behind them).
+/// they are older than the cutoff and everything before their group was rewritten with this
+/// key map (nothing older can hide behind them).
 pub(crate) struct KeyMapLiveness {
     latest: hashbrown::HashMap<Bytes, u64, foldhash::fast::RandomState>,
     tombstone_cutoff_ms: i64,
@@ -437,9 +437,13 @@ impl CleaningPass {
                     count += 1;
                 }
                 let group: Vec<u32> = self.ids[self.next..self.next + count].to_vec();
-                // Tombstones go only from a group at the head of the log: nothing older can
-                // then hide behind them.
-                self.liveness.set_prefix(start == 0);
+                // Tombstones go only from a group with nothing before it but what this pass
+                // rewrote already: the pass starts at the head of the log and its key map
+                // covers all of it, so every older record of a tombstone's key was dropped
+                // from the groups before (installed in order). At the head of the log that is
+                // every group of the pass: `start` is `self.next` exactly when each segment
+                // before the group is an output of this pass.
+                self.liveness.set_prefix(start == self.next);
                 let job = CompactionJob::plan(log, &group)?;
                 self.outcome.bytes_before += size;
                 self.outcome.segments_compacted += count;

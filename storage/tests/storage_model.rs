@@ -696,6 +696,45 @@ fn stepwise_compaction_bounds_an_update_heavy_log() -> Result<(), Box<dyn std::e
     Ok(())
 }
 
+/// Keys that live a while and are then deleted, for ever new keys (a windowed table's
+/// changelog: every window is written, then tombstoned when it expires), compacted in steps as
+/// it goes: tombstones leave from every part of the log a pass rewrites, not only from its
+/// first segment, so the log's size levels off. (Dropping them only at the head let the log
+/// grow by the tombstones written, faster than one segment a pass could take.)
+#[test]
+fn stepwise_compaction_bounds_a_log_of_expiring_keys() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let mut log = Log::open(dir.path(), compacted_config())?;
+    let mut b = BatchBuilder::new();
+    let mut sizes = Vec::new();
+    let value = [7u8; 24];
+    for round in 0..60u64 {
+        // 200 new keys a round, each written twice; those of two rounds ago are deleted.
+        for i in 0..200u64 {
+            let key = format!("w{round}-{i}");
+            for _ in 0..2 {
+                b.push(round as i64, Some(key.as_bytes()), Some(&value[..]), &[]);
+                log.append(&mut b)?;
+            }
+            if round >= 2 {
+                b.push(round as i64, Some(format!("w{}-{i}", round - 2).as_bytes()), None, &[]);
+                log.append(&mut b)?;
+            }
+        }
+        let horizon = log.high_watermark();
+        while log.compact_step(i64::MAX, horizon, 4096)? == CompactionProgress::Working {}
+        sizes.push(log.size_bytes());
+    }
+    let middle = *sizes[20..40].iter().max().ok_or("no sizes")?;
+    let late = *sizes[40..].iter().max().ok_or("no sizes")?;
+    assert!(late <= middle + middle / 4, "the log keeps growing: {sizes:?}");
+    // What is left is the keys of the last two rounds (the others were deleted).
+    let last = read_all(&log, log.earliest_offset(), 1 << 20)?;
+    let state = state_at(&last.iter().map(kept_of).collect::<Vec<_>>(), u64::MAX);
+    assert_eq!(state.len(), 400, "the live keys");
+    Ok(())
+}
+
 /// A fixed scenario the properties above cover only by chance: a key overwritten many times
 /// across segments, a tombstone at the head of the log, compacted twice and reopened.
 #[test]

@@ -241,27 +241,40 @@ impl<K: 'static, V: 'static> Stream<K, V> {
 
     /// [`then`](Stream::then) for a processor that also looks at where the record came from.
     fn then_queued<K2, V2>(
-        self,
+        mut self,
         next: impl Fn(&QueuedEvent, Option<K>, V) -> Result<Option<(Option<K2>, V2)>, Rejected> + 'static,
     ) -> Stream<K2, V2> {
-        let previous = self.stage;
+        let (positions, decode_ahead) = (self.positions.take(), self.decode_ahead);
+        self.restaged(positions, decode_ahead, |previous| {
+            Box::new(move |queued: &QueuedEvent| match previous(queued)? {
+                Some((k, v)) => next(queued, k, v),
+                None => Ok(None),
+            })
+        })
+    }
+
+    /// The stream with the stage `build` makes of the current one (and these positions and
+    /// read-ahead); everything else carried over. Its records are owned values from now on.
+    fn restaged<K2, V2>(
+        self,
+        positions: Option<crate::Table<u32, u64>>,
+        decode_ahead: bool,
+        build: impl FnOnce(Stage<K, V>) -> Stage<K2, V2>,
+    ) -> Stream<K2, V2> {
         Stream {
             core: self.core,
             agent: self.agent,
             queue: self.queue,
             current: self.current,
-            positions: self.positions,
+            positions,
             max_record_bytes: self.max_record_bytes,
             keys: self.keys,
             in_place: false,
-            decode_ahead: self.decode_ahead,
+            decode_ahead,
             manual_ack: self.manual_ack,
             scope: self.scope,
             reroute: self.reroute,
-            stage: Box::new(move |queued: &QueuedEvent| match previous(queued)? {
-                Some((k, v)) => next(queued, k, v),
-                None => Ok(None),
-            }),
+            stage: build(self.stage),
         }
     }
 

@@ -64,29 +64,33 @@ impl<K: 'static, V: 'static> Stream<K, V> {
         positions: Option<crate::Table<u32, u64>>,
         stage: impl Fn(&QueuedEvent, &Stage<K, V>) -> Result<Option<(Option<K2>, V2)>, Rejected> + 'static,
     ) -> Stream<K2, V2> {
-        let previous = self.stage;
-        Stream {
-            core: self.core,
-            agent: self.agent,
-            queue: self.queue,
-            current: self.current,
-            positions,
-            max_record_bytes: self.max_record_bytes,
-            keys: self.keys,
-            in_place: false,
-            // Forwarding is an effect: event by event, in order.
-            decode_ahead: false,
-            manual_ack: self.manual_ack,
-            scope: self.scope,
-            reroute: self.reroute,
-            stage: Box::new(move |queued: &QueuedEvent| stage(queued, &previous)),
-        }
+        // Forwarding is an effect: event by event, in order (no decoding ahead).
+        self.restaged(positions, false, |previous| {
+            Box::new(move |queued: &QueuedEvent| stage(queued, &previous))
+        })
     }
 }
 
 /// A key or value of a re-routed topic's record, decoded.
 fn decode<T: DeserializeOwned>(codec: &Codec, bytes: &bytes::Bytes, part: RecordPart) -> Result<T, Rejected> {
     codec.decode_bytes(bytes).map_err(|e| Rejected::Bad(part, e.to_string()))
+}
+
+/// A record of the re-routed topic `topic`, decoded with its codecs (its key only when the
+/// stream decodes keys); a null value is a bad record.
+fn decode_record<K: DeserializeOwned, V: DeserializeOwned>(
+    topic: &TopicInner,
+    queued: &QueuedEvent,
+    keys: bool,
+) -> Result<(Option<K>, V), Rejected> {
+    let key = match &queued.record.key {
+        Some(k) if keys => Some(decode(&topic.key_codec, k, RecordPart::Key)?),
+        _ => None,
+    };
+    let Some(value) = &queued.record.value else {
+        return Err(Rejected::Bad(RecordPart::Value, "null".into()));
+    };
+    Ok((key, decode(&topic.value_codec, value, RecordPart::Value)?))
 }
 
 impl<K: 'static, V: Serialize + DeserializeOwned + 'static> Stream<K, V> {
@@ -202,14 +206,7 @@ impl<K: 'static, V: Serialize + DeserializeOwned + 'static> Stream<K, V> {
         let value_bytes = std::cell::RefCell::new(std::mem::take(&mut value_bytes));
         self.routed(Some(positions), move |queued, previous| {
             if same_topic(&queued.tp.topic, &topic.name) {
-                let key = match &queued.record.key {
-                    Some(k) if keys.get() => Some(decode(&topic.key_codec, k, RecordPart::Key)?),
-                    _ => None,
-                };
-                let Some(value) = &queued.record.value else {
-                    return Err(Rejected::Bad(RecordPart::Value, "null".into()));
-                };
-                return Ok(Some((key, decode(&topic.value_codec, value, RecordPart::Value)?)));
+                return decode_record(&topic, queued, keys.get()).map(Some);
             }
             let Some((_, value)) = previous(queued)? else { return Ok(None) };
             let key = key_fn(&value).map_err(Rejected::Failed)?;
@@ -269,14 +266,7 @@ impl<K: Serialize + DeserializeOwned + 'static, V: Serialize + DeserializeOwned 
         self.routed(None, move |queued, previous| {
             let inner = &target.inner;
             if same_topic(&queued.tp.topic, &inner.name) {
-                let key = match &queued.record.key {
-                    Some(k) if keys.get() => Some(decode(&inner.key_codec, k, RecordPart::Key)?),
-                    _ => None,
-                };
-                let Some(value) = &queued.record.value else {
-                    return Err(Rejected::Bad(RecordPart::Value, "null".into()));
-                };
-                return Ok(Some((key, decode(&inner.value_codec, value, RecordPart::Value)?)));
+                return decode_record(inner, queued, keys.get()).map(Some);
             }
             let Some((key, value)) = previous(queued)? else { return Ok(None) };
             target.send_soon(key.as_ref(), &value).map_err(|e| Rejected::Failed(e.to_string()))?;
