@@ -65,9 +65,7 @@ impl<K: 'static, V: 'static> Stream<K, V> {
         stage: impl Fn(&QueuedEvent, &Stage<K, V>) -> Result<Option<(Option<K2>, V2)>, Rejected> + 'static,
     ) -> Stream<K2, V2> {
         // Forwarding is an effect: event by event, in order (no decoding ahead).
-        self.restaged(positions, false, |previous| {
-            Box::new(move |queued: &QueuedEvent| stage(queued, &previous))
-        })
+        self.restaged(positions, false, |previous| Box::new(move |queued: &QueuedEvent| stage(queued, &previous)))
     }
 }
 
