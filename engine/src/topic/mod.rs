@@ -287,11 +287,14 @@ impl TopicInner {
         if self.kind == TopicKind::Channel {
             return core.deliver(&self.name, key, value).await;
         }
-        if core.partitions(&self.name).is_none() {
-            // A topic created since the worker started: its partitions, once.
-            core.learn_partitions(&self.name).await;
-        }
-        let tp = self.route_to(core, key, options.and_then(|o| o.partition))?;
+        let chosen = options.and_then(|o| o.partition);
+        let tp = match self.route_to(core, key, chosen) {
+            // A topic created since the worker started: its partitions, read once.
+            Err(SendError::UnknownTopic { .. }) if core.learn_partitions(&self.name).await.is_some() => {
+                self.route_to(core, key, chosen)?
+            }
+            routed => routed?,
+        };
         core.wait_gate().await;
         // Records of a partition land in the order they were sent, buffered or not.
         if core.has_pending(&tp) {
