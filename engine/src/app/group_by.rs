@@ -59,21 +59,34 @@ impl<K, V> sealed::Sealed for GroupBy<K, V> {}
 
 impl<K: 'static, V: 'static> Source<K, V> for GroupBy<K, V> {
     fn consumed_by(&self, app: &App, agent: &str) -> Topic<K, V> {
-        let name = crate::runtime::upkeep::repartition_topic(&app.settings().id, agent, &self.source, &self.name);
-        let key_codec = app.settings().key_serializer.clone();
-        let topic = app.declare::<K, V>(&name, key_codec, self.value_codec.clone(), TopicKind::Log);
-        app.copartition_with(&name, &self.source);
-        // The latest source position taken, per repartition partition and source partition:
-        // committed with the repartition topic's offsets, so a record the re-keying agent
-        // sends again after a crash is recognised and dropped (exact counts downstream).
-        let positions = app
-            .table::<u32, u64>(&format!("{agent}-{}-{}-positions", self.source, self.name))
-            .with_codecs(Codec::JSON, Codec::JSON)
-            .with_partitions_like(Arc::from(name.as_str()));
-        let _ = topic.inner.positions.set(positions);
+        let topic = declare_repartition::<K, V>(app, agent, &self.source, &self.name, &self.value_codec);
         (self.register)(app, agent, &topic);
         topic
     }
+}
+
+/// Declares the repartition topic of `group_by` `name` of `source` for `agent` (named as
+/// Faust names it, co-partitioned with `source`, keys in the app's key serializer) and its
+/// positions table: the latest source position taken, per repartition partition and source
+/// partition, committed with the repartition topic's offsets, so a record the re-keying sends
+/// again after a crash is recognised and dropped (exact counts downstream).
+fn declare_repartition<K, V>(
+    app: &App,
+    agent: &str,
+    source: &Arc<str>,
+    name: &str,
+    value_codec: &Codec,
+) -> Topic<K, V> {
+    let topic_name = crate::runtime::upkeep::repartition_topic(&app.settings().id, agent, source, name);
+    let key_codec = app.settings().key_serializer.clone();
+    let topic = app.declare::<K, V>(&topic_name, key_codec, value_codec.clone(), TopicKind::Log);
+    app.copartition_with(&topic_name, source);
+    let positions = app
+        .table::<u32, u64>(&format!("{agent}-{source}-{name}-positions"))
+        .with_codecs(Codec::JSON, Codec::JSON)
+        .with_partitions_like(Arc::from(topic_name.as_str()));
+    let _ = topic.inner.positions.set(positions);
+    topic
 }
 
 impl<K, V> Topic<K, V>
@@ -91,8 +104,10 @@ where
     /// count (so it is co-partitioned with it and with the tables of the same count), value
     /// bytes and headers as read (not re-encoded), the event's timestamp kept, the new key
     /// encoded with the app's key serializer. Offsets of this topic are committed only once the
-    /// re-keyed records are durable. Declared with the agent rather than inside it, because the
-    /// repartition topic must exist, and be consumed by its owners, before events flow.
+    /// re-keyed records are durable. Declared with the agent, the worker consumes the
+    /// repartition topic from its start; [`Stream::group_by`](crate::Stream::group_by) does
+    /// the same inside the agent's body, at the cost of one restart of the worker's run the
+    /// first time.
     ///
     /// ```
     /// use faust::{App, Settings};
@@ -203,17 +218,7 @@ impl crate::stream::reroute::Reroute for AgentRoutes {
         let known = app.inner.outbox.topics().into_iter().find(|t| t.name == topic_name && t.positions.get().is_some());
         let topic = match known {
             Some(topic) => topic,
-            None => {
-                let key_codec = app.settings().key_serializer.clone();
-                let topic = app.declare::<(), ()>(&topic_name, key_codec, self.value_codec.clone(), TopicKind::Log);
-                app.copartition_with(&topic_name, &self.source);
-                let positions = app
-                    .table::<u32, u64>(&format!("{}-{}-{name}-positions", self.agent, self.source))
-                    .with_codecs(Codec::JSON, Codec::JSON)
-                    .with_partitions_like(topic_name.clone());
-                let _ = topic.inner.positions.set(positions);
-                topic.inner
-            }
+            None => declare_repartition::<(), ()>(&app, &self.agent, &self.source, name, &self.value_codec).inner,
         };
         if core.routes_to(&topic_name, agent) {
             let positions = topic.positions.get()?.clone();

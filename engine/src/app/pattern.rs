@@ -132,6 +132,15 @@ pub(crate) fn has_patterns(app: &App) -> bool {
     lock(&app.inner.agents).iter().any(|spec| !spec.patterns.is_empty())
 }
 
+/// At start: subscribes the agents with patterns to the topics among `existing` that match,
+/// and to the log topics the app declares (the worker creates them next).
+pub(crate) fn subscribe_at_start(app: &App, mut existing: Vec<String>) {
+    let declared = lock(&app.inner.topics);
+    existing.extend(declared.iter().filter(|t| t.kind == TopicKind::Log).map(|t| t.name.to_string()));
+    drop(declared);
+    subscribe_matching(app, &existing);
+}
+
 /// Subscribes the agents with patterns to the topics among `names` that match and that they
 /// do not consume yet (declaring each); returns how many subscriptions were added.
 pub(crate) fn subscribe_matching(app: &App, names: &[String]) -> usize {
@@ -141,13 +150,12 @@ pub(crate) fn subscribe_matching(app: &App, names: &[String]) -> usize {
     let mut agents = lock(&app.inner.agents);
     for spec in agents.iter_mut().filter(|spec| !spec.patterns.is_empty()) {
         for name in names.iter().filter(|name| !kept(name)) {
-            let consumed = *spec.topic == **name || spec.also.iter().any(|t| **t == **name);
+            if *spec.topic == **name || spec.also.iter().any(|t| **t == **name) {
+                continue;
+            }
             let Some(pattern) = spec.patterns.iter().find(|p| p.regex.is_match(name)) else {
                 continue;
             };
-            if consumed {
-                continue;
-            }
             (pattern.declare)(app, name);
             spec.also.push(Arc::from(name.as_str()));
             tracing::info!(app = %settings.id, agent = %spec.name, topic = %name, pattern = %pattern.regex.as_str(),

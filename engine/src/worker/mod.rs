@@ -535,13 +535,7 @@ async fn core_main(core_main: CoreMain) -> Result<(), String> {
         // streams, or whose patterns matched, added to them for this run), with the topics
         // their patterns match now.
         let subscribed = if crate::app::pattern::has_patterns(&app) {
-            core.topic_names().await.map(|mut names| {
-                // Topics the app declares match too: they are created below.
-                let declared = lock(&app.inner.topics);
-                names.extend(declared.iter().filter(|t| t.kind == TopicKind::Log).map(|t| t.name.to_string()));
-                drop(declared);
-                crate::app::pattern::subscribe_matching(&app, &names);
-            })
+            core.topic_names().await.map(|names| crate::app::pattern::subscribe_at_start(&app, names))
         } else {
             Ok(())
         };
@@ -634,12 +628,16 @@ async fn core_main(core_main: CoreMain) -> Result<(), String> {
             .iter()
             .enumerate()
             .filter(|(_, spec)| spec.isolated && !spec.topic.is_empty())
-            .map(|(agent, spec)| IsolatedAgent {
-                agent,
-                topics: std::iter::once(spec.topic.clone()).chain(spec.also.iter().cloned()).collect(),
-                start: spec.start.clone(),
-                actors: RefCell::default(),
-                finished: RefCell::default(),
+            .map(|(agent, spec)| {
+                // Each actor reads its own partition's lane: a new event wakes them all.
+                runtime.queue(agent).isolate();
+                IsolatedAgent {
+                    agent,
+                    topics: std::iter::once(spec.topic.clone()).chain(spec.also.iter().cloned()).collect(),
+                    start: spec.start.clone(),
+                    actors: RefCell::default(),
+                    finished: RefCell::default(),
+                }
             })
             .collect(),
     );
@@ -834,7 +832,6 @@ impl IsolatedAgent {
     /// taken.
     fn follow_assignment(&self, runtime: &Rc<CoreRuntime>) {
         let queue = runtime.queue(self.agent);
-        queue.isolate();
         let held = runtime.consuming(&self.topics);
         let mut actors = self.actors.borrow_mut();
         let released: Vec<TopicPartition> = actors.keys().filter(|tp| !held.contains(tp)).cloned().collect();
