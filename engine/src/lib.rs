@@ -51,7 +51,7 @@ pub use crate::cron::{CronError, Crontab};
 pub use crate::error::{AgentError, AskError, SendError, TableError};
 pub use crate::progress::{LogWriter, Progress, log_writer};
 pub use crate::runtime::bad_record::{BadRecord, RecordPart};
-pub use crate::runtime::context::{CurrentEvent, EventPosition, current_agent, current_event};
+pub use crate::runtime::context::{CurrentEvent, EventPosition, current_agent, current_event, current_offset};
 pub use crate::runtime::sensor::Sensor;
 pub use crate::runtime::signal::StopSignal;
 pub use crate::runtime::stats::WorkerStats;

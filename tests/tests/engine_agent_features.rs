@@ -194,6 +194,11 @@ fn current_event_is_the_event_with_its_record() {
         let seen = seen.clone();
         move || {
             let e = faust::current_event().expect("an event");
+            assert_eq!(
+                faust::current_offset(),
+                Some((e.partition, e.offset)),
+                "current_offset is current_event's position"
+            );
             let headers = e.headers().iter().map(|(k, _)| String::from_utf8_lossy(k).into_owned()).collect();
             seen.lock().unwrap().push((e.key::<String>().unwrap(), e.value::<u64>().unwrap(), headers, e.offset));
             e

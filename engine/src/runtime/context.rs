@@ -249,6 +249,23 @@ pub fn current_event() -> Option<CurrentEvent> {
     })
 }
 
+/// The partition and offset of the event the calling agent is processing: what
+/// [`current_event`] says of its position, without copying the event's topic name and record
+/// (a per-event read, e.g. for an event time derived from the offset). `None` where
+/// [`current_event`] is.
+///
+/// ```
+/// // Outside an agent there is no current event.
+/// assert_eq!(faust::current_offset(), None);
+/// ```
+pub fn current_offset() -> Option<(u32, u64)> {
+    POLLING.with(|p| {
+        let slot = p.borrow();
+        let token = slot.as_ref()?.current.borrow();
+        token.as_ref().map(|t| (t.partition, t.offset))
+    })
+}
+
 /// The name of the agent whose task calls this (Faust's `current_agent()`); `None` outside
 /// an agent (a timer, a task, another thread).
 pub fn current_agent() -> Option<Arc<str>> {

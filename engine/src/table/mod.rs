@@ -386,6 +386,17 @@ where
         access: Access,
         f: impl FnOnce(&Shard<K, V>, Option<&Token>) -> Result<T, TableError>,
     ) -> Result<T, TableError> {
+        self.with_shard_and_core(partition, access, |shard, token, _| f(shard, token))
+    }
+
+    /// [`with_shard`](Table::with_shard) that also hands `f` the core, for a caller that
+    /// goes on to another table's shard on it ([`on_core`](Table::on_core)).
+    pub(crate) fn with_shard_and_core<T>(
+        &self,
+        partition: Option<u32>,
+        access: Access,
+        f: impl FnOnce(&Shard<K, V>, Option<&Token>, &crate::runtime::CoreRuntime) -> Result<T, TableError>,
+    ) -> Result<T, TableError> {
         let table = || self.shared.name.to_string();
         crate::runtime::CoreRuntime::with_current(|core| {
             let core = core.ok_or_else(|| TableError::NotRunning { table: table() })?;
@@ -398,27 +409,42 @@ where
                     }
                     (None, None) => return Err(TableError::OutsideStream { table: table() }),
                 };
-                let not_local = || TableError::NotLocal { table: table(), partition, core: core.index() };
-                core.with_shard(self.shared.index, partition, |shard| {
-                    let shard = shard.ok_or_else(not_local)?;
-                    let typed = shard.as_any().downcast_ref::<Shard<K, V>>().ok_or_else(not_local)?;
-                    // The shard's undo log holds an event's writes until the core settles them
-                    // at its ack (or failure): the core learns of the shard when its log fills.
-                    let noted = token.is_none() || typed.holds_writes_in_flight();
-                    let result = f(typed, token);
-                    if !noted && typed.holds_writes_in_flight() {
-                        core.note_writes(shard.clone());
-                    }
-                    for sensor in core.sensors().iter() {
-                        match access {
-                            Access::Read => sensor.on_table_get(&self.shared.name),
-                            Access::Write => sensor.on_table_set(&self.shared.name),
-                            Access::Internal => {}
-                        }
-                    }
-                    result
-                })
+                self.on_core(core, token, partition, access, |shard, token| f(shard, token, core))
             })
+        })
+    }
+
+    /// Runs `f` on the shard of `partition` held by `core`, for the event of `token` (what
+    /// [`with_shard`](Table::with_shard) does once it found the core and the token).
+    pub(crate) fn on_core<T>(
+        &self,
+        core: &crate::runtime::CoreRuntime,
+        token: Option<&Token>,
+        partition: u32,
+        access: Access,
+        f: impl FnOnce(&Shard<K, V>, Option<&Token>) -> Result<T, TableError>,
+    ) -> Result<T, TableError> {
+        let not_local = || TableError::NotLocal { table: self.shared.name.to_string(), partition, core: core.index() };
+        core.with_shard(self.shared.index, partition, |shard| {
+            let shard = shard.ok_or_else(not_local)?;
+            let typed = shard.as_any().downcast_ref::<Shard<K, V>>().ok_or_else(not_local)?;
+            // The shard's undo log holds an event's writes until the core settles them at its
+            // ack (or failure): the core learns of the shard when its log fills.
+            let noted = token.is_none() || typed.holds_writes_in_flight();
+            let result = f(typed, token);
+            if !noted && typed.holds_writes_in_flight() {
+                core.note_writes(shard.clone());
+            }
+            if access != Access::Internal {
+                for sensor in core.sensors().iter() {
+                    match access {
+                        Access::Read => sensor.on_table_get(&self.shared.name),
+                        Access::Write => sensor.on_table_set(&self.shared.name),
+                        Access::Internal => {}
+                    }
+                }
+            }
+            result
         })
     }
 

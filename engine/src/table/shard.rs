@@ -81,14 +81,28 @@ struct Cached<V> {
     /// The write run ([`State::run`]) that last noted an undo entry for this key: a write in
     /// the same run changes the value in place without another one.
     run: u64,
+    /// The changelog (and so the store) may hold a value of this key: it was loaded from the
+    /// store, recovered, or frozen by a commit. A deletion of a key that was never persisted
+    /// needs no tombstone: its entry leaves the cache at once (a windowed table creates and
+    /// expires many windows within one commit interval, and keeping their deletions cached
+    /// until the commit grew the cache far beyond the live windows).
+    persisted: bool,
+}
+
+/// A key's cache entry as an undo restores it.
+struct Prior<V> {
+    value: Option<V>,
+    dirty: bool,
+    persisted: bool,
 }
 
 /// What undoing an event's write to a key restores: the key's entry before the write.
 struct Undo<K, V> {
     event: Token,
     key: K,
-    /// `(value, dirty)` before the write; `None`: the key was not in the cache.
-    before: Option<(Option<V>, bool)>,
+    /// The entry before the write; `None`: the key was not in the cache (nor, when it was
+    /// never persisted, anywhere).
+    before: Option<Prior<V>>,
 }
 
 struct State<K, V> {
@@ -194,13 +208,13 @@ where
         self.config.key_codec.encode_owned(key, key_scratch).map_err(|e| self.codec_err("key", e))?;
         let Some(raw) = store.get_ref(key_scratch) else { return Ok(None) };
         let entry = match self.config.value_codec.decode::<V>(raw) {
-            Ok(v) => Cached { value: Some(v), dirty: false, run: 0 },
+            Ok(v) => Cached { value: Some(v), dirty: false, run: 0, persisted: true },
             Err(e) if self.config.reset_bad_values => {
                 tracing::warn!(table = %self.name, partition = self.partition, key = %preview(key_scratch), error = %e,
                     "dropping a stored value that no longer decodes");
                 // A deletion, so the store and the changelog drop it at the next commit.
                 *dirty += 1;
-                Cached { value: None, dirty: true, run: 0 }
+                Cached { value: None, dirty: true, run: 0, persisted: true }
             }
             Err(e) => return Err(self.codec_err(format!("stored value (key {})", preview(key_scratch)), e)),
         };
@@ -257,12 +271,18 @@ where
                 undo.push(Undo {
                     event: t.clone(),
                     key: cached_key.clone(),
-                    before: Some((entry.value.clone(), entry.dirty)),
+                    before: Some(Prior { value: entry.value.clone(), dirty: entry.dirty, persisted: entry.persisted }),
                 });
                 entry.run = *run;
             }
             let result = write(entry)?;
-            *dirty += mark_dirty(entry);
+            if entry.value.is_none() && !entry.persisted {
+                // Deleted before any commit saw it: nothing to tombstone.
+                *dirty -= usize::from(entry.dirty);
+                cache.remove(probe);
+            } else {
+                *dirty += mark_dirty(entry);
+            }
             return Ok(result);
         }
         // Not cached: from the store if it is there (unless the caller knows it is not), else
@@ -273,15 +293,21 @@ where
         let entry = if loaded {
             cache.get_mut(&key).expect("loaded above")
         } else {
-            cache.entry(key.clone()).or_insert(Cached { value: None, dirty: false, run: 0 })
+            cache.entry(key.clone()).or_insert(Cached { value: None, dirty: false, run: 0, persisted: false })
         };
         if let Some(t) = token {
-            let before = loaded.then(|| (entry.value.clone(), entry.dirty));
-            undo.push(Undo { event: t.clone(), key, before });
+            let before =
+                loaded.then(|| Prior { value: entry.value.clone(), dirty: entry.dirty, persisted: entry.persisted });
+            undo.push(Undo { event: t.clone(), key: key.clone(), before });
             entry.run = *run;
         }
         let result = write(entry)?;
-        *dirty += mark_dirty(entry);
+        if entry.value.is_none() && !entry.persisted {
+            *dirty -= usize::from(entry.dirty);
+            cache.remove(&key);
+        } else {
+            *dirty += mark_dirty(entry);
+        }
         Ok(result)
     }
 
@@ -379,9 +405,11 @@ where
         if state.undo.is_empty() {
             return;
         }
-        let Some(c) = state.cache.get(key) else { return };
+        // Not cached after the write: a deletion of a key never persisted, which undoing
+        // restores by leaving the key out.
+        let now = state.cache.get(key).map(|c| Prior { value: c.value.clone(), dirty: true, persisted: c.persisted });
         for u in state.undo.iter_mut().filter(|u| u.key == *key) {
-            u.before = Some((c.value.clone(), true));
+            u.before = now.as_ref().map(|p| Prior { value: p.value.clone(), dirty: p.dirty, persisted: p.persisted });
         }
     }
 
@@ -522,8 +550,8 @@ where
                     cache.remove(&entry.key);
                     false
                 }
-                Some((value, d)) => {
-                    cache.insert(entry.key, Cached { value, dirty: d, run: 0 });
+                Some(Prior { value, dirty: d, persisted }) => {
+                    cache.insert(entry.key, Cached { value, dirty: d, run: 0, persisted });
                     d
                 }
             };
@@ -559,21 +587,51 @@ where
             in_flight.entry(u.key.clone()).or_insert(i);
         }
         let mut still_dirty = 0;
+        let mut unpersisted_deletions = false;
         for (k, c) in state.cache.iter_mut().filter(|(_, c)| c.dirty) {
             if in_flight.contains_key(k) {
                 still_dirty += 1;
                 continue;
             }
             c.dirty = false;
+            if c.value.is_none() && !c.persisted {
+                // Left by an undo: nothing to tombstone, and dropped below.
+                unpersisted_deletions = true;
+                continue;
+            }
+            c.persisted = true;
             state.frozen_deletions += usize::from(c.value.is_none());
             entries.push((k.clone(), c.value.clone()));
         }
+        if unpersisted_deletions {
+            state.cache.retain(|_, c| c.dirty || c.value.is_some() || c.persisted);
+        }
+        let mut persisted_in_flight: Map<K, ()> = Map::default();
         for (k, i) in in_flight {
-            if let Some((value, dirty)) = &mut state.undo[i].before
-                && *dirty
-            {
-                *dirty = false;
-                entries.push((k, value.clone()));
+            let Some(before) = &mut state.undo[i].before else { continue };
+            if !before.dirty || (before.value.is_none() && !before.persisted) {
+                continue;
+            }
+            before.dirty = false;
+            before.persisted = true;
+            entries.push((k.clone(), before.value.clone()));
+            // The acked value goes to the changelog: what the events in flight made of the
+            // key (a deletion, even one that left the cache) must follow it there.
+            match state.cache.get_mut(&k) {
+                Some(c) => c.persisted = true,
+                None => {
+                    state.cache.insert(k.clone(), Cached { value: None, dirty: true, run: 0, persisted: true });
+                    still_dirty += 1;
+                }
+            }
+            persisted_in_flight.insert(k, ());
+        }
+        // And whatever undoing a later event in flight would put back.
+        if !persisted_in_flight.is_empty() {
+            for u in state.undo.iter_mut().filter(|u| persisted_in_flight.contains_key(&u.key)) {
+                if let Some(before) = &mut u.before {
+                    before.persisted = true;
+                }
             }
         }
         if in_memory {
@@ -601,9 +659,9 @@ where
             // Written by an event in flight: the acked value under its undo entry is dirty again.
             if let Some(u) = state.undo.iter_mut().find(|u| u.key == key) {
                 match &mut u.before {
-                    Some((_, dirty)) => *dirty = true,
+                    Some(before) => before.dirty = true,
                     // Evicted between the freeze and now: the frozen value is the acked one.
-                    None => u.before = Some((value, true)),
+                    None => u.before = Some(Prior { value, dirty: true, persisted: true }),
                 }
                 continue;
             }
@@ -616,7 +674,7 @@ where
                 }
                 // Evicted since, or a deletion an in-memory shard forgot at the freeze.
                 None => {
-                    state.cache.insert(key, Cached { value, dirty: true, run: 0 });
+                    state.cache.insert(key, Cached { value, dirty: true, run: 0, persisted: true });
                     state.dirty += 1;
                 }
             }
@@ -748,7 +806,7 @@ where
                     };
                     match value {
                         Some(v) => {
-                            state.cache.insert(key, Cached { value: Some(v), dirty: false, run: 0 });
+                            state.cache.insert(key, Cached { value: Some(v), dirty: false, run: 0, persisted: true });
                         }
                         None => {
                             state.cache.remove(&key);
@@ -1019,6 +1077,69 @@ mod tests {
         let second = freeze(&shard, false);
         assert_eq!(second, BTreeMap::from([("k".to_string(), Some(6)), ("j".to_string(), Some(1))]));
         assert!(!shard.is_dirty());
+    }
+
+    #[test]
+    fn a_key_deleted_before_any_commit_leaves_no_entry_and_no_tombstone() {
+        for dir in [None, Some(tempfile::tempdir().expect("a temporary directory"))] {
+            let shard = open(dir.as_ref().map(|d| d.path().join("shard")));
+            let s = typed(&shard);
+            s.write(None, "gone".into(), Some(1)).expect("write");
+            s.write(Some(&token(1)), "brief".into(), Some(2)).expect("A");
+            s.write(Some(&token(1)), "brief".into(), None).expect("A deletes it");
+            s.write(None, "gone".into(), None).expect("delete");
+            assert!(s.state.borrow().cache.is_empty(), "nothing was persisted: nothing to keep");
+            assert_eq!(s.state.borrow().dirty, 0);
+            ack(&shard, 1);
+            assert_eq!(freeze(&shard, false), BTreeMap::new(), "no tombstone for what no commit saw");
+            // Once committed, a deletion is a tombstone.
+            s.write(None, "kept".into(), Some(3)).expect("write");
+            assert_eq!(freeze(&shard, false), BTreeMap::from([("kept".to_string(), Some(3))]));
+            s.write(None, "kept".into(), None).expect("delete");
+            assert_eq!(freeze(&shard, false), BTreeMap::from([("kept".to_string(), None)]));
+            assert_eq!(get(&shard, "kept"), None);
+        }
+    }
+
+    #[test]
+    fn a_deletion_in_flight_across_a_freeze_follows_the_acked_value_to_the_changelog() {
+        let shard = open(None);
+        let s = typed(&shard);
+        s.write(Some(&token(1)), "k".into(), Some(1)).expect("A");
+        ack(&shard, 1);
+        s.write(Some(&token(2)), "k".into(), None).expect("B deletes it, never committed");
+        assert_eq!(get(&shard, "k"), None);
+        // The commit takes A's value; B's deletion must then reach the changelog too.
+        assert_eq!(freeze(&shard, false), BTreeMap::from([("k".to_string(), Some(1))]));
+        ack(&shard, 2);
+        assert_eq!(freeze(&shard, false), BTreeMap::from([("k".to_string(), None)]));
+
+        // The same, with the deleting event undone: A's value is back, and stays committed.
+        s.write(Some(&token(3)), "j".into(), Some(7)).expect("C");
+        ack(&shard, 3);
+        s.write(Some(&token(3)), "j".into(), None).expect("C again, in flight");
+        assert_eq!(freeze(&shard, false), BTreeMap::from([("j".to_string(), Some(7))]));
+        shard.undo(&|t| *t == token(3));
+        assert_eq!(get(&shard, "j"), Some(7));
+    }
+
+    #[test]
+    fn undoing_a_later_event_after_a_freeze_keeps_the_key_persisted() {
+        let shard = open(None);
+        let s = typed(&shard);
+        s.write(Some(&token(1)), "k".into(), Some(1)).expect("A");
+        ack(&shard, 1);
+        s.write(Some(&token(2)), "k".into(), Some(2)).expect("B");
+        s.write(Some(&token(3)), "k".into(), None).expect("C deletes it");
+        assert_eq!(freeze(&shard, false), BTreeMap::from([("k".to_string(), Some(1))]));
+        // C fails: the key is back at B's value, which the changelog does not have, over A's,
+        // which it does: a later deletion of it must be written.
+        shard.undo(&|t| *t == token(3));
+        assert_eq!(get(&shard, "k"), Some(2));
+        ack(&shard, 2);
+        s.write(Some(&token(4)), "k".into(), None).expect("D deletes it");
+        ack(&shard, 4);
+        assert_eq!(freeze(&shard, false), BTreeMap::from([("k".to_string(), None)]));
     }
 
     #[derive(Debug, Clone)]

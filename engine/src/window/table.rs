@@ -482,7 +482,7 @@ where
         &self,
         partition: Option<u32>,
         key: &K,
-        time: impl FnOnce(&Cx<'_, K, V>, &View<K, V>) -> Result<i64, TableError>,
+        time: impl FnOnce(&Cx<'_, K, V>, &View<K>) -> Result<i64, TableError>,
     ) -> Result<Option<V>, TableError> {
         self.with_view(partition, |cx| {
             let t = time(cx, &cx.view.borrow())?;
@@ -526,9 +526,9 @@ where
             self.ensure_ticker(idle);
         }
         let shared = &self.shared;
-        shared.windows.with_shard(partition, crate::table::Access::Internal, |windows, token| {
+        shared.windows.with_shard_and_core(partition, crate::table::Access::Internal, |windows, token, core| {
             let p = crate::runtime::state::AnyShard::partition(windows);
-            shared.clock.with_shard(Some(p), crate::table::Access::Internal, |clock, _| {
+            shared.clock.on_core(core, token, p, crate::table::Access::Internal, |clock, _| {
                 let view = view_of(shared, p, windows, clock, options)?;
                 let cx = Cx { shared, options, windows, clock, token, partition: p, view: &view };
                 f(&cx)
@@ -645,7 +645,7 @@ struct Live {
 }
 
 /// A core's view of one partition of a windowed table (see the module's docs).
-struct View<K, V> {
+struct View<K> {
     windows_instance: u64,
     clock_instance: u64,
     undos: (u64, u64),
@@ -658,11 +658,13 @@ struct View<K, V> {
     /// Whether fixed windows are kept by range (`by_range`) rather than per key (`live`):
     /// every kind but sessions and panes.
     by_ranges: bool,
-    /// Fixed windows by range, each key's aggregate mirrored from the windows table: every
-    /// write of one goes through the view (the table is private), and an undo rebuilds it.
-    /// Kept window-major so that a range closes with one timer and one pass over its keys,
-    /// instead of a timer and a table lookup per key.
-    by_range: std::collections::BTreeMap<WindowRange, Map<Rc<K>, V>>,
+    /// Fixed windows by range: the keys that have a window of it in the windows table (every
+    /// window is created through the view, the table being private, and an undo rebuilds
+    /// it). Kept window-major so that a range closes and expires with one timer and one pass
+    /// over its keys, instead of a timer per key. Only the keys: an event's update touches
+    /// the table alone (one lookup, as a plain table's), and a close reads each aggregate
+    /// once.
+    by_range: std::collections::BTreeMap<WindowRange, KeySet<K>>,
     /// When the partition's last event came, by the wall clock, and the stream time then
     /// (idle closing: the stream time moves on from there with the wall clock).
     last_event: Instant,
@@ -670,6 +672,8 @@ struct View<K, V> {
     /// Scratch for the ranges of one event.
     ranges: Vec<WindowRange>,
 }
+
+type KeySet<K> = hashbrown::HashSet<Rc<K>, foldhash::fast::RandomState>;
 
 /// What an update or a tick leaves to do once the view is released.
 struct Outcome<K> {
@@ -695,7 +699,7 @@ trait AnyView {
     fn into_any(self: Rc<Self>) -> Rc<dyn Any>;
 }
 
-impl<K: 'static, V: 'static> AnyView for RefCell<View<K, V>> {
+impl<K: 'static> AnyView for RefCell<View<K>> {
     fn open_windows(&self) -> u64 {
         let view = self.borrow();
         let open = |range: &WindowRange| view.stream_time.is_none_or(|st| range.end.saturating_add(view.grace) > st);
@@ -725,20 +729,20 @@ fn view_of<K, V>(
     windows: &Shard<WindowKey<K>, V>,
     clock: &Shard<u32, i64>,
     options: &Options<K, V>,
-) -> Result<Rc<RefCell<View<K, V>>>, TableError>
+) -> Result<Rc<RefCell<View<K>>>, TableError>
 where
     K: Serialize + DeserializeOwned + Hash + Eq + Clone + 'static,
     V: Serialize + DeserializeOwned + Clone + 'static,
 {
     let id = (Arc::as_ptr(shared) as *const () as usize, p);
-    let fresh = |v: &View<K, V>| {
+    let fresh = |v: &View<K>| {
         v.windows_instance == windows.instance()
             && v.clock_instance == clock.instance()
             && v.undos == (windows.undos(), clock.undos())
     };
     let known = VIEWS.with(|views| views.borrow().get(&id).cloned());
     if let Some(any) = known
-        && let Ok(view) = any.into_any().downcast::<RefCell<View<K, V>>>()
+        && let Ok(view) = any.into_any().downcast::<RefCell<View<K>>>()
         && fresh(&view.borrow())
     {
         return Ok(view);
@@ -763,13 +767,13 @@ fn build_view<K, V>(
     clock: &Shard<u32, i64>,
     p: u32,
     options: &Options<K, V>,
-) -> Result<View<K, V>, TableError>
+) -> Result<View<K>, TableError>
 where
     K: Serialize + DeserializeOwned + Hash + Eq + Clone + 'static,
     V: Serialize + DeserializeOwned + Clone + 'static,
 {
     let stream_time = clock.get(&p)?;
-    let mut view: View<K, V> = View {
+    let mut view: View<K> = View {
         windows_instance: windows.instance(),
         clock_instance: clock.instance(),
         undos: (windows.undos(), clock.undos()),
@@ -791,11 +795,11 @@ where
         _ => 0,
     };
     let mut keys: Map<K, Rc<K>> = Map::default();
-    for (wk, value) in items {
+    for (wk, _) in items {
         let range = wk.range();
         let key = keys.entry(wk.key.clone()).or_insert_with(|| Rc::new(wk.key)).clone();
         if view.by_ranges {
-            view.note_value(&*key, || key.clone(), range, value, options);
+            view.note_key(&key, range, options);
             continue;
         }
         if panes && range.end - range.start == step {
@@ -823,14 +827,14 @@ fn size_of(windowing: Windowing) -> i64 {
     }
 }
 
-impl<K: Hash + Eq, V: Clone> View<K, V> {
-    fn is_closed(&self, range: WindowRange, options: &Options<K, V>) -> bool {
+impl<K: Hash + Eq> View<K> {
+    fn is_closed<V>(&self, range: WindowRange, options: &Options<K, V>) -> bool {
         self.stream_time.is_some_and(|st| options.close_at(range) <= st)
     }
 
     /// Gives a stored window its timer (a close if it is open, else its expiry) and its
     /// place among the key's live windows, unless it has them.
-    fn arm_window(&mut self, key: &Rc<K>, range: WindowRange, options: &Options<K, V>) {
+    fn arm_window<V>(&mut self, key: &Rc<K>, range: WindowRange, options: &Options<K, V>) {
         let closed = self.is_closed(range, options);
         let live = self.live.entry(key.clone()).or_default();
         let at = match live.binary_search_by_key(&range, |l| l.range) {
@@ -846,7 +850,7 @@ impl<K: Hash + Eq, V: Clone> View<K, V> {
     }
 
     /// Arms the virtual windows a pane is part of.
-    fn arm_pane_windows(&mut self, key: &Rc<K>, pane: WindowRange, windowing: Windowing, options: &Options<K, V>) {
+    fn arm_pane_windows<V>(&mut self, key: &Rc<K>, pane: WindowRange, windowing: Windowing, options: &Options<K, V>) {
         for range in windowing.windows_of_pane(pane) {
             if !self.is_closed(range, options) {
                 self.arm_window(key, range, options);
@@ -857,36 +861,24 @@ impl<K: Hash + Eq, V: Clone> View<K, V> {
     /// Whether `key`'s window `range` is live (stored, open or closed and not expired).
     fn is_live(&self, key: &K, range: WindowRange) -> bool {
         if self.by_ranges {
-            return self.by_range.get(&range).is_some_and(|values| values.contains_key(key));
+            return self.by_range.get(&range).is_some_and(|keys| keys.contains(key));
         }
         self.live.get(key).is_some_and(|live| live.iter().any(|l| l.range == range))
     }
 
-    /// Notes `key`'s aggregate `value` in the fixed window `range` (`rc` makes the view's copy
-    /// of the key when it is new there); a range seen for the first time gets its timer (a
-    /// close if it is open, else its expiry).
-    fn note_value(
-        &mut self,
-        key: &K,
-        rc: impl FnOnce() -> Rc<K>,
-        range: WindowRange,
-        value: V,
-        options: &Options<K, V>,
-    ) {
-        if let Some(slot) = self.by_range.get_mut(&range).and_then(|values| values.get_mut(key)) {
-            *slot = value;
+    /// Notes that `key` has a window of the fixed range `range`; a range seen for the first
+    /// time gets its timer (a close if it is open, else its expiry).
+    fn note_key<V>(&mut self, key: &Rc<K>, range: WindowRange, options: &Options<K, V>) {
+        if let Some(keys) = self.by_range.get_mut(&range) {
+            keys.insert(key.clone());
             return;
         }
-        let closed = self.is_closed(range, options);
-        let windows = self.by_range.entry(range).or_insert_with(|| {
-            if closed {
-                self.wheel.arm(options.expire_at(range), Due::ExpireRange(range));
-            } else {
-                self.wheel.arm(options.close_at(range), Due::CloseRange(range));
-            }
-            Map::default()
-        });
-        windows.insert(rc(), value);
+        if self.is_closed(range, options) {
+            self.wheel.arm(options.expire_at(range), Due::ExpireRange(range));
+        } else {
+            self.wheel.arm(options.close_at(range), Due::CloseRange(range));
+        }
+        self.by_range.entry(range).or_default().insert(key.clone());
     }
 
     fn forget(&mut self, key: &K, range: WindowRange) {
@@ -907,7 +899,7 @@ struct Cx<'a, K, V> {
     clock: &'a Shard<u32, i64>,
     token: Option<&'a Token>,
     partition: u32,
-    view: &'a RefCell<View<K, V>>,
+    view: &'a RefCell<View<K>>,
 }
 
 impl<K, V> Cx<'_, K, V>
@@ -981,7 +973,7 @@ where
     /// Every open window of `ranges` gets `f`; the closed ones are late.
     fn update_windows(
         &self,
-        view: &mut View<K, V>,
+        view: &mut View<K>,
         key: &K,
         ranges: &[WindowRange],
         f: &dyn Fn(&mut V),
@@ -997,20 +989,15 @@ where
             // nor the store, which need not be read for it.
             let unknown = || !view.is_live(key, r);
             let probe = WindowKeyRef { key, start: r.start, end: r.end };
-            if view.by_ranges {
-                let (value, _) =
-                    self.windows.upsert_known(self.token, &probe, &|| Self::wk(key, r), &unknown, |v| {
-                        f(v);
-                        v.clone()
-                    })?;
-                // A key new to the range gets one `Rc` of the key for all the event's windows.
-                view.note_value(key, || rc.get_or_insert_with(|| Rc::new(key.clone())).clone(), r, value, self.options);
-                continue;
-            }
             let ((), created) = self.windows.upsert_known(self.token, &probe, &|| Self::wk(key, r), &unknown, f)?;
             if created {
+                // One `Rc` of the key for all the event's windows.
                 let rc = rc.get_or_insert_with(|| Rc::new(key.clone()));
-                view.arm_window(rc, r, self.options);
+                if view.by_ranges {
+                    view.note_key(rc, r, self.options);
+                } else {
+                    view.arm_window(rc, r, self.options);
+                }
             }
         }
         Ok(())
@@ -1020,7 +1007,7 @@ where
     /// final aggregate apart (kept at their close), so the pane may change under them.
     fn update_pane(
         &self,
-        view: &mut View<K, V>,
+        view: &mut View<K>,
         key: &K,
         t: i64,
         ranges: &[WindowRange],
@@ -1157,10 +1144,15 @@ where
                         view.wheel.arm(self.options.expire_at(*range), Due::ExpireRange(*range));
                         view.by_range.remove(range)
                     };
-                    let Some(windows) = taken else { continue };
-                    let emitted = windows.iter().try_for_each(|(key, value)| self.emit_close(key, *range, value));
-                    closed += windows.len() as u64;
-                    self.view.borrow_mut().by_range.insert(*range, windows);
+                    let Some(keys) = taken else { continue };
+                    let emitted = keys.iter().try_for_each(|key| match self.stored(key, *range)? {
+                        Some(value) => {
+                            closed += 1;
+                            self.emit_close(key, *range, &value)
+                        }
+                        None => Ok(()),
+                    });
+                    self.view.borrow_mut().by_range.insert(*range, keys);
                     emitted?;
                 }
                 _ => {}
@@ -1185,7 +1177,7 @@ where
                 Due::CloseRange(_) => {}
                 Due::ExpireRange(range) => {
                     let gone = self.view.borrow_mut().by_range.remove(&range);
-                    for key in gone.into_iter().flat_map(|values| values.into_keys()) {
+                    for key in gone.into_iter().flatten() {
                         let probe = WindowKeyRef { key: &*key, start: range.start, end: range.end };
                         self.windows.write_borrowed(token, &probe, &|| Self::wk(&key, range), None)?;
                     }
@@ -1283,15 +1275,14 @@ where
     }
 
     fn key_windows(&self, key: &K) -> Result<Vec<(WindowRange, V)>, TableError> {
-        {
+        let ranges: Vec<WindowRange> = {
             let view = self.view.borrow();
             if view.by_ranges {
-                let found = view.by_range.iter().filter_map(|(r, values)| values.get(key).map(|v| (*r, v.clone())));
-                return Ok(found.collect());
+                view.by_range.iter().filter(|(_, keys)| keys.contains(key)).map(|(r, _)| *r).collect()
+            } else {
+                view.live.get(key).map(|live| live.iter().map(|l| l.range).collect()).unwrap_or_default()
             }
-        }
-        let ranges: Vec<WindowRange> =
-            self.view.borrow().live.get(key).map(|live| live.iter().map(|l| l.range).collect()).unwrap_or_default();
+        };
         let mut out = Vec::with_capacity(ranges.len());
         for r in ranges {
             if let Some(v) = self.window_value(key, r)? {
@@ -1307,14 +1298,13 @@ where
             let view = self.view.borrow();
             if view.by_ranges {
                 let overlapping = view.by_range.iter().filter(|(r, _)| r.overlaps(&span));
-                let found =
-                    overlapping.flat_map(|(r, values)| values.iter().map(|(k, v)| ((**k).clone(), *r, v.clone())));
-                return Ok(found.collect());
+                overlapping.flat_map(|(r, keys)| keys.iter().map(|k| (k.clone(), *r))).collect()
+            } else {
+                view.live
+                    .iter()
+                    .flat_map(|(k, live)| live.iter().filter(|l| l.range.overlaps(&span)).map(|l| (k.clone(), l.range)))
+                    .collect()
             }
-            view.live
-                .iter()
-                .flat_map(|(k, live)| live.iter().filter(|l| l.range.overlaps(&span)).map(|l| (k.clone(), l.range)))
-                .collect()
         };
         let mut out = Vec::with_capacity(found.len());
         for (k, r) in found {
