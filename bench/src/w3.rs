@@ -72,7 +72,6 @@ fn windowed(app: &App, kind: Kind) -> WindowedTable<String, u64> {
     let table = app.table::<String, u64>("counts").with_default(|| 0);
     let s = Duration::from_secs;
     match kind {
-        Kind::Tumbling if std::env::var("W3_EXP0").is_ok() => table.tumbling(s(10)).expires(Duration::ZERO),
         Kind::Tumbling => table.tumbling(s(10)),
         Kind::Hopping => table.hopping(s(60), s(10)).combine(|a, b| a + b),
         Kind::Sliding => table.sliding(s(5), s(5)),
