@@ -260,7 +260,7 @@ impl TestContext {
         Ok(self
             .table(table.windows_table())?
             .into_iter()
-            .map(|(k, v)| ((k.key, crate::WindowRange::new(k.start, k.end)), v))
+            .map(|(k, v)| (((*k.key).clone(), crate::WindowRange::new(k.start, k.end)), v))
             .collect())
     }
 

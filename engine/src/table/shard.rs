@@ -361,6 +361,23 @@ where
         Ok(result)
     }
 
+    /// How many entries the cache holds (deletions and writes in flight included).
+    pub(crate) fn cached_len(&self) -> usize {
+        self.state.borrow().cache.len()
+    }
+
+    /// Calls `f` on every cached key that has a value (writes in flight included), in the
+    /// cache's order: one pass over the cache, for a caller that wants many of its keys at
+    /// once. Keys only in the store are not seen.
+    pub(crate) fn for_each_cached(&self, mut f: impl FnMut(&K, &V)) {
+        let state = self.state.borrow();
+        for (key, cached) in &state.cache {
+            if let Some(value) = &cached.value {
+                f(key, value);
+            }
+        }
+    }
+
     /// See [`Shard::instance`](struct@Shard).
     pub(crate) fn instance(&self) -> u64 {
         self.instance

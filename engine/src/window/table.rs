@@ -50,11 +50,34 @@ type Map<K, V> = hashbrown::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// How a windowed table stores a window: the table's key and the window's range. In
 /// `table dump` it reads `{"key": …, "start": …, "end": …}`.
+///
+/// The key is shared (`Rc`) with the view's copy and with the undo log's entries, so that a
+/// window's entry, its undo entries and its close cost a reference count, not a copy of the
+/// key; it is stored and hashed as the key itself.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(bound(serialize = "K: Serialize", deserialize = "K: Deserialize<'de>"))]
 pub(crate) struct WindowKey<K> {
-    pub(crate) key: K,
+    #[serde(with = "shared_key")]
+    pub(crate) key: Rc<K>,
     pub(crate) start: i64,
     pub(crate) end: i64,
+}
+
+/// (De)serializes an `Rc<K>` as the `K` it holds.
+mod shared_key {
+    use std::rc::Rc;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub(super) fn serialize<K: Serialize, S: Serializer>(key: &Rc<K>, serializer: S) -> Result<S::Ok, S::Error> {
+        K::serialize(key, serializer)
+    }
+
+    pub(super) fn deserialize<'de, K: Deserialize<'de>, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Rc<K>, D::Error> {
+        K::deserialize(deserializer).map(Rc::new)
+    }
 }
 
 impl<K> WindowKey<K> {
@@ -75,7 +98,7 @@ struct WindowKeyRef<'a, K> {
 
 impl<K: Eq> hashbrown::Equivalent<WindowKey<K>> for WindowKeyRef<'_, K> {
     fn equivalent(&self, owned: &WindowKey<K>) -> bool {
-        self.start == owned.start && self.end == owned.end && *self.key == owned.key
+        self.start == owned.start && self.end == owned.end && *self.key == *owned.key
     }
 }
 
@@ -794,10 +817,11 @@ where
         Windowing::Hopping { step, .. } => step,
         _ => 0,
     };
-    let mut keys: Map<K, Rc<K>> = Map::default();
+    let mut keys: KeySet<K> = KeySet::default();
     for (wk, _) in items {
         let range = wk.range();
-        let key = keys.entry(wk.key.clone()).or_insert_with(|| Rc::new(wk.key)).clone();
+        // One `Rc` per key for all its windows in the view.
+        let key = keys.get_or_insert(wk.key).clone();
         if view.by_ranges {
             view.note_key(&key, range, options);
             continue;
@@ -926,6 +950,11 @@ where
     }
 
     fn wk(key: &K, range: WindowRange) -> WindowKey<K> {
+        WindowKey { key: Rc::new(key.clone()), start: range.start, end: range.end }
+    }
+
+    /// [`wk`](Cx::wk) for a key the caller holds shared.
+    fn wk_rc(key: &Rc<K>, range: WindowRange) -> WindowKey<K> {
         WindowKey { key: key.clone(), start: range.start, end: range.end }
     }
 
@@ -979,7 +1008,9 @@ where
         f: &dyn Fn(&mut V),
         outcome: &mut Outcome<K>,
     ) -> Result<(), TableError> {
-        let mut rc: Option<Rc<K>> = None;
+        // One `Rc` of the key for all the event's new windows, in the table and the view.
+        let rc: std::cell::OnceCell<Rc<K>> = std::cell::OnceCell::new();
+        let shared = || rc.get_or_init(|| Rc::new(key.clone()));
         for &r in ranges {
             if view.is_closed(r, self.options) {
                 outcome.late.push(r);
@@ -989,10 +1020,10 @@ where
             // nor the store, which need not be read for it.
             let unknown = || !view.is_live(key, r);
             let probe = WindowKeyRef { key, start: r.start, end: r.end };
-            let ((), created) = self.windows.upsert_known(self.token, &probe, &|| Self::wk(key, r), &unknown, f)?;
+            let owned = || Self::wk_rc(shared(), r);
+            let ((), created) = self.windows.upsert_known(self.token, &probe, &owned, &unknown, f)?;
             if created {
-                // One `Rc` of the key for all the event's windows.
-                let rc = rc.get_or_insert_with(|| Rc::new(key.clone()));
+                let rc = shared();
                 if view.by_ranges {
                     view.note_key(rc, r, self.options);
                 } else {
@@ -1021,9 +1052,12 @@ where
         }
         let pane = windowing.pane(t).unwrap_or_else(|| windowing.current(t));
         let probe = WindowKeyRef { key, start: pane.start, end: pane.end };
-        let ((), created) = self.windows.upsert_known(self.token, &probe, &|| Self::wk(key, pane), &|| false, f)?;
+        let rc: std::cell::OnceCell<Rc<K>> = std::cell::OnceCell::new();
+        let shared = || rc.get_or_init(|| Rc::new(key.clone()));
+        let ((), created) =
+            self.windows.upsert_known(self.token, &probe, &|| Self::wk_rc(shared(), pane), &|| false, f)?;
         if created {
-            let rc = Rc::new(key.clone());
+            let rc = shared().clone();
             for &r in ranges {
                 if !view.is_closed(r, self.options) {
                     view.arm_window(&rc, r, self.options);
@@ -1145,15 +1179,13 @@ where
                         view.by_range.remove(range)
                     };
                     let Some(keys) = taken else { continue };
-                    let emitted = keys.iter().try_for_each(|key| match self.stored(key, *range)? {
-                        Some(value) => {
-                            closed += 1;
-                            self.emit_close(key, *range, &value)
-                        }
-                        None => Ok(()),
-                    });
+                    let finals = self.range_values(*range, &keys);
                     self.view.borrow_mut().by_range.insert(*range, keys);
-                    emitted?;
+                    let finals = finals?;
+                    closed += finals.len() as u64;
+                    for (key, value) in &finals {
+                        self.emit_close(key, *range, value)?;
+                    }
                 }
                 _ => {}
             }
@@ -1170,21 +1202,58 @@ where
                 Due::Close(..) => {}
                 Due::Expire(key, range) => {
                     // For panes, the closed window's aggregate kept apart at its close.
-                    self.windows.write(token, Self::wk(&key, range), None)?;
+                    self.windows.write(token, Self::wk_rc(&key, range), None)?;
                     self.view.borrow_mut().forget(&key, range);
                 }
-                Due::DropPane(key, range) => self.windows.write(token, Self::wk(&key, range), None)?,
+                Due::DropPane(key, range) => self.windows.write(token, Self::wk_rc(&key, range), None)?,
                 Due::CloseRange(_) => {}
                 Due::ExpireRange(range) => {
                     let gone = self.view.borrow_mut().by_range.remove(&range);
                     for key in gone.into_iter().flatten() {
                         let probe = WindowKeyRef { key: &*key, start: range.start, end: range.end };
-                        self.windows.write_borrowed(token, &probe, &|| Self::wk(&key, range), None)?;
+                        self.windows.write_borrowed(token, &probe, &|| Self::wk_rc(&key, range), None)?;
                     }
                 }
             }
         }
         Ok(())
+    }
+
+    /// The aggregates of the fixed range `range`, whose keys are `keys`. A range that holds a
+    /// good part of the cache (a tumbling boundary closes the windows of every key at once)
+    /// is read in one pass over the windows table's cache, where a lookup per key would cost
+    /// a cache miss each, then a lookup for each key not cached; a small one (a sliding
+    /// window, one key) by lookups.
+    fn range_values(&self, range: WindowRange, keys: &KeySet<K>) -> Result<Vec<(Rc<K>, V)>, TableError> {
+        let mut out = Vec::with_capacity(keys.len());
+        if keys.len().saturating_mul(4) < self.windows.cached_len() {
+            for key in keys {
+                if let Some(value) = self.stored(key, range)? {
+                    out.push((key.clone(), value));
+                }
+            }
+            return Ok(out);
+        }
+        self.windows.for_each_cached(|wk, value| {
+            if wk.start == range.start && wk.end == range.end {
+                out.push((wk.key.clone(), value.clone()));
+            }
+        });
+        if out.len() < keys.len() {
+            // Some windows are only in the store: evicted from the cache, or not read since
+            // the shard opened.
+            let missing: Vec<Rc<K>> = {
+                let found: hashbrown::HashSet<&K, foldhash::fast::RandomState> =
+                    out.iter().map(|(k, _)| &**k).collect();
+                keys.iter().filter(|k| !found.contains(&***k)).cloned().collect()
+            };
+            for key in missing {
+                if let Some(value) = self.stored(&key, range)? {
+                    out.push((key, value));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Hands a closed window's final aggregate to `on_window_close` and `emit_final`.
@@ -1216,7 +1285,7 @@ where
         let value = if self.panes() {
             let v = self.combine_panes(key, range)?;
             if let Some(v) = &v {
-                self.windows.write(token, Self::wk(key, range), Some(v.clone()))?;
+                self.windows.write(token, Self::wk_rc(key, range), Some(v.clone()))?;
             }
             v
         } else {
@@ -1326,7 +1395,7 @@ mod tests {
     #[test]
     fn a_borrowed_window_key_hashes_as_the_owned_one() {
         let hasher = foldhash::fast::RandomState::default();
-        let owned = WindowKey { key: "account-7".to_string(), start: -10_000, end: 0 };
+        let owned = WindowKey { key: std::rc::Rc::new("account-7".to_string()), start: -10_000, end: 0 };
         let key = "account-7".to_string();
         let probe = WindowKeyRef { key: &key, start: -10_000, end: 0 };
         assert_eq!(hasher.hash_one(&owned), hasher.hash_one(&probe));
@@ -1334,5 +1403,15 @@ mod tests {
         let mut map: hashbrown::HashMap<WindowKey<String>, u32, _> = hashbrown::HashMap::with_hasher(hasher);
         map.insert(owned, 1);
         assert_eq!(map.get(&probe), Some(&1));
+    }
+
+    /// The shared key is stored as the key itself: the changelog's and the store's format.
+    #[test]
+    fn a_window_key_encodes_as_its_key_and_range() {
+        let wk = WindowKey { key: std::rc::Rc::new("account-7".to_string()), start: -10_000, end: 0 };
+        let json = serde_json::to_string(&wk).expect("encode");
+        assert_eq!(json, r#"{"key":"account-7","start":-10000,"end":0}"#);
+        let back: WindowKey<String> = serde_json::from_str(&json).expect("decode");
+        assert_eq!(back, wk);
     }
 }
