@@ -89,7 +89,14 @@ struct Cached<V> {
     persisted: bool,
 }
 
+impl<V: Clone> Cached<V> {
+    fn prior(&self) -> Prior<V> {
+        Prior { value: self.value.clone(), dirty: self.dirty, persisted: self.persisted }
+    }
+}
+
 /// A key's cache entry as an undo restores it.
+#[derive(Clone)]
 struct Prior<V> {
     value: Option<V>,
     dirty: bool,
@@ -268,20 +275,12 @@ where
             if let Some(t) = token
                 && entry.run != *run
             {
-                undo.push(Undo {
-                    event: t.clone(),
-                    key: cached_key.clone(),
-                    before: Some(Prior { value: entry.value.clone(), dirty: entry.dirty, persisted: entry.persisted }),
-                });
+                undo.push(Undo { event: t.clone(), key: cached_key.clone(), before: Some(entry.prior()) });
                 entry.run = *run;
             }
             let result = write(entry)?;
-            if entry.value.is_none() && !entry.persisted {
-                // Deleted before any commit saw it: nothing to tombstone.
-                *dirty -= usize::from(entry.dirty);
+            if !keep_written(entry, dirty) {
                 cache.remove(probe);
-            } else {
-                *dirty += mark_dirty(entry);
             }
             return Ok(result);
         }
@@ -296,17 +295,13 @@ where
             cache.entry(key.clone()).or_insert(Cached { value: None, dirty: false, run: 0, persisted: false })
         };
         if let Some(t) = token {
-            let before =
-                loaded.then(|| Prior { value: entry.value.clone(), dirty: entry.dirty, persisted: entry.persisted });
+            let before = loaded.then(|| entry.prior());
             undo.push(Undo { event: t.clone(), key: key.clone(), before });
             entry.run = *run;
         }
         let result = write(entry)?;
-        if entry.value.is_none() && !entry.persisted {
-            *dirty -= usize::from(entry.dirty);
+        if !keep_written(entry, dirty) {
             cache.remove(&key);
-        } else {
-            *dirty += mark_dirty(entry);
         }
         Ok(result)
     }
@@ -424,9 +419,9 @@ where
         }
         // Not cached after the write: a deletion of a key never persisted, which undoing
         // restores by leaving the key out.
-        let now = state.cache.get(key).map(|c| Prior { value: c.value.clone(), dirty: true, persisted: c.persisted });
+        let now = state.cache.get(key).map(|c| Prior { dirty: true, ..c.prior() });
         for u in state.undo.iter_mut().filter(|u| u.key == *key) {
-            u.before = now.as_ref().map(|p| Prior { value: p.value.clone(), dirty: p.dirty, persisted: p.persisted });
+            u.before = now.clone();
         }
     }
 
@@ -453,14 +448,19 @@ where
     }
 }
 
-/// Marks an entry dirty; returns 1 when it was not.
-fn mark_dirty<V>(entry: &mut Cached<V>) -> usize {
-    if entry.dirty {
-        0
-    } else {
-        entry.dirty = true;
-        1
+/// Settles an entry just written, keeping the count of dirty entries: a deletion of a key
+/// never persisted has nothing to tombstone, and `false` says it leaves the cache; any other
+/// entry is now dirty.
+fn keep_written<V>(entry: &mut Cached<V>, dirty: &mut usize) -> bool {
+    if entry.value.is_none() && !entry.persisted {
+        *dirty -= usize::from(entry.dirty);
+        return false;
     }
+    if !entry.dirty {
+        entry.dirty = true;
+        *dirty += 1;
+    }
+    true
 }
 
 impl<K, V> AnyShard for Shard<K, V>
@@ -604,29 +604,23 @@ where
             in_flight.entry(u.key.clone()).or_insert(i);
         }
         let mut still_dirty = 0;
-        let mut unpersisted_deletions = false;
         for (k, c) in state.cache.iter_mut().filter(|(_, c)| c.dirty) {
             if in_flight.contains_key(k) {
                 still_dirty += 1;
                 continue;
             }
+            // A write never leaves a deletion of a key never persisted in the cache
+            // (`keep_written`), and undos restore entries taken from the cache.
+            debug_assert!(c.value.is_some() || c.persisted, "a cached deletion of a key never persisted");
             c.dirty = false;
-            if c.value.is_none() && !c.persisted {
-                // Left by an undo: nothing to tombstone, and dropped below.
-                unpersisted_deletions = true;
-                continue;
-            }
             c.persisted = true;
             state.frozen_deletions += usize::from(c.value.is_none());
             entries.push((k.clone(), c.value.clone()));
         }
-        if unpersisted_deletions {
-            state.cache.retain(|_, c| c.dirty || c.value.is_some() || c.persisted);
-        }
-        let mut persisted_in_flight: Map<K, ()> = Map::default();
+        let mut persisted_in_flight: hashbrown::HashSet<K, foldhash::fast::RandomState> = Default::default();
         for (k, i) in in_flight {
             let Some(before) = &mut state.undo[i].before else { continue };
-            if !before.dirty || (before.value.is_none() && !before.persisted) {
+            if !before.dirty {
                 continue;
             }
             before.dirty = false;
@@ -641,11 +635,11 @@ where
                     still_dirty += 1;
                 }
             }
-            persisted_in_flight.insert(k, ());
+            persisted_in_flight.insert(k);
         }
         // And whatever undoing a later event in flight would put back.
         if !persisted_in_flight.is_empty() {
-            for u in state.undo.iter_mut().filter(|u| persisted_in_flight.contains_key(&u.key)) {
+            for u in state.undo.iter_mut().filter(|u| persisted_in_flight.contains(&u.key)) {
                 if let Some(before) = &mut u.before {
                     before.persisted = true;
                 }
