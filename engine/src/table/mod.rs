@@ -435,14 +435,10 @@ where
             if !noted && typed.holds_writes_in_flight() {
                 core.note_writes(shard.clone());
             }
-            if access != Access::Internal {
-                for sensor in core.sensors().iter() {
-                    match access {
-                        Access::Read => sensor.on_table_get(&self.shared.name),
-                        Access::Write => sensor.on_table_set(&self.shared.name),
-                        Access::Internal => {}
-                    }
-                }
+            match access {
+                Access::Read => core.sensors().iter().for_each(|s| s.on_table_get(&self.shared.name)),
+                Access::Write => core.sensors().iter().for_each(|s| s.on_table_set(&self.shared.name)),
+                Access::Internal => {}
             }
             result
         })
