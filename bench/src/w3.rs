@@ -7,7 +7,7 @@
 //! Also measured: the close lag (from the start of the update whose event moves stream time
 //! past a window's `end + grace` to that window's close callback), what it is made of (the
 //! windows one event closes, and the time per window), and the memory per live window (the
-//! growth of the resident set over the run, over the windows live at the end).
+//! growth of the resident anonymous memory over the run, over the windows live at the end).
 
 use std::cell::Cell;
 use std::path::Path;
@@ -43,7 +43,7 @@ pub struct W3Run {
     pub close_lag_p99_us: f64,
     /// Windows live (open, or closed and readable) at the end.
     pub live_windows: u64,
-    /// Resident-set growth over the run per live window at the end (bytes).
+    /// Growth of the resident anonymous memory over the run per live window at the end (bytes).
     pub bytes_per_live_window: f64,
     /// Windows closed by one event, on average over the events that closed at least 100.
     pub closes_per_boundary: f64,
@@ -62,10 +62,21 @@ thread_local! {
     static LAGS: std::cell::RefCell<Vec<(Instant, u64)>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-fn resident_bytes() -> u64 {
+/// The process's resident anonymous memory (bytes): the resident set without its file-backed
+/// pages (the pages of the input log it reads count in the resident set, not in what the
+/// windows hold).
+fn anonymous_resident_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
-    pages * 4096
+    let mut fields = statm.split_whitespace().skip(1).map(|p| p.parse::<u64>().unwrap_or(0));
+    let (resident, shared) = (fields.next().unwrap_or(0), fields.next().unwrap_or(0));
+    resident.saturating_sub(shared) * 4096
+}
+
+/// Hands the memory freed by earlier runs back to the system, so that the growth measured
+/// over this run is this run's (freed pages the allocator kept would be reused unseen).
+fn release_freed_memory() {
+    // SAFETY: `malloc_trim` only returns free heap pages to the system; it takes no pointer.
+    unsafe { libc::malloc_trim(0) };
 }
 
 fn windowed(app: &App, kind: Kind) -> WindowedTable<String, u64> {
@@ -111,12 +122,20 @@ pub fn run(datadir: &Path, id: &str, n: u64, kind: Kind) -> Result<W3Run, String
     let base = Instant::now();
     let first_ns = Arc::new(AtomicU64::new(u64::MAX));
     let cpu = Arc::new(crate::CpuSpan::new(n));
+    let rss_at_end = Arc::new(AtomicU64::new(0));
     {
-        let (seen, live, first_ns, lags, cpu) =
-            (seen.clone(), live.clone(), first_ns.clone(), lags.clone(), cpu.clone());
+        let (seen, live, first_ns, lags, cpu, rss_at_end) =
+            (seen.clone(), live.clone(), first_ns.clone(), lags.clone(), cpu.clone(), rss_at_end.clone());
         app.agent("count", &orders, move |stream: faust::Stream<String, Order>| {
-            let (table, seen, live, first_ns, lags, cpu) =
-                (table.clone(), seen.clone(), live.clone(), first_ns.clone(), lags.clone(), cpu.clone());
+            let (table, seen, live, first_ns, lags, cpu, rss_at_end) = (
+                table.clone(),
+                seen.clone(),
+                live.clone(),
+                first_ns.clone(),
+                lags.clone(),
+                cpu.clone(),
+                rss_at_end.clone(),
+            );
             async move {
                 // Room for every close's lag up front: growing the vector during the run would
                 // copy it and fault in fresh pages inside a boundary's closes (2 ms once the
@@ -150,6 +169,10 @@ pub fn run(datadir: &Path, id: &str, n: u64, kind: Kind) -> Result<W3Run, String
                         Ok(())
                     })
                     .await?;
+                // The memory while the windows are all still held (the run's end drops them),
+                // without the pages the lags took (one entry per close).
+                let lag_bytes = LAGS.with(|l| l.borrow().len() * std::mem::size_of::<(Instant, u64)>());
+                rss_at_end.store(anonymous_resident_bytes().saturating_sub(lag_bytes as u64), Ordering::Relaxed);
                 let windows = table.local_windows(i64::MIN, i64::MAX)?;
                 live.fetch_add(windows.len() as u64, Ordering::Relaxed);
                 let mine = LAGS.with(|l| std::mem::take(&mut *l.borrow_mut()));
@@ -158,7 +181,8 @@ pub fn run(datadir: &Path, id: &str, n: u64, kind: Kind) -> Result<W3Run, String
             }
         });
     }
-    let rss_before = resident_bytes();
+    release_freed_memory();
+    let rss_before = anonymous_resident_bytes();
     let stop = app.stop_signal();
     let done_at = Arc::new(Mutex::new(None));
     let watcher = {
@@ -175,7 +199,6 @@ pub fn run(datadir: &Path, id: &str, n: u64, kind: Kind) -> Result<W3Run, String
     let ran = app.run();
     watcher.join().map_err(|_| "the W3 watcher panicked".to_string())?;
     ran.map_err(|e| format!("W3 ({id}): the worker failed: {e}"))?;
-    let rss_after = resident_bytes();
     let counted = seen.load(Ordering::Relaxed);
     if counted < n {
         return Err(format!("W3 ({id}): only {counted} of {n} orders counted"));
@@ -204,6 +227,7 @@ pub fn run(datadir: &Path, id: &str, n: u64, kind: Kind) -> Result<W3Run, String
         close_lag_p99_us: if histogram.is_empty() { f64::NAN } else { histogram.value_at_quantile(0.99) as f64 },
         live_windows,
         cpu_ns_per_event: cpu.ns_per_event(),
-        bytes_per_live_window: rss_after.saturating_sub(rss_before) as f64 / live_windows.max(1) as f64,
+        bytes_per_live_window: rss_at_end.load(Ordering::Relaxed).saturating_sub(rss_before) as f64
+            / live_windows.max(1) as f64,
     })
 }
