@@ -234,6 +234,55 @@ proptest! {
     }
 }
 
+/// After an event: its key, the key's windows, and every window of the partition.
+type Read = (String, Vec<(WindowRange, u64)>, Vec<(String, WindowRange, u64)>);
+
+/// Runs `events` (key index, time, amount) through a 60 s / 10 s hopping count, with panes or
+/// without; after each event, reads the key's windows and every window of the partition.
+fn hopping_reads(id: &str, events_in: &[(u8, i64, u64)], panes: bool) -> Vec<Read> {
+    let app = App::new(Settings::new(id));
+    let events = app.topic::<String, (i64, u64)>("events");
+    let t =
+        app.table::<String, u64>("counts").with_default(|| 0).hopping(Duration::from_secs(60), Duration::from_secs(10));
+    let table = if panes { t.combine(|a, b| a + b) } else { t }.grace(Duration::from_secs(15));
+    let reads: Arc<Mutex<Vec<Read>>> = Arc::default();
+    let seen = reads.clone();
+    app.agent("count", &events, move |mut stream| {
+        let (table, seen) = (table.clone(), seen.clone());
+        async move {
+            while let Some((key, (t, n))) = stream.next_item().await {
+                let key = key.unwrap_or_default();
+                table.update_at(&key, t, |c| *c += n)?;
+                let mut all = table.local_windows(i64::MIN, i64::MAX)?;
+                all.sort();
+                seen.lock().unwrap().push((key.clone(), table.windows(&key)?, all));
+            }
+            Ok(())
+        }
+    });
+    let test = app.test_context().unwrap();
+    for (k, t, n) in events_in {
+        put(&test, &events, &format!("k{k}"), *t, *n);
+    }
+    test.stop().unwrap();
+    reads.lock().unwrap().clone()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+    /// Reads of hopping windows combined per pane (a key's windows, every window of the
+    /// partition, open ones combined from their panes and closed ones from their finals) are
+    /// those of the same windows written one by one.
+    #[test]
+    fn panes_read_as_per_window_writes_do(events in proptest::collection::vec((0u8..3, 0i64..300_000, 1u64..5), 1..30)) {
+        let a = hopping_reads("hop-reads-windows", &events, false);
+        let b = hopping_reads("hop-reads-panes", &events, true);
+        prop_assert_eq!(a.len(), events.len());
+        prop_assert_eq!(a, b);
+    }
+}
+
 #[test]
 fn an_idle_stream_closes_its_windows_by_the_wall_clock() {
     let app = App::new(Settings::new("idle"));

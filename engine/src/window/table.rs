@@ -19,11 +19,13 @@
 //!
 //! **The per-core view.** Beside each pair of shards a core keeps a view (thread-local): the
 //! stream time and a hierarchical [timer wheel](super::wheel). Fixed windows (tumbling,
-//! sliding, hopping written per window) are kept window-major: per range, each key's aggregate
-//! (a mirror of the windows table, whose every write goes through the view), with one timer
-//! per range — its close, then its expiry — so a boundary closes all its keys' windows in one
-//! pass, without a lookup per window. Sessions and panes are kept per key, with a timer per
-//! window (a session's is cancelled when it merges). The view is derived state: it is built by
+//! sliding, hopping) are kept window-major: per range, the keys that have a window of it (every
+//! write to the windows table goes through the view), with one timer per range — its close,
+//! then its expiry — so a boundary closes all its keys' windows in one pass over the table's
+//! cache, without a lookup per window. Hopping windows combined per pane are kept per pane the
+//! same way: a window is closed for all its keys at once from the panes it holds, and its
+//! final aggregates are kept as a range of their own until they expire. Sessions are kept per
+//! key, with a timer per session (cancelled when it merges). The view is derived state: it is built by
 //! one scan of the shard when the core first uses it, and built again when the shards were
 //! reopened (a hand-over, a recovery) or an undo changed them (an agent failed on an event) —
 //! the tables are the truth.
@@ -646,15 +648,14 @@ where
 
 /// What a timer stands for.
 enum Due<K> {
-    /// The window (or, per pane, the virtual window) closes.
+    /// The session closes.
     Close(Rc<K>, WindowRange),
-    /// The closed window leaves the table.
+    /// The closed session leaves the table.
     Expire(Rc<K>, WindowRange),
-    /// A pane is no longer part of any open window.
-    DropPane(Rc<K>, WindowRange),
-    /// Every key's window of this range closes (fixed windows, kept by range).
+    /// Every key's window of this range closes (fixed windows, kept by range; for panes, a
+    /// window combined from them).
     CloseRange(WindowRange),
-    /// Every key's window of this range leaves the table.
+    /// Every key's window (or pane) of this range leaves the table.
     ExpireRange(WindowRange),
 }
 
@@ -676,17 +677,24 @@ struct View<K> {
     /// The table's grace (a window closes once the stream time passes its end plus it).
     grace: i64,
     wheel: TimerWheel<Due<K>>,
-    /// Per key, its live windows (sessions; for panes, the virtual windows), by start.
+    /// Per key, its live sessions, by start.
     live: Map<Rc<K>, Vec<Live>>,
     /// Whether fixed windows are kept by range (`by_range`) rather than per key (`live`):
-    /// every kind but sessions and panes.
+    /// every kind but sessions.
     by_ranges: bool,
+    windowing: Windowing,
+    /// The length of a pane when the table combines panes (0: it does not).
+    pane_len: i64,
+    /// For panes: the windows with a close timer (`CloseRange`), not stored while they are
+    /// open — each is the combination of the panes it holds.
+    closing: std::collections::BTreeSet<WindowRange>,
     /// Fixed windows by range: the keys that have a window of it in the windows table (every
     /// window is created through the view, the table being private, and an undo rebuilds
     /// it). Kept window-major so that a range closes and expires with one timer and one pass
     /// over its keys, instead of a timer per key. Only the keys: an event's update touches
     /// the table alone (one lookup, as a plain table's), and a close reads each aggregate
-    /// once.
+    /// once. For panes, the ranges are the panes (`pane_len` long) and the closed windows
+    /// (their final aggregates, kept apart until they expire).
     by_range: std::collections::BTreeMap<WindowRange, KeySet<K>>,
     /// When the partition's last event came, by the wall clock, and the stream time then
     /// (idle closing: the stream time moves on from there with the wall clock).
@@ -697,6 +705,9 @@ struct View<K> {
 }
 
 type KeySet<K> = hashbrown::HashSet<Rc<K>, foldhash::fast::RandomState>;
+
+/// The aggregates of a range's windows (or panes), by key.
+type Finals<K, V> = Vec<(Rc<K>, V)>;
 
 /// What an update or a tick leaves to do once the view is released.
 struct Outcome<K> {
@@ -722,11 +733,20 @@ trait AnyView {
     fn into_any(self: Rc<Self>) -> Rc<dyn Any>;
 }
 
-impl<K: 'static> AnyView for RefCell<View<K>> {
+impl<K: Hash + Eq + 'static> AnyView for RefCell<View<K>> {
     fn open_windows(&self) -> u64 {
         let view = self.borrow();
         let open = |range: &WindowRange| view.stream_time.is_none_or(|st| range.end.saturating_add(view.grace) > st);
-        if view.by_ranges {
+        if view.pane_len > 0 {
+            // Open windows are virtual: those of the panes, each (key, window) once.
+            let mut windows: hashbrown::HashSet<(&K, WindowRange), foldhash::fast::RandomState> = Default::default();
+            for (pane, keys) in view.by_range.iter().filter(|(range, _)| view.is_pane(**range)) {
+                for w in view.windowing.windows_of_pane(*pane).into_iter().filter(|w| open(w)) {
+                    windows.extend(keys.iter().map(|k| (&**k, w)));
+                }
+            }
+            windows.len() as u64
+        } else if view.by_ranges {
             view.by_range.iter().filter(|(range, _)| open(range)).map(|(_, keys)| keys.len() as u64).sum()
         } else {
             view.live.values().flatten().filter(|l| open(&l.range)).count() as u64
@@ -804,7 +824,13 @@ where
         grace: options.grace,
         wheel: TimerWheel::new(stream_time.unwrap_or(i64::MIN)),
         live: Map::default(),
-        by_ranges: !(windowing.is_session() || (options.combine.is_some() && windowing.has_panes())),
+        by_ranges: !windowing.is_session(),
+        windowing,
+        pane_len: match windowing {
+            Windowing::Hopping { step, .. } if options.combine.is_some() && windowing.has_panes() => step,
+            _ => 0,
+        },
+        closing: std::collections::BTreeSet::new(),
         by_range: std::collections::BTreeMap::new(),
         last_event: Instant::now(),
         at_last_event: stream_time,
@@ -812,11 +838,6 @@ where
     };
     let mut items = Vec::new();
     windows.items(&mut items)?;
-    let panes = options.combine.is_some() && windowing.has_panes();
-    let step = match windowing {
-        Windowing::Hopping { step, .. } => step,
-        _ => 0,
-    };
     let mut keys: KeySet<K> = KeySet::default();
     for (wk, _) in items {
         let range = wk.range();
@@ -824,15 +845,9 @@ where
         let key = keys.get_or_insert(wk.key).clone();
         if view.by_ranges {
             view.note_key(&key, range, options);
-            continue;
+        } else {
+            view.arm_window(&key, range, options);
         }
-        if panes && range.end - range.start == step {
-            // A pane: its windows are virtual, armed from their panes.
-            view.arm_pane_windows(&key, range, windowing, options);
-            view.wheel.arm(pane_drop_time(range, windowing, options), Due::DropPane(key, range));
-            continue;
-        }
-        view.arm_window(&key, range, options);
     }
     Ok(view)
 }
@@ -873,13 +888,23 @@ impl<K: Hash + Eq> View<K> {
         live.insert(at, Live { range, timer });
     }
 
-    /// Arms the virtual windows a pane is part of.
-    fn arm_pane_windows<V>(&mut self, key: &Rc<K>, pane: WindowRange, windowing: Windowing, options: &Options<K, V>) {
-        for range in windowing.windows_of_pane(pane) {
-            if !self.is_closed(range, options) {
-                self.arm_window(key, range, options);
-            }
-        }
+    /// The windows a stored range stands for: itself, or for a pane its windows still open
+    /// (a closed one has its final aggregate stored apart).
+    fn windows_of<V>(&self, range: WindowRange, options: &Options<K, V>) -> impl Iterator<Item = WindowRange> {
+        let windows = if self.is_pane(range) {
+            let mut windows = self.windowing.windows_of_pane(range);
+            windows.retain(|w| !self.is_closed(*w, options));
+            windows
+        } else {
+            vec![range]
+        };
+        windows.into_iter()
+    }
+
+    /// Whether `range` is a pane (not a window's final aggregate) of a table that combines
+    /// panes.
+    fn is_pane(&self, range: WindowRange) -> bool {
+        self.pane_len > 0 && range.end.saturating_sub(range.start) == self.pane_len
     }
 
     /// Whether `key`'s window `range` is live (stored, open or closed and not expired).
@@ -891,13 +916,22 @@ impl<K: Hash + Eq> View<K> {
     }
 
     /// Notes that `key` has a window of the fixed range `range`; a range seen for the first
-    /// time gets its timer (a close if it is open, else its expiry).
+    /// time gets its timer (a close if it is open, else its expiry). A pane seen for the first
+    /// time gets the close of each of its windows still open (once per window), and its own
+    /// departure once the last of them closed.
     fn note_key<V>(&mut self, key: &Rc<K>, range: WindowRange, options: &Options<K, V>) {
         if let Some(keys) = self.by_range.get_mut(&range) {
             keys.insert(key.clone());
             return;
         }
-        if self.is_closed(range, options) {
+        if self.is_pane(range) {
+            for window in self.windowing.windows_of_pane(range) {
+                if !self.is_closed(window, options) && self.closing.insert(window) {
+                    self.wheel.arm(options.close_at(window), Due::CloseRange(window));
+                }
+            }
+            self.wheel.arm(pane_drop_time(range, self.windowing, options), Due::ExpireRange(range));
+        } else if self.is_closed(range, options) {
             self.wheel.arm(options.expire_at(range), Due::ExpireRange(range));
         } else {
             self.wheel.arm(options.close_at(range), Due::CloseRange(range));
@@ -1057,13 +1091,7 @@ where
         let ((), created) =
             self.windows.upsert_known(self.token, &probe, &|| Self::wk_rc(shared(), pane), &|| false, f)?;
         if created {
-            let rc = shared().clone();
-            for &r in ranges {
-                if !view.is_closed(r, self.options) {
-                    view.arm_window(&rc, r, self.options);
-                }
-            }
-            view.wheel.arm(pane_drop_time(pane, windowing, self.options), Due::DropPane(rc, pane));
+            view.note_key(shared(), pane, self.options);
         }
         Ok(())
     }
@@ -1165,9 +1193,16 @@ where
         for (_, due) in fired.iter() {
             match due {
                 Due::Close(key, range) => {
-                    if let Some(value) = self.close(key, *range, token)? {
+                    if let Some(value) = self.close(key, *range)? {
                         closed += 1;
                         self.emit_close(key, *range, &value)?;
+                    }
+                }
+                Due::CloseRange(range) if self.view.borrow_mut().closing.remove(range) => {
+                    let finals = self.close_panes(*range, token)?;
+                    closed += finals.len() as u64;
+                    for (key, value) in &finals {
+                        self.emit_close(key, *range, value)?;
                     }
                 }
                 Due::CloseRange(range) => {
@@ -1179,9 +1214,9 @@ where
                         view.by_range.remove(range)
                     };
                     let Some(keys) = taken else { continue };
-                    let finals = self.range_values(*range, &keys);
+                    let finals = self.ranges_values(&[(*range, &keys)]);
                     self.view.borrow_mut().by_range.insert(*range, keys);
-                    let finals = finals?;
+                    let finals = finals?.pop().unwrap_or_default();
                     closed += finals.len() as u64;
                     for (key, value) in &finals {
                         self.emit_close(key, *range, value)?;
@@ -1205,7 +1240,6 @@ where
                     self.windows.write(token, Self::wk_rc(&key, range), None)?;
                     self.view.borrow_mut().forget(&key, range);
                 }
-                Due::DropPane(key, range) => self.windows.write(token, Self::wk_rc(&key, range), None)?,
                 Due::CloseRange(_) => {}
                 Due::ExpireRange(range) => {
                     let gone = self.view.borrow_mut().by_range.remove(&range);
@@ -1219,27 +1253,33 @@ where
         Ok(())
     }
 
-    /// The aggregates of the fixed range `range`, whose keys are `keys`. A range that holds a
-    /// good part of the cache (a tumbling boundary closes the windows of every key at once)
-    /// is read in one pass over the windows table's cache, where a lookup per key would cost
-    /// a cache miss each, then a lookup for each key not cached; a small one (a sliding
-    /// window, one key) by lookups.
-    fn range_values(&self, range: WindowRange, keys: &KeySet<K>) -> Result<Vec<(Rc<K>, V)>, TableError> {
-        let mut out = Vec::with_capacity(keys.len());
-        if keys.len().saturating_mul(4) < self.windows.cached_len() {
-            for key in keys {
-                if let Some(value) = self.stored(key, range)? {
-                    out.push((key.clone(), value));
+    /// The aggregates of each fixed range of `ranges` (given with its keys), in that order. When
+    /// the ranges hold a good part of the cache (a tumbling boundary closes the windows of
+    /// every key at once) they are read in one pass over the windows table's cache, where a
+    /// lookup per key would cost a cache miss each, then a lookup for each key not cached; a
+    /// small range (a sliding window, one key) by lookups.
+    fn ranges_values(&self, ranges: &[(WindowRange, &KeySet<K>)]) -> Result<Vec<Finals<K, V>>, TableError> {
+        let mut out: Vec<Finals<K, V>> = ranges.iter().map(|(_, keys)| Vec::with_capacity(keys.len())).collect();
+        let keys: usize = ranges.iter().map(|(_, keys)| keys.len()).sum();
+        if keys.saturating_mul(4) < self.windows.cached_len() {
+            for ((range, keys), out) in ranges.iter().zip(&mut out) {
+                for key in keys.iter() {
+                    if let Some(value) = self.stored(key, *range)? {
+                        out.push((key.clone(), value));
+                    }
                 }
             }
             return Ok(out);
         }
         self.windows.for_each_cached(|wk, value| {
-            if wk.start == range.start && wk.end == range.end {
-                out.push((wk.key.clone(), value.clone()));
+            if let Some(i) = ranges.iter().position(|(r, _)| wk.start == r.start && wk.end == r.end) {
+                out[i].push((wk.key.clone(), value.clone()));
             }
         });
-        if out.len() < keys.len() {
+        for ((range, keys), out) in ranges.iter().zip(&mut out) {
+            if out.len() >= keys.len() {
+                continue;
+            }
             // Some windows are only in the store: evicted from the cache, or not read since
             // the shard opened.
             let missing: Vec<Rc<K>> = {
@@ -1248,12 +1288,57 @@ where
                 keys.iter().filter(|k| !found.contains(&***k)).cloned().collect()
             };
             for key in missing {
-                if let Some(value) = self.stored(&key, range)? {
+                if let Some(value) = self.stored(&key, *range)? {
                     out.push((key, value));
                 }
             }
         }
         Ok(out)
+    }
+
+    /// Closes the window `range` of every key that has a pane in it (panes are kept by range,
+    /// as fixed windows are): its panes are read in one go, combined earliest first per key,
+    /// and each key's final aggregate is kept apart (stored under the window's range, which
+    /// then expires as a fixed window's) before the panes leave. Returns the finals.
+    fn close_panes(&self, range: WindowRange, token: Option<&Token>) -> Result<Finals<K, V>, TableError> {
+        let step = self.pane_len().max(1);
+        let per_pane = {
+            let view = self.view.borrow();
+            let empty = KeySet::default();
+            let panes: Vec<(WindowRange, &KeySet<K>)> = (0..)
+                .map(|i: i64| range.start.saturating_add(i.saturating_mul(step)))
+                .take_while(|start| *start < range.end)
+                .map(|start| {
+                    let pane = WindowRange::new(start, start.saturating_add(step));
+                    (pane, view.by_range.get(&pane).unwrap_or(&empty))
+                })
+                .collect();
+            self.ranges_values(&panes)?
+        };
+        let combine = self.options.combine.as_ref();
+        let mut finals: hashbrown::HashMap<Rc<K>, V, foldhash::fast::RandomState> = Default::default();
+        for (key, value) in per_pane.into_iter().flatten() {
+            match finals.entry(key) {
+                hashbrown::hash_map::Entry::Occupied(mut e) => {
+                    if let Some(combine) = combine {
+                        let combined = combine(e.get(), &value);
+                        *e.get_mut() = combined;
+                    }
+                }
+                hashbrown::hash_map::Entry::Vacant(e) => {
+                    e.insert(value);
+                }
+            }
+        }
+        let finals: Finals<K, V> = finals.into_iter().collect();
+        for (key, value) in &finals {
+            self.windows.write(token, Self::wk_rc(key, range), Some(value.clone()))?;
+        }
+        let mut view = self.view.borrow_mut();
+        for (key, _) in &finals {
+            view.note_key(key, range, self.options);
+        }
+        Ok(finals)
     }
 
     /// Hands a closed window's final aggregate to `on_window_close` and `emit_final`.
@@ -1278,19 +1363,11 @@ where
         }
     }
 
-    /// Closes `key`'s window `range` (closed by stream time already): its final aggregate
-    /// (kept apart, for panes), with its expiry armed. `None` when the window holds nothing (its
-    /// writes were undone).
-    fn close(&self, key: &Rc<K>, range: WindowRange, token: Option<&Token>) -> Result<Option<V>, TableError> {
-        let value = if self.panes() {
-            let v = self.combine_panes(key, range)?;
-            if let Some(v) = &v {
-                self.windows.write(token, Self::wk_rc(key, range), Some(v.clone()))?;
-            }
-            v
-        } else {
-            self.stored(key, range)?
-        };
+    /// Closes `key`'s window `range` (a session, closed by stream time already): its final
+    /// aggregate, with its expiry armed. `None` when the window holds nothing (its writes were
+    /// undone).
+    fn close(&self, key: &Rc<K>, range: WindowRange) -> Result<Option<V>, TableError> {
+        let value = self.stored(key, range)?;
         self.view.borrow_mut().wheel.arm(self.options.expire_at(range), Due::Expire(key.clone(), range));
         Ok(value)
     }
@@ -1347,7 +1424,11 @@ where
         let ranges: Vec<WindowRange> = {
             let view = self.view.borrow();
             if view.by_ranges {
-                view.by_range.iter().filter(|(_, keys)| keys.contains(key)).map(|(r, _)| *r).collect()
+                let mut ranges = std::collections::BTreeSet::new();
+                for (r, _) in view.by_range.iter().filter(|(_, keys)| keys.contains(key)) {
+                    ranges.extend(view.windows_of(*r, self.options));
+                }
+                ranges.into_iter().collect()
             } else {
                 view.live.get(key).map(|live| live.iter().map(|l| l.range).collect()).unwrap_or_default()
             }
@@ -1366,8 +1447,16 @@ where
         let found: Vec<(Rc<K>, WindowRange)> = {
             let view = self.view.borrow();
             if view.by_ranges {
-                let overlapping = view.by_range.iter().filter(|(r, _)| r.overlaps(&span));
-                overlapping.flat_map(|(r, keys)| keys.iter().map(|k| (k.clone(), *r))).collect()
+                let mut found: hashbrown::HashSet<(Rc<K>, WindowRange), foldhash::fast::RandomState> =
+                    Default::default();
+                for (r, keys) in &view.by_range {
+                    for w in view.windows_of(*r, self.options).filter(|w| w.overlaps(&span)) {
+                        found.extend(keys.iter().map(|k| (k.clone(), w)));
+                    }
+                }
+                let mut found: Vec<(Rc<K>, WindowRange)> = found.into_iter().collect();
+                found.sort_by_key(|(_, w)| *w);
+                found
             } else {
                 view.live
                     .iter()
