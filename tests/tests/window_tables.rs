@@ -197,14 +197,18 @@ fn final_results_go_to_a_topic_once_per_closed_window() {
     test.stop().unwrap();
 }
 
+/// The hopping count of these tests: 60 s windows every 10 s, grace 15 s, combined per pane or
+/// written per window.
+fn hopping(table: faust::Table<String, u64>, panes: bool) -> WindowedTable<String, u64> {
+    let t = table.hopping(Duration::from_secs(60), Duration::from_secs(10)).grace(Duration::from_secs(15));
+    if panes { t.combine(|a, b| a + b) } else { t }
+}
+
 /// Runs `events` (key index, time, amount) through a 60 s / 10 s hopping count, with panes
 /// or without, then an event far later for each key that closes its windows; returns the
 /// closes.
 fn hopping_run(id: &str, events_in: &[(u8, i64, u64)], panes: bool) -> Vec<(String, WindowRange, u64)> {
-    let (app, events, _table, closes) = counting(id, |t| {
-        let t = t.hopping(Duration::from_secs(60), Duration::from_secs(10)).grace(Duration::from_secs(15));
-        if panes { t.combine(|a, b| a + b) } else { t }
-    });
+    let (app, events, _table, closes) = counting(id, |t| hopping(t, panes));
     let test = app.test_context().unwrap();
     for (k, t, n) in events_in {
         put(&test, &events, &format!("k{k}"), *t, *n);
@@ -232,6 +236,17 @@ proptest! {
         prop_assert!(a.iter().map(|c| c.2).sum::<u64>() >= 6 * events[0].2);
         prop_assert_eq!(a, b);
     }
+
+    /// Reads of hopping windows combined per pane (a key's windows, every window of the
+    /// partition, open ones combined from their panes and closed ones from their finals) are
+    /// those of the same windows written one by one.
+    #[test]
+    fn panes_read_as_per_window_writes_do(events in proptest::collection::vec((0u8..3, 0i64..300_000, 1u64..5), 1..30)) {
+        let a = hopping_reads("hop-reads-windows", &events, false);
+        let b = hopping_reads("hop-reads-panes", &events, true);
+        prop_assert_eq!(a.len(), events.len());
+        prop_assert_eq!(a, b);
+    }
 }
 
 /// After an event: its key, the key's windows, and every window of the partition.
@@ -242,9 +257,7 @@ type Read = (String, Vec<(WindowRange, u64)>, Vec<(String, WindowRange, u64)>);
 fn hopping_reads(id: &str, events_in: &[(u8, i64, u64)], panes: bool) -> Vec<Read> {
     let app = App::new(Settings::new(id));
     let events = app.topic::<String, (i64, u64)>("events");
-    let t =
-        app.table::<String, u64>("counts").with_default(|| 0).hopping(Duration::from_secs(60), Duration::from_secs(10));
-    let table = if panes { t.combine(|a, b| a + b) } else { t }.grace(Duration::from_secs(15));
+    let table = hopping(app.table::<String, u64>("counts").with_default(|| 0), panes);
     let reads: Arc<Mutex<Vec<Read>>> = Arc::default();
     let seen = reads.clone();
     app.agent("count", &events, move |mut stream| {
@@ -266,21 +279,6 @@ fn hopping_reads(id: &str, events_in: &[(u8, i64, u64)], panes: bool) -> Vec<Rea
     }
     test.stop().unwrap();
     reads.lock().unwrap().clone()
-}
-
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
-
-    /// Reads of hopping windows combined per pane (a key's windows, every window of the
-    /// partition, open ones combined from their panes and closed ones from their finals) are
-    /// those of the same windows written one by one.
-    #[test]
-    fn panes_read_as_per_window_writes_do(events in proptest::collection::vec((0u8..3, 0i64..300_000, 1u64..5), 1..30)) {
-        let a = hopping_reads("hop-reads-windows", &events, false);
-        let b = hopping_reads("hop-reads-panes", &events, true);
-        prop_assert_eq!(a.len(), events.len());
-        prop_assert_eq!(a, b);
-    }
 }
 
 #[test]
