@@ -1057,12 +1057,8 @@ where
             let owned = || Self::wk_rc(shared(), r);
             let ((), created) = self.windows.upsert_known(self.token, &probe, &owned, &unknown, f)?;
             if created {
-                let rc = shared();
-                if view.by_ranges {
-                    view.note_key(rc, r, self.options);
-                } else {
-                    view.arm_window(rc, r, self.options);
-                }
+                // Fixed windows are kept by range (only sessions are not).
+                view.note_key(shared(), r, self.options);
             }
         }
         Ok(())
