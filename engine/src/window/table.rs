@@ -1297,29 +1297,19 @@ where
     /// and each key's final aggregate is kept apart (stored under the window's range, which
     /// then expires as a fixed window's) before the panes leave. Returns the finals.
     fn close_panes(&self, range: WindowRange, token: Option<&Token>) -> Result<Finals<K, V>, TableError> {
-        let step = self.pane_len().max(1);
         let per_pane = {
             let view = self.view.borrow();
             let empty = KeySet::default();
-            let panes: Vec<(WindowRange, &KeySet<K>)> = (0..)
-                .map(|i: i64| range.start.saturating_add(i.saturating_mul(step)))
-                .take_while(|start| *start < range.end)
-                .map(|start| {
-                    let pane = WindowRange::new(start, start.saturating_add(step));
-                    (pane, view.by_range.get(&pane).unwrap_or(&empty))
-                })
-                .collect();
+            let panes: Vec<(WindowRange, &KeySet<K>)> =
+                self.panes_in(range).map(|pane| (pane, view.by_range.get(&pane).unwrap_or(&empty))).collect();
             self.ranges_values(&panes)?
         };
-        let combine = self.options.combine.as_ref();
         let mut finals: hashbrown::HashMap<Rc<K>, V, foldhash::fast::RandomState> = Default::default();
         for (key, value) in per_pane.into_iter().flatten() {
             match finals.entry(key) {
                 hashbrown::hash_map::Entry::Occupied(mut e) => {
-                    if let Some(combine) = combine {
-                        let combined = combine(e.get(), &value);
-                        *e.get_mut() = combined;
-                    }
+                    let combined = self.combined(e.get(), value);
+                    *e.get_mut() = combined;
                 }
                 hashbrown::hash_map::Entry::Vacant(e) => {
                     e.insert(value);
@@ -1370,20 +1360,34 @@ where
 
     /// The combination of `key`'s panes in `range`, earliest first (`None`: no pane).
     fn combine_panes(&self, key: &K, range: WindowRange) -> Result<Option<V>, TableError> {
-        let step = self.pane_len().max(1);
-        let combine = self.options.combine.as_ref();
         let mut acc: Option<V> = None;
-        let mut start = range.start;
-        while start < range.end {
-            if let Some(v) = self.stored(key, WindowRange::new(start, start.saturating_add(step)))? {
-                acc = Some(match (acc, combine) {
-                    (Some(a), Some(c)) => c(&a, &v),
-                    _ => v,
+        for pane in self.panes_in(range) {
+            if let Some(v) = self.stored(key, pane)? {
+                acc = Some(match acc {
+                    Some(a) => self.combined(&a, v),
+                    None => v,
                 });
             }
-            start = start.saturating_add(step);
         }
         Ok(acc)
+    }
+
+    /// The panes of the window `range`, earliest first.
+    fn panes_in(&self, range: WindowRange) -> impl Iterator<Item = WindowRange> {
+        let step = self.pane_len().max(1);
+        (0..)
+            .map(move |i: i64| range.start.saturating_add(i.saturating_mul(step)))
+            .take_while(move |start| *start < range.end)
+            .map(move |start| WindowRange::new(start, start.saturating_add(step)))
+    }
+
+    /// An earlier pane's aggregate combined with a later one's (the later alone without
+    /// [`combine`](WindowedTable::combine)).
+    fn combined(&self, earlier: &V, later: V) -> V {
+        match &self.options.combine {
+            Some(combine) => combine(earlier, &later),
+            None => later,
+        }
     }
 
     /// The aggregate of `key` in `range`: stored, or combined from panes while it is open.
