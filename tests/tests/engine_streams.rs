@@ -146,6 +146,76 @@ fn sends_from_other_threads_reach_the_worker_and_fail_clearly_after_it_stops() {
     assert!(matches!(awaited, Err(SendError::Stopped { .. })), "{awaited:?}");
 }
 
+/// A thread that sends faster than the worker takes its records waits, as a Kafka producer
+/// waits on a full buffer, instead of queueing without end: while core 0 is held up, no more
+/// than the outbox's bound (8 MiB) is queued, and every record still arrives.
+#[test]
+fn a_sender_faster_than_the_worker_waits_for_room() {
+    const RECORDS: usize = 200;
+    const VALUE_BYTES: usize = 64 << 10;
+    let mut s = settings("outbox-bound", 1);
+    s.broker = "memory://".into();
+    s.cores = Some(1);
+    let transport = faust::MemoryTransport::new();
+    let app = App::new(s).with_memory_transport(transport.clone());
+    let trigger = app.topic::<String, u64>("trigger");
+    let big = app.topic::<String, String>("big");
+    // 0: not yet; 1: core 0 is held up; 2: it goes on.
+    let phase = Arc::new(AtomicUsize::new(0));
+    let held = phase.clone();
+    app.agent("hold", &trigger, move |mut stream| {
+        let held = held.clone();
+        async move {
+            while stream.next().await.is_some() {
+                held.store(1, Ordering::SeqCst);
+                // Blocks the core's thread, so nothing takes the outbox meanwhile.
+                std::thread::sleep(Duration::from_millis(700));
+                held.store(2, Ordering::SeqCst);
+            }
+            Ok(())
+        }
+    });
+    let stop = app.stop_signal();
+    let sender = {
+        let (trigger, big, phase, transport) = (trigger.clone(), big.clone(), phase.clone(), transport.clone());
+        std::thread::spawn(move || {
+            trigger.send_soon(None, &1).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while phase.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let value = "x".repeat(VALUE_BYTES);
+            let mut sent_while_held = 0;
+            for n in 0..RECORDS {
+                big.send_soon(Some(&format!("k{n}")), &value).unwrap();
+                if phase.load(Ordering::SeqCst) == 1 {
+                    sent_while_held += 1;
+                }
+            }
+            let arrived = || transport.high_watermark(&TopicPartition::new("big", 0)).unwrap_or(0);
+            while arrived() < RECORDS as u64 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            stop.stop();
+            sent_while_held
+        })
+    };
+    app.run().unwrap();
+    let sent_while_held = sender.join().unwrap();
+    // Each record is its value's JSON (the bytes and two quotes) and its key.
+    let bound = (8 << 20) / VALUE_BYTES + 1;
+    assert!(
+        sent_while_held <= bound,
+        "{sent_while_held} records of {VALUE_BYTES} B were queued while the worker was held up (bound {bound})"
+    );
+    let records = transport.records(&TopicPartition::new("big", 0)).unwrap();
+    assert_eq!(records.len(), RECORDS, "every record arrives");
+    let keys: Vec<String> =
+        records.iter().map(|r| String::from_utf8(r.key.as_deref().unwrap().to_vec()).unwrap()).collect();
+    let expected: Vec<String> = (0..RECORDS).map(|n| format!("k{n}")).collect();
+    assert_eq!(keys, expected, "in the order they were sent");
+}
+
 #[test]
 fn channels_hand_events_to_agents_in_memory() {
     let app = App::new(settings("channels", 2));

@@ -76,10 +76,10 @@ pub(super) async fn take_outbound(
     mut outgoing: crate::app::Outgoing,
 ) {
     let topics = outbox.topics();
-    let records = std::mem::take(&mut outgoing.records);
-    for record in records {
+    // Drained, not taken: the emptied vector goes back to the senders with its capacity.
+    let crate::app::Outgoing { records, bytes } = &mut outgoing;
+    for record in records.drain(..) {
         let Some(topic) = topics.get(record.topic) else { continue };
-        let bytes = &outgoing.bytes;
         let key = record.key.map(|k| &bytes[k]);
         let value = &bytes[record.value];
         match (record.reply, record.options) {
