@@ -82,6 +82,8 @@ pub struct RuntimeConfig {
     pub name: String,
     /// A core that makes no progress for this long is reported as stalled.
     pub stall_threshold: Duration,
+    /// How long an idle core polls for work before its thread sleeps (zero: at once).
+    pub spin: Duration,
 }
 
 impl Default for RuntimeConfig {
@@ -91,6 +93,7 @@ impl Default for RuntimeConfig {
             io_memory: 1 << 20,
             name: "faust".to_string(),
             stall_threshold: Duration::from_secs(5),
+            spin: Duration::ZERO,
         }
     }
 }
@@ -251,6 +254,7 @@ where
         let spawned = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("{}-core{index}", config.name))
             .io_memory(config.io_memory)
+            .spin_before_park(config.spin)
             .spawn(move || async move {
                 beats.beat(index);
                 glommio::spawn_local(async move {

@@ -329,7 +329,12 @@ fn run_once(app: &App) -> Result<(), WorkerError> {
     };
 
     app.inner.outbox.open();
-    let config = RuntimeConfig { cores: Some(cores), name: settings.id.clone(), ..RuntimeConfig::default() };
+    let config = RuntimeConfig {
+        cores: Some(cores),
+        name: settings.id.clone(),
+        spin: settings.worker_spin,
+        ..RuntimeConfig::default()
+    };
     let results = {
         let (app, transport, startup, commands) = (app.clone(), transport.clone(), startup.clone(), commands.clone());
         let inboxes = inboxes.clone();
