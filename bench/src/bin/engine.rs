@@ -50,6 +50,10 @@ struct Args {
     /// Only the latency run, at this many events/s (for profiling).
     #[arg(long)]
     only_latency: Option<f64>,
+    /// The worker's `worker_spin` in the latency runs, in microseconds (the runs without
+    /// it are reported too).
+    #[arg(long, default_value_t = LATENCY_SPIN_US)]
+    spin_us: u64,
     /// Only the 1-core W2 run (10,000 accounts), once (for profiling).
     #[arg(long)]
     only_w2: bool,
@@ -676,44 +680,119 @@ struct Latency {
     offered: f64,
     achieved: f64,
     samples: u64,
+    /// CPU time of the worker thread per event after the warm-up: on `local://` that thread
+    /// also takes the orders from the generator and appends them (the broker's work), which
+    /// the pre-loaded W1 run does not do.
+    worker_cpu_ns_per_event: f64,
+    /// The worker thread's CPU time over the wall-clock time after the warm-up (1.0: saturated).
+    worker_busy: f64,
+    /// The longest pause between two of the generator's sends after the warm-up: the orders
+    /// due meanwhile arrive at once, as a burst the worker then works through.
+    generator_max_gap_us: f64,
+    /// Events the worker processed per second after the warm-up: at an offered load it
+    /// cannot keep up with, the live path's maximum.
+    processed_events_s: f64,
 }
 
-/// A 1-core worker processes orders that a thread pinned to the other CPU sends at `rate`
-/// per second for `secs`; latency is from the generator stamping an order to the agent
-/// handling it. The first second is warm-up and not recorded.
-fn latency(parent: &Path, rate: f64, secs: u64) -> Latency {
+/// The machine's own stalls, as jHiccup measures them: one thread per usable CPU reads the
+/// clock in a loop for `secs`; a gap between two reads is time the thread did not run (the
+/// kernel or the hypervisor had the CPU). Returns the longest gap in µs and the gaps over
+/// 1 ms per second and CPU. The latency runs' p99.9 cannot be below what the machine does.
+fn hiccups(secs: f64) -> (f64, f64) {
+    let cpus = faust::runtime::usable_cpus();
+    let threads: Vec<_> = cpus
+        .iter()
+        .map(|&cpu| {
+            std::thread::spawn(move || {
+                pin_to_cpu(cpu);
+                let start = Instant::now();
+                let (mut prev, mut max_gap, mut over_1ms) = (start, Duration::ZERO, 0u64);
+                while prev - start < Duration::from_secs_f64(secs) {
+                    let now = Instant::now();
+                    let gap = now - prev;
+                    max_gap = max_gap.max(gap);
+                    over_1ms += u64::from(gap > Duration::from_millis(1));
+                    prev = now;
+                }
+                (max_gap, over_1ms)
+            })
+        })
+        .collect();
+    let (mut max_gap, mut over_1ms) = (Duration::ZERO, 0u64);
+    for t in threads {
+        let (gap, over) = t.join().unwrap();
+        max_gap = max_gap.max(gap);
+        over_1ms += over;
+    }
+    (max_gap.as_secs_f64() * 1e6, over_1ms as f64 / secs / cpus.len().max(1) as f64)
+}
+
+/// The latency runs' `worker_spin`: the tuning for a core given to the worker alone.
+const LATENCY_SPIN_US: u64 = 200;
+
+fn latency(parent: &Path, rate: f64, secs: u64, spin: Duration) -> Latency {
     // Its own data directory: no records left by an earlier run (stamped against another
     // clock) to read first. And the page cache written back first, so that the write-back of
     // what the throughput runs wrote does not land in this run.
-    let datadir = &parent.join(format!("latency-{rate:.0}"));
+    let datadir = &parent.join(format!("latency-{rate:.0}-{}", spin.as_micros()));
     // SAFETY: sync(2) takes no arguments and cannot fail.
     unsafe { libc::sync() };
-    let app = App::new(settings("w1-latency", datadir, 1));
+    let mut settings = settings("w1-latency", datadir, 1);
+    settings.worker_spin = spin;
+    let app = App::new(settings);
     let orders = app.topic::<String, Order>("live-orders");
     let sales = app.topic::<String, Sale>("live-sales");
     let histogram = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap()));
     let base = Instant::now();
     let warmup_ns = 1_000_000_000u64;
     let handled = Arc::new(AtomicU64::new(0));
+    // The worker's (events, CPU ns, wall ns) after the warm-up.
+    let worker = Arc::new(Mutex::new((0u64, 0u64, 0u64)));
     {
-        let (histogram, handled) = (histogram.clone(), handled.clone());
+        let (histogram, handled, worker) = (histogram.clone(), handled.clone(), worker.clone());
         app.agent("w1", &orders, move |stream| {
-            let (sales, histogram, handled) = (sales.clone(), histogram.clone(), handled.clone());
+            let (sales, histogram, handled, worker) =
+                (sales.clone(), histogram.clone(), handled.clone(), worker.clone());
             async move {
                 let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
-                let mut stream = stream.filter(keep).map(|o| {
+                // (events, worker CPU ns, wall ns) at the first event after the warm-up and at
+                // every 4,096th after it: the thread's CPU clock is a system call, too dear
+                // for every event.
+                let mut first: Option<(u64, u64, u64)> = None;
+                let mut last = (0u64, 0u64, 0u64);
+                // Every event the worker takes, those the filter drops included (as W1 counts).
+                let taken = std::rc::Rc::new(std::cell::Cell::new(0u64));
+                let counted = taken.clone();
+                let stream = stream.filter(move |o| {
+                    counted.set(counted.get() + 1);
+                    keep(o)
+                });
+                let mut stream = stream.map(|o| {
                     let created = o.created_ns;
                     (created, to_sale(o))
                 });
                 while let Some((key, (created, sale))) = stream.next_item().await {
                     sales.send_soon(key.as_ref(), &sale)?;
+                    let now = base.elapsed().as_nanos() as u64;
                     if created >= warmup_ns {
-                        let now = base.elapsed().as_nanos() as u64;
                         local.saturating_record(now.saturating_sub(created) / 1000);
+                    }
+                    // The worker's figures from the end of the warm-up by the clock (behind a
+                    // backlog, the events processed then were created earlier).
+                    if now >= warmup_ns {
+                        let seen = taken.get();
+                        if first.is_none() || seen >= last.0 + 4096 {
+                            let sample = (seen, faust_bench::thread_cpu_ns(), now);
+                            first.get_or_insert(sample);
+                            last = sample;
+                        }
                     }
                     handled.fetch_add(1, Ordering::Relaxed);
                 }
                 histogram.lock().unwrap().add(&local).unwrap();
+                if let Some(first) = first {
+                    *worker.lock().unwrap() = (last.0 - first.0, last.1 - first.1, last.2 - first.2);
+                }
                 Ok(())
             }
         });
@@ -730,8 +809,16 @@ fn latency(parent: &Path, rate: f64, secs: u64) -> Latency {
             let total = (rate * secs as f64) as u64;
             let start = Instant::now();
             let mut sent = 0u64;
+            let (mut last_send, mut max_gap) = (None::<Instant>, Duration::ZERO);
             while sent < total {
                 let due = ((start.elapsed().as_secs_f64() * rate) as u64).min(total);
+                if due > sent && base.elapsed().as_nanos() as u64 >= warmup_ns {
+                    let now = Instant::now();
+                    if let Some(before) = last_send {
+                        max_gap = max_gap.max(now - before);
+                    }
+                    last_send = Some(now);
+                }
                 while sent < due {
                     let o = order(sent, base.elapsed().as_nanos() as u64);
                     orders.send_soon(Some(&o.customer), &o).expect("send");
@@ -747,12 +834,13 @@ fn latency(parent: &Path, rate: f64, secs: u64) -> Latency {
             // Give the worker a moment to finish what was sent, then stop it.
             std::thread::sleep(Duration::from_millis(500));
             stop.stop();
-            (sent, elapsed)
+            (sent, elapsed, max_gap)
         })
     };
     app.run().expect("latency worker");
-    let (sent, elapsed) = generator.join().unwrap();
+    let (sent, elapsed, max_gap) = generator.join().unwrap();
     let h = histogram.lock().unwrap();
+    let (events, cpu_ns, wall_ns) = *worker.lock().unwrap();
     Latency {
         p50_us: h.value_at_quantile(0.50) as f64,
         p99_us: h.value_at_quantile(0.99) as f64,
@@ -761,6 +849,10 @@ fn latency(parent: &Path, rate: f64, secs: u64) -> Latency {
         offered: rate,
         achieved: sent as f64 / elapsed.as_secs_f64(),
         samples: h.len(),
+        worker_cpu_ns_per_event: cpu_ns as f64 / events as f64,
+        worker_busy: cpu_ns as f64 / wall_ns as f64,
+        generator_max_gap_us: max_gap.as_secs_f64() * 1e6,
+        processed_events_s: events as f64 / (wall_ns as f64 / 1e9),
     }
 }
 
@@ -791,10 +883,17 @@ fn main() {
     );
 
     if let Some(rate) = args.only_latency {
-        let lat = latency(dir.path(), rate, latency_secs);
+        let lat = latency(dir.path(), rate, latency_secs, Duration::from_micros(args.spin_us));
         println!(
-            "latency at {rate:.0}/s: p50 {:.0} µs, p99 {:.0} µs, p999 {:.0} µs, max {:.0} µs",
-            lat.p50_us, lat.p99_us, lat.p999_us, lat.max_us
+            "latency at {rate:.0}/s: p50 {:.0} µs, p99 {:.0} µs, p999 {:.0} µs, max {:.0} µs; worker {:.0} CPU ns per event, busy {:.2}, {:.0} events/s processed; generator's longest pause {:.0} µs",
+            lat.p50_us,
+            lat.p99_us,
+            lat.p999_us,
+            lat.max_us,
+            lat.worker_cpu_ns_per_event,
+            lat.worker_busy,
+            lat.processed_events_s,
+            lat.generator_max_gap_us
         );
         return;
     }
@@ -1024,15 +1123,27 @@ fn main() {
     drop(encoded);
     progress(args.json, &format!("floor: {floor_1:.0} events/s on 1 thread, {floor_2:.0} on 2"));
 
+    let spin = Duration::from_micros(args.spin_us);
     let rate = w1_1.events_s * 0.5;
-    progress(args.json, &format!("latency at {rate:.0} events/s for {latency_secs} s"));
-    let lat = latency(dir.path(), rate, latency_secs);
+    progress(args.json, &format!("latency at {rate:.0} events/s for {latency_secs} s, spin {} µs", args.spin_us));
+    let lat = latency(dir.path(), rate, latency_secs, spin);
     // The same at half that load: on local:// the worker core also appends the input (the
     // broker's work) and takes it from the generator, so at 50 % of W1's maximum it is close
     // to saturated; this shows the latency with headroom.
     let quarter = w1_1.events_s * 0.25;
-    progress(args.json, &format!("latency at {quarter:.0} events/s for {latency_secs} s"));
-    let lat_quarter = latency(dir.path(), quarter, latency_secs);
+    progress(args.json, &format!("latency at {quarter:.0} events/s for {latency_secs} s, spin {} µs", args.spin_us));
+    let lat_quarter = latency(dir.path(), quarter, latency_secs, spin);
+    // And without the spin (the default): each wake-up of the core then costs a sleep.
+    progress(args.json, &format!("latency at {quarter:.0} events/s for {latency_secs} s, no spin"));
+    let lat_quarter_no_spin = latency(dir.path(), quarter, latency_secs, Duration::ZERO);
+    let hiccup_secs = if args.quick { 1.0 } else { 3.0 };
+    let (machine_max_stall_us, machine_stalls_over_1ms_per_s) = hiccups(hiccup_secs);
+    progress(
+        args.json,
+        &format!(
+            "the machine's own stalls: longest {machine_max_stall_us:.0} µs, {machine_stalls_over_1ms_per_s:.1} over 1 ms per second and CPU"
+        ),
+    );
 
     let w2 = run_w2(dir.path(), n, args.json, runs);
     let codec = run_codec(args.quick, args.json);
@@ -1081,6 +1192,27 @@ fn main() {
             "reopen_1m_keys_s": w2.reopen_s,
         });
         let mut out = out;
+        // The worker behind the latency figures (a second object: one `json!` this large
+        // passes the macro's recursion limit).
+        let live = serde_json::json!({
+            "w1_live_cpu_ns_per_event_50pct": lat.worker_cpu_ns_per_event,
+            "w1_live_cpu_ns_per_event_25pct": lat_quarter.worker_cpu_ns_per_event,
+            "w1_live_worker_busy_50pct": lat.worker_busy,
+            "w1_live_worker_busy_25pct": lat_quarter.worker_busy,
+            "latency_generator_max_gap_us_50pct": lat.generator_max_gap_us,
+            "latency_generator_max_gap_us_25pct": lat_quarter.generator_max_gap_us,
+            "latency_worker_spin_us": args.spin_us,
+            "machine_max_stall_us": machine_max_stall_us,
+            "machine_stalls_over_1ms_per_s": machine_stalls_over_1ms_per_s,
+            "w1_p50_us_25pct_no_spin": lat_quarter_no_spin.p50_us,
+            "w1_p99_us_25pct_no_spin": lat_quarter_no_spin.p99_us,
+            "w1_p999_us_25pct_no_spin": lat_quarter_no_spin.p999_us,
+            "w1_live_cpu_ns_per_event_25pct_no_spin": lat_quarter_no_spin.worker_cpu_ns_per_event,
+            "w1_live_worker_busy_25pct_no_spin": lat_quarter_no_spin.worker_busy,
+        });
+        if let (Some(o), serde_json::Value::Object(live)) = (out.as_object_mut(), live) {
+            o.extend(live);
+        }
         if let (Some(o), serde_json::Value::Object(w4)) = (out.as_object_mut(), w4_json(&w2)) {
             o.extend(w4);
         }
@@ -1105,13 +1237,30 @@ fn main() {
         println!("| W1 1 core, CPU per event | {w1_cpu_ns:.0} ns of the worker thread | | |");
         println!("| peak RSS | {:.0} MB (1 core), {:.0} MB (2 cores) | | |", w1_1.peak_rss_mb, w1_2.peak_rss_mb);
         println!(
-            "| latency at {:.0} events/s (50 %) | p50 {:.0} µs, p99 {:.0} µs, p999 {:.0} µs, max {:.0} µs | | p99 ≤ 200 µs |",
+            "| latency at {:.0} events/s (50 %), spin | p50 {:.0} µs, p99 {:.0} µs, p999 {:.0} µs, max {:.0} µs | | p99 ≤ 200 µs |",
             lat.offered, lat.p50_us, lat.p99_us, lat.p999_us, lat.max_us
         );
         println!(
-            "| latency at {:.0} events/s (25 %) | p50 {:.0} µs, p99 {:.0} µs, p999 {:.0} µs, max {:.0} µs | | |",
+            "| latency at {:.0} events/s (25 %), spin | p50 {:.0} µs, p99 {:.0} µs, p999 {:.0} µs, max {:.0} µs | | |",
             lat_quarter.offered, lat_quarter.p50_us, lat_quarter.p99_us, lat_quarter.p999_us, lat_quarter.max_us
         );
+        println!(
+            "| latency at {:.0} events/s (25 %), no spin | p50 {:.0} µs, p99 {:.0} µs, p999 {:.0} µs, max {:.0} µs | | |",
+            lat_quarter_no_spin.offered,
+            lat_quarter_no_spin.p50_us,
+            lat_quarter_no_spin.p99_us,
+            lat_quarter_no_spin.p999_us,
+            lat_quarter_no_spin.max_us
+        );
+        println!(
+            "| the machine's own stalls | longest {machine_max_stall_us:.0} µs | | {machine_stalls_over_1ms_per_s:.1} over 1 ms per s and CPU |"
+        );
+        for (share, l) in [("50 %", &lat), ("25 %", &lat_quarter), ("25 %, no spin", &lat_quarter_no_spin)] {
+            println!(
+                "| live W1 at {share}: worker CPU per event | {:.0} ns (busy {:.2}) | pre-loaded W1 {w1_cpu_ns:.0} ns | generator's longest pause {:.0} µs |",
+                l.worker_cpu_ns_per_event, l.worker_busy, l.generator_max_gap_us
+            );
+        }
         print_w2(&w2, n);
         print_w3(&w2.w3, w2.one, w2.one_cpu_ns);
         print_codec(&codec);

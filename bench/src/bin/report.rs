@@ -347,6 +347,14 @@ fn write_report(dir: &Path, figures: &Value) -> std::io::Result<()> {
     let loads: Vec<(&str, Vec<Option<f64>>)> = vec![
         ("25 % load", vec![num(e, "w1_p50_us_25pct"), num(e, "w1_p99_us_25pct"), num(e, "w1_p999_us_25pct")]),
         (
+            "25 % load, no spin",
+            vec![
+                num(e, "w1_p50_us_25pct_no_spin"),
+                num(e, "w1_p99_us_25pct_no_spin"),
+                num(e, "w1_p999_us_25pct_no_spin"),
+            ],
+        ),
+        (
             "50 % load",
             vec![
                 num(e, "w1_p50_us"),
