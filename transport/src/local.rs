@@ -757,7 +757,7 @@ impl CoreTransport for LocalCore {
                     }
                     source => Error::Storage { tp: tp.clone(), source },
                 })?;
-                let mut records = Vec::new();
+                let mut records = Vec::with_capacity(batches.iter().map(|b| b.record_count()).sum());
                 let mut next_offset = offset;
                 'batches: for b in &batches {
                     for record in b.records_from(offset) {

@@ -114,17 +114,25 @@ pub(crate) async fn consume(
                         sensor.on_message_in(&tp, r.offset);
                     }
                 }
-                for record in fetched.records {
-                    let mut record = Some(record);
-                    for (i, (&a, &lane)) in agents.iter().zip(&lanes).enumerate() {
-                        let Some(r) = record.as_ref() else { break };
-                        if let Some(t) = core.acks.borrow_mut().get_mut(&AckKey(a, &tp)) {
+                // Per agent, the fetch's offsets go to its ack tracker (looked up once, not per
+                // record), then its records to its queue: the last agent gets the records
+                // themselves, the others clones.
+                let mut records = Some(fetched.records);
+                for (i, (&a, &lane)) in agents.iter().zip(&lanes).enumerate() {
+                    let Some(batch) = records.as_ref() else { break };
+                    if let Some(t) = core.acks.borrow_mut().get_mut(&AckKey(a, &tp)) {
+                        for r in batch {
                             t.delivered(r.offset);
                         }
-                        // The last agent gets the record itself, the others a clone.
-                        let r = if i + 1 == agents.len() { record.take() } else { record.clone() };
-                        if let Some(r) = r {
-                            core.queues[a].push(lane, QueuedEvent { tp: tp.clone(), record: r });
+                    }
+                    let queue = &core.queues[a];
+                    if i + 1 == agents.len() {
+                        for r in records.take().into_iter().flatten() {
+                            queue.push(lane, QueuedEvent { tp: tp.clone(), record: r });
+                        }
+                    } else {
+                        for r in batch {
+                            queue.push(lane, QueuedEvent { tp: tp.clone(), record: r.clone() });
                         }
                     }
                 }
