@@ -8,8 +8,10 @@
 //! - the floor: the same decode, filter, map and count done by 1 and 2 plain threads over
 //!   the same orders held in memory (no log, no runtime, no output);
 //! - latency from send to processed (p50/p99/p999, hdrhistogram) on a 1-core worker at an
-//!   offered load of 50 % of its measured maximum, the generator thread pinned to the other
-//!   CPU and sending from outside the worker;
+//!   offered load of 50 % and 25 % of its measured maximum (with `worker_spin` 200 µs, and at
+//!   25 % without it too), the generator thread pinned to the other CPU and sending from
+//!   outside the worker, with the worker's CPU per event and busy share in those runs and
+//!   the machine's own stalls (a clock-reading thread per CPU, as jHiccup measures them);
 //! - the codec section (`--only-codec` alone): decode cost per codec on one core, JSON by
 //!   simd-json and by serde_json against a fixed-layout record read in place.
 //!
