@@ -17,6 +17,15 @@ fn settings(id: &str, partitions: u32) -> Settings {
     s
 }
 
+/// An app on a `memory://` transport of its own, with the transport.
+fn memory_app(id: &str, partitions: u32, cores: usize) -> (App, faust::MemoryTransport) {
+    let mut s = settings(id, partitions);
+    s.broker = "memory://".into();
+    s.cores = Some(cores);
+    let transport = faust::MemoryTransport::new();
+    (App::new(s).with_memory_transport(transport.clone()), transport)
+}
+
 #[test]
 fn filter_echo_map_and_enumerate_compose() {
     let app = App::new(settings("stages", 2));
@@ -93,11 +102,7 @@ fn buffered_sends_are_written_when_the_worker_stops() {
 
 #[test]
 fn sends_from_other_threads_reach_the_worker_and_fail_clearly_after_it_stops() {
-    let mut s = settings("outside", 2);
-    s.broker = "memory://".into();
-    s.cores = Some(2);
-    let transport = faust::MemoryTransport::new();
-    let app = App::new(s).with_memory_transport(transport.clone());
+    let (app, transport) = memory_app("outside", 2, 2);
     let input = app.topic::<String, u64>("input");
     let seen = Arc::new(AtomicUsize::new(0));
     let counter = seen.clone();
@@ -153,11 +158,7 @@ fn sends_from_other_threads_reach_the_worker_and_fail_clearly_after_it_stops() {
 fn a_sender_faster_than_the_worker_waits_for_room() {
     const RECORDS: usize = 200;
     const VALUE_BYTES: usize = 64 << 10;
-    let mut s = settings("outbox-bound", 1);
-    s.broker = "memory://".into();
-    s.cores = Some(1);
-    let transport = faust::MemoryTransport::new();
-    let app = App::new(s).with_memory_transport(transport.clone());
+    let (app, transport) = memory_app("outbox-bound", 1, 1);
     let trigger = app.topic::<String, u64>("trigger");
     let big = app.topic::<String, String>("big");
     // 0: not yet; 1: core 0 is held up; 2: it goes on.
