@@ -181,7 +181,7 @@ impl<K: Serialize + 'static, V: Serialize + 'static> Topic<K, V> {
             }
             None => {
                 let reply = Arc::new(Reply::default());
-                self.inner.outbox.push(&self.inner, key, value, Some(reply.clone()), None)?;
+                self.push_outside(key, value, Some(reply.clone()), None)?;
                 reply.wait().await
             }
         }
@@ -200,7 +200,7 @@ impl<K: Serialize + 'static, V: Serialize + 'static> Topic<K, V> {
             None => {
                 let reply = Arc::new(Reply::default());
                 let options = Box::new(options.clone());
-                self.inner.outbox.push(&self.inner, key, value, Some(reply.clone()), Some(options))?;
+                self.push_outside(key, value, Some(reply.clone()), Some(options))?;
                 reply.wait().await
             }
         }
@@ -213,15 +213,44 @@ impl<K: Serialize + 'static, V: Serialize + 'static> Topic<K, V> {
     pub fn send_soon(&self, key: Option<&K>, value: &V) -> Result<(), SendError> {
         match CoreRuntime::current() {
             // Encoded into this thread's scratch buffers: no allocation per record.
-            Some(core) => SCRATCH.with(|scratch| {
-                let (key_bytes, value_bytes) = &mut *scratch.borrow_mut();
-                key_bytes.clear();
-                value_bytes.clear();
-                let has_key = self.encode_into(key, value, key_bytes, value_bytes)?;
-                self.inner.send_soon_raw(&core, None, has_key.then_some(&key_bytes[..]), value_bytes, &[])
+            Some(core) => self.encode_scratch(key, value, |key_bytes, value_bytes| {
+                self.inner.send_soon_raw(&core, None, key_bytes, value_bytes, &[])
             }),
-            None => self.inner.outbox.push(&self.inner, key, value, None, None),
+            None => self.push_outside(key, value, None, None),
         }
+    }
+
+    /// Encodes into this thread's scratch buffers (no allocation per record) and hands the
+    /// bytes to `then`; nothing is handed on when encoding fails.
+    fn encode_scratch<T>(
+        &self,
+        key: Option<&K>,
+        value: &V,
+        then: impl FnOnce(Option<&[u8]>, &[u8]) -> Result<T, SendError>,
+    ) -> Result<T, SendError> {
+        SCRATCH.with(|scratch| {
+            let (key_bytes, value_bytes) = &mut *scratch.borrow_mut();
+            key_bytes.clear();
+            value_bytes.clear();
+            let has_key = self.encode_into(key, value, key_bytes, value_bytes)?;
+            then(has_key.then_some(&key_bytes[..]), value_bytes)
+        })
+    }
+
+    /// Queues a record sent from a thread that is not a worker core for core 0, encoded
+    /// before the outbox is locked.
+    fn push_outside(
+        &self,
+        key: Option<&K>,
+        value: &V,
+        reply: Option<Arc<Reply>>,
+        options: Option<Box<SendOptions>>,
+    ) -> Result<(), SendError> {
+        let outbox = &self.inner.outbox;
+        outbox.check_open(&self.inner)?;
+        self.encode_scratch(key, value, |key_bytes, value_bytes| {
+            outbox.push(&self.inner, key_bytes, value_bytes, reply, options)
+        })
     }
 
     fn encode(&self, key: Option<&K>, value: &V) -> Result<(Option<Vec<u8>>, Vec<u8>), SendError> {
@@ -329,7 +358,8 @@ impl TopicInner {
 }
 
 thread_local! {
-    /// Where a core encodes a buffered send before copying it into the partition's batch.
+    /// Where a thread encodes a record before copying it into a partition's batch (on a
+    /// core) or into the outbox (outside the worker).
     static SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<u8>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 

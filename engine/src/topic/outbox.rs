@@ -5,7 +5,6 @@ use std::sync::{Arc, Mutex};
 
 use event_listener::Event;
 use faust_transport::{Produced, TopicPartition};
-use serde::Serialize;
 
 use crate::error::SendError;
 use crate::topic::TopicInner;
@@ -25,8 +24,8 @@ const OUTBOX_MAX_BYTES: usize = 8 << 20;
 /// Records sent from threads that are not worker cores (a web handler, a test, a load
 /// generator): core 0 takes them in turn. Sends made before the worker starts wait for it.
 ///
-/// Records are encoded straight into one shared buffer and name their topic by number, so a
-/// send from outside allocates nothing per record, and the core neither frees memory another
+/// Records are encoded in the sender's scratch buffers, copied into one shared buffer and
+/// name their topic by number, so a send from outside allocates nothing per record, and the core neither frees memory another
 /// thread allocated nor touches reference counts another thread keeps writing (both showed
 /// in profiles of a generator thread feeding a core).
 #[derive(Default)]
@@ -89,60 +88,52 @@ impl Outbox {
         lock(&self.topics).clone()
     }
 
-    /// Encodes a record and queues it (nothing is queued when encoding fails).
+    /// Fails with [`SendError::Stopped`] once the worker has stopped.
+    pub(crate) fn check_open(&self, topic: &TopicInner) -> Result<(), SendError> {
+        match self.state.load(Ordering::Acquire) {
+            OUTBOX_STOPPED => Err(SendError::Stopped { topic: topic.name.to_string() }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Queues an encoded record.
     ///
-    /// The record is encoded into this thread's scratch buffers before the queue is locked,
-    /// and only copied in under the lock: core 0 takes the queue while senders keep sending,
-    /// and a lock held through an encoding kept it spinning (3 % of its time in a profile of
-    /// a generator thread feeding it 400,000 orders a second).
-    pub(crate) fn push<K: Serialize + 'static, V: Serialize + 'static>(
+    /// The sender encodes before calling, so the lock is held only for the copy: core 0
+    /// takes the queue while senders keep sending, and a lock held through an encoding kept
+    /// it spinning (3 % of its time in a profile of a generator thread feeding it 400,000
+    /// orders a second).
+    pub(crate) fn push(
         &self,
         topic: &TopicInner,
-        key: Option<&K>,
-        value: &V,
+        key: Option<&[u8]>,
+        value: &[u8],
         reply: Option<Arc<Reply>>,
         options: Option<Box<crate::topic::SendOptions>>,
     ) -> Result<(), SendError> {
-        let stopped = || SendError::Stopped { topic: topic.name.to_string() };
-        if self.state.load(Ordering::Acquire) == OUTBOX_STOPPED {
-            return Err(stopped());
+        let mut queue = lock(&self.queue);
+        // Back-pressure, as a Kafka producer blocks on a full buffer: only while a worker runs
+        // (before it starts, and between the runs of a restart, records wait in the queue),
+        // and in steps, so that a worker that ends is noticed.
+        while queue.bytes.len() >= OUTBOX_MAX_BYTES && self.state.load(Ordering::Acquire) == OUTBOX_RUNNING {
+            queue = match self.taken.wait_timeout(queue, std::time::Duration::from_millis(50)) {
+                Ok((queue, _)) => queue,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
         }
-        OUTBOX_SCRATCH.with(|scratch| {
-            let (key_bytes, value_bytes) = &mut *scratch.borrow_mut();
-            key_bytes.clear();
-            value_bytes.clear();
-            let codec_err = |source| SendError::Codec { topic: topic.name.to_string(), source };
-            if let Some(k) = key {
-                topic.key_codec.encode_owned(k, key_bytes).map_err(codec_err)?;
-            }
-            topic.value_codec.encode_owned(value, value_bytes).map_err(codec_err)?;
-            let mut queue = lock(&self.queue);
-            // Back-pressure, as a Kafka producer blocks on a full buffer: only while a worker
-            // runs (before it starts, and between the runs of a restart, records wait in the
-            // queue), and in steps, so that a worker that ends is noticed.
-            while queue.bytes.len() >= OUTBOX_MAX_BYTES && self.state.load(Ordering::Acquire) == OUTBOX_RUNNING {
-                queue = match self.taken.wait_timeout(queue, std::time::Duration::from_millis(50)) {
-                    Ok((queue, _)) => queue,
-                    Err(poisoned) => poisoned.into_inner().0,
-                };
-            }
-            if self.state.load(Ordering::Acquire) == OUTBOX_STOPPED {
-                return Err(stopped());
-            }
-            let bytes = &mut queue.bytes;
-            let key = key.map(|_| {
-                let start = bytes.len();
-                bytes.extend_from_slice(key_bytes);
-                start..bytes.len()
-            });
-            let value_start = bytes.len();
-            bytes.extend_from_slice(value_bytes);
-            let value = value_start..bytes.len();
-            queue.records.push(Outbound { topic: topic.outbox_index, key, value, reply, options });
-            drop(queue);
-            self.event.notify(1);
-            Ok(())
-        })
+        self.check_open(topic)?;
+        let bytes = &mut queue.bytes;
+        let key = key.map(|k| {
+            let start = bytes.len();
+            bytes.extend_from_slice(k);
+            start..bytes.len()
+        });
+        let value_start = bytes.len();
+        bytes.extend_from_slice(value);
+        let value = value_start..bytes.len();
+        queue.records.push(Outbound { topic: topic.outbox_index, key, value, reply, options });
+        drop(queue);
+        self.event.notify(1);
+        Ok(())
     }
 
     pub(crate) fn probe(&self, probe: Probe) {
@@ -166,10 +157,10 @@ impl Outbox {
         if close {
             self.state.store(OUTBOX_STOPPED, Ordering::Release);
         }
-        let taken = std::mem::replace(&mut *queue, spare);
+        let outgoing = std::mem::replace(&mut *queue, spare);
         drop(queue);
         self.taken.notify_all();
-        taken
+        outgoing
     }
 
     /// Hands a processed batch's buffers back for reuse.
@@ -178,12 +169,6 @@ impl Outbox {
         outgoing.bytes.clear();
         *lock(&self.spare) = Some(outgoing);
     }
-}
-
-thread_local! {
-    /// A sending thread's encoded key and value, before they are copied into the queue.
-    static OUTBOX_SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<u8>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// The answer to a send made from outside the worker, or to a test's probe.
