@@ -184,25 +184,17 @@ impl CoreRuntime {
             }
             !behind
         });
-        // The partitions' batches are written concurrently (they may live on other cores or
-        // brokers). A write that ends at its first poll (a log this core owns) is not
-        // spawned: that is most of them on `local://`, and a task per batch showed in
-        // profiles of a lightly loaded core.
-        let mut writes = Vec::new();
-        for (tp, batch) in batches {
-            let core = self.clone();
-            let mut write = Box::pin(async move {
-                let result = core.produce_buffered(&tp, batch).await;
-                (tp, result)
-            });
-            match futures_lite::future::poll_once(&mut write).await {
-                Some((tp, Err(e))) => {
-                    first_error.get_or_insert(self.keep_failed(tp, e));
-                }
-                Some((_, Ok(_))) => {}
-                None => writes.push(glommio::spawn_local(write)),
-            }
-        }
+        // The partitions' batches are written concurrently (they may live on other cores).
+        let writes: Vec<_> = batches
+            .into_iter()
+            .map(|(tp, batch)| {
+                let core = self.clone();
+                glommio::spawn_local(async move {
+                    let result = core.produce_buffered(&tp, batch).await;
+                    (tp, result)
+                })
+            })
+            .collect();
         for write in writes {
             let (tp, result) = write.await;
             if let Err(e) = result {
