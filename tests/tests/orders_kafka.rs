@@ -213,6 +213,8 @@ fn broker_restarts_empty(test: &str, orders_after: u64) {
 
     // Restarted, the worker follows the broker as it is now: its stores are ahead of the
     // (empty) changelog, so it rebuilds them, and counts what the new broker holds.
+    // A log of its own, so that a failure shows this worker's log alone.
+    let log = dir.path().join("worker-after-restart.log");
     let mut child = worker(&broker.addr(), &data, &log);
     let fresh = produce_orders(&broker.addr(), orders_after, orders_after + 500);
     let mut truth = if orders_after > 0 { produce_truth(0, orders_after) } else { BTreeMap::new() };

@@ -209,6 +209,21 @@ impl<K: DeserializeOwned + 'static, V: DeserializeOwned + 'static> Stream<K, V> 
     }
 }
 
+/// Says once per repartition partition and core (at `info`) that records were dropped as
+/// sent again: expected after a crash or restart of the re-keying agent, and the first thing
+/// to look at when counts downstream of a `group_by` come out short.
+fn note_dropped_resend(queued: &QueuedEvent, source_partition: u32, source_offset: u64) {
+    thread_local! {
+        static NOTED: std::cell::RefCell<std::collections::HashSet<(std::sync::Arc<str>, u32)>> = std::cell::RefCell::default();
+    }
+    let first = NOTED.with(|noted| noted.borrow_mut().insert((queued.tp.topic.clone(), queued.tp.partition)));
+    if first {
+        tracing::info!(topic = %queued.tp.topic, partition = queued.tp.partition, offset = queued.record.offset,
+            source_partition, source_offset,
+            "dropping repartitioned records already taken (sent again by the re-keying agent); further drops on this partition are not logged");
+    }
+}
+
 impl<K: 'static, V: 'static> Stream<K, V> {
     pub(crate) fn deduplicated_by(mut self, positions: Option<crate::Table<u32, u64>>) -> Self {
         self.positions = positions;
@@ -224,11 +239,15 @@ impl<K: 'static, V: 'static> Stream<K, V> {
         let Some((partition, offset)) = crate::stream::repartition::source_position(&queued.record) else {
             return true;
         };
-        positions.advance(partition, offset).unwrap_or_else(|e| {
+        let admitted = positions.advance(partition, offset).unwrap_or_else(|e| {
             tracing::warn!(topic = %queued.tp.topic, partition = queued.tp.partition, offset = queued.record.offset,
                 error = %e, "checking a repartitioned record's source position failed; taking the record");
             true
-        })
+        });
+        if !admitted {
+            note_dropped_resend(queued, partition, offset);
+        }
+        admitted
     }
 
     /// The same stream with another last processor.

@@ -188,6 +188,9 @@ impl KafkaCore {
                     // Written before, longer ago than the broker remembers the offsets: the
                     // partition's end tells them (this core is its only writer).
                     let end = self.list_offset(tp, OffsetSpec::Latest).await.map_err(|e| (written, e))?;
+                    tracing::warn!(topic = %tp.topic, partition = tp.partition, records = count,
+                        sequence = turn.next_sequence.get(), end,
+                        "the broker says this batch was written before (duplicate sequence number): taking it as written");
                     let last = end.saturating_sub(1);
                     Produced { partition: tp.partition, base_offset: end.saturating_sub(count), last_offset: last }
                 }
