@@ -328,3 +328,36 @@ fn maintain_enforces_retention_and_compacts_below_the_horizon() {
         local.shutdown().await.unwrap();
     });
 }
+
+/// A fetch waiting on one partition is woken by appends to that partition: while another
+/// partition of the core takes appends, it keeps waiting (its answer is not an empty read
+/// cut short), and it returns its own records as soon as they are appended.
+#[test]
+fn a_waiting_fetch_wakes_for_its_own_partition() {
+    let dir = tempfile::tempdir().unwrap();
+    let transport = LocalTransport::open(dir.path(), 1).unwrap();
+    let (busy, quiet) = (TopicPartition::new("events", 0), TopicPartition::new("events", 1));
+    let (waited, values_read) = on_one_core(&transport, move |local| async move {
+        local.create_topic("events", &TopicConfig::new(2)).await.expect("create");
+        let local = std::rc::Rc::new(local);
+        let appender = {
+            let (local, busy, quiet) = (local.clone(), busy.clone(), quiet.clone());
+            glommio::spawn_local(async move {
+                for i in 0..20 {
+                    local.produce(&busy, batch(&[&format!("busy-{i}")])).await.expect("produce busy");
+                    glommio::timer::sleep(Duration::from_millis(10)).await;
+                }
+                local.produce(&quiet, batch(&["quiet-0"])).await.expect("produce quiet");
+            })
+        };
+        let started = std::time::Instant::now();
+        let fetched = local.fetch(&quiet, 0, 1 << 20, Duration::from_secs(10)).await.expect("fetch");
+        let waited = started.elapsed();
+        appender.await;
+        (waited, values(&fetched.records))
+    });
+    assert_eq!(values_read, vec!["quiet-0".to_string()], "the quiet partition's own record");
+    // Twenty appends to the busy partition, 10 ms apart, came first; the fetch returned at
+    // the quiet partition's append, long before its 10 s wait.
+    assert!(waited >= Duration::from_millis(150) && waited < Duration::from_secs(5), "waited {waited:?}");
+}
