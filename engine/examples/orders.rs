@@ -110,6 +110,9 @@ const BLOCKED_LIMIT: Duration = Duration::from_secs(10);
 
 /// Orders the generator writes between two records of its progress.
 const PROGRESS_EVERY: u64 = 50_000;
+/// A count that stays still this long once every order was generated, without the worker
+/// catching up, is stuck: the run stops and the check reports what was not counted.
+const STILL_LIMIT: Duration = Duration::from_secs(30);
 
 /// The account of order `id` (the generator's orders are a function of their id).
 fn account_of(id: u64, accounts: u64) -> String {
@@ -212,9 +215,11 @@ fn run_alone() -> Result<(), Box<dyn std::error::Error>> {
         });
     }
 
-    // Stop once the generator is done and the count has not moved for a second; or, with an
-    // error, once writes have kept failing for `BLOCKED_LIMIT` (a full disk: the worker
-    // waits for space, which a benchmark job should not do for long).
+    // Stop once the generator is done, the worker caught up with every topic it consumes
+    // (lag 0, every order counted) and the count has not moved for a second; or, if the count
+    // stays still for `STILL_LIMIT` without getting there, so that the check below says what
+    // is missing; or, with an error, once writes have kept failing for `BLOCKED_LIMIT` (a full
+    // disk: the worker waits for space, which a benchmark job should not do for long).
     let stop = app.stop_signal();
     let watcher = {
         let (counted, generated_all, failed, app) =
@@ -229,7 +234,8 @@ fn run_alone() -> Result<(), Box<dyn std::error::Error>> {
             // Until the work is done, or the worker is stopped otherwise (a signal).
             while start.elapsed() < Duration::from_secs(600) && !stop.is_stopped() {
                 std::thread::sleep(Duration::from_millis(50));
-                match (app.stats().writes_blocked, blocked_since) {
+                let stats = app.stats();
+                match (stats.writes_blocked, blocked_since) {
                     (false, _) => blocked_since = None,
                     (true, None) => blocked_since = Some(Instant::now()),
                     (true, Some(since)) if since.elapsed() >= BLOCKED_LIMIT => {
@@ -257,7 +263,13 @@ fn run_alone() -> Result<(), Box<dyn std::error::Error>> {
                     last_print = Instant::now();
                     println!("[{:5.1} s] {now} orders counted", start.elapsed().as_secs_f64());
                 }
-                if generated_all.load(Ordering::SeqCst) && still_since.elapsed() >= Duration::from_secs(1) {
+                // A loaded machine may hold a core still for a while (a slow disk's sync):
+                // stillness alone does not mean the count is done.
+                let caught_up = stats.lag == 0 && now >= orders_total;
+                let still = still_since.elapsed();
+                if generated_all.load(Ordering::SeqCst)
+                    && (caught_up && still >= Duration::from_secs(1) || still >= STILL_LIMIT)
+                {
                     break;
                 }
             }

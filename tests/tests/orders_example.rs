@@ -99,8 +99,9 @@ fn the_orders_example_counts_exactly_across_sigkills() {
 fn the_repartition_topic_is_purged_below_the_committed_offsets() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let status = orders(&data, None).env("SEGMENT_BYTES", "65536").status().unwrap();
-    assert!(status.success(), "the run failed: {status}");
+    let run = orders(&data, None).env("SEGMENT_BYTES", "65536").stderr(Stdio::piped()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "the run failed: {}; its stderr:\n{stderr}", run.status);
     let topics = data.join("topics");
     let source = faust_tests::disk_use(&topics.join("orders"));
     let repartition = faust_tests::disk_use(&topics.join("orders-count-orders-account_id-repartition"));

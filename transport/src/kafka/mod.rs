@@ -530,6 +530,7 @@ impl KafkaCore {
                 Err(e) if tries < self.options().retries && retriable(&e) => {
                     tries += 1;
                     self.check_open()?;
+                    tracing::info!(error = %e, tries, ?backoff, "a retriable error: trying again");
                     match &e {
                         Error::KafkaBroker { code, .. } if protocol::code_needs_coordinator(*code) => {
                             if let Some(g) = group {

@@ -178,8 +178,14 @@ impl KafkaCore {
             let b = encoded.batches[next].clone();
             let bytes = set.slice(b.range.clone());
             let count = b.count as u64;
+            // Attempts of this batch: a duplicate answer after a retry is expected (the first
+            // attempt was written but its answer lost); after a single attempt it is not.
+            let attempts = std::cell::Cell::new(0u32);
             let produced = match self
-                .retrying(None, || self.produce_once(tp, bytes.clone(), count))
+                .retrying(None, || {
+                    attempts.set(attempts.get() + 1);
+                    self.produce_once(tp, bytes.clone(), count)
+                })
                 .await
                 .map_err(|e| self.fenced_if(e))
             {
@@ -189,7 +195,7 @@ impl KafkaCore {
                     // partition's end tells them (this core is its only writer).
                     let end = self.list_offset(tp, OffsetSpec::Latest).await.map_err(|e| (written, e))?;
                     tracing::warn!(topic = %tp.topic, partition = tp.partition, records = count,
-                        sequence = turn.next_sequence.get(), end,
+                        sequence = turn.next_sequence.get(), end, attempts = attempts.get(),
                         "the broker says this batch was written before (duplicate sequence number): taking it as written");
                     let last = end.saturating_sub(1);
                     Produced { partition: tp.partition, base_offset: end.saturating_sub(count), last_offset: last }
