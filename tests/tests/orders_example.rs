@@ -71,8 +71,9 @@ fn the_orders_example_counts_exactly_across_sigkills() {
         eprintln!("run {kill}: stopped after {:?} ({status})", start.elapsed());
     }
     let dump = dir.path().join("counts.json");
-    let status = orders(&data, Some(&dump)).status().unwrap();
-    assert!(status.success(), "the final run failed: {status}");
+    let run = orders(&data, Some(&dump)).stderr(Stdio::piped()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "the final run failed: {}; its stderr:\n{stderr}", run.status);
     let counted: BTreeMap<String, u64> = serde_json::from_slice(&std::fs::read(&dump).unwrap()).unwrap();
     let truth = ground_truth(&data);
     let total: u64 = truth.values().sum();
