@@ -173,17 +173,48 @@ impl EventQueue {
     }
 
     /// Moves up to `max` waiting events of `scope` into `batch`, taking from the partitions
-    /// in turn as `pop` does; returns how many. Never waits.
+    /// in turn as `pop` does (a share of `max` from each at a time, so a backlog in one
+    /// cannot starve the others); returns how many. Never waits.
     pub(crate) fn take_into(&self, batch: &mut VecDeque<QueuedEvent>, max: usize, scope: &Scope) -> usize {
+        let mut lanes = self.lanes.borrow_mut();
         let mut taken = 0;
-        while taken < max {
-            match self.take_in(scope) {
-                Some(e) => batch.push_back(e),
-                None => break,
+        // The fewest events left in a lane taken from: consumers are woken when it is low.
+        let mut least_left = usize::MAX;
+        let mut take = |lane: &mut Lane, n: usize| {
+            let n = n.min(lane.events.len());
+            batch.extend(lane.events.drain(..n));
+            if n > 0 {
+                least_left = least_left.min(lane.events.len());
             }
-            taken += 1;
+            n
+        };
+        match scope {
+            Scope::Nothing => {}
+            Scope::Partition(tp, generation) => {
+                if let Some(lane) = lanes.iter_mut().find(|l| l.tp == *tp && l.generation == *generation) {
+                    taken = take(lane, max);
+                }
+            }
+            Scope::All => {
+                let n = lanes.len();
+                let share = max.div_ceil(n.max(1)).max(1);
+                let (mut i, mut empty_in_a_row) = (self.next.get(), 0);
+                while taken < max && empty_in_a_row < n {
+                    i %= n;
+                    match take(&mut lanes[i], share.min(max - taken)) {
+                        0 => empty_in_a_row += 1,
+                        k => (taken, empty_in_a_row) = (taken + k, 0),
+                    }
+                    i += 1;
+                }
+                if n > 0 {
+                    self.next.set(i % n);
+                }
+            }
         }
+        drop(lanes);
         if taken > 0 {
+            self.last_remaining.set(least_left);
             self.taken();
         }
         taken
@@ -262,5 +293,44 @@ struct WaitGuard<'a>(&'a Cell<usize>);
 impl Drop for WaitGuard<'_> {
     fn drop(&mut self) {
         self.0.set(self.0.get().saturating_sub(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn event(tp: &TopicPartition, offset: u64) -> QueuedEvent {
+        QueuedEvent { tp: tp.clone(), record: Record::new(offset, 0, None, None) }
+    }
+
+    #[test]
+    fn a_batch_takes_a_share_from_each_partition_in_turn_and_keeps_each_ones_order() {
+        let queue = EventQueue::new(1_000);
+        let (a, b) = (TopicPartition::new(Arc::from("t"), 0), TopicPartition::new(Arc::from("t"), 1));
+        let (la, lb) = (queue.lane(&a), queue.lane(&b));
+        for o in 0..300 {
+            queue.push(la, event(&a, o));
+        }
+        for o in 0..10 {
+            queue.push(lb, event(&b, o));
+        }
+        let mut batch = VecDeque::new();
+        assert_eq!(queue.take_into(&mut batch, 200, &Scope::All), 200);
+        let of = |batch: &VecDeque<QueuedEvent>, tp: &TopicPartition| -> Vec<u64> {
+            batch.iter().filter(|e| e.tp == *tp).map(|e| e.record.offset).collect()
+        };
+        // A share of 100 from `a`, all 10 of `b`, then `a` again for the rest.
+        assert_eq!(of(&batch, &a), (0..190).collect::<Vec<_>>());
+        assert_eq!(of(&batch, &b), (0..10).collect::<Vec<_>>());
+        assert_eq!(batch[100].tp, b, "b's events come after a's first share");
+        batch.clear();
+        let scope = Scope::Partition(b.clone(), 0);
+        assert_eq!(queue.take_into(&mut batch, 50, &scope), 0, "b is empty");
+        assert_eq!(queue.take_into(&mut batch, 500, &Scope::All), 110);
+        assert_eq!(of(&batch, &a), (190..300).collect::<Vec<_>>());
+        assert_eq!(queue.take_into(&mut batch, 500, &Scope::Nothing), 0);
     }
 }

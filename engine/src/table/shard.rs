@@ -112,6 +112,21 @@ struct Undo<K, V> {
     before: Option<Prior<V>>,
 }
 
+/// How many keys of acked undo entries a shard keeps for reuse: about the events of a few
+/// acked batches.
+const SPARE_KEYS: usize = 1024;
+
+/// `key`, copied into a spare key's memory when there is one.
+fn key_from_spare<K: Clone>(spare: &mut Vec<K>, key: &K) -> K {
+    match spare.pop() {
+        Some(mut k) => {
+            k.clone_from(key);
+            k
+        }
+        None => key.clone(),
+    }
+}
+
 struct State<K, V> {
     /// Recently used and dirty entries; a `None` value is a deletion. For an in-memory shard
     /// this is the whole state. Writes of events not yet acked are in it too, in place.
@@ -122,6 +137,10 @@ struct State<K, V> {
     /// first write, oldest first. The one owner of a write until its ack: an ack drops the
     /// event's entries, a failed or abandoned event puts them back (newest first).
     undo: Vec<Undo<K, V>>,
+    /// Keys of acked undo entries, kept (at most [`SPARE_KEYS`]) for the next entries to
+    /// `clone_from`: a key that owns memory (a `String`) is then copied into memory already
+    /// held, not allocated and freed once per event.
+    spare_keys: Vec<K>,
     /// The current write run: consecutive writes of one event, numbered so that a key the
     /// run already wrote (its [`Cached::run`]) needs no second undo entry.
     run: u64,
@@ -258,7 +277,7 @@ where
     where
         Q: Hash + hashbrown::Equivalent<K> + ?Sized,
     {
-        let State { cache, undo, run, run_event, dirty, .. } = state;
+        let State { cache, undo, run, run_event, dirty, spare_keys, .. } = state;
         if let Some(t) = token
             && run_event.as_ref() != Some(t)
         {
@@ -275,7 +294,8 @@ where
             if let Some(t) = token
                 && entry.run != *run
             {
-                undo.push(Undo { event: t.clone(), key: cached_key.clone(), before: Some(entry.prior()) });
+                let key = key_from_spare(spare_keys, cached_key);
+                undo.push(Undo { event: t.clone(), key, before: Some(entry.prior()) });
                 entry.run = *run;
             }
             let result = write(entry)?;
@@ -288,7 +308,7 @@ where
         // a new entry.
         let key = owned();
         let loaded = !absent() && self.load(state, &key)?.is_some();
-        let State { cache, undo, run, dirty, .. } = state;
+        let State { cache, undo, run, dirty, spare_keys, .. } = state;
         let entry = if loaded {
             cache.get_mut(&key).expect("loaded above")
         } else {
@@ -296,7 +316,7 @@ where
         };
         if let Some(t) = token {
             let before = loaded.then(|| entry.prior());
-            undo.push(Undo { event: t.clone(), key: key.clone(), before });
+            undo.push(Undo { event: t.clone(), key: key_from_spare(spare_keys, &key), before });
             entry.run = *run;
         }
         let result = write(entry)?;
@@ -518,14 +538,13 @@ where
                 && same_topic(&t.topic, &tp.topic)
         };
         let (mut newest_offset, mut newest_timestamp) = (None, i64::MIN);
-        state.undo.retain(|u| {
-            if !is_acked(&u.event) {
-                return true;
-            }
+        for u in state.undo.extract_if(.., |u| is_acked(&u.event)) {
             newest_offset = newest_offset.max(Some(u.event.offset));
             newest_timestamp = newest_timestamp.max(u.event.timestamp);
-            false
-        });
+            if state.spare_keys.len() < SPARE_KEYS {
+                state.spare_keys.push(u.key);
+            }
+        }
         let Some(newest_offset) = newest_offset else { return };
         if state.run_event.as_ref().is_some_and(is_acked) {
             state.run_event = None;
@@ -985,6 +1004,7 @@ where
                 cache: Map::default(),
                 dirty: 0,
                 undo: Vec::new(),
+                spare_keys: Vec::new(),
                 run: 0,
                 run_event: None,
                 applied: Vec::new(),
@@ -1061,6 +1081,26 @@ mod tests {
         assert_eq!(get(&shard, "k"), Some(17));
         shard.undo(&|t| *t == token(2));
         assert_eq!(get(&shard, "k"), Some(5));
+        assert!(s.state.borrow().undo.is_empty());
+    }
+
+    #[test]
+    fn keys_of_acked_undo_entries_are_reused_and_undo_still_restores_each_key() {
+        let shard = open(None);
+        let s = typed(&shard);
+        for (event, key) in [(1, "a-long-key-of-account-1"), (2, "b")] {
+            s.update(Some(&token(event)), &key.to_string(), |v| *v += 1).expect("write");
+        }
+        ack(&shard, 1);
+        ack(&shard, 2);
+        assert_eq!(s.state.borrow().spare_keys.len(), 2, "the acked entries' keys are kept");
+        // New events take the spare keys (a short key into a long one's memory, and back).
+        s.update(Some(&token(3)), &"c".to_string(), |v| *v += 5).expect("write c");
+        s.update(Some(&token(4)), &"a-long-key-of-account-1".to_string(), |v| *v += 5).expect("write a");
+        assert!(s.state.borrow().spare_keys.is_empty());
+        shard.undo(&|t| t.offset >= 3);
+        assert_eq!((get(&shard, "a-long-key-of-account-1"), get(&shard, "b")), (Some(1), Some(1)));
+        assert_eq!(get(&shard, "c"), None, "c had no value, and has none again");
         assert!(s.state.borrow().undo.is_empty());
     }
 
