@@ -19,8 +19,10 @@
 //! cargo run --release -p faust-bench --bin engine -- --quick --json
 //! ```
 
+use std::cell::{Cell, RefCell};
 use std::hint::black_box;
 use std::path::Path;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -732,6 +734,9 @@ fn hiccups(secs: f64) -> (f64, f64) {
 /// The latency runs' `worker_spin`: the tuning for a core given to the worker alone.
 const LATENCY_SPIN_US: u64 = 200;
 
+/// A latency run's worker figures at one point: (events taken, thread CPU ns, wall ns).
+type WorkerSample = (u64, u64, u64);
+
 fn latency(parent: &Path, rate: f64, secs: u64, spin: Duration) -> Latency {
     // Its own data directory: no records left by an earlier run (stamped against another
     // clock) to read first. And the page cache written back first, so that the write-back of
@@ -756,43 +761,48 @@ fn latency(parent: &Path, rate: f64, secs: u64, spin: Duration) -> Latency {
             let (sales, histogram, handled, worker) =
                 (sales.clone(), histogram.clone(), handled.clone(), worker.clone());
             async move {
-                let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+                // The agent as the pre-loaded W1 run writes it (`for_each_item`), so that the
+                // load is a share of that run's peak.
+                let local = Rc::new(RefCell::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap()));
                 // (events, worker CPU ns, wall ns) at the first event after the warm-up and at
                 // every 4,096th after it: the thread's CPU clock is a system call, too dear
                 // for every event.
-                let mut first: Option<(u64, u64, u64)> = None;
-                let mut last = (0u64, 0u64, 0u64);
+                let samples: Rc<Cell<(Option<WorkerSample>, WorkerSample)>> = Rc::default();
                 // Every event the worker takes, those the filter drops included (as W1 counts).
-                let taken = std::rc::Rc::new(std::cell::Cell::new(0u64));
+                let taken = Rc::new(Cell::new(0u64));
                 let counted = taken.clone();
-                let stream = stream.filter(move |o| {
-                    counted.set(counted.get() + 1);
-                    keep(o)
-                });
-                let mut stream = stream.map(|o| {
-                    let created = o.created_ns;
-                    (created, to_sale(o))
-                });
-                while let Some((key, (created, sale))) = stream.next_item().await {
-                    sales.send_soon(key.as_ref(), &sale)?;
-                    let now = base.elapsed().as_nanos() as u64;
-                    if created >= warmup_ns {
-                        local.saturating_record(now.saturating_sub(created) / 1000);
-                    }
-                    // The worker's figures from the end of the warm-up by the clock (behind a
-                    // backlog, the events processed then were created earlier).
-                    if now >= warmup_ns {
-                        let seen = taken.get();
-                        if first.is_none() || seen >= last.0 + 4096 {
-                            let sample = (seen, faust_bench::thread_cpu_ns(), now);
-                            first.get_or_insert(sample);
-                            last = sample;
+                let (recorded, sampled) = (local.clone(), samples.clone());
+                stream
+                    .filter(move |o| {
+                        counted.set(counted.get() + 1);
+                        keep(o)
+                    })
+                    .map(|o| {
+                        let created = o.created_ns;
+                        (created, to_sale(o))
+                    })
+                    .for_each_item(move |key, (created, sale)| {
+                        sales.send_soon(key.as_ref(), &sale)?;
+                        let now = base.elapsed().as_nanos() as u64;
+                        if created >= warmup_ns {
+                            recorded.borrow_mut().saturating_record(now.saturating_sub(created) / 1000);
                         }
-                    }
-                    handled.fetch_add(1, Ordering::Relaxed);
-                }
-                histogram.lock().unwrap().add(&local).unwrap();
-                if let Some(first) = first {
+                        // The worker's figures from the end of the warm-up by the clock
+                        // (behind a backlog, the events processed then were created earlier).
+                        if now >= warmup_ns {
+                            let seen = taken.get();
+                            let (first, last) = sampled.get();
+                            if first.is_none() || seen >= last.0 + 4096 {
+                                let sample = (seen, faust_bench::thread_cpu_ns(), now);
+                                sampled.set((first.or(Some(sample)), sample));
+                            }
+                        }
+                        handled.fetch_add(1, Ordering::Relaxed);
+                        Ok(())
+                    })
+                    .await?;
+                histogram.lock().unwrap().add(&*local.borrow()).unwrap();
+                if let (Some(first), last) = samples.get() {
                     *worker.lock().unwrap() = (last.0 - first.0, last.1 - first.1, last.2 - first.2);
                 }
                 Ok(())
