@@ -478,6 +478,13 @@ impl<K: 'static, V: 'static> Stream<K, V> {
         self.pull(None, None).await
     }
 
+    /// The next event's key and value, acking the previous event: [`next_event`](Stream::next_event) without
+    /// building the [`Event`] (its topic, headers and core are not looked at).
+    async fn next_pair(&mut self) -> Option<(Option<K>, V)> {
+        self.ack_current();
+        self.pull_as(None, None, |_, key, value| (key, value)).await
+    }
+
     /// The next event that gets through the stream's processors, added to the events in
     /// hand. With a deadline, gives up (returning `None`) when it passes. With `before`, a
     /// record it refuses (by what can be seen undecoded, such as its timestamp) is put back
@@ -487,6 +494,18 @@ impl<K: 'static, V: 'static> Stream<K, V> {
         deadline: Option<std::time::Instant>,
         before: Option<&dyn Fn(&QueuedEvent) -> bool>,
     ) -> Option<Event<K, V>> {
+        let (core, agent) = (self.core.clone(), self.agent);
+        self.pull_as(deadline, before, |queued, key, value| Event::of(queued, key, value, &core, agent)).await
+    }
+
+    /// [`pull`](Stream::pull), handing out what `make` makes of the event's record, key and
+    /// value.
+    async fn pull_as<T>(
+        &mut self,
+        deadline: Option<std::time::Instant>,
+        before: Option<&dyn Fn(&QueuedEvent) -> bool>,
+        make: impl Fn(&QueuedEvent, Option<K>, V) -> T,
+    ) -> Option<T> {
         // An agent whose events and sends are all ready would never give the core back: let
         // the commit task and the other partitions' consumers run when its time slice is up.
         glommio::yield_if_needed().await;
@@ -517,9 +536,9 @@ impl<K: 'static, V: 'static> Stream<K, V> {
             }
             let outcome = self.outcome(&queued, &Self::decode);
             if let Some((key, value)) = self.hand_out(current_slot().as_deref(), &queued, outcome) {
-                let event = Event::of(&queued, key, value, &self.core, self.agent);
+                let made = make(&queued, key, value);
                 self.current.borrow_mut().push(queued);
-                return Some(event);
+                return Some(made);
             }
         }
     }
@@ -566,12 +585,13 @@ impl<K: 'static, V: 'static> Stream<K, V> {
 
     /// The next value, acking the previous event; `None` when the worker stops.
     pub async fn next(&mut self) -> Option<V> {
-        self.next_event_keyless().await.map(|e| e.value)
+        self.next_pair().await.map(|(_, value)| value)
     }
 
     /// The next key and value, acking the previous event.
     pub async fn next_item(&mut self) -> Option<(Option<K>, V)> {
-        self.next_event().await.map(|e| (e.key, e.value))
+        self.keys.set(true);
+        self.next_pair().await
     }
 
     /// Up to `max` events, waiting at most `within` after the first for the rest (Faust's
