@@ -2,8 +2,9 @@
 //! account in a table with its changelog on — over orders pre-loaded into a `local://` log;
 //! its floor (the same decode and count in plain threads over the orders in memory); and
 //! table recovery: changelog records replayed into an empty shard per second, and the time
-//! to reopen a 1M-key shard from its checkpoint. [`run_on`] runs the count on any broker (the
-//! `kafka` benchmark's W2 through `kafka://`).
+//! to reopen a 1M-key shard from its checkpoint. [`run_with_next`] runs the count with the
+//! agent written as a loop over `Stream::next` (the per-event path) rather than `for_each`.
+//! [`run_on`] runs the count on any broker (the `kafka` benchmark's W2 through `kafka://`).
 
 use std::hint::black_box;
 use std::path::Path;
@@ -103,6 +104,23 @@ fn run_counting(datadir: &Path, id: &str, n: u64, cores: usize, grouped: bool) -
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// W2 on 1 core with the agent written as a loop over [`Stream::next`](faust::Stream::next)
+/// (Faust's `async for order in stream`) rather than `for_each`: the per-event path.
+pub fn run_with_next(datadir: &Path, id: &str, n: u64) -> W2Run {
+    let run = Shape { grouped: false, with_next: true };
+    try_run_shaped(settings(id, datadir, 1), "orders", n, run, None, Duration::from_secs(600))
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// How a W2 run's agent is written.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    /// W4: `group_by` the account first.
+    grouped: bool,
+    /// A loop over `next()` rather than `for_each`.
+    with_next: bool,
+}
+
 /// W2 on 1 core with the built-in monitor on or off (`Settings::monitor_enabled`), and with
 /// or without an app sensor that counts every event in and out and every table access (what
 /// a user's Prometheus or statsd sensor does per event): the monitor's cost.
@@ -167,6 +185,18 @@ fn try_run_on(
     sensor: Option<Arc<dyn faust::Sensor>>,
     deadline: Duration,
 ) -> Result<W2Run, String> {
+    try_run_shaped(settings, topic, n, Shape { grouped, with_next: false }, sensor, deadline)
+}
+
+fn try_run_shaped(
+    settings: Settings,
+    topic: &str,
+    n: u64,
+    shape: Shape,
+    sensor: Option<Arc<dyn faust::Sensor>>,
+    deadline: Duration,
+) -> Result<W2Run, String> {
+    let Shape { grouped, with_next } = shape;
     let id = settings.id.clone();
     let cores = settings.cores.unwrap_or(1).max(1);
     let app = App::new(settings);
@@ -189,19 +219,25 @@ fn try_run_on(
             async move {
                 let core = faust::runtime::current_core().unwrap_or(0);
                 let counted = counts.clone();
-                stream
-                    .for_each(move |order| {
-                        if first_ns.load(Ordering::Relaxed) == u64::MAX {
-                            first_ns.fetch_min(base.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                        }
-                        counted.update(&order.account_id, |c| *c += 1)?;
-                        let seen = counters[core].0.fetch_add(1, Ordering::Relaxed) + 1;
-                        if cores == 1 {
-                            cpu.mark(seen);
-                        }
-                        Ok(())
-                    })
-                    .await?;
+                let count_one = move |order: Order| {
+                    if first_ns.load(Ordering::Relaxed) == u64::MAX {
+                        first_ns.fetch_min(base.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                    }
+                    counted.update(&order.account_id, |c| *c += 1)?;
+                    let seen = counters[core].0.fetch_add(1, Ordering::Relaxed) + 1;
+                    if cores == 1 {
+                        cpu.mark(seen);
+                    }
+                    Ok::<(), faust::AgentError>(())
+                };
+                if with_next {
+                    let mut stream = stream;
+                    while let Some(order) = stream.next().await {
+                        count_one(order)?;
+                    }
+                } else {
+                    stream.for_each(count_one).await?;
+                }
                 let items = counts.local_items()?;
                 let counted = items.iter().map(|(_, c)| c).sum();
                 tallies.lock().map_err(|_| "poisoned")?.push((counted, items.len() as u64));

@@ -163,6 +163,10 @@ struct W2Figures {
     one: f64,
     /// CPU time of the worker thread per event, 1 core (the least over the runs).
     one_cpu_ns: f64,
+    /// The same with the agent written as a loop over `Stream::next` (the least over the
+    /// runs), and its rate against the `for_each` form's (the median of the rounds).
+    next_cpu_ns: f64,
+    next_ratio: f64,
     two: f64,
     floor_1: f64,
     floor_2: f64,
@@ -302,6 +306,7 @@ fn run_w2(dir: &Path, n: u64, json: bool, runs: usize) -> W2Figures {
     // Per round: W2 with the monitor off, on (the default, `a` below) and with a sensor.
     let (mut off_runs, mut on_runs, mut sensor_runs) = (Vec::new(), Vec::new(), Vec::new());
     let (mut eos_runs, mut w4_runs, mut w4_eos_runs) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut next_runs, mut next_cpu_ns) = (Vec::new(), f64::NAN);
     for r in 0..runs {
         let off = w2::run_monitored(&small, &format!("w2-monitor-off-{r}"), n, false, false);
         progress(json, &format!("W2 1 core, monitor off, run {r}: {:.0} events/s", off.events_s));
@@ -315,6 +320,17 @@ fn run_w2(dir: &Path, n: u64, json: bool, runs: usize) -> W2Figures {
         one = one.max(a.events_s);
         on_runs.push(a.events_s);
         one_cpu_ns = one_cpu_ns.min(a.cpu_ns_per_event);
+        let with_next = w2::run_with_next(&small, &format!("w2-next-{r}"), n);
+        assert_eq!(with_next.accounts, 10_000, "W2 with next() counted {} accounts", with_next.accounts);
+        progress(
+            json,
+            &format!(
+                "W2 1 core written with next(), run {r}: {:.0} events/s, {:.0} CPU ns per event",
+                with_next.events_s, with_next.cpu_ns_per_event
+            ),
+        );
+        next_runs.push(with_next.events_s);
+        next_cpu_ns = next_cpu_ns.min(with_next.cpu_ns_per_event);
         let b = w2::run(&small, &format!("w2-2core-{r}"), n, 2);
         progress(json, &format!("W2 2 cores run {r}: {:.0} events/s", b.events_s));
         let c = w2::run_grouped(&small, &format!("w4-1core-{r}"), n, 1);
@@ -357,6 +373,8 @@ fn run_w2(dir: &Path, n: u64, json: bool, runs: usize) -> W2Figures {
     W2Figures {
         one,
         one_cpu_ns,
+        next_cpu_ns,
+        next_ratio: median_ratio(&next_runs, &on_runs),
         two,
         floor_1,
         floor_2,
@@ -407,6 +425,10 @@ fn print_w2(w: &W2Figures, n: u64) {
     let scaling = w.two / w.one;
     let floor_scaling = w.floor_2 / w.floor_1;
     println!("| W2 1 core, CPU per event | {:.0} ns of the worker thread | | |", w.one_cpu_ns);
+    println!(
+        "| W2 1 core, the agent a loop over `next()` | {:.0} CPU ns per event | `for_each`: {:.0} ns | rate {:.2} of `for_each`'s |",
+        w.next_cpu_ns, w.one_cpu_ns, w.next_ratio
+    );
     println!(
         "| W2 2 cores, 10k accounts | {:.0} events/s | floor 2 threads {:.0} | scaling {scaling:.2} vs floor's {floor_scaling:.2} = {:.2} (≥ 0.9) |",
         w.two,
@@ -462,9 +484,11 @@ fn median_ratio(a: &[f64], b: &[f64]) -> f64 {
     }
 }
 
-/// The W4 and takeover keys of `--json`.
+/// The W4, `next()` and takeover keys of `--json`.
 fn w4_json(w: &W2Figures) -> serde_json::Value {
     serde_json::json!({
+        "w2_next_cpu_ns_per_event": w.next_cpu_ns,
+        "w2_next_vs_for_each_ratio": w.next_ratio,
         "w4_events_s_1core": w.w4_one,
         "w4_events_s_2core": w.w4_two,
         "w4_vs_w2_ratio": w.w4_one / w.one,
