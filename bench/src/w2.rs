@@ -100,7 +100,7 @@ pub fn run_grouped(datadir: &Path, id: &str, n: u64, cores: usize) -> W2Run {
 }
 
 fn run_counting(datadir: &Path, id: &str, n: u64, cores: usize, grouped: bool) -> W2Run {
-    try_run_on(settings(id, datadir, cores), "orders", n, grouped, None, Duration::from_secs(600))
+    try_run_on(settings(id, datadir, cores), "orders", n, Shape::counting(grouped), None, Duration::from_secs(600))
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
@@ -108,7 +108,7 @@ fn run_counting(datadir: &Path, id: &str, n: u64, cores: usize, grouped: bool) -
 /// (Faust's `async for order in stream`) rather than `for_each`: the per-event path.
 pub fn run_with_next(datadir: &Path, id: &str, n: u64) -> W2Run {
     let run = Shape { grouped: false, with_next: true };
-    try_run_shaped(settings(id, datadir, 1), "orders", n, run, None, Duration::from_secs(600))
+    try_run_on(settings(id, datadir, 1), "orders", n, run, None, Duration::from_secs(600))
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
@@ -121,6 +121,13 @@ struct Shape {
     with_next: bool,
 }
 
+impl Shape {
+    /// The count written with `for_each`, behind a `group_by` when `grouped` (W4).
+    fn counting(grouped: bool) -> Self {
+        Shape { grouped, with_next: false }
+    }
+}
+
 /// W2 on 1 core with the built-in monitor on or off (`Settings::monitor_enabled`), and with
 /// or without an app sensor that counts every event in and out and every table access (what
 /// a user's Prometheus or statsd sensor does per event): the monitor's cost.
@@ -128,7 +135,8 @@ pub fn run_monitored(datadir: &Path, id: &str, n: u64, monitor: bool, sensor: bo
     let mut s = settings(id, datadir, 1);
     s.monitor_enabled = monitor;
     let sensor: Option<Arc<dyn faust::Sensor>> = sensor.then(|| Arc::new(CountingSensor::default()) as _);
-    try_run_on(s, "orders", n, false, sensor, Duration::from_secs(600)).unwrap_or_else(|e| panic!("{e}"))
+    try_run_on(s, "orders", n, Shape::counting(false), sensor, Duration::from_secs(600))
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// W2 (or, `grouped`, W4) on 1 core with `processing_guarantee = exactly_once`: each commit
@@ -137,7 +145,8 @@ pub fn run_monitored(datadir: &Path, id: &str, n: u64, monitor: bool, sensor: bo
 pub fn run_exactly_once(datadir: &Path, id: &str, n: u64, grouped: bool) -> W2Run {
     let mut s = settings(id, datadir, 1);
     s.processing_guarantee = faust::ProcessingGuarantee::ExactlyOnce;
-    try_run_on(s, "orders", n, grouped, None, Duration::from_secs(600)).unwrap_or_else(|e| panic!("{e}"))
+    try_run_on(s, "orders", n, Shape::counting(grouped), None, Duration::from_secs(600))
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A sensor counting events in and out and table reads and writes, with relaxed atomics.
@@ -168,27 +177,16 @@ impl faust::Sensor for CountingSensor {
 /// the first event to the `n`-th, or an error when the worker fails or has not counted them
 /// all within `deadline`.
 pub fn run_on(settings: Settings, topic: &str, n: u64, deadline: Duration) -> Result<W2Run, String> {
-    try_run_on(settings, topic, n, false, None, deadline)
+    try_run_on(settings, topic, n, Shape::counting(false), None, deadline)
 }
 
 /// W4 (`group_by` by account, then the count: the Faust README's form) as configured by
 /// `settings` over the `n` orders already in `topic`, as [`run_on`] does W2.
 pub fn run_grouped_on(settings: Settings, topic: &str, n: u64, deadline: Duration) -> Result<W2Run, String> {
-    try_run_on(settings, topic, n, true, None, deadline)
+    try_run_on(settings, topic, n, Shape::counting(true), None, deadline)
 }
 
 fn try_run_on(
-    settings: Settings,
-    topic: &str,
-    n: u64,
-    grouped: bool,
-    sensor: Option<Arc<dyn faust::Sensor>>,
-    deadline: Duration,
-) -> Result<W2Run, String> {
-    try_run_shaped(settings, topic, n, Shape { grouped, with_next: false }, sensor, deadline)
-}
-
-fn try_run_shaped(
     settings: Settings,
     topic: &str,
     n: u64,
